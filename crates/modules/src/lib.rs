@@ -1,0 +1,14 @@
+//! The workspace's wasm modules, built for `wasm32-unknown-unknown` by this crate's build
+//! script and embedded as bytes, so that the relay, the tests and the benchmarks always run
+//! the module built from the sources next to them.
+//!
+//! ```
+//! assert_eq!(&altroute_modules::POLICY[..4], b"\0asm");
+//! ```
+
+/// The standard policy module, `altroute_policy.wasm` (HTTP face, SMTP stream face,
+/// connection-start routing).
+pub const POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/altroute_policy.wasm"));
+
+/// A proxy-wasm Rust SDK module that exercises every host call (tests only).
+pub const TESTGUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/altroute_testguest.wasm"));

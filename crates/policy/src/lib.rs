@@ -1,0 +1,1 @@
+//! altroute policy (in progress).

@@ -1,0 +1,1 @@
+//! altroute: the relay daemon and CLI (in progress).

@@ -1,0 +1,1 @@
+//! End-to-end tests, one module per topic.

@@ -1,0 +1,1 @@
+//! Standard policy module (in progress).

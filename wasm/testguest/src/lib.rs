@@ -1,0 +1,1 @@
+//! Test guest (in progress).
