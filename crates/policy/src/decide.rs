@@ -1,0 +1,395 @@
+//! The decision: facts in, decision out. Pure; no clock, no I/O.
+//!
+//! Three separate axes, as the best MTAs separate them: whether encryption is required
+//! ([`TlsRequirement::required`]), how the peer is authenticated ([`Verify`]), and which
+//! name must match (the host connected to, which the relay checks and reports as
+//! [`CertStatus::HostnameMismatch`]).
+
+use crate::pattern::{Pattern, domain_of};
+use crate::policy::{Policy, Rule, StaticRoute, ancestors};
+use crate::query::{Decision, Query, TlsRequirement};
+use crate::types::{
+    CertStatus, Direction, Hop, MtaSts, OnTlsUnavailable, Phase, ResultType, Route, Starttls,
+    TlsRequiredNo, TlsVersion,
+};
+
+/// Decide a query.
+pub fn decide(policy: &Policy, query: &Query) -> Decision {
+    Decider {
+        policy,
+        query,
+        trace: None,
+    }
+    .run()
+}
+
+/// Decide a query and say why, step by step (`altroute policy explain`).
+pub fn explain(policy: &Policy, query: &Query) -> (Decision, Vec<String>) {
+    let mut trace = Vec::new();
+    let decision = Decider {
+        policy,
+        query,
+        trace: Some(&mut trace),
+    }
+    .run();
+    (decision, trace)
+}
+
+/// The org unit a sender belongs to: the unit whose sender pattern matches most
+/// specifically, or `/`.
+pub fn org_unit_of<'p>(policy: &'p Policy, sender: &str) -> &'p str {
+    let mut best: Option<(&Pattern, &str)> = None;
+    for unit in &policy.org_units {
+        for p in &unit.senders {
+            if p.matches(sender) && best.is_none_or(|(b, _)| p.specificity() > b.specificity()) {
+                best = Some((p, unit.path.as_str()));
+            }
+        }
+    }
+    best.map(|(_, u)| u).unwrap_or("/")
+}
+
+struct Decider<'a> {
+    policy: &'a Policy,
+    query: &'a Query,
+    trace: Option<&'a mut Vec<String>>,
+}
+
+impl<'a> Decider<'a> {
+    fn note(&mut self, line: impl FnOnce() -> String) {
+        if let Some(t) = self.trace.as_deref_mut() {
+            t.push(line());
+        }
+    }
+
+    fn run(mut self) -> Decision {
+        let q = self.query;
+        let policy = self.policy;
+        let unit = org_unit_of(policy, &q.sender);
+        self.note(|| format!("sender {:?} belongs to org unit {unit}", q.sender));
+
+        let (req, req_rule) = self.requirement(unit);
+        let route = self.static_route(unit);
+
+        match q.phase {
+            Phase::Plan => self.plan(req, req_rule, route),
+            Phase::Verdict => self.verdict(req, req_rule, route),
+        }
+    }
+
+    /// The TLS the mail itself requires, and the rule that set it.
+    fn requirement(&mut self, unit: &str) -> (TlsRequirement, String) {
+        let q = self.query;
+        let policy = self.policy;
+        let (mut req, mut rule) = match find_rule(policy, unit, q) {
+            Some((r, p, at)) => {
+                self.note(|| {
+                    format!(
+                        "tls_compliance rule {:?} (org unit {at}, {} {p}) applies: {}",
+                        r.name,
+                        r.direction,
+                        describe(r.tls)
+                    )
+                });
+                (r.tls, format!("tls_compliance:{}", r.name))
+            }
+            None => {
+                self.note(|| "no tls_compliance rule applies: TLS is opportunistic".to_string());
+                (TlsRequirement::OPPORTUNISTIC, "default".to_string())
+            }
+        };
+        // REQUIRETLS and TLS-Required: No are exclusive (RFC 8689); REQUIRETLS wins.
+        let relaxed = q.tls_required_no && !q.requiretls;
+        if relaxed && policy.tls_required_no == TlsRequiredNo::All && req.required {
+            self.note(|| {
+                "TLS-Required: No relaxes the policy's rules (tls_required_no = all)".to_string()
+            });
+            req = TlsRequirement::OPPORTUNISTIC;
+            rule = "standard:tls-required-no".to_string();
+        }
+        if q.requiretls && !req.covers(TlsRequirement::STRICT) {
+            self.note(|| {
+                "REQUIRETLS: TLS 1.2+ with a trusted certificate naming the host, whatever the policy says"
+                    .to_string()
+            });
+            req = req.max(TlsRequirement::STRICT);
+            rule = "standard:requiretls".to_string();
+        }
+        if policy.mta_sts && q.mta_sts == MtaSts::Enforce {
+            if relaxed && policy.tls_required_no != TlsRequiredNo::Ignore {
+                self.note(|| "MTA-STS enforce is relaxed by TLS-Required: No".to_string());
+            } else if !req.covers(TlsRequirement::STRICT) {
+                self.note(|| {
+                    "MTA-STS enforce: TLS 1.2+ with a trusted certificate naming the MX".to_string()
+                });
+                req = req.max(TlsRequirement::STRICT);
+                rule = "standard:mta-sts".to_string();
+            }
+        }
+        (req, rule)
+    }
+
+    fn static_route(&mut self, unit: &str) -> Option<&'a StaticRoute> {
+        let policy = self.policy;
+        let domain = domain_of(&self.query.recipient);
+        for at in ancestors(unit) {
+            let best = policy
+                .routes
+                .iter()
+                .filter(|r| r.org_unit == at)
+                .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
+                .filter(|(_, p)| p.matches(domain))
+                .max_by_key(|(_, p)| p.specificity());
+            if let Some((r, p)) = best {
+                self.note(|| {
+                    format!(
+                        "static route {:?} (org unit {at}, {p}) sends it to host {:?}",
+                        r.name, r.host
+                    )
+                });
+                return Some(r);
+            }
+        }
+        self.note(|| "no static route: direct delivery to the domain's MX".to_string());
+        None
+    }
+
+    fn plan(
+        mut self,
+        req: TlsRequirement,
+        req_rule: String,
+        route: Option<&'a StaticRoute>,
+    ) -> Decision {
+        let policy = self.policy;
+        let (route_kind, host, tls, rule) = match route.and_then(|r| {
+            policy.hosts.get(&r.host).map(|h| (r, h))
+        }) {
+            Some((r, h)) => (
+                Route::Host,
+                Some(h.target(&r.host)),
+                req.max(h.tls),
+                format!("route:{}", r.name),
+            ),
+            None => (Route::Direct, None, req, req_rule),
+        };
+        self.note(|| format!("plan: {route_kind}, {}", describe(tls)));
+        Decision {
+            route: route_kind,
+            host,
+            tls,
+            rule,
+            policy_version: policy.version.clone(),
+            result: ResultType::NotAttempted,
+            reason: format!("{route_kind} delivery, {}", describe(tls)),
+            reply: None,
+        }
+    }
+
+    fn verdict(
+        mut self,
+        req: TlsRequirement,
+        req_rule: String,
+        route: Option<&'a StaticRoute>,
+    ) -> Decision {
+        let q = self.query;
+        let policy = self.policy;
+        let alternate = policy
+            .alternate
+            .as_ref()
+            .and_then(|name| policy.hosts.get(name).map(|h| (name, h)));
+
+        // What this hop must provide, and the host it is.
+        let (hop_req, target, hop_rule) = match q.hop {
+            Hop::Direct => (req, None, req_rule.clone()),
+            Hop::Host => match route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h))) {
+                Some((r, h)) => (
+                    req.max(h.tls),
+                    Some(h.target(&r.host)),
+                    if req.required {
+                        req_rule.clone()
+                    } else {
+                        format!("route:{}", r.name)
+                    },
+                ),
+                // The policy no longer routes this domain to a host: hold the hop to what
+                // the mail requires.
+                None => (req, None, req_rule.clone()),
+            },
+            Hop::Alternate => match alternate {
+                Some((name, h)) => (req.max(h.tls), Some(h.target(name)), req_rule.clone()),
+                None => (
+                    req.max(TlsRequirement::STRICT),
+                    None,
+                    "alternate_secure_route".to_string(),
+                ),
+            },
+        };
+        let observed = observe(q, hop_req);
+        self.note(|| {
+            format!(
+                "observed at {} hop {:?}: STARTTLS {}, TLS {}, certificate {} -> {observed}",
+                q.hop, q.mx, q.starttls, q.tls, q.cert
+            )
+        });
+
+        let decision = |route: Route,
+                        host: Option<crate::HostTarget>,
+                        tls: TlsRequirement,
+                        rule: String,
+                        reason: String,
+                        reply: Option<String>| Decision {
+            route,
+            host,
+            tls,
+            rule,
+            policy_version: policy.version.clone(),
+            result: observed,
+            reason,
+            reply,
+        };
+
+        if hop_req.met_by(q.tls, q.cert) {
+            let reason = if hop_req.required {
+                format!("{} meets {}", tls_phrase(q), describe(hop_req))
+            } else {
+                format!("opportunistic TLS: {}", tls_phrase(q))
+            };
+            self.note(|| format!("verdict: deliver over this {} hop", q.hop));
+            return decision(Route::from(q.hop), target, hop_req, hop_rule, reason, None);
+        }
+
+        let failure = format!("{} does not meet {} ({observed})", tls_phrase(q), describe(hop_req));
+        if q.hop == Hop::Alternate {
+            self.note(|| "verdict: the alternate host itself failed: defer".to_string());
+            return decision(
+                Route::Defer,
+                target,
+                hop_req,
+                hop_rule,
+                format!("alternate secure route failed: {failure}"),
+                Some(format!(
+                    "451 4.7.10 Alternate secure route failed TLS ({observed}), will retry"
+                )),
+            );
+        }
+        if !req.required {
+            // Only the configured host demands TLS; the mail does not. Not a case for the
+            // alternate route: the host is misbehaving.
+            self.note(|| "verdict: the routing host failed its own TLS setting: defer".to_string());
+            return decision(
+                Route::Defer,
+                target,
+                hop_req,
+                hop_rule,
+                format!("host failed its TLS setting: {failure}"),
+                Some(format!(
+                    "451 4.7.10 Routing host failed TLS ({observed}), will retry"
+                )),
+            );
+        }
+        if let Some((name, h)) = alternate {
+            let alt_req = req.max(h.tls);
+            self.note(|| format!("verdict: reroute to the alternate secure route {name:?}"));
+            return decision(
+                Route::Alternate,
+                Some(h.target(name)),
+                alt_req,
+                req_rule,
+                format!("{failure}; rerouted to the alternate secure route {name:?}"),
+                None,
+            );
+        }
+        match policy.on_tls_unavailable {
+            OnTlsUnavailable::Defer => {
+                self.note(|| "verdict: no alternate secure route: defer".to_string());
+                decision(
+                    Route::Defer,
+                    None,
+                    req,
+                    req_rule,
+                    format!("{failure}; no alternate secure route"),
+                    Some(format!(
+                        "451 4.7.10 TLS required for this recipient ({observed}), will retry"
+                    )),
+                )
+            }
+            OnTlsUnavailable::Bounce => {
+                self.note(|| "verdict: no alternate secure route: bounce".to_string());
+                decision(
+                    Route::Bounce,
+                    None,
+                    req,
+                    req_rule,
+                    format!("{failure}; no alternate secure route"),
+                    Some(format!(
+                        "550 5.7.10 TLS required for this recipient but unavailable ({observed})"
+                    )),
+                )
+            }
+        }
+    }
+}
+
+/// The applicable compliance rule: at the sender's unit or the nearest ancestor with a
+/// match; within a unit, the most specific pattern.
+fn find_rule<'p>(
+    policy: &'p Policy,
+    unit: &'p str,
+    q: &Query,
+) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
+    for at in ancestors(unit) {
+        let best = policy
+            .compliance
+            .iter()
+            .filter(|r| r.org_unit == at)
+            .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
+            .filter(|(r, p)| match r.direction {
+                Direction::Outbound => p.matches(&q.recipient),
+                Direction::Inbound => p.matches(&q.sender),
+                Direction::Both => p.matches(&q.recipient) || p.matches(&q.sender),
+            })
+            .max_by_key(|(_, p)| p.specificity());
+        if let Some((r, p)) = best {
+            return Some((r, p, at));
+        }
+    }
+    None
+}
+
+/// The TLS-RPT style result of what was observed, judged against `req`.
+fn observe(q: &Query, req: TlsRequirement) -> ResultType {
+    match q.tls {
+        TlsVersion::None => match q.starttls {
+            Starttls::Absent => ResultType::StarttlsNotSupported,
+            Starttls::Offered => ResultType::ValidationFailure,
+        },
+        TlsVersion::V1_2 if req.required && req.min == crate::MinTls::V1_3 => {
+            ResultType::TlsVersionTooLow
+        }
+        TlsVersion::V1_2 | TlsVersion::V1_3 => match q.cert {
+            CertStatus::Valid => ResultType::Success,
+            CertStatus::Untrusted => ResultType::CertificateNotTrusted,
+            CertStatus::Expired => ResultType::CertificateExpired,
+            CertStatus::HostnameMismatch => ResultType::CertificateHostMismatch,
+            CertStatus::None => ResultType::ValidationFailure,
+        },
+    }
+}
+
+fn tls_phrase(q: &Query) -> String {
+    match q.tls {
+        TlsVersion::None => match q.starttls {
+            Starttls::Absent => "no STARTTLS".to_string(),
+            Starttls::Offered => "STARTTLS offered but not negotiated".to_string(),
+        },
+        v => format!("TLS {v} with a {} certificate", q.cert),
+    }
+}
+
+fn describe(t: TlsRequirement) -> String {
+    if t.required {
+        format!("TLS {}+ required, verify {}", t.min, t.verify)
+    } else {
+        "opportunistic TLS".to_string()
+    }
+}

@@ -1,0 +1,161 @@
+//! Address patterns: an exact address, an exact domain, or `*.` subdomains.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What a TLS compliance rule, a static route or an org unit's sender list matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pattern {
+    /// `ceo@partner.example` (case-insensitive).
+    Address(String),
+    /// `partner.example`: that domain only.
+    Domain(String),
+    /// `*.bank.example`: every subdomain of `bank.example`, at any depth, not the domain itself.
+    Subdomains(String),
+}
+
+impl Pattern {
+    /// Parse a pattern as admins write it. Lower-cases it.
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        let s = s.trim().to_ascii_lowercase();
+        if let Some(rest) = s.strip_prefix("*.") {
+            check_domain(rest)?;
+            return Ok(Pattern::Subdomains(rest.to_string()));
+        }
+        if let Some((local, domain)) = s.rsplit_once('@') {
+            if local.is_empty() || local.len() > 64 {
+                return Err(format!("`{s}`: the local part must have 1 to 64 characters"));
+            }
+            if local
+                .bytes()
+                .any(|b| b <= b' ' || b == b'@' || b == b'<' || b == b'>' || b == 0x7f)
+            {
+                return Err(format!("`{s}`: the local part has a character not allowed here"));
+            }
+            check_domain(domain)?;
+            return Ok(Pattern::Address(s));
+        }
+        check_domain(&s)?;
+        Ok(Pattern::Domain(s))
+    }
+
+    /// How specific the pattern is; higher wins. An address beats a domain, a domain beats
+    /// a wildcard, a longer wildcard beats a shorter one.
+    pub fn specificity(&self) -> (u8, usize) {
+        match self {
+            Pattern::Address(a) => (3, a.len()),
+            Pattern::Domain(d) => (2, d.len()),
+            Pattern::Subdomains(d) => (1, d.len()),
+        }
+    }
+
+    /// Whether `address` (an envelope address or a bare domain) matches.
+    pub fn matches(&self, address: &str) -> bool {
+        let domain = domain_of(address);
+        match self {
+            Pattern::Address(a) => a.eq_ignore_ascii_case(address),
+            Pattern::Domain(d) => d.eq_ignore_ascii_case(domain),
+            Pattern::Subdomains(d) => {
+                domain.len() > d.len() + 1
+                    && domain.as_bytes()[domain.len() - d.len() - 1] == b'.'
+                    && domain[domain.len() - d.len()..].eq_ignore_ascii_case(d)
+            }
+        }
+    }
+}
+
+/// The domain part of an address (everything after the last `@`), or the whole string.
+pub fn domain_of(address: &str) -> &str {
+    match address.rsplit_once('@') {
+        Some((_, d)) => d,
+        None => address,
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Address(a) => f.write_str(a),
+            Pattern::Domain(d) => f.write_str(d),
+            Pattern::Subdomains(d) => write!(f, "*.{d}"),
+        }
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Pattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Check a domain name (RFC 1035 preferred syntax, lower-cased, no trailing dot).
+pub fn check_domain(d: &str) -> Result<(), String> {
+    if d.is_empty() {
+        return Err("empty domain".to_string());
+    }
+    if d.len() > 253 {
+        return Err(format!("`{d}`: a domain has at most 253 characters"));
+    }
+    for label in d.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("`{d}`: each label must have 1 to 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "`{d}`: only letters, digits, `-` and `_` are allowed in a domain"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("`{d}`: a label may not start or end with `-`"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_match() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("partner.example", "bob@partner.example", true),
+            ("partner.example", "bob@mail.partner.example", false),
+            ("*.partner.example", "bob@mail.partner.example", true),
+            ("*.partner.example", "bob@a.b.partner.example", true),
+            ("*.partner.example", "bob@partner.example", false),
+            ("*.partner.example", "bob@xpartner.example", false),
+            ("CEO@Partner.example", "ceo@partner.EXAMPLE", true),
+            ("ceo@partner.example", "cfo@partner.example", false),
+        ];
+        for (pat, addr, want) in cases {
+            let p = Pattern::parse(pat).expect("valid pattern");
+            assert_eq!(p.matches(addr), *want, "{pat} vs {addr}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_patterns() {
+        for bad in [
+            "",
+            "*.",
+            "a..b",
+            "-a.example",
+            "a b.example",
+            "@example.com",
+            "x@",
+            "*.*.x",
+        ] {
+            assert!(Pattern::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}

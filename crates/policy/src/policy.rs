@@ -1,0 +1,683 @@
+//! The compiled policy: the canonical JSON form that the module loads, and the compiler
+//! from the TOML that admins write.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::pattern::{Pattern, check_domain};
+use crate::query::{HostTarget, TlsRequirement};
+use crate::source::{Expect, SourcePolicy};
+use crate::types::{Direction, MinTls, OnTlsUnavailable, TlsRequiredNo, Verify};
+use crate::{Error, Query};
+
+/// The format number of the canonical JSON. Bumped on incompatible changes.
+pub const FORMAT: u32 = 1;
+
+/// A compiled, validated policy. Build one with [`compile`] or [`Policy::from_json`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub format: u32,
+    /// `sha256:` and the first 16 hex digits of the SHA-256 of the canonical JSON with this
+    /// field empty.
+    pub version: String,
+    pub name: String,
+    pub on_tls_unavailable: OnTlsUnavailable,
+    pub mta_sts: bool,
+    pub tls_required_no: TlsRequiredNo,
+    pub hosts: BTreeMap<String, Host>,
+    /// The alternate secure route's host, when enabled.
+    pub alternate: Option<String>,
+    pub org_units: Vec<OrgUnit>,
+    pub compliance: Vec<Rule>,
+    pub routes: Vec<StaticRoute>,
+    pub tests: Vec<PolicyTest>,
+}
+
+/// A host for routing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub addresses: Vec<String>,
+    pub port: u16,
+    pub mx_lookup: bool,
+    /// What a connection to this host must provide.
+    pub tls: TlsRequirement,
+}
+
+/// An org unit and the sender patterns mapped to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgUnit {
+    pub path: String,
+    pub senders: Vec<Pattern>,
+}
+
+/// A TLS compliance rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub org_unit: String,
+    pub direction: Direction,
+    pub patterns: Vec<Pattern>,
+    pub tls: TlsRequirement,
+}
+
+/// A static route to a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticRoute {
+    pub name: String,
+    pub org_unit: String,
+    pub patterns: Vec<Pattern>,
+    pub host: String,
+}
+
+/// An embedded test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTest {
+    pub name: String,
+    pub query: Query,
+    pub expect: Expect,
+}
+
+/// One problem found by the compiler, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// `line 12, hosts[1] "gw"` or a key path.
+    pub location: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
+}
+
+/// The result of one embedded test.
+#[derive(Debug, Clone)]
+pub struct TestOutcome {
+    pub name: String,
+    /// Empty when the test passed.
+    pub mismatches: Vec<String>,
+    pub decision: crate::Decision,
+}
+
+impl TestOutcome {
+    pub fn passed(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+impl Host {
+    /// The target a decision names for this host.
+    pub fn target(&self, name: &str) -> HostTarget {
+        HostTarget {
+            name: name.to_string(),
+            addresses: self.addresses.clone(),
+            port: self.port,
+            mx_lookup: self.mx_lookup,
+        }
+    }
+}
+
+impl Policy {
+    /// Load the canonical JSON (what the module receives as plugin configuration) and
+    /// check it: format, version hash, references, the alternate route's TLS, and the
+    /// embedded tests.
+    pub fn from_json(json: &[u8]) -> Result<Policy, Error> {
+        let policy: Policy =
+            serde_json::from_slice(json).map_err(|e| Error::Json(e.to_string()))?;
+        if policy.format != FORMAT {
+            return Err(Error::Invalid(vec![format!(
+                "format {} is not supported (this build reads format {FORMAT})",
+                policy.format
+            )]));
+        }
+        let expected = policy.content_version();
+        if policy.version != expected {
+            return Err(Error::Invalid(vec![format!(
+                "version {} does not match the content (hash {expected})",
+                policy.version
+            )]));
+        }
+        let mut problems = Vec::new();
+        policy.check_references(&mut problems);
+        for outcome in policy.run_tests() {
+            if !outcome.passed() {
+                problems.push(format!(
+                    "test {:?} failed: {}",
+                    outcome.name,
+                    outcome.mismatches.join("; ")
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(policy)
+        } else {
+            Err(Error::Invalid(problems))
+        }
+    }
+
+    /// The canonical JSON: compact, fields in declaration order, maps sorted.
+    pub fn to_json(&self) -> String {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The version this content hashes to.
+    pub fn content_version(&self) -> String {
+        let mut unversioned = self.clone();
+        unversioned.version = String::new();
+        let digest = Sha256::digest(unversioned.to_json().as_bytes());
+        let mut hex = String::with_capacity(7 + 16);
+        hex.push_str("sha256:");
+        for byte in digest.iter().take(8) {
+            hex.push_str(&format!("{byte:02x}"));
+        }
+        hex
+    }
+
+    /// Run the embedded tests.
+    pub fn run_tests(&self) -> Vec<TestOutcome> {
+        self.tests
+            .iter()
+            .map(|t| {
+                let decision = crate::decide(self, &t.query);
+                TestOutcome {
+                    name: t.name.clone(),
+                    mismatches: compare(&t.expect, &decision),
+                    decision,
+                }
+            })
+            .collect()
+    }
+
+    fn check_references(&self, problems: &mut Vec<String>) {
+        if let Some(alt) = &self.alternate {
+            match self.hosts.get(alt) {
+                None => problems.push(format!("alternate host {alt:?} is not defined")),
+                Some(h) if !(h.tls.required && h.tls.verify >= Verify::Ca) => problems.push(
+                    format!("alternate host {alt:?} must require TLS with a CA-signed certificate"),
+                ),
+                Some(_) => {}
+            }
+        }
+        for r in &self.routes {
+            if !self.hosts.contains_key(&r.host) {
+                problems.push(format!("route {:?}: host {:?} is not defined", r.name, r.host));
+            }
+        }
+    }
+}
+
+/// Compare a decision with what a test expects.
+pub fn compare(expect: &Expect, d: &crate::Decision) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(route) = expect.route
+        && route != d.route
+    {
+        out.push(format!("expected route {route}, got {}", d.route));
+    }
+    if let Some(rule) = &expect.rule
+        && rule != &d.rule
+    {
+        out.push(format!("expected rule {rule}, got {}", d.rule));
+    }
+    if let Some(host) = &expect.host {
+        let got = d.host.as_ref().map(|h| h.name.as_str()).unwrap_or("");
+        if host != got {
+            out.push(format!("expected host {host}, got {got:?}"));
+        }
+    }
+    if let Some(req) = expect.tls_required
+        && req != d.tls.required
+    {
+        out.push(format!("expected tls_required {req}, got {}", d.tls.required));
+    }
+    if let Some(result) = expect.result
+        && result != d.result
+    {
+        out.push(format!("expected result {result}, got {}", d.result));
+    }
+    out
+}
+
+/// The outcome of a successful compilation.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub policy: Policy,
+    /// The canonical JSON, ready for the module.
+    pub json: String,
+}
+
+/// Compile a TOML policy. On failure, returns every problem found, each with its location.
+pub fn compile(toml_src: &str) -> Result<Compiled, Vec<Diagnostic>> {
+    let lines = LineIndex::new(toml_src);
+    let mut diags = Vec::new();
+
+    let mut unknown = Vec::new();
+    let de = match toml::de::Deserializer::parse(toml_src) {
+        Ok(de) => de,
+        Err(e) => return Err(vec![toml_error(&lines, &e)]),
+    };
+    let source: SourcePolicy =
+        match serde_ignored::deserialize(de, |path| unknown.push(path.to_string())) {
+            Ok(s) => s,
+            Err(e) => return Err(vec![toml_error(&lines, &e)]),
+        };
+    for path in unknown {
+        let key = path.rsplit('.').next().unwrap_or(&path).to_string();
+        diags.push(Diagnostic {
+            location: lines.locate_key(&key).unwrap_or_else(|| path.clone()),
+            message: format!("unknown field `{key}` (at {path})"),
+        });
+    }
+
+    // Hosts.
+    let mut hosts = BTreeMap::new();
+    for (i, spec) in source.hosts.iter().enumerate() {
+        let at = lines.at(spec.span().start, &format!("hosts[{i}] {:?}", spec.get_ref().name));
+        let h = spec.get_ref();
+        if h.name.trim().is_empty() {
+            diags.push(diag(&at, "a host needs a name"));
+        }
+        if hosts.contains_key(&h.name) {
+            diags.push(diag(&at, &format!("host {:?} is defined twice", h.name)));
+        }
+        let mut addresses = vec![h.address.clone()];
+        addresses.extend(h.secondary_address.clone());
+        for a in &addresses {
+            if let Err(e) = check_address(a) {
+                diags.push(diag(&at, &format!("bad address: {e}")));
+            }
+        }
+        if h.port == 0 {
+            diags.push(diag(&at, "port 0 is not a port"));
+        }
+        if !h.require_tls && (h.require_ca_signed || h.validate_hostname) {
+            diags.push(diag(
+                &at,
+                "require_ca_signed and validate_hostname need require_tls = true \
+                 (set them to false explicitly for a host without TLS)",
+            ));
+        }
+        if h.validate_hostname && !h.require_ca_signed {
+            diags.push(diag(&at, "validate_hostname needs require_ca_signed = true"));
+        }
+        let tls = requirement(h.require_tls, h.require_ca_signed, h.validate_hostname, h.min_tls);
+        hosts.insert(
+            h.name.clone(),
+            Host {
+                addresses,
+                port: h.port,
+                mx_lookup: h.mx_lookup,
+                tls,
+            },
+        );
+    }
+
+    // Org units.
+    let mut units: BTreeSet<String> = BTreeSet::from(["/".to_string()]);
+    let mut org_units = Vec::new();
+    let mut sender_owner: BTreeMap<Pattern, String> = BTreeMap::new();
+    for (i, spec) in source.org_units.iter().enumerate() {
+        let u = spec.get_ref();
+        let at = lines.at(spec.span().start, &format!("org_units[{i}] {:?}", u.path));
+        if let Err(e) = check_unit_path(&u.path) {
+            diags.push(diag(&at, &e));
+            continue;
+        }
+        if org_units.iter().any(|o: &OrgUnit| o.path == u.path) {
+            diags.push(diag(&at, &format!("org unit {:?} is defined twice", u.path)));
+        }
+        for ancestor in ancestors(&u.path) {
+            units.insert(ancestor.to_string());
+        }
+        let mut senders = Vec::new();
+        for s in &u.senders {
+            match Pattern::parse(s) {
+                Ok(p) => {
+                    if let Some(other) = sender_owner.get(&p) {
+                        diags.push(diag(
+                            &at,
+                            &format!("sender {p} is already mapped to org unit {other:?}"),
+                        ));
+                    } else {
+                        sender_owner.insert(p.clone(), u.path.clone());
+                    }
+                    senders.push(p);
+                }
+                Err(e) => diags.push(diag(&at, &format!("bad sender: {e}"))),
+            }
+        }
+        org_units.push(OrgUnit {
+            path: u.path.clone(),
+            senders,
+        });
+    }
+
+    // Alternate secure route.
+    let mut alternate = None;
+    if let Some(spec) = &source.alternate_secure_route {
+        let a = spec.get_ref();
+        let at = lines.at(spec.span().start, "alternate_secure_route");
+        if a.org_unit != "/" {
+            diags.push(diag(
+                &at,
+                &format!(
+                    "the alternate secure route can only be set at the top-level org unit \"/\", not {:?}",
+                    a.org_unit
+                ),
+            ));
+        }
+        match hosts.get(&a.host) {
+            None => diags.push(diag(&at, &format!("unknown host {:?}", a.host))),
+            Some(h) if !(h.tls.required && h.tls.verify >= Verify::Ca) => diags.push(diag(
+                &at,
+                &format!(
+                    "host {:?} allows clear text or unverified certificates; the alternate secure \
+                     route needs require_tls = true and require_ca_signed = true (never downgrade)",
+                    a.host
+                ),
+            )),
+            Some(_) => {}
+        }
+        if a.enabled {
+            alternate = Some(a.host.clone());
+        }
+    }
+
+    // TLS compliance rules.
+    let mut compliance: Vec<Rule> = Vec::new();
+    let mut seen_rule: BTreeMap<(String, Pattern), Vec<(String, Direction)>> = BTreeMap::new();
+    for (i, spec) in source.tls_compliance.iter().enumerate() {
+        let r = spec.get_ref();
+        let at = lines.at(spec.span().start, &format!("tls_compliance[{i}] {:?}", r.name));
+        if r.name.trim().is_empty() {
+            diags.push(diag(&at, "a rule needs a name"));
+        }
+        if compliance.iter().any(|c| c.name == r.name) {
+            diags.push(diag(&at, &format!("rule name {:?} is used twice", r.name)));
+        }
+        if !units.contains(&r.org_unit) {
+            diags.push(diag(&at, &format!("unknown org unit {:?}", r.org_unit)));
+        }
+        if r.domains.is_empty() && r.addresses.is_empty() {
+            diags.push(diag(&at, "a rule needs at least one domain or address"));
+        }
+        if r.require_tls && r.validate_hostname && !r.require_ca_signed {
+            diags.push(diag(&at, "validate_hostname needs require_ca_signed = true"));
+        }
+        let mut patterns = Vec::new();
+        for d in &r.domains {
+            match Pattern::parse(d) {
+                Ok(Pattern::Address(_)) => diags.push(diag(
+                    &at,
+                    &format!("`{d}` is an address: list it under addresses"),
+                )),
+                Ok(p) => patterns.push(p),
+                Err(e) => diags.push(diag(&at, &format!("bad domain: {e}"))),
+            }
+        }
+        for a in &r.addresses {
+            match Pattern::parse(a) {
+                Ok(p @ Pattern::Address(_)) => patterns.push(p),
+                Ok(_) => diags.push(diag(
+                    &at,
+                    &format!("`{a}` is not an address (user@domain): list domains under domains"),
+                )),
+                Err(e) => diags.push(diag(&at, &format!("bad address: {e}"))),
+            }
+        }
+        for p in &patterns {
+            let entry = seen_rule
+                .entry((r.org_unit.clone(), p.clone()))
+                .or_default();
+            for (other, dir) in entry.iter() {
+                if directions_overlap(*dir, r.direction) {
+                    diags.push(diag(
+                        &at,
+                        &format!(
+                            "overlapping rules: {p} at org unit {:?} is also in rule {other:?}",
+                            r.org_unit
+                        ),
+                    ));
+                }
+            }
+            entry.push((r.name.clone(), r.direction));
+        }
+        compliance.push(Rule {
+            name: r.name.clone(),
+            org_unit: r.org_unit.clone(),
+            direction: r.direction,
+            patterns,
+            tls: requirement(r.require_tls, r.require_ca_signed, r.validate_hostname, r.min_tls),
+        });
+    }
+
+    // Static routes.
+    let mut routes: Vec<StaticRoute> = Vec::new();
+    let mut seen_route: BTreeMap<(String, Pattern), String> = BTreeMap::new();
+    for (i, spec) in source.routes.iter().enumerate() {
+        let r = spec.get_ref();
+        let at = lines.at(spec.span().start, &format!("routes[{i}] {:?}", r.name));
+        if routes.iter().any(|x| x.name == r.name) {
+            diags.push(diag(&at, &format!("route name {:?} is used twice", r.name)));
+        }
+        if !units.contains(&r.org_unit) {
+            diags.push(diag(&at, &format!("unknown org unit {:?}", r.org_unit)));
+        }
+        if !hosts.contains_key(&r.host) {
+            diags.push(diag(&at, &format!("unknown host {:?}", r.host)));
+        }
+        if r.domains.is_empty() {
+            diags.push(diag(&at, "a route needs at least one domain"));
+        }
+        let mut patterns = Vec::new();
+        for d in &r.domains {
+            match Pattern::parse(d) {
+                Ok(Pattern::Address(_)) => {
+                    diags.push(diag(&at, &format!("`{d}`: routes match domains, not addresses")))
+                }
+                Ok(p) => {
+                    if let Some(other) = seen_route.get(&(r.org_unit.clone(), p.clone())) {
+                        diags.push(diag(
+                            &at,
+                            &format!(
+                                "overlapping routes: {p} at org unit {:?} is also in route {other:?}",
+                                r.org_unit
+                            ),
+                        ));
+                    }
+                    seen_route.insert((r.org_unit.clone(), p.clone()), r.name.clone());
+                    patterns.push(p);
+                }
+                Err(e) => diags.push(diag(&at, &format!("bad domain: {e}"))),
+            }
+        }
+        routes.push(StaticRoute {
+            name: r.name.clone(),
+            org_unit: r.org_unit.clone(),
+            patterns,
+            host: r.host.clone(),
+        });
+    }
+
+    let tests = source
+        .tests
+        .iter()
+        .map(|t| {
+            let t = t.get_ref();
+            PolicyTest {
+                name: t.name.clone(),
+                query: t.query.clone(),
+                expect: t.expect.clone(),
+            }
+        })
+        .collect();
+
+    let mut policy = Policy {
+        format: FORMAT,
+        version: String::new(),
+        name: source.policy.name.clone(),
+        on_tls_unavailable: source.policy.on_tls_unavailable,
+        mta_sts: source.standards.mta_sts,
+        tls_required_no: source.standards.tls_required_no,
+        hosts,
+        alternate,
+        org_units,
+        compliance,
+        routes,
+        tests,
+    };
+    policy.version = policy.content_version();
+
+    // Tests run only on a policy that is otherwise sound, so that their failures are about
+    // behaviour, not about the mistakes already listed.
+    if diags.is_empty() {
+        for (outcome, spec) in policy.run_tests().into_iter().zip(&source.tests) {
+            if !outcome.passed() {
+                let at = lines.at(spec.span().start, &format!("tests {:?}", outcome.name));
+                diags.push(diag(
+                    &at,
+                    &format!("test failed: {}", outcome.mismatches.join("; ")),
+                ));
+            }
+        }
+    }
+    if diags.is_empty() {
+        let json = policy.to_json();
+        Ok(Compiled { policy, json })
+    } else {
+        Err(diags)
+    }
+}
+
+fn requirement(required: bool, ca: bool, hostname: bool, min: MinTls) -> TlsRequirement {
+    if !required {
+        return TlsRequirement::OPPORTUNISTIC;
+    }
+    TlsRequirement {
+        required: true,
+        verify: if hostname {
+            Verify::Hostname
+        } else if ca {
+            Verify::Ca
+        } else {
+            Verify::None
+        },
+        min,
+    }
+}
+
+fn directions_overlap(a: Direction, b: Direction) -> bool {
+    a == b || a == Direction::Both || b == Direction::Both
+}
+
+/// `/finance/emea` -> [`/finance/emea`, `/finance`, `/`].
+pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    let mut next = Some(path);
+    std::iter::from_fn(move || {
+        let cur = next?;
+        next = if cur == "/" {
+            None
+        } else {
+            match cur.rfind('/') {
+                Some(0) => Some("/"),
+                Some(i) => Some(&cur[..i]),
+                None => None,
+            }
+        };
+        Some(cur)
+    })
+}
+
+fn check_unit_path(path: &str) -> Result<(), String> {
+    if path == "/" {
+        return Ok(());
+    }
+    if !path.starts_with('/') || path.ends_with('/') {
+        return Err(format!(
+            "org unit path {path:?} must start with `/` and not end with one"
+        ));
+    }
+    for seg in path[1..].split('/') {
+        if seg.is_empty()
+            || !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(format!(
+                "org unit path {path:?}: segments use letters, digits, `-`, `_` and `.`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_address(a: &str) -> Result<(), String> {
+    if a.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    check_domain(&a.to_ascii_lowercase())
+}
+
+fn diag(at: &str, message: &str) -> Diagnostic {
+    Diagnostic {
+        location: at.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn toml_error(lines: &LineIndex, e: &toml::de::Error) -> Diagnostic {
+    let location = match e.span() {
+        Some(span) => lines.line_col(span.start),
+        None => "policy".to_string(),
+    };
+    Diagnostic {
+        location,
+        message: e.message().trim().to_string(),
+    }
+}
+
+struct LineIndex<'a> {
+    src: &'a str,
+}
+
+impl<'a> LineIndex<'a> {
+    fn new(src: &'a str) -> Self {
+        LineIndex { src }
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.src.len());
+        self.src.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    }
+
+    fn line_col(&self, offset: usize) -> String {
+        let end = offset.min(self.src.len());
+        let line_start = self.src[..end].rfind('\n').map(|i| i + 1).unwrap_or(0);
+        format!("line {}, column {}", self.line_of(offset), end - line_start + 1)
+    }
+
+    fn at(&self, offset: usize, what: &str) -> String {
+        format!("line {}, {what}", self.line_of(offset))
+    }
+
+    /// The line of the first `key = ...` assignment, for unknown keys.
+    fn locate_key(&self, key: &str) -> Option<String> {
+        self.src.lines().enumerate().find_map(|(i, line)| {
+            let t = line.trim_start();
+            let rest = t.strip_prefix(key)?;
+            rest.trim_start()
+                .starts_with('=')
+                .then(|| format!("line {}", i + 1))
+        })
+    }
+}

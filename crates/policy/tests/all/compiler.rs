@@ -1,0 +1,178 @@
+use altroute_policy::compile;
+
+fn errors(src: &str) -> Vec<String> {
+    compile(src).err().unwrap_or_default().iter().map(|d| d.to_string()).collect()
+}
+
+#[test]
+fn lists_every_mistake_at_once_with_locations() {
+    let src = r#"
+[policy]
+name = "three mistakes"
+
+[[hosts]]
+name = "relay"
+address = "relay.example.net"
+requre_tls = true
+
+[alternate_secure_route]
+host = "nowhere"
+
+[[tls_compliance]]
+name = "partners"
+domains = ["bad..domain"]
+"#;
+    let errs = errors(src);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs[0].contains("line 8") && errs[0].contains("unknown field `requre_tls`"), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("line 10") && e.contains("unknown host \"nowhere\"")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.contains("line 13") && e.contains("bad domain")), "{errs:#?}");
+}
+
+#[test]
+fn alternate_host_must_not_allow_clear_text() {
+    let errs = errors(
+        r#"
+[[hosts]]
+name = "weak"
+address = "weak.example"
+require_tls = false
+require_ca_signed = false
+validate_hostname = false
+
+[alternate_secure_route]
+host = "weak"
+"#,
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].contains("never downgrade"), "{errs:#?}");
+}
+
+#[test]
+fn alternate_route_only_at_the_top_unit() {
+    let errs = errors(
+        r#"
+[[hosts]]
+name = "r"
+address = "r.example"
+[alternate_secure_route]
+host = "r"
+org_unit = "/finance"
+"#,
+    );
+    assert!(errs.iter().any(|e| e.contains("top-level org unit")), "{errs:#?}");
+}
+
+#[test]
+fn overlapping_rules_and_routes_are_errors() {
+    let errs = errors(
+        r#"
+[[hosts]]
+name = "gw"
+address = "gw.example"
+[[tls_compliance]]
+name = "a"
+domains = ["x.example"]
+[[tls_compliance]]
+name = "b"
+direction = "both"
+domains = ["X.example"]
+[[routes]]
+name = "r1"
+domains = ["y.example"]
+host = "gw"
+[[routes]]
+name = "r2"
+domains = ["y.example"]
+host = "gw"
+"#,
+    );
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].contains("overlapping rules") && errs[0].contains("\"a\""), "{errs:#?}");
+    assert!(errs[1].contains("overlapping routes"), "{errs:#?}");
+}
+
+#[test]
+fn same_pattern_in_different_units_is_an_override_not_an_overlap() {
+    let src = r#"
+[[org_units]]
+path = "/a"
+senders = ["a.example"]
+[[tls_compliance]]
+name = "root"
+domains = ["x.example"]
+[[tls_compliance]]
+name = "child"
+org_unit = "/a"
+domains = ["x.example"]
+require_tls = false
+"#;
+    assert!(compile(src).is_ok(), "{:?}", errors(src));
+}
+
+#[test]
+fn bad_addresses_units_and_references() {
+    let errs = errors(
+        r#"
+[[hosts]]
+name = "h"
+address = "not a host"
+port = 0
+[[org_units]]
+path = "finance"
+[[org_units]]
+path = "/b"
+senders = ["b.example"]
+[[org_units]]
+path = "/c"
+senders = ["b.example"]
+[[tls_compliance]]
+name = "r"
+org_unit = "/nowhere"
+addresses = ["partner.example"]
+[[routes]]
+name = "x"
+domains = ["z.example"]
+host = "missing"
+"#,
+    );
+    let joined = errs.join("\n");
+    for needle in [
+        "bad address",
+        "port 0",
+        "must start with `/`",
+        "already mapped",
+        "unknown org unit \"/nowhere\"",
+        "is not an address",
+        "unknown host \"missing\"",
+    ] {
+        assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
+    }
+}
+
+#[test]
+fn syntax_and_type_errors_have_line_and_column() {
+    let errs = errors("[policy]\nname = 12\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("line 2, column"), "{errs:#?}");
+    let errs = errors("[policy\n");
+    assert!(errs[0].starts_with("line 1"), "{errs:#?}");
+}
+
+#[test]
+fn failing_embedded_test_is_reported_with_its_line() {
+    let errs = errors(
+        r#"
+[[tls_compliance]]
+name = "p"
+domains = ["p.example"]
+
+[[tests]]
+name = "wrong on purpose"
+query = { phase = "plan", recipient = "a@p.example" }
+expect = { tls_required = false }
+"#,
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(errs[0].contains("line 6") && errs[0].contains("expected tls_required false"), "{errs:#?}");
+}

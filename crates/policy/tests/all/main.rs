@@ -1,0 +1,7 @@
+//! Tests of the policy crate: the decision table, the compiler's diagnostics, and the
+//! invariants as properties.
+#![allow(clippy::unwrap_used)]
+
+mod compiler;
+mod properties;
+mod table;

@@ -1,0 +1,204 @@
+//! The invariants of DESIGN §2 as properties over random policies and facts.
+
+use std::collections::BTreeMap;
+
+use altroute_policy::contract::{decode_decision, decode_query, encode_decision, encode_query, lookup};
+use altroute_policy::pattern::Pattern;
+use altroute_policy::{
+    decide, CertStatus, Decision, Direction, Hop, Host, HostTarget, MinTls, MtaSts,
+    OnTlsUnavailable, OrgUnit, Phase, Policy, Query, ResultType, Route, Rule, Starttls,
+    StaticRoute, TlsRequiredNo, TlsRequirement, TlsVersion, Token, Verify, FORMAT,
+};
+use proptest::prelude::*;
+
+fn token<T: Token + std::fmt::Debug>() -> impl Strategy<Value = T> {
+    proptest::sample::select(T::ALL)
+}
+
+const DOMAINS: &[&str] = &["a.example", "b.example", "x.a.example", "y.x.a.example", "c.example"];
+const UNITS: &[&str] = &["/", "/u", "/u/v", "/w"];
+
+fn pattern() -> impl Strategy<Value = Pattern> {
+    (0..3u8, proptest::sample::select(DOMAINS), proptest::sample::select(&["ann", "bob"][..])).prop_map(
+        |(kind, d, user)| match kind {
+            0 => Pattern::Domain(d.to_string()),
+            1 => Pattern::Subdomains(d.to_string()),
+            _ => Pattern::Address(format!("{user}@{d}")),
+        },
+    )
+}
+
+fn requirement() -> impl Strategy<Value = TlsRequirement> {
+    (any::<bool>(), token::<Verify>(), token::<MinTls>()).prop_map(|(required, verify, min)| {
+        if required {
+            TlsRequirement { required, verify, min }
+        } else {
+            TlsRequirement::OPPORTUNISTIC
+        }
+    })
+}
+
+fn host() -> impl Strategy<Value = Host> {
+    (requirement(), any::<bool>()).prop_map(|(tls, mx_lookup)| Host {
+        addresses: vec!["h.example".to_string()],
+        port: 25,
+        mx_lookup,
+        tls,
+    })
+}
+
+prop_compose! {
+    fn policy()(
+        hosts in proptest::collection::vec(host(), 1..4),
+        alternate in proptest::option::of(0..4usize),
+        units in proptest::collection::vec((proptest::sample::select(UNITS), proptest::collection::vec(pattern(), 0..3)), 0..4),
+        rules in proptest::collection::vec((proptest::sample::select(UNITS), token::<Direction>(), proptest::collection::vec(pattern(), 1..3), requirement()), 0..6),
+        routes in proptest::collection::vec((proptest::sample::select(UNITS), proptest::collection::vec(pattern(), 1..3), 0..4usize), 0..3),
+        on_unavailable in token::<OnTlsUnavailable>(),
+        mta_sts in any::<bool>(),
+        tls_required_no in token::<TlsRequiredNo>(),
+    ) -> Policy {
+        let hosts: BTreeMap<String, Host> = hosts.into_iter().enumerate().map(|(i, h)| (format!("h{i}"), h)).collect();
+        let n = hosts.len();
+        let mut p = Policy {
+            format: FORMAT,
+            version: String::new(),
+            name: "random".to_string(),
+            on_tls_unavailable: on_unavailable,
+            mta_sts,
+            tls_required_no,
+            alternate: alternate.map(|i| format!("h{}", i % n)),
+            hosts,
+            org_units: units.into_iter().map(|(path, senders)| OrgUnit { path: path.to_string(), senders }).collect(),
+            compliance: rules.into_iter().enumerate().map(|(i, (u, direction, patterns, tls))| Rule {
+                name: format!("r{i}"), org_unit: u.to_string(), direction, patterns, tls,
+            }).collect(),
+            routes: routes.into_iter().enumerate().map(|(i, (u, patterns, h))| StaticRoute {
+                name: format!("s{i}"), org_unit: u.to_string(),
+                patterns: patterns.into_iter().filter(|p| !matches!(p, Pattern::Address(_))).collect(),
+                host: format!("h{}", h % n),
+            }).collect(),
+            tests: Vec::new(),
+        };
+        p.version = p.content_version();
+        p
+    }
+}
+
+fn address() -> impl Strategy<Value = String> {
+    (proptest::sample::select(&["ann", "bob", "eve"][..]), proptest::sample::select(DOMAINS))
+        .prop_map(|(u, d)| format!("{u}@{d}"))
+}
+
+prop_compose! {
+    fn query()(
+        phase in token::<Phase>(), sender in address(), recipient in address(),
+        requiretls in any::<bool>(), tls_required_no in any::<bool>(), hop in token::<Hop>(),
+        starttls in token::<Starttls>(), tls in token::<TlsVersion>(), cert in token::<CertStatus>(),
+        mta_sts in token::<MtaSts>(), attempt in 1..10u32,
+    ) -> Query {
+        Query { phase, sender, recipient, requiretls, tls_required_no, mx: "mx.example".to_string(), hop, starttls, tls, cert, mta_sts, attempt }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Mail that requires TLS never gets a decision that lets it over a hop whose TLS does
+    /// not meet the requirement; REQUIRETLS always means verified TLS.
+    #[test]
+    fn tls_required_mail_never_goes_without_tls(policy in policy(), q in query()) {
+        let d = decide(&policy, &q);
+        let plan = decide(&policy, &Query { phase: Phase::Plan, ..q.clone() });
+        match q.phase {
+            Phase::Verdict => {
+                if d.proceeds_on(q.hop) {
+                    // The connection we are on meets what the decision requires...
+                    prop_assert!(d.tls.met_by(q.tls, q.cert), "{d:?} on {q:?}");
+                    // ...which is at least what the mail itself requires.
+                    if q.hop == Hop::Direct && plan.route == Route::Direct {
+                        prop_assert!(d.tls.covers(plan.tls), "{d:?} vs plan {plan:?}");
+                    }
+                    if q.requiretls {
+                        prop_assert!(q.tls != TlsVersion::None && q.cert == CertStatus::Valid, "{d:?} on {q:?}");
+                    }
+                    if plan.tls.required && plan.route == Route::Direct {
+                        prop_assert!(q.tls != TlsVersion::None, "{d:?} on {q:?}");
+                    }
+                }
+                if d.route == Route::Alternate && q.hop != Hop::Alternate {
+                    prop_assert!(d.tls.required, "reroute {d:?}");
+                    if plan.route == Route::Direct {
+                        prop_assert!(d.tls.covers(plan.tls), "reroute {d:?} vs plan {plan:?}");
+                    }
+                }
+            }
+            Phase::Plan => {
+                if q.requiretls {
+                    prop_assert!(d.tls.covers(TlsRequirement::STRICT), "{d:?}");
+                }
+            }
+        }
+    }
+
+    /// Every decision names its rule and the policy version.
+    #[test]
+    fn every_decision_names_rule_and_version(policy in policy(), q in query()) {
+        let d = decide(&policy, &q);
+        prop_assert!(!d.rule.is_empty());
+        prop_assert_eq!(&d.policy_version, &policy.version);
+        if matches!(d.route, Route::Defer | Route::Bounce) {
+            let reply = d.reply.clone().unwrap_or_default();
+            let want = if d.route == Route::Defer { '4' } else { '5' };
+            prop_assert!(reply.starts_with(want), "{reply}");
+        }
+    }
+
+    /// decode(encode(q)) == q for any facts, including odd text.
+    #[test]
+    fn facts_round_trip(mut q in query(), sender in ".*", local in "[^@]{1,20}", mx in ".*") {
+        q.sender = sender;
+        q.recipient = format!("{local}@example.org");
+        q.mx = mx;
+        let headers = encode_query(&q);
+        for (_, v) in &headers {
+            prop_assert!(v.bytes().all(|b| (b'!'..=b'~').contains(&b)), "{v:?}");
+        }
+        let back = decode_query(lookup(&headers)).unwrap();
+        prop_assert_eq!(back, q);
+    }
+
+    /// decode(encode(d)) == d for any decision.
+    #[test]
+    fn decisions_round_trip(
+        route in token::<Route>(), tls in requirement(), rule in ".*", version in ".*",
+        result in token::<ResultType>(), reason in ".*", reply in proptest::option::of(".*"),
+        host in proptest::option::of((".*", proptest::collection::vec(".+", 0..3), any::<u16>(), any::<bool>())),
+    ) {
+        let d = Decision {
+            route, tls, rule, policy_version: version, result, reason, reply,
+            host: host.map(|(name, addresses, port, mx_lookup)| HostTarget { name, addresses, port, mx_lookup }),
+        };
+        let headers = encode_decision(&d);
+        let back = decode_decision(lookup(&headers)).unwrap();
+        prop_assert_eq!(back, d);
+    }
+}
+
+#[test]
+fn garbage_facts_are_errors_not_panics() {
+    for pairs in [
+        vec![],
+        vec![("x-altroute-phase", "plan")],
+        vec![("x-altroute-phase", "later"), ("x-altroute-recipient", "a@b")],
+        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "no-at-sign")],
+        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "a@b"), ("x-altroute-tls", "1.1")],
+        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "a%zz@b")],
+        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "a@b"), ("x-altroute-attempt", "-1")],
+    ] {
+        assert!(decode_query(lookup(&pairs)).is_err(), "{pairs:?}");
+    }
+    let fault = Decision::fault("v1", "bad facts");
+    assert_eq!(fault.route, Route::Defer);
+    assert!(fault.tls.required);
+}

@@ -1,0 +1,94 @@
+//! The HTTP face: one request = one routing question.
+
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, MapType};
+
+use altroute_policy::contract;
+use altroute_policy::{Decision, Policy, Route, decide};
+
+use crate::{CONTINUE, Metrics, decision_headers, log, request_header};
+
+pub(crate) struct Request {
+    policy: Option<Rc<Policy>>,
+    metrics: Metrics,
+}
+
+impl Request {
+    pub(crate) fn new(policy: Option<Rc<Policy>>, metrics: Metrics) -> Self {
+        Request { policy, metrics }
+    }
+
+    fn decide(&self) -> Decision {
+        let Some(policy) = &self.policy else {
+            return Decision::fault("none", "no policy is configured");
+        };
+        let facts: Vec<(&str, Option<Vec<u8>>)> = contract::FACT_HEADERS
+            .iter()
+            .map(|name| (*name, request_header(name)))
+            .collect();
+        let lookup = |name: &str| {
+            facts
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.as_deref())
+        };
+        match contract::decode_query(lookup) {
+            Ok(query) => decide(policy, &query),
+            Err(e) => Decision::fault(&policy.version, &e.to_string()),
+        }
+    }
+}
+
+impl Context for Request {}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let decision = self.decide();
+        self.metrics.count(&decision);
+        // A decision comes only from here: drop whatever the request brought.
+        for name in contract::DECISION_HEADERS {
+            if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
+                log(
+                    proxy_wasm::types::LogLevel::Warn,
+                    &format!("removing {name} failed: {e:?}"),
+                );
+            }
+        }
+        let headers = decision_headers(&decision);
+        for (name, value) in &headers {
+            if let Err(e) =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+            {
+                log(
+                    proxy_wasm::types::LogLevel::Error,
+                    &format!("setting {name} failed: {e:?}"),
+                );
+            }
+        }
+        // Envoy picks the route before filters run; it re-routes on the new headers only
+        // after this. Hosts without it answer NOT_FOUND, which is fine.
+        let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+
+        if matches!(decision.route, Route::Defer | Route::Bounce) {
+            let status = if decision.route == Route::Defer {
+                contract::DEFER_STATUS
+            } else {
+                contract::BOUNCE_STATUS
+            };
+            let body = decision.reply.clone().unwrap_or_default();
+            let response_headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            match hostcalls::send_http_response(status, response_headers, Some(body.as_bytes())) {
+                Ok(()) => return Action::Pause,
+                Err(e) => log(
+                    proxy_wasm::types::LogLevel::Error,
+                    &format!("sending the local response failed: {e:?}"),
+                ),
+            }
+        }
+        CONTINUE
+    }
+}
