@@ -1,1 +1,45 @@
-fn main() {}
+//! The `altroute` command: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use altroute::policy_cmd::{self, PolicyCommand};
+
+/// altroute: an outbound mail relay whose routing decision is a sandboxed WebAssembly
+/// policy module.
+#[derive(Debug, Parser)]
+#[command(name = "altroute", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compile, check, test and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Policy(cmd) => policy_cmd::run(cmd),
+    };
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("altroute: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

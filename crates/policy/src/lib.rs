@@ -60,7 +60,7 @@ pub mod types;
 pub use decide::{decide, explain, org_unit_of};
 pub use policy::{
     Compiled, Diagnostic, FORMAT, Host, OrgUnit, Policy, PolicyTest, Rule, StaticRoute,
-    TestOutcome, compare, compile,
+    TestOutcome, compare, compile, compile_without_tests,
 };
 pub use query::{Decision, HostTarget, Query, TlsRequirement};
 pub use types::{

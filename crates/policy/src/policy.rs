@@ -256,8 +256,19 @@ pub struct Compiled {
     pub json: String,
 }
 
-/// Compile a TOML policy. On failure, returns every problem found, each with its location.
+/// Compile a TOML policy. On failure, returns every problem found, each with its location,
+/// including embedded tests that fail.
 pub fn compile(toml_src: &str) -> Result<Compiled, Vec<Diagnostic>> {
+    compile_inner(toml_src, true)
+}
+
+/// Compile a TOML policy without running its embedded tests (`altroute policy test` runs
+/// and reports them one by one).
+pub fn compile_without_tests(toml_src: &str) -> Result<Compiled, Vec<Diagnostic>> {
+    compile_inner(toml_src, false)
+}
+
+fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagnostic>> {
     let lines = LineIndex::new(toml_src);
     let mut diags = Vec::new();
 
@@ -272,6 +283,8 @@ pub fn compile(toml_src: &str) -> Result<Compiled, Vec<Diagnostic>> {
             Err(e) => return Err(vec![toml_error(&lines, &e)]),
         };
     for path in unknown {
+        // `Spanned` wrappers show up as a private segment in the path; drop it.
+        let path = path.replace(".$__serde_spanned_private_value", "");
         let key = path.rsplit('.').next().unwrap_or(&path).to_string();
         diags.push(Diagnostic {
             location: lines.locate_key(&key).unwrap_or_else(|| path.clone()),
@@ -540,7 +553,7 @@ pub fn compile(toml_src: &str) -> Result<Compiled, Vec<Diagnostic>> {
 
     // Tests run only on a policy that is otherwise sound, so that their failures are about
     // behaviour, not about the mistakes already listed.
-    if diags.is_empty() {
+    if diags.is_empty() && run_tests {
         for (outcome, spec) in policy.run_tests().into_iter().zip(&source.tests) {
             if !outcome.passed() {
                 let at = lines.at(spec.span().start, &format!("tests {:?}", outcome.name));

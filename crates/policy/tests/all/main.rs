@@ -3,5 +3,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod compiler;
+mod examples;
 mod properties;
 mod table;
