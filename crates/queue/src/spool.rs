@@ -1,0 +1,1050 @@
+//! The spool: message files, recovery, group commit, recipient state.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+
+use crate::frame::{self, HEADER_LEN, KIND_BODY, KIND_ENVELOPE, KIND_STATE, MAGIC};
+use crate::id::{IdGen, header_message_id};
+use crate::{
+    Clock, Envelope, Error, MessageId, QueueEntry, RecipientState, RecoveryReport, RetrySchedule,
+    Selector, SpoolStats, Timestamp,
+};
+
+/// Spool settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SpoolConfig {
+    /// Backoff and lifetime. Defaults to [`RetrySchedule::default`] (5 min doubling to 1 h, 5 days).
+    pub retry: RetrySchedule,
+    /// Most operations folded into one group commit (one directory fsync). Defaults to 1024.
+    pub max_batch: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            retry: RetrySchedule::default(),
+            max_batch: 1024,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// Defaults with another retry schedule.
+    pub fn with_retry(retry: RetrySchedule) -> Self {
+        SpoolConfig {
+            retry,
+            ..SpoolConfig::default()
+        }
+    }
+}
+
+/// The first frame of a spool file.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredHeader {
+    id: MessageId,
+    envelope: Envelope,
+    message_id: Option<String>,
+}
+
+/// One recipient update inside a state record; a record holds several, applied atomically.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateUpdate {
+    r: usize,
+    s: RecipientState,
+}
+
+/// Per-file write state; its mutex serialises appends to one message file.
+#[derive(Debug)]
+struct MsgFile {
+    path: PathBuf,
+    /// Length of the valid prefix of the file: the next record goes here.
+    good_len: u64,
+    /// A failed append may have left bytes past `good_len` that could not be cut off yet.
+    dirty: bool,
+    removed: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    entry: QueueEntry,
+    body_off: u64,
+    body_len: u64,
+    body_crc: u32,
+    file: Arc<Mutex<MsgFile>>,
+    in_flight: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    stored: AtomicU64,
+    store_errors: AtomicU64,
+    file_fsyncs: AtomicU64,
+    dir_fsyncs: AtomicU64,
+    commit_batches: AtomicU64,
+    max_batch: AtomicU64,
+}
+
+/// Work for the committer thread: directory changes that share one directory fsync.
+enum Op {
+    /// Rename a fully written and fsynced temp file into `msg/` and index it.
+    Link {
+        tmp: PathBuf,
+        dst: PathBuf,
+        slot: Box<Slot>,
+        done: oneshot::Sender<Result<MessageId, Error>>,
+    },
+    /// Delete a message file.
+    Unlink {
+        path: PathBuf,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+struct Inner {
+    root: PathBuf,
+    msg_dir: PathBuf,
+    tmp_dir: PathBuf,
+    config: SpoolConfig,
+    clock: Arc<dyn Clock>,
+    index: Mutex<BTreeMap<MessageId, Slot>>,
+    counters: Counters,
+    ids: IdGen,
+    notify: Notify,
+    commit_tx: mpsc::Sender<Op>,
+    recovery: RecoveryReport,
+    /// Held for the spool's life: a second process on the same directory would corrupt it.
+    _lock: File,
+}
+
+/// The durable queue. Cheap to clone (shared state); see the crate docs for the design.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lock a mutex, ignoring poisoning: every critical section leaves the data consistent
+/// before anything that can panic, so a poisoned lock still guards valid data.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::Internal(format!("blocking spool task failed: {e}"))
+}
+
+fn committer_gone() -> Error {
+    Error::Internal("spool committer stopped".into())
+}
+
+impl Spool {
+    /// Open (or create) the spool in `dir` and recover it: temp files of unacknowledged
+    /// stores are deleted, torn state records are cut off, unreadable files are moved to
+    /// `corrupt/`. Blocking: call it before serving, or from `spawn_blocking`.
+    pub fn open(dir: &Path, config: SpoolConfig, clock: Arc<dyn Clock>) -> Result<Spool, Error> {
+        let msg_dir = dir.join("msg");
+        let tmp_dir = dir.join("tmp");
+        let corrupt_dir = dir.join("corrupt");
+        if !dir.exists() {
+            fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            // A new spool directory must not vanish in a crash either.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fsync_dir(parent).map_err(|e| Error::io("syncing the spool's parent", e))?;
+            }
+        }
+        for d in [&msg_dir, &tmp_dir, &corrupt_dir] {
+            fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+        }
+        // The subdirectory entries themselves must survive a crash.
+        fsync_dir(dir).map_err(|e| Error::io("syncing the spool directory", e))?;
+
+        let lock_path = dir.join("lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("opening the spool lock file", e))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked(dir.to_owned())),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(Error::io("locking the spool directory", e));
+            }
+        }
+
+        let (index, recovery) = recover(&msg_dir, &tmp_dir, &corrupt_dir, &config.retry)?;
+        tracing::info!(
+            spool = %dir.display(),
+            messages = recovery.messages,
+            temp_files_removed = recovery.temp_files_removed,
+            torn_tails_truncated = recovery.torn_tails_truncated,
+            corrupt_moved = recovery.corrupt_moved,
+            "spool recovered"
+        );
+
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            root: dir.to_owned(),
+            msg_dir,
+            tmp_dir,
+            config,
+            clock,
+            index: Mutex::new(index),
+            counters: Counters::default(),
+            ids: IdGen::new(),
+            notify: Notify::new(),
+            commit_tx: tx,
+            recovery,
+            _lock: lock_file,
+        });
+        let weak = Arc::downgrade(&inner);
+        let msg_dir = inner.msg_dir.clone();
+        let max_batch = inner.config.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("altroute-spool-commit".into())
+            .spawn(move || committer(rx, weak, msg_dir, max_batch))
+            .map_err(|e| Error::io("starting the spool committer thread", e))?;
+        Ok(Spool { inner })
+    }
+
+    /// The spool directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The spool's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// The retry schedule in force.
+    pub fn schedule(&self) -> &RetrySchedule {
+        &self.inner.config.retry
+    }
+
+    /// What recovery found at open.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// Where the file of message `id` lives (for operators and tests).
+    pub fn message_path(&self, id: &MessageId) -> PathBuf {
+        self.inner.msg_dir.join(id.as_str())
+    }
+
+    /// Store a message. Returns only once the message file and its directory entry are
+    /// on stable storage; any failure (disk full included) is an `Err`, and then nothing
+    /// of the message is left in the queue. All recipients start [`RecipientState::Pending`].
+    pub async fn store(&self, envelope: Envelope, message: Vec<u8>) -> Result<MessageId, Error> {
+        let inner = self.inner.clone();
+        let result = async {
+            if envelope.rcpt_to.is_empty() {
+                return Err(Error::NoRecipients);
+            }
+            // The blocking part also hands the file to the committer, so a caller that
+            // gives up waiting (client gone) cannot leave a half-stored message behind.
+            let done = tokio::task::spawn_blocking(move || inner.prepare_store(envelope, message))
+                .await
+                .map_err(join_error)??;
+            done.await.map_err(|_| committer_gone())?
+        }
+        .await;
+        let counter = match result {
+            Ok(_) => &self.inner.counters.stored,
+            Err(_) => &self.inner.counters.store_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    /// The message bytes, checked against their checksum.
+    pub fn read_message(&self, id: &MessageId) -> Result<Vec<u8>, Error> {
+        let (path, off, len, crc) = {
+            let index = lock(&self.inner.index);
+            let slot = index.get(id).ok_or_else(|| Error::NotFound(id.clone()))?;
+            (
+                self.message_path(id),
+                slot.body_off,
+                slot.body_len,
+                slot.body_crc,
+            )
+        };
+        let file = File::open(&path).map_err(|e| Error::io(format!("opening {id}"), e))?;
+        let mut body = vec![0u8; len as usize];
+        file.read_exact_at(&mut body, off)
+            .map_err(|e| Error::io(format!("reading {id}"), e))?;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&[KIND_BODY]);
+        h.update(&body);
+        if h.finalize() != crc {
+            return Err(Error::Corrupt {
+                id: id.clone(),
+                reason: "message body checksum mismatch".into(),
+            });
+        }
+        Ok(body)
+    }
+
+    /// One message with its recipient states.
+    pub fn entry(&self, id: &MessageId) -> Option<QueueEntry> {
+        lock(&self.inner.index).get(id).map(|s| s.entry.clone())
+    }
+
+    /// Every message, oldest first (for `queue list`).
+    pub fn list(&self) -> Vec<QueueEntry> {
+        lock(&self.inner.index)
+            .values()
+            .map(|s| s.entry.clone())
+            .collect()
+    }
+
+    /// Messages with a recipient due at `now` that are not claimed, oldest first.
+    pub fn due(&self, now: Timestamp) -> Vec<QueueEntry> {
+        lock(&self.inner.index)
+            .values()
+            .filter(|s| !s.in_flight && s.entry.next_due().is_some_and(|t| t <= now))
+            .map(|s| s.entry.clone())
+            .collect()
+    }
+
+    /// Like [`due`](Self::due), and marks the messages in flight so the next call does not
+    /// hand them out again until [`release`](Self::release). In flight is memory only:
+    /// after a restart every message is available again.
+    pub fn claim_due(&self, now: Timestamp, limit: usize) -> Vec<QueueEntry> {
+        let mut index = lock(&self.inner.index);
+        let mut out = Vec::new();
+        for slot in index.values_mut() {
+            if out.len() >= limit {
+                break;
+            }
+            if !slot.in_flight && slot.entry.next_due().is_some_and(|t| t <= now) {
+                slot.in_flight = true;
+                out.push(slot.entry.clone());
+            }
+        }
+        out
+    }
+
+    /// End a claim made by [`claim_due`](Self::claim_due).
+    pub fn release(&self, id: &MessageId) {
+        if let Some(slot) = lock(&self.inner.index).get_mut(id) {
+            slot.in_flight = false;
+        }
+    }
+
+    /// Messages whose recipients are all final: remove them once any DSN is queued.
+    pub fn finished(&self) -> Vec<MessageId> {
+        lock(&self.inner.index)
+            .values()
+            .filter(|s| !s.in_flight && s.entry.is_finished())
+            .map(|s| s.entry.id.clone())
+            .collect()
+    }
+
+    /// When the scheduler should next look at the queue: the earliest due time of an
+    /// unclaimed message (0 = now), `None` if nothing is waiting.
+    pub fn next_wakeup(&self) -> Option<Timestamp> {
+        lock(&self.inner.index)
+            .values()
+            .filter(|s| !s.in_flight)
+            .filter_map(|s| s.entry.next_due())
+            .min()
+    }
+
+    /// Resolves when the queue got new work (a store, a forced retry). Meant for one
+    /// scheduler loop: a wake-up that happens while nobody waits is kept for the next call.
+    pub async fn changed(&self) {
+        self.inner.notify.notified().await;
+    }
+
+    /// Queue depth by state and the spool's counters.
+    pub fn stats(&self) -> SpoolStats {
+        let c = &self.inner.counters;
+        let mut s = SpoolStats {
+            stored: c.stored.load(Ordering::Relaxed),
+            store_errors: c.store_errors.load(Ordering::Relaxed),
+            file_fsyncs: c.file_fsyncs.load(Ordering::Relaxed),
+            dir_fsyncs: c.dir_fsyncs.load(Ordering::Relaxed),
+            commit_batches: c.commit_batches.load(Ordering::Relaxed),
+            max_batch: c.max_batch.load(Ordering::Relaxed),
+            ..SpoolStats::default()
+        };
+        for slot in lock(&self.inner.index).values() {
+            s.messages += 1;
+            s.bytes += slot.entry.size;
+            s.in_flight += u64::from(slot.in_flight);
+            for r in &slot.entry.recipients {
+                *match r {
+                    RecipientState::Pending => &mut s.pending,
+                    RecipientState::Deferred { .. } => &mut s.deferred,
+                    RecipientState::Delivered { .. } => &mut s.delivered,
+                    RecipientState::Bounced { .. } => &mut s.bounced,
+                    RecipientState::Expired { .. } => &mut s.expired,
+                } += 1;
+            }
+        }
+        s
+    }
+
+    /// Set one recipient's state, durably (fdatasync of the message file) before returning.
+    /// No transition checks: this is the raw operation.
+    pub async fn set_recipient(
+        &self,
+        id: &MessageId,
+        index: usize,
+        state: RecipientState,
+    ) -> Result<(), Error> {
+        self.update(id, move |entry, _now, _sched| {
+            check_index(entry, index)?;
+            Ok(vec![StateUpdate { r: index, s: state }])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Record that recipient `index` was accepted by `via`.
+    pub async fn delivered(&self, id: &MessageId, index: usize, via: &str) -> Result<(), Error> {
+        let via = via.to_owned();
+        self.update(id, move |entry, now, _| {
+            check_open(entry, index)?;
+            Ok(vec![StateUpdate {
+                r: index,
+                s: RecipientState::Delivered { at: now, via },
+            }])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Record a permanent failure of recipient `index`.
+    pub async fn bounce(&self, id: &MessageId, index: usize, reason: &str) -> Result<(), Error> {
+        let reason = reason.to_owned();
+        self.update(id, move |entry, now, _| {
+            check_open(entry, index)?;
+            Ok(vec![StateUpdate {
+                r: index,
+                s: RecipientState::Bounced { at: now, reason },
+            }])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Record a temporary failure of recipient `index`: it is deferred per the retry
+    /// schedule, or expires if the queue lifetime is used up. Returns the new state.
+    pub async fn defer(
+        &self,
+        id: &MessageId,
+        index: usize,
+        reason: &str,
+    ) -> Result<RecipientState, Error> {
+        let reason = reason.to_owned();
+        let mut ups = self
+            .update(id, move |entry, now, sched| {
+                check_open(entry, index)?;
+                let attempts = entry.recipients[index].attempts().saturating_add(1);
+                let s = match sched.next_attempt(attempts, entry.envelope.received_at, now) {
+                    Some(next_attempt) => RecipientState::Deferred {
+                        next_attempt,
+                        attempts,
+                        reason,
+                    },
+                    None => RecipientState::Expired {
+                        at: now,
+                        attempts,
+                        reason,
+                    },
+                };
+                Ok(vec![StateUpdate { r: index, s }])
+            })
+            .await?;
+        ups.pop()
+            .map(|u| u.s)
+            .ok_or_else(|| Error::Internal("defer produced no update".into()))
+    }
+
+    /// Make deferred recipients due now (`altroute queue retry ID|all`). Attempt counts
+    /// are kept. Returns how many recipients were rescheduled.
+    pub async fn retry_now(&self, selector: &Selector) -> Result<usize, Error> {
+        let mut n = 0;
+        for id in self.select(selector)? {
+            let ups = self
+                .update(&id, |entry, now, _| {
+                    Ok(entry
+                        .recipients
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(r, s)| match s {
+                            RecipientState::Deferred {
+                                next_attempt,
+                                attempts,
+                                reason,
+                            } if *next_attempt > now => Some(StateUpdate {
+                                r,
+                                s: RecipientState::Deferred {
+                                    next_attempt: now,
+                                    attempts: *attempts,
+                                    reason: reason.clone(),
+                                },
+                            }),
+                            _ => None,
+                        })
+                        .collect())
+                })
+                .await;
+            match ups {
+                Ok(ups) => n += ups.len(),
+                // Removed meanwhile (delivered and cleaned up): nothing to retry.
+                Err(Error::NotFound(_)) if *selector == Selector::All => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.inner.notify.notify_one();
+        Ok(n)
+    }
+
+    /// Bounce every recipient that is not final (`altroute queue bounce ID|all`).
+    /// Returns how many recipients were bounced; the caller queues the DSNs.
+    pub async fn bounce_now(&self, selector: &Selector, reason: &str) -> Result<usize, Error> {
+        let mut n = 0;
+        for id in self.select(selector)? {
+            let reason = reason.to_owned();
+            let ups = self
+                .update(&id, move |entry, now, _| {
+                    Ok(entry
+                        .recipients
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| !s.is_final())
+                        .map(|(r, _)| StateUpdate {
+                            r,
+                            s: RecipientState::Bounced {
+                                at: now,
+                                reason: reason.clone(),
+                            },
+                        })
+                        .collect())
+                })
+                .await;
+            match ups {
+                Ok(ups) => n += ups.len(),
+                Err(Error::NotFound(_)) if *selector == Selector::All => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Delete a message from the queue, durably (the unlink shares a group commit).
+    pub async fn remove(&self, id: &MessageId) -> Result<(), Error> {
+        let inner = self.inner.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || inner.remove_blocking(&id))
+            .await
+            .map_err(join_error)?
+    }
+
+    fn select(&self, selector: &Selector) -> Result<Vec<MessageId>, Error> {
+        let index = lock(&self.inner.index);
+        match selector {
+            Selector::All => Ok(index.keys().cloned().collect()),
+            Selector::One(id) if index.contains_key(id) => Ok(vec![id.clone()]),
+            Selector::One(id) => Err(Error::NotFound(id.clone())),
+        }
+    }
+
+    async fn update<F>(&self, id: &MessageId, f: F) -> Result<Vec<StateUpdate>, Error>
+    where
+        F: FnOnce(&QueueEntry, Timestamp, &RetrySchedule) -> Result<Vec<StateUpdate>, Error>
+            + Send
+            + 'static,
+    {
+        let inner = self.inner.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || inner.update_blocking(&id, f))
+            .await
+            .map_err(join_error)?
+    }
+}
+
+fn check_index(entry: &QueueEntry, index: usize) -> Result<(), Error> {
+    if index < entry.recipients.len() {
+        Ok(())
+    } else {
+        Err(Error::NoSuchRecipient {
+            id: entry.id.clone(),
+            index,
+        })
+    }
+}
+
+fn check_open(entry: &QueueEntry, index: usize) -> Result<(), Error> {
+    check_index(entry, index)?;
+    if entry.recipients[index].is_final() {
+        return Err(Error::AlreadyFinal {
+            id: entry.id.clone(),
+            index,
+        });
+    }
+    Ok(())
+}
+
+impl Inner {
+    /// Write the message to `tmp/<id>`, fsync it and queue it for the group commit.
+    fn prepare_store(
+        &self,
+        mut envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<MessageId, Error>>, Error> {
+        let now = self.clock.now();
+        if envelope.received_at == 0 {
+            envelope.received_at = now;
+        }
+        let id = {
+            let index = lock(&self.index);
+            let mut id = self.ids.next(now);
+            while index.contains_key(&id) {
+                id = self.ids.next(now);
+            }
+            id
+        };
+        let message_id = header_message_id(&message);
+        let header = StoredHeader {
+            id: id.clone(),
+            envelope,
+            message_id,
+        };
+        let header_json = serde_json::to_vec(&header)
+            .map_err(|e| Error::Internal(format!("encoding the envelope: {e}")))?;
+        let env_frame =
+            frame::encode(KIND_ENVELOPE, &header_json).map_err(|e| Error::io("framing", e))?;
+        let body_prefix =
+            frame::prefix(KIND_BODY, &message).map_err(|e| Error::io("framing", e))?;
+
+        let tmp = self.tmp_dir.join(id.as_str());
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut head = Vec::with_capacity(MAGIC.len() + env_frame.len() + body_prefix.len());
+            head.extend_from_slice(MAGIC);
+            head.extend_from_slice(&env_frame);
+            head.extend_from_slice(&body_prefix);
+            f.write_all(&head)?;
+            f.write_all(&message)?;
+            // fdatasync covers the data and the file size, which is all a new file needs.
+            f.sync_data()
+        };
+        if let Err(e) = write() {
+            // Free the space now: a half-written temp file must not keep the disk full.
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(format!("writing message {id}"), e));
+        }
+        self.counters.file_fsyncs.fetch_add(1, Ordering::Relaxed);
+
+        let body_off = (MAGIC.len() + env_frame.len() + body_prefix.len()) as u64;
+        let body_crc = u32::from_le_bytes([
+            body_prefix[4],
+            body_prefix[5],
+            body_prefix[6],
+            body_prefix[7],
+        ]);
+        let dst = self.msg_dir.join(id.as_str());
+        let size = message.len() as u64;
+        let slot = Slot {
+            entry: QueueEntry {
+                id: id.clone(),
+                recipients: vec![RecipientState::Pending; header.envelope.rcpt_to.len()],
+                expires_at: self.config.retry.expires_at(header.envelope.received_at),
+                envelope: header.envelope,
+                message_id: header.message_id,
+                size,
+            },
+            body_off,
+            body_len: size,
+            body_crc,
+            file: Arc::new(Mutex::new(MsgFile {
+                path: dst.clone(),
+                good_len: body_off + size,
+                dirty: false,
+                removed: false,
+            })),
+            in_flight: false,
+        };
+        let (done, rx) = oneshot::channel();
+        let op = Op::Link {
+            tmp: tmp.clone(),
+            dst,
+            slot: Box::new(slot),
+            done,
+        };
+        if self.commit_tx.send(op).is_err() {
+            let _ = fs::remove_file(&tmp);
+            return Err(committer_gone());
+        }
+        Ok(rx)
+    }
+
+    fn update_blocking<F>(&self, id: &MessageId, f: F) -> Result<Vec<StateUpdate>, Error>
+    where
+        F: FnOnce(&QueueEntry, Timestamp, &RetrySchedule) -> Result<Vec<StateUpdate>, Error>,
+    {
+        let not_found = || Error::NotFound(id.clone());
+        let file = lock(&self.index)
+            .get(id)
+            .ok_or_else(not_found)?
+            .file
+            .clone();
+        // Lock order: message file, then index. Holding the file lock across the write
+        // keeps the in-memory state in the same order as the records on disk.
+        let mut mf = lock(&file);
+        if mf.removed {
+            return Err(not_found());
+        }
+        let now = self.clock.now();
+        let updates = {
+            let index = lock(&self.index);
+            let slot = index.get(id).ok_or_else(not_found)?;
+            f(&slot.entry, now, &self.config.retry)?
+        };
+        if updates.is_empty() {
+            return Ok(updates);
+        }
+        let payload = serde_json::to_vec(&updates)
+            .map_err(|e| Error::Internal(format!("encoding a state record: {e}")))?;
+        let record = frame::encode(KIND_STATE, &payload).map_err(|e| Error::io("framing", e))?;
+
+        let fh = OpenOptions::new()
+            .write(true)
+            .open(&mf.path)
+            .map_err(|e| Error::io(format!("opening {id}"), e))?;
+        if mf.dirty {
+            fh.set_len(mf.good_len)
+                .and_then(|()| fh.sync_data())
+                .map_err(|e| Error::io(format!("repairing {id}"), e))?;
+            mf.dirty = false;
+        }
+        let written = fh
+            .write_all_at(&record, mf.good_len)
+            .and_then(|()| fh.sync_data());
+        if let Err(e) = written {
+            // Cut the failed record off so it can neither hide later records behind a
+            // torn frame nor come back after a crash as a state nobody acknowledged.
+            if fh
+                .set_len(mf.good_len)
+                .and_then(|()| fh.sync_data())
+                .is_err()
+            {
+                mf.dirty = true;
+            }
+            return Err(Error::io(format!("recording state of {id}"), e));
+        }
+        self.counters.file_fsyncs.fetch_add(1, Ordering::Relaxed);
+        mf.good_len += record.len() as u64;
+
+        let mut index = lock(&self.index);
+        if let Some(slot) = index.get_mut(id) {
+            apply(&mut slot.entry.recipients, &updates);
+        }
+        Ok(updates)
+    }
+
+    fn remove_blocking(&self, id: &MessageId) -> Result<(), Error> {
+        let file = lock(&self.index)
+            .get(id)
+            .ok_or_else(|| Error::NotFound(id.clone()))?
+            .file
+            .clone();
+        let mut mf = lock(&file);
+        if mf.removed {
+            return Err(Error::NotFound(id.clone()));
+        }
+        let (done, rx) = oneshot::channel();
+        self.commit_tx
+            .send(Op::Unlink {
+                path: mf.path.clone(),
+                done,
+            })
+            .map_err(|_| committer_gone())?;
+        let result = rx.blocking_recv().map_err(|_| committer_gone())?;
+        // If the unlink went through but the directory fsync failed, the file is gone
+        // from the namespace anyway: drop it from the index and report the error.
+        if result.is_ok() || !mf.path.exists() {
+            mf.removed = true;
+            lock(&self.index).remove(id);
+        }
+        result.map_err(|e| Error::io(format!("removing {id}"), e))
+    }
+}
+
+fn apply(recipients: &mut [RecipientState], updates: &[StateUpdate]) {
+    for u in updates {
+        match recipients.get_mut(u.r) {
+            Some(r) => *r = u.s.clone(),
+            None => tracing::warn!(
+                index = u.r,
+                "state record for a recipient that does not exist"
+            ),
+        }
+    }
+}
+
+/// The committer thread: takes every operation queued while the previous directory fsync
+/// ran, applies the renames/unlinks, fsyncs `msg/` once, and answers them all.
+fn committer(rx: mpsc::Receiver<Op>, inner: Weak<Inner>, msg_dir: PathBuf, max_batch: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        // Step 1: the directory changes.
+        let mut linked = Vec::new();
+        let mut unlinked = Vec::new();
+        for op in batch {
+            match op {
+                Op::Link {
+                    tmp,
+                    dst,
+                    slot,
+                    done,
+                } => match fs::rename(&tmp, &dst) {
+                    Ok(()) => linked.push((dst, slot, done)),
+                    Err(e) => {
+                        let _ = fs::remove_file(&tmp);
+                        let _ = done.send(Err(Error::io("moving the message into the spool", e)));
+                    }
+                },
+                Op::Unlink { path, done } => match fs::remove_file(&path) {
+                    Ok(()) => unlinked.push(done),
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                },
+            }
+        }
+        if linked.is_empty() && unlinked.is_empty() {
+            continue;
+        }
+        // Step 2: one directory fsync makes all of them durable.
+        let synced = fsync_dir(&msg_dir);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let c = &inner.counters;
+        c.dir_fsyncs.fetch_add(1, Ordering::Relaxed);
+        c.commit_batches.fetch_add(1, Ordering::Relaxed);
+        c.max_batch
+            .fetch_max((linked.len() + unlinked.len()) as u64, Ordering::Relaxed);
+        match synced {
+            Ok(()) => {
+                let mut acks = Vec::with_capacity(linked.len());
+                {
+                    let mut index = lock(&inner.index);
+                    for (_, slot, done) in linked {
+                        let id = slot.entry.id.clone();
+                        index.insert(id.clone(), *slot);
+                        acks.push((id, done));
+                    }
+                }
+                inner.notify.notify_one();
+                // Let go of the spool before answering: a caller that drops its last
+                // handle right after its answer must find the spool (and its lock) released.
+                drop(inner);
+                for (id, done) in acks {
+                    let _ = done.send(Ok(id));
+                }
+                for done in unlinked {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                drop(inner);
+                tracing::error!(error = %e, "spool directory fsync failed");
+                for (dst, _, done) in linked {
+                    // Not acknowledged, so it must not be delivered either.
+                    let _ = fs::remove_file(&dst);
+                    let _ = done.send(Err(Error::io(
+                        "syncing the spool directory",
+                        io::Error::new(e.kind(), e.to_string()),
+                    )));
+                }
+                for done in unlinked {
+                    let _ = done.send(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Rebuild the index from `msg/`, cleaning up after a crash.
+fn recover(
+    msg_dir: &Path,
+    tmp_dir: &Path,
+    corrupt_dir: &Path,
+    schedule: &RetrySchedule,
+) -> Result<(BTreeMap<MessageId, Slot>, RecoveryReport), Error> {
+    let mut report = RecoveryReport::default();
+    let read_dir =
+        |d: &Path| fs::read_dir(d).map_err(|e| Error::io(format!("listing {}", d.display()), e));
+
+    // Temp files belong to stores that were never acknowledged.
+    for ent in read_dir(tmp_dir)? {
+        let ent = ent.map_err(|e| Error::io("listing tmp/", e))?;
+        fs::remove_file(ent.path())
+            .map_err(|e| Error::io(format!("removing {}", ent.path().display()), e))?;
+        report.temp_files_removed += 1;
+    }
+    if report.temp_files_removed > 0 {
+        fsync_dir(tmp_dir).map_err(|e| Error::io("syncing tmp/", e))?;
+    }
+
+    let mut index = BTreeMap::new();
+    let mut moved = false;
+    for ent in read_dir(msg_dir)? {
+        let ent = ent.map_err(|e| Error::io("listing msg/", e))?;
+        let path = ent.path();
+        let Some(id) = ent
+            .file_name()
+            .to_str()
+            .and_then(|n| MessageId::parse(n).ok())
+        else {
+            tracing::warn!(path = %path.display(), "ignoring a foreign file in the spool");
+            continue;
+        };
+        match load(&path, &id, schedule)
+            .map_err(|e| Error::io(format!("recovering {}", path.display()), e))?
+        {
+            Ok((slot, torn)) => {
+                report.torn_tails_truncated += u64::from(torn);
+                report.messages += 1;
+                index.insert(id, slot);
+            }
+            Err(reason) => {
+                // Never delete what may be someone's mail: keep it aside for the operator.
+                tracing::error!(%id, %reason, "moving a corrupt spool file to corrupt/");
+                fs::rename(&path, corrupt_dir.join(id.as_str()))
+                    .map_err(|e| Error::io(format!("moving {} aside", path.display()), e))?;
+                report.corrupt_moved += 1;
+                moved = true;
+            }
+        }
+    }
+    if moved {
+        fsync_dir(msg_dir).map_err(|e| Error::io("syncing msg/", e))?;
+        fsync_dir(corrupt_dir).map_err(|e| Error::io("syncing corrupt/", e))?;
+    }
+    Ok((index, report))
+}
+
+/// Load one spool file. Outer error: I/O. Inner error: the file is corrupt (reason).
+/// A torn tail (partial or garbled state records) is cut off; the bool says so.
+fn load(
+    path: &Path,
+    id: &MessageId,
+    schedule: &RetrySchedule,
+) -> io::Result<Result<(Slot, bool), String>> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    let mut magic = [0u8; 8];
+    if len < magic.len() as u64 {
+        return Ok(Err("shorter than the file header".into()));
+    }
+    file.read_exact_at(&mut magic, 0)?;
+    if &magic != MAGIC {
+        return Ok(Err("not a spool file (bad magic)".into()));
+    }
+    let mut off = MAGIC.len() as u64;
+    let Some((h, kind, data)) = frame::read_frame(&file, off, len)? else {
+        return Ok(Err("envelope record torn or corrupt".into()));
+    };
+    if kind != KIND_ENVELOPE {
+        return Ok(Err("first record is not an envelope".into()));
+    }
+    let header: StoredHeader = match serde_json::from_slice(&data) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(format!("envelope record unreadable: {e}"))),
+    };
+    if header.id != *id {
+        return Ok(Err(format!("file holds message {}", header.id)));
+    }
+    off = h.end(off);
+    // The body is checked when read (read_message), not here: recovery stays fast with
+    // large queues.
+    let Some(bh) = frame::read_header(&file, off, len)? else {
+        return Ok(Err("message body truncated".into()));
+    };
+    let mut k = [0u8; 1];
+    file.read_exact_at(&mut k, off + HEADER_LEN)?;
+    if k[0] != KIND_BODY {
+        return Ok(Err("second record is not a message body".into()));
+    }
+    let body_off = off + HEADER_LEN + 1;
+    let body_len = u64::from(bh.len) - 1;
+    off = bh.end(off);
+
+    let mut recipients = vec![RecipientState::Pending; header.envelope.rcpt_to.len()];
+    while off < len {
+        let Some((h, kind, data)) = frame::read_frame(&file, off, len)? else {
+            break;
+        };
+        if kind != KIND_STATE {
+            break;
+        }
+        let Ok(updates) = serde_json::from_slice::<Vec<StateUpdate>>(&data) else {
+            break;
+        };
+        apply(&mut recipients, &updates);
+        off = h.end(off);
+    }
+    let torn = off < len;
+    if torn {
+        tracing::warn!(%id, cut = len - off, "cutting a torn state record off");
+        file.set_len(off)?;
+        file.sync_data()?;
+    }
+    let slot = Slot {
+        entry: QueueEntry {
+            id: id.clone(),
+            expires_at: schedule.expires_at(header.envelope.received_at),
+            envelope: header.envelope,
+            message_id: header.message_id,
+            size: body_len,
+            recipients,
+        },
+        body_off,
+        body_len,
+        body_crc: bh.crc,
+        file: Arc::new(Mutex::new(MsgFile {
+            path: path.to_owned(),
+            good_len: off,
+            dirty: false,
+            removed: false,
+        })),
+        in_flight: false,
+    };
+    Ok(Ok((slot, torn)))
+}

@@ -1,0 +1,37 @@
+//! Integration tests of the spool against the real filesystem (real fsync), one module per topic.
+#![allow(clippy::unwrap_used)]
+
+mod concurrency;
+mod crash;
+mod diskfull;
+mod recovery;
+mod roundtrip;
+mod schedule;
+mod syscalls;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use altroute_queue::{Envelope, ManualClock, Spool, SpoolConfig};
+
+/// 2023-11-14T22:13:20Z, a fixed start for manual clocks.
+pub const T0: u64 = 1_700_000_000;
+
+pub fn open(dir: &Path, clock: &Arc<ManualClock>) -> Spool {
+    Spool::open(dir, SpoolConfig::default(), clock.clone()).unwrap()
+}
+
+pub fn envelope(n: usize) -> Envelope {
+    Envelope::new(
+        "sender@example.org",
+        (0..n).map(|i| format!("rcpt{i}@example.net")).collect(),
+    )
+}
+
+/// A message of about `size` bytes with a Message-ID header.
+pub fn message(tag: &str, size: usize) -> Vec<u8> {
+    let mut m = format!("Message-ID: <{tag}@test>\r\nSubject: {tag}\r\n\r\n").into_bytes();
+    m.extend((0..size).map(|i| b'A' + (i % 26) as u8));
+    m.extend_from_slice(b"\r\n");
+    m
+}
