@@ -1,0 +1,182 @@
+//! The client against our server, over real TLS, and the recording verifier.
+
+use std::sync::Arc;
+
+use altroute_smtp::{
+    Body, CertResult, Client, ClientConfig, Envelope, Error, RecordingVerifier, ServerConfig,
+};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::common::{Memory, Pki, config, spawn_server};
+
+fn envelope(rcpts: &[&str]) -> Envelope {
+    Envelope {
+        mail_from: "sender@src.test".into(),
+        rcpt_to: rcpts.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn round_trip_over_tls() {
+    let pki = Pki::new("Test CA");
+    let leaf = pki.leaf(&["mx.test"], false, false);
+    let mut c = config();
+    c.tls = Some(pki.server_tls(&leaf));
+    let handler = Memory::new(true);
+    let srv = spawn_server(c, handler.clone()).await;
+
+    let stream = TcpStream::connect(srv.addr).await.unwrap();
+    let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+        .await
+        .unwrap();
+    let caps = client.capabilities().clone();
+    assert!(caps.esmtp && caps.starttls && caps.pipelining && caps.eight_bit_mime);
+    assert_eq!(caps.size, Some(35 * 1024 * 1024));
+    assert!(!caps.requiretls);
+    assert_eq!(caps.hostname, "mx.test");
+
+    // REQUIRETLS mail must not go out before TLS.
+    let mut env = envelope(&["a@dst.test", "nobody@dst.test", "b@dst.test"]);
+    env.requiretls = true;
+    env.body = Body::EightBitMime;
+    assert!(matches!(
+        client.send(&env, b"x\r\n").await,
+        Err(Error::MissingExtension("REQUIRETLS"))
+    ));
+
+    let verifier = RecordingVerifier::new(pki.roots()).unwrap();
+    let tls_config = Arc::new(verifier.client_config().unwrap());
+    let outcome = client
+        .starttls(tls_config, ServerName::try_from("mx.test").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(verifier.result(), Some(CertResult::Valid));
+    assert_eq!(outcome.version, Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(outcome.peer_certificates, leaf.chain);
+    assert!(client.is_tls());
+    assert!(client.capabilities().requiretls);
+    assert!(!client.capabilities().starttls);
+
+    let message: &[u8] =
+        b"Subject: round trip\r\n\r\n.leading dot\r\n..two\r\n.\r\nend\xc3\xa9\r\n";
+    let delivery = client.send(&env, message).await.unwrap();
+    assert!(delivery.mail.is_positive());
+    let codes: Vec<u16> = delivery.rcpt.iter().map(|(_, r)| r.code).collect();
+    assert_eq!(codes, vec![250, 550, 250]);
+    assert_eq!(delivery.rcpt[1].1.enhanced, Some((5, 1, 1)));
+    assert_eq!(delivery.data.as_ref().map(|r| r.code), Some(250));
+    assert_eq!(delivery.delivered(), vec!["a@dst.test", "b@dst.test"]);
+
+    // All recipients refused: no message, no error, session still usable.
+    let delivery = client
+        .send(&envelope(&["nobody@dst.test"]), b"x\r\n")
+        .await
+        .unwrap();
+    assert_eq!(delivery.data, None);
+    assert!(delivery.delivered().is_empty());
+    assert_eq!(client.noop().await.unwrap().code, 250);
+
+    assert_eq!(client.quit().await.unwrap().code, 221);
+    let stored = handler.messages();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].message, message);
+    assert!(stored[0].envelope.requiretls);
+    assert_eq!(stored[0].envelope.size, Some(message.len() as u64));
+    assert_eq!(stored[0].envelope.body, Body::EightBitMime);
+}
+
+#[tokio::test]
+async fn reply_classes_become_typed_errors() {
+    // A server that refuses everyone at MAIL (not open, and AUTH absent) is
+    // not available; use size instead: declared SIZE too big is a 5xx at MAIL.
+    let mut c = config();
+    c.max_message_size = 10;
+    let srv = spawn_server(c, Memory::new(true)).await;
+    let stream = TcpStream::connect(srv.addr).await.unwrap();
+    let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+        .await
+        .unwrap();
+    match client.send(&envelope(&["a@dst.test"]), &[b'x'; 100]).await {
+        Err(Error::Permanent(r)) => assert_eq!((r.code, r.enhanced), (552, Some((5, 3, 4)))),
+        other => panic!("expected permanent failure, got {other:?}"),
+    }
+    // Recipient cap gives a transient per-recipient reply; this server does
+    // not offer PIPELINING, so the client goes step by step.
+    let mut c: ServerConfig = config();
+    c.max_recipients = 1;
+    c.pipelining = false;
+    let srv = spawn_server(c, Memory::new(true)).await;
+    let stream = TcpStream::connect(srv.addr).await.unwrap();
+    let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+        .await
+        .unwrap();
+    let d = client
+        .send(&envelope(&["a@dst.test", "b@dst.test"]), b"hi\r\n")
+        .await
+        .unwrap();
+    assert!(!client.capabilities().pipelining);
+    assert!(d.rcpt[1].1.is_transient());
+    assert_eq!(d.delivered(), vec!["a@dst.test"]);
+    // All refused without pipelining: DATA is not sent, the session goes on.
+    let d = client
+        .send(&envelope(&["nobody@dst.test"]), b"hi\r\n")
+        .await
+        .unwrap();
+    assert_eq!(d.data, None);
+    let d = client
+        .send(&envelope(&["c@dst.test"]), b"second\r\n")
+        .await
+        .unwrap();
+    assert_eq!(d.delivered(), vec!["c@dst.test"]);
+}
+
+#[tokio::test]
+async fn recording_verifier_classifies() {
+    let pki = Pki::new("Test CA");
+    let other = Pki::new("Other CA");
+    // (description, server certificate, expected verdict)
+    let cases = [
+        (
+            "valid",
+            pki.leaf(&["mx.test"], false, false),
+            CertResult::Valid,
+        ),
+        (
+            "expired",
+            pki.leaf(&["mx.test"], true, false),
+            CertResult::Expired,
+        ),
+        (
+            "wrong host",
+            pki.leaf(&["other.test"], false, false),
+            CertResult::HostnameMismatch,
+        ),
+        (
+            "untrusted",
+            other.leaf(&["mx.test"], false, false),
+            CertResult::Untrusted,
+        ),
+    ];
+    for (what, leaf, expected) in cases {
+        let mut c = config();
+        c.tls = Some(pki.server_tls(&leaf));
+        let srv = spawn_server(c, Memory::new(true)).await;
+        let stream = TcpStream::connect(srv.addr).await.unwrap();
+        let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+            .await
+            .unwrap();
+        let verifier = RecordingVerifier::new(pki.roots()).unwrap();
+        assert_eq!(verifier.result(), None);
+        let tls = Arc::new(verifier.client_config().unwrap());
+        let outcome = client
+            .starttls(tls, ServerName::try_from("mx.test").unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: handshake must go on: {e}"));
+        assert_eq!(verifier.result(), Some(expected), "{what}");
+        assert_eq!(outcome.peer_certificates, leaf.chain, "{what}");
+        // The session is usable: the policy decides, not the handshake.
+        assert_eq!(client.noop().await.unwrap().code, 250, "{what}");
+    }
+}

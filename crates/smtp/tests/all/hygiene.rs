@@ -1,0 +1,306 @@
+//! Protocol hygiene: raw bytes in, exact reply codes out.
+
+use std::time::Duration;
+
+use altroute_smtp::SessionEnd;
+
+use crate::common::{Memory, Raw, config, spawn_server};
+
+async fn in_data(raw: &mut Raw) {
+    raw.cmd("EHLO client.test", "250").await;
+    raw.cmd("MAIL FROM:<a@src.test>", "250 2.1.0").await;
+    raw.cmd("RCPT TO:<b@dst.test>", "250 2.1.5").await;
+    raw.cmd("DATA", "354").await;
+}
+
+#[tokio::test]
+async fn command_line_too_long() {
+    let srv = spawn_server(config(), Memory::new(true)).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    // (line content without CRLF, expected reply)
+    let exact = format!("NOOP {}", "x".repeat(510 - 5));
+    let over = format!("NOOP {}", "x".repeat(511 - 5));
+    let huge = format!("NOOP {}", "x".repeat(1 << 20));
+    for (line, expect) in [
+        (exact.as_str(), "250 2.0.0"),
+        (over.as_str(), "500 5.5.6 Line too long"),
+        (huge.as_str(), "500 5.5.6 Line too long"),
+        ("NOOP", "250 2.0.0"),
+    ] {
+        raw.cmd(line, expect).await;
+    }
+    // Long line in pieces, then a pipelined command behind it.
+    raw.send(&vec![b'y'; 3000]).await;
+    raw.send(&vec![b'y'; 3000]).await;
+    raw.send(b"\r\nNOOP\r\n").await;
+    assert!(raw.reply().await.starts_with("500 5.5.6"));
+    assert!(raw.reply().await.starts_with("250 2.0.0"));
+}
+
+#[tokio::test]
+async fn text_line_too_long_in_data() {
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    // (line length without CRLF, expected final reply)
+    for (len, expect) in [
+        (998, "250 2.0.0"),
+        (999, "500 5.5.6"),
+        (100_000, "500 5.5.6"),
+    ] {
+        let mut raw = Raw::connect(srv.addr).await;
+        in_data(&mut raw).await;
+        let mut body = b"Subject: t\r\n\r\n".to_vec();
+        body.extend(std::iter::repeat_n(b'z', len));
+        body.extend_from_slice(b"\r\n.\r\n");
+        raw.send(&body).await;
+        let r = raw.reply().await;
+        assert!(r.starts_with(expect), "{len}: {r}");
+        // The session goes on after the rejection.
+        raw.cmd("NOOP", "250").await;
+    }
+    assert_eq!(handler.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn size_limits() {
+    let handler = Memory::new(true);
+    let mut c = config();
+    c.max_message_size = 1000;
+    let srv = spawn_server(c, handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    let ehlo = raw.cmd("EHLO client.test", "250").await;
+    assert!(ehlo.contains("250-SIZE 1000\r\n"), "{ehlo}");
+    for (param, expect) in [
+        ("SIZE=1001", "552 5.3.4"),
+        ("SIZE=99999999999999999", "552 5.3.4"),
+        ("SIZE=999999999999999999999", "552 5.3.4"),
+        ("SIZE=1000", "250 2.1.0"),
+    ] {
+        raw.cmd(&format!("MAIL FROM:<a@src.test> {param}"), expect)
+            .await;
+    }
+    raw.cmd("RCPT TO:<b@dst.test>", "250").await;
+    raw.cmd("DATA", "354").await;
+    // 100 lines of 30 octets: 3000 octets, declared 1000.
+    let mut body = Vec::new();
+    for _ in 0..100 {
+        body.extend_from_slice(b"0123456789012345678901234567\r\n");
+    }
+    body.extend_from_slice(b".\r\n");
+    raw.send(&body).await;
+    let r = raw.reply().await;
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    raw.cmd("NOOP", "250").await;
+    assert!(handler.messages().is_empty());
+}
+
+#[tokio::test]
+async fn recipient_cap() {
+    let mut c = config();
+    c.max_recipients = 3;
+    let srv = spawn_server(c, Memory::new(true)).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    raw.cmd("EHLO client.test", "250").await;
+    raw.cmd("MAIL FROM:<a@src.test>", "250").await;
+    for (i, expect) in [
+        "250",
+        "250",
+        "250",
+        "452 4.5.3 Too many recipients",
+        "452 4.5.3",
+    ]
+    .iter()
+    .enumerate()
+    {
+        raw.cmd(&format!("RCPT TO:<r{i}@dst.test>"), expect).await;
+    }
+    // A new transaction gets a fresh count.
+    raw.cmd("RSET", "250").await;
+    raw.cmd("MAIL FROM:<a@src.test>", "250").await;
+    raw.cmd("RCPT TO:<r@dst.test>", "250").await;
+}
+
+/// Every smuggling sequence is data, never the end of it; only CRLF.CRLF
+/// ends the message, and the injected "second message" never becomes one.
+#[tokio::test]
+async fn smuggling_sequences() {
+    // (sequence, expected reply after the real end of data)
+    let cases: &[(&[u8], &str)] = &[
+        (b"\n.\n", "550 5.6.11"),
+        (b"\r.\r", "550 5.6.11"),
+        (b"\r.\n", "550 5.6.11"),
+        (b"\n.\r", "550 5.6.11"),
+        (b"\n.\r\n", "550 5.6.11"),
+        (b"\r\n.\n", "550 5.6.11"),
+        (b"\r.\r\n", "550 5.6.11"),
+        (b"\r\n.\r", "550 5.6.11"),
+        (b"\r\n\0.\r\n", "250 2.0.0"),
+        (b"\r\n.\0\r\n", "250 2.0.0"),
+        (b"\0\n.\n", "550 5.6.11"),
+        (b"\r\0\n.\r\n", "550 5.6.11"),
+    ];
+    for (seq, expect) in cases {
+        let handler = Memory::new(true);
+        let srv = spawn_server(config(), handler.clone()).await;
+        let mut raw = Raw::connect(srv.addr).await;
+        in_data(&mut raw).await;
+        let mut bytes = b"Subject: first\r\n\r\nhello".to_vec();
+        bytes.extend_from_slice(seq);
+        bytes.extend_from_slice(
+            b"MAIL FROM:<evil@src.test>\r\nRCPT TO:<victim@dst.test>\r\nDATA\r\nSubject: smuggled\r\n",
+        );
+        bytes.extend_from_slice(b"\r\n.\r\n");
+        raw.send(&bytes).await;
+        let r = raw.reply().await;
+        assert!(r.starts_with(expect), "{seq:?}: {r}");
+        // Exactly one reply: the next one answers our NOOP.
+        raw.cmd("NOOP", "250 2.0.0 OK").await;
+        let stored = handler.messages();
+        if expect.starts_with("250") {
+            assert_eq!(stored.len(), 1, "{seq:?}");
+            let m = &stored[0].message;
+            assert!(
+                m.windows(9).any(|w| w == b"MAIL FROM"),
+                "{seq:?}: message was cut: {:?}",
+                String::from_utf8_lossy(m)
+            );
+            assert_eq!(stored[0].envelope.rcpt_to, vec!["b@dst.test".to_string()]);
+        } else {
+            assert!(stored.is_empty(), "{seq:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn out_of_sequence_and_syntax() {
+    let srv = spawn_server(config(), Memory::new(true)).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    for (line, expect) in [
+        ("MAIL FROM:<a@src.test>", "503 5.5.1"),
+        ("RCPT TO:<b@dst.test>", "503 5.5.1"),
+        ("DATA", "503 5.5.1"),
+        ("FOO bar", "500 5.5.2"),
+        ("EHLO client.test", "250"),
+        ("RCPT TO:<b@dst.test>", "503 5.5.1"),
+        ("MAIL FROM:a@src.test", "501"),
+        ("MAIL FROM:<a@src.test> REQUIRETLS", "530 5.7.10"),
+        ("MAIL FROM:<a@src.test> FOO=BAR", "555 5.5.4"),
+        ("MAIL FROM:<a@src.test>", "250 2.1.0"),
+        ("MAIL FROM:<a@src.test>", "503 5.5.1"),
+        ("RCPT TO:", "501"),
+        ("DATA", "554 5.5.1"),
+        ("RCPT TO:<nobody@dst.test>", "550 5.1.1"),
+        ("VRFY postmaster", "252"),
+        ("HELP", "214"),
+        ("EXPN list", "502 5.5.1"),
+        ("STARTTLS", "502 5.5.1"),
+        ("AUTH PLAIN", "502 5.5.1"),
+        ("RSET", "250"),
+        ("QUIT", "221 2.0.0"),
+    ] {
+        raw.cmd(line, expect).await;
+    }
+    raw.expect_eof().await;
+}
+
+#[tokio::test]
+async fn never_an_open_relay() {
+    let handler = Memory::new(false);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    raw.cmd("EHLO client.test", "250").await;
+    raw.cmd("MAIL FROM:<a@src.test>", "250").await;
+    raw.cmd("RCPT TO:<b@dst.test>", "550 5.7.1 Relaying denied")
+        .await;
+    raw.cmd("DATA", "554 5.5.1").await;
+    assert!(handler.messages().is_empty());
+}
+
+#[tokio::test]
+async fn pipelining_and_dot_unstuffing() {
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    let ehlo = raw.cmd("EHLO client.test", "250").await;
+    for ext in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+        assert!(ehlo.contains(ext), "{ext} missing: {ehlo}");
+    }
+    assert!(
+        !ehlo.contains("REQUIRETLS"),
+        "REQUIRETLS offered without TLS"
+    );
+    raw.send(
+        b"MAIL FROM:<a@src.test> BODY=8BITMIME\r\nRCPT TO:<b@dst.test>\r\nRCPT TO:<nobody@dst.test>\r\nRCPT TO:<c@dst.test>\r\nDATA\r\n",
+    )
+    .await;
+    for expect in ["250 2.1.0", "250 2.1.5", "550 5.1.1", "250 2.1.5", "354"] {
+        let r = raw.reply().await;
+        assert!(r.starts_with(expect), "expected {expect}, got {r}");
+    }
+    // Stuffed wire form, then QUIT pipelined behind the end of data.
+    let wire: &[u8] =
+        b"Subject: dots\r\n\r\n..\r\n...two\r\n..leading\r\nmid.dle\r\n\xc3\xa9t\xc3\xa9\r\n\r\n.\r\nQUIT\r\n";
+    let expected: &[u8] =
+        b"Subject: dots\r\n\r\n.\r\n..two\r\n.leading\r\nmid.dle\r\n\xc3\xa9t\xc3\xa9\r\n\r\n";
+    raw.send(wire).await;
+    assert!(raw.reply().await.starts_with("250 2.0.0"));
+    assert!(raw.reply().await.starts_with("221"));
+    raw.expect_eof().await;
+    let stored = handler.messages();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].message, expected);
+    assert_eq!(
+        stored[0].envelope.rcpt_to,
+        vec!["b@dst.test".to_string(), "c@dst.test".to_string()]
+    );
+    assert_eq!(stored[0].envelope.body, altroute_smtp::Body::EightBitMime);
+}
+
+#[tokio::test]
+async fn timeouts() {
+    // (which phase stalls, config tweak)
+    for phase in ["command", "data", "session"] {
+        let mut c = config();
+        match phase {
+            "command" => c.command_timeout = Duration::from_millis(200),
+            "data" => c.data_timeout = Duration::from_millis(200),
+            _ => c.session_timeout = Duration::from_millis(500),
+        }
+        let mut srv = spawn_server(c, Memory::new(true)).await;
+        let mut raw = Raw::connect(srv.addr).await;
+        match phase {
+            "command" => {}
+            "data" => {
+                in_data(&mut raw).await;
+                raw.send(b"partial line").await;
+            }
+            _ => {
+                // Keep the session busy with commands: only the session
+                // deadline can end it.
+                loop {
+                    raw.send(b"NOOP\r\n").await;
+                    let r = raw.reply().await;
+                    if r.starts_with("421") {
+                        assert!(r.starts_with("421 4.4.2"), "{r}");
+                        break;
+                    }
+                    assert!(r.starts_with("250"), "{r}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                raw.expect_eof().await;
+                assert!(matches!(
+                    srv.ends.recv().await,
+                    Some(Ok(SessionEnd::Timeout))
+                ));
+                continue;
+            }
+        }
+        let r = raw.reply().await;
+        assert!(r.starts_with("421 4.4.2"), "{phase}: {r}");
+        raw.expect_eof().await;
+        assert!(
+            matches!(srv.ends.recv().await, Some(Ok(SessionEnd::Timeout))),
+            "{phase}"
+        );
+    }
+}
