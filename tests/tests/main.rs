@@ -1,1 +1,4 @@
 //! End-to-end tests, one module per topic.
+
+mod envoy;
+mod wasm_table;

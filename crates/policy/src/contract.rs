@@ -12,8 +12,8 @@
 
 use crate::query::{Decision, HostTarget, Query, TlsRequirement};
 use crate::types::{
-    CertStatus, Hop, MinTls, MtaSts, ResultType, Route, Starttls, TlsVersion, Token,
-    Verify, parse_yes_no, yes_no,
+    CertStatus, Hop, MinTls, MtaSts, ResultType, Route, Starttls, TlsVersion, Token, Verify,
+    parse_yes_no, yes_no,
 };
 
 // Facts in (set by the host).
@@ -163,9 +163,7 @@ pub fn encode_query(q: &Query) -> Vec<(&'static str, String)> {
 /// Decode a query from headers, looked up by name with `get` (raw bytes, as a host or the
 /// proxy-wasm SDK's `_bytes` calls give them). Phase and recipient are required; the
 /// other facts default as in [`Query::default`].
-pub fn decode_query<'a>(
-    get: impl Fn(&str) -> Option<&'a [u8]>,
-) -> Result<Query, ContractError> {
+pub fn decode_query<'a>(get: impl Fn(&str) -> Option<&'a [u8]>) -> Result<Query, ContractError> {
     let mut q = Query {
         phase: token(&get, PHASE)?.ok_or(ContractError::Missing(PHASE))?,
         ..Query::default()
@@ -246,8 +244,7 @@ pub fn decode_decision<'a>(
         None => None,
         Some(name) => {
             let addresses = match get(HOST_ADDRESSES) {
-                None => Vec::new(),
-                Some(raw) if raw.is_empty() => Vec::new(),
+                None | Some([]) => Vec::new(),
                 Some(raw) => raw
                     .split(|b| *b == b',')
                     .map(|a| decode_text(a).ok_or_else(|| invalid(HOST_ADDRESSES, raw)))

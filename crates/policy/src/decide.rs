@@ -161,17 +161,16 @@ impl<'a> Decider<'a> {
         route: Option<&'a StaticRoute>,
     ) -> Decision {
         let policy = self.policy;
-        let (route_kind, host, tls, rule) = match route.and_then(|r| {
-            policy.hosts.get(&r.host).map(|h| (r, h))
-        }) {
-            Some((r, h)) => (
-                Route::Host,
-                Some(h.target(&r.host)),
-                req.max(h.tls),
-                format!("route:{}", r.name),
-            ),
-            None => (Route::Direct, None, req, req_rule),
-        };
+        let (route_kind, host, tls, rule) =
+            match route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h))) {
+                Some((r, h)) => (
+                    Route::Host,
+                    Some(h.target(&r.host)),
+                    req.max(h.tls),
+                    format!("route:{}", r.name),
+                ),
+                None => (Route::Direct, None, req, req_rule),
+            };
         self.note(|| format!("plan: {route_kind}, {}", describe(tls)));
         Decision {
             route: route_kind,
@@ -258,7 +257,11 @@ impl<'a> Decider<'a> {
             return decision(Route::from(q.hop), target, hop_req, hop_rule, reason, None);
         }
 
-        let failure = format!("{} does not meet {} ({observed})", tls_phrase(q), describe(hop_req));
+        let failure = format!(
+            "{} does not meet {} ({observed})",
+            tls_phrase(q),
+            describe(hop_req)
+        );
         if q.hop == Hop::Alternate {
             self.note(|| "verdict: the alternate host itself failed: defer".to_string());
             return decision(

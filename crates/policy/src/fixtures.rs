@@ -5,7 +5,13 @@
 /// `(file name, TOML)` of every table policy.
 pub const TABLE: &[(&str, &str)] = &[
     ("suite.toml", include_str!("../tests/table/suite.toml")),
-    ("no-alternate.toml", include_str!("../tests/table/no-alternate.toml")),
+    (
+        "no-alternate.toml",
+        include_str!("../tests/table/no-alternate.toml"),
+    ),
     ("bounce.toml", include_str!("../tests/table/bounce.toml")),
-    ("standards.toml", include_str!("../tests/table/standards.toml")),
+    (
+        "standards.toml",
+        include_str!("../tests/table/standards.toml"),
+    ),
 ];

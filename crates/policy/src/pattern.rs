@@ -23,13 +23,17 @@ impl Pattern {
         }
         if let Some((local, domain)) = s.rsplit_once('@') {
             if local.is_empty() || local.len() > 64 {
-                return Err(format!("`{s}`: the local part must have 1 to 64 characters"));
+                return Err(format!(
+                    "`{s}`: the local part must have 1 to 64 characters"
+                ));
             }
             if local
                 .bytes()
                 .any(|b| b <= b' ' || b == b'@' || b == b'<' || b == b'>' || b == 0x7f)
             {
-                return Err(format!("`{s}`: the local part has a character not allowed here"));
+                return Err(format!(
+                    "`{s}`: the local part has a character not allowed here"
+                ));
             }
             check_domain(domain)?;
             return Ok(Pattern::Address(s));

@@ -210,7 +210,10 @@ impl Policy {
         }
         for r in &self.routes {
             if !self.hosts.contains_key(&r.host) {
-                problems.push(format!("route {:?}: host {:?} is not defined", r.name, r.host));
+                problems.push(format!(
+                    "route {:?}: host {:?} is not defined",
+                    r.name, r.host
+                ));
             }
         }
     }
@@ -238,7 +241,10 @@ pub fn compare(expect: &Expect, d: &crate::Decision) -> Vec<String> {
     if let Some(req) = expect.tls_required
         && req != d.tls.required
     {
-        out.push(format!("expected tls_required {req}, got {}", d.tls.required));
+        out.push(format!(
+            "expected tls_required {req}, got {}",
+            d.tls.required
+        ));
     }
     if let Some(result) = expect.result
         && result != d.result
@@ -295,7 +301,10 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
     // Hosts.
     let mut hosts = BTreeMap::new();
     for (i, spec) in source.hosts.iter().enumerate() {
-        let at = lines.at(spec.span().start, &format!("hosts[{i}] {:?}", spec.get_ref().name));
+        let at = lines.at(
+            spec.span().start,
+            &format!("hosts[{i}] {:?}", spec.get_ref().name),
+        );
         let h = spec.get_ref();
         if h.name.trim().is_empty() {
             diags.push(diag(&at, "a host needs a name"));
@@ -321,9 +330,17 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
             ));
         }
         if h.validate_hostname && !h.require_ca_signed {
-            diags.push(diag(&at, "validate_hostname needs require_ca_signed = true"));
+            diags.push(diag(
+                &at,
+                "validate_hostname needs require_ca_signed = true",
+            ));
         }
-        let tls = requirement(h.require_tls, h.require_ca_signed, h.validate_hostname, h.min_tls);
+        let tls = requirement(
+            h.require_tls,
+            h.require_ca_signed,
+            h.validate_hostname,
+            h.min_tls,
+        );
         hosts.insert(
             h.name.clone(),
             Host {
@@ -347,7 +364,10 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
             continue;
         }
         if org_units.iter().any(|o: &OrgUnit| o.path == u.path) {
-            diags.push(diag(&at, &format!("org unit {:?} is defined twice", u.path)));
+            diags.push(diag(
+                &at,
+                &format!("org unit {:?} is defined twice", u.path),
+            ));
         }
         for ancestor in ancestors(&u.path) {
             units.insert(ancestor.to_string());
@@ -411,7 +431,10 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
     let mut seen_rule: BTreeMap<(String, Pattern), Vec<(String, Direction)>> = BTreeMap::new();
     for (i, spec) in source.tls_compliance.iter().enumerate() {
         let r = spec.get_ref();
-        let at = lines.at(spec.span().start, &format!("tls_compliance[{i}] {:?}", r.name));
+        let at = lines.at(
+            spec.span().start,
+            &format!("tls_compliance[{i}] {:?}", r.name),
+        );
         if r.name.trim().is_empty() {
             diags.push(diag(&at, "a rule needs a name"));
         }
@@ -425,7 +448,10 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
             diags.push(diag(&at, "a rule needs at least one domain or address"));
         }
         if r.require_tls && r.validate_hostname && !r.require_ca_signed {
-            diags.push(diag(&at, "validate_hostname needs require_ca_signed = true"));
+            diags.push(diag(
+                &at,
+                "validate_hostname needs require_ca_signed = true",
+            ));
         }
         let mut patterns = Vec::new();
         for d in &r.domains {
@@ -470,7 +496,12 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
             org_unit: r.org_unit.clone(),
             direction: r.direction,
             patterns,
-            tls: requirement(r.require_tls, r.require_ca_signed, r.validate_hostname, r.min_tls),
+            tls: requirement(
+                r.require_tls,
+                r.require_ca_signed,
+                r.validate_hostname,
+                r.min_tls,
+            ),
         });
     }
 
@@ -495,9 +526,10 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
         let mut patterns = Vec::new();
         for d in &r.domains {
             match Pattern::parse(d) {
-                Ok(Pattern::Address(_)) => {
-                    diags.push(diag(&at, &format!("`{d}`: routes match domains, not addresses")))
-                }
+                Ok(Pattern::Address(_)) => diags.push(diag(
+                    &at,
+                    &format!("`{d}`: routes match domains, not addresses"),
+                )),
                 Ok(p) => {
                     if let Some(other) = seen_route.get(&(r.org_unit.clone(), p.clone())) {
                         diags.push(diag(
@@ -670,13 +702,21 @@ impl<'a> LineIndex<'a> {
 
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.src.len());
-        self.src.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+        self.src.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
     }
 
     fn line_col(&self, offset: usize) -> String {
         let end = offset.min(self.src.len());
         let line_start = self.src[..end].rfind('\n').map(|i| i + 1).unwrap_or(0);
-        format!("line {}, column {}", self.line_of(offset), end - line_start + 1)
+        format!(
+            "line {}, column {}",
+            self.line_of(offset),
+            end - line_start + 1
+        )
     }
 
     fn at(&self, offset: usize, what: &str) -> String {

@@ -126,8 +126,7 @@ impl TlsRequirement {
 
     /// Whether `self` is at least as strict as `other`.
     pub fn covers(self, other: TlsRequirement) -> bool {
-        !other.required
-            || (self.required && self.verify >= other.verify && self.min >= other.min)
+        !other.required || (self.required && self.verify >= other.verify && self.min >= other.min)
     }
 
     /// Whether the observed connection meets this requirement.

@@ -6,8 +6,8 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use altroute_policy::contract;
-use altroute_policy::{Decision, Policy, Route, decide};
+use policy::contract;
+use policy::{Decision, Policy, Route, decide};
 
 use crate::{CONTINUE, Metrics, decision_headers, log, request_header};
 
@@ -59,8 +59,7 @@ impl HttpContext for Request {
         }
         let headers = decision_headers(&decision);
         for (name, value) in &headers {
-            if let Err(e) =
-                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+            if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
             {
                 log(
                     proxy_wasm::types::LogLevel::Error,

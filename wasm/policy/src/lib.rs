@@ -9,10 +9,17 @@
 //!
 //! - **HTTP** (root id `altroute.http`, also the default for any other root id): each
 //!   request's headers are the facts of one routing question (see
-//!   `altroute_policy::contract`); the module removes any decision headers the request
+//!   `policy::contract`); the module removes any decision headers the request
 //!   came with, sets the decision as request headers, asks the host to clear its route
 //!   cache (Envoy re-routes on the new headers), and answers a defer or bounce with a
 //!   local response whose body is the SMTP reply.
+//! - **SMTP stream** (root id `altroute.smtp`, a network filter before `tcp_proxy`): follows
+//!   the SMTP dialogue and refuses, per recipient, mail that requires TLS on a clear-text
+//!   session (see `smtp`); also does connection-start routing.
+//! - **Connection routing** (root id `altroute.route`): picks the `tcp_proxy` cluster of a
+//!   new connection from its addresses (see `connection`).
+//!
+//! The root id comes from the `plugin_root_id` property.
 //!
 //! # Safety
 //!
@@ -23,16 +30,45 @@
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
 
-use altroute_policy::contract;
-use altroute_policy::{Decision, Policy, Route};
+use policy::contract;
+use policy::{Decision, Policy, Route};
 
+mod connection;
 mod http;
+mod smtp;
 
 /// Root ids this module answers to.
 pub const HTTP_ROOT_ID: &str = "altroute.http";
+/// The SMTP stream face (with connection routing).
+pub const SMTP_ROOT_ID: &str = "altroute.smtp";
+/// Connection-start routing only.
+pub const ROUTE_ROOT_ID: &str = "altroute.route";
+
+/// Which face a root serves, from its root id.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Face {
+    #[default]
+    Http,
+    Smtp,
+    Route,
+}
+
+impl Face {
+    fn of_root() -> Face {
+        let root_id = hostcalls::get_property(vec!["plugin_root_id"])
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match root_id.as_slice() {
+            b"altroute.smtp" => Face::Smtp,
+            b"altroute.route" => Face::Route,
+            _ => Face::Http,
+        }
+    }
+}
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -83,6 +119,9 @@ impl Metrics {
 struct PolicyRoot {
     policy: Option<Rc<Policy>>,
     metrics: Metrics,
+    face: Face,
+    stream: Rc<connection::StreamConfig>,
+    stream_metrics: connection::StreamMetrics,
 }
 
 impl Context for PolicyRoot {}
@@ -101,14 +140,24 @@ impl RootContext for PolicyRoot {
         ) {
             Ok(Some(c)) => c,
             Ok(None) => {
-                log(LogLevel::Error, "no plugin configuration: a compiled policy is required");
+                log(
+                    LogLevel::Error,
+                    "no plugin configuration: a compiled policy is required",
+                );
                 return false;
             }
             Err(e) => {
-                log(LogLevel::Error, &format!("reading the plugin configuration failed: {e:?}"));
+                log(
+                    LogLevel::Error,
+                    &format!("reading the plugin configuration failed: {e:?}"),
+                );
                 return false;
             }
         };
+        self.face = Face::of_root();
+        if self.face != Face::Http {
+            return self.configure_stream(&config);
+        }
         match Policy::from_json(&config) {
             Ok(p) => {
                 log(
@@ -126,11 +175,56 @@ impl RootContext for PolicyRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(http::Request::new(self.policy.clone(), self.metrics)))
+        Some(Box::new(http::Request::new(
+            self.policy.clone(),
+            self.metrics,
+        )))
+    }
+
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(connection::Connection::new(
+            self.stream.clone(),
+            self.stream_metrics,
+            self.face == Face::Smtp,
+        )))
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        match self.face {
+            Face::Http => Some(ContextType::HttpContext),
+            Face::Smtp | Face::Route => Some(ContextType::StreamContext),
+        }
+    }
+}
+
+impl PolicyRoot {
+    /// `on_configure` of the stream faces.
+    fn configure_stream(&mut self, config: &[u8]) -> bool {
+        match connection::StreamConfig::parse(config) {
+            Ok(c) if self.face == Face::Smtp && c.policy.is_none() => {
+                log(LogLevel::Error, "the altroute.smtp root needs a policy");
+                false
+            }
+            Ok(c) => {
+                if let Some(p) = &c.policy {
+                    log(
+                        LogLevel::Info,
+                        &format!("policy {:?} version {} loaded (stream)", p.name, p.version),
+                    );
+                }
+                self.stream_metrics = connection::StreamMetrics::define();
+                self.policy = c.policy.clone();
+                self.stream = Rc::new(c);
+                true
+            }
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("stream configuration rejected: {e}"),
+                );
+                false
+            }
+        }
     }
 }
 

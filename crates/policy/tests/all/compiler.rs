@@ -1,7 +1,12 @@
 use altroute_policy::compile;
 
 fn errors(src: &str) -> Vec<String> {
-    compile(src).err().unwrap_or_default().iter().map(|d| d.to_string()).collect()
+    compile(src)
+        .err()
+        .unwrap_or_default()
+        .iter()
+        .map(|d| d.to_string())
+        .collect()
 }
 
 #[test]
@@ -24,9 +29,20 @@ domains = ["bad..domain"]
 "#;
     let errs = errors(src);
     assert_eq!(errs.len(), 3, "{errs:#?}");
-    assert!(errs[0].contains("line 8") && errs[0].contains("unknown field `requre_tls`"), "{errs:#?}");
-    assert!(errs.iter().any(|e| e.contains("line 10") && e.contains("unknown host \"nowhere\"")), "{errs:#?}");
-    assert!(errs.iter().any(|e| e.contains("line 13") && e.contains("bad domain")), "{errs:#?}");
+    assert!(
+        errs[0].contains("line 8") && errs[0].contains("unknown field `requre_tls`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("line 10") && e.contains("unknown host \"nowhere\"")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("line 13") && e.contains("bad domain")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -60,7 +76,10 @@ host = "r"
 org_unit = "/finance"
 "#,
     );
-    assert!(errs.iter().any(|e| e.contains("top-level org unit")), "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.contains("top-level org unit")),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -88,7 +107,10 @@ host = "gw"
 "#,
     );
     assert_eq!(errs.len(), 2, "{errs:#?}");
-    assert!(errs[0].contains("overlapping rules") && errs[0].contains("\"a\""), "{errs:#?}");
+    assert!(
+        errs[0].contains("overlapping rules") && errs[0].contains("\"a\""),
+        "{errs:#?}"
+    );
     assert!(errs[1].contains("overlapping routes"), "{errs:#?}");
 }
 
@@ -174,5 +196,8 @@ expect = { tls_required = false }
 "#,
     );
     assert_eq!(errs.len(), 1, "{errs:#?}");
-    assert!(errs[0].contains("line 6") && errs[0].contains("expected tls_required false"), "{errs:#?}");
+    assert!(
+        errs[0].contains("line 6") && errs[0].contains("expected tls_required false"),
+        "{errs:#?}"
+    );
 }

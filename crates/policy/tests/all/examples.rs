@@ -15,10 +15,25 @@ fn example_policies_compile_and_pass_their_tests() {
         }
         let src = std::fs::read_to_string(&path).unwrap();
         let compiled = compile(&src).unwrap_or_else(|d| {
-            panic!("{}: {}", path.display(), d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n"))
+            panic!(
+                "{}: {}",
+                path.display(),
+                d.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
         });
-        assert!(!compiled.policy.tests.is_empty(), "{} has no tests", path.display());
+        assert!(
+            !compiled.policy.tests.is_empty(),
+            "{} has no tests",
+            path.display()
+        );
         seen += 1;
     }
-    assert!(seen >= 3, "expected at least 3 example policies in {}", dir.display());
+    assert!(
+        seen >= 3,
+        "expected at least 3 example policies in {}",
+        dir.display()
+    );
 }

@@ -2,12 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use altroute_policy::contract::{decode_decision, decode_query, encode_decision, encode_query, lookup};
+use altroute_policy::contract::{
+    decode_decision, decode_query, encode_decision, encode_query, lookup,
+};
 use altroute_policy::pattern::Pattern;
 use altroute_policy::{
-    decide, CertStatus, Decision, Direction, Hop, Host, HostTarget, MinTls, MtaSts,
+    CertStatus, Decision, Direction, FORMAT, Hop, Host, HostTarget, MinTls, MtaSts,
     OnTlsUnavailable, OrgUnit, Phase, Policy, Query, ResultType, Route, Rule, Starttls,
-    StaticRoute, TlsRequiredNo, TlsRequirement, TlsVersion, Token, Verify, FORMAT,
+    StaticRoute, TlsRequiredNo, TlsRequirement, TlsVersion, Token, Verify, decide,
 };
 use proptest::prelude::*;
 
@@ -15,23 +17,36 @@ fn token<T: Token + std::fmt::Debug>() -> impl Strategy<Value = T> {
     proptest::sample::select(T::ALL)
 }
 
-const DOMAINS: &[&str] = &["a.example", "b.example", "x.a.example", "y.x.a.example", "c.example"];
+const DOMAINS: &[&str] = &[
+    "a.example",
+    "b.example",
+    "x.a.example",
+    "y.x.a.example",
+    "c.example",
+];
 const UNITS: &[&str] = &["/", "/u", "/u/v", "/w"];
 
 fn pattern() -> impl Strategy<Value = Pattern> {
-    (0..3u8, proptest::sample::select(DOMAINS), proptest::sample::select(&["ann", "bob"][..])).prop_map(
-        |(kind, d, user)| match kind {
+    (
+        0..3u8,
+        proptest::sample::select(DOMAINS),
+        proptest::sample::select(&["ann", "bob"][..]),
+    )
+        .prop_map(|(kind, d, user)| match kind {
             0 => Pattern::Domain(d.to_string()),
             1 => Pattern::Subdomains(d.to_string()),
             _ => Pattern::Address(format!("{user}@{d}")),
-        },
-    )
+        })
 }
 
 fn requirement() -> impl Strategy<Value = TlsRequirement> {
     (any::<bool>(), token::<Verify>(), token::<MinTls>()).prop_map(|(required, verify, min)| {
         if required {
-            TlsRequirement { required, verify, min }
+            TlsRequirement {
+                required,
+                verify,
+                min,
+            }
         } else {
             TlsRequirement::OPPORTUNISTIC
         }
@@ -86,7 +101,10 @@ prop_compose! {
 }
 
 fn address() -> impl Strategy<Value = String> {
-    (proptest::sample::select(&["ann", "bob", "eve"][..]), proptest::sample::select(DOMAINS))
+    (
+        proptest::sample::select(&["ann", "bob", "eve"][..]),
+        proptest::sample::select(DOMAINS),
+    )
         .prop_map(|(u, d)| format!("{u}@{d}"))
 }
 
@@ -190,11 +208,28 @@ fn garbage_facts_are_errors_not_panics() {
     for pairs in [
         vec![],
         vec![("x-altroute-phase", "plan")],
-        vec![("x-altroute-phase", "later"), ("x-altroute-recipient", "a@b")],
-        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "no-at-sign")],
-        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "a@b"), ("x-altroute-tls", "1.1")],
-        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "a%zz@b")],
-        vec![("x-altroute-phase", "plan"), ("x-altroute-recipient", "a@b"), ("x-altroute-attempt", "-1")],
+        vec![
+            ("x-altroute-phase", "later"),
+            ("x-altroute-recipient", "a@b"),
+        ],
+        vec![
+            ("x-altroute-phase", "plan"),
+            ("x-altroute-recipient", "no-at-sign"),
+        ],
+        vec![
+            ("x-altroute-phase", "plan"),
+            ("x-altroute-recipient", "a@b"),
+            ("x-altroute-tls", "1.1"),
+        ],
+        vec![
+            ("x-altroute-phase", "plan"),
+            ("x-altroute-recipient", "a%zz@b"),
+        ],
+        vec![
+            ("x-altroute-phase", "plan"),
+            ("x-altroute-recipient", "a@b"),
+            ("x-altroute-attempt", "-1"),
+        ],
     ] {
         assert!(decode_query(lookup(&pairs)).is_err(), "{pairs:?}");
     }

@@ -1,20 +1,34 @@
-use altroute_policy::{compile, fixtures, Policy};
+use altroute_policy::{Policy, compile, fixtures};
 
 #[test]
 fn every_table_case_passes_natively() {
     let mut cases = 0;
     for (file, toml) in fixtures::TABLE {
         let compiled = compile(toml).unwrap_or_else(|d| {
-            panic!("{file} does not compile: {}", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("\n"))
+            panic!(
+                "{file} does not compile: {}",
+                d.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
         });
         for outcome in compiled.policy.run_tests() {
-            assert!(outcome.passed(), "{file}: {}: {:?}", outcome.name, outcome.mismatches);
+            assert!(
+                outcome.passed(),
+                "{file}: {}: {:?}",
+                outcome.name,
+                outcome.mismatches
+            );
             assert_eq!(outcome.decision.policy_version, compiled.policy.version);
             assert!(!outcome.decision.rule.is_empty());
             cases += 1;
         }
     }
-    assert!(cases >= 40, "the decision table has {cases} cases, want at least 40");
+    assert!(
+        cases >= 40,
+        "the decision table has {cases} cases, want at least 40"
+    );
 }
 
 #[test]

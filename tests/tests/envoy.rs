@@ -1,0 +1,463 @@
+//! The standard policy module in a real Envoy (V8) on loopback, with the configs of
+//! `deploy/envoy/`: the HTTP face against native `decide` for the whole decision table,
+//! routing by decision, the SMTP edge (per-recipient refusal under PIPELINING and split
+//! reads, metrics), connection-start routing, and ECDS hot reload.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use altroute_policy::contract;
+use altroute_policy::fixtures::TABLE;
+use altroute_policy::{CertStatus, Hop, Query, Route, Starttls, TlsVersion, compile, decide};
+use altroute_tests::envoy::{
+    EchoPool, Envoy, SmtpClient, SmtpServer, free_port, http_request, move_into_place, render,
+    template, write_module,
+};
+
+/// Start Envoy with `deploy/envoy/http.yaml` and three echo pools; the policy is `toml`.
+fn http_envoy(dir: &Path, toml: &str) -> (Envoy, u16) {
+    let compiled = compile(toml).expect("the policy compiles");
+    let module = write_module(dir, "altroute_policy.wasm");
+    let direct = EchoPool::start("direct").unwrap();
+    let alternate = EchoPool::start("alternate").unwrap();
+    let host = EchoPool::start("host").unwrap();
+    let listen = free_port();
+    let config = render(
+        &template("http.yaml"),
+        &[
+            ("LISTEN_PORT", &listen.to_string()),
+            ("DIRECT_PORT", &direct.port.to_string()),
+            ("ALTERNATE_PORT", &alternate.port.to_string()),
+            ("HOST_PORT", &host.port.to_string()),
+            ("MODULE", &module.display().to_string()),
+            ("POLICY_JSON", &compiled.json),
+        ],
+    );
+    let envoy = Envoy::start(&config, dir).unwrap();
+    (envoy, listen)
+}
+
+fn ask(port: u16, query: &Query) -> altroute_tests::envoy::HttpResponse {
+    let headers = contract::encode_query(query);
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    http_request(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        "GET",
+        "/submit",
+        &pairs,
+    )
+    .unwrap()
+}
+
+/// The decision headers an upstream pool received (from its echo).
+fn echoed_decision(resp: &altroute_tests::envoy::HttpResponse) -> (String, Vec<(String, String)>) {
+    let v: serde_json::Value = serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("echo body is not JSON ({e}): {:?}", resp.body));
+    let pool = v["pool"].as_str().unwrap_or_default().to_string();
+    let mut got: Vec<(String, String)> = v["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string())))
+        .filter(|(n, _)| contract::DECISION_HEADERS.contains(&n.as_str()))
+        .collect();
+    got.sort();
+    (pool, got)
+}
+
+fn sorted(pairs: Vec<(&'static str, String)>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = pairs.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn http_face_in_envoy_equals_native_decide_for_the_decision_table() {
+    let mut cases = 0;
+    for (file, toml) in TABLE {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = compile(toml).unwrap().policy;
+        let (envoy, port) = http_envoy(dir.path(), toml);
+        for t in &policy.tests {
+            let expected = decide(&policy, &t.query);
+            let want = sorted(contract::encode_decision(&expected));
+            let resp = ask(port, &t.query);
+            let what = format!("{file}: {:?}", t.name);
+            match expected.route {
+                Route::Defer | Route::Bounce => {
+                    let status = if expected.route == Route::Defer {
+                        contract::DEFER_STATUS
+                    } else {
+                        contract::BOUNCE_STATUS
+                    };
+                    assert_eq!(u32::from(resp.status), status, "{what}");
+                    assert_eq!(
+                        String::from_utf8_lossy(&resp.body),
+                        expected.reply.clone().unwrap_or_default(),
+                        "{what}: local response body"
+                    );
+                    let mut got: Vec<(String, String)> = resp
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| contract::DECISION_HEADERS.contains(&n.as_str()))
+                        .cloned()
+                        .collect();
+                    got.sort();
+                    assert_eq!(got, want, "{what}: local response headers");
+                }
+                _ => {
+                    assert_eq!(resp.status, 200, "{what}: {resp:?}\n{}", envoy.log_tail());
+                    let (pool, got) = echoed_decision(&resp);
+                    assert_eq!(got, want, "{what}: decision headers upstream");
+                    assert_eq!(pool, expected.route.to_string(), "{what}: pool");
+                }
+            }
+            cases += 1;
+        }
+        let decisions = envoy
+            .stat("wasmcustom.altroute_decisions_total")
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(
+            decisions,
+            policy.tests.len() as u64,
+            "{file}: decisions counted"
+        );
+    }
+    println!("decision table through Envoy: {cases} cases equal to native decide");
+    assert!(cases >= 20, "the decision table has only {cases} cases");
+}
+
+#[test]
+fn http_face_routes_to_the_chosen_pool_and_rejects_with_the_smtp_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = TABLE
+        .iter()
+        .find(|(f, _)| *f == "suite.toml")
+        .map(|(_, t)| *t)
+        .unwrap();
+    let (envoy, port) = http_envoy(dir.path(), suite);
+    let no_starttls = |rcpt: &str, hop: Hop| {
+        Query::plan("alice@corp.example", rcpt).verdict(
+            hop,
+            "mx.example",
+            Starttls::Absent,
+            TlsVersion::None,
+            CertStatus::None,
+        )
+    };
+    // Opportunistic mail goes direct.
+    let r = ask(port, &no_starttls("x@random.example", Hop::Direct));
+    assert_eq!(echoed_decision(&r).0, "direct", "{r:?}");
+    // A partner without STARTTLS takes the alternate secure route.
+    let r = ask(port, &no_starttls("bob@partner.example", Hop::Direct));
+    assert_eq!(echoed_decision(&r).0, "alternate", "{r:?}");
+    // A static route goes to the host pool.
+    let r = ask(port, &Query::plan("alice@corp.example", "x@sub.example"));
+    assert_eq!(echoed_decision(&r).0, "host", "{r:?}");
+    // The alternate host itself without TLS: deferred by the module, no pool reached.
+    let r = ask(port, &no_starttls("bob@partner.example", Hop::Alternate));
+    assert_eq!(u32::from(r.status), contract::DEFER_STATUS, "{r:?}");
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.starts_with("451 4.7.10 "), "SMTP reply body: {body:?}");
+    assert_eq!(r.header(contract::ROUTE), Some("defer"));
+    // A forged decision header does not route: the module removes it and decides.
+    let q = Query::plan("alice@corp.example", "x@random.example");
+    let mut headers = contract::encode_query(&q);
+    headers.push((contract::ROUTE, "alternate".to_string()));
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let r = http_request(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/", &pairs).unwrap();
+    let (pool, got) = echoed_decision(&r);
+    assert_eq!(pool, "direct");
+    assert_eq!(
+        got.iter().filter(|(n, _)| n == contract::ROUTE).count(),
+        1,
+        "exactly one route header: {got:?}"
+    );
+    // Missing facts: a fault, deferred (never routed).
+    let r = http_request(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/", &[]).unwrap();
+    assert_eq!(u32::from(r.status), contract::DEFER_STATUS, "{r:?}");
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.altroute_policy_faults_total")
+            .unwrap(),
+        Some(1)
+    );
+}
+
+/// The SMTP edge of `deploy/envoy/smtp.yaml` with its ECDS file.
+struct Edge {
+    envoy: Envoy,
+    listen: u16,
+    alternate_listen: u16,
+    direct: SmtpServer,
+    alternate: SmtpServer,
+    ecds: std::path::PathBuf,
+    module: String,
+    _dir: tempfile::TempDir,
+}
+
+const PARTNERS_V1: &str = r#"
+[policy]
+name = "edge"
+
+[[tls_compliance]]
+name = "partners"
+domains = ["partner.example"]
+"#;
+
+const PARTNERS_V2: &str = r#"
+[policy]
+name = "edge"
+
+[[tls_compliance]]
+name = "partners"
+domains = ["partner.example", "flip.example"]
+"#;
+
+fn stream_config(toml: &str, alternate_listen: u16) -> String {
+    let compiled = compile(toml).expect("the policy compiles");
+    format!(
+        r#"{{"policy": {}, "connection_routes": [{{"destination_port": {alternate_listen}, "cluster": "mx_alternate"}}, {{"source_ip": "127.0.0.2", "cluster": "mx_alternate"}}]}}"#,
+        compiled.json
+    )
+}
+
+fn ecds_file(module: &str, version: &str, stream_config: &str) -> String {
+    render(
+        &template("ecds-smtp.yaml"),
+        &[
+            ("VERSION", version),
+            ("MODULE", module),
+            ("STREAM_CONFIG_JSON", stream_config),
+        ],
+    )
+}
+
+fn edge(trickle: bool) -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let module = write_module(dir.path(), "altroute_policy-v1.wasm")
+        .display()
+        .to_string();
+    let direct = SmtpServer::start("mx-direct", trickle).unwrap();
+    let alternate = SmtpServer::start("mx-alternate", trickle).unwrap();
+    let (listen, alternate_listen) = (free_port(), free_port());
+    let ecds = dir.path().join("altroute-smtp.ecds.yaml");
+    move_into_place(
+        &ecds,
+        &ecds_file(&module, "1", &stream_config(PARTNERS_V1, alternate_listen)),
+    )
+    .unwrap();
+    let config = render(
+        &template("smtp.yaml"),
+        &[
+            ("LISTEN_PORT", &listen.to_string()),
+            ("ALTERNATE_LISTEN_PORT", &alternate_listen.to_string()),
+            ("DIRECT_PORT", &direct.port.to_string()),
+            ("ALTERNATE_PORT", &alternate.port.to_string()),
+            ("ECDS_PATH", &ecds.display().to_string()),
+        ],
+    );
+    let envoy = Envoy::start(&config, dir.path()).unwrap();
+    Edge {
+        envoy,
+        listen,
+        alternate_listen,
+        direct,
+        alternate,
+        ecds,
+        module,
+        _dir: dir,
+    }
+}
+
+const REFUSED: &str = "450 4.7.10 TLS required for <bob@partner.example>\r\n";
+
+/// One pipelined transaction: a TLS-required and an opportunistic recipient.
+fn pipelined_transaction(edge: &Edge, bytewise: bool) {
+    let mut c = SmtpClient::connect(edge.listen, None).unwrap();
+    let send = |c: &mut SmtpClient, b: &[u8]| {
+        if bytewise {
+            c.send_bytewise(b).unwrap()
+        } else {
+            c.send(b).unwrap()
+        }
+    };
+    let greeting = c.reply().unwrap();
+    assert!(greeting.starts_with("220 mx-direct"), "{greeting:?}");
+    send(&mut c, b"EHLO client.example\r\n");
+    let ehlo = c.reply().unwrap();
+    assert!(ehlo.contains("PIPELINING"), "{ehlo:?}");
+    send(
+        &mut c,
+        b"MAIL FROM:<alice@corp.example>\r\nRCPT TO:<bob@partner.example>\r\nRCPT TO:<carol@random.example>\r\nDATA\r\n",
+    );
+    let replies = c.replies(4).unwrap();
+    assert!(replies[0].starts_with("250 "), "MAIL: {replies:?}");
+    assert_eq!(replies[1], REFUSED, "TLS-required recipient: {replies:?}");
+    assert!(
+        replies[2].starts_with("250 "),
+        "opportunistic recipient: {replies:?}"
+    );
+    assert!(replies[3].starts_with("354 "), "DATA: {replies:?}");
+    send(
+        &mut c,
+        b"Subject: edge\r\n\r\nRCPT TO:<bob@partner.example>\r\n.\r\nQUIT\r\n",
+    );
+    let end = c.replies(2).unwrap();
+    assert!(end[0].starts_with("250 "), "end of data: {end:?}");
+    assert!(end[1].starts_with("221 "), "QUIT: {end:?}");
+}
+
+#[test]
+fn smtp_edge_refuses_only_the_tls_required_recipient_under_pipelining() {
+    let edge = edge(false);
+    pipelined_transaction(&edge, false);
+
+    let messages = edge.direct.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(
+        messages[0].recipients,
+        vec!["carol@random.example".to_string()]
+    );
+    // The body line that looks like a command was not touched.
+    assert!(messages[0].data.contains("RCPT TO:<bob@partner.example>"));
+    let commands = edge.direct.commands();
+    assert!(commands.contains(&"NOOP".to_string()), "{commands:?}");
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c == "RCPT TO:<bob@partner.example>"),
+        "the refused RCPT reached the upstream: {commands:?}"
+    );
+
+    let stat = |n: &str| edge.envoy.stat(&format!("wasmcustom.{n}")).unwrap();
+    assert_eq!(stat("altroute_smtp_sessions_total"), Some(1));
+    assert_eq!(stat("altroute_smtp_recipients_checked_total"), Some(2));
+    assert_eq!(stat("altroute_smtp_recipients_rejected_total"), Some(1));
+    assert_eq!(stat("altroute_smtp_rejected_tls_compliance_total"), Some(1));
+    assert_eq!(stat("altroute_smtp_rejected_requiretls_total"), Some(0));
+}
+
+#[test]
+fn smtp_edge_pairs_replies_when_both_directions_are_split_byte_by_byte() {
+    // The upstream writes its replies one byte at a time and the client sends one byte
+    // at a time.
+    let edge = edge(true);
+    pipelined_transaction(&edge, true);
+    let messages = edge.direct.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(
+        messages[0].recipients,
+        vec!["carol@random.example".to_string()]
+    );
+
+    // REQUIRETLS on MAIL FROM makes every recipient TLS-required on this clear session.
+    let mut c = SmtpClient::connect(edge.listen, None).unwrap();
+    c.reply().unwrap();
+    c.send(b"EHLO client.example\r\n").unwrap();
+    c.reply().unwrap();
+    c.send_bytewise(b"MAIL FROM:<alice@corp.example> REQUIRETLS\r\nRCPT TO:<carol@random.example>\r\nRSET\r\nQUIT\r\n")
+        .unwrap();
+    let replies = c.replies(4).unwrap();
+    assert_eq!(
+        replies[1], "450 4.7.10 TLS required for <carol@random.example>\r\n",
+        "{replies:?}"
+    );
+    assert_eq!(
+        edge.envoy
+            .stat("wasmcustom.altroute_smtp_rejected_requiretls_total")
+            .unwrap(),
+        Some(1)
+    );
+}
+
+#[test]
+fn connection_routing_picks_the_upstream_cluster() {
+    let edge = edge(false);
+    let greet = |port: u16, source: Option<IpAddr>| {
+        let mut c = SmtpClient::connect(port, source).unwrap();
+        c.reply().unwrap()
+    };
+    assert!(greet(edge.listen, None).starts_with("220 mx-direct"));
+    assert!(
+        greet(edge.alternate_listen, None).starts_with("220 mx-alternate"),
+        "by port"
+    );
+    let from = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    assert!(
+        greet(edge.listen, from).starts_with("220 mx-alternate"),
+        "by source address"
+    );
+    assert_eq!(
+        edge.envoy
+            .stat("wasmcustom.altroute_connections_routed_total")
+            .unwrap(),
+        Some(2)
+    );
+    // The alternate edge enforces the same policy.
+    let mut c = SmtpClient::connect(edge.alternate_listen, None).unwrap();
+    c.reply().unwrap();
+    c.send(b"HELO c\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<bob@partner.example>\r\n")
+        .unwrap();
+    assert_eq!(c.replies(3).unwrap()[2], REFUSED);
+    let commands = edge.alternate.commands();
+    assert!(commands.contains(&"NOOP".to_string()), "{commands:?}");
+    assert!(
+        edge.direct.commands().is_empty(),
+        "the direct MX got commands"
+    );
+}
+
+fn rcpt_reply(port: u16, rcpt: &str) -> String {
+    let mut c = SmtpClient::connect(port, None).unwrap();
+    c.reply().unwrap();
+    c.send(
+        format!("HELO c\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<{rcpt}>\r\nQUIT\r\n").as_bytes(),
+    )
+    .unwrap();
+    c.replies(4).unwrap().swap_remove(2)
+}
+
+#[test]
+fn ecds_reload_applies_a_new_policy_to_new_connections() {
+    let edge = edge(false);
+    let updates = "extension_config_discovery.network_filter.altroute.smtp.update_success";
+    let rejected = "extension_config_discovery.network_filter.altroute.smtp.update_rejected";
+    assert_eq!(edge.envoy.stat(updates).unwrap(), Some(1));
+    assert!(rcpt_reply(edge.listen, "x@flip.example").starts_with("250 "));
+
+    // A connection opened before the reload keeps the filter it started with.
+    let mut old = SmtpClient::connect(edge.listen, None).unwrap();
+    old.reply().unwrap();
+
+    // Version 2: flip.example now requires TLS. Moved into place under a new name.
+    let v2 = stream_config(PARTNERS_V2, edge.alternate_listen);
+    move_into_place(&edge.ecds, &ecds_file(&edge.module, "2", &v2)).unwrap();
+    edge.envoy.wait_stat(updates, 2).unwrap();
+    assert_eq!(
+        rcpt_reply(edge.listen, "x@flip.example"),
+        "450 4.7.10 TLS required for <x@flip.example>\r\n"
+    );
+    old.send(b"HELO c\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<x@flip.example>\r\n")
+        .unwrap();
+    let r = old.replies(3).unwrap();
+    assert!(
+        r[2].starts_with("250 "),
+        "old connection, old policy: {r:?}"
+    );
+
+    // A policy that fails its own tests is rejected (NACK); v2 keeps serving.
+    let broken = PARTNERS_V2.to_string()
+        + "\n[[tests]]\nname = \"wrong\"\nquery = { phase = \"plan\", sender = \"a@corp.example\", recipient = \"x@flip.example\" }\nexpect = { tls_required = false }\n";
+    let compiled = altroute_policy::compile_without_tests(&broken).unwrap();
+    let config = format!(r#"{{"policy": {}}}"#, compiled.json);
+    move_into_place(&edge.ecds, &ecds_file(&edge.module, "3", &config)).unwrap();
+    edge.envoy.wait_stat(rejected, 1).unwrap();
+    assert_eq!(
+        rcpt_reply(edge.listen, "x@flip.example"),
+        "450 4.7.10 TLS required for <x@flip.example>\r\n"
+    );
+}

@@ -1,0 +1,558 @@
+//! The SMTP dialogue follower of the stream face: pure byte processing, no host calls.
+//!
+//! A [`Session`] sees the client's bytes ([`Session::client_bytes`]) and the server's bytes
+//! ([`Session::server_bytes`]) and returns what to forward. It keeps a FIFO of the commands
+//! that still wait for a reply, so that replies pair with commands under PIPELINING and
+//! whatever way the bytes are split across reads.
+//!
+//! Enforcement: every `RCPT TO:<addr>` seen (the session is clear text, or it would be
+//! opaque) is decided with a plan query. When the decision requires TLS, the command is
+//! replaced by `NOOP` going upstream and the NOOP's reply is replaced by
+//! `450 4.7.10 TLS required for <addr>` going back. 450 rather than 530: the client keeps
+//! the recipient and may retry, after STARTTLS or through another route.
+//!
+//! After a `220` reply to `STARTTLS` the session is opaque: bytes pass untouched.
+//! Every buffer is bounded; an overlong line is forwarded as it comes and counted as one
+//! command or reply, which keeps the pairing.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use policy::{Policy, Query, decide};
+
+/// The longest command or reply line held while waiting for its end (RFC 5321 allows
+/// 512 octets for commands and replies; EHLO keywords can be longer). Defaults to 4 KiB.
+const MAX_LINE: usize = 4096;
+
+/// The longest address echoed back in a reply.
+const MAX_ECHOED_ADDRESS: usize = 256;
+
+/// What a command is waiting for from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    /// The server's greeting (no command).
+    Greeting,
+    Ehlo,
+    StartTls,
+    Data,
+    /// A `RCPT` replaced by `NOOP`: its reply is replaced by this line.
+    Refused(String),
+    /// Anything else: the reply passes.
+    Other,
+}
+
+/// How the client's bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// Command lines.
+    Command,
+    /// A message after `DATA`; `at` tracks the terminating `.` line: 0 mid-line,
+    /// 1 at a line start, 2 after a `.` at a line start, 3 after `.\r`.
+    Body { at: u8 },
+    /// The data of a `BDAT` chunk: that many bytes pass untouched.
+    Chunk { remaining: u64 },
+    /// `STARTTLS` was sent: bytes pass untouched until its reply.
+    AwaitTls,
+}
+
+/// What happened during a call, for the metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Events {
+    /// Recipients decided.
+    pub checked: u32,
+    /// Reason kinds of the recipients refused (see [`reason_kind`]).
+    pub refused: Vec<&'static str>,
+    /// STARTTLS succeeded: the session became opaque.
+    pub encrypted: bool,
+    /// Lines too long to hold, forwarded as they came.
+    pub overlong: u32,
+}
+
+/// One SMTP session between a client and the upstream server.
+pub(crate) struct Session {
+    policy: Rc<Policy>,
+    opaque: bool,
+    client: Client,
+    /// A client command line without its end yet.
+    client_line: Vec<u8>,
+    /// An overlong client line is being forwarded up to its end.
+    client_skipping: bool,
+    /// A server reply line without its end yet.
+    server_line: Vec<u8>,
+    /// An overlong server line is being passed (or dropped) up to its end; holds whether
+    /// it is the reply's last line.
+    server_skipping: Option<bool>,
+    pending: VecDeque<Pending>,
+    sender: String,
+    requiretls: bool,
+    /// The upstream offered STARTTLS in its EHLO reply.
+    starttls_offered: bool,
+    events: Events,
+}
+
+impl Session {
+    pub(crate) fn new(policy: Rc<Policy>) -> Session {
+        Session {
+            policy,
+            opaque: false,
+            client: Client::Command,
+            client_line: Vec::new(),
+            client_skipping: false,
+            server_line: Vec::new(),
+            server_skipping: None,
+            pending: VecDeque::from([Pending::Greeting]),
+            sender: String::new(),
+            requiretls: false,
+            starttls_offered: false,
+            events: Events::default(),
+        }
+    }
+
+    /// The session went through STARTTLS: nothing more to follow.
+    pub(crate) fn is_opaque(&self) -> bool {
+        self.opaque
+    }
+
+    /// Whether the upstream offered STARTTLS (last EHLO reply).
+    pub(crate) fn starttls_offered(&self) -> bool {
+        self.starttls_offered
+    }
+
+    /// What happened since the last call.
+    pub(crate) fn take_events(&mut self) -> Events {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Client bytes in, bytes to send upstream out. `end` flushes a partial line.
+    pub(crate) fn client_bytes(&mut self, data: &[u8], end: bool) -> Vec<u8> {
+        if self.opaque {
+            return data.to_vec();
+        }
+        let mut out = Vec::with_capacity(data.len() + 8);
+        let mut i = 0;
+        while i < data.len() {
+            match self.client {
+                Client::AwaitTls => {
+                    out.extend_from_slice(&data[i..]);
+                    i = data.len();
+                }
+                Client::Chunk { remaining } => {
+                    let left = data.len() - i;
+                    let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(left);
+                    out.extend_from_slice(&data[i..i + take]);
+                    i += take;
+                    let remaining = remaining - take as u64;
+                    self.client = if remaining == 0 {
+                        Client::Command
+                    } else {
+                        Client::Chunk { remaining }
+                    };
+                }
+                Client::Body { mut at } => {
+                    // Bytes of a message pass at once; only the end is looked for.
+                    let start = i;
+                    let mut ended = false;
+                    while i < data.len() {
+                        let b = data[i];
+                        i += 1;
+                        at = match (at, b) {
+                            (2 | 3, b'\n') => {
+                                ended = true;
+                                break;
+                            }
+                            (_, b'\n') => 1,
+                            (1, b'.') => 2,
+                            (2, b'\r') => 3,
+                            _ => 0,
+                        };
+                    }
+                    out.extend_from_slice(&data[start..i]);
+                    if ended {
+                        // The reply to the end of data is the DATA command's second reply.
+                        self.pending.push_back(Pending::Other);
+                        self.client = Client::Command;
+                    } else {
+                        self.client = Client::Body { at };
+                    }
+                }
+                Client::Command => {
+                    let rest = &data[i..];
+                    match rest.iter().position(|b| *b == b'\n') {
+                        Some(n) => {
+                            i += n + 1;
+                            if self.client_skipping {
+                                out.extend_from_slice(&rest[..=n]);
+                                self.client_skipping = false;
+                                self.pending.push_back(Pending::Other);
+                            } else {
+                                self.client_line.extend_from_slice(&rest[..n]);
+                                let line = std::mem::take(&mut self.client_line);
+                                self.command(&line, &mut out);
+                            }
+                        }
+                        None => {
+                            i = data.len();
+                            if self.client_skipping {
+                                out.extend_from_slice(rest);
+                            } else if self.client_line.len() + rest.len() > MAX_LINE {
+                                out.append(&mut self.client_line);
+                                out.extend_from_slice(rest);
+                                self.client_skipping = true;
+                                self.events.overlong += 1;
+                            } else {
+                                self.client_line.extend_from_slice(rest);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if end {
+            out.append(&mut self.client_line);
+        }
+        out
+    }
+
+    /// One command line (without its LF). Forwarded with CRLF, so that this follower and
+    /// the server agree on where lines end even when the client sent a bare LF.
+    fn command(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let verb_end = line.iter().position(|b| *b == b' ').unwrap_or(line.len());
+        let verb = line[..verb_end].to_ascii_uppercase();
+        let mut forward = true;
+        let pending = match verb.as_slice() {
+            b"EHLO" | b"HELO" => {
+                self.reset_transaction();
+                Pending::Ehlo
+            }
+            b"RSET" => {
+                self.reset_transaction();
+                Pending::Other
+            }
+            b"MAIL" if starts_with_ci(line, b"MAIL FROM:") => {
+                let (addr, params) = address(&line[10..]);
+                self.sender = addr;
+                self.requiretls = params
+                    .split(|b| *b == b' ')
+                    .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
+                Pending::Other
+            }
+            b"RCPT" if starts_with_ci(line, b"RCPT TO:") => {
+                let (recipient, _) = address(&line[8..]);
+                match self.refusal(&recipient) {
+                    Some(reply) => {
+                        out.extend_from_slice(b"NOOP\r\n");
+                        forward = false;
+                        Pending::Refused(reply)
+                    }
+                    None => Pending::Other,
+                }
+            }
+            b"DATA" => {
+                // A client waits for 354 before the message; if the reply is not 354 the
+                // follower goes back to commands.
+                self.client = Client::Body { at: 1 };
+                Pending::Data
+            }
+            b"BDAT" => {
+                let size = line[verb_end..]
+                    .split(|b| *b == b' ')
+                    .find(|p| !p.is_empty())
+                    .and_then(|p| std::str::from_utf8(p).ok())
+                    .and_then(|s| s.parse::<u64>().ok());
+                if let Some(remaining) = size
+                    && remaining > 0
+                {
+                    self.client = Client::Chunk { remaining };
+                }
+                Pending::Other
+            }
+            b"STARTTLS" => {
+                self.client = Client::AwaitTls;
+                Pending::StartTls
+            }
+            _ => Pending::Other,
+        };
+        if forward {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.pending.push_back(pending);
+    }
+
+    fn reset_transaction(&mut self) {
+        self.sender.clear();
+        self.requiretls = false;
+    }
+
+    /// The reply that refuses `recipient`, when the policy requires TLS for it.
+    fn refusal(&mut self, recipient: &str) -> Option<String> {
+        if !recipient.contains('@') {
+            // Not an address the policy can judge (postmaster, garbage): the server judges.
+            return None;
+        }
+        let mut query = Query::plan(&self.sender, recipient);
+        query.requiretls = self.requiretls;
+        let decision = decide(&self.policy, &query);
+        self.events.checked += 1;
+        if !decision.tls.required {
+            return None;
+        }
+        self.events.refused.push(reason_kind(&decision.rule));
+        let shown: String = recipient.chars().take(MAX_ECHOED_ADDRESS).collect();
+        Some(format!("450 4.7.10 TLS required for <{shown}>\r\n"))
+    }
+
+    /// Server bytes in, bytes to send to the client out. `end` flushes a partial line.
+    pub(crate) fn server_bytes(&mut self, data: &[u8], end: bool) -> Vec<u8> {
+        if self.opaque {
+            return data.to_vec();
+        }
+        let mut out = Vec::with_capacity(data.len() + 32);
+        let mut i = 0;
+        while i < data.len() {
+            if self.opaque {
+                out.extend_from_slice(&data[i..]);
+                break;
+            }
+            let rest = &data[i..];
+            let dropping = matches!(self.pending.front(), Some(Pending::Refused(_)));
+            match rest.iter().position(|b| *b == b'\n') {
+                Some(n) => {
+                    i += n + 1;
+                    if let Some(last) = self.server_skipping.take() {
+                        if !dropping {
+                            out.extend_from_slice(&rest[..=n]);
+                        }
+                        if last {
+                            self.reply_done(b"", &mut out);
+                        }
+                    } else {
+                        self.server_line.extend_from_slice(&rest[..=n]);
+                        let line = std::mem::take(&mut self.server_line);
+                        self.reply_line(&line, &mut out);
+                    }
+                }
+                None => {
+                    i = data.len();
+                    if self.server_skipping.is_some() {
+                        if !dropping {
+                            out.extend_from_slice(rest);
+                        }
+                    } else if self.server_line.len() + rest.len() > MAX_LINE {
+                        self.server_line.extend_from_slice(rest);
+                        let line = std::mem::take(&mut self.server_line);
+                        self.server_skipping = Some(is_last_line(&line));
+                        self.events.overlong += 1;
+                        if !dropping {
+                            out.extend_from_slice(&line);
+                        }
+                    } else {
+                        self.server_line.extend_from_slice(rest);
+                    }
+                }
+            }
+        }
+        if end {
+            out.append(&mut self.server_line);
+        }
+        out
+    }
+
+    /// One complete reply line, with its line end.
+    fn reply_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        let last = is_last_line(line);
+        match self.pending.front() {
+            Some(Pending::Refused(_)) => {}
+            Some(Pending::Ehlo) => {
+                if line.len() > 4 {
+                    let keyword = line[4..]
+                        .split(|b| *b == b' ' || *b == b'\r' || *b == b'\n')
+                        .next()
+                        .unwrap_or_default();
+                    if keyword.eq_ignore_ascii_case(b"STARTTLS") {
+                        self.starttls_offered = true;
+                    }
+                }
+                out.extend_from_slice(line);
+            }
+            _ => out.extend_from_slice(line),
+        }
+        if last {
+            self.reply_done(line, out);
+        }
+    }
+
+    /// The last line of a reply arrived: the front command is answered.
+    fn reply_done(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        let Some(front) = self.pending.pop_front() else {
+            // A reply nobody asked for (a 421 on shutdown): it passed as it was.
+            return;
+        };
+        let positive = |code: &[u8]| line.starts_with(code);
+        match front {
+            Pending::Refused(reply) => out.extend_from_slice(reply.as_bytes()),
+            Pending::StartTls => {
+                if positive(b"220") {
+                    self.opaque = true;
+                    self.events.encrypted = true;
+                    self.pending.clear();
+                } else {
+                    self.client = Client::Command;
+                }
+            }
+            Pending::Data => {
+                if !positive(b"354") && matches!(self.client, Client::Body { .. }) {
+                    self.client = Client::Command;
+                }
+            }
+            Pending::Ehlo => {}
+            Pending::Greeting | Pending::Other => {}
+        }
+    }
+}
+
+/// Whether a reply line is the last of its reply (`250 ok`, not `250-...`). A line that
+/// does not look like a reply counts as a last line, so a confused server cannot stall
+/// the pairing.
+fn is_last_line(line: &[u8]) -> bool {
+    line.get(3) != Some(&b'-')
+}
+
+fn starts_with_ci(line: &[u8], prefix: &[u8]) -> bool {
+    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+/// The address of a `MAIL FROM:` or `RCPT TO:` argument and the parameters after it.
+/// `<a@b> X=1` gives (`a@b`, `X=1`); a missing `<` takes the first word.
+fn address(arg: &[u8]) -> (String, &[u8]) {
+    let arg = arg.trim_ascii_start();
+    let (addr, params) = match arg.strip_prefix(b"<") {
+        Some(inner) => match inner.iter().position(|b| *b == b'>') {
+            Some(n) => (&inner[..n], &inner[n + 1..]),
+            None => (inner, &b""[..]),
+        },
+        None => {
+            let n = arg.iter().position(|b| *b == b' ').unwrap_or(arg.len());
+            (&arg[..n], &arg[n..])
+        }
+    };
+    (
+        String::from_utf8_lossy(addr).trim().to_ascii_lowercase(),
+        params.trim_ascii(),
+    )
+}
+
+/// The reason kind of a refusal, from the rule that required TLS. Bounded set: these are
+/// metric names.
+pub(crate) fn reason_kind(rule: &str) -> &'static str {
+    match rule.split_once(':') {
+        Some(("tls_compliance", _)) => "tls_compliance",
+        Some(("standard", "requiretls")) => "requiretls",
+        Some(("standard", "mta-sts")) => "mta_sts",
+        Some(("route", _)) => "host_route",
+        _ if rule == "fault" => "fault",
+        _ => "other",
+    }
+}
+
+/// Every value [`reason_kind`] returns.
+pub(crate) const REASON_KINDS: [&str; 6] = [
+    "tls_compliance",
+    "requiretls",
+    "mta_sts",
+    "host_route",
+    "fault",
+    "other",
+];
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn session() -> Session {
+        let compiled = policy::compile(
+            r#"
+            [[tls_compliance]]
+            name = "partners"
+            domains = ["partner.example"]
+            "#,
+        )
+        .unwrap();
+        Session::new(Rc::new(compiled.policy))
+    }
+
+    const CLIENT: &[u8] = b"EHLO c\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<b@partner.example>\r\nRCPT TO:<c@other.example>\r\nDATA\r\n";
+    const SERVER: &[u8] =
+        b"220 hi\r\n250-s\r\n250 PIPELINING\r\n250 ok\r\n250 noop\r\n250 rcpt\r\n354 go\r\n";
+
+    fn run(s: &mut Session, client: &[u8], server: &[u8], step: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut up = Vec::new();
+        for c in client.chunks(step) {
+            up.extend(s.client_bytes(c, false));
+        }
+        let mut down = Vec::new();
+        for c in server.chunks(step) {
+            down.extend(s.server_bytes(c, false));
+        }
+        (up, down)
+    }
+
+    #[test]
+    fn pipelined_refusal_pairs() {
+        for step in [1, 3, 7, 1000] {
+            let mut s = session();
+            let (up, down) = run(&mut s, CLIENT, SERVER, step);
+            assert_eq!(
+                String::from_utf8(up).unwrap(),
+                "EHLO c\r\nMAIL FROM:<a@corp.example>\r\nNOOP\r\nRCPT TO:<c@other.example>\r\nDATA\r\n"
+            );
+            assert_eq!(
+                String::from_utf8(down).unwrap(),
+                "220 hi\r\n250-s\r\n250 PIPELINING\r\n250 ok\r\n450 4.7.10 TLS required for <b@partner.example>\r\n250 rcpt\r\n354 go\r\n"
+            );
+            let e = s.take_events();
+            assert_eq!((e.checked, e.refused), (2, vec!["tls_compliance"]));
+        }
+    }
+
+    #[test]
+    fn body_is_not_parsed_and_starttls_goes_opaque() {
+        let mut s = session();
+        let (_, _) = run(&mut s, CLIENT, SERVER, 1000);
+        let body = b"RCPT TO:<x@partner.example>\r\n.\r\nSTARTTLS\r\n\x16\x03\x01";
+        assert_eq!(s.client_bytes(body, false), body.to_vec());
+        assert_eq!(
+            s.server_bytes(b"250 queued\r\n220 go ahead\r\n", false),
+            b"250 queued\r\n220 go ahead\r\n".to_vec()
+        );
+        assert!(s.is_opaque());
+        assert_eq!(
+            s.client_bytes(b"RCPT TO:<x@partner.example>\r\n", false),
+            b"RCPT TO:<x@partner.example>\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn overlong_lines_keep_pairing() {
+        let mut s = session();
+        let mut client = b"EHLO c\r\nX".to_vec();
+        client.extend(std::iter::repeat_n(b'a', 10_000));
+        client.extend(b"\r\nMAIL FROM:<>\r\nRCPT TO:<b@partner.example>\r\n");
+        let (up, down) = run(
+            &mut s,
+            &client,
+            b"220 hi\r\n250 e\r\n500 long\r\n250 ok\r\n250 noop\r\n",
+            100,
+        );
+        assert_eq!(
+            up.len(),
+            client.len() - "RCPT TO:<b@partner.example>".len() + 4
+        );
+        assert!(down.ends_with(
+            b"500 long\r\n250 ok\r\n450 4.7.10 TLS required for <b@partner.example>\r\n"
+        ));
+    }
+}
