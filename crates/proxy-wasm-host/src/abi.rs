@@ -1,0 +1,1190 @@
+//! The `env.proxy_*` host functions and the per-instance state they work on.
+//!
+//! Every pointer the guest hands over is bounds-checked; every size is a u32 (wasm32) and
+//! clamped. Memory handed to the guest comes from its own allocator (`proxy_on_memory_allocate`,
+//! else `malloc`), which re-enters the guest and may grow memory, so the memory view is
+//! taken again after each allocation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use wasmtime::{Caller, Linker, Memory, ResourceLimiter, TypedFunc};
+
+use crate::error::HostAbort;
+use crate::metrics::{BAD_ARGUMENT, NOT_FOUND, OK, Registry};
+use crate::properties::{ConnectionInfo, PropertyProvider, builtin};
+
+const EMPTY: u32 = 7;
+const CAS_MISMATCH: u32 = 8;
+const INTERNAL_FAILURE: u32 = 10;
+
+/// Longest log line kept; longer ones are truncated (not an error).
+const MAX_LOG_BYTES: usize = 64 * 1024;
+/// Most properties a guest may set in one context.
+const MAX_SET_PROPERTIES: usize = 1024;
+/// Most shared data entries per host, and most queued items per queue.
+const MAX_SHARED_ENTRIES: usize = 100_000;
+const MAX_QUEUE_ITEMS: usize = 10_000;
+
+/// Header map type numbers of the ABI.
+const MAP_RESPONSE_TRAILERS: u32 = 3;
+const MAP_HTTP_CALL_TRAILERS: u32 = 7;
+
+pub(crate) type HeaderMap = Vec<(String, Vec<u8>)>;
+
+/// (VM id, key) of a shared data entry or queue name.
+type SharedKey = (String, Vec<u8>);
+
+/// Host-wide state shared by all plugins: shared data and queues (namespaced by VM id).
+#[derive(Default)]
+pub(crate) struct HostShared {
+    data: Mutex<HashMap<SharedKey, (Vec<u8>, u32)>>,
+    queues: Mutex<Queues>,
+}
+
+#[derive(Default)]
+struct Queues {
+    by_name: HashMap<SharedKey, u32>,
+    items: HashMap<u32, VecDeque<Vec<u8>>>,
+    next: u32,
+}
+
+/// What every instance of one plugin shares.
+pub(crate) struct PluginShared {
+    pub name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub plugin_config: Vec<u8>,
+    pub vm_config: Vec<u8>,
+    pub metrics: Registry,
+    pub provider: Option<Arc<dyn PropertyProvider>>,
+    pub host: Arc<HostShared>,
+    pub max_map_bytes: usize,
+    pub max_buffer_bytes: usize,
+}
+
+/// A local response the guest asked for (`proxy_send_local_response`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    /// HTTP status code.
+    pub status: u32,
+    /// Response body.
+    pub body: Vec<u8>,
+    /// Response headers, keys lower-cased.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The `details` string (Envoy's response code details).
+    pub details: String,
+}
+
+/// Limits the guest's memory and tables; remembers that a limit was hit so the caller
+/// gets [`Error::MemoryLimit`](crate::Error::MemoryLimit) even if the guest survives a
+/// failed `memory.grow`.
+pub(crate) struct Limiter {
+    pub memory_cap: usize,
+    pub table_cap: usize,
+    pub hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table_cap {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        4
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+}
+
+/// Per-instance state (the wasmtime store data).
+pub(crate) struct State {
+    pub plugin: Arc<PluginShared>,
+    pub memory: Option<Memory>,
+    pub alloc: Option<TypedFunc<u32, u32>>,
+    pub limiter: Limiter,
+    /// Header maps 0..=3: request headers, request trailers, response headers, response trailers.
+    pub maps: [HeaderMap; 4],
+    pub request_body: Vec<u8>,
+    pub downstream: Vec<u8>,
+    pub upstream: Vec<u8>,
+    pub local_response: Option<LocalResponse>,
+    pub filter_state: Vec<(String, Vec<u8>)>,
+    pub route_cache_cleared: bool,
+    pub set_properties: Vec<(Vec<u8>, Vec<u8>)>,
+    pub conn: Option<ConnectionInfo>,
+    pub in_http: bool,
+    pub tick_period_ms: u32,
+    pub close_downstream: bool,
+    pub close_upstream: bool,
+    pub effective_context: u32,
+}
+
+impl State {
+    pub(crate) fn new(plugin: Arc<PluginShared>, memory_cap: usize, table_cap: usize) -> State {
+        State {
+            plugin,
+            memory: None,
+            alloc: None,
+            limiter: Limiter {
+                memory_cap,
+                table_cap,
+                hit: false,
+            },
+            maps: Default::default(),
+            request_body: Vec::new(),
+            downstream: Vec::new(),
+            upstream: Vec::new(),
+            local_response: None,
+            filter_state: Vec::new(),
+            route_cache_cleared: false,
+            set_properties: Vec::new(),
+            conn: None,
+            in_http: false,
+            tick_period_ms: 0,
+            close_downstream: false,
+            close_upstream: false,
+            effective_context: 0,
+        }
+    }
+
+    /// Forgets everything about the previous context; keeps the allocations for reuse.
+    pub(crate) fn reset_context(&mut self) {
+        for map in &mut self.maps {
+            map.clear();
+        }
+        self.request_body.clear();
+        self.downstream.clear();
+        self.upstream.clear();
+        self.local_response = None;
+        self.filter_state.clear();
+        self.route_cache_cleared = false;
+        self.set_properties.clear();
+        self.conn = None;
+        self.in_http = false;
+        self.close_downstream = false;
+        self.close_upstream = false;
+    }
+}
+
+type Res<T> = wasmtime::Result<T>;
+
+fn guest(msg: impl Into<String>) -> wasmtime::Error {
+    wasmtime::Error::new(HostAbort::Guest(msg.into()))
+}
+
+fn limit(msg: impl Into<String>) -> wasmtime::Error {
+    wasmtime::Error::new(HostAbort::Limit(msg.into()))
+}
+
+fn memory(caller: &mut Caller<'_, State>) -> Res<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
+    match caller.get_export("memory") {
+        Some(wasmtime::Extern::Memory(m)) => {
+            caller.data_mut().memory = Some(m);
+            Ok(m)
+        }
+        _ => Err(guest("module exports no memory")),
+    }
+}
+
+fn range(mem_len: usize, ptr: u32, len: u32, what: &str) -> Res<std::ops::Range<usize>> {
+    let start = ptr as usize;
+    let end = start
+        .checked_add(len as usize)
+        .filter(|&e| e <= mem_len)
+        .ok_or_else(|| {
+            guest(format!(
+                "{what}: {len} bytes at {ptr:#x} are outside guest memory ({mem_len} bytes)"
+            ))
+        })?;
+    Ok(start..end)
+}
+
+/// Copies guest bytes out.
+fn read(caller: &mut Caller<'_, State>, ptr: u32, len: u32, what: &str) -> Res<Vec<u8>> {
+    let mem = memory(caller)?;
+    let data = mem.data(&*caller);
+    let r = range(data.len(), ptr, len, what)?;
+    Ok(data[r].to_vec())
+}
+
+fn write(caller: &mut Caller<'_, State>, ptr: u32, bytes: &[u8], what: &str) -> Res<()> {
+    let mem = memory(caller)?;
+    let data = mem.data_mut(&mut *caller);
+    let len = u32::try_from(bytes.len()).map_err(|_| guest("value larger than 4 GiB"))?;
+    let r = range(data.len(), ptr, len, what)?;
+    data[r].copy_from_slice(bytes);
+    Ok(())
+}
+
+fn write_u32(caller: &mut Caller<'_, State>, ptr: u32, v: u32) -> Res<()> {
+    write(caller, ptr, &v.to_le_bytes(), "return pointer")
+}
+
+/// Asks the guest allocator for `len` bytes and checks the answer.
+fn alloc(caller: &mut Caller<'_, State>, len: usize) -> Res<u32> {
+    let len32 = u32::try_from(len).map_err(|_| limit("value larger than 4 GiB"))?;
+    let f = caller
+        .data()
+        .alloc
+        .clone()
+        .ok_or_else(|| guest("module exports neither proxy_on_memory_allocate nor malloc"))?;
+    let ptr = f.call(&mut *caller, len32)?;
+    if ptr == 0 && len > 0 {
+        return Err(guest(format!("allocator returned null for {len} bytes")));
+    }
+    // Memory may have grown during the call: take the view again.
+    let mem = memory(caller)?;
+    range(mem.data_size(&*caller), ptr, len32, "allocator result")?;
+    Ok(ptr)
+}
+
+/// Hands `bytes` to the guest: allocate, copy, store pointer and size at the return slots.
+fn give(caller: &mut Caller<'_, State>, bytes: &[u8], ret_ptr: u32, ret_size: u32) -> Res<()> {
+    let ptr = alloc(caller, bytes.len())?;
+    write(caller, ptr, bytes, "allocated block")?;
+    write_u32(caller, ret_ptr, ptr)?;
+    write_u32(caller, ret_size, bytes.len() as u32)
+}
+
+fn map_bytes(map: &HeaderMap) -> usize {
+    map.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// Serialises a header map in the ABI wire format: u32 count, (u32 key len, u32 value
+/// len) per pair, then each key and value followed by NUL.
+pub(crate) fn serialize_map(map: &HeaderMap, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    for (k, v) in map {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in map {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+}
+
+/// Parses the wire format; keys are lower-cased as Envoy does.
+pub(crate) fn deserialize_map(bytes: &[u8]) -> Result<HeaderMap, String> {
+    let u32_at = |at: usize| -> Result<usize, String> {
+        bytes
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(|b: [u8; 4]| u32::from_le_bytes(b) as usize)
+            .ok_or_else(|| "header map truncated".to_string())
+    };
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = u32_at(0)?;
+    let mut data = n
+        .checked_mul(8)
+        .and_then(|x| x.checked_add(4))
+        .filter(|&x| x <= bytes.len())
+        .ok_or_else(|| format!("header map claims {n} pairs in {} bytes", bytes.len()))?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let klen = u32_at(4 + i * 8)?;
+        let vlen = u32_at(8 + i * 8)?;
+        let key = bytes
+            .get(data..data + klen)
+            .ok_or("header key out of range")?;
+        data += klen + 1;
+        let value = bytes
+            .get(data..data + vlen)
+            .ok_or("header value out of range")?;
+        data += vlen + 1;
+        if data > bytes.len() {
+            return Err("header map missing NUL terminators".into());
+        }
+        out.push((
+            String::from_utf8_lossy(key).to_ascii_lowercase(),
+            value.to_vec(),
+        ));
+    }
+    Ok(out)
+}
+
+fn map_index(map_type: u32) -> Option<usize> {
+    (map_type <= MAP_RESPONSE_TRAILERS).then_some(map_type as usize)
+}
+
+fn map_writable(map_type: u32) -> Res<Option<usize>> {
+    match map_type {
+        0..=MAP_RESPONSE_TRAILERS => Ok(Some(map_type as usize)),
+        // gRPC metadata and callout response maps never exist here (no callouts).
+        4..=MAP_HTTP_CALL_TRAILERS => Ok(None),
+        _ => Ok(None),
+    }
+}
+
+fn check_map_size(st: &State, idx: usize) -> Res<()> {
+    let size = map_bytes(&st.maps[idx]);
+    if size > st.plugin.max_map_bytes {
+        return Err(limit(format!(
+            "header map {idx} grew to {size} bytes (limit {} bytes)",
+            st.plugin.max_map_bytes
+        )));
+    }
+    Ok(())
+}
+
+fn buffer(st: &State, t: u32) -> Option<&[u8]> {
+    match t {
+        0 => Some(&st.request_body),
+        1 => Some(&[]),
+        2 => Some(&st.downstream),
+        3 => Some(&st.upstream),
+        6 => Some(&st.plugin.vm_config),
+        7 => Some(&st.plugin.plugin_config),
+        _ => None,
+    }
+}
+
+fn buffer_mut(st: &mut State, t: u32) -> Option<&mut Vec<u8>> {
+    match t {
+        0 => Some(&mut st.request_body),
+        2 => Some(&mut st.downstream),
+        3 => Some(&mut st.upstream),
+        _ => None,
+    }
+}
+
+/// Parses Envoy's `SetEnvoyFilterStateArguments { string path = 1; string value = 2;
+/// LifeSpan span = 3; }`, skipping unknown fields.
+pub(crate) fn parse_filter_state_args(b: &[u8]) -> Option<(String, Vec<u8>)> {
+    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let (mut path, mut value) = (None, Vec::new());
+    let mut at = 0;
+    while at < b.len() {
+        let key = varint(b, &mut at)?;
+        match key & 7 {
+            0 => {
+                varint(b, &mut at)?;
+            }
+            1 => at = at.checked_add(8)?,
+            2 => {
+                let len = usize::try_from(varint(b, &mut at)?).ok()?;
+                let field = b.get(at..at.checked_add(len)?)?;
+                at += len;
+                match key >> 3 {
+                    1 => path = Some(String::from_utf8(field.to_vec()).ok()?),
+                    2 => value = field.to_vec(),
+                    _ => {}
+                }
+            }
+            5 => at = at.checked_add(4)?,
+            _ => return None,
+        }
+    }
+    if at > b.len() {
+        return None;
+    }
+    Some((path?, value))
+}
+
+fn lookup_property(st: &State, raw: &[u8]) -> Option<Vec<u8>> {
+    if let Some((_, v)) = st.set_properties.iter().find(|(k, _)| k == raw) {
+        return Some(v.clone());
+    }
+    let text = std::str::from_utf8(raw).ok()?;
+    let path: Vec<&str> = text.split('\0').collect();
+    let headers = st.in_http.then_some(st.maps[0].as_slice());
+    let p = &st.plugin;
+    builtin(
+        &path,
+        &p.name,
+        &p.root_id,
+        &p.vm_id,
+        st.conn.as_ref(),
+        headers,
+    )
+    .or_else(|| p.provider.as_ref()?.property(&path))
+}
+
+/// Every `env` function this host defines.
+pub(crate) const ABI_FUNCTIONS: &[&str] = &[
+    "proxy_log",
+    "proxy_get_log_level",
+    "proxy_get_current_time_nanoseconds",
+    "proxy_set_tick_period_milliseconds",
+    "proxy_get_buffer_bytes",
+    "proxy_set_buffer_bytes",
+    "proxy_get_header_map_pairs",
+    "proxy_set_header_map_pairs",
+    "proxy_get_header_map_value",
+    "proxy_remove_header_map_value",
+    "proxy_replace_header_map_value",
+    "proxy_add_header_map_value",
+    "proxy_get_property",
+    "proxy_set_property",
+    "proxy_get_shared_data",
+    "proxy_set_shared_data",
+    "proxy_register_shared_queue",
+    "proxy_resolve_shared_queue",
+    "proxy_enqueue_shared_queue",
+    "proxy_dequeue_shared_queue",
+    "proxy_continue_stream",
+    "proxy_close_stream",
+    "proxy_send_local_response",
+    "proxy_http_call",
+    "proxy_grpc_call",
+    "proxy_grpc_stream",
+    "proxy_grpc_send",
+    "proxy_grpc_cancel",
+    "proxy_grpc_close",
+    "proxy_get_status",
+    "proxy_set_effective_context",
+    "proxy_call_foreign_function",
+    "proxy_done",
+    "proxy_define_metric",
+    "proxy_get_metric",
+    "proxy_record_metric",
+    "proxy_increment_metric",
+];
+
+/// Defines every `env.proxy_*` function on the linker.
+pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: Caller<'_, State>, level: u32, ptr: u32, len: u32| -> Res<u32> {
+            let len = len.min(MAX_LOG_BYTES as u32);
+            let msg = read(&mut c, ptr, len, "log message")?;
+            let msg = String::from_utf8_lossy(&msg);
+            let plugin = c.data().plugin.name.as_str();
+            match level {
+                0 => tracing::trace!(target: "proxy_wasm_guest", plugin, "{msg}"),
+                1 => tracing::debug!(target: "proxy_wasm_guest", plugin, "{msg}"),
+                2 => tracing::info!(target: "proxy_wasm_guest", plugin, "{msg}"),
+                3 => tracing::warn!(target: "proxy_wasm_guest", plugin, "{msg}"),
+                _ => tracing::error!(target: "proxy_wasm_guest", plugin, "{msg}"),
+            }
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_log_level",
+        |mut c: Caller<'_, State>, ret: u32| -> Res<u32> {
+            use tracing::level_filters::LevelFilter;
+            let level = match LevelFilter::current() {
+                LevelFilter::TRACE => 0,
+                LevelFilter::DEBUG => 1,
+                LevelFilter::INFO => 2,
+                LevelFilter::WARN => 3,
+                LevelFilter::ERROR => 4,
+                _ => 5,
+            };
+            write_u32(&mut c, ret, level)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: Caller<'_, State>, ret: u32| -> Res<u32> {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            write(&mut c, ret, &now.to_le_bytes(), "return pointer")?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: Caller<'_, State>, period: u32| -> u32 {
+            c.data_mut().tick_period_ms = period;
+            OK
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: Caller<'_, State>,
+         t: u32,
+         start: u32,
+         max: u32,
+         ret_ptr: u32,
+         ret_size: u32|
+         -> Res<u32> {
+            let Some(buf) = buffer(c.data(), t) else {
+                return Ok(NOT_FOUND);
+            };
+            let start = start as usize;
+            if start >= buf.len() {
+                return Ok(NOT_FOUND);
+            }
+            let end = start.saturating_add(max as usize).min(buf.len());
+            let len = end - start;
+            let ptr = alloc(&mut c, len)?;
+            let mem = memory(&mut c)?;
+            let (data, st) = mem.data_and_store_mut(&mut c);
+            let r = range(data.len(), ptr, len as u32, "allocated block")?;
+            let buf = buffer(st, t).unwrap_or(&[]);
+            data[r].copy_from_slice(&buf[start..end]);
+            write_u32(&mut c, ret_ptr, ptr)?;
+            write_u32(&mut c, ret_size, len as u32)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |mut c: Caller<'_, State>, t: u32, start: u32, size: u32, ptr: u32, len: u32| -> Res<u32> {
+            let new = read(&mut c, ptr, len, "buffer data")?;
+            let max = c.data().plugin.max_buffer_bytes;
+            let Some(buf) = buffer_mut(c.data_mut(), t) else {
+                return Ok(BAD_ARGUMENT);
+            };
+            // A general splice: covers Envoy's prepend (0,0), replace (0,len) and append (len,_).
+            let start = (start as usize).min(buf.len());
+            let end = start.saturating_add(size as usize).min(buf.len());
+            if buf.len() - (end - start) + new.len() > max {
+                return Err(limit(format!("buffer {t} would exceed {max} bytes")));
+            }
+            buf.splice(start..end, new);
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: Caller<'_, State>, t: u32, ret_ptr: u32, ret_size: u32| -> Res<u32> {
+            let mut out = Vec::new();
+            if let Some(i) = map_index(t) {
+                serialize_map(&c.data().maps[i], &mut out);
+            } else {
+                serialize_map(&Vec::new(), &mut out);
+            }
+            give(&mut c, &out, ret_ptr, ret_size)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: Caller<'_, State>, t: u32, ptr: u32, len: u32| -> Res<u32> {
+            let Some(i) = map_writable(t)? else {
+                return Ok(BAD_ARGUMENT);
+            };
+            if len as usize > c.data().plugin.max_map_bytes.saturating_mul(2) {
+                return Err(limit(format!("header map of {len} bytes")));
+            }
+            let raw = read(&mut c, ptr, len, "header map")?;
+            let map = deserialize_map(&raw).map_err(guest)?;
+            c.data_mut().maps[i] = map;
+            check_map_size(c.data(), i)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: Caller<'_, State>,
+         t: u32,
+         kptr: u32,
+         klen: u32,
+         ret_ptr: u32,
+         ret_size: u32|
+         -> Res<u32> {
+            let Some(i) = map_index(t) else {
+                return Ok(NOT_FOUND);
+            };
+            let mem = memory(&mut c)?;
+            let (data, st) = mem.data_and_store_mut(&mut c);
+            let key = &data[range(data.len(), kptr, klen, "header name")?];
+            let Some(pos) = st.maps[i]
+                .iter()
+                .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
+            else {
+                return Ok(NOT_FOUND);
+            };
+            let len = st.maps[i][pos].1.len();
+            let ptr = alloc(&mut c, len)?;
+            let (data, st) = mem.data_and_store_mut(&mut c);
+            let r = range(data.len(), ptr, len as u32, "allocated block")?;
+            // The map cannot change during the allocator call (no host call mutates maps
+            // from malloc), but look the entry up again rather than trust the index blindly.
+            let Some((_, value)) = st.maps[i].get(pos) else {
+                return Err(guest("header map changed during allocation"));
+            };
+            if value.len() != len {
+                return Err(guest("header map changed during allocation"));
+            }
+            data[r].copy_from_slice(value);
+            write_u32(&mut c, ret_ptr, ptr)?;
+            write_u32(&mut c, ret_size, len as u32)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: Caller<'_, State>, t: u32, kptr: u32, klen: u32| -> Res<u32> {
+            let Some(i) = map_writable(t)? else {
+                return Ok(OK);
+            };
+            let mem = memory(&mut c)?;
+            let (data, st) = mem.data_and_store_mut(&mut c);
+            let key = &data[range(data.len(), kptr, klen, "header name")?];
+            st.maps[i].retain(|(k, _)| !k.as_bytes().eq_ignore_ascii_case(key));
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_replace_header_map_value",
+        |mut c: Caller<'_, State>,
+         t: u32,
+         kptr: u32,
+         klen: u32,
+         vptr: u32,
+         vlen: u32|
+         -> Res<u32> {
+            let Some(i) = map_writable(t)? else {
+                return Ok(BAD_ARGUMENT);
+            };
+            if (vlen as usize) > c.data().plugin.max_map_bytes {
+                return Err(limit(format!("header value of {vlen} bytes")));
+            }
+            // Fast path without allocation: the key exists, overwrite its value in place.
+            let mem = memory(&mut c)?;
+            let (data, st) = mem.data_and_store_mut(&mut c);
+            let key = &data[range(data.len(), kptr, klen, "header name")?];
+            let value = &data[range(data.len(), vptr, vlen, "header value")?];
+            let map = &mut st.maps[i];
+            match map
+                .iter()
+                .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
+            {
+                Some(pos) => {
+                    map[pos].1.clear();
+                    map[pos].1.extend_from_slice(value);
+                    let mut n = pos + 1;
+                    while n < map.len() {
+                        if map[n].0.as_bytes().eq_ignore_ascii_case(key) {
+                            map.remove(n);
+                        } else {
+                            n += 1;
+                        }
+                    }
+                }
+                None => map.push((
+                    String::from_utf8_lossy(key).to_ascii_lowercase(),
+                    value.to_vec(),
+                )),
+            }
+            check_map_size(c.data(), i)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_add_header_map_value",
+        |mut c: Caller<'_, State>,
+         t: u32,
+         kptr: u32,
+         klen: u32,
+         vptr: u32,
+         vlen: u32|
+         -> Res<u32> {
+            let Some(i) = map_writable(t)? else {
+                return Ok(BAD_ARGUMENT);
+            };
+            if (klen as usize).saturating_add(vlen as usize) > c.data().plugin.max_map_bytes {
+                return Err(limit(format!(
+                    "header of {} bytes",
+                    klen as u64 + vlen as u64
+                )));
+            }
+            let key = String::from_utf8_lossy(&read(&mut c, kptr, klen, "header name")?)
+                .to_ascii_lowercase();
+            let value = read(&mut c, vptr, vlen, "header value")?;
+            c.data_mut().maps[i].push((key, value));
+            check_map_size(c.data(), i)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: Caller<'_, State>, pptr: u32, plen: u32, ret_ptr: u32, ret_size: u32| -> Res<u32> {
+            let raw = read(&mut c, pptr, plen, "property path")?;
+            match lookup_property(c.data(), &raw) {
+                Some(v) => {
+                    give(&mut c, &v, ret_ptr, ret_size)?;
+                    Ok(OK)
+                }
+                None => Ok(NOT_FOUND),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: Caller<'_, State>, pptr: u32, plen: u32, vptr: u32, vlen: u32| -> Res<u32> {
+            let path = read(&mut c, pptr, plen, "property path")?;
+            let value = read(&mut c, vptr, vlen, "property value")?;
+            let max = c.data().plugin.max_map_bytes;
+            let st = c.data_mut();
+            if let Some(slot) = st.set_properties.iter_mut().find(|(k, _)| *k == path) {
+                slot.1 = value;
+            } else {
+                if st.set_properties.len() >= MAX_SET_PROPERTIES {
+                    return Err(limit("too many properties set"));
+                }
+                st.set_properties.push((path, value));
+            }
+            let size: usize = st
+                .set_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum();
+            if size > max {
+                return Err(limit(format!("properties set grew to {size} bytes")));
+            }
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: Caller<'_, State>,
+         kptr: u32,
+         klen: u32,
+         ret_ptr: u32,
+         ret_size: u32,
+         ret_cas: u32|
+         -> Res<u32> {
+            let key = read(&mut c, kptr, klen, "shared data key")?;
+            let found = {
+                let p = &c.data().plugin;
+                let map = p.host.data.lock().unwrap_or_else(|e| e.into_inner());
+                map.get(&(p.vm_id.clone(), key)).cloned()
+            };
+            let Some((value, cas)) = found else {
+                return Ok(NOT_FOUND);
+            };
+            give(&mut c, &value, ret_ptr, ret_size)?;
+            write_u32(&mut c, ret_cas, cas)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: Caller<'_, State>,
+         kptr: u32,
+         klen: u32,
+         vptr: u32,
+         vlen: u32,
+         cas: u32|
+         -> Res<u32> {
+            let key = read(&mut c, kptr, klen, "shared data key")?;
+            let p = &c.data().plugin;
+            if vlen as usize > p.max_buffer_bytes {
+                return Err(limit(format!("shared data value of {vlen} bytes")));
+            }
+            let value = read(&mut c, vptr, vlen, "shared data value")?;
+            let p = &c.data().plugin;
+            let mut map = p.host.data.lock().unwrap_or_else(|e| e.into_inner());
+            let len = map.len();
+            match map.get_mut(&(p.vm_id.clone(), key.clone())) {
+                Some(entry) => {
+                    if cas != 0 && cas != entry.1 {
+                        return Ok(CAS_MISMATCH);
+                    }
+                    // CAS values are never 0: 0 means "no CAS" in the ABI.
+                    entry.1 = entry.1.wrapping_add(1).max(1);
+                    entry.0 = value;
+                }
+                None => {
+                    if len >= MAX_SHARED_ENTRIES {
+                        return Err(limit("shared data holds too many keys"));
+                    }
+                    map.insert((p.vm_id.clone(), key), (value, 1));
+                }
+            }
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: Caller<'_, State>, nptr: u32, nlen: u32, ret: u32| -> Res<u32> {
+            let name = read(&mut c, nptr, nlen, "queue name")?;
+            let id = {
+                let p = &c.data().plugin;
+                let mut q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let key = (p.vm_id.clone(), name);
+                match q.by_name.get(&key) {
+                    Some(&id) => id,
+                    None => {
+                        q.next = q.next.wrapping_add(1).max(1);
+                        let id = q.next;
+                        q.by_name.insert(key, id);
+                        q.items.insert(id, VecDeque::new());
+                        id
+                    }
+                }
+            };
+            write_u32(&mut c, ret, id)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |mut c: Caller<'_, State>,
+         vptr: u32,
+         vlen: u32,
+         nptr: u32,
+         nlen: u32,
+         ret: u32|
+         -> Res<u32> {
+            let vm = String::from_utf8_lossy(&read(&mut c, vptr, vlen, "vm id")?).into_owned();
+            let name = read(&mut c, nptr, nlen, "queue name")?;
+            let id = {
+                let p = &c.data().plugin;
+                let vm = if vm.is_empty() { p.vm_id.clone() } else { vm };
+                let q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
+                q.by_name.get(&(vm, name)).copied()
+            };
+            match id {
+                Some(id) => {
+                    write_u32(&mut c, ret, id)?;
+                    Ok(OK)
+                }
+                None => Ok(NOT_FOUND),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: Caller<'_, State>, id: u32, vptr: u32, vlen: u32| -> Res<u32> {
+            let value = read(&mut c, vptr, vlen, "queue item")?;
+            let p = &c.data().plugin;
+            let mut q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(items) = q.items.get_mut(&id) else {
+                return Ok(NOT_FOUND);
+            };
+            if items.len() >= MAX_QUEUE_ITEMS {
+                // The SDK accepts only OK or NOT_FOUND here: drop the oldest item.
+                items.pop_front();
+            }
+            items.push_back(value);
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: Caller<'_, State>, id: u32, ret_ptr: u32, ret_size: u32| -> Res<u32> {
+            let item = {
+                let p = &c.data().plugin;
+                let mut q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(items) = q.items.get_mut(&id) else {
+                    return Ok(NOT_FOUND);
+                };
+                items.pop_front()
+            };
+            let Some(item) = item else { return Ok(EMPTY) };
+            give(&mut c, &item, ret_ptr, ret_size)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |_c: Caller<'_, State>, _t: u32| -> u32 {
+            // Calls are synchronous here: there is never a paused stream to resume.
+            OK
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: Caller<'_, State>, t: u32| -> u32 {
+            let st = c.data_mut();
+            match t {
+                0 | 2 => st.close_downstream = true,
+                _ => st.close_upstream = true,
+            }
+            OK
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: Caller<'_, State>,
+         status: u32,
+         dptr: u32,
+         dlen: u32,
+         bptr: u32,
+         blen: u32,
+         hptr: u32,
+         hlen: u32,
+         _grpc: i32|
+         -> Res<u32> {
+            let max = c.data().plugin.max_buffer_bytes;
+            if blen as usize > max || hlen as usize > max {
+                return Err(limit("local response too large"));
+            }
+            let details =
+                String::from_utf8_lossy(&read(&mut c, dptr, dlen, "details")?).into_owned();
+            let body = read(&mut c, bptr, blen, "local response body")?;
+            let headers = deserialize_map(&read(&mut c, hptr, hlen, "local response headers")?)
+                .map_err(guest)?;
+            c.data_mut().local_response = Some(LocalResponse {
+                status,
+                body,
+                headers,
+                details,
+            });
+            Ok(OK)
+        },
+    )?;
+    // Callouts are not offered: the SDKs turn INTERNAL_FAILURE / NOT_FOUND into `Err`.
+    linker.func_wrap(
+        "env",
+        "proxy_http_call",
+        |_c: Caller<'_, State>,
+         _a: u32,
+         _b: u32,
+         _d: u32,
+         _e: u32,
+         _f: u32,
+         _g: u32,
+         _h: u32,
+         _i: u32,
+         _j: u32,
+         _k: u32|
+         -> u32 { INTERNAL_FAILURE },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |_c: Caller<'_, State>,
+         _a: u32,
+         _b: u32,
+         _d: u32,
+         _e: u32,
+         _f: u32,
+         _g: u32,
+         _h: u32,
+         _i: u32,
+         _j: u32,
+         _k: u32,
+         _l: u32,
+         _m: u32|
+         -> u32 { INTERNAL_FAILURE },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |_c: Caller<'_, State>,
+         _a: u32,
+         _b: u32,
+         _d: u32,
+         _e: u32,
+         _f: u32,
+         _g: u32,
+         _h: u32,
+         _i: u32,
+         _j: u32|
+         -> u32 { INTERNAL_FAILURE },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |_c: Caller<'_, State>, _a: u32, _b: u32, _d: u32, _e: u32| -> u32 { NOT_FOUND },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_cancel",
+        |_c: Caller<'_, State>, _a: u32| -> u32 { NOT_FOUND },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_close",
+        |_c: Caller<'_, State>, _a: u32| -> u32 { NOT_FOUND },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: Caller<'_, State>, code: u32, ret_ptr: u32, ret_size: u32| -> Res<u32> {
+            write_u32(&mut c, code, 0)?;
+            write_u32(&mut c, ret_ptr, 0)?;
+            write_u32(&mut c, ret_size, 0)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: Caller<'_, State>, id: u32| -> u32 {
+            c.data_mut().effective_context = id;
+            OK
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |mut c: Caller<'_, State>,
+         nptr: u32,
+         nlen: u32,
+         aptr: u32,
+         alen: u32,
+         ret_ptr: u32,
+         ret_size: u32|
+         -> Res<u32> {
+            let name = read(&mut c, nptr, nlen, "function name")?;
+            match name.as_slice() {
+                b"set_envoy_filter_state" => {
+                    let max = c.data().plugin.max_map_bytes;
+                    if alen as usize > max {
+                        return Err(limit("filter state argument too large"));
+                    }
+                    let args = read(&mut c, aptr, alen, "function arguments")?;
+                    let Some((path, value)) = parse_filter_state_args(&args) else {
+                        return Ok(BAD_ARGUMENT);
+                    };
+                    let fs = &mut c.data_mut().filter_state;
+                    match fs.iter_mut().find(|(k, _)| *k == path) {
+                        Some(slot) => slot.1 = value,
+                        None => fs.push((path, value)),
+                    }
+                }
+                b"clear_route_cache" => c.data_mut().route_cache_cleared = true,
+                _ => return Ok(NOT_FOUND),
+            }
+            write_u32(&mut c, ret_ptr, 0)?;
+            write_u32(&mut c, ret_size, 0)?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap("env", "proxy_done", |_c: Caller<'_, State>| -> u32 { OK })?;
+    linker.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: Caller<'_, State>, kind: u32, nptr: u32, nlen: u32, ret: u32| -> Res<u32> {
+            let name = String::from_utf8_lossy(&read(&mut c, nptr, nlen.min(4096), "metric name")?)
+                .into_owned();
+            match c.data().plugin.metrics.define(kind, &name) {
+                Ok(id) => {
+                    write_u32(&mut c, ret, id)?;
+                    Ok(OK)
+                }
+                Err(status) => Ok(status),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: Caller<'_, State>, id: u32, ret: u32| -> Res<u32> {
+            match c.data().plugin.metrics.get(id) {
+                Ok(v) => {
+                    write(&mut c, ret, &v.to_le_bytes(), "return pointer")?;
+                    Ok(OK)
+                }
+                Err(status) => Ok(status),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |c: Caller<'_, State>, id: u32, value: u64| -> u32 {
+            c.data().plugin.metrics.record(id, value)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |c: Caller<'_, State>, id: u32, offset: i64| -> u32 {
+            c.data().plugin.metrics.increment(id, offset)
+        },
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn map_wire_format_round_trips() {
+        let map: HeaderMap = vec![("a".into(), b"1".to_vec()), ("bc".into(), Vec::new())];
+        let mut out = Vec::new();
+        serialize_map(&map, &mut out);
+        assert_eq!(
+            out,
+            b"\x02\0\0\0\x01\0\0\0\x01\0\0\0\x02\0\0\0\0\0\0\0a\x001\0bc\0\0"
+        );
+        assert_eq!(deserialize_map(&out).unwrap(), map);
+        assert!(deserialize_map(&out[..out.len() - 3]).is_err());
+        assert!(deserialize_map(b"\xff\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn filter_state_arguments_parse() {
+        let args = b"\x0a\x17envoy.tcp_proxy.cluster\x12\x03abc\x18\x01";
+        let (path, value) = parse_filter_state_args(args).unwrap();
+        assert_eq!(path, "envoy.tcp_proxy.cluster");
+        assert_eq!(value, b"abc");
+        assert!(parse_filter_state_args(b"\x0a\x50short").is_none());
+    }
+}

@@ -1,0 +1,234 @@
+//! [`Host`]: the Wasmtime engine, the linker with the ABI, the module cache and the epoch
+//! ticker.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Cache, CacheConfig, Config, Engine, InstancePre, Linker, Module};
+
+use crate::abi::{self, HostShared, State};
+use crate::error::Error;
+use crate::plugin::{Plugin, PluginSpec};
+use crate::wasi;
+
+/// Sandbox and pool settings. `HostConfig::default()` states every default.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Wall-clock budget of one embedder call (one HTTP request through all its callbacks,
+    /// one stream event, one load). Enforced with Wasmtime epochs. Defaults to 100 ms.
+    pub deadline: Duration,
+    /// Period of the epoch ticker thread; the deadline is enforced to about one period.
+    /// Defaults to 5 ms.
+    pub epoch_tick: Duration,
+    /// Cap on one instance's linear memory, in bytes. Defaults to 64 MiB.
+    pub memory_limit: usize,
+    /// Cap on the elements of one table. Defaults to 100 000.
+    pub table_limit: usize,
+    /// Most instances of one plugin (idle + busy). Defaults to 64.
+    pub max_instances: usize,
+    /// Instances created (and configured) when a plugin is loaded, so that requests never
+    /// instantiate. Defaults to the number of CPUs (at least 2).
+    pub warm_instances: usize,
+    /// How long a call waits for a free instance when all `max_instances` are busy.
+    /// Defaults to 100 ms.
+    pub acquire_timeout: Duration,
+    /// Directory for compiled artifacts (Wasmtime's cache, keyed by module content and
+    /// engine settings). `None` (the default) caches in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Give modules that import WASI a locked-down preview1 (no files, sockets,
+    /// environment). Defaults to false: such modules are refused at load.
+    pub allow_wasi: bool,
+    /// Cap on one header map (sum of key and value lengths). Defaults to 1 MiB.
+    pub max_map_bytes: usize,
+    /// Cap on one buffer the guest writes (body, stream data, local response, shared
+    /// data value). Defaults to 16 MiB.
+    pub max_buffer_bytes: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        HostConfig {
+            deadline: Duration::from_millis(100),
+            epoch_tick: Duration::from_millis(5),
+            memory_limit: 64 << 20,
+            table_limit: 100_000,
+            max_instances: 64,
+            warm_instances: cpus.max(2),
+            acquire_timeout: Duration::from_millis(100),
+            cache_dir: None,
+            allow_wasi: false,
+            max_map_bytes: 1 << 20,
+            max_buffer_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Owns the engine and what all plugins share. Cheap to clone.
+#[derive(Clone)]
+pub struct Host {
+    pub(crate) inner: Arc<HostInner>,
+}
+
+pub(crate) struct HostInner {
+    pub engine: Engine,
+    linker: Linker<State>,
+    pub config: HostConfig,
+    /// Compiled modules by SHA-256 of their bytes.
+    modules: Mutex<HashMap<[u8; 32], Module>>,
+    pub shared: Arc<HostShared>,
+    stop: Arc<AtomicBool>,
+    /// Epoch ticks that make up one deadline.
+    pub deadline_ticks: u64,
+}
+
+impl Drop for HostInner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Host {
+    /// Builds the engine and starts the epoch ticker thread (stopped when the host and
+    /// every plugin are dropped).
+    pub fn new(config: HostConfig) -> Result<Host, Error> {
+        let mut wc = Config::new();
+        wc.epoch_interruption(true);
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Engine(format!("cache dir {}: {e}", dir.display())))?;
+            // Wasmtime wants an absolute cache path.
+            let dir = std::fs::canonicalize(dir)
+                .map_err(|e| Error::Engine(format!("cache dir {}: {e}", dir.display())))?;
+            let mut cc = CacheConfig::new();
+            cc.with_directory(dir);
+            let cache = Cache::new(cc).map_err(|e| Error::Engine(format!("cache: {e}")))?;
+            wc.cache(Some(cache));
+        }
+        let engine = Engine::new(&wc).map_err(|e| Error::Engine(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        abi::define(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
+        let tick = config.epoch_tick.max(Duration::from_millis(1));
+        let deadline_ticks = config.deadline.as_nanos().div_ceil(tick.as_nanos()) as u64 + 1;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("proxy-wasm-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| Error::Engine(format!("epoch thread: {e}")))?;
+        }
+        Ok(Host {
+            inner: Arc::new(HostInner {
+                engine,
+                linker,
+                config,
+                modules: Mutex::new(HashMap::new()),
+                shared: Arc::new(HostShared::default()),
+                stop,
+                deadline_ticks,
+            }),
+        })
+    }
+
+    /// The settings this host runs with.
+    pub fn config(&self) -> &HostConfig {
+        &self.inner.config
+    }
+
+    /// Compiles (or finds in the cache), links, instantiates and configures a plugin, and
+    /// fills its pool with [`HostConfig::warm_instances`] ready instances.
+    pub fn load(&self, spec: PluginSpec) -> Result<Arc<Plugin>, Error> {
+        let pre = self.inner.prepare(&spec.module)?;
+        Plugin::new(self.inner.clone(), pre, spec).map(Arc::new)
+    }
+}
+
+impl HostInner {
+    fn compile(&self, bytes: &[u8]) -> Result<Module, Error> {
+        let hash: [u8; 32] = Sha256::digest(bytes).into();
+        if let Some(m) = self
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&hash)
+        {
+            return Ok(m.clone());
+        }
+        // Compiling outside the lock: other loads and the request path are not blocked.
+        let module =
+            Module::new(&self.engine, bytes).map_err(|e| Error::Compile(format!("{e:#}")))?;
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash, module.clone());
+        Ok(module)
+    }
+
+    pub(crate) fn prepare(&self, bytes: &[u8]) -> Result<InstancePre<State>, Error> {
+        let module = self.compile(bytes)?;
+        let mut problems = Vec::new();
+        let mut wants_wasi = Vec::new();
+        for import in module.imports() {
+            match import.module() {
+                "env" if abi::ABI_FUNCTIONS.contains(&import.name()) => {}
+                wasi::MODULE => wants_wasi.push(import.name().to_string()),
+                m => problems.push(format!("{m}.{}", import.name())),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::Link(format!(
+                "module imports functions this proxy-wasm 0.2.1 host does not provide: {}",
+                problems.join(", ")
+            )));
+        }
+        let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+        if !exports
+            .iter()
+            .any(|e| e.starts_with("proxy_abi_version_0_2_"))
+        {
+            return Err(Error::Link(
+                "module exports no proxy_abi_version_0_2_x: not a proxy-wasm 0.2 module".into(),
+            ));
+        }
+        if !exports.contains(&"memory") {
+            return Err(Error::Link("module exports no memory".into()));
+        }
+        if !exports
+            .iter()
+            .any(|e| *e == "malloc" || *e == "proxy_on_memory_allocate")
+        {
+            return Err(Error::Link(
+                "module exports neither proxy_on_memory_allocate nor malloc".into(),
+            ));
+        }
+        let linker = if wants_wasi.is_empty() {
+            std::borrow::Cow::Borrowed(&self.linker)
+        } else if !self.config.allow_wasi {
+            return Err(Error::Link(format!(
+                "module imports WASI ({}); WASI is disabled (HostConfig::allow_wasi = false): \
+                 build the module for wasm32-unknown-unknown",
+                wants_wasi.join(", ")
+            )));
+        } else {
+            let mut l = self.linker.clone();
+            wasi::define(&mut l, &module).map_err(|e| Error::Link(format!("{e:#}")))?;
+            std::borrow::Cow::Owned(l)
+        };
+        linker
+            .instantiate_pre(&module)
+            .map_err(|e| Error::Link(format!("{e:#}")))
+    }
+}

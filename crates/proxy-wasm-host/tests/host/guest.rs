@@ -1,0 +1,230 @@
+//! The proxy-wasm Rust SDK test guest through every face.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_wasm_host::{
+    Action, ConnectionInfo, Error, Host, HostConfig, HttpRequest, MetricKind, PluginSpec,
+    PropertyProvider,
+};
+
+use super::{assert_serves, host, request, testguest};
+
+#[test]
+fn http_request_exercises_headers_properties_shared_data_and_ffi() {
+    let host = host();
+    let plugin = testguest(&host, "cfg-A");
+    let mut req = request(&[
+        (":path", "/mail"),
+        (":method", "POST"),
+        ("X-Tg-Replace", "old"),
+        ("x-tg-remove", "gone"),
+        ("x-other", "\u{00e9}t\u{00e9}"),
+    ]);
+    req.connection = Some(ConnectionInfo {
+        source: Some("192.0.2.7:4242".parse::<SocketAddr>().unwrap()),
+        ..ConnectionInfo::default()
+    });
+    let out = plugin.http_request(&req).unwrap();
+    let h = |n: &str| String::from_utf8(out.header(n).unwrap_or_default().to_vec()).unwrap();
+    assert_eq!(h("x-tg-header-count"), "5 ok");
+    assert_eq!(h("x-tg-config"), "cfg-A");
+    assert_eq!(h("x-tg-path"), "/mail");
+    assert_eq!(h("x-tg-added"), "1");
+    assert_eq!(h("x-tg-replace"), "replaced");
+    assert!(out.header("x-tg-remove").is_none());
+    assert_eq!(h("x-other"), "\u{00e9}t\u{00e9}");
+    assert_eq!(h("x-tg-root-id"), "testguest.http");
+    assert_eq!(h("x-tg-source"), "192.0.2.7:4242");
+    assert_eq!(h("x-tg-method"), "POST");
+    assert_eq!(h("x-tg-property-roundtrip"), "yes");
+    assert!(h("x-tg-time").parse::<u64>().unwrap() > 1_600_000_000);
+    assert_eq!(h("x-tg-ffi"), "ok");
+    assert_eq!(h("x-tg-ffi-unknown"), "not-found");
+    assert!(out.route_cache_cleared);
+    assert!(out.local_response.is_none());
+    assert!(!out.paused);
+    let first: u64 = h("x-tg-shared").parse().unwrap();
+    assert_eq!(h("x-tg-requests"), "1");
+
+    let out2 = plugin.http_request(&req).unwrap();
+    let shared2: u64 = std::str::from_utf8(out2.header("x-tg-shared").unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        shared2,
+        first + 1,
+        "shared data CAS counter increments across instances"
+    );
+
+    let metrics = plugin.metrics();
+    let requests = metrics
+        .iter()
+        .find(|m| m.name == "testguest.requests")
+        .unwrap();
+    assert_eq!((requests.kind, requests.value), (MetricKind::Counter, 2));
+    let hist = metrics
+        .iter()
+        .find(|m| m.name == "testguest.request_headers")
+        .unwrap();
+    assert_eq!(
+        (hist.kind, hist.count, hist.value),
+        (MetricKind::Histogram, 2, 10)
+    );
+}
+
+#[test]
+fn local_response_and_body_replacement() {
+    let host = host();
+    let plugin = testguest(&host, "cfg-L");
+    let out = plugin
+        .http_request(&request(&[(":path", "/"), ("x-tg-local", "451")]))
+        .unwrap();
+    let local = out.local_response.unwrap();
+    assert_eq!(local.status, 451);
+    assert_eq!(local.body, b"denied by testguest");
+    assert!(
+        local
+            .headers
+            .contains(&("x-tg-config".to_string(), b"cfg-L".to_vec()))
+    );
+
+    let mut req = request(&[(":path", "/upload")]);
+    req.body = Some(b"mail from: someone".to_vec());
+    let out = plugin.http_request(&req).unwrap();
+    assert_eq!(out.body.as_deref(), Some(&b"MAIL FROM: SOMEONE"[..]));
+    assert_eq!(out.header("x-tg-config"), Some(&b"cfg-L"[..]));
+}
+
+#[test]
+fn configuration_rejected_by_on_configure_is_a_typed_error() {
+    let host = host();
+    let err = host
+        .load(
+            PluginSpec::new(altroute_modules::TESTGUEST, "testguest.http").plugin_config("reject"),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Configure), "{err}");
+}
+
+#[test]
+fn stream_counts_rewrites_and_sets_filter_state() {
+    let host = host();
+    let plugin = host
+        .load(
+            PluginSpec::new(altroute_modules::TESTGUEST, "testguest.stream")
+                .name("testguest")
+                .plugin_config("edge"),
+        )
+        .unwrap();
+    let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
+    assert_eq!(stream.new_connection_action(), Action::Continue);
+    assert_eq!(
+        stream.filter_state(),
+        &[(
+            "envoy.tcp_proxy.cluster".to_string(),
+            b"cluster-edge".to_vec()
+        )]
+    );
+    let down = stream.downstream(b"AUTH SECRET token\r\n", false).unwrap();
+    assert_eq!(down.data, b"AUTH XXXXXX token\r\n");
+    assert_eq!(down.action, Action::Continue);
+    let up = stream.upstream(b"220 hello there\r\n", false).unwrap();
+    assert_eq!(up.data, b"220 HELLO there\r\n");
+    let plain = stream.downstream(b"QUIT\r\n", true).unwrap();
+    assert_eq!(plain.data, b"QUIT\r\n");
+    stream.close().unwrap();
+    let bytes = plugin
+        .metrics()
+        .into_iter()
+        .find(|m| m.name == "testguest.stream_bytes")
+        .unwrap();
+    assert_eq!(bytes.value, 19 + 17 + 6);
+}
+
+#[test]
+fn ticks_reach_the_root_context() {
+    let host = host();
+    let plugin = testguest(&host, "tick");
+    assert_eq!(plugin.tick_period(), Some(Duration::from_millis(1000)));
+    assert_eq!(plugin.tick().unwrap(), 0, "period not yet elapsed");
+    std::thread::sleep(Duration::from_millis(1100));
+    let ticked = plugin.tick().unwrap();
+    assert_eq!(ticked, 2, "both warm instances tick");
+    let ticks = plugin
+        .metrics()
+        .into_iter()
+        .find(|m| m.name == "testguest.ticks")
+        .unwrap();
+    assert_eq!(ticks.value, 2);
+    assert_serves(&plugin);
+}
+
+struct Sni;
+impl PropertyProvider for Sni {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        (path == ["request", "method"]).then(|| b"FROM-PROVIDER".to_vec())
+    }
+}
+
+#[test]
+fn property_provider_answers_what_builtins_do_not() {
+    let host = host();
+    let plugin = host
+        .load(
+            PluginSpec::new(altroute_modules::TESTGUEST, "testguest.http")
+                .plugin_config("p")
+                .properties(Arc::new(Sni)),
+        )
+        .unwrap();
+    // No :method header: the built-in has no answer, the provider does.
+    let out = plugin
+        .http_request(&HttpRequest {
+            ..request(&[(":path", "/")])
+        })
+        .unwrap();
+    assert_eq!(out.header("x-tg-method"), Some(&b"FROM-PROVIDER"[..]));
+}
+
+#[test]
+fn compiled_artifacts_are_cached_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = HostConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        warm_instances: 1,
+        ..HostConfig::default()
+    };
+    let host = Host::new(config.clone()).unwrap();
+    let plugin = testguest(&host, "cached");
+    assert_serves(&plugin);
+    // Wasmtime writes the artifact from its cache worker: wait for it (no timing assertion).
+    let mut files = 0;
+    for _ in 0..200 {
+        files = count_files(dir.path());
+        if files > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(files > 0, "no artifact under {}", dir.path().display());
+    let second = Host::new(config).unwrap();
+    assert_serves(&testguest(&second, "cached"));
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        count_files(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

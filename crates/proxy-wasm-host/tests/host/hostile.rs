@@ -1,0 +1,365 @@
+//! Hostile modules written in WAT. After each, the host keeps serving the test guest.
+
+use proxy_wasm_host::{ConnectionInfo, Error, Host, HostConfig, PluginSpec};
+
+use super::{assert_serves, host, request, testguest};
+
+/// Callback bodies of the template module; a test overrides some of them.
+const CALLBACKS: &[(&str, &str)] = &[
+    ("INIT", ""),
+    ("CTX", ""),
+    ("VMSTART", ""),
+    ("CONFIGURE", ""),
+    ("HEADERS", ""),
+    ("BODY", ""),
+    ("DONE", ""),
+    ("LOG", ""),
+    ("DELETE", ""),
+    ("NEWCONN", ""),
+    ("DOWN", ""),
+    ("UP", ""),
+    ("DCLOSE", ""),
+    (
+        "MALLOC",
+        "(local.set $p (global.get $heap)) (global.set $heap (i32.add (global.get $heap) (local.get $n))) (local.get $p)",
+    ),
+    ("EXTRA_IMPORT", ""),
+    ("PAGES", "2"),
+];
+
+const TEMPLATE: &str = r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
+  EXTRA_IMPORT
+  (memory (export "memory") PAGES)
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "malloc") (param $n i32) (result i32) (local $p i32) MALLOC)
+  (func (export "_initialize") INIT)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param $id i32) (param $root i32) CTX)
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) VMSTART (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) CONFIGURE (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) HEADERS (i32.const 0))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32) BODY (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) DONE (i32.const 1))
+  (func (export "proxy_on_log") (param i32) LOG)
+  (func (export "proxy_on_delete") (param i32) DELETE)
+  (func (export "proxy_on_new_connection") (param i32) (result i32) NEWCONN (i32.const 0))
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) DOWN (i32.const 0))
+  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) UP (i32.const 0))
+  (func (export "proxy_on_downstream_connection_close") (param i32 i32) DCLOSE)
+)"#;
+
+fn module(overrides: &[(&str, &str)]) -> Vec<u8> {
+    let mut text = TEMPLATE.to_string();
+    for (key, default) in CALLBACKS {
+        let body = overrides
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(*default, |(_, v)| v);
+        text = text.replace(key, body);
+    }
+    wat::parse_str(&text).unwrap()
+}
+
+fn load(
+    host: &Host,
+    overrides: &[(&str, &str)],
+) -> Result<std::sync::Arc<proxy_wasm_host::Plugin>, Error> {
+    host.load(PluginSpec::new(module(overrides), "hostile").version("hostile"))
+}
+
+#[test]
+fn the_template_itself_is_well_behaved() {
+    let host = host();
+    let plugin = load(&host, &[]).unwrap();
+    let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    assert_eq!(out.header(":path"), Some(&b"/"[..]));
+    let mut s = plugin.stream(ConnectionInfo::default()).unwrap();
+    assert_eq!(s.downstream(b"abc", false).unwrap().data, b"abc");
+    s.close().unwrap();
+}
+
+#[test]
+fn infinite_loop_is_stopped_by_the_deadline() {
+    let host = Host::new(HostConfig {
+        deadline: std::time::Duration::from_millis(50),
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let good = testguest(&host, "good");
+    let plugin = load(&host, &[("HEADERS", "(loop $l (br $l))")]).unwrap();
+    for _ in 0..2 {
+        let err = plugin
+            .http_request(&request(&[(":path", "/")]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Deadline {
+                    callback: "proxy_on_request_headers"
+                }
+            ),
+            "{err}"
+        );
+        assert_serves(&good);
+    }
+    // A loop at load time fails the load with the same error.
+    let err = load(&host, &[("CONFIGURE", "(loop $l (br $l))")]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Deadline {
+                callback: "proxy_on_configure"
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+}
+
+#[test]
+fn memory_grow_bomb_is_stopped_at_the_cap() {
+    let host = Host::new(HostConfig {
+        memory_limit: 8 << 20,
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let good = testguest(&host, "good");
+    // Grows until memory.grow fails, then returns normally: still a limit hit.
+    let polite = "(block $done (loop $l (br_if $done (i32.eq (memory.grow (i32.const 16)) (i32.const -1))) (br $l)))";
+    let plugin = load(&host, &[("HEADERS", polite)]).unwrap();
+    let err = plugin
+        .http_request(&request(&[(":path", "/")]))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::MemoryLimit { limit, .. } if limit == 8 << 20),
+        "{err}"
+    );
+    assert_serves(&good);
+    // Grows and traps on failure, like an allocator abort.
+    let rude = "(loop $l (if (i32.eq (memory.grow (i32.const 16)) (i32.const -1)) (then unreachable)) (br $l))";
+    let plugin = load(&host, &[("BODY", rude)]).unwrap();
+    let mut req = request(&[(":path", "/")]);
+    req.body = Some(b"x".to_vec());
+    let err = plugin.http_request(&req).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MemoryLimit {
+                callback: "proxy_on_request_body",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+    // A module whose initial memory exceeds the cap does not load.
+    let err = load(&host, &[("PAGES", "1000")]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MemoryLimit {
+                callback: "instantiate",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+}
+
+#[test]
+fn unreachable_in_each_load_callback_fails_the_load() {
+    let host = host();
+    let good = testguest(&host, "good");
+    for (slot, callback) in [
+        ("INIT", "_initialize"),
+        ("CTX", "proxy_on_context_create"),
+        ("VMSTART", "proxy_on_vm_start"),
+        ("CONFIGURE", "proxy_on_configure"),
+    ] {
+        let err = load(&host, &[(slot, "unreachable")]).unwrap_err();
+        match err {
+            Error::Trap {
+                callback: c,
+                message,
+            } => {
+                assert_eq!(c, callback);
+                assert!(message.contains("unreachable"), "{message}");
+            }
+            other => panic!("{slot}: {other}"),
+        }
+        assert_serves(&good);
+    }
+}
+
+#[test]
+fn unreachable_in_each_request_callback_is_a_trap_and_the_instance_is_rebuilt() {
+    let host = host();
+    let good = testguest(&host, "good");
+    for (slot, body, callback) in [
+        (
+            "CTX",
+            "(if (local.get $root) (then unreachable))",
+            "proxy_on_context_create",
+        ),
+        ("HEADERS", "unreachable", "proxy_on_request_headers"),
+        ("BODY", "unreachable", "proxy_on_request_body"),
+        ("DONE", "unreachable", "proxy_on_done"),
+        ("LOG", "unreachable", "proxy_on_log"),
+        ("DELETE", "unreachable", "proxy_on_delete"),
+    ] {
+        let plugin = load(&host, &[(slot, body)]).unwrap();
+        let mut req = request(&[(":path", "/")]);
+        req.body = Some(b"body".to_vec());
+        // Twice: the second call runs on a rebuilt instance and traps the same way.
+        for _ in 0..2 {
+            let err = plugin.http_request(&req).unwrap_err();
+            assert!(
+                matches!(&err, Error::Trap { callback: c, .. } if *c == callback),
+                "{slot}: {err}"
+            );
+            assert!(err.is_guest_fault());
+            assert_serves(&good);
+        }
+    }
+}
+
+#[test]
+fn unreachable_in_each_stream_callback_is_a_trap() {
+    let host = host();
+    let good = testguest(&host, "good");
+    for (slot, callback) in [
+        ("NEWCONN", "proxy_on_new_connection"),
+        ("DOWN", "proxy_on_downstream_data"),
+        ("UP", "proxy_on_upstream_data"),
+        ("DCLOSE", "proxy_on_downstream_connection_close"),
+    ] {
+        let plugin = load(&host, &[(slot, "unreachable")]).unwrap();
+        let result = plugin.stream(ConnectionInfo::default()).and_then(|mut s| {
+            s.downstream(b"a", false)?;
+            s.upstream(b"b", false)?;
+            s.close()
+        });
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, Error::Trap { callback: c, .. } if *c == callback),
+            "{slot}: {err}"
+        );
+        assert_serves(&good);
+        // The plugin still opens streams (the instance was rebuilt).
+        let stream = plugin.stream(ConnectionInfo::default());
+        if slot != "NEWCONN" {
+            drop(stream.unwrap());
+        }
+    }
+}
+
+#[test]
+fn malloc_returning_out_of_bounds_pointers_is_an_abi_error() {
+    let host = host();
+    let good = testguest(&host, "good");
+    let get_pairs = "(drop (call $pairs (i32.const 0) (i32.const 100) (i32.const 104)))";
+    for malloc in [
+        "(i32.const -16)",
+        // Straddles the end of memory.
+        "(i32.sub (i32.mul (memory.size) (i32.const 65536)) (i32.const 2))",
+        "(i32.const 0)",
+    ] {
+        let plugin = load(&host, &[("MALLOC", malloc), ("HEADERS", get_pairs)]).unwrap();
+        let err = plugin
+            .http_request(&request(&[(":path", "/a-long-enough-path")]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Guest {
+                    callback: "proxy_on_request_headers",
+                    ..
+                }
+            ),
+            "{malloc}: {err}"
+        );
+        assert_serves(&good);
+    }
+}
+
+#[test]
+fn a_hundred_mib_of_headers_hits_the_header_limit() {
+    let host = host();
+    let good = testguest(&host, "good");
+    // 100 x add_header_map_value with a 1 MiB value (the same bytes each time).
+    let bomb = "(local $i i32) (loop $l
+        (drop (call $add (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 1048576)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $l (i32.lt_u (local.get $i) (i32.const 100))))";
+    let plugin = load(&host, &[("HEADERS", bomb), ("PAGES", "17")]).unwrap();
+    let err = plugin
+        .http_request(&request(&[(":path", "/")]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Limit {
+                callback: "proxy_on_request_headers",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+    // set_header_map_pairs claiming 100 MiB.
+    let claim = "(drop (call $set_pairs (i32.const 0) (i32.const 0) (i32.const 104857600)))";
+    let plugin = load(&host, &[("HEADERS", claim)]).unwrap();
+    let err = plugin
+        .http_request(&request(&[(":path", "/")]))
+        .unwrap_err();
+    assert!(err.is_guest_fault(), "{err}");
+    assert_serves(&good);
+}
+
+#[test]
+fn unknown_import_is_refused_at_load_with_a_clear_error() {
+    let host = host();
+    let good = testguest(&host, "good");
+    let extra = r#"(import "env" "proxy_open_socket" (func $sock (param i32) (result i32)))"#;
+    let err = load(&host, &[("EXTRA_IMPORT", extra)]).unwrap_err();
+    match &err {
+        Error::Link(msg) => assert!(msg.contains("env.proxy_open_socket"), "{msg}"),
+        other => panic!("{other}"),
+    }
+    assert_serves(&good);
+}
+
+#[test]
+fn wasi_is_refused_by_default_and_locked_down_when_allowed() {
+    let extra = r#"(import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))"#;
+    let host = host();
+    let err = load(&host, &[("EXTRA_IMPORT", extra)]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Link(m) if m.contains("WASI") && m.contains("fd_write")),
+        "{err}"
+    );
+
+    let host = Host::new(HostConfig {
+        allow_wasi: true,
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    // path_open answers an errno (not success); the module adds it as a header value byte.
+    let headers = "(i32.store8 (i32.const 200) (i32.add (i32.const 48) (i32.rem_u (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 300)) (i32.const 10))))
+        (i32.store (i32.const 210) (i32.const 200)) (i32.store (i32.const 214) (i32.const 1))
+        (drop (call $w (i32.const 1) (i32.const 210) (i32.const 1) (i32.const 220)))
+        (drop (call $add (i32.const 0) (i32.const 200) (i32.const 1) (i32.const 200) (i32.const 1)))";
+    let plugin = load(&host, &[("EXTRA_IMPORT", extra), ("HEADERS", headers)]).unwrap();
+    let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    // ENOSYS = 52 -> 52 % 10 = 2 -> "2".
+    assert_eq!(out.header("2"), Some(&b"2"[..]));
+}
