@@ -4,7 +4,22 @@
 //! # Layout
 //!
 //! - `policy_cmd`: `altroute policy compile | check | test | explain`.
+//! - `config`: the relay configuration file, validated with every error at once.
+//! - `serve`: `altroute serve`, the daemon: listeners, session cap, graceful shutdown.
+//! - `inbound`: the SMTP handler: relay access control, `Received:`, into the spool.
+//! - `admin`: the admin HTTP endpoint (health, metrics, policy version).
+//! - `metrics`: the shared Prometheus registry.
 //!
 //! The binary (`src/main.rs`) only parses the command line and calls into this library.
 
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod delivery;
+pub mod demo;
+pub mod inbound;
+pub mod metrics;
 pub mod policy_cmd;
+pub mod policy_engine;
+pub mod reload;
+pub mod serve;

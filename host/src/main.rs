@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use altroute::policy_cmd::{self, PolicyCommand};
+use altroute::serve::{self, ServeArgs};
 
 /// altroute: an outbound mail relay whose routing decision is a sandboxed WebAssembly
 /// policy module.
@@ -20,6 +21,10 @@ enum Command {
     /// Compile, check, test and explain policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the relay: `altroute serve -c altroute.toml`.
+    Serve(ServeArgs),
+    /// Self-contained showcase on loopback: routes sample mail and prints each decision.
+    Demo,
 }
 
 fn main() -> ExitCode {
@@ -33,6 +38,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Serve(args) => serve::command(args),
+        Command::Demo => altroute::demo::run(),
     };
     match result {
         Ok(0) => ExitCode::SUCCESS,

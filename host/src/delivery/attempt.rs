@@ -1,0 +1,695 @@
+//! One delivery attempt for the due recipients of one message at one domain.
+//!
+//! plan (engine) -> resolve -> connect (MX preference order; refused or timed out: next)
+//! -> EHLO -> STARTTLS with a recording verifier (a failed handshake: reconnect in clear
+//! text and report "offered, none") -> verdict (engine) per recipient -> safety floor ->
+//! send; or, in the same attempt, reroute to the alternate secure host and ask again with
+//! `hop = alternate`; or defer / bounce.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use altroute_policy::{
+    CertStatus, Decision, Hop, HostTarget, Query, Route, Starttls, TlsRequirement, TlsVersion,
+};
+use altroute_queue::QueueEntry;
+use altroute_smtp::{Body, CertResult, Client, ClientConfig, Envelope, RecordingVerifier};
+
+use super::Ctx;
+use super::resolve::{Candidate, ResolveFailure};
+
+/// What happened to one recipient in this attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted by the next hop.
+    Delivered {
+        /// Host, address, route and TLS, for the queue record.
+        via: String,
+        /// The route it took (`direct`, `host`, `alternate`).
+        route: String,
+    },
+    /// Try again later.
+    Deferred {
+        /// The reply or reason.
+        reason: String,
+    },
+    /// Permanent failure (DSN to the sender).
+    Bounced {
+        /// The reply or reason.
+        reason: String,
+    },
+}
+
+/// A recipient being worked on: its index in the envelope and its plan query.
+#[derive(Clone)]
+struct Rcpt {
+    index: usize,
+    query: Query,
+    plan: Decision,
+}
+
+/// An established SMTP session and what was observed on it.
+struct Session {
+    client: Client<TcpStream>,
+    host: String,
+    addr: SocketAddr,
+    starttls: Starttls,
+    tls: TlsVersion,
+    cert: CertStatus,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Plans, connects, asks verdicts and sends for `indices` (all at `domain`).
+pub(crate) async fn deliver_domain(
+    ctx: &Ctx,
+    entry: &QueueEntry,
+    message: &[u8],
+    domain: &str,
+    indices: &[usize],
+) -> Vec<(usize, Outcome)> {
+    let env = &entry.envelope;
+    let mut out = Vec::new();
+    // Plan each recipient; group those that go the same way.
+    let mut direct = Vec::new();
+    let mut hosts: BTreeMap<(Hop, String), (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
+    for &index in indices {
+        let Some(recipient) = env.rcpt_to.get(index) else {
+            continue;
+        };
+        let mut query = Query::plan(&env.mail_from, recipient);
+        query.requiretls = env.requiretls;
+        query.tls_required_no = env.tls_required_no;
+        query.attempt = entry
+            .recipients
+            .get(index)
+            .map(|s| s.attempts())
+            .unwrap_or(0)
+            .saturating_add(1);
+        let plan = ctx.engine.decide_async(query.clone()).await;
+        count_decision(ctx, "plan", &plan);
+        let rcpt = Rcpt {
+            index,
+            query,
+            plan: plan.clone(),
+        };
+        match (plan.route, plan.host.clone()) {
+            (Route::Direct, _) => direct.push(rcpt),
+            (Route::Host, Some(h)) => push_host(&mut hosts, Hop::Host, h, rcpt),
+            (Route::Alternate, Some(h)) => push_host(&mut hosts, Hop::Alternate, h, rcpt),
+            (Route::Bounce, _) => {
+                log_decision(ctx, &rcpt, &plan, None, None, "bounced");
+                out.push((
+                    index,
+                    Outcome::Bounced {
+                        reason: reply_of(&plan),
+                    },
+                ));
+            }
+            _ => {
+                // Defer, or a route without its host: never guess a destination.
+                log_decision(ctx, &rcpt, &plan, None, None, "deferred");
+                out.push((
+                    index,
+                    Outcome::Deferred {
+                        reason: reply_of(&plan),
+                    },
+                ));
+            }
+        }
+    }
+    if !direct.is_empty() {
+        match ctx.resolver.mail_hosts(domain).await {
+            Ok(candidates) => {
+                out.extend(
+                    run_hop(
+                        ctx,
+                        entry,
+                        message,
+                        Hop::Direct,
+                        candidates,
+                        ctx.settings.smtp_port,
+                        direct,
+                    )
+                    .await,
+                );
+            }
+            Err(failure) => out.extend(resolve_failed(ctx, &direct, failure)),
+        }
+    }
+    for ((hop, _), (target, rcpts)) in hosts {
+        match ctx.resolver.host_target(&target).await {
+            Ok(candidates) => {
+                out.extend(run_hop(ctx, entry, message, hop, candidates, target.port, rcpts).await)
+            }
+            Err(failure) => out.extend(resolve_failed(ctx, &rcpts, failure)),
+        }
+    }
+    out
+}
+
+fn push_host(
+    hosts: &mut BTreeMap<(Hop, String), (HostTarget, Vec<Rcpt>)>,
+    hop: Hop,
+    target: HostTarget,
+    rcpt: Rcpt,
+) {
+    hosts
+        .entry((hop, target.name.clone()))
+        .or_insert_with(|| (target, Vec::new()))
+        .1
+        .push(rcpt);
+}
+
+fn resolve_failed(ctx: &Ctx, rcpts: &[Rcpt], failure: ResolveFailure) -> Vec<(usize, Outcome)> {
+    rcpts
+        .iter()
+        .map(|r| {
+            let outcome = match &failure {
+                ResolveFailure::Permanent(why) => Outcome::Bounced {
+                    reason: format!("550 5.1.2 {why}"),
+                },
+                ResolveFailure::Temporary(why) => Outcome::Deferred {
+                    reason: format!("451 4.4.3 {why}"),
+                },
+            };
+            tracing::info!(
+                target: "altroute::decision",
+                recipient = %r.query.recipient,
+                policy_version = %r.plan.policy_version,
+                rule = %r.plan.rule,
+                route = %r.plan.route,
+                result = "dns-failure",
+                outcome = ?outcome,
+                "destination not resolved"
+            );
+            journal_failure(ctx, r, "dns-failure", &outcome);
+            (r.index, outcome)
+        })
+        .collect()
+}
+
+/// Boxed because a hop may recurse once (to the alternate host).
+type HopFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>;
+
+/// Connects to the first reachable candidate for `hop`, asks a verdict per recipient and
+/// acts on it. From a direct or host hop, recipients whose verdict is `alternate` are
+/// taken to the alternate host in this same attempt.
+fn run_hop<'a>(
+    ctx: &'a Ctx,
+    entry: &'a QueueEntry,
+    message: &'a [u8],
+    hop: Hop,
+    candidates: Vec<Candidate>,
+    port: u16,
+    rcpts: Vec<Rcpt>,
+) -> HopFuture<'a> {
+    Box::pin(async move {
+        let env = &entry.envelope;
+        let mut out = Vec::new();
+        let session = match connect_any(ctx, entry, &candidates, port, hop).await {
+            Ok(s) => s,
+            Err(why) => {
+                for r in &rcpts {
+                    tracing::info!(
+                        target: "altroute::decision",
+                        recipient = %r.query.recipient,
+                        policy_version = %r.plan.policy_version,
+                        rule = %r.plan.rule,
+                        hop = %hop,
+                        result = "connection-failed",
+                        reason = %why,
+                        "no next hop reachable: deferred"
+                    );
+                    let outcome = Outcome::Deferred {
+                        reason: format!("451 4.4.1 {why}"),
+                    };
+                    journal_failure(ctx, r, "connection-failed", &outcome);
+                    out.push((
+                        r.index,
+                        Outcome::Deferred {
+                            reason: format!("451 4.4.1 {why}"),
+                        },
+                    ));
+                }
+                return out;
+            }
+        };
+        ctx.metrics.tls_result(observed_label(&session));
+
+        let mut send: Vec<(Rcpt, Decision)> = Vec::new();
+        let mut reroute: BTreeMap<String, (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
+        for r in rcpts {
+            let q = r.query.clone().verdict(
+                hop,
+                &session.host,
+                session.starttls,
+                session.tls,
+                session.cert,
+            );
+            let d = ctx.engine.decide_async(q).await;
+            count_decision(ctx, "verdict", &d);
+            if d.proceeds_on(hop) {
+                // The safety floor: outside the module, whatever it said.
+                if let Err(why) = floor(env.requiretls, &r.plan, &d, session.tls, session.cert) {
+                    ctx.metrics.safety_floor_violations.inc();
+                    tracing::error!(
+                        target: "altroute::decision",
+                        recipient = %r.query.recipient,
+                        policy_version = %d.policy_version,
+                        rule = %d.rule,
+                        route = %d.route,
+                        hop = %hop,
+                        mx = %session.host,
+                        tls = %session.tls,
+                        cert = %session.cert,
+                        result = %d.result,
+                        "safety floor violation: {why}; deferred"
+                    );
+                    log_decision(
+                        ctx,
+                        &r,
+                        &d,
+                        Some(hop),
+                        Some(&session),
+                        "deferred-safety-floor",
+                    );
+                    out.push((
+                        r.index,
+                        Outcome::Deferred {
+                            reason: format!("451 4.7.10 {why}"),
+                        },
+                    ));
+                    continue;
+                }
+                send.push((r, d));
+                continue;
+            }
+            match (d.route, &d.host) {
+                (Route::Alternate, Some(target)) if hop != Hop::Alternate => {
+                    log_decision(ctx, &r, &d, Some(hop), Some(&session), "rerouted");
+                    reroute
+                        .entry(target.name.clone())
+                        .or_insert_with(|| (target.clone(), Vec::new()))
+                        .1
+                        .push(r);
+                }
+                (Route::Bounce, _) => {
+                    log_decision(ctx, &r, &d, Some(hop), Some(&session), "bounced");
+                    out.push((
+                        r.index,
+                        Outcome::Bounced {
+                            reason: reply_of(&d),
+                        },
+                    ));
+                }
+                _ => {
+                    log_decision(ctx, &r, &d, Some(hop), Some(&session), "deferred");
+                    out.push((
+                        r.index,
+                        Outcome::Deferred {
+                            reason: reply_of(&d),
+                        },
+                    ));
+                }
+            }
+        }
+
+        let mut session = session;
+        if !send.is_empty() {
+            out.extend(send_to(ctx, env, message, hop, &mut session, send).await);
+        }
+        let Session { client, .. } = session;
+        // Nothing else to say to this host: QUIT (errors only mean it hung up first).
+        let _ = client.quit().await;
+
+        for (_, (target, rcpts)) in reroute {
+            match ctx.resolver.host_target(&target).await {
+                Ok(candidates) => out.extend(
+                    run_hop(
+                        ctx,
+                        entry,
+                        message,
+                        Hop::Alternate,
+                        candidates,
+                        target.port,
+                        rcpts,
+                    )
+                    .await,
+                ),
+                Err(failure) => out.extend(resolve_failed(ctx, &rcpts, failure)),
+            }
+        }
+        out
+    })
+}
+
+/// The relay's own floor under the module: mail that requires TLS goes only over a
+/// connection that meets the strictest requirement of the plan, the verdict and
+/// REQUIRETLS (RFC 8689: TLS 1.2+, trusted certificate naming the host).
+fn floor(
+    requiretls: bool,
+    plan: &Decision,
+    verdict: &Decision,
+    tls: TlsVersion,
+    cert: CertStatus,
+) -> Result<(), String> {
+    let mut req = verdict.tls;
+    if plan.route.hop() == verdict.route.hop() {
+        req = req.max(plan.tls);
+    } else if plan.tls.required {
+        // Rerouted: the alternate hop's own requirement applies, but it can never make
+        // mail that required TLS go without it.
+        req = req.max(TlsRequirement {
+            required: true,
+            ..plan.tls
+        });
+    }
+    if requiretls {
+        req = req.max(TlsRequirement::STRICT);
+    }
+    if req.required && !req.met_by(tls, cert) {
+        return Err(format!(
+            "TLS required (min {}, verify {}) but the connection has TLS {tls} with certificate {cert}",
+            req.min, req.verify
+        ));
+    }
+    Ok(())
+}
+
+async fn send_to(
+    ctx: &Ctx,
+    env: &altroute_queue::Envelope,
+    message: &[u8],
+    hop: Hop,
+    session: &mut Session,
+    send: Vec<(Rcpt, Decision)>,
+) -> Vec<(usize, Outcome)> {
+    let envelope = Envelope {
+        mail_from: env.mail_from.clone(),
+        requiretls: env.requiretls,
+        body: if message.iter().any(|b| *b >= 0x80) {
+            Body::EightBitMime
+        } else {
+            Body::SevenBit
+        },
+        smtputf8: false,
+        size: Some(message.len() as u64),
+        env_id: env.env_id.clone(),
+        rcpt_to: send
+            .iter()
+            .map(|(r, _)| r.query.recipient.clone())
+            .collect(),
+    };
+    let via = format!(
+        "{hop} {}[{}] tls={}",
+        session.host,
+        session.addr.ip(),
+        session.tls
+    );
+    let result = session.client.send(&envelope, message).await;
+    let mut out = Vec::new();
+    for (i, (r, d)) in send.iter().enumerate() {
+        let outcome = match &result {
+            Ok(delivery) => {
+                let rcpt_reply = delivery.rcpt.get(i).map(|(_, reply)| reply);
+                match (rcpt_reply, &delivery.data) {
+                    (Some(rr), _) if !rr.is_positive() => reply_outcome(rr),
+                    (Some(_), Some(data)) if data.is_positive() => Outcome::Delivered {
+                        via: via.clone(),
+                        route: d.route.to_string(),
+                    },
+                    (Some(_), Some(data)) => reply_outcome(data),
+                    _ => Outcome::Deferred {
+                        reason: "451 4.4.2 no reply to DATA".to_string(),
+                    },
+                }
+            }
+            Err(altroute_smtp::Error::Permanent(reply)) => reply_outcome(reply),
+            Err(altroute_smtp::Error::Transient(reply)) => reply_outcome(reply),
+            Err(altroute_smtp::Error::MissingExtension("REQUIRETLS")) => Outcome::Bounced {
+                // RFC 8689 §4.2.1: a hop that does not support REQUIRETLS cannot take it.
+                reason: format!(
+                    "550 5.7.30 REQUIRETLS support required but {} does not offer it",
+                    session.host
+                ),
+            },
+            Err(e) => Outcome::Deferred {
+                reason: format!("451 4.4.2 {}: {e}", session.host),
+            },
+        };
+        let label = match &outcome {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Deferred { .. } => "deferred",
+            Outcome::Bounced { .. } => "bounced",
+        };
+        log_decision(ctx, r, d, Some(hop), Some(session), label);
+        out.push((r.index, outcome));
+    }
+    out
+}
+
+fn reply_outcome(reply: &altroute_smtp::Reply) -> Outcome {
+    let reason = reply.to_string().trim().to_string();
+    if reply.is_permanent() {
+        Outcome::Bounced { reason }
+    } else {
+        Outcome::Deferred { reason }
+    }
+}
+
+/// The peer address the message came from, if `received_from` names one (loop check).
+fn received_ip(received_from: Option<&str>) -> Option<IpAddr> {
+    let s = received_from?.trim();
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    // Forms like "helo.name [192.0.2.1]" or "[192.0.2.1]:25".
+    let start = s.find('[')?;
+    let end = s[start..].find(']')? + start;
+    s.get(start + 1..end)?.parse().ok()
+}
+
+async fn connect_any(
+    ctx: &Ctx,
+    entry: &QueueEntry,
+    candidates: &[Candidate],
+    port: u16,
+    hop: Hop,
+) -> Result<Session, String> {
+    let from = received_ip(entry.envelope.received_from.as_deref());
+    let mut errors = Vec::new();
+    for cand in candidates {
+        for &ip in &cand.addrs {
+            let addr = SocketAddr::new(ip, port);
+            if Some(ip) == from {
+                // Sending it back where it came from would be a mail loop.
+                errors.push(format!(
+                    "{} [{ip}] is where the message came from (loop)",
+                    cand.name
+                ));
+                continue;
+            }
+            let permit = match ctx.destination(&cand.name).acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
+            match open(ctx, &cand.name, addr).await {
+                Ok(client) => {
+                    return establish(ctx, client, &cand.name, addr, hop, permit).await;
+                }
+                Err(e) => {
+                    ctx.metrics.connection_failures.inc();
+                    tracing::debug!(host = %cand.name, %addr, error = %e, "connection failed, trying the next host");
+                    errors.push(format!("{} [{addr}]: {e}", cand.name));
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        errors.push("no address to connect to".to_string());
+    }
+    Err(errors.join("; "))
+}
+
+/// TCP connect (with the connect timeout), greeting and EHLO.
+async fn open(ctx: &Ctx, name: &str, addr: SocketAddr) -> Result<Client<TcpStream>, String> {
+    let stream = tokio::time::timeout(ctx.settings.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connection timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut config = ClientConfig::new(ctx.settings.helo.clone());
+    config.command_timeout = ctx.settings.command_timeout;
+    Client::connect(stream, config)
+        .await
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+/// STARTTLS when offered, recording the certificate verdict. A failed handshake: the
+/// session is lost, so reconnect in clear text and report "offered, no TLS".
+async fn establish(
+    ctx: &Ctx,
+    mut client: Client<TcpStream>,
+    name: &str,
+    addr: SocketAddr,
+    hop: Hop,
+    permit: OwnedSemaphorePermit,
+) -> Result<Session, String> {
+    let plain = |client, starttls, permit| Session {
+        client,
+        host: name.to_string(),
+        addr,
+        starttls,
+        tls: TlsVersion::None,
+        cert: CertStatus::None,
+        _permit: permit,
+    };
+    if !client.capabilities().starttls {
+        return Ok(plain(client, Starttls::Absent, permit));
+    }
+    let server_name = match ServerName::try_from(name.to_string()) {
+        Ok(n) => n,
+        Err(e) => return Err(format!("{name} is not a valid TLS server name: {e}")),
+    };
+    let attempt = async {
+        let verifier = RecordingVerifier::new(ctx.roots.clone()).map_err(|e| e.to_string())?;
+        let config = verifier.client_config().map_err(|e| e.to_string())?;
+        let outcome = client
+            .starttls(Arc::new(config), server_name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((outcome, verifier.result()))
+    };
+    match attempt.await {
+        Ok((outcome, verdict)) => {
+            let tls = match outcome.version {
+                Some(rustls::ProtocolVersion::TLSv1_3) => TlsVersion::V1_3,
+                Some(rustls::ProtocolVersion::TLSv1_2) => TlsVersion::V1_2,
+                _ => TlsVersion::None,
+            };
+            let cert = match verdict {
+                Some(CertResult::Valid) => CertStatus::Valid,
+                Some(CertResult::Expired) => CertStatus::Expired,
+                Some(CertResult::HostnameMismatch) => CertStatus::HostnameMismatch,
+                // Untrusted, or anything the verifier could not classify: not trusted.
+                Some(_) | None => CertStatus::Untrusted,
+            };
+            Ok(Session {
+                client,
+                host: name.to_string(),
+                addr,
+                starttls: Starttls::Offered,
+                tls,
+                cert,
+                _permit: permit,
+            })
+        }
+        Err(e) => {
+            tracing::info!(host = %name, %addr, %hop, error = %e, "STARTTLS failed; reconnecting without TLS for the verdict");
+            drop(client);
+            let client = open(ctx, name, addr).await?;
+            Ok(plain(client, Starttls::Offered, permit))
+        }
+    }
+}
+
+fn observed_label(s: &Session) -> &'static str {
+    match (s.starttls, s.tls, s.cert) {
+        (Starttls::Absent, _, _) => "starttls-not-supported",
+        (Starttls::Offered, TlsVersion::None, _) => "validation-failure",
+        (_, _, CertStatus::Valid) => "success",
+        (_, _, CertStatus::Expired) => "certificate-expired",
+        (_, _, CertStatus::HostnameMismatch) => "certificate-host-mismatch",
+        (_, _, CertStatus::Untrusted | CertStatus::None) => "certificate-not-trusted",
+    }
+}
+
+fn reply_of(d: &Decision) -> String {
+    d.reply.clone().unwrap_or_else(|| match d.route {
+        Route::Bounce => format!("550 5.7.10 {}", d.reason),
+        _ => format!("451 4.7.0 {}", d.reason),
+    })
+}
+
+fn count_decision(ctx: &Ctx, phase: &str, d: &Decision) {
+    if d.rule == "fault" {
+        ctx.metrics.policy_faults.inc();
+    }
+    ctx.metrics.decision(
+        phase,
+        d.route.to_string().as_str(),
+        d.result.to_string().as_str(),
+    );
+}
+
+/// A journal record for a recipient that failed before any verdict.
+fn journal_failure(ctx: &Ctx, r: &Rcpt, result: &str, outcome: &Outcome) {
+    let (route, label) = match outcome {
+        Outcome::Bounced { .. } => ("bounce", "bounced"),
+        _ => ("defer", "deferred"),
+    };
+    ctx.journal.push(super::DecisionRecord {
+        recipient: r.query.recipient.clone(),
+        route: route.to_string(),
+        hop: "-".to_string(),
+        host: "-".to_string(),
+        tls: "none".to_string(),
+        cert: "none".to_string(),
+        result: result.to_string(),
+        rule: r.plan.rule.clone(),
+        policy_version: r.plan.policy_version.clone(),
+        outcome: label.to_string(),
+    });
+}
+
+/// The one structured line per recipient decision, also kept in the journal.
+fn log_decision(
+    ctx: &Ctx,
+    r: &Rcpt,
+    d: &Decision,
+    hop: Option<Hop>,
+    s: Option<&Session>,
+    outcome: &str,
+) {
+    ctx.journal.push(super::DecisionRecord {
+        recipient: r.query.recipient.clone(),
+        route: d.route.to_string(),
+        hop: hop
+            .map(|h| h.to_string())
+            .unwrap_or_else(|| "-".to_string()),
+        host: s.map(|s| s.host.clone()).unwrap_or_else(|| "-".to_string()),
+        tls: s
+            .map(|s| s.tls.to_string())
+            .unwrap_or_else(|| "none".to_string()),
+        cert: s
+            .map(|s| s.cert.to_string())
+            .unwrap_or_else(|| "none".to_string()),
+        result: d.result.to_string(),
+        rule: d.rule.clone(),
+        policy_version: d.policy_version.clone(),
+        outcome: outcome.to_string(),
+    });
+    tracing::info!(
+        target: "altroute::decision",
+        recipient = %r.query.recipient,
+        policy_version = %d.policy_version,
+        rule = %d.rule,
+        route = %d.route,
+        hop = %hop.map(|h| h.to_string()).unwrap_or_else(|| "-".to_string()),
+        mx = %s.map(|s| s.host.as_str()).unwrap_or("-"),
+        tls = %s.map(|s| s.tls.to_string()).unwrap_or_else(|| "none".to_string()),
+        cert = %s.map(|s| s.cert.to_string()).unwrap_or_else(|| "none".to_string()),
+        result = %d.result,
+        outcome,
+        reason = %d.reason,
+        "decision"
+    );
+}

@@ -1,0 +1,229 @@
+//! Delivery status notifications (RFC 3464): a `multipart/report;
+//! report-type=delivery-status` message to the sender for recipients that bounced or
+//! whose queue lifetime ran out. Sent with the null sender `<>`, and never for a message
+//! that itself has the null sender (no DSN for a DSN, RFC 3461 §6.2).
+
+use altroute_queue::{Envelope, Timestamp};
+
+/// One recipient that failed for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The recipient address.
+    pub recipient: String,
+    /// The last reply or reason (an SMTP reply when there was one).
+    pub reason: String,
+    /// True when the queue lifetime ran out (the failures were temporary).
+    pub expired: bool,
+}
+
+impl Failure {
+    /// The RFC 3463 status: the enhanced code in the reason if it has a 5.x.x one,
+    /// `4.4.7` (delivery time expired) for expiry, `5.0.0` otherwise.
+    pub fn status(&self) -> String {
+        if self.expired {
+            return "4.4.7".to_string();
+        }
+        self.reason
+            .split_ascii_whitespace()
+            .take(3)
+            .find(|w| {
+                let parts: Vec<&str> = w.split('.').collect();
+                parts.len() == 3
+                    && parts[0] == "5"
+                    && parts
+                        .iter()
+                        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .map(str::to_string)
+            .unwrap_or_else(|| "5.0.0".to_string())
+    }
+}
+
+/// Builds the DSN for `failures` of the message (`envelope`, `original`) and its
+/// envelope, or `None` when the message had the null sender.
+pub fn build(
+    reporting_mta: &str,
+    envelope: &Envelope,
+    original: &[u8],
+    failures: &[Failure],
+    now: Timestamp,
+    unique: &str,
+) -> Option<(Envelope, Vec<u8>)> {
+    if envelope.mail_from.is_empty() || failures.is_empty() {
+        return None;
+    }
+    let boundary = format!("altroute-dsn-{unique}");
+    let date = rfc5322_date(now);
+    let mut m = String::new();
+    m.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n"
+    ));
+    m.push_str(&format!("To: <{}>\r\n", envelope.mail_from));
+    m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    m.push_str(&format!("Date: {date}\r\n"));
+    m.push_str(&format!("Message-ID: <{unique}.dsn@{reporting_mta}>\r\n"));
+    m.push_str("Auto-Submitted: auto-replied\r\n");
+    m.push_str("MIME-Version: 1.0\r\n");
+    m.push_str(&format!(
+        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n"
+    ));
+    m.push_str("\r\n");
+    m.push_str("This is a MIME-encapsulated delivery status notification.\r\n");
+
+    // Human-readable part.
+    m.push_str(&format!("\r\n--{boundary}\r\n"));
+    m.push_str("Content-Type: text/plain; charset=us-ascii\r\n\r\n");
+    m.push_str(&format!(
+        "This is the mail system at {reporting_mta}.\r\n\r\nYour message could not be delivered to the following recipients:\r\n\r\n"
+    ));
+    for f in failures {
+        let why = if f.expired {
+            format!("gave up after the queue lifetime; last error: {}", f.reason)
+        } else {
+            f.reason.clone()
+        };
+        m.push_str(&format!("<{}>: {}\r\n", f.recipient, ascii_line(&why)));
+    }
+
+    // Machine-readable part.
+    m.push_str(&format!("\r\n--{boundary}\r\n"));
+    m.push_str("Content-Type: message/delivery-status\r\n\r\n");
+    m.push_str(&format!("Reporting-MTA: dns; {reporting_mta}\r\n"));
+    if let Some(id) = &envelope.env_id {
+        m.push_str(&format!("Original-Envelope-Id: {}\r\n", ascii_line(id)));
+    }
+    if envelope.received_at > 0 {
+        m.push_str(&format!(
+            "Arrival-Date: {}\r\n",
+            rfc5322_date(envelope.received_at)
+        ));
+    }
+    for f in failures {
+        m.push_str("\r\n");
+        m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", f.recipient));
+        m.push_str("Action: failed\r\n");
+        m.push_str(&format!("Status: {}\r\n", f.status()));
+        m.push_str(&format!(
+            "Diagnostic-Code: smtp; {}\r\n",
+            ascii_line(&f.reason)
+        ));
+        m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
+        if f.expired {
+            m.push_str(&format!("Will-Retry-Until: {date}\r\n"));
+        }
+    }
+
+    // The original headers (RFC 3462 text/rfc822-headers).
+    m.push_str(&format!("\r\n--{boundary}\r\n"));
+    m.push_str("Content-Type: text/rfc822-headers\r\n\r\n");
+    let headers_end = find(original, b"\r\n\r\n")
+        .map(|i| i + 2)
+        .unwrap_or(original.len());
+    let mut body = m.into_bytes();
+    body.extend_from_slice(original.get(..headers_end).unwrap_or(original));
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+
+    let mut dsn_env = Envelope::new("", vec![envelope.mail_from.clone()]);
+    dsn_env.received_from = Some(format!("dsn@{reporting_mta}"));
+    Some((dsn_env, body))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A reason as one printable ASCII line (header fields must not break).
+fn ascii_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect()
+}
+
+/// `Tue, 01 Jul 2025 10:00:00 +0000` for a Unix time (UTC).
+pub fn rfc5322_date(t: Timestamp) -> String {
+    let days = t / 86_400;
+    let secs = t % 86_400;
+    let (y, mo, d) = civil_from_days(days as i64);
+    // 1970-01-01 was a Thursday.
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(mo - 1) as usize];
+    format!(
+        "{weekday}, {d:02} {month} {y} {:02}:{:02}:{:02} +0000",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month 1-12, day 1-31), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date(1_700_000_000),
+            "Tue, 14 Nov 2023 22:13:20 +0000"
+        );
+        assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn dsn_shape_and_no_dsn_for_dsn() {
+        let mut env = Envelope::new("alice@corp.example", vec!["bob@partner.example".into()]);
+        env.received_at = 1_700_000_000;
+        let failures = [Failure {
+            recipient: "bob@partner.example".into(),
+            reason: "550 5.7.10 TLS required for this recipient but unavailable".into(),
+            expired: false,
+        }];
+        let original = b"Subject: hi\r\nFrom: alice@corp.example\r\n\r\nsecret body\r\n";
+        let (dsn_env, dsn) = build(
+            "relay.example",
+            &env,
+            original,
+            &failures,
+            1_700_000_100,
+            "x1",
+        )
+        .unwrap();
+        assert_eq!(dsn_env.mail_from, "");
+        assert_eq!(dsn_env.rcpt_to, vec!["alice@corp.example".to_string()]);
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(text.contains("report-type=delivery-status"));
+        assert!(text.contains("Final-Recipient: rfc822; bob@partner.example\r\n"));
+        assert!(text.contains("Status: 5.7.10\r\n"));
+        assert!(text.contains("Subject: hi\r\n"));
+        assert!(
+            !text.contains("secret body"),
+            "only the headers are returned"
+        );
+        let null = Envelope::new("", vec!["x@y".into()]);
+        assert!(build("r", &null, original, &failures, 0, "x2").is_none());
+    }
+}

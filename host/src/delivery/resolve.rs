@@ -1,0 +1,203 @@
+//! Where a domain's mail goes: MX records in preference order, then each host's A/AAAA
+//! addresses (RFC 5321 §5.1), with hickory-resolver pointed at the configured server.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+
+use altroute_policy::HostTarget;
+
+use super::DeliveryError;
+
+/// One host to try, with its addresses in the order to try them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Host name (no trailing dot), or an IP literal. The TLS server name to verify.
+    pub name: String,
+    /// MX preference (0 for hosts that did not come from MX records).
+    pub preference: u16,
+    /// Addresses of the host.
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Why a destination could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolveFailure {
+    /// The domain does not exist, or publishes a null MX (RFC 7505): permanent.
+    Permanent(String),
+    /// Anything else (timeouts, SERVFAIL, hosts without addresses): try again later.
+    Temporary(String),
+}
+
+/// The relay's DNS resolver.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: TokioResolver,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver").finish_non_exhaustive()
+    }
+}
+
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    }
+}
+
+impl Resolver {
+    /// A resolver asking only `server` (UDP, then TCP), or the system's resolvers
+    /// (`/etc/resolv.conf`) when `None`.
+    pub fn new(server: Option<SocketAddr>) -> Result<Resolver, DeliveryError> {
+        let builder = match server {
+            Some(addr) => {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                let config = ResolverConfig::from_parts(
+                    None,
+                    vec![],
+                    vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
+                );
+                TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            }
+            None => TokioResolver::builder_tokio()
+                .map_err(|e| DeliveryError::Resolver(e.to_string()))?,
+        };
+        let inner = builder
+            .build()
+            .map_err(|e| DeliveryError::Resolver(e.to_string()))?;
+        Ok(Resolver { inner })
+    }
+
+    /// The hosts that receive mail for `domain`: its MX hosts by preference, or the
+    /// domain itself when it has no MX records (implicit MX, RFC 5321 §5.1).
+    pub async fn mail_hosts(&self, domain: &str) -> Result<Vec<Candidate>, ResolveFailure> {
+        let mut mx: Vec<(u16, String)> = match self.inner.mx_lookup(fqdn(domain)).await {
+            Ok(lookup) => lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::MX(mx) => Some((
+                        mx.preference,
+                        mx.exchange.to_ascii().trim_end_matches('.').to_string(),
+                    )),
+                    _ => None,
+                })
+                .collect(),
+            Err(e) if e.is_nx_domain() => {
+                return Err(ResolveFailure::Permanent(format!(
+                    "domain {domain} does not exist"
+                )));
+            }
+            Err(e) if e.is_no_records_found() => Vec::new(),
+            Err(e) => {
+                return Err(ResolveFailure::Temporary(format!(
+                    "MX lookup for {domain} failed: {e}"
+                )));
+            }
+        };
+        if mx.is_empty() {
+            let addrs = self.addresses(domain).await?;
+            return Ok(vec![Candidate {
+                name: domain.to_string(),
+                preference: 0,
+                addrs,
+            }]);
+        }
+        // RFC 7505: a single MX with an empty exchange means "no mail accepted".
+        if mx.len() == 1 && mx.iter().all(|(_, h)| h.is_empty()) {
+            return Err(ResolveFailure::Permanent(format!(
+                "domain {domain} accepts no mail (null MX)"
+            )));
+        }
+        mx.sort();
+        let mut out = Vec::new();
+        let mut last_error = None;
+        for (preference, name) in mx {
+            match self.addresses(&name).await {
+                Ok(addrs) => out.push(Candidate {
+                    name,
+                    preference,
+                    addrs,
+                }),
+                Err(ResolveFailure::Temporary(e) | ResolveFailure::Permanent(e)) => {
+                    last_error = Some(e)
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(ResolveFailure::Temporary(last_error.unwrap_or_else(|| {
+                format!("no MX host of {domain} has an address")
+            })));
+        }
+        Ok(out)
+    }
+
+    /// A/AAAA addresses of `host` (an IP literal resolves to itself).
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveFailure> {
+        if let Ok(ip) = host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<IpAddr>()
+        {
+            return Ok(vec![ip]);
+        }
+        match self.inner.lookup_ip(fqdn(host)).await {
+            Ok(lookup) => {
+                let addrs: Vec<IpAddr> = lookup.iter().collect();
+                if addrs.is_empty() {
+                    Err(ResolveFailure::Temporary(format!("{host} has no address")))
+                } else {
+                    Ok(addrs)
+                }
+            }
+            Err(e) if e.is_nx_domain() => {
+                Err(ResolveFailure::Temporary(format!("{host} does not exist")))
+            }
+            Err(e) => Err(ResolveFailure::Temporary(format!(
+                "address lookup for {host} failed: {e}"
+            ))),
+        }
+    }
+
+    /// The hosts of a policy host (static route or alternate secure route): its addresses
+    /// in order (primary, then secondary), each resolved, or their MX hosts when
+    /// `mx_lookup` is set.
+    pub async fn host_target(&self, target: &HostTarget) -> Result<Vec<Candidate>, ResolveFailure> {
+        let mut out = Vec::new();
+        let mut last_error = None;
+        for address in &target.addresses {
+            let found = if target.mx_lookup {
+                self.mail_hosts(address).await
+            } else {
+                self.addresses(address).await.map(|addrs| {
+                    vec![Candidate {
+                        name: address.clone(),
+                        preference: 0,
+                        addrs,
+                    }]
+                })
+            };
+            match found {
+                Ok(c) => out.extend(c),
+                Err(ResolveFailure::Temporary(e) | ResolveFailure::Permanent(e)) => {
+                    last_error = Some(e)
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(ResolveFailure::Temporary(
+                last_error.unwrap_or_else(|| format!("host {} has no address", target.name)),
+            ));
+        }
+        Ok(out)
+    }
+}

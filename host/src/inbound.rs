@@ -1,0 +1,262 @@
+//! The inbound SMTP handler: who may relay, and into the spool.
+//!
+//! A client may relay when its address is in `relay.allow_networks`, or it presented a
+//! client certificate that verified against `relay.client_ca` (the TLS verifier aborts the
+//! handshake on any other certificate, so a certificate in the session means a verified
+//! one), or it authenticated with SMTP AUTH over TLS against `relay.users_file`. Anyone
+//! else gets `550 5.7.1 Relaying denied` for every recipient: never an open relay.
+//!
+//! At the end of DATA the message gets a `Received:` trace field and is stored with
+//! [`Spool::store`]; the client gets `250` with the queue id only when the store returned
+//! `Ok` (the message is then on stable storage). Disk full answers
+//! `452 4.3.1 Insufficient system storage`, any other spool error `451 4.3.0`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use altroute_queue::Spool;
+use altroute_smtp::{Envelope, Handler, Reply, SessionInfo};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// The relay's [`Handler`].
+#[derive(Debug)]
+pub struct Inbound {
+    hostname: String,
+    allow_networks: Vec<IpNet>,
+    client_certs: bool,
+    users: Vec<(String, [u8; 32])>,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+}
+
+impl Inbound {
+    /// A handler storing into `spool` with the access rules of `config.relay`.
+    pub fn new(config: &Config, spool: Spool, metrics: Arc<Metrics>) -> Inbound {
+        Inbound {
+            hostname: config.server.hostname.clone(),
+            allow_networks: config.relay.allow_networks.clone(),
+            client_certs: config.relay.client_ca.is_some(),
+            users: config.relay.users.clone(),
+            spool,
+            metrics,
+        }
+    }
+
+    fn allowed_address(&self, ip: IpAddr) -> bool {
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+impl Handler for Inbound {
+    fn may_relay(&self, session: &SessionInfo) -> bool {
+        let by_cert = self.client_certs
+            && session
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_cert_der.is_some());
+        let allowed = by_cert || session.auth.is_some() || self.allowed_address(session.peer.ip());
+        if !allowed {
+            self.metrics.reject_rcpt("relay_denied");
+            tracing::info!(peer = %session.peer, "relaying denied");
+        }
+        allowed
+    }
+
+    async fn authenticate(
+        &self,
+        _session: &SessionInfo,
+        authcid: &str,
+        password: &str,
+    ) -> Option<String> {
+        let hash: [u8; 32] = Sha256::digest(password.as_bytes()).into();
+        // Compare every byte of every entry so timing does not tell how much matched.
+        let mut found = None;
+        for (user, stored) in &self.users {
+            let same = stored
+                .iter()
+                .zip(hash.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+            if same && user == authcid {
+                found = Some(user.clone());
+            }
+        }
+        found
+    }
+
+    async fn data(&self, session: &SessionInfo, envelope: &Envelope, message: Vec<u8>) -> Reply {
+        let mut env =
+            altroute_queue::Envelope::new(envelope.mail_from.clone(), envelope.rcpt_to.clone());
+        env.requiretls = envelope.requiretls;
+        env.tls_required_no = has_tls_required_no(&message);
+        env.received_from = Some(session.peer.ip().to_string());
+        env.env_id = envelope.env_id.clone();
+
+        let trace = received_field(&self.hostname, session, envelope);
+        let mut stored = Vec::with_capacity(trace.len() + message.len());
+        stored.extend_from_slice(trace.as_bytes());
+        stored.extend_from_slice(&message);
+        let size = stored.len() as u64;
+
+        match self.spool.store(env, stored).await {
+            Ok(id) => {
+                self.metrics.accepted.inc();
+                self.metrics.accepted_bytes.inc_by(size);
+                tracing::debug!(%id, peer = %session.peer, size, "message queued");
+                Reply::new(250, (2, 0, 0), format!("Ok: queued as {id}"))
+            }
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(error = %e, peer = %session.peer, "spool store failed");
+                if e.is_disk_full() {
+                    self.metrics.reject_message("disk_full");
+                    Reply::new(452, (4, 3, 1), "Insufficient system storage")
+                } else {
+                    self.metrics.reject_message("store_error");
+                    Reply::new(451, (4, 3, 0), "Temporary local problem, try again later")
+                }
+            }
+        }
+    }
+}
+
+/// Does the header section carry `TLS-Required: No` (RFC 8689 section 5)? Field names and
+/// the value compare case-insensitively; folded values are unfolded.
+pub fn has_tls_required_no(message: &[u8]) -> bool {
+    let mut current: Option<Vec<u8>> = None;
+    let check = |field: &[u8]| -> bool {
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        let (name, value) = field.split_at(colon);
+        let value = value.get(1..).unwrap_or(&[]);
+        name.trim_ascii().eq_ignore_ascii_case(b"TLS-Required")
+            && value.trim_ascii().eq_ignore_ascii_case(b"No")
+    };
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            if let Some(f) = current.as_mut() {
+                f.push(b' ');
+                f.extend_from_slice(line.trim_ascii());
+            }
+            continue;
+        }
+        if let Some(f) = current.take()
+            && check(&f)
+        {
+            return true;
+        }
+        current = Some(line.to_vec());
+    }
+    current.is_some_and(|f| check(&f))
+}
+
+/// The `Received:` trace field (RFC 5321 section 4.4) we prepend, CRLF-terminated.
+fn received_field(hostname: &str, session: &SessionInfo, envelope: &Envelope) -> String {
+    // RFC 3848 protocol names.
+    let protocol = match (session.tls.is_some(), session.auth.is_some()) {
+        (false, false) => "ESMTP",
+        (true, false) => "ESMTPS",
+        (false, true) => "ESMTPA",
+        (true, true) => "ESMTPSA",
+    };
+    let helo: String = session
+        .helo
+        .as_deref()
+        .unwrap_or("unknown")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .collect();
+    let rcpt = match envelope.rcpt_to.as_slice() {
+        [one] => format!("\r\n\tfor <{one}>"),
+        _ => String::new(),
+    };
+    format!(
+        "Received: from {helo} ([{}])\r\n\tby {hostname} (altroute) with {protocol}{rcpt};\r\n\t{}\r\n",
+        session.peer.ip(),
+        rfc5322_now()
+    )
+}
+
+/// Current UTC time as an RFC 5322 date-time, e.g. `Tue, 25 Nov 2026 11:48:56 +0000`.
+fn rfc5322_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc5322(secs)
+}
+
+fn rfc5322(secs: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let wd = DAYS.get((days % 7) as usize).copied().unwrap_or("Thu");
+    let mon = MONTHS.get((month - 1) as usize).copied().unwrap_or("Jan");
+    format!(
+        "{wd}, {day:02} {mon} {year} {:02}:{:02}:{:02} +0000",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_required_header() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"Subject: x\r\nTLS-Required: No\r\n\r\nbody", true),
+            (b"tls-required:   no  \r\n\r\n", true),
+            (b"TLS-Required:\r\n No\r\n\r\n", true),
+            (b"TLS-Required: Yes\r\n\r\n", false),
+            (b"Subject: a\r\n\r\nTLS-Required: No\r\n", false),
+            (b"X-TLS-Required: No\r\n\r\n", false),
+            (b"TLS-Required: No", true),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(
+                has_tls_required_no(msg),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(msg)
+            );
+        }
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322(1_709_210_096), "Thu, 29 Feb 2024 12:34:56 +0000");
+        assert_eq!(rfc5322(1_795_607_336), "Wed, 25 Nov 2026 11:48:56 +0000");
+    }
+}

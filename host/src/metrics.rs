@@ -1,0 +1,249 @@
+//! The relay's metrics registry (prometheus-client), shared by every module as
+//! `Arc<Metrics>` and served as Prometheus text by the admin endpoint (`GET /metrics`).
+//!
+//! The inbound side's metrics are fields here. Other modules (delivery) register their own
+//! with [`Metrics::register`]; everything ends up in one exposition. Spool gauges are
+//! refreshed from [`Spool::stats`] at every scrape ([`Metrics::encode`]), so they are never
+//! stale.
+//!
+//! Names (all prefixed `altroute_`): `smtp_sessions_total`, `smtp_sessions_active`,
+//! `messages_accepted_total`, `messages_accepted_bytes_total`,
+//! `recipients_rejected_total{reason}`, `messages_rejected_total{reason}`,
+//! `spool_store_errors_total`, `spool_messages{state}`, `spool_recipients{state}`,
+//! `spool_bytes`, `spool_fsyncs_total{kind}`, `spool_commit_batches_total`.
+
+use std::sync::{Mutex, MutexGuard};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Metric, Registry};
+
+use altroute_queue::Spool;
+
+/// One label pair set, e.g. `[("reason", "relay_denied")]`.
+pub type Labels = Vec<(String, String)>;
+
+/// The registry and the inbound side's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// SMTP sessions accepted since start.
+    pub sessions: Counter,
+    /// SMTP sessions in progress.
+    pub sessions_active: Gauge,
+    /// Messages stored in the spool and answered with 250.
+    pub accepted: Counter,
+    /// Octets of accepted messages.
+    pub accepted_bytes: Counter,
+    /// Recipients refused, by reason (`relay_denied`).
+    pub rcpt_rejected: Family<Labels, Counter>,
+    /// Messages refused after DATA, by reason (`disk_full`, `store_error`).
+    pub msg_rejected: Family<Labels, Counter>,
+    /// Failed `Spool::store` calls.
+    pub store_errors: Counter,
+    spool_messages: Family<Labels, Gauge>,
+    spool_recipients: Family<Labels, Gauge>,
+    spool_bytes: Gauge,
+    spool_fsyncs: Family<Labels, Gauge>,
+    spool_batches: Gauge,
+}
+
+fn labels(name: &str, value: &str) -> Labels {
+    vec![(name.to_owned(), value.to_owned())]
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with the inbound metrics registered.
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("altroute");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            sessions: Counter::default(),
+            sessions_active: Gauge::default(),
+            accepted: Counter::default(),
+            accepted_bytes: Counter::default(),
+            rcpt_rejected: Family::default(),
+            msg_rejected: Family::default(),
+            store_errors: Counter::default(),
+            spool_messages: Family::default(),
+            spool_recipients: Family::default(),
+            spool_bytes: Gauge::default(),
+            spool_fsyncs: Family::default(),
+            spool_batches: Gauge::default(),
+        };
+        r.register(
+            "smtp_sessions",
+            "SMTP sessions accepted",
+            m.sessions.clone(),
+        );
+        r.register(
+            "smtp_sessions_active",
+            "SMTP sessions in progress",
+            m.sessions_active.clone(),
+        );
+        r.register(
+            "messages_accepted",
+            "Messages stored durably and acknowledged with 250",
+            m.accepted.clone(),
+        );
+        r.register(
+            "messages_accepted_bytes",
+            "Octets of accepted messages",
+            m.accepted_bytes.clone(),
+        );
+        r.register(
+            "recipients_rejected",
+            "Recipients refused, by reason",
+            m.rcpt_rejected.clone(),
+        );
+        r.register(
+            "messages_rejected",
+            "Messages refused after DATA, by reason",
+            m.msg_rejected.clone(),
+        );
+        r.register(
+            "spool_store_errors",
+            "Spool store failures (answered 4xx)",
+            m.store_errors.clone(),
+        );
+        r.register(
+            "spool_messages",
+            "Messages in the spool, by state (queued, in_flight)",
+            m.spool_messages.clone(),
+        );
+        r.register(
+            "spool_recipients",
+            "Recipients in the spool, by state",
+            m.spool_recipients.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Octets of messages in the spool",
+            m.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_fsyncs",
+            "fsync calls of the spool since start, by kind (file, dir)",
+            m.spool_fsyncs.clone(),
+        );
+        r.register(
+            "spool_commit_batches",
+            "Group commits of the spool since start",
+            m.spool_batches.clone(),
+        );
+        *m.lock() = r;
+        m
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // Registration and encoding leave the registry consistent even if a panic
+        // interrupts them elsewhere, so a poisoned lock still guards valid data.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register another metric (name without the `altroute_` prefix; counters get `_total`
+    /// appended by the encoder). Keep a clone of `metric` to update it.
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.lock().register(name, help, metric);
+    }
+
+    /// Direct access to the registry, e.g. for sub-registries or collectors.
+    pub fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    /// Count a refused recipient.
+    pub fn reject_rcpt(&self, reason: &str) {
+        self.rcpt_rejected
+            .get_or_create(&labels("reason", reason))
+            .inc();
+    }
+
+    /// Count a refused message.
+    pub fn reject_message(&self, reason: &str) {
+        self.msg_rejected
+            .get_or_create(&labels("reason", reason))
+            .inc();
+    }
+
+    /// Copy the spool's statistics into the spool gauges.
+    pub fn observe_spool(&self, spool: &Spool) {
+        let s = spool.stats();
+        let set = |f: &Family<Labels, Gauge>, k: &str, v: &str, n: u64| {
+            f.get_or_create(&labels(k, v)).set(gauge_value(n));
+        };
+        set(
+            &self.spool_messages,
+            "state",
+            "queued",
+            s.messages.saturating_sub(s.in_flight),
+        );
+        set(&self.spool_messages, "state", "in_flight", s.in_flight);
+        for (state, n) in [
+            ("pending", s.pending),
+            ("deferred", s.deferred),
+            ("delivered", s.delivered),
+            ("bounced", s.bounced),
+            ("expired", s.expired),
+        ] {
+            set(&self.spool_recipients, "state", state, n);
+        }
+        self.spool_bytes.set(gauge_value(s.bytes));
+        set(&self.spool_fsyncs, "kind", "file", s.file_fsyncs);
+        set(&self.spool_fsyncs, "kind", "dir", s.dir_fsyncs);
+        self.spool_batches.set(gauge_value(s.commit_batches));
+    }
+
+    /// The Prometheus text exposition, spool gauges refreshed first when a spool is given.
+    pub fn encode(&self, spool: Option<&Spool>) -> String {
+        if let Some(spool) = spool {
+            self.observe_spool(spool);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail; an encoder error would be a bug in a metric.
+        if let Err(e) = encode(&mut out, &self.lock()) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn exposition_names() {
+        let m = Metrics::new();
+        m.accepted.inc();
+        m.reject_rcpt("relay_denied");
+        let extra = Counter::<u64>::default();
+        m.register("deliveries", "test", extra.clone());
+        extra.inc();
+        let text = m.encode(None);
+        assert!(
+            text.contains("altroute_messages_accepted_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("altroute_recipients_rejected_total{reason=\"relay_denied\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("altroute_deliveries_total 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,336 @@
+//! The policy engine: every routing question of the relay goes through the wasm policy
+//! module, never through the native `decide`.
+//!
+//! [`PolicyEngine`] holds a [`PolicySlot`] with the module (the built-in standard module or
+//! `[policy].module`) configured with the compiled policy (canonical JSON). A question is
+//! one HTTP context: the facts are the request headers
+//! ([`contract::encode_query`]), the decision is read back from the request headers the
+//! module set ([`contract::decode_decision`]). Any failure on the way (trap, deadline,
+//! memory limit, no free instance, a missing or malformed decision) becomes
+//! [`Decision::fault`]: defer, never bounce, never downgrade. Faults are logged and counted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use proxy_wasm_host::{Host, HostConfig, HttpRequest, Plugin, PluginSpec, PolicySlot};
+
+use altroute_policy::{Decision, Policy, Query, contract};
+
+/// The root id of the standard module's HTTP face.
+pub const ROOT_ID: &str = "altroute.http";
+
+/// Errors of the policy engine (loading; deciding never fails, it defers).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The policy does not compile (every diagnostic, one per line).
+    #[error("policy {path} does not compile:\n{}", .errors.join("\n"))]
+    Policy {
+        /// The policy file.
+        path: String,
+        /// Every problem found.
+        errors: Vec<String>,
+    },
+    /// The wasm host could not be set up or the module could not be loaded/configured.
+    #[error("policy module: {0}")]
+    Module(String),
+    /// A candidate policy was refused; the active one keeps serving.
+    #[error("policy candidate refused: {}", .0.join("; "))]
+    Refused(Vec<String>),
+}
+
+/// What the engine needs from `[policy]` in the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The policy: TOML source or compiled JSON (a file starting with `{`).
+    pub file: PathBuf,
+    /// A policy module; `None` means the built-in standard module.
+    pub module: Option<PathBuf>,
+    /// Budget of one decision. Defaults to 100 ms.
+    pub deadline: Duration,
+    /// Cap on the module's memory, bytes. Defaults to 64 MiB.
+    pub memory_limit: usize,
+}
+
+impl EngineSettings {
+    /// Settings for `file` with the built-in module and the default limits.
+    pub fn new(file: impl Into<PathBuf>) -> Self {
+        EngineSettings {
+            file: file.into(),
+            module: None,
+            deadline: Duration::from_millis(100),
+            memory_limit: 64 << 20,
+        }
+    }
+}
+
+/// A compiled policy ready for the module: the canonical JSON and its version.
+#[derive(Debug, Clone)]
+pub struct LoadedPolicy {
+    /// Canonical JSON (the module's plugin configuration).
+    pub json: String,
+    /// The content hash.
+    pub version: String,
+    /// The policy's name.
+    pub name: String,
+}
+
+impl LoadedPolicy {
+    /// Compiles TOML (running the policy's tests) or validates compiled JSON.
+    pub fn from_source(label: &str, text: &str) -> Result<LoadedPolicy, EngineError> {
+        if text.trim_start().starts_with('{') {
+            let policy = Policy::from_json(text.as_bytes()).map_err(|e| EngineError::Policy {
+                path: label.to_string(),
+                errors: vec![e.to_string()],
+            })?;
+            return Ok(LoadedPolicy {
+                json: policy.to_json(),
+                version: policy.version.clone(),
+                name: policy.name.clone(),
+            });
+        }
+        let compiled = altroute_policy::compile(text).map_err(|diags| EngineError::Policy {
+            path: label.to_string(),
+            errors: diags
+                .iter()
+                .map(|d| format!("{}: {}", d.location, d.message))
+                .collect(),
+        })?;
+        Ok(LoadedPolicy {
+            version: compiled.policy.version.clone(),
+            name: compiled.policy.name.clone(),
+            json: compiled.json,
+        })
+    }
+
+    /// Reads and compiles a policy file.
+    pub fn from_file(path: &Path) -> Result<LoadedPolicy, EngineError> {
+        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        LoadedPolicy::from_source(&path.display().to_string(), &text)
+    }
+}
+
+/// Asks the policy module plan and verdict questions. Cheap to share (`Arc`).
+pub struct PolicyEngine {
+    host: Host,
+    slot: PolicySlot,
+    module: Arc<[u8]>,
+    faults: AtomicU64,
+    decisions: AtomicU64,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyEngine {
+    /// Loads the module and policy of the relay's `[policy]` section.
+    pub fn from_config(
+        section: &crate::config::PolicySection,
+    ) -> Result<PolicyEngine, EngineError> {
+        PolicyEngine::from_settings(&EngineSettings {
+            file: section.file.clone(),
+            module: section.module.clone(),
+            deadline: section.deadline,
+            memory_limit: usize::try_from(section.memory_limit_mb)
+                .unwrap_or(usize::MAX / (1 << 20))
+                .saturating_mul(1 << 20),
+        })
+    }
+
+    /// Loads the module and the policy named by the settings.
+    pub fn from_settings(settings: &EngineSettings) -> Result<PolicyEngine, EngineError> {
+        let policy = LoadedPolicy::from_file(&settings.file)?;
+        let module: Vec<u8> = match &settings.module {
+            None => altroute_modules::POLICY.to_vec(),
+            Some(path) => std::fs::read(path).map_err(|source| EngineError::Read {
+                path: path.clone(),
+                source,
+            })?,
+        };
+        let config = HostConfig {
+            deadline: settings.deadline,
+            memory_limit: settings.memory_limit,
+            ..HostConfig::default()
+        };
+        PolicyEngine::new(config, module, &policy)
+    }
+
+    /// An engine running `module` (root id [`ROOT_ID`]) configured with `policy`.
+    pub fn new(
+        config: HostConfig,
+        module: Vec<u8>,
+        policy: &LoadedPolicy,
+    ) -> Result<PolicyEngine, EngineError> {
+        let host = Host::new(config).map_err(|e| EngineError::Module(e.to_string()))?;
+        let module: Arc<[u8]> = module.into();
+        let plugin = host
+            .load(spec(module.clone(), policy))
+            .map_err(|e| EngineError::Module(e.to_string()))?;
+        tracing::info!(
+            policy = %policy.name,
+            version = %policy.version,
+            "policy module loaded"
+        );
+        Ok(PolicyEngine {
+            host,
+            slot: PolicySlot::new(plugin),
+            module,
+            faults: AtomicU64::new(0),
+            decisions: AtomicU64::new(0),
+        })
+    }
+
+    /// The built-in standard module with a policy given as TOML or JSON text (demo, tests).
+    pub fn standard(policy_text: &str) -> Result<PolicyEngine, EngineError> {
+        let policy = LoadedPolicy::from_source("<inline>", policy_text)?;
+        PolicyEngine::new(
+            HostConfig::default(),
+            altroute_modules::POLICY.to_vec(),
+            &policy,
+        )
+    }
+
+    /// The active policy version.
+    pub fn version(&self) -> String {
+        self.slot.version()
+    }
+
+    /// Policy faults since start (each one deferred a recipient).
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    /// Decisions asked since start (faults included).
+    pub fn decisions(&self) -> u64 {
+        self.decisions.load(Ordering::Relaxed)
+    }
+
+    /// Asks one question. Never fails: any error is a [`Decision::fault`] (defer).
+    pub fn decide(&self, query: &Query) -> Decision {
+        self.decisions.fetch_add(1, Ordering::Relaxed);
+        // One snapshot for the whole question: a swap meanwhile does not mix versions.
+        let plugin = self.slot.current();
+        match ask(&plugin, query) {
+            Ok(d) => d,
+            Err(why) => {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    target: "altroute::decision",
+                    policy_version = %plugin.version(),
+                    recipient = %query.recipient,
+                    phase = %query.phase,
+                    error = %why,
+                    "policy fault: deferring"
+                );
+                Decision::fault(plugin.version(), &why)
+            }
+        }
+    }
+
+    /// [`decide`](Self::decide) on the blocking pool, so a slow module (up to its
+    /// deadline) never stalls the async workers.
+    pub async fn decide_async(self: &Arc<Self>, query: Query) -> Decision {
+        let engine = self.clone();
+        let fallback = self.version();
+        match tokio::task::spawn_blocking(move || engine.decide(&query)).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                Decision::fault(&fallback, &format!("decision task failed: {e}"))
+            }
+        }
+    }
+
+    /// Swaps in a new policy (and optionally a new module) after the candidate answered
+    /// a self-test query with its own version. The active one keeps serving on failure.
+    /// Returns the new version.
+    pub fn reload(
+        &self,
+        policy: &LoadedPolicy,
+        module: Option<Vec<u8>>,
+    ) -> Result<String, EngineError> {
+        let module: Arc<[u8]> = match module {
+            Some(m) => m.into(),
+            None => self.module.clone(),
+        };
+        let expected = policy.version.clone();
+        self.slot
+            .try_swap(&self.host, spec(module, policy), |candidate| {
+                let probe = Query::plan("postmaster@self-test.invalid", "probe@self-test.invalid");
+                match ask(candidate, &probe) {
+                    Ok(d) if d.policy_version == expected => Ok(()),
+                    Ok(d) => Err(vec![format!(
+                        "self-test answered with version {} instead of {expected}",
+                        d.policy_version
+                    )]),
+                    Err(e) => Err(vec![format!("self-test failed: {e}")]),
+                }
+            })
+            .map_err(EngineError::Refused)?;
+        tracing::info!(version = %expected, "policy activated");
+        Ok(expected)
+    }
+}
+
+fn spec(module: Arc<[u8]>, policy: &LoadedPolicy) -> PluginSpec {
+    PluginSpec::new(module, ROOT_ID)
+        .plugin_config(policy.json.clone().into_bytes())
+        .version(policy.version.clone())
+        .name(policy.name.clone())
+}
+
+/// One HTTP context through `plugin`; the decision headers it set, decoded.
+fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
+    let mut headers: Vec<(String, Vec<u8>)> = vec![
+        (":method".to_string(), b"POST".to_vec()),
+        (":path".to_string(), b"/decide".to_vec()),
+        (":authority".to_string(), b"altroute".to_vec()),
+    ];
+    headers.extend(
+        contract::encode_query(query)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into_bytes())),
+    );
+    let outcome = plugin
+        .http_request(&HttpRequest {
+            headers,
+            ..HttpRequest::default()
+        })
+        .map_err(|e| e.to_string())?;
+    let mut decision = contract::decode_decision(|name| outcome.header(name)).map_err(|e| {
+        match &outcome.local_response {
+            Some(r) => format!(
+                "no valid decision ({e}); local response {} {:?}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ),
+            None => format!("no valid decision: {e}"),
+        }
+    })?;
+    // A rejection may carry its SMTP reply only as the local response body.
+    if decision.reply.is_none()
+        && let Some(r) = &outcome.local_response
+        && !r.body.is_empty()
+    {
+        decision.reply = Some(String::from_utf8_lossy(&r.body).trim().to_string());
+    }
+    Ok(decision)
+}

@@ -1,0 +1,281 @@
+//! `altroute serve`: the relay daemon.
+//!
+//! [`run`] opens the spool (recovering it), checks the policy, binds every SMTP listener
+//! and the admin endpoint, and serves until its `shutdown` future completes. A semaphore
+//! caps concurrent sessions (`server.max_sessions`): at the cap the accept loops wait and
+//! new clients queue in the kernel's backlog. Shutdown stops accepting at once, lets
+//! sessions in progress finish for up to `server.shutdown_grace`, then returns; every
+//! message that got a `250` was already durable (the spool syncs before `store` returns),
+//! and a session cut off at the deadline never got one for the message it was sending.
+//! [`command`] wraps it for the CLI: SIGTERM and SIGINT start the shutdown.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use altroute_queue::{RetrySchedule, Spool, SpoolConfig, SystemClock};
+use altroute_smtp::{ServerConfig, SessionInfo, serve_session};
+
+use crate::admin::{self, AdminState, PolicyVersion};
+use crate::config::{Config, ConfigError};
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+
+/// Arguments of `altroute serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The relay configuration (TOML; see docs/relay.md).
+    #[arg(short, long, default_value = "/etc/altroute/altroute.toml")]
+    pub config: PathBuf,
+}
+
+/// `altroute serve`: load the configuration (listing every problem and returning exit
+/// code 1 if there are any), then run until SIGTERM or SIGINT. Returns the exit code.
+pub fn command(args: ServeArgs) -> Result<i32> {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e @ ConfigError::Invalid { .. }) => {
+            eprintln!("altroute: {e}");
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("altroute")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(config, shutdown_signal()))?;
+    Ok(0)
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received, shutting down"),
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => tracing::info!("SIGINT received, shutting down"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGINT");
+                std::future::pending::<()>().await;
+            }
+        },
+    }
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    // An error means the sender was dropped: nobody can stop us any more, so stop now.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The SMTP server settings from `[server]`.
+pub fn smtp_config(config: &Config) -> ServerConfig {
+    let mut smtp = ServerConfig::new(config.server.hostname.clone());
+    smtp.max_message_size = config.server.max_message_size;
+    smtp.max_recipients = config.server.max_recipients;
+    smtp.command_timeout = config.server.command_timeout;
+    smtp.data_timeout = config.server.data_timeout;
+    smtp.session_timeout = config.server.session_timeout;
+    smtp.tls = config.server.tls.clone();
+    smtp.auth = smtp.tls.is_some() && !config.relay.users.is_empty();
+    smtp
+}
+
+/// Run the relay until `shutdown` completes, then drain (see the module docs).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let retry = RetrySchedule::new(
+        config.delivery.retry_initial,
+        2,
+        config.delivery.retry_max,
+        config.delivery.queue_lifetime,
+    );
+    let spool_dir = config.spool.dir.clone();
+    let spool = tokio::task::spawn_blocking(move || {
+        Spool::open(
+            &spool_dir,
+            SpoolConfig::with_retry(retry),
+            Arc::new(SystemClock),
+        )
+    })
+    .await
+    .context("opening the spool")?
+    .with_context(|| format!("opening the spool {}", config.spool.dir.display()))?;
+
+    // A policy that does not compile is an error at start, not at the first delivery.
+    let policy = crate::policy_cmd::load_policy(&config.policy.file)?;
+    let version = policy.version.clone();
+    tracing::info!(version = %version, file = %config.policy.file.display(), "policy loaded");
+    // (The admin endpoint reports the engine's live version: see DELIVERY below.)
+
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut listeners = Vec::new();
+    for addr in &config.server.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        listeners.push(l);
+    }
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin endpoint: listening on {}", config.admin.listen))?;
+
+    // DELIVERY: start delivery workers here
+    // The policy engine (wasm module + compiled policy; compiling the module is CPU work,
+    // so off the async threads) and the delivery workers, which stop with the listeners.
+    let section = config.policy.clone();
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            crate::policy_engine::PolicyEngine::from_config(&section)
+        })
+        .await
+        .context("loading the policy module")?
+        .context("loading the policy module")?,
+    );
+    let policy_version: PolicyVersion = {
+        let engine = engine.clone();
+        Arc::new(move || engine.version())
+    };
+    let delivery = if config.delivery.enabled {
+        Some(
+            crate::delivery::start_from_config(
+                &config,
+                spool.clone(),
+                engine,
+                metrics.clone(),
+                stopped(stop_rx.clone()),
+            )
+            .context("starting delivery")?,
+        )
+    } else {
+        None
+    };
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(admin::serve(
+        admin_listener,
+        AdminState {
+            metrics: metrics.clone(),
+            spool: spool.clone(),
+            policy_version,
+        },
+        stopped(stop_rx.clone()),
+    ));
+
+    let smtp = Arc::new(smtp_config(&config));
+    let handler = Arc::new(Inbound::new(&config, spool.clone(), metrics.clone()));
+    let max_sessions = config.server.max_sessions;
+    let sessions = Arc::new(Semaphore::new(max_sessions));
+    for listener in listeners {
+        let local = listener.local_addr().context("listener address")?;
+        tracing::info!(%local, "accepting SMTP");
+        tasks.spawn(accept_loop(
+            listener,
+            sessions.clone(),
+            smtp.clone(),
+            handler.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+    }
+
+    shutdown.await;
+    tracing::info!("shutting down: no new sessions");
+    // Accept loops and the admin endpoint end; their listeners close when they return.
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    // DELIVERY: attempts in flight finish before the spool is closed.
+    if let Some(delivery) = delivery {
+        delivery.stopped().await;
+    }
+
+    let grace = config.server.shutdown_grace;
+    let all = u32::try_from(max_sessions).unwrap_or(u32::MAX);
+    match tokio::time::timeout(grace, sessions.acquire_many(all)).await {
+        Ok(_) => tracing::info!("all sessions finished"),
+        Err(_) => tracing::warn!(
+            active = max_sessions - sessions.available_permits(),
+            grace_secs = grace.as_secs(),
+            "sessions still active after the grace period; closing them"
+        ),
+    }
+    // Every acknowledged message was synced before its 250; nothing else is buffered.
+    let stats = spool.stats();
+    tracing::info!(
+        queued = stats.messages,
+        stored = stats.stored,
+        store_errors = stats.store_errors,
+        "stopped"
+    );
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    sessions: Arc<Semaphore>,
+    smtp: Arc<ServerConfig>,
+    handler: Arc<Inbound>,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) {
+    let stop_fut = stopped(stop);
+    tokio::pin!(stop_fut);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut stop_fut => return,
+            p = sessions.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                // Closed only if we closed it, which we never do.
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut stop_fut => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Typically EMFILE: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let local = match stream.local_addr() {
+            Ok(l) => l,
+            Err(_) => continue,
+        };
+        // Replies are written whole; Nagle would only delay them.
+        let _ = stream.set_nodelay(true);
+        let (smtp, handler, metrics) = (smtp.clone(), handler.clone(), metrics.clone());
+        tokio::spawn(async move {
+            metrics.sessions.inc();
+            metrics.sessions_active.inc();
+            let info = SessionInfo::new(peer, local);
+            match serve_session(stream, info, smtp, handler).await {
+                Ok(end) => tracing::debug!(%peer, ?end, "session ended"),
+                Err(e) => tracing::debug!(%peer, error = %e, "session failed"),
+            }
+            metrics.sessions_active.dec();
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,125 @@
+//! Crash test: 8 connections submit at full speed, each message with a unique Message-ID;
+//! the relay is killed with SIGKILL 20 times at random moments and restarted. Every
+//! Message-ID acknowledged with 250 must be in the spool afterwards. Duplicates (a message
+//! stored but not acknowledged because the kill came between the fsync and the 250, then
+//! resent) are counted and printed, not failed: that is the at-least-once contract.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::support::{Relay, RelayConfig, SmtpConn, message_id, spool_messages, strip_received};
+
+const CONNECTIONS: usize = 8;
+const KILLS: usize = 20;
+
+#[derive(Default)]
+struct Tally {
+    acked: Mutex<HashSet<String>>,
+    sent: AtomicU64,
+    failed_connections: AtomicU64,
+}
+
+async fn submitter(n: usize, addr: std::net::SocketAddr, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut conn = match SmtpConn::connect(addr, None).await {
+            Ok(c) => c,
+            Err(_) => {
+                tally.failed_connections.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        while !stop.load(Ordering::Relaxed) {
+            // Like a real client, a message that did not get 250 is sent again (same
+            // Message-ID): a kill between the fsync and the 250 then shows as a duplicate.
+            let mid = format!("<c{n}-{}@crash.test>", seq + 1);
+            let msg = format!(
+                "From: <a@x.test>\r\nTo: <b@y.test>\r\nMessage-ID: {mid}\r\nSubject: crash {n}\r\n\r\n{}\r\n",
+                "body line\r\n".repeat(40)
+            );
+            tally.sent.fetch_add(1, Ordering::Relaxed);
+            match conn.send("a@x.test", &["b@y.test"], msg.as_bytes()).await {
+                Ok((250, _)) => {
+                    tally.acked.lock().unwrap().insert(mid);
+                    seq += 1;
+                }
+                // 4xx (e.g. a store cut short) or anything else: not acknowledged.
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+#[test]
+fn nothing_acknowledged_is_lost_across_20_kill_9() {
+    let mut relay = Relay::start(RelayConfig::new());
+    let addr = relay.config.smtp;
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handles: Vec<_> = (0..CONNECTIONS)
+        .map(|n| rt.spawn(submitter(n, addr, tally.clone(), stop.clone())))
+        .collect();
+
+    for _ in 0..KILLS {
+        // Random moment: 50..400 ms of full-speed submission.
+        std::thread::sleep(Duration::from_millis(50 + fastrand_ms(350)));
+        relay.kill();
+        relay.restart();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for h in handles {
+            let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
+        }
+    });
+    assert!(relay.stop().success(), "{}", relay.log());
+
+    let spool = relay.open_spool();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, body) in spool_messages(&spool) {
+        let mid = message_id(strip_received(&body)).expect("Message-ID in stored message");
+        *counts.entry(mid).or_default() += 1;
+    }
+    let acked = tally.acked.lock().unwrap();
+    let lost: Vec<_> = acked.iter().filter(|m| !counts.contains_key(*m)).collect();
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    let stored_unacked = counts.keys().filter(|m| !acked.contains(*m)).count();
+    println!(
+        "crash test: {KILLS} kills, {} sent, {} acknowledged, {} distinct stored, {} lost, {} duplicates, {} stored without 250, {} failed connects",
+        tally.sent.load(Ordering::Relaxed),
+        acked.len(),
+        counts.len(),
+        lost.len(),
+        duplicates,
+        stored_unacked,
+        tally.failed_connections.load(Ordering::Relaxed),
+    );
+    assert!(
+        acked.len() > 100,
+        "too few acknowledged to mean anything: {}",
+        acked.len()
+    );
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    let recovery = spool.recovery();
+    println!("crash test: recovery at final open: {recovery:?}");
+}
+
+/// A pseudo-random number of milliseconds below `max` (no extra dependency needed:
+/// the clock's nanoseconds are random enough for picking kill moments).
+fn fastrand_ms(max: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    u64::from(nanos) % max
+}

@@ -1,0 +1,857 @@
+//! Delivery acceptance tests (issue 5): mail that requires TLS reaches its destination over
+//! TLS, directly when the destination can, through the alternate secure route when it
+//! can't, and never in clear text.
+//!
+//! Everything is real: the delivery engine runs in-process on a spool in a tempdir with
+//! the wasm policy module; the world is a lab DNS server and SMTP sinks on distinct
+//! loopback addresses sharing one port, with certificates from a test CA that the relay
+//! trusts (`ca_file`). Time is a `ManualClock`, so a deferred recipient stays deferred
+//! until a test moves the clock.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use altroute::delivery::{self, Delivery, DeliveryMetrics, DeliverySettings};
+use altroute::policy_engine::{LoadedPolicy, PolicyEngine};
+use altroute_lab::{
+    DnsServer, FailAt, SinkConfig, SinkMode, SmtpSink, StripTlsProxy, TestCa, Validity, free_port,
+    loopback_ip,
+};
+use altroute_queue::{
+    Envelope, ManualClock, MessageId, RecipientState, RetrySchedule, Spool, SpoolConfig,
+};
+use proxy_wasm_host::HostConfig;
+
+const WAIT: Duration = Duration::from_secs(20);
+const START: u64 = 1_750_000_000;
+
+/// How a sink does TLS.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tls {
+    None,
+    Valid,
+    Expired,
+    WrongName,
+    Untrusted,
+}
+
+struct Lab {
+    ca: TestCa,
+    dns: DnsServer,
+    port: u16,
+    sinks: Vec<SmtpSink>,
+}
+
+impl Lab {
+    async fn new() -> Lab {
+        let ca = TestCa::new("e2e delivery root").unwrap();
+        let dns = DnsServer::start(SocketAddr::new(loopback_ip().into(), 0))
+            .await
+            .unwrap();
+        let port = free_port(loopback_ip()).unwrap();
+        Lab {
+            ca,
+            dns,
+            port,
+            sinks: Vec::new(),
+        }
+    }
+
+    /// A sink named `name` on its own loopback address (A record added), with `tls`.
+    async fn sink(&mut self, name: &str, tls: Tls, mode: SinkMode) -> (Ipv4Addr, usize) {
+        let ip = loopback_ip();
+        let mut config = SinkConfig::new(SocketAddr::new(ip.into(), self.port), name);
+        config.mode = mode;
+        config.advertise_requiretls = true;
+        config.starttls = match tls {
+            Tls::None => None,
+            Tls::Valid => Some(self.ca.issue(&[name], Validity::Valid).unwrap()),
+            Tls::Expired => Some(self.ca.issue(&[name], Validity::Expired).unwrap()),
+            Tls::WrongName => Some(
+                self.ca
+                    .issue(&["someone-else.test"], Validity::Valid)
+                    .unwrap(),
+            ),
+            Tls::Untrusted => Some(
+                TestCa::new("nobody trusts me")
+                    .unwrap()
+                    .issue(&[name], Validity::Valid)
+                    .unwrap(),
+            ),
+        }
+        .map(|issued| issued.rustls_server_config().unwrap());
+        self.sinks.push(SmtpSink::start(config).await.unwrap());
+        self.dns.add_a(name, ip).await.unwrap();
+        (ip, self.sinks.len() - 1)
+    }
+
+    /// `domain MX pref host` plus a sink for host.
+    async fn mx(&mut self, domain: &str, host: &str, tls: Tls, mode: SinkMode) -> usize {
+        self.dns.add_mx(domain, 10, host).await.unwrap();
+        self.sink(host, tls, mode).await.1
+    }
+}
+
+/// The standard policy used by most tests; `{port}` is the lab port, `{alt}` the
+/// alternate route section.
+fn policy(port: u16, alternate: bool, extra: &str) -> String {
+    let alt = if alternate {
+        "[alternate_secure_route]\nhost = \"secure-relay\"\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[policy]
+name = "e2e"
+{extra}
+
+[[hosts]]
+name = "secure-relay"
+address = "alt.lab.test"
+port = {port}
+
+{alt}
+
+[[tls_compliance]]
+name = "partners"
+domains = ["*.strict.test"]
+require_ca_signed = true
+validate_hostname = true
+
+[[tls_compliance]]
+name = "encrypt-only"
+domains = ["*.lax.test"]
+"#
+    )
+}
+
+struct Relay {
+    spool: Spool,
+    clock: Arc<ManualClock>,
+    delivery: Delivery,
+    metrics: DeliveryMetrics,
+    engine: Arc<PolicyEngine>,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Relay {
+    async fn start(lab: &Lab, engine: PolicyEngine) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(START));
+        let retry = RetrySchedule::new(
+            Duration::from_secs(60),
+            2,
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+        );
+        let spool = Spool::open(dir.path(), SpoolConfig::with_retry(retry), clock.clone()).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, lab.ca.root_pem()).unwrap();
+        let settings = DeliverySettings {
+            hostname: "relay.lab.test".into(),
+            helo: "relay.lab.test".into(),
+            resolver: Some(lab.dns.addr()),
+            smtp_port: lab.port,
+            ca_file: Some(ca_file),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(100),
+            ..DeliverySettings::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = DeliveryMetrics::new();
+        let engine = Arc::new(engine);
+        let delivery = delivery::start(
+            settings,
+            spool.clone(),
+            engine.clone(),
+            metrics.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .unwrap();
+        Relay {
+            spool,
+            clock,
+            delivery,
+            metrics,
+            engine,
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    async fn send(&self, from: &str, to: &[&str], requiretls: bool) -> MessageId {
+        let mut env = Envelope::new(from, to.iter().map(|s| s.to_string()).collect());
+        env.requiretls = requiretls;
+        let msg = format!(
+            "From: <{from}>\r\nTo: <{}>\r\nSubject: e2e\r\nMessage-ID: <{}@e2e>\r\n\r\nconfidential body\r\n",
+            to.join(">, <"),
+            rand_id()
+        );
+        self.spool.store(env, msg.into_bytes()).await.unwrap()
+    }
+
+    /// Waits until every recipient of `id` is out of `Pending` (or the message is gone),
+    /// and returns the states (`None`: finished and removed).
+    async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.spool.entry(id) {
+                None => return None,
+                Some(e)
+                    if e.recipients
+                        .iter()
+                        .all(|s| !matches!(s, RecipientState::Pending)) =>
+                {
+                    return Some(e.recipients);
+                }
+                Some(_) => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "message {id} not handled in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn rand_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn standard(policy: &str) -> PolicyEngine {
+    PolicyEngine::standard(policy).unwrap()
+}
+
+/// The commands a sink saw, over every session.
+fn commands(sink: &SmtpSink) -> Vec<String> {
+    sink.sessions()
+        .into_iter()
+        .flat_map(|s| s.commands)
+        .collect()
+}
+
+fn assert_no_transaction(sink: &SmtpSink, what: &str) {
+    let cmds = commands(sink);
+    assert!(
+        !cmds.iter().any(|c| {
+            let u = c.to_ascii_uppercase();
+            u.starts_with("MAIL") || u.starts_with("RCPT") || u.starts_with("DATA")
+        }),
+        "{what}: nothing of the message may reach it beyond EHLO, got {cmds:?}"
+    );
+    assert!(sink.messages().is_empty(), "{what}: no message expected");
+}
+
+async fn alt_sink(lab: &mut Lab) -> usize {
+    lab.sink("alt.lab.test", Tls::Valid, SinkMode::Accept)
+        .await
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_domains_go_direct_or_through_the_alternate_route() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    // (domain, its MX's TLS, where the mail must land: true = direct)
+    let cases = [
+        ("valid.strict.test", Tls::Valid, true),
+        ("plain.strict.test", Tls::None, false),
+        ("untrusted.strict.test", Tls::Untrusted, false),
+        ("expired.strict.test", Tls::Expired, false),
+        ("wrongname.strict.test", Tls::WrongName, false),
+        // A rule that only asks for encryption accepts these certificates.
+        ("untrusted.lax.test", Tls::Untrusted, true),
+        ("expired.lax.test", Tls::Expired, true),
+        ("wrongname.lax.test", Tls::WrongName, true),
+        // No rule: opportunistic, clear text is fine.
+        ("plain.open.test", Tls::None, true),
+    ];
+    let mut mx = Vec::new();
+    for (domain, tls, _) in cases {
+        mx.push(
+            lab.mx(domain, &format!("mx.{domain}"), tls, SinkMode::Accept)
+                .await,
+        );
+    }
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    for (domain, _, _) in cases {
+        relay
+            .send("alice@corp.test", &[&format!("bob@{domain}")], false)
+            .await;
+    }
+    let rerouted = cases.iter().filter(|c| !c.2).count();
+    let at_alt = lab.sinks[alt]
+        .wait_for_messages(rerouted, WAIT)
+        .await
+        .unwrap();
+    for (i, (domain, tls, direct)) in cases.iter().enumerate() {
+        let sink = &lab.sinks[mx[i]];
+        let rcpt = format!("bob@{domain}");
+        if *direct {
+            let got = sink.wait_for_messages(1, WAIT).await.unwrap();
+            assert_eq!(got[0].rcpt_to, vec![rcpt.clone()], "{domain}");
+            if *tls == Tls::None {
+                assert_eq!(
+                    got[0].tls_version, None,
+                    "{domain}: opportunistic, clear text"
+                );
+            } else {
+                assert_eq!(
+                    got[0].tls_version.as_deref(),
+                    Some("1.3"),
+                    "{domain}: over TLS"
+                );
+            }
+            assert!(
+                !at_alt.iter().any(|m| m.rcpt_to.contains(&rcpt)),
+                "{domain} must not be rerouted"
+            );
+        } else {
+            assert_no_transaction(sink, domain);
+            let m = at_alt
+                .iter()
+                .find(|m| m.rcpt_to.contains(&rcpt))
+                .unwrap_or_else(|| panic!("{domain}: expected at the alternate host"));
+            assert_eq!(
+                m.tls_version.as_deref(),
+                Some("1.3"),
+                "{domain}: alternate over TLS"
+            );
+            assert!(String::from_utf8_lossy(&m.data).contains("confidential body"));
+        }
+    }
+    assert_eq!(lab.sinks[alt].messages().len(), rerouted);
+    // The sink has the message a moment before the relay records it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while DeliveryMetrics::count(&relay.metrics.deliveries, &[("route", "alternate")])
+        < rerouted as u64
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deliveries not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(relay.metrics.safety_floor_violations.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_alternate_route_tls_failure_defers_or_bounces_with_dsn() {
+    // Defer (the default).
+    let mut lab = Lab::new().await;
+    let mx = lab
+        .mx(
+            "plain.strict.test",
+            "mx.plain.strict.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@plain.strict.test"], false)
+        .await;
+    let states = relay
+        .settled(&id)
+        .await
+        .expect("deferred message stays queued");
+    match &states[0] {
+        RecipientState::Deferred {
+            reason, attempts, ..
+        } => {
+            assert_eq!(*attempts, 1);
+            assert!(reason.starts_with("451 4.7.10"), "{reason}");
+        }
+        other => panic!("expected deferred, got {other:?}"),
+    }
+    assert_no_transaction(&lab.sinks[mx], "MX without STARTTLS");
+
+    // Bounce, per policy setting: a DSN goes to the sender (whose domain has a sink).
+    let mut lab = Lab::new().await;
+    let mx = lab
+        .mx(
+            "plain.strict.test",
+            "mx.plain.strict.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let relay = Relay::start(
+        &lab,
+        standard(&policy(lab.port, false, "on_tls_unavailable = \"bounce\"")),
+    )
+    .await;
+    relay
+        .send("alice@corp.test", &["bob@plain.strict.test"], false)
+        .await;
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(dsn[0].mail_from, "", "a DSN has the null sender");
+    assert_eq!(dsn[0].rcpt_to, vec!["alice@corp.test".to_string()]);
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(text.contains("report-type=delivery-status"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@plain.strict.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.7.10"), "{text}");
+    assert!(!text.contains("confidential body"), "only headers go back");
+    assert_no_transaction(&lab.sinks[mx], "MX without STARTTLS");
+    assert_eq!(relay.metrics.bounces.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requiretls_is_never_sent_in_clear_text() {
+    // A policy without any rule: REQUIRETLS alone makes TLS required.
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    let mx = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    relay
+        .send("alice@corp.test", &["bob@plain.open.test"], true)
+        .await;
+    let got = lab.sinks[alt].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert_no_transaction(&lab.sinks[mx], "REQUIRETLS to an MX without STARTTLS");
+
+    // Without an alternate route: deferred, never the MX.
+    let mut lab = Lab::new().await;
+    let mx = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@plain.open.test"], true)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    assert!(
+        matches!(states[0], RecipientState::Deferred { .. }),
+        "{states:?}"
+    );
+    assert_no_transaction(&lab.sinks[mx], "REQUIRETLS without alternate");
+}
+
+/// A module that answers every question with "direct, no TLS required": the relay's
+/// safety floor must still refuse to send REQUIRETLS mail in clear text.
+const LIAR_WAT: &str = r#"(module
+  (import "env" "proxy_add_header_map_value"
+    (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "x-altroute-route")
+  (data (i32.const 120) "direct")
+  (data (i32.const 140) "x-altroute-tls-required")
+  (data (i32.const 170) "no")
+  (data (i32.const 180) "x-altroute-tls-verify")
+  (data (i32.const 210) "none")
+  (data (i32.const 220) "x-altroute-tls-min")
+  (data (i32.const 240) "1.2")
+  (data (i32.const 250) "x-altroute-rule")
+  (data (i32.const 270) "liar")
+  (data (i32.const 280) "x-altroute-policy-version")
+  (data (i32.const 310) "liar-1")
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "malloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 16) (i32.const 120) (i32.const 6)))
+    (drop (call $add (i32.const 0) (i32.const 140) (i32.const 23) (i32.const 170) (i32.const 2)))
+    (drop (call $add (i32.const 0) (i32.const 180) (i32.const 21) (i32.const 210) (i32.const 4)))
+    (drop (call $add (i32.const 0) (i32.const 220) (i32.const 18) (i32.const 240) (i32.const 3)))
+    (drop (call $add (i32.const 0) (i32.const 250) (i32.const 15) (i32.const 270) (i32.const 4)))
+    (drop (call $add (i32.const 0) (i32.const 280) (i32.const 25) (i32.const 310) (i32.const 6)))
+    (i32.const 0)))"#;
+
+fn wat_engine(wat: &str, lab_port: u16, deadline: Duration) -> PolicyEngine {
+    let module = wat::parse_str(wat).unwrap();
+    let policy = LoadedPolicy::from_source("e2e", &policy(lab_port, true, "")).unwrap();
+    PolicyEngine::new(
+        HostConfig {
+            deadline,
+            warm_instances: 1,
+            ..HostConfig::default()
+        },
+        module,
+        &policy,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_floor_holds_against_a_lying_module() {
+    let mut lab = Lab::new().await;
+    let mx = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(
+        &lab,
+        wat_engine(LIAR_WAT, lab.port, Duration::from_millis(100)),
+    )
+    .await;
+    let id = relay
+        .send("alice@corp.test", &["bob@plain.open.test"], true)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    match &states[0] {
+        RecipientState::Deferred { reason, .. } => {
+            assert!(reason.contains("TLS required"), "{reason}")
+        }
+        other => panic!("expected deferred by the safety floor, got {other:?}"),
+    }
+    assert_no_transaction(&lab.sinks[mx], "lying module + REQUIRETLS");
+    assert_eq!(relay.metrics.safety_floor_violations.get(), 1);
+
+    // The same lie for mail that does not require TLS is obeyed: the floor is a floor.
+    let id = relay
+        .send("alice@corp.test", &["carol@plain.open.test"], false)
+        .await;
+    let got = lab.sinks[mx].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].rcpt_to, vec!["carol@plain.open.test".to_string()]);
+    assert!(relay.settled(&id).await.is_none(), "delivered and removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripped_starttls_is_never_clear_text() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    // The real MX (valid TLS) sits behind a STARTTLS-stripping proxy; DNS points at the proxy.
+    let (real_ip, real) = lab
+        .sink("real-mx.strict.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let proxy_ip = loopback_ip();
+    let proxy = StripTlsProxy::start(
+        SocketAddr::new(proxy_ip.into(), lab.port),
+        SocketAddr::new(real_ip.into(), lab.port),
+    )
+    .await
+    .unwrap();
+    lab.dns
+        .add_mx("victim.strict.test", 10, "mx.victim.strict.test")
+        .await
+        .unwrap();
+    lab.dns
+        .add_a("mx.victim.strict.test", proxy_ip)
+        .await
+        .unwrap();
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    relay
+        .send("alice@corp.test", &["bob@victim.strict.test"], false)
+        .await;
+    let got = lab.sinks[alt].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert!(
+        proxy.capabilities_stripped() >= 1,
+        "the proxy did strip STARTTLS"
+    );
+    assert_no_transaction(&lab.sinks[real], "MX behind a STARTTLS stripper");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_mx_down_uses_the_second() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    // Preference 10: an address where nothing listens (connection refused).
+    lab.dns
+        .add_mx("two.strict.test", 10, "down.two.strict.test")
+        .await
+        .unwrap();
+    lab.dns
+        .add_a("down.two.strict.test", loopback_ip())
+        .await
+        .unwrap();
+    lab.dns
+        .add_mx("two.strict.test", 20, "up.two.strict.test")
+        .await
+        .unwrap();
+    let (_, up) = lab
+        .sink("up.two.strict.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    relay
+        .send("alice@corp.test", &["bob@two.strict.test"], false)
+        .await;
+    let got = lab.sinks[up].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert!(
+        lab.sinks[alt].messages().is_empty(),
+        "a refused connection is not a reroute"
+    );
+    assert!(relay.metrics.connection_failures.get() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_answering_4xx_is_retried_not_rerouted() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    let mx = lab
+        .mx(
+            "busy.strict.test",
+            "mx.busy.strict.test",
+            Tls::Valid,
+            SinkMode::TempFail(FailAt::Rcpt),
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@busy.strict.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    let next = match &states[0] {
+        RecipientState::Deferred {
+            reason,
+            next_attempt,
+            ..
+        } => {
+            assert!(reason.starts_with("451"), "{reason}");
+            *next_attempt
+        }
+        other => panic!("expected deferred, got {other:?}"),
+    };
+    assert!(
+        lab.sinks[alt].messages().is_empty(),
+        "a 4xx is not a reroute"
+    );
+    // Later it is retried (same MX, not the alternate).
+    let sessions_before = lab.sinks[mx].sessions().len();
+    relay.clock.set(next);
+    relay.delivery.kick();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay
+        .spool
+        .entry(&id)
+        .is_some_and(|e| e.recipients[0].attempts() < 2)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no retry");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        lab.sinks[mx].sessions().len() > sessions_before,
+        "retried at the MX"
+    );
+    assert!(lab.sinks[alt].messages().is_empty());
+}
+
+const TRAP_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "malloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    unreachable))"#;
+
+const LOOP_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "malloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (loop $forever (br $forever))
+    (i32.const 0)))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_or_looping_module_defers_and_the_relay_keeps_serving() {
+    for (name, wat) in [("trap", TRAP_WAT), ("loop", LOOP_WAT)] {
+        let mut lab = Lab::new().await;
+        let alt = alt_sink(&mut lab).await;
+        let mx = lab
+            .mx(
+                "valid.strict.test",
+                "mx.valid.strict.test",
+                Tls::Valid,
+                SinkMode::Accept,
+            )
+            .await;
+        let sender_mx = lab
+            .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+            .await;
+        let relay = Relay::start(&lab, wat_engine(wat, lab.port, Duration::from_millis(50))).await;
+        let id = relay
+            .send("alice@corp.test", &["bob@valid.strict.test"], false)
+            .await;
+        let states = relay
+            .settled(&id)
+            .await
+            .unwrap_or_else(|| panic!("{name}: message vanished"));
+        match &states[0] {
+            RecipientState::Deferred { reason, .. } => {
+                assert!(reason.starts_with("451 4.7.0"), "{name}: {reason}")
+            }
+            other => panic!("{name}: expected deferred, got {other:?}"),
+        }
+        assert!(relay.engine.faults() >= 1, "{name}: fault counted");
+        // The relay keeps serving: a retry runs (and defers again), nothing is ever sent
+        // or bounced.
+        let next = states[0].due_at().unwrap();
+        relay.clock.set(next);
+        relay.delivery.kick();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while relay
+            .spool
+            .entry(&id)
+            .is_some_and(|e| e.recipients[0].attempts() < 2)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "{name}: no retry");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(matches!(
+            relay.spool.entry(&id).unwrap().recipients[0],
+            RecipientState::Deferred { .. }
+        ));
+        for sink in [mx, alt, sender_mx] {
+            assert!(
+                lab.sinks[sink].messages().is_empty(),
+                "{name}: nothing delivered, no DSN"
+            );
+        }
+        assert_eq!(relay.metrics.bounces.get(), 0, "{name}");
+        assert!(
+            relay.metrics.policy_faults.get() >= 2,
+            "{name}: both attempts faulted"
+        );
+    }
+}
+
+/// The real `altroute serve` process: mail submitted over SMTP to a TLS-required domain
+/// whose MX lacks STARTTLS reaches the alternate host over TLS, with one structured log
+/// line per decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_process_reroutes_through_the_alternate_route() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    let mx = lab
+        .mx(
+            "plain.strict.test",
+            "mx.plain.strict.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy(lab.port, true, "")).unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, lab.ca.root_pem()).unwrap();
+    let ip = loopback_ip();
+    let smtp = SocketAddr::new(ip.into(), free_port(ip).unwrap());
+    let admin = SocketAddr::new(ip.into(), free_port(ip).unwrap());
+    let config = format!(
+        "[server]\nhostname = \"relay.lab.test\"\nlisten = [\"{smtp}\"]\n\
+         [relay]\nallow_networks = [\"127.0.0.0/8\"]\n\
+         [spool]\ndir = {spool:?}\n\
+         [delivery]\nresolver = \"{dns}\"\nsmtp_port = {port}\nca_file = {ca:?}\nconnect_timeout_secs = 5\n\
+         [policy]\nfile = {policy:?}\n\
+         [admin]\nlisten = \"{admin}\"\n",
+        spool = dir.path().join("spool").display().to_string(),
+        dns = lab.dns.addr(),
+        port = lab.port,
+        ca = ca_path.display().to_string(),
+        policy = policy_path.display().to_string(),
+    );
+    let config_path = dir.path().join("altroute.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_altroute"))
+        .args(["serve", "-c"])
+        .arg(&config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("relay.log")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut child);
+    let log = || std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stream = loop {
+        match tokio::net::TcpStream::connect(smtp).await {
+            Ok(s) => break s,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("relay did not come up: {e}\n{}", log()),
+        }
+    };
+    let mut client =
+        altroute_smtp::Client::connect(stream, altroute_smtp::ClientConfig::new("sender.test"))
+            .await
+            .unwrap();
+    let env = altroute_smtp::Envelope {
+        mail_from: "alice@corp.test".into(),
+        rcpt_to: vec!["bob@plain.strict.test".into()],
+        ..Default::default()
+    };
+    let d = client
+        .send(
+            &env,
+            b"Subject: via the process\r\n\r\nconfidential body\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.delivered(), vec!["bob@plain.strict.test"], "{d:?}");
+    let _ = client.quit().await;
+
+    let got = lab.sinks[alt]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert_no_transaction(&lab.sinks[mx], "MX without STARTTLS (relay process)");
+    let logged = log();
+    assert!(
+        logged.contains("altroute::decision") && logged.contains("tls_compliance:partners"),
+        "one structured line per decision: {logged}"
+    );
+}

@@ -1,0 +1,528 @@
+//! Inbound interop and access control: swaks (plain, STARTTLS, PIPELINING, client
+//! certificate, AUTH) and Postfix's smtp-source submit; bodies are read back from the
+//! spool and compared byte for byte; a non-allowed client gets 5xx; admin endpoint; bad
+//! configuration.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use altroute_lab::{TestCa, Validity};
+use sha2::{Digest, Sha256};
+
+use crate::support::{
+    Relay, RelayConfig, SmtpConn, message_id, other_loopback, require_tool, signal, spool_messages,
+    strip_received,
+};
+
+const SWAKS: &str = "/usr/bin/swaks";
+const SMTP_SOURCE: &str = "/usr/sbin/smtp-source";
+
+/// A test message with lines that need dot-stuffing, CRLF line ends.
+fn dotted_message(label: &str) -> Vec<u8> {
+    let lines = [
+        "From: <a@x.test>".to_owned(),
+        "To: <b@y.test>".to_owned(),
+        format!("Subject: dots {label}"),
+        format!("Message-ID: <{label}@client.test>"),
+        String::new(),
+        "first line".into(),
+        ".leading dot".into(),
+        "..two dots".into(),
+        ".".into(),
+        " .space then dot".into(),
+        "last line".into(),
+    ];
+    let mut m = lines.join("\r\n").into_bytes();
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+fn swaks(args: &[&str]) -> (bool, String) {
+    require_tool(SWAKS, "swaks");
+    let out = Command::new(SWAKS).args(args).output().expect("run swaks");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A relay with STARTTLS, client CA and a users file (user "alice", password "s3cret").
+struct TlsLab {
+    ca: TestCa,
+    dir: tempfile::TempDir,
+}
+
+impl TlsLab {
+    fn new() -> TlsLab {
+        TlsLab {
+            ca: TestCa::new("e2e root").unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn configure(&self, config: &mut RelayConfig) {
+        let d = self.dir.path();
+        let cert = self.ca.issue(&["relay.test"], Validity::Valid).unwrap();
+        let cert_pem = write(d, "cert.pem", cert.chain_pem.as_bytes());
+        let key_pem = write(d, "key.pem", cert.key_pem.as_bytes());
+        let ca_pem = write(d, "ca.pem", self.ca.root_pem().as_bytes());
+        let hash: [u8; 32] = Sha256::digest(b"s3cret").into();
+        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        let users = write(
+            d,
+            "users",
+            format!("# test users\nalice:{hex}\n").as_bytes(),
+        );
+        config.server_extra = format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n",
+            cert_pem.display().to_string(),
+            key_pem.display().to_string()
+        );
+        config.relay_extra = format!(
+            "client_ca = {:?}\nusers_file = {:?}\n",
+            ca_pem.display().to_string(),
+            users.display().to_string()
+        );
+    }
+
+    /// A client certificate from the relay's client CA, written as PEM files.
+    fn client_cert(&self, ca: &TestCa) -> (PathBuf, PathBuf) {
+        let c = ca.issue_client("client.test").unwrap();
+        let name = format!("client-{}", ca.name().replace(' ', "-"));
+        (
+            write(
+                self.dir.path(),
+                &format!("{name}.pem"),
+                c.chain_pem.as_bytes(),
+            ),
+            write(
+                self.dir.path(),
+                &format!("{name}.key"),
+                c.key_pem.as_bytes(),
+            ),
+        )
+    }
+}
+
+#[test]
+fn swaks_and_smtp_source_land_intact_in_the_spool() {
+    require_tool(SMTP_SOURCE, "postfix");
+    let lab = TlsLab::new();
+    let mut config = RelayConfig::new();
+    lab.configure(&mut config);
+    let mut relay = Relay::start(config);
+    let server = relay.config.smtp.to_string();
+    let files = tempfile::tempdir().unwrap();
+
+    // swaks: plain, STARTTLS, PIPELINING (and both).
+    let mut expected = Vec::new();
+    for (label, extra) in [
+        ("plain", &[][..]),
+        ("tls", &["--tls"][..]),
+        ("pipeline", &["--pipeline"][..]),
+        ("tls-pipeline", &["--tls", "--pipeline"][..]),
+    ] {
+        let msg = dotted_message(&format!("swaks-{label}"));
+        // swaks sends the file's lines with CRLF and then its own CRLF before the final
+        // dot: give it LF line ends without the last one so nothing is doubled.
+        let lf = String::from_utf8(msg.clone())
+            .unwrap()
+            .replace("\r\n", "\n");
+        let lf = lf.strip_suffix('\n').unwrap();
+        let file = write(files.path(), label, lf.as_bytes());
+        let data = format!("@{}", file.display());
+        let mut args = vec![
+            "--server", &server, "--from", "a@x.test", "--to", "b@y.test", "--data", &data,
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out) = swaks(&args);
+        assert!(ok, "swaks {label} failed:\n{out}");
+        assert!(out.contains("250 2.0.0 Ok: queued as"), "{label}:\n{out}");
+        if label.starts_with("tls") {
+            assert!(out.contains("TLS started"), "{label}:\n{out}");
+        }
+        expected.push(msg);
+    }
+
+    // smtp-source with a pre-formatted message (-F: it dot-stuffs and appends CRLF).
+    let sourced = dotted_message("smtp-source-F");
+    // smtp-source sends an empty line of its own before the final dot, whatever the file
+    // ends with (seen on the wire: "...last\r\n\r\n.\r\n"), so that line is part of
+    // what it submitted.
+    let lf = String::from_utf8(sourced.clone())
+        .unwrap()
+        .replace("\r\n", "\n");
+    let lf = lf.strip_suffix('\n').unwrap();
+    let sourced = [sourced.as_slice(), b"\r\n"].concat();
+    let file = write(files.path(), "source.eml", lf.as_bytes());
+    let status = Command::new(SMTP_SOURCE)
+        .args([
+            "-m", "20", "-s", "5", "-f", "a@x.test", "-t", "b@y.test", "-F",
+        ])
+        .arg(&file)
+        .arg(&server)
+        .status()
+        .expect("run smtp-source");
+    assert!(status.success());
+
+    // The command from the issue: 50 generated messages of 4096 octets, 5 sessions.
+    let out = Command::new(SMTP_SOURCE)
+        .args([
+            "-c", "-m", "50", "-s", "5", "-l", "4096", "-f", "a@x", "-t", "b@y", &server,
+        ])
+        .output()
+        .expect("run smtp-source");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (status_line, metrics) = relay.admin_get("/metrics");
+    assert!(status_line.contains("200"), "{status_line}");
+    assert!(
+        metrics.contains("altroute_messages_accepted_total 74"),
+        "{metrics}"
+    );
+    let (_, health) = relay.admin_get("/health");
+    assert_eq!(health, "ok\n");
+    let (_, policy) = relay.admin_get("/policy");
+    assert!(policy.contains("\"version\""), "{policy}");
+
+    let status = relay.stop();
+    assert!(status.success(), "relay exit {status}:\n{}", relay.log());
+
+    let spool = relay.open_spool();
+    let stored = spool_messages(&spool);
+    assert_eq!(stored.len(), 4 + 20 + 50);
+    for msg in &expected {
+        let id = message_id(msg).unwrap();
+        let found: Vec<_> = stored
+            .iter()
+            .filter(|(_, b)| message_id(strip_received(b)).as_deref() == Some(&id))
+            .collect();
+        assert_eq!(found.len(), 1, "{id}");
+        assert_eq!(
+            String::from_utf8_lossy(strip_received(&found[0].1)),
+            String::from_utf8_lossy(msg),
+            "{id}"
+        );
+    }
+    let from_f = stored
+        .iter()
+        .filter(|(_, b)| strip_received(b) == sourced.as_slice())
+        .count();
+    let sample = stored
+        .iter()
+        .find(|(_, b)| {
+            message_id(strip_received(b)).as_deref() == Some("<smtp-source-F@client.test>")
+        })
+        .map(|(_, b)| String::from_utf8_lossy(strip_received(b)).into_owned());
+    assert_eq!(
+        from_f,
+        20,
+        "smtp-source -F messages intact; one stored: {sample:?}, sent {:?}",
+        String::from_utf8_lossy(&sourced)
+    );
+    let generated: Vec<_> = stored
+        .iter()
+        .filter(|(_, b)| strip_received(b).starts_with(b"From: <a@x>"))
+        .collect();
+    assert_eq!(generated.len(), 50);
+    // smtp-source generates the same payload for every message: -l counts octets
+    // including line ends. All 50 must arrive the same and complete.
+    let mut payloads = HashSet::new();
+    for (id, b) in generated {
+        let body = strip_received(b);
+        let split = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let payload = &body[split + 4..];
+        assert!(payload.len() >= 4096, "{id}: payload {}", payload.len());
+        payloads.insert(payload.to_vec());
+        let entry = spool.entry(id).unwrap();
+        assert_eq!(entry.envelope.mail_from, "a@x");
+        assert_eq!(entry.envelope.rcpt_to, vec!["b@y".to_owned()]);
+        assert_eq!(entry.envelope.received_from.as_deref(), Some("127.0.0.1"));
+    }
+    assert_eq!(payloads.len(), 1, "smtp-source payloads differ");
+}
+
+/// Raw RCPT replies from a client bound to `bind`.
+fn rcpt_replies(relay: &Relay, bind: IpAddr) -> Vec<(u16, String)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = SmtpConn::connect(relay.config.smtp, Some(bind))
+            .await
+            .unwrap();
+        let mut out = vec![c.cmd("MAIL FROM:<a@x.test>").await.unwrap()];
+        for rcpt in ["b@y.test", "c@z.test", "postmaster@relay.test"] {
+            out.push(c.cmd(&format!("RCPT TO:<{rcpt}>")).await.unwrap());
+        }
+        out.push(c.cmd("DATA").await.unwrap());
+        out
+    })
+}
+
+#[test]
+fn clients_outside_allow_networks_cannot_relay() {
+    let mut config = RelayConfig::new();
+    config.allow_networks = vec!["127.0.0.1/32".into()];
+    let mut relay = Relay::start(config);
+
+    let denied = rcpt_replies(&relay, other_loopback().into());
+    assert_eq!(denied[0].0, 250, "MAIL: {:?}", denied[0]);
+    for r in &denied[1..4] {
+        assert_eq!(r.0, 550, "{r:?}");
+        assert!(r.1.starts_with("550 5.7.1"), "{r:?}");
+    }
+    assert!(
+        denied[4].0 >= 500,
+        "DATA without recipients: {:?}",
+        denied[4]
+    );
+
+    let allowed = rcpt_replies(&relay, "127.0.0.1".parse().unwrap());
+    for r in &allowed[1..4] {
+        assert_eq!(r.0, 250, "{r:?}");
+    }
+
+    // swaks from the same non-allowed address gets the same answer.
+    let server = relay.config.smtp.to_string();
+    let (ok, out) = swaks(&[
+        "--server",
+        &server,
+        "--local-interface",
+        "127.0.0.2",
+        "--from",
+        "a@x.test",
+        "--to",
+        "b@y.test",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("550 5.7.1"), "{out}");
+
+    let (_, metrics) = relay.admin_get("/metrics");
+    assert!(
+        metrics.contains("altroute_recipients_rejected_total{reason=\"relay_denied\"} 4"),
+        "{metrics}"
+    );
+    assert!(relay.stop().success());
+    assert!(relay.open_spool().list().is_empty());
+}
+
+#[test]
+fn client_certificate_and_auth_let_other_addresses_relay() {
+    let lab = TlsLab::new();
+    let mut config = RelayConfig::new();
+    config.allow_networks = vec!["127.0.0.1/32".into()];
+    lab.configure(&mut config);
+    let mut relay = Relay::start(config);
+    let server = relay.config.smtp.to_string();
+    let base = [
+        "--server",
+        server.as_str(),
+        "--local-interface",
+        "127.0.0.2",
+        "--from",
+        "a@x.test",
+        "--to",
+        "b@y.test",
+        "--tls",
+    ];
+
+    // TLS alone from a non-allowed address: still denied.
+    let (ok, out) = swaks(&base);
+    assert!(!ok && out.contains("550 5.7.1"), "{out}");
+
+    // A certificate from the client CA: allowed.
+    let (cert, key) = lab.client_cert(&lab.ca);
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+
+    // A certificate from another CA: the handshake fails, nothing relayed.
+    let stranger = TestCa::new("stranger").unwrap();
+    let (cert, key) = lab.client_cert(&stranger);
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok, "{out}");
+    assert!(!out.contains("queued as"), "{out}");
+
+    // AUTH over TLS: right password relays, wrong one does not.
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "alice",
+                "--auth-password",
+                "s3cret",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("queued as"), "{out}");
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "alice",
+                "--auth-password",
+                "wrong",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok, "{out}");
+    assert!(out.contains("535"), "{out}");
+
+    assert!(relay.stop().success());
+    let spool = relay.open_spool();
+    let list = spool.list();
+    assert_eq!(list.len(), 2);
+    for e in list {
+        assert_eq!(e.envelope.received_from.as_deref(), Some("127.0.0.2"));
+        let body = spool.read_message(&e.id).unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.starts_with("Received: from") && text.contains("with ESMTPS"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn tls_required_no_and_requiretls_reach_the_envelope() {
+    let lab = TlsLab::new();
+    let mut config = RelayConfig::new();
+    lab.configure(&mut config);
+    let mut relay = Relay::start(config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = SmtpConn::connect(relay.config.smtp, None).await.unwrap();
+        let msg = b"Subject: relaxed\r\ntls-required:  NO\r\nMessage-ID: <relaxed@t>\r\n\r\nhi\r\n";
+        let r = c.send("a@x.test", &["b@y.test"], msg).await.unwrap();
+        assert_eq!(r.0, 250, "{r:?}");
+        let msg = b"Subject: normal\r\nMessage-ID: <normal@t>\r\n\r\nTLS-Required: No\r\n";
+        let r = c.send("a@x.test", &["b@y.test"], msg).await.unwrap();
+        assert_eq!(r.0, 250, "{r:?}");
+    });
+    assert!(relay.stop().success());
+    let spool = relay.open_spool();
+    let mut seen = 0;
+    for (id, body) in spool_messages(&spool) {
+        let e = spool.entry(&id).unwrap();
+        match message_id(strip_received(&body)).as_deref() {
+            Some("<relaxed@t>") => assert!(e.envelope.tls_required_no),
+            Some("<normal@t>") => assert!(!e.envelope.tls_required_no),
+            other => panic!("unexpected {other:?}"),
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 2);
+}
+
+#[test]
+fn bad_configuration_lists_every_problem_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = [\"nonsense\"]\ncolour = \"blue\"\n[relay]\nallow_networks = [\"10.0.0.0/99\"]\nclient_ca = \"nope.pem\"\n[policy]\nfile = \"missing.toml\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "server.listen[0]",
+        "server.colour: unknown key",
+        "relay.allow_networks[0]",
+        "relay.client_ca",
+        "policy.file",
+        "6 problems found",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn sigterm_stops_accepting_but_lets_a_session_finish() {
+    let mut relay = Relay::start(RelayConfig::new());
+    let addr = relay.config.smtp;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = SmtpConn::connect(addr, None).await.unwrap();
+        let m1 = b"Message-ID: <before@t>\r\n\r\nbefore\r\n";
+        assert_eq!(c.send("a@x.test", &["b@y.test"], m1).await.unwrap().0, 250);
+
+        signal(relay.pid(), "TERM");
+        // The listener closes at once: new clients are refused.
+        let mut refused = false;
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(refused, "still accepting after SIGTERM");
+
+        // The session in progress still gets its message through.
+        let m2 = b"Message-ID: <during@t>\r\n\r\nduring shutdown\r\n";
+        let r = c.send("a@x.test", &["b@y.test"], m2).await.unwrap();
+        assert_eq!(r.0, 250, "{r:?}");
+        assert_eq!(c.cmd("QUIT").await.unwrap().0, 221);
+    });
+    let status = relay.wait();
+    assert!(status.success(), "exit {status}:\n{}", relay.log());
+    let spool = relay.open_spool();
+    let ids: HashSet<_> = spool_messages(&spool)
+        .iter()
+        .filter_map(|(_, b)| message_id(strip_received(b)))
+        .collect();
+    assert_eq!(
+        ids,
+        HashSet::from(["<before@t>".to_owned(), "<during@t>".to_owned()])
+    );
+}

@@ -1,0 +1,15 @@
+//! End-to-end tests of the `altroute` binary with real peers on loopback.
+//!
+//! One test binary, one module per topic (see support.rs for the relay harness).
+//! Needs Debian's `swaks` and `postfix` (for `smtp-source`), and root for the tmpfs
+//! mount of the disk-full test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod policy_cli;
+mod support;
+
+mod crash;
+mod delivery;
+mod diskfull;
+mod inbound;
