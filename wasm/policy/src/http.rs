@@ -9,7 +9,7 @@ use proxy_wasm::types::{Action, MapType};
 use policy::contract;
 use policy::{Decision, Policy, Route, decide};
 
-use crate::{CONTINUE, Metrics, decision_headers, log, request_header};
+use crate::{CONTINUE, Metrics, decision_headers, log};
 
 pub(crate) struct Request {
     policy: Option<Rc<Policy>>,
@@ -21,21 +21,15 @@ impl Request {
         Request { policy, metrics }
     }
 
-    fn decide(&self) -> Decision {
+    /// Decide from the request's headers, read in one host call (`pairs`).
+    fn decide(&self, pairs: Option<&[(String, Vec<u8>)]>) -> Decision {
         let Some(policy) = &self.policy else {
             return Decision::fault("none", "no policy is configured");
         };
-        let facts: Vec<(&str, Option<Vec<u8>>)> = contract::FACT_HEADERS
-            .iter()
-            .map(|name| (*name, request_header(name)))
-            .collect();
-        let lookup = |name: &str| {
-            facts
-                .iter()
-                .find(|(n, _)| *n == name)
-                .and_then(|(_, v)| v.as_deref())
+        let Some(pairs) = pairs else {
+            return Decision::fault(&policy.version, "the request headers could not be read");
         };
-        match contract::decode_query(lookup) {
+        match contract::decode_query(contract::lookup(pairs)) {
             Ok(query) => decide(policy, &query),
             Err(e) => Decision::fault(&policy.version, &e.to_string()),
         }
@@ -46,10 +40,17 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let decision = self.decide();
+        // One host call for every header: facts in, and which decision headers to drop.
+        let pairs = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok();
+        let decision = self.decide(pairs.as_deref());
         self.metrics.count(&decision);
         // A decision comes only from here: drop whatever the request brought.
-        for name in contract::DECISION_HEADERS {
+        let present = pairs.iter().flatten().filter_map(|(k, _)| {
+            contract::DECISION_HEADERS
+                .iter()
+                .find(|d| d.eq_ignore_ascii_case(k))
+        });
+        for name in present {
             if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
                 log(
                     proxy_wasm::types::LogLevel::Warn,

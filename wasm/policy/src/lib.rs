@@ -31,7 +31,7 @@ use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use policy::contract;
 use policy::{Decision, Policy, Route};
@@ -231,13 +231,6 @@ impl PolicyRoot {
 fn log(level: LogLevel, msg: &str) {
     // Logging failures are not actionable inside the module.
     let _ = hostcalls::log(level, msg);
-}
-
-/// Read a request header as raw bytes; errors count as absent.
-fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
 }
 
 /// The SDK's `Action` for "go on".
