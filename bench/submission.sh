@@ -91,11 +91,14 @@ wait_port "$A_PORT"
 A_SECS=$(submit "$A_PORT")
 kill -TERM "$ALTROUTE_PID"; wait "$ALTROUTE_PID" || true; ALTROUTE_PID=
 A_QUEUED=$(find "$WORK/altroute-spool/msg" -type f | wc -l)
+echo "altroute: $MESSAGES messages in $A_SECS s, $A_QUEUED queued"
 
 echo "== postfix $(postconf -d -h mail_version)"
 P_PORT=$(free_port)
 POSTFIX_CONF=$WORK/postfix-conf
 mkdir -p "$POSTFIX_CONF" "$WORK/postfix-queue" "$WORK/postfix-data"
+# master.lock and the TLS caches live in data_directory, which Postfix wants to own.
+chown postfix:postfix "$WORK/postfix-data"
 cat > "$POSTFIX_CONF/main.cf" <<EOF
 compatibility_level = 3.6
 queue_directory = $WORK/postfix-queue
@@ -125,7 +128,7 @@ sed -e "s/^smtp      inet  n       -       y /127.0.0.1:$P_PORT inet n - n /" \
     -e 's/^\([a-z]*  *\(unix\|inet\|unix-dgram\|fifo\|pass\)  *[-n]  *[-n]  *\)y /\1n /' \
     /usr/share/postfix/master.cf.dist > "$POSTFIX_CONF/master.cf"
 postfix -c "$POSTFIX_CONF" check
-postfix -c "$POSTFIX_CONF" start >/dev/null 2>&1
+postfix -c "$POSTFIX_CONF" start >/dev/null 2>&1 || { tail -5 "$WORK/postfix.log" >&2; exit 1; }
 wait_port "$P_PORT"
 P_SECS=$(submit "$P_PORT")
 sleep 1

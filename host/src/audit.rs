@@ -307,6 +307,24 @@ pub fn verify_command(path: &Path) -> i32 {
     }
 }
 
+/// `altroute audit ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of an audit log: prints "ok: N entries, chain intact" or the
+    /// first broken line (exit status 1).
+    Verify {
+        /// The audit log (JSON lines).
+        file: PathBuf,
+    },
+}
+
+/// Runs an `altroute audit` command; returns the exit status.
+pub fn run(cmd: AuditCommand) -> anyhow::Result<i32> {
+    match cmd {
+        AuditCommand::Verify { file } => Ok(verify_command(&file)),
+    }
+}
+
 /// What changed from `old` to `new`: hosts, rules (TLS compliance), routes and org units
 /// added, removed and changed (by name), the settings that changed, and the number of
 /// embedded tests. Empty categories are left out.

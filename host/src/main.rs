@@ -25,6 +25,9 @@ enum Command {
     Serve(ServeArgs),
     /// Self-contained showcase on loopback: routes sample mail and prints each decision.
     Demo,
+    /// Check the policy audit log: `altroute audit verify FILE`.
+    #[command(subcommand)]
+    Audit(altroute::audit::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Serve(args) => serve::command(args),
         Command::Demo => altroute::demo::run(),
+        Command::Audit(cmd) => altroute::audit::run(cmd),
     };
     match result {
         Ok(0) => ExitCode::SUCCESS,

@@ -370,7 +370,9 @@ impl Reloader {
         let result = self
             .target
             .slot()
-            .try_swap(self.target.host(), spec, |plugin| self_test(plugin, &policy));
+            .try_swap(self.target.host(), spec, |plugin| {
+                self_test(plugin, &policy)
+            });
         match result {
             Ok(_previous) => {
                 let next = Arc::new(Version {
@@ -406,7 +408,9 @@ impl Reloader {
         let result = self
             .target
             .slot()
-            .try_swap(self.target.host(), spec, |plugin| self_test(plugin, &policy));
+            .try_swap(self.target.host(), spec, |plugin| {
+                self_test(plugin, &policy)
+            });
         match result {
             Ok(_) => {
                 state.history.pop_back();
@@ -979,7 +983,10 @@ fn brief(v: Option<&Verdict>) -> String {
         Some(v) => format!(
             "{}{} ({}, tls required {})",
             v.route,
-            v.host.as_deref().map(|h| format!(" via {h}")).unwrap_or_default(),
+            v.host
+                .as_deref()
+                .map(|h| format!(" via {h}"))
+                .unwrap_or_default(),
             v.rule,
             v.tls.required
         ),
@@ -1051,7 +1058,9 @@ pub struct FileWatch {
 
 impl std::fmt::Debug for FileWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileWatch").field("dirs", &self.dirs).finish()
+        f.debug_struct("FileWatch")
+            .field("dirs", &self.dirs)
+            .finish()
     }
 }
 
@@ -1097,6 +1106,7 @@ pub fn watch(
     }
     let mut seen = sources.read().ok().map(|c| c.content_hash());
     tracing::info!(dirs = ?dirs, "watching the policy files");
+    let policy_path = sources.policy.clone();
     std::thread::Builder::new()
         .name("altroute-policy-watch".into())
         .spawn(move || {
@@ -1129,7 +1139,7 @@ pub fn watch(
             }
         })
         .map_err(|e| ReloadError::Read {
-            path: sources.policy.clone(),
+            path: policy_path,
             source: e,
         })?;
     Ok(FileWatch {
@@ -1167,5 +1177,744 @@ pub async fn sighup(
                 .await;
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The admin API's policy endpoints
+
+/// An answer of [`handle_api`]: HTTP status and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// JSON body (one line).
+    pub body: String,
+}
+
+impl ApiResponse {
+    fn json(status: u16, value: &impl Serialize) -> ApiResponse {
+        let mut body = serde_json::to_string(value).unwrap_or_else(|_| "{}".into());
+        body.push('\n');
+        ApiResponse { status, body }
+    }
+
+    fn error(status: u16, message: &str) -> ApiResponse {
+        ApiResponse::json(status, &json!({ "error": message }))
+    }
+}
+
+/// A request to the admin API, as far as the policy endpoints care.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiRequest<'a> {
+    /// `GET`, `POST`, `DELETE`, ...
+    pub method: &'a str,
+    /// The path, e.g. `/policy/rollback`.
+    pub path: &'a str,
+    /// The `Authorization` header.
+    pub authorization: Option<&'a str>,
+    /// The `x-altroute-who` header: the admin's identity (`cli` from `altroute policy`).
+    pub who: Option<&'a str>,
+    /// The body (a candidate policy for `POST /policy` and `POST /policy/shadow`).
+    pub body: &'a [u8],
+}
+
+/// Whether `path` is one of the policy endpoints [`handle_api`] answers.
+pub fn is_api_path(path: &str) -> bool {
+    matches!(path, "/policy" | "/policy/rollback" | "/policy/shadow")
+}
+
+/// Answers the policy endpoints (`GET /policy`, `POST /policy`, `POST /policy/rollback`,
+/// `POST /policy/shadow`, `DELETE /policy/shadow`). State changes need
+/// `Authorization: Bearer <token>`; with no token configured they are refused (403).
+/// Blocks while a candidate compiles: call it from a blocking thread.
+pub fn handle_api(reloader: &Reloader, token: Option<&str>, req: ApiRequest<'_>) -> ApiResponse {
+    let route = (req.method, req.path);
+    if route == ("GET", "/policy") {
+        let status = reloader.status();
+        let mut value = serde_json::to_value(&status).unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut value {
+            // The short form that monitoring scripts read.
+            map.insert("version".into(), json!(status.active.version));
+        }
+        return ApiResponse::json(200, &value);
+    }
+    let known = matches!(
+        route,
+        ("POST", "/policy")
+            | ("POST", "/policy/rollback")
+            | ("POST", "/policy/shadow")
+            | ("DELETE", "/policy/shadow")
+    );
+    if !known {
+        return if is_api_path(req.path) {
+            ApiResponse::error(405, "method not allowed")
+        } else {
+            ApiResponse::error(404, "not found")
+        };
+    }
+    let Some(expected) = token else {
+        return ApiResponse::error(
+            403,
+            "policy changes through the admin API are disabled: set [admin].token",
+        );
+    };
+    let given = req
+        .authorization
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::trim);
+    if !given.is_some_and(|g| same_secret(g, expected)) {
+        return ApiResponse::error(401, "a valid bearer token is required");
+    }
+    let who = who_of(req.who);
+    let result = match route {
+        ("POST", "/policy") => reloader
+            .apply(&who, Candidate::policy(req.body))
+            .map(|a| ApiResponse::json(200, &a)),
+        ("POST", "/policy/rollback") => reloader.rollback(&who).map(|a| ApiResponse::json(200, &a)),
+        ("POST", "/policy/shadow") => reloader
+            .start_shadow(&who, Candidate::policy(req.body))
+            .map(|v| ApiResponse::json(200, &json!({ "shadow_version": v }))),
+        _ => reloader
+            .stop_shadow(&who)
+            .map(|s| ApiResponse::json(200, &s)),
+    };
+    result.unwrap_or_else(|e| match e {
+        ReloadError::Refused(r) => ApiResponse::json(
+            422,
+            &json!({ "error": "candidate refused", "version": r.version, "reasons": r.reasons }),
+        ),
+        ReloadError::NoHistory => ApiResponse::error(409, &e.to_string()),
+        ReloadError::NoShadow => ApiResponse::error(404, &e.to_string()),
+        other => ApiResponse::error(500, &other.to_string()),
+    })
+}
+
+/// `x-altroute-who`: `cli` from `altroute policy`, else an admin identity (printable,
+/// at most 64 characters; `anonymous` when missing).
+fn who_of(header: Option<&str>) -> Who {
+    let id: String = header
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    match id.as_str() {
+        "cli" => Who::Cli,
+        "" => Who::Admin("anonymous".into()),
+        _ => Who::Admin(id),
+    }
+}
+
+/// Compares secrets without stopping at the first difference.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line: talk to a running relay's admin endpoint
+
+/// Where the running relay's admin endpoint is, for `altroute policy apply | rollback`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// The admin endpoint. Defaults to http://127.0.0.1:8025.
+    #[arg(long, default_value = "http://127.0.0.1:8025")]
+    pub admin: String,
+    /// Bearer token ([admin].token). Defaults to $ALTROUTE_ADMIN_TOKEN.
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+impl AdminArgs {
+    fn token(&self) -> Option<String> {
+        self.token
+            .clone()
+            .or_else(|| std::env::var("ALTROUTE_ADMIN_TOKEN").ok())
+    }
+}
+
+/// `altroute policy apply FILE`: sends the file to `POST /policy`; prints the answer.
+/// Returns 0 when the relay activated it (or already ran it), 1 when it was refused.
+pub fn apply_command(file: &Path, args: &AdminArgs) -> anyhow::Result<i32> {
+    let body =
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let (code, text) = admin_request(args, "POST", "/policy", &body)?;
+    println!("{}", text.trim_end());
+    Ok(if code == 200 { 0 } else { 1 })
+}
+
+/// `altroute policy rollback`: `POST /policy/rollback`; prints the answer.
+pub fn rollback_command(args: &AdminArgs) -> anyhow::Result<i32> {
+    let (code, text) = admin_request(args, "POST", "/policy/rollback", b"")?;
+    println!("{}", text.trim_end());
+    Ok(if code == 200 { 0 } else { 1 })
+}
+
+/// One HTTP/1.1 request to the admin endpoint (plain HTTP on localhost); returns the
+/// status code and body.
+pub fn admin_request(
+    args: &AdminArgs,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+
+    let authority = args
+        .admin
+        .strip_prefix("http://")
+        .unwrap_or(&args.admin)
+        .trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(authority)
+        .map_err(|e| anyhow::anyhow!("cannot reach the admin endpoint {authority}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\
+         Content-Length: {}\r\nx-altroute-who: cli\r\n",
+        body.len()
+    );
+    if let Some(token) = args.token() {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed answer from {authority}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("malformed status line from {authority}"))?;
+    Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Instant;
+
+    use proxy_wasm_host::HostConfig;
+
+    use super::*;
+
+    /// A real host and slot, as the policy engine holds them.
+    struct Slots {
+        host: Host,
+        slot: PolicySlot,
+        shadow: ShadowSlot,
+    }
+
+    impl Target for Slots {
+        fn host(&self) -> &Host {
+            &self.host
+        }
+        fn slot(&self) -> &PolicySlot {
+            &self.slot
+        }
+        fn shadow(&self) -> &ShadowSlot {
+            &self.shadow
+        }
+    }
+
+    impl Slots {
+        /// What the engine does: ask the active plugin, show the question to the shadow.
+        fn decide(&self, q: &Query) -> Decision {
+            let d = ask(&self.slot.current(), q).unwrap();
+            self.shadow.observe(q, &d);
+            d
+        }
+    }
+
+    /// A policy: `strict` domains require TLS (alternate route when the MX has none).
+    fn policy(name: &str, strict: &[&str], extra: &str) -> String {
+        let domains: Vec<String> = strict.iter().map(|d| format!("{d:?}")).collect();
+        format!(
+            r#"
+[policy]
+name = "{name}"
+
+[[hosts]]
+name = "secure-relay"
+address = "alt.lab.test"
+
+[alternate_secure_route]
+host = "secure-relay"
+
+[[tls_compliance]]
+name = "partners"
+domains = [{}]
+
+[[tests]]
+name = "partner without STARTTLS takes the alternate route"
+query = {{ phase = "verdict", sender = "a@corp.example", recipient = "b@{}", mx = "mx.x", starttls = "absent" }}
+expect = {{ route = "alternate", host = "secure-relay" }}
+{extra}
+"#,
+            domains.join(", "),
+            strict[0]
+        )
+    }
+
+    fn setup(initial: &str) -> (tempfile::TempDir, Arc<Slots>, Reloader) {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, json) = prepare(initial.as_bytes()).unwrap();
+        let host = Host::new(HostConfig::default()).unwrap();
+        let module: Arc<[u8]> = altroute_modules::POLICY.into();
+        let plugin = host.load(spec(module.clone(), &policy, &json)).unwrap();
+        let slots = Arc::new(Slots {
+            host,
+            slot: PolicySlot::new(plugin),
+            shadow: ShadowSlot::new(),
+        });
+        let reloader = Reloader::new(
+            slots.clone(),
+            policy,
+            module,
+            ReloadSettings::new(dir.path().join("audit/audit.jsonl")),
+        )
+        .unwrap();
+        (dir, slots, reloader)
+    }
+
+    fn audit_lines(dir: &tempfile::TempDir) -> Vec<Value> {
+        std::fs::read_to_string(dir.path().join("audit/audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn plan(rcpt: &str) -> Query {
+        Query::plan("a@corp.example", rcpt)
+    }
+
+    fn no_starttls(rcpt: &str) -> Query {
+        Query {
+            phase: altroute_policy::Phase::Verdict,
+            mx: "mx.x".into(),
+            ..plan(rcpt)
+        }
+    }
+
+    #[test]
+    fn activation_swaps_records_and_summarizes() {
+        let (dir, slots, reloader) = setup(&policy("a", &["partner.example"], ""));
+        let v1 = reloader.version();
+        let before = slots.decide(&no_starttls("x@other.example"));
+        assert_eq!(before.route, Route::Direct);
+
+        let b = policy("b", &["partner.example", "other.example"], "");
+        let applied = reloader
+            .apply(&Who::Admin("alice".into()), Candidate::policy(b.clone()))
+            .unwrap();
+        assert!(applied.changed);
+        assert_eq!(applied.old_version, v1);
+        assert_ne!(applied.new_version, v1);
+        assert_eq!(reloader.version(), applied.new_version);
+        let after = slots.decide(&no_starttls("x@other.example"));
+        assert_eq!(after.route, Route::Alternate);
+        assert_eq!(after.policy_version, applied.new_version);
+
+        // The same content again changes nothing and records nothing.
+        let again = reloader.apply(&Who::Cli, Candidate::policy(b)).unwrap();
+        assert!(!again.changed);
+
+        let lines = audit_lines(&dir);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["action"], "start");
+        assert_eq!(lines[0]["who"], "startup");
+        assert_eq!(lines[1]["action"], "activate");
+        assert_eq!(lines[1]["who"], "admin:alice");
+        assert_eq!(lines[1]["old_version"], v1.as_str());
+        assert_eq!(lines[1]["new_version"], applied.new_version.as_str());
+        assert_eq!(
+            lines[1]["summary"]["rules"],
+            json!({"changed": ["partners"]})
+        );
+        assert_eq!(lines[1]["summary"]["settings"], json!(["name"]));
+        assert_eq!(
+            audit::verify(&dir.path().join("audit/audit.jsonl")).unwrap(),
+            2
+        );
+
+        let status = reloader.status();
+        assert_eq!(status.active.version, applied.new_version);
+        assert_eq!(status.history.len(), 2);
+        assert_eq!(status.activations, 1);
+        assert_eq!(status.audit.seq, 2);
+    }
+
+    #[test]
+    fn bad_candidates_are_refused_and_the_active_version_keeps_serving() {
+        let (dir, slots, reloader) = setup(&policy("a", &["partner.example"], ""));
+        let v1 = reloader.version();
+        let good = policy("b", &["partner.example", "other.example"], "");
+
+        // 1. A module that is not wasm.
+        let e = reloader
+            .apply(
+                &Who::FileWatch,
+                Candidate {
+                    policy: good.clone().into_bytes(),
+                    module: Some(b"\0asm garbage".to_vec()),
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, ReloadError::Refused(_)), "{e}");
+        assert_eq!(reloader.version(), v1);
+
+        // 2. A module that loads but does not answer the contract (the SDK test guest):
+        //    only the self-test through the plugin can catch it.
+        let e = reloader
+            .apply(
+                &Who::FileWatch,
+                Candidate {
+                    policy: good.clone().into_bytes(),
+                    module: Some(altroute_modules::TESTGUEST.to_vec()),
+                },
+            )
+            .unwrap_err();
+        let ReloadError::Refused(r) = &e else {
+            panic!("{e}")
+        };
+        assert!(
+            r.reasons
+                .iter()
+                .any(|x| x.contains("no decision through the module")),
+            "{r:?}"
+        );
+        assert_eq!(reloader.version(), v1);
+
+        // 3. A policy that does not compile: every diagnostic.
+        let broken = "[[hosts]]\nname = \"x\"\nadress = \"typo\"\n";
+        let e = reloader
+            .apply(&Who::Sighup, Candidate::policy(broken))
+            .unwrap_err();
+        let ReloadError::Refused(r) = &e else {
+            panic!("{e}")
+        };
+        assert!(r.reasons.iter().any(|x| x.contains("address")), "{r:?}");
+        assert_eq!(r.version, None);
+
+        // 4. A policy whose embedded test fails.
+        let failing = policy(
+            "c",
+            &["partner.example"],
+            r#"
+[[tests]]
+name = "wrong on purpose"
+query = { phase = "plan", sender = "a@corp.example", recipient = "x@elsewhere.example" }
+expect = { tls_required = true }
+"#,
+        );
+        let e = reloader
+            .apply(&Who::Cli, Candidate::policy(failing))
+            .unwrap_err();
+        let ReloadError::Refused(r) = &e else {
+            panic!("{e}")
+        };
+        assert!(
+            r.reasons.iter().any(|x| x.contains("wrong on purpose")),
+            "{r:?}"
+        );
+
+        // Still serving v1, and it still decides.
+        assert_eq!(reloader.version(), v1);
+        assert_eq!(slots.decide(&plan("b@partner.example")).policy_version, v1);
+        let status = reloader.status();
+        assert_eq!(status.rejections, 4);
+        assert_eq!(status.last_rejection.as_ref().unwrap().who, "cli");
+        let lines = audit_lines(&dir);
+        let actions: Vec<&str> = lines
+            .iter()
+            .map(|l| l["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, ["start", "reject", "reject", "reject", "reject"]);
+        assert!(!lines[4]["reasons"].as_array().unwrap().is_empty());
+        assert_eq!(lines[2]["who"], "file watch");
+    }
+
+    #[test]
+    fn rollback_walks_back_through_a_bounded_history() {
+        let (dir, _slots, reloader) = setup(&policy("v0", &["partner.example"], ""));
+        let v0 = reloader.version();
+        let mut versions = vec![v0.clone()];
+        for i in 1..=12 {
+            let p = policy(&format!("v{i}"), &["partner.example"], "");
+            versions.push(
+                reloader
+                    .apply(&Who::Cli, Candidate::policy(p))
+                    .unwrap()
+                    .new_version,
+            );
+        }
+        assert_eq!(reloader.status().history.len(), DEFAULT_HISTORY);
+        let back = reloader.rollback(&Who::Admin("bob".into())).unwrap();
+        assert_eq!(back.old_version, versions[12]);
+        assert_eq!(back.new_version, versions[11]);
+        assert_eq!(reloader.version(), versions[11]);
+        assert_eq!(
+            reloader.rollback(&Who::Cli).unwrap().new_version,
+            versions[10]
+        );
+        // 10 kept: versions 3..=12; after two rollbacks 8 remain, back to version 3.
+        for expected in (3..=9).rev() {
+            assert_eq!(
+                reloader.rollback(&Who::Cli).unwrap().new_version,
+                versions[expected]
+            );
+        }
+        assert!(matches!(
+            reloader.rollback(&Who::Cli),
+            Err(ReloadError::NoHistory)
+        ));
+        let lines = audit_lines(&dir);
+        let last = lines.last().unwrap();
+        assert_eq!(last["action"], "rollback");
+        assert_eq!(lines[13]["who"], "admin:bob");
+        assert_eq!(
+            audit::verify(&dir.path().join("audit/audit.jsonl")).unwrap(),
+            lines.len()
+        );
+    }
+
+    #[test]
+    fn shadow_reports_exactly_the_differing_decisions() {
+        let (dir, slots, reloader) = setup(&policy("a", &["partner.example"], ""));
+        let candidate = policy("b", &["partner.example", "shadowed.example"], "");
+        let shadow_version = reloader
+            .start_shadow(&Who::Admin("carol".into()), Candidate::policy(candidate))
+            .unwrap();
+        assert_ne!(shadow_version, reloader.version());
+
+        // 3 recipients × 2 phases; only shadowed.example differs, in both phases.
+        for rcpt in [
+            "x@partner.example",
+            "y@shadowed.example",
+            "z@elsewhere.example",
+        ] {
+            let d = slots.decide(&plan(rcpt));
+            assert_eq!(
+                d.policy_version,
+                reloader.version(),
+                "the shadow never decides"
+            );
+            slots.decide(&no_starttls(rcpt));
+        }
+        let status = reloader.status().shadow.unwrap();
+        assert_eq!(status.decisions, 6);
+        assert_eq!(status.differences, 2);
+        assert!(
+            status
+                .recent
+                .iter()
+                .all(|d| d.recipient == "y@shadowed.example")
+        );
+        let verdict = status.recent.iter().find(|d| d.phase == "verdict").unwrap();
+        assert_eq!(verdict.active.route, Route::Direct);
+        assert_eq!(verdict.shadow.as_ref().unwrap().route, Route::Alternate);
+
+        let stopped = reloader.stop_shadow(&Who::Cli).unwrap();
+        assert_eq!(stopped.differences, 2);
+        assert!(reloader.status().shadow.is_none());
+        assert!(matches!(
+            reloader.stop_shadow(&Who::Cli),
+            Err(ReloadError::NoShadow)
+        ));
+        let lines = audit_lines(&dir);
+        assert_eq!(lines[1]["action"], "shadow-start");
+        assert_eq!(
+            lines[1]["summary"]["rules"],
+            json!({"changed": ["partners"]})
+        );
+        assert_eq!(lines[2]["action"], "shadow-stop");
+        assert_eq!(lines[2]["summary"]["differences"], 2);
+    }
+
+    /// Waits (bounded, so a broken watcher fails instead of hanging) until `f` holds.
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "gave up waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kubernetes ConfigMap layout: `policy.toml -> ..data/policy.toml`,
+    /// `..data -> ..<timestamp>/`; an update makes a new timestamped directory and
+    /// renames a new `..data_tmp` link over `..data`.
+    fn configmap_swap(dir: &Path, generation: &str, content: &str) {
+        let gen_dir = dir.join(generation);
+        std::fs::create_dir(&gen_dir).unwrap();
+        std::fs::write(gen_dir.join("policy.toml"), content).unwrap();
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(generation, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    }
+
+    #[test]
+    fn file_watch_follows_a_configmap_symlink_swap() {
+        let a = policy("a", &["partner.example"], "");
+        let (dir, _slots, reloader) = setup(&a);
+        let reloader = Arc::new(reloader);
+        let cm = dir.path().join("configmap");
+        std::fs::create_dir(&cm).unwrap();
+        configmap_swap(&cm, "..2026_11_25_1", &a);
+        std::os::unix::fs::symlink("..data/policy.toml", cm.join("policy.toml")).unwrap();
+        let sources = Sources {
+            policy: cm.join("policy.toml"),
+            module: None,
+        };
+        let watch = watch(reloader.clone(), sources, DEFAULT_DEBOUNCE).unwrap();
+        assert_eq!(watch.directories().len(), 2, "{:?}", watch.directories());
+        let v1 = reloader.version();
+
+        let b = policy("b", &["partner.example", "other.example"], "");
+        let (expected, _) = prepare(b.as_bytes()).unwrap();
+        configmap_swap(&cm, "..2026_11_25_2", &b);
+        wait_until("the swapped policy", || {
+            reloader.version() == expected.version
+        });
+
+        // Events that do not change the content do not reload.
+        std::fs::write(cm.join("unrelated"), "x").unwrap();
+        configmap_swap(&cm, "..2026_11_25_3", &b);
+        // A broken file is refused once, then the fixed one goes live.
+        configmap_swap(&cm, "..2026_11_25_4", "not = [valid");
+        wait_until("the refusal", || reloader.status().rejections == 1);
+        configmap_swap(&cm, "..2026_11_25_5", &a);
+        wait_until("the original policy", || reloader.version() == v1);
+        // The audit line is written after the swap, under the reloader's lock.
+        wait_until("the audit entry", || reloader.status().activations == 2);
+
+        let lines = audit_lines(&dir);
+        let actions: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|l| (l["action"].as_str().unwrap(), l["who"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("start", "startup"),
+                ("activate", "file watch"),
+                ("reject", "file watch"),
+                ("activate", "file watch")
+            ]
+        );
+    }
+
+    #[test]
+    fn admin_api_needs_the_token_and_reports_outcomes() {
+        let (dir, _slots, reloader) = setup(&policy("a", &["partner.example"], ""));
+        let b = policy("b", &["partner.example", "b.example"], "");
+        let req = |method, path, auth, body: &'static [u8]| ApiRequest {
+            method,
+            path,
+            authorization: auth,
+            who: Some("dora"),
+            body,
+        };
+        let b: &'static [u8] = Box::leak(b.into_bytes().into_boxed_slice());
+        let tok = Some("Bearer s3cret");
+        // No token configured: refused. Wrong or missing token: 401.
+        assert_eq!(
+            handle_api(&reloader, None, req("POST", "/policy", tok, b)).status,
+            403
+        );
+        let r = handle_api(&reloader, Some("s3cret"), req("POST", "/policy", None, b));
+        assert_eq!(r.status, 401);
+        let bad = Some("Bearer s3creT");
+        let r = handle_api(&reloader, Some("s3cret"), req("POST", "/policy", bad, b));
+        assert_eq!(r.status, 401);
+        assert_eq!(reloader.status().activations, 0);
+        // Reading needs no token.
+        let r = handle_api(&reloader, Some("s3cret"), req("GET", "/policy", None, b""));
+        assert_eq!(r.status, 200);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["version"], v["active"]["version"]);
+
+        let r = handle_api(&reloader, Some("s3cret"), req("POST", "/policy", tok, b));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = handle_api(
+            &reloader,
+            Some("s3cret"),
+            req("POST", "/policy", tok, b"x = ["),
+        );
+        assert_eq!(r.status, 422, "{}", r.body);
+        let r = handle_api(
+            &reloader,
+            Some("s3cret"),
+            req("POST", "/policy/rollback", tok, b""),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = handle_api(
+            &reloader,
+            Some("s3cret"),
+            req("POST", "/policy/rollback", tok, b""),
+        );
+        assert_eq!(r.status, 409, "{}", r.body);
+        let r = handle_api(
+            &reloader,
+            Some("s3cret"),
+            req("DELETE", "/policy/shadow", tok, b""),
+        );
+        assert_eq!(r.status, 404, "{}", r.body);
+        let r = handle_api(&reloader, Some("s3cret"), req("PUT", "/policy", tok, b""));
+        assert_eq!(r.status, 405);
+        let lines = audit_lines(&dir);
+        assert_eq!(lines[1]["who"], "admin:dora");
+        assert_eq!(
+            lines.len(),
+            4,
+            "start, activate, reject, rollback: {lines:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sighup_reloads_the_files() {
+        let a = policy("a", &["partner.example"], "");
+        let (dir, _slots, reloader) = setup(&a);
+        let reloader = Arc::new(reloader);
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, policy("b", &["partner.example", "b.example"], "")).unwrap();
+        let (expected, _) = prepare(&std::fs::read(&file).unwrap()).unwrap();
+        // Our own handler first: from here on SIGHUP cannot kill the test process.
+        let _guard =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(sighup(
+            reloader.clone(),
+            Sources {
+                policy: file.clone(),
+                module: None,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while reloader.version() != expected.version {
+            assert!(Instant::now() < deadline, "SIGHUP did not reload");
+            let ok = std::process::Command::new("kill")
+                .args(["-HUP", &std::process::id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+        let lines = audit_lines(&dir);
+        assert_eq!(lines[1]["who"], "sighup");
+        assert_eq!(lines[1]["action"], "activate");
     }
 }

@@ -44,8 +44,14 @@ domains = ["bad..domain"]
     let (code, _out, err) = altroute(&["policy", "check", file.to_str().expect("utf-8 path")]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("line 7: unknown field `requre_tls`"), "{err}");
-    assert!(err.contains("line 9, alternate_secure_route: unknown host \"nowhere\""), "{err}");
-    assert!(err.contains("line 12, tls_compliance[0] \"partners\": bad domain"), "{err}");
+    assert!(
+        err.contains("line 9, alternate_secure_route: unknown host \"nowhere\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 12, tls_compliance[0] \"partners\": bad domain"),
+        "{err}"
+    );
     assert!(err.contains("3 problems found"), "{err}");
 }
 
@@ -54,14 +60,19 @@ fn test_prints_pass_and_fail_per_test() {
     let ok = examples().join("hosted-suite.toml");
     let (code, out, err) = altroute(&["policy", "test", ok.to_str().expect("utf-8 path")]);
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("pass  ")).count(), 6, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("pass  ")).count(),
+        6,
+        "{out}"
+    );
     assert!(out.contains("6 tests, 6 passed, 0 failed"), "{out}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("failing.toml");
-    let src = std::fs::read_to_string(&ok)
-        .expect("read")
-        .replace("expect = { route = \"direct\", rule = \"tls_compliance:law-firm\" }", "expect = { route = \"alternate\" }");
+    let src = std::fs::read_to_string(&ok).expect("read").replace(
+        "expect = { route = \"direct\", rule = \"tls_compliance:law-firm\" }",
+        "expect = { route = \"alternate\" }",
+    );
     std::fs::write(&file, src).expect("write");
     let (code, out, _) = altroute(&["policy", "test", file.to_str().expect("utf-8 path")]);
     assert_eq!(code, 1, "{out}");
@@ -75,17 +86,32 @@ fn compile_then_explain_from_json() {
     let json = dir.path().join("policy.json");
     let src = examples().join("hosted-suite.toml");
     let (code, _, err) = altroute(&[
-        "policy", "compile", src.to_str().expect("utf-8"), "-o", json.to_str().expect("utf-8"),
+        "policy",
+        "compile",
+        src.to_str().expect("utf-8"),
+        "-o",
+        json.to_str().expect("utf-8"),
     ]);
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = altroute(&[
-        "policy", "explain", json.to_str().expect("utf-8"), "--phase", "verdict",
-        "--sender", "alice@corp.example", "--recipient", "bob@partner.example",
-        "--starttls", "absent",
+        "policy",
+        "explain",
+        json.to_str().expect("utf-8"),
+        "--phase",
+        "verdict",
+        "--sender",
+        "alice@corp.example",
+        "--recipient",
+        "bob@partner.example",
+        "--starttls",
+        "absent",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("tls_compliance rule \"partners\""), "{out}");
     assert!(out.contains("x-altroute-route: alternate"), "{out}");
     assert!(out.contains("x-altroute-host: secure-relay"), "{out}");
-    assert!(out.contains("x-altroute-result: starttls-not-supported"), "{out}");
+    assert!(
+        out.contains("x-altroute-result: starttls-not-supported"),
+        "{out}"
+    );
 }

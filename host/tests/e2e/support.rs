@@ -159,8 +159,16 @@ impl Relay {
                 self.child = None;
                 panic!("altroute exited early ({status}):\n{}", self.log());
             }
-            if TcpStream::connect_timeout(&self.config.smtp, Duration::from_millis(200)).is_ok() {
-                return;
+            // Ready means the greeting arrives (the port may be bound before the relay
+            // serves, e.g. while the policy module compiles).
+            if let Ok(mut s) =
+                TcpStream::connect_timeout(&self.config.smtp, Duration::from_millis(200))
+            {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut greeting = [0u8; 4];
+                if s.read_exact(&mut greeting).is_ok() && &greeting == b"220 " {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,
