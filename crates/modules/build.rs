@@ -30,7 +30,13 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args(["build", "--target", "wasm32-unknown-unknown", "--profile", "wasm"])
+        .args([
+            "build",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--profile",
+            "wasm",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     for (package, _) in MODULES {
@@ -53,7 +59,9 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("running the nested cargo build of the wasm modules");
+    let status = cmd
+        .status()
+        .expect("running the nested cargo build of the wasm modules");
     if !status.success() {
         panic!(
             "building the wasm modules failed ({status}). Is the target installed? \

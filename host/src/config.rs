@@ -156,6 +156,12 @@ pub struct PolicySection {
     pub deadline: Duration,
     /// Memory cap of a module instance in MiB. Defaults to 64.
     pub memory_limit_mb: u64,
+    /// The audit log of policy changes (JSON lines). Defaults to `<spool dir>/audit.jsonl`.
+    pub audit_log: PathBuf,
+    /// Policy versions kept for rollback, the active one included. Defaults to 10.
+    pub history: usize,
+    /// Watch the policy (and module) file and reload on change. Defaults to true.
+    pub watch: bool,
 }
 
 /// `[admin]`.
@@ -236,6 +242,9 @@ struct RawPolicy {
     module: Option<String>,
     deadline_ms: Option<u64>,
     memory_limit_mb: Option<u64>,
+    audit_log: Option<String>,
+    history: Option<u64>,
+    watch: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -506,6 +515,11 @@ impl Config {
         let module = c.file("policy.module", p.module.as_ref());
         let deadline_ms = c.positive("policy.deadline_ms", p.deadline_ms, 100);
         let memory_limit_mb = c.positive("policy.memory_limit_mb", p.memory_limit_mb, 64);
+        let audit_log = match &p.audit_log {
+            Some(path) => c.path(path),
+            None => spool_dir.join("audit.jsonl"),
+        };
+        let history = usize::try_from(c.positive("policy.history", p.history, 10)).unwrap_or(10);
 
         // [admin]
         let a = raw.admin;
@@ -570,6 +584,9 @@ impl Config {
                 module,
                 deadline: Duration::from_millis(deadline_ms),
                 memory_limit_mb,
+                audit_log,
+                history,
+                watch: p.watch.unwrap_or(true),
             },
             admin: Admin {
                 listen: admin_listen,

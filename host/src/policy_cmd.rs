@@ -27,6 +27,18 @@ pub enum PolicyCommand {
     Test { file: PathBuf },
     /// Explain the decision for one query: the decision and the chain of rules behind it.
     Explain(ExplainArgs),
+    /// Activate a policy on the running relay (admin endpoint; see docs/reload.md).
+    Apply {
+        /// The policy (TOML or compiled JSON).
+        file: PathBuf,
+        #[command(flatten)]
+        admin: crate::reload::AdminArgs,
+    },
+    /// Return the running relay to its previous policy version.
+    Rollback {
+        #[command(flatten)]
+        admin: crate::reload::AdminArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +83,8 @@ fn token<T: Token>(s: &str) -> Result<T, String> {
 /// Run a policy subcommand; returns the process exit code.
 pub fn run(cmd: PolicyCommand) -> Result<i32> {
     match cmd {
+        PolicyCommand::Apply { file, admin } => crate::reload::apply_command(&file, &admin),
+        PolicyCommand::Rollback { admin } => crate::reload::rollback_command(&admin),
         PolicyCommand::Compile { file, output } => {
             let src = read(&file)?;
             match compile(&src) {

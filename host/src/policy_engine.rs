@@ -18,6 +18,8 @@ use proxy_wasm_host::{Host, HostConfig, HttpRequest, Plugin, PluginSpec, PolicyS
 
 use altroute_policy::{Decision, Policy, Query, contract};
 
+use crate::reload::{ShadowSlot, Target};
+
 /// The root id of the standard module's HTTP face.
 pub const ROOT_ID: &str = "altroute.http";
 
@@ -128,6 +130,9 @@ pub struct PolicyEngine {
     host: Host,
     slot: PolicySlot,
     module: Arc<[u8]>,
+    /// A shadow candidate that answers beside the active plugin without deciding
+    /// (hot reload, `crate::reload`).
+    shadow: ShadowSlot,
     faults: AtomicU64,
     decisions: AtomicU64,
 }
@@ -193,6 +198,7 @@ impl PolicyEngine {
             host,
             slot: PolicySlot::new(plugin),
             module,
+            shadow: ShadowSlot::new(),
             faults: AtomicU64::new(0),
             decisions: AtomicU64::new(0),
         })
@@ -228,7 +234,7 @@ impl PolicyEngine {
         self.decisions.fetch_add(1, Ordering::Relaxed);
         // One snapshot for the whole question: a swap meanwhile does not mix versions.
         let plugin = self.slot.current();
-        match ask(&plugin, query) {
+        let decision = match ask(&plugin, query) {
             Ok(d) => d,
             Err(why) => {
                 self.faults.fetch_add(1, Ordering::Relaxed);
@@ -242,7 +248,15 @@ impl PolicyEngine {
                 );
                 Decision::fault(plugin.version(), &why)
             }
-        }
+        };
+        // Shadow mode: the candidate sees the same question; its answer is only compared.
+        self.shadow.observe(query, &decision);
+        decision
+    }
+
+    /// The module bytes the engine started with.
+    pub fn module(&self) -> Arc<[u8]> {
+        self.module.clone()
     }
 
     /// [`decide`](Self::decide) on the blocking pool, so a slow module (up to its
@@ -287,6 +301,21 @@ impl PolicyEngine {
             .map_err(EngineError::Refused)?;
         tracing::info!(version = %expected, "policy activated");
         Ok(expected)
+    }
+}
+
+/// The reloader swaps the engine's slots (`crate::reload`).
+impl Target for PolicyEngine {
+    fn host(&self) -> &Host {
+        &self.host
+    }
+
+    fn slot(&self) -> &PolicySlot {
+        &self.slot
+    }
+
+    fn shadow(&self) -> &ShadowSlot {
+        &self.shadow
     }
 }
 

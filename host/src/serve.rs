@@ -154,6 +154,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let engine = engine.clone();
         Arc::new(move || engine.version())
     };
+    // RELOAD: hot reload of the policy (admin API, file watch, SIGHUP), audited.
+    let reloader = Arc::new(
+        crate::reload::Reloader::new(
+            engine.clone(),
+            policy,
+            engine.module(),
+            crate::reload::ReloadSettings {
+                history: config.policy.history,
+                ..crate::reload::ReloadSettings::new(&config.policy.audit_log)
+            },
+        )
+        .context("policy reload (audit log)")?,
+    );
+    let sources = crate::reload::Sources {
+        policy: config.policy.file.clone(),
+        module: config.policy.module.clone(),
+    };
+    // Dropped at the end of `run`: stops watching.
+    let _file_watch = if config.policy.watch {
+        Some(
+            crate::reload::watch(
+                reloader.clone(),
+                sources.clone(),
+                crate::reload::DEFAULT_DEBOUNCE,
+            )
+            .context("watching the policy files")?,
+        )
+    } else {
+        None
+    };
+    let hup = tokio::spawn(crate::reload::sighup(
+        reloader.clone(),
+        sources,
+        stopped(stop_rx.clone()),
+    ));
     let delivery = if config.delivery.enabled {
         Some(
             crate::delivery::start_from_config(
@@ -176,6 +211,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             metrics: metrics.clone(),
             spool: spool.clone(),
             policy_version,
+            reloader: Some(reloader.clone()),
+            token: config.admin.token.clone(),
         },
         stopped(stop_rx.clone()),
     ));
@@ -202,6 +239,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Accept loops and the admin endpoint end; their listeners close when they return.
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    let _ = hup.await;
     // DELIVERY: attempts in flight finish before the spool is closed.
     if let Some(delivery) = delivery {
         delivery.stopped().await;

@@ -81,8 +81,10 @@ fn main() {
     };
 
     // Sanity: both paths agree on this input.
-    let wasm_d = decode_decision(lookup(&plugin.http_request(&verdict_req).expect("verdict").headers))
-        .expect("decision");
+    let wasm_d = decode_decision(lookup(
+        &plugin.http_request(&verdict_req).expect("verdict").headers,
+    ))
+    .expect("decision");
     assert_eq!(wasm_d, decide(&policy, &verdict));
 
     let measure = |f: &dyn Fn(), n: usize, sweep: Option<&mut Vec<u8>>| -> Vec<Duration> {
@@ -135,8 +137,8 @@ fn main() {
         config.epoch_tick.as_millis()
     );
     println!(
-        "plugin ready: first load (compile) {} ms; from the on-disk artifact cache p50 {} ms (20 runs)",
+        "plugin ready: first load (compile) {} ms; from the on-disk artifact cache p50 {:.2} ms (20 runs)",
         first_load.as_millis(),
-        format!("{:.2}", ready_p50.as_secs_f64() * 1e3)
+        ready_p50.as_secs_f64() * 1e3
     );
 }

@@ -13,3 +13,4 @@ mod crash;
 mod delivery;
 mod diskfull;
 mod inbound;
+mod reload;
