@@ -1076,8 +1076,10 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Watches the parent directories of `sources` (non-recursively). After any event and
 /// `debounce` of quiet, re-reads the resolved files and applies them (who: `file watch`)
-/// only when their content hash differs from the last content seen (the files as they
-/// are now count as seen). Runs on its own thread; stops when the [`FileWatch`] drops.
+/// only when their content hash differs from the last content seen. The first look is
+/// made before returning (a no-op when the files hold the active version); call it
+/// before anything else (the admin API) can change the policy. Blocks while a changed
+/// file compiles. Then runs on its own thread; stops when the [`FileWatch`] drops.
 pub fn watch(
     reloader: Arc<Reloader>,
     sources: Sources,
@@ -1104,7 +1106,14 @@ pub fn watch(
                 source,
             })?;
     }
-    let mut seen = sources.read().ok().map(|c| c.content_hash());
+    // A first look now, before anything else can change the policy: files replaced
+    // between the engine's load and now are applied (the usual case, the files holding
+    // the active version, is a no-op).
+    let mut seen: Option<String> = None;
+    if let Ok(candidate) = sources.read() {
+        seen = Some(candidate.content_hash());
+        let _ = reloader.apply(&Who::FileWatch, candidate);
+    }
     tracing::info!(dirs = ?dirs, "watching the policy files");
     let policy_path = sources.policy.clone();
     std::thread::Builder::new()

@@ -228,7 +228,10 @@ token = "{TOKEN}"
             }
             let up = TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200)).is_ok()
                 && TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).is_ok();
+            // The ports are bound before the policy engine loads; the admin endpoint answers
+            // once the reloader (and the file watch) are running.
             if up {
+                self.status();
                 return;
             }
             assert!(
@@ -491,14 +494,25 @@ fn alternating_activations_under_load_lose_nothing() {
         .spawn()
         .unwrap();
 
-    // 50 activations by file replacement, alternating; each waits until it is active.
+    // 50 activations by file replacement, alternating, spread over the load (about 1 s
+    // apart); each waits until it is active.
+    let mut source = source;
     let mut renames: Vec<(SystemTime, String)> = Vec::new();
+    let (mut under_load, mut delivering) = (0, 0);
     for i in 0..50 {
         let (text, version) = if i % 2 == 0 { (&b, &vb) } else { (&a, &va) };
         let at = relay.replace_policy(text);
         renames.push((at, version.clone()));
         relay.wait_active(version);
-        std::thread::sleep(Duration::from_millis(100));
+        if source.try_wait().unwrap().is_none() {
+            under_load += 1;
+        }
+        if world.mx.messages().len() + world.alt.messages().len() < MESSAGES {
+            delivering += 1;
+        }
+        // The first 20 while messages are submitted, the rest spread over the delivery.
+        let pause = if i < 20 { 100 } else { 1000 };
+        std::thread::sleep(Duration::from_millis(pause));
     }
     let output = source.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -575,7 +589,7 @@ fn alternating_activations_under_load_lose_nothing() {
     let status = relay.status();
     println!(
         "reload under load: {MESSAGES} messages, {} direct (v {va}), {} via the alternate host (v {vb}); \
-         {} activations; rename→first decision on the new version: median {:?}, max {:?} ({} measured)",
+         {} activations ({under_load} while smtp-source ran, {delivering} while messages were being delivered); rename→first decision on the new version: median {:?}, max {:?} ({} measured)",
         direct.len(),
         via_alt.len(),
         status["activations"],
@@ -775,6 +789,33 @@ fn rollback_and_audit_verify() {
     let history = relay.status()["history"].clone();
     assert_eq!(history[0]["version"], va.as_str(), "{history}");
 
+    // The same through the CLI.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
+            .arg("policy")
+            .args(args)
+            .args([
+                "--admin",
+                &format!("http://{}", relay.admin),
+                "--token",
+                TOKEN,
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), stdout)
+    };
+    let b_file = relay.dir.path().join("b.toml");
+    std::fs::write(&b_file, &b).unwrap();
+    let (code, out) = cli(&["apply", b_file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(relay.active(), vb);
+    let (code, out) = cli(&["rollback"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(relay.active(), va);
+    let (code, out) = cli(&["rollback"]);
+    assert_eq!(code, Some(1), "nothing left to roll back to: {out}");
+
     relay.stop();
     let audit = relay.audit_lines();
     let summary: Vec<(&str, &str)> = audit
@@ -786,7 +827,9 @@ fn rollback_and_audit_verify() {
         [
             ("start", "startup"),
             ("activate", "admin:alice"),
-            ("rollback", "admin:bob")
+            ("rollback", "admin:bob"),
+            ("activate", "cli"),
+            ("rollback", "cli")
         ]
     );
     assert_eq!(audit[1]["summary"]["rules"]["changed"][0], "strict");
@@ -804,7 +847,7 @@ fn rollback_and_audit_verify() {
     };
     let (code, out) = verify(&relay.audit);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("ok: 3 entries, chain intact"), "{out}");
+    assert!(out.contains("ok: 5 entries, chain intact"), "{out}");
 
     let original = std::fs::read_to_string(&relay.audit).unwrap();
     let lines: Vec<&str> = original.lines().collect();
