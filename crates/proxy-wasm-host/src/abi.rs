@@ -130,7 +130,9 @@ impl ResourceLimiter for Limiter {
 pub(crate) struct State {
     pub plugin: Arc<PluginShared>,
     pub memory: Option<Memory>,
-    pub alloc: Option<TypedFunc<u32, u32>>,
+    /// Shared: the allocator is called from host functions, which cannot borrow it from
+    /// the store while calling it; an `Arc` clone is cheaper than a `TypedFunc` clone.
+    pub alloc: Option<Arc<TypedFunc<u32, u32>>>,
     pub limiter: Limiter,
     /// Header maps 0..=3: request headers, request trailers, response headers, response trailers.
     pub maps: [HeaderMap; 4],

@@ -178,7 +178,10 @@ struct Callbacks {
 /// One configured instance: a store, its callbacks and its context counter.
 pub(crate) struct Instance {
     store: Store<State>,
-    cb: Callbacks,
+    /// Shared so a call site can hold the callbacks while borrowing the store: cloning a
+    /// `TypedFunc` clones its registered type (reference counts in the engine's type
+    /// registry), which showed up per call in profiles.
+    cb: Arc<Callbacks>,
     next_context: u32,
     last_tick: Instant,
     deadline_ticks: u64,
@@ -258,7 +261,7 @@ impl Instance {
             .or_else(|_| instance.get_typed_func::<u32, u32>(&mut store, "malloc"))
             .map_err(|e| Error::Link(format!("allocator export: {e:#}")))?;
         store.data_mut().memory = memory;
-        store.data_mut().alloc = Some(alloc);
+        store.data_mut().alloc = Some(Arc::new(alloc));
         macro_rules! opt {
             ($name:literal) => {
                 match instance.get_func(&mut store, $name) {
@@ -291,7 +294,7 @@ impl Instance {
         let initialize: Option<TypedFunc<(), ()>> = opt!("_initialize");
         let mut inst = Instance {
             store,
-            cb,
+            cb: Arc::new(cb),
             next_context: ROOT_CONTEXT + 1,
             last_tick: Instant::now(),
             deadline_ticks: host.deadline_ticks,
@@ -300,17 +303,17 @@ impl Instance {
         if let Some(f) = initialize {
             inst.call("_initialize", &f, ())?;
         }
-        let f = inst.cb.context_create.clone();
-        inst.call("proxy_on_context_create", &f, (ROOT_CONTEXT, 0))?;
-        if let Some(f) = inst.cb.vm_start.clone() {
+        let cb = Arc::clone(&inst.cb);
+        inst.call("proxy_on_context_create", &cb.context_create, (ROOT_CONTEXT, 0))?;
+        if let Some(f) = &cb.vm_start {
             let size = shared.vm_config.len() as u32;
-            if inst.call("proxy_on_vm_start", &f, (ROOT_CONTEXT, size))? == 0 {
+            if inst.call("proxy_on_vm_start", f, (ROOT_CONTEXT, size))? == 0 {
                 return Err(Error::VmStart);
             }
         }
-        if let Some(f) = inst.cb.configure.clone() {
+        if let Some(f) = &cb.configure {
             let size = shared.plugin_config.len() as u32;
-            if inst.call("proxy_on_configure", &f, (ROOT_CONTEXT, size))? == 0 {
+            if inst.call("proxy_on_configure", f, (ROOT_CONTEXT, size))? == 0 {
                 return Err(Error::Configure);
             }
         }
@@ -331,14 +334,15 @@ impl Instance {
 
     /// on_done, on_log, on_delete: the end of a context, in Envoy's order.
     fn finish(&mut self, id: u32) -> Result<(), Error> {
-        if let Some(f) = self.cb.done.clone() {
-            self.call("proxy_on_done", &f, id)?;
+        let cb = Arc::clone(&self.cb);
+        if let Some(f) = &cb.done {
+            self.call("proxy_on_done", f, id)?;
         }
-        if let Some(f) = self.cb.log.clone() {
-            self.call("proxy_on_log", &f, id)?;
+        if let Some(f) = &cb.log {
+            self.call("proxy_on_log", f, id)?;
         }
-        if let Some(f) = self.cb.delete.clone() {
-            self.call("proxy_on_delete", &f, id)?;
+        if let Some(f) = &cb.delete {
+            self.call("proxy_on_delete", f, id)?;
         }
         Ok(())
     }
@@ -358,19 +362,19 @@ impl Instance {
             st.request_body.extend_from_slice(body);
         }
         let id = self.context_id();
-        let f = self.cb.context_create.clone();
-        self.call("proxy_on_context_create", &f, (id, ROOT_CONTEXT))?;
+        let cb = Arc::clone(&self.cb);
+        self.call("proxy_on_context_create", &cb.context_create, (id, ROOT_CONTEXT))?;
         let mut paused = false;
-        if let Some(f) = self.cb.request_headers.clone() {
+        if let Some(f) = &cb.request_headers {
             let n = self.store.data().maps[0].len() as u32;
             let eos = u32::from(req.body.is_none());
-            paused |= self.call("proxy_on_request_headers", &f, (id, n, eos))? == 1;
+            paused |= self.call("proxy_on_request_headers", f, (id, n, eos))? == 1;
         }
-        if let (Some(body), Some(f)) = (&req.body, self.cb.request_body.clone())
+        if let (Some(body), Some(f)) = (&req.body, &cb.request_body)
             && self.store.data().local_response.is_none()
         {
             let len = body.len().min(u32::MAX as usize) as u32;
-            paused |= self.call("proxy_on_request_body", &f, (id, len, 1))? == 1;
+            paused |= self.call("proxy_on_request_body", f, (id, len, 1))? == 1;
         }
         self.finish(id)?;
         let st = self.store.data_mut();
@@ -390,9 +394,10 @@ impl Instance {
 
     fn tick(&mut self) -> Result<(), Error> {
         self.last_tick = Instant::now();
-        if let Some(f) = self.cb.tick.clone() {
+        let cb = Arc::clone(&self.cb);
+        if let Some(f) = &cb.tick {
             self.arm();
-            self.call("proxy_on_tick", &f, ROOT_CONTEXT)?;
+            self.call("proxy_on_tick", f, ROOT_CONTEXT)?;
         }
         Ok(())
     }
@@ -623,10 +628,10 @@ impl Plugin {
             st.reset_context();
             st.conn = Some(conn);
             let id = inst.context_id();
-            let f = inst.cb.context_create.clone();
-            inst.call("proxy_on_context_create", &f, (id, ROOT_CONTEXT))?;
-            let action = match inst.cb.new_connection.clone() {
-                Some(f) => Action::from_raw(inst.call("proxy_on_new_connection", &f, id)?),
+            let cb = Arc::clone(&inst.cb);
+            inst.call("proxy_on_context_create", &cb.context_create, (id, ROOT_CONTEXT))?;
+            let action = match &cb.new_connection {
+                Some(f) => Action::from_raw(inst.call("proxy_on_new_connection", f, id)?),
                 None => Action::Continue,
             };
             Ok::<_, Error>((id, action))
@@ -729,14 +734,15 @@ impl Stream {
         };
         buf.clear();
         buf.extend_from_slice(data);
+        let cb = Arc::clone(&inst.cb);
         let (f, name) = if upstream {
-            (inst.cb.upstream_data.clone(), "proxy_on_upstream_data")
+            (&cb.upstream_data, "proxy_on_upstream_data")
         } else {
-            (inst.cb.downstream_data.clone(), "proxy_on_downstream_data")
+            (&cb.downstream_data, "proxy_on_downstream_data")
         };
         let len = data.len().min(u32::MAX as usize) as u32;
         let action = match f {
-            Some(f) => match inst.call(name, &f, (self.id, len, u32::from(end))) {
+            Some(f) => match inst.call(name, f, (self.id, len, u32::from(end))) {
                 Ok(a) => Action::from_raw(a),
                 Err(e) => {
                     self.plugin.fault(self.inst.take());
@@ -781,12 +787,13 @@ impl Stream {
         };
         inst.arm();
         let id = self.id;
+        let cb = Arc::clone(&inst.cb);
         let r = (|| {
-            if let Some(f) = inst.cb.downstream_close.clone() {
-                inst.call("proxy_on_downstream_connection_close", &f, (id, 1))?;
+            if let Some(f) = &cb.downstream_close {
+                inst.call("proxy_on_downstream_connection_close", f, (id, 1))?;
             }
-            if let Some(f) = inst.cb.upstream_close.clone() {
-                inst.call("proxy_on_upstream_connection_close", &f, (id, 2))?;
+            if let Some(f) = &cb.upstream_close {
+                inst.call("proxy_on_upstream_connection_close", f, (id, 2))?;
             }
             inst.finish(id)
         })();
