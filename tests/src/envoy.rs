@@ -113,6 +113,16 @@ pub struct Envoy {
 static NEXT_BASE_ID: AtomicU32 = AtomicU32::new(0);
 
 impl Envoy {
+    /// The Envoy process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (it has not exited or been restarted).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Start Envoy with `config` (YAML) in `dir` and wait until its admin `/ready` says
     /// LIVE. Each instance gets its own `--base-id`, so tests can run side by side.
     pub fn start(config: &str, dir: &Path) -> Result<Envoy> {
@@ -566,4 +576,184 @@ fn connect_from(source: IpAddr, target: SocketAddr) -> Result<TcpStream> {
     })?;
     stream.set_nonblocking(false)?;
     Ok(stream)
+}
+
+/// A Debian tool the tests drive, or a panic naming the package to install.
+pub fn debian_tool(path: &str, package: &str) -> PathBuf {
+    let p = PathBuf::from(path);
+    assert!(
+        p.exists(),
+        "{path} is missing: install it with `apt-get install -y {package}`"
+    );
+    p
+}
+
+/// Postfix's `smtp-sink` as an upstream MX: accepts everything and dumps each mail
+/// transaction (with `X-Rcpt-Args:` lines naming the recipients it accepted) into its own
+/// file. Killed on drop.
+pub struct PostfixSink {
+    child: Child,
+    pub port: u16,
+    dump: PathBuf,
+}
+
+impl PostfixSink {
+    /// Start `smtp-sink` on a free loopback port with its dump directory under `dir`.
+    /// When the tests run as root, the sink drops to `nobody` (it refuses to run as
+    /// root), so `dir` is made traversable and the dump directory writable for it.
+    pub fn start(dir: &Path) -> Result<PostfixSink> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = debian_tool("/usr/sbin/smtp-sink", "postfix");
+        let dump = dir.join("smtp-sink");
+        std::fs::create_dir_all(&dump)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o777))?;
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("smtp-sink.log"))?;
+        let mut cmd = Command::new(&bin);
+        if is_root()? {
+            cmd.args(["-u", "nobody"]);
+        }
+        // %M: minutes, then a random suffix per transaction (see smtp-sink(1), -d).
+        let template = format!("{}/%M.", dump.display());
+        let child = cmd
+            .args(["-d", &template, &format!("127.0.0.1:{port}"), "100"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut sink = PostfixSink { child, port, dump };
+        let deadline = Instant::now() + READY_WAIT;
+        // Ready once it greets; this probe session sends no mail.
+        loop {
+            if let Some(status) = sink.child.try_wait()? {
+                bail!("smtp-sink exited ({status}) before it listened");
+            }
+            if let Ok(mut c) = SmtpClient::connect(port, None)
+                && c.reply().is_ok_and(|g| g.starts_with("220 "))
+            {
+                return Ok(sink);
+            }
+            if Instant::now() > deadline {
+                bail!("smtp-sink did not listen on {port} within {READY_WAIT:?}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every dumped transaction so far, as text.
+    pub fn messages(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dump)? {
+            out.push(std::fs::read_to_string(entry?.path())?);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for PostfixSink {
+    fn drop(&mut self) {
+        // The child is ours; it may have exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The recipients of a dumped transaction (its `X-Rcpt-Args:` lines, brackets removed).
+pub fn dumped_recipients(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter_map(|l| l.strip_prefix("X-Rcpt-Args: "))
+        .map(|a| {
+            a.trim()
+                .trim_start_matches('<')
+                .split('>')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+fn is_root() -> Result<bool> {
+    let out = Command::new("id").arg("-u").output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// One `swaks` run: its exit status and its transcript (stdout and stderr).
+#[derive(Debug)]
+pub struct SwaksRun {
+    pub success: bool,
+    pub transcript: String,
+}
+
+impl SwaksRun {
+    /// The server reply lines of the transcript (`<-` and `<**` lines, marker removed).
+    pub fn replies(&self) -> Vec<String> {
+        self.transcript
+            .lines()
+            .filter_map(|l| {
+                // Clear text: "<-  " (and "<** " for errors); inside TLS: "<~  ", "<~* ".
+                ["<-  ", "<** ", "<~  ", "<~* "]
+                    .iter()
+                    .find_map(|m| l.strip_prefix(m))
+            })
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Run Debian's `swaks` against 127.0.0.1:`port` with extra `args`.
+pub fn swaks(port: u16, args: &[&str]) -> Result<SwaksRun> {
+    let bin = debian_tool("/usr/bin/swaks", "swaks");
+    let out = Command::new(bin)
+        .args(["--server", &format!("127.0.0.1:{port}")])
+        .args(["--timeout", "20"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    let mut transcript = String::from_utf8_lossy(&out.stdout).into_owned();
+    transcript.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok(SwaksRun {
+        success: out.status.success(),
+        transcript,
+    })
+}
+
+/// A proxy-wasm (ABI 0.2.1) module whose root context starts and configures fine but
+/// which traps (`unreachable`) on every connection and every chunk of data: a policy
+/// module with a bug, to see what the failure policy does.
+pub const TRAPPING_MODULE_WAT: &str = r#"
+(module
+  (memory (export "memory") 2)
+  ;; A bump allocator: Envoy copies the VM and plugin configuration in through it.
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next
+      (i32.and (i32.add (i32.add (global.get $next) (local.get $size)) (i32.const 7))
+               (i32.const -8)))
+    (local.get $p))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_new_connection") (param i32) (result i32) unreachable)
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) unreachable)
+  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) unreachable)
+  (func (export "proxy_on_downstream_connection_close") (param i32 i32))
+  (func (export "proxy_on_upstream_connection_close") (param i32 i32))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_log") (param i32))
+  (func (export "proxy_on_delete") (param i32))
+)
+"#;
+
+/// Compile [`TRAPPING_MODULE_WAT`] into `dir/name`; returns its path.
+pub fn write_trapping_module(dir: &Path, name: &str) -> Result<PathBuf> {
+    let wasm = wat::parse_str(TRAPPING_MODULE_WAT)?;
+    let path = dir.join(name);
+    std::fs::write(&path, wasm)?;
+    Ok(path)
 }

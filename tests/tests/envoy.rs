@@ -1,19 +1,22 @@
 //! The standard policy module in a real Envoy (V8) on loopback, with the configs of
 //! `deploy/envoy/`: the HTTP face against native `decide` for the whole decision table,
 //! routing by decision, the SMTP edge (per-recipient refusal under PIPELINING and split
-//! reads, metrics), connection-start routing, and ECDS hot reload.
+//! reads, metrics; Debian's swaks against Postfix's smtp-sink, plain and pipelined; a
+//! STARTTLS session passing untouched), connection-start routing, ECDS hot reload, and a
+//! trapping module failing closed.
 
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
+use altroute_lab::{SinkConfig, SmtpSink, TestCa, Validity};
 use altroute_policy::contract;
 use altroute_policy::fixtures::TABLE;
 use altroute_policy::{CertStatus, Hop, Query, Route, Starttls, TlsVersion, compile, decide};
 use altroute_tests::envoy::{
-    EchoPool, Envoy, SmtpClient, SmtpServer, free_port, http_request, move_into_place, render,
-    template, write_module,
+    EchoPool, Envoy, PostfixSink, SmtpClient, SmtpServer, dumped_recipients, free_port,
+    http_request, move_into_place, render, swaks, template, write_module, write_trapping_module,
 };
 
 /// Start Envoy with `deploy/envoy/http.yaml` and three echo pools; the policy is `toml`.
@@ -236,15 +239,18 @@ fn ecds_file(module: &str, version: &str, stream_config: &str) -> String {
     )
 }
 
-fn edge(trickle: bool) -> Edge {
-    let dir = tempfile::tempdir().unwrap();
-    let module = write_module(dir.path(), "altroute_policy-v1.wasm")
+/// The ECDS edge of `smtp.yaml` in `dir`, in front of the given upstream ports. Returns
+/// Envoy, its two listen ports, the ECDS file and the module path.
+fn start_edge(
+    dir: &Path,
+    direct_port: u16,
+    alternate_port: u16,
+) -> (Envoy, u16, u16, std::path::PathBuf, String) {
+    let module = write_module(dir, "altroute_policy-v1.wasm")
         .display()
         .to_string();
-    let direct = SmtpServer::start("mx-direct", trickle).unwrap();
-    let alternate = SmtpServer::start("mx-alternate", trickle).unwrap();
     let (listen, alternate_listen) = (free_port(), free_port());
-    let ecds = dir.path().join("altroute-smtp.ecds.yaml");
+    let ecds = dir.join("altroute-smtp.ecds.yaml");
     move_into_place(
         &ecds,
         &ecds_file(&module, "1", &stream_config(PARTNERS_V1, alternate_listen)),
@@ -255,12 +261,21 @@ fn edge(trickle: bool) -> Edge {
         &[
             ("LISTEN_PORT", &listen.to_string()),
             ("ALTERNATE_LISTEN_PORT", &alternate_listen.to_string()),
-            ("DIRECT_PORT", &direct.port.to_string()),
-            ("ALTERNATE_PORT", &alternate.port.to_string()),
+            ("DIRECT_PORT", &direct_port.to_string()),
+            ("ALTERNATE_PORT", &alternate_port.to_string()),
             ("ECDS_PATH", &ecds.display().to_string()),
         ],
     );
-    let envoy = Envoy::start(&config, dir.path()).unwrap();
+    let envoy = Envoy::start(&config, dir).unwrap();
+    (envoy, listen, alternate_listen, ecds, module)
+}
+
+fn edge(trickle: bool) -> Edge {
+    let dir = tempfile::tempdir().unwrap();
+    let direct = SmtpServer::start("mx-direct", trickle).unwrap();
+    let alternate = SmtpServer::start("mx-alternate", trickle).unwrap();
+    let (envoy, listen, alternate_listen, ecds, module) =
+        start_edge(dir.path(), direct.port, alternate.port);
     Edge {
         envoy,
         listen,
@@ -423,7 +438,8 @@ fn rcpt_reply(port: u16, rcpt: &str) -> String {
 
 #[test]
 fn ecds_reload_applies_a_new_policy_to_new_connections() {
-    let edge = edge(false);
+    let mut edge = edge(false);
+    let pid = edge.envoy.pid();
     let updates = "extension_config_discovery.network_filter.altroute.smtp.update_success";
     let rejected = "extension_config_discovery.network_filter.altroute.smtp.update_rejected";
     assert_eq!(edge.envoy.stat(updates).unwrap(), Some(1));
@@ -448,6 +464,16 @@ fn ecds_reload_applies_a_new_policy_to_new_connections() {
         r[2].starts_with("250 "),
         "old connection, old policy: {r:?}"
     );
+    // The old session completes under the old policy.
+    old.send(b"DATA\r\n").unwrap();
+    assert!(old.reply().unwrap().starts_with("354"));
+    old.send(b"Subject: t\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        .unwrap();
+    let r = old.replies(2).unwrap();
+    assert!(r[0].starts_with("250 ") && r[1].starts_with("221"), "{r:?}");
+    // Same Envoy process: no restart was needed.
+    assert!(edge.envoy.alive(), "Envoy exited during the reload");
+    assert_eq!(edge.envoy.pid(), pid);
 
     // A policy that fails its own tests is rejected (NACK); v2 keeps serving.
     let broken = PARTNERS_V2.to_string()
@@ -459,5 +485,189 @@ fn ecds_reload_applies_a_new_policy_to_new_connections() {
     assert_eq!(
         rcpt_reply(edge.listen, "x@flip.example"),
         "450 4.7.10 TLS required for <x@flip.example>\r\n"
+    );
+}
+
+/// swaks (Debian) -> Envoy with the module -> Postfix's smtp-sink: one message to a
+/// TLS-required and an opportunistic recipient on a clear-text session.
+fn swaks_through_the_edge(pipeline: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = PostfixSink::start(dir.path()).unwrap();
+    let (envoy, listen, ..) = start_edge(dir.path(), sink.port, sink.port);
+    let mut args = vec![
+        "--ehlo",
+        "client.example",
+        "--from",
+        "alice@corp.example",
+        "--to",
+        "bob@partner.example,carol@random.example",
+        "--header",
+        "Subject: edge",
+    ];
+    if pipeline {
+        args.push("--pipeline");
+    }
+    let run = swaks(listen, &args).unwrap();
+    println!("swaks (pipeline: {pipeline}):\n{}", run.transcript);
+    assert!(
+        run.transcript
+            .contains("<** 450 4.7.10 TLS required for <bob@partner.example>"),
+        "swaks shows the refusal:\n{}",
+        run.transcript
+    );
+    let replies = run.replies();
+    let refused = replies
+        .iter()
+        .position(|r| r == "450 4.7.10 TLS required for <bob@partner.example>")
+        .unwrap();
+    assert!(
+        replies[refused - 1].starts_with("250 "),
+        "MAIL: {replies:?}"
+    );
+    assert!(
+        replies[refused + 1].starts_with("250 "),
+        "opportunistic recipient accepted: {replies:?}"
+    );
+    assert!(
+        replies[refused + 2].starts_with("354 "),
+        "DATA: {replies:?}"
+    );
+    assert!(
+        replies.iter().any(|r| r.starts_with("221")),
+        "QUIT: {replies:?}"
+    );
+
+    let messages = sink.messages().unwrap();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    println!("smtp-sink dump:\n{}", messages[0]);
+    assert_eq!(
+        dumped_recipients(&messages[0]),
+        vec!["carol@random.example".to_string()],
+        "smtp-sink got the message for the opportunistic recipient only"
+    );
+    assert!(messages[0].contains("Subject: edge"));
+    let stat = |n: &str| envoy.stat(&format!("wasmcustom.{n}")).unwrap();
+    assert_eq!(stat("altroute_smtp_recipients_checked_total"), Some(2));
+    assert_eq!(stat("altroute_smtp_recipients_rejected_total"), Some(1));
+}
+
+#[test]
+fn swaks_through_the_edge_to_smtp_sink() {
+    swaks_through_the_edge(false);
+}
+
+#[test]
+fn swaks_pipelined_through_the_edge_to_smtp_sink() {
+    swaks_through_the_edge(true);
+}
+
+#[test]
+fn starttls_session_passes_the_edge_untouched() {
+    // smtp-sink has no STARTTLS: the lab sink with a certificate of a test CA is the MX.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = TestCa::new("altroute envoy test CA").unwrap();
+    let cert = ca
+        .issue(&["mx.example", "127.0.0.1"], Validity::Valid)
+        .unwrap();
+    let mut config = SinkConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), "mx.example");
+    config.starttls = Some(cert.rustls_server_config().unwrap());
+    let sink = rt.block_on(SmtpSink::start(config)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = sink.addr().port();
+    let (envoy, listen, ..) = start_edge(dir.path(), port, port);
+
+    // Without --tls-verify (swaks does not verify by default): the CA is a test CA.
+    let run = swaks(
+        listen,
+        &[
+            "--tls",
+            "--ehlo",
+            "client.example",
+            "--from",
+            "alice@corp.example",
+            "--to",
+            "bob@partner.example",
+        ],
+    )
+    .unwrap();
+    println!("swaks --tls:\n{}", run.transcript);
+    assert!(run.success, "swaks failed:\n{}", run.transcript);
+    assert!(
+        run.transcript.contains("=== TLS started"),
+        "{}",
+        run.transcript
+    );
+    assert!(
+        run.transcript.contains("<~  250 ") && !run.transcript.contains("4.7.10"),
+        "the TLS-required recipient is accepted after STARTTLS:\n{}",
+        run.transcript
+    );
+    let messages = rt
+        .block_on(sink.wait_for_messages(1, std::time::Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].rcpt_to, vec!["bob@partner.example".to_string()]);
+    assert!(messages[0].tls_version.is_some(), "{:?}", messages[0]);
+    let sessions = sink.sessions();
+    let tls = sessions.iter().find_map(|s| s.tls.clone()).unwrap();
+    println!("upstream session: TLS {} {}", tls.version, tls.cipher);
+    // The filter saw no recipient in clear text: it did not look at encrypted bytes.
+    let stat = |n: &str| envoy.stat(&format!("wasmcustom.{n}")).unwrap();
+    assert_eq!(stat("altroute_smtp_recipients_checked_total"), Some(0));
+    assert_eq!(stat("altroute_smtp_recipients_rejected_total"), Some(0));
+    assert_eq!(stat("altroute_smtp_starttls_sessions_total"), Some(1));
+}
+
+#[test]
+fn a_trapping_module_fails_closed() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = SmtpServer::start("mx-direct", false).unwrap();
+    let module = write_trapping_module(dir.path(), "trap.wasm").unwrap();
+    let listen = free_port();
+    let config = render(
+        &template("edge-static.yaml"),
+        &[
+            ("LISTEN_PORT", &listen.to_string()),
+            ("UPSTREAM_PORT", &upstream.port.to_string()),
+            ("MODULE", &module.display().to_string()),
+            ("STREAM_CONFIG_JSON", "{}"),
+        ],
+    );
+    let envoy = Envoy::start(&config, dir.path()).unwrap();
+    for attempt in 1..=2 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut got = Vec::new();
+        let end = s.read_to_end(&mut got);
+        println!(
+            "client, connection {attempt}: read {:?} -> {:?} ({} bytes: {:?})",
+            end.as_ref().map(|_| "EOF"),
+            end.as_ref().err().map(|e| e.kind()),
+            got.len(),
+            String::from_utf8_lossy(&got)
+        );
+        assert!(got.is_empty(), "no greeting may pass: {got:?}");
+        match end {
+            Ok(_) => {}
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "closed, not left hanging: {e}"
+            ),
+        }
+    }
+    assert!(
+        upstream.commands().is_empty(),
+        "nothing reached the MX: {:?}",
+        upstream.commands()
+    );
+    let log = envoy.log_tail();
+    let trap: Vec<&str> = log.lines().filter(|l| l.contains("][wasm]")).collect();
+    println!("envoy log about the trap:\n{}", trap.join("\n"));
+    assert!(
+        log.contains("proxy_on_new_connection failed: Uncaught RuntimeError: unreachable"),
+        "Envoy logged the trap:\n{log}"
     );
 }

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# SMTP sessions per second through the Envoy SMTP edge, with and without the altroute
+# policy module as a network filter, in one run: the same Envoy config
+# (deploy/envoy/edge-static.yaml) with the filter block and with it removed, tcp_proxy to
+# Postfix's smtp-sink, Postfix's smtp-source as the client. Prints every round, both
+# median rates and the ratio (goal: the filter costs at most 10%).
+#
+#   bench/edge.sh [MESSAGES=2000] [SESSIONS=20] [SIZE=1024] [ROUNDS=3]
+#
+# Needs: Envoy (ENVOY_BIN, default .venv/bin/envoy from scripts/setup.sh), postfix
+# (smtp-sink, smtp-source), curl, jq. ALTROUTE_BIN (to compile the policy) and
+# POLICY_WASM (the module) default to building them with cargo.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MESSAGES=${1:-2000}
+SESSIONS=${2:-20}
+SIZE=${3:-1024}
+ROUNDS=${4:-3}
+ENVOY=${ENVOY_BIN:-.venv/bin/envoy}
+TARGET=${CARGO_TARGET_DIR:-target}
+for tool in "$ENVOY" /usr/sbin/smtp-sink /usr/sbin/smtp-source curl jq; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (scripts/setup.sh, apt-get install postfix curl jq)" >&2; exit 1; }
+done
+if [ -z "${ALTROUTE_BIN:-}" ]; then
+    cargo build --release --locked -q -p altroute
+    ALTROUTE_BIN=$TARGET/release/altroute
+fi
+if [ -z "${POLICY_WASM:-}" ]; then
+    cargo build --release --locked -q -p altroute-modules
+    POLICY_WASM=$(ls -t "$TARGET"/release/build/altroute-modules-*/out/altroute_policy.wasm | head -1)
+fi
+
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The policy of the Envoy tests: partner.example requires TLS; the benchmark's recipient
+# (rcpt@random.example) is opportunistic, so every message passes the filter's check.
+cat >"$WORK/policy.toml" <<'TOML'
+[policy]
+name = "edge"
+
+[[tls_compliance]]
+name = "partners"
+domains = ["partner.example"]
+TOML
+POLICY_JSON=$("$ALTROUTE_BIN" policy compile "$WORK/policy.toml" | jq -c .)
+
+SINK_PORT=$(free_port)
+USER_ARGS=()
+[ "$(id -u)" = 0 ] && USER_ARGS=(-u nobody)
+/usr/sbin/smtp-sink "${USER_ARGS[@]}" "127.0.0.1:$SINK_PORT" 256 &
+PIDS+=($!)
+
+render() { # $1 = listen port, $2 = with|without
+    sed -e "s|{{LISTEN_PORT}}|$1|" -e "s|{{UPSTREAM_PORT}}|$SINK_PORT|" \
+        -e "s|{{MODULE}}|$POLICY_WASM|" -e "s|{{STREAM_CONFIG_JSON}}|$POLICY_JSON|" \
+        deploy/envoy/edge-static.yaml |
+        if [ "$2" = without ]; then sed '/# BEGIN altroute filter/,/# END altroute filter/d'; else cat; fi
+}
+
+# Start Envoy ($1 = with|without); sets LISTEN and ENVOY_PID.
+start_envoy() {
+    LISTEN=$(free_port)
+    render "$LISTEN" "$1" >"$WORK/envoy-$1.yaml"
+    rm -f "$WORK/admin-$1"
+    "$ENVOY" -c "$WORK/envoy-$1.yaml" --concurrency 1 --base-id $((RANDOM % 1000 + 7000)) \
+        --admin-address-path "$WORK/admin-$1" --log-level warn >"$WORK/envoy-$1.log" 2>&1 &
+    ENVOY_PID=$!
+    PIDS+=("$ENVOY_PID")
+    for _ in $(seq 600); do
+        if [ -s "$WORK/admin-$1" ] && [ "$(curl -s "http://$(cat "$WORK/admin-$1")/ready")" = LIVE ]; then
+            return
+        fi
+        sleep 0.1
+    done
+    echo "envoy ($1) not ready:" >&2; cat "$WORK/envoy-$1.log" >&2; exit 1
+}
+
+# Sessions per second of one smtp-source run against $LISTEN (one message per session).
+run() {
+    local start end
+    start=$(date +%s.%N)
+    /usr/sbin/smtp-source -s "$SESSIONS" -m "$1" -l "$SIZE" -f bench@client.test \
+        -t rcpt@random.example "127.0.0.1:$LISTEN"
+    end=$(date +%s.%N)
+    echo "$1 / ($end - $start)" | bc -l
+}
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "envoy: $("$ENVOY" --version | grep -o 'version: [^ ]*' | head -1)"
+echo "client: smtp-source -s $SESSIONS -m $MESSAGES -l $SIZE; $ROUNDS rounds, alternating"
+declare -A RATES
+for variant in without with; do
+    start_envoy "$variant"
+    eval "PORT_$variant=$LISTEN"
+    run 100 >/dev/null # warm-up: first connections, V8 code warm
+done
+for round in $(seq "$ROUNDS"); do
+    for variant in without with; do
+        eval "LISTEN=\$PORT_$variant"
+        rate=$(run "$MESSAGES")
+        RATES[$variant]+="$rate "
+        printf 'round %d %-7s filter: %8.1f sessions/s\n' "$round" "$variant" "$rate"
+    done
+done
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+WITHOUT=$(median "${RATES[without]}")
+WITH=$(median "${RATES[with]}")
+printf 'median without filter: %.1f sessions/s\nmedian with filter:    %.1f sessions/s\n' "$WITHOUT" "$WITH"
+printf 'with/without: %.3f (%.1f%% slower)\n' "$(echo "$WITH / $WITHOUT" | bc -l)" "$(echo "(1 - $WITH / $WITHOUT) * 100" | bc -l)"
+# Proof that the filter ran: the module counts the SMTP sessions it saw.
+echo "filter sessions counted: $(curl -s "http://$(cat "$WORK/admin-with")/stats?filter=altroute_smtp_sessions_total")"
