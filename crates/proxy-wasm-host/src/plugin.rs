@@ -304,7 +304,11 @@ impl Instance {
             inst.call("_initialize", &f, ())?;
         }
         let cb = Arc::clone(&inst.cb);
-        inst.call("proxy_on_context_create", &cb.context_create, (ROOT_CONTEXT, 0))?;
+        inst.call(
+            "proxy_on_context_create",
+            &cb.context_create,
+            (ROOT_CONTEXT, 0),
+        )?;
         if let Some(f) = &cb.vm_start {
             let size = shared.vm_config.len() as u32;
             if inst.call("proxy_on_vm_start", f, (ROOT_CONTEXT, size))? == 0 {
@@ -363,7 +367,11 @@ impl Instance {
         }
         let id = self.context_id();
         let cb = Arc::clone(&self.cb);
-        self.call("proxy_on_context_create", &cb.context_create, (id, ROOT_CONTEXT))?;
+        self.call(
+            "proxy_on_context_create",
+            &cb.context_create,
+            (id, ROOT_CONTEXT),
+        )?;
         let mut paused = false;
         if let Some(f) = &cb.request_headers {
             let n = self.store.data().maps[0].len() as u32;
@@ -629,7 +637,11 @@ impl Plugin {
             st.conn = Some(conn);
             let id = inst.context_id();
             let cb = Arc::clone(&inst.cb);
-            inst.call("proxy_on_context_create", &cb.context_create, (id, ROOT_CONTEXT))?;
+            inst.call(
+                "proxy_on_context_create",
+                &cb.context_create,
+                (id, ROOT_CONTEXT),
+            )?;
             let action = match &cb.new_connection {
                 Some(f) => Action::from_raw(inst.call("proxy_on_new_connection", f, id)?),
                 None => Action::Continue,
