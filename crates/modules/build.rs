@@ -7,10 +7,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// (package, file stem of the produced .wasm)
-const MODULES: &[(&str, &str)] = &[
-    ("altroute-policy-module", "altroute_policy"),
-    ("altroute-testguest", "altroute_testguest"),
+/// (package, file stem cargo produces, file name it is shipped as). The policy module's
+/// library is `altroute_policy_module` (a lib named `altroute_policy` would collide with
+/// the policy crate's); it ships as `altroute_policy.wasm`.
+const MODULES: &[(&str, &str, &str)] = &[
+    (
+        "altroute-policy-module",
+        "altroute_policy_module",
+        "altroute_policy.wasm",
+    ),
+    (
+        "altroute-testguest",
+        "altroute_testguest",
+        "altroute_testguest.wasm",
+    ),
 ];
 
 fn main() {
@@ -39,7 +49,7 @@ fn main() {
         ])
         .arg("--target-dir")
         .arg(&target_dir);
-    for (package, _) in MODULES {
+    for (package, _, _) in MODULES {
         cmd.args(["-p", package]);
     }
     // The outer build's settings must not leak into the nested one (clippy wrappers,
@@ -68,12 +78,12 @@ fn main() {
              Run: rustup target add wasm32-unknown-unknown"
         );
     }
-    for (_, stem) in MODULES {
+    for (_, stem, shipped) in MODULES {
         let built = target_dir
             .join("wasm32-unknown-unknown")
             .join("wasm")
             .join(format!("{stem}.wasm"));
-        let dest = out_dir.join(format!("{stem}.wasm"));
+        let dest = out_dir.join(shipped);
         std::fs::copy(&built, &dest)
             .unwrap_or_else(|e| panic!("copying {} failed: {e}", built.display()));
     }
