@@ -327,7 +327,7 @@ fn spec(module: Arc<[u8]>, policy: &LoadedPolicy) -> PluginSpec {
 }
 
 /// One HTTP context through `plugin`; the decision headers it set, decoded.
-fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
+pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
     let mut headers: Vec<(String, Vec<u8>)> = vec![
         (":method".to_string(), b"POST".to_vec()),
         (":path".to_string(), b"/decide".to_vec()),

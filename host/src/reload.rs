@@ -50,9 +50,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use proxy_wasm_host::{Host, HttpRequest, Plugin, PluginSpec, PolicySlot};
+use proxy_wasm_host::{Host, Plugin, PluginSpec, PolicySlot};
 
-use altroute_policy::{Decision, Policy, Query, ResultType, Route, TlsRequirement, contract};
+use altroute_policy::{Decision, Policy, Query, ResultType, Route, TlsRequirement};
 
 use crate::audit::{self, AuditError, AuditLog, Entry};
 
@@ -706,35 +706,9 @@ pub fn self_test(plugin: &Plugin, policy: &Policy) -> Result<(), Vec<String>> {
     }
 }
 
-/// One question through `plugin`: the query as request headers, the decision read back
-/// from the headers the module set (or its local response).
-pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
-    let mut headers: Vec<(String, Vec<u8>)> = vec![
-        (":method".into(), b"POST".to_vec()),
-        (":path".into(), b"/decide".to_vec()),
-        (":authority".into(), b"altroute".to_vec()),
-    ];
-    headers.extend(
-        contract::encode_query(query)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.into_bytes())),
-    );
-    let outcome = plugin
-        .http_request(&HttpRequest {
-            headers,
-            ..HttpRequest::default()
-        })
-        .map_err(|e| e.to_string())?;
-    let mut decision =
-        contract::decode_decision(|name| outcome.header(name)).map_err(|e| e.to_string())?;
-    if decision.reply.is_none()
-        && let Some(r) = &outcome.local_response
-        && !r.body.is_empty()
-    {
-        decision.reply = Some(String::from_utf8_lossy(&r.body).trim().to_string());
-    }
-    Ok(decision)
-}
+/// One question through `plugin` (the engine's own path: query as request headers,
+/// decision read back from what the module set).
+pub use crate::policy_engine::ask;
 
 fn spec(module: Arc<[u8]>, policy: &Policy, json: &str) -> PluginSpec {
     PluginSpec::new(module, ROOT_ID)
