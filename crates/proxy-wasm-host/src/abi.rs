@@ -26,6 +26,8 @@ const MAX_SET_PROPERTIES: usize = 1024;
 /// Most shared data entries per host, and most queued items per queue.
 const MAX_SHARED_ENTRIES: usize = 100_000;
 const MAX_QUEUE_ITEMS: usize = 10_000;
+/// Most spare header entries an instance keeps for reuse.
+const MAX_SPARE: usize = 256;
 
 /// Header map type numbers of the ABI.
 const MAP_RESPONSE_TRAILERS: u32 = 3;
@@ -149,6 +151,10 @@ pub(crate) struct State {
     pub close_downstream: bool,
     pub close_upstream: bool,
     pub effective_context: u32,
+    /// Header entries of finished contexts, kept for reuse: filling a map (request
+    /// headers in, headers the guest adds) then reuses their allocations instead of
+    /// allocating a key and a value per header on every request.
+    pub spare: Vec<(String, Vec<u8>)>,
 }
 
 impl State {
@@ -176,13 +182,50 @@ impl State {
             close_downstream: false,
             close_upstream: false,
             effective_context: 0,
+            spare: Vec::new(),
         }
+    }
+
+    /// A header entry holding `key` (ASCII lower-cased, as Envoy stores names) and
+    /// `value`, reusing a spare entry's allocations when there is one.
+    pub(crate) fn entry(&mut self, key: &[u8], value: &[u8]) -> (String, Vec<u8>) {
+        let (mut k, mut v) = self.spare.pop().unwrap_or_default();
+        k.clear();
+        match std::str::from_utf8(key) {
+            Ok(key) => k.push_str(key),
+            Err(_) => k.push_str(&String::from_utf8_lossy(key)),
+        }
+        k.make_ascii_lowercase();
+        v.clear();
+        v.extend_from_slice(value);
+        (k, v)
+    }
+
+    /// [`State::entry`] for a key that is already text (the embedder's headers).
+    pub(crate) fn entry_str(&mut self, key: &str, value: &[u8]) -> (String, Vec<u8>) {
+        let (mut k, mut v) = self.spare.pop().unwrap_or_default();
+        k.clear();
+        k.push_str(key);
+        k.make_ascii_lowercase();
+        v.clear();
+        v.extend_from_slice(value);
+        (k, v)
+    }
+
+    /// Empties map `i`, keeping its entries for reuse.
+    pub(crate) fn recycle_map(&mut self, i: usize) {
+        // Bounded: a guest that once built a huge map does not pin it forever.
+        let room = MAX_SPARE.saturating_sub(self.spare.len());
+        let map = &mut self.maps[i];
+        let keep = map.len().min(room);
+        self.spare.extend(map.drain(..keep));
+        map.clear();
     }
 
     /// Forgets everything about the previous context; keeps the allocations for reuse.
     pub(crate) fn reset_context(&mut self) {
-        for map in &mut self.maps {
-            map.clear();
+        for i in 0..self.maps.len() {
+            self.recycle_map(i);
         }
         self.request_body.clear();
         self.downstream.clear();
@@ -287,18 +330,38 @@ fn map_bytes(map: &HeaderMap) -> usize {
 
 /// Serialises a header map in the ABI wire format: u32 count, (u32 key len, u32 value
 /// len) per pair, then each key and value followed by NUL.
+#[cfg(test)]
 pub(crate) fn serialize_map(map: &HeaderMap, out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    out.resize(serialized_map_len(map), 0);
+    serialize_map_into(map, out);
+}
+
+/// Length of [`serialize_map`]'s output.
+pub(crate) fn serialized_map_len(map: &HeaderMap) -> usize {
+    4 + map
+        .iter()
+        .map(|(k, v)| 8 + k.len() + v.len() + 2)
+        .sum::<usize>()
+}
+
+/// [`serialize_map`] into a block of exactly [`serialized_map_len`] bytes.
+fn serialize_map_into(map: &HeaderMap, out: &mut [u8]) {
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(&(map.len() as u32).to_le_bytes());
     for (k, v) in map {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        put(&(k.len() as u32).to_le_bytes());
+        put(&(v.len() as u32).to_le_bytes());
     }
     for (k, v) in map {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
+        put(k.as_bytes());
+        put(&[0]);
+        put(v);
+        put(&[0]);
     }
 }
 
@@ -602,13 +665,23 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_, State>, t: u32, ret_ptr: u32, ret_size: u32| -> Res<u32> {
-            let mut out = Vec::new();
-            if let Some(i) = map_index(t) {
-                serialize_map(&c.data().maps[i], &mut out);
-            } else {
-                serialize_map(&Vec::new(), &mut out);
+            // Serialised straight into the guest's block: no host-side buffer.
+            let i = map_index(t);
+            let size = i.map_or(4, |i| serialized_map_len(&c.data().maps[i]));
+            let ptr = alloc(&mut c, size)?;
+            let mem = memory(&mut c)?;
+            let (data, st) = mem.data_and_store_mut(&mut c);
+            let r = range(data.len(), ptr, size as u32, "allocated block")?;
+            let empty = HeaderMap::new();
+            let map = i.map_or(&empty, |i| &st.maps[i]);
+            // The allocator call cannot change the maps (no host call mutates them from
+            // malloc), but check rather than write out of the block.
+            if serialized_map_len(map) != size {
+                return Err(guest("header map changed during allocation"));
             }
-            give(&mut c, &out, ret_ptr, ret_size)?;
+            serialize_map_into(map, &mut data[r]);
+            write_u32(&mut c, ret_ptr, ptr)?;
+            write_u32(&mut c, ret_size, size as u32)?;
             Ok(OK)
         },
     )?;
@@ -624,7 +697,9 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             let raw = read(&mut c, ptr, len, "header map")?;
             let map = deserialize_map(&raw).map_err(guest)?;
-            c.data_mut().maps[i] = map;
+            let st = c.data_mut();
+            st.recycle_map(i);
+            st.maps[i] = map;
             check_map_size(c.data(), i)?;
             Ok(OK)
         },
@@ -679,7 +754,15 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
             let key = &data[range(data.len(), kptr, klen, "header name")?];
-            st.maps[i].retain(|(k, _)| !k.as_bytes().eq_ignore_ascii_case(key));
+            let mut n = 0;
+            while n < st.maps[i].len() {
+                if st.maps[i][n].0.as_bytes().eq_ignore_ascii_case(key) {
+                    let gone = st.maps[i].remove(n);
+                    st.spare.push(gone);
+                } else {
+                    n += 1;
+                }
+            }
             Ok(OK)
         },
     )?;
@@ -704,27 +787,28 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let (data, st) = mem.data_and_store_mut(&mut c);
             let key = &data[range(data.len(), kptr, klen, "header name")?];
             let value = &data[range(data.len(), vptr, vlen, "header value")?];
-            let map = &mut st.maps[i];
-            match map
+            match st.maps[i]
                 .iter()
                 .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
             {
                 Some(pos) => {
+                    let map = &mut st.maps[i];
                     map[pos].1.clear();
                     map[pos].1.extend_from_slice(value);
                     let mut n = pos + 1;
                     while n < map.len() {
                         if map[n].0.as_bytes().eq_ignore_ascii_case(key) {
-                            map.remove(n);
+                            let gone = map.remove(n);
+                            st.spare.push(gone);
                         } else {
                             n += 1;
                         }
                     }
                 }
-                None => map.push((
-                    String::from_utf8_lossy(key).to_ascii_lowercase(),
-                    value.to_vec(),
-                )),
+                None => {
+                    let e = st.entry(key, value);
+                    st.maps[i].push(e);
+                }
             }
             check_map_size(c.data(), i)?;
             Ok(OK)
@@ -749,10 +833,12 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     klen as u64 + vlen as u64
                 )));
             }
-            let key = String::from_utf8_lossy(&read(&mut c, kptr, klen, "header name")?)
-                .to_ascii_lowercase();
-            let value = read(&mut c, vptr, vlen, "header value")?;
-            c.data_mut().maps[i].push((key, value));
+            let mem = memory(&mut c)?;
+            let (data, st) = mem.data_and_store_mut(&mut c);
+            let key = &data[range(data.len(), kptr, klen, "header name")?];
+            let value = &data[range(data.len(), vptr, vlen, "header value")?];
+            let e = st.entry(key, value);
+            st.maps[i].push(e);
             check_map_size(c.data(), i)?;
             Ok(OK)
         },
@@ -1177,6 +1263,9 @@ mod tests {
             b"\x02\0\0\0\x01\0\0\0\x01\0\0\0\x02\0\0\0\0\0\0\0a\x001\0bc\0\0"
         );
         assert_eq!(deserialize_map(&out).unwrap(), map);
+        let mut direct = vec![0xaa; serialized_map_len(&map)];
+        serialize_map_into(&map, &mut direct);
+        assert_eq!(direct, out);
         assert!(deserialize_map(&out[..out.len() - 3]).is_err());
         assert!(deserialize_map(b"\xff\xff\xff\xff").is_err());
     }

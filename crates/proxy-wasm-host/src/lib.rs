@@ -11,7 +11,9 @@
 //! - [`Plugin`]: one module + plugin configuration + VM configuration + root id, loaded by
 //!   [`Host::load`]. It keeps a pool of configured instances (`_initialize`, root context,
 //!   `proxy_on_vm_start`, `proxy_on_configure` already done), so a request neither compiles
-//!   nor instantiates. [`Plugin::http_request`] runs one HTTP context;
+//!   nor instantiates. [`Plugin::http_request`] runs one HTTP context
+//!   ([`Plugin::http_request_with`]: the same without copies, request borrowed and
+//!   outcome read in place);
 //!   [`Plugin::stream`] opens a [`Stream`] (network filter).
 //! - Sandbox: no WASI unless [`HostConfig::allow_wasi`]; memory capped at
 //!   [`HostConfig::memory_limit`] (default 64 MiB); one instance, four tables and one
@@ -83,6 +85,9 @@ pub use abi::LocalResponse;
 pub use error::Error;
 pub use host::{Host, HostConfig};
 pub use metrics::{Metric, MetricKind};
-pub use plugin::{Action, HttpOutcome, HttpRequest, Plugin, PluginSpec, Stream, StreamOutput};
+pub use plugin::{
+    Action, HttpOutcome, HttpRequest, HttpRequestRef, HttpView, Plugin, PluginSpec, Stream,
+    StreamOutput,
+};
 pub use properties::{ConnectionInfo, PropertyProvider};
 pub use slot::PolicySlot;

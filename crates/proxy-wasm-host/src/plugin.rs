@@ -98,6 +98,57 @@ pub struct HttpRequest {
     pub connection: Option<ConnectionInfo>,
 }
 
+/// An HTTP request borrowed from the caller, for [`Plugin::http_request_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpRequestRef<'a> {
+    /// Request headers, pseudo-headers included. Keys are lower-cased on the way in.
+    pub headers: &'a [(&'a str, &'a [u8])],
+    /// The body (`None`: headers-only), as in [`HttpRequest::body`].
+    pub body: Option<&'a [u8]>,
+    /// The downstream connection, for `source.*` / `destination.*` properties.
+    pub connection: Option<&'a ConnectionInfo>,
+}
+
+/// What a plugin did with an HTTP request, borrowed from the instance that ran it (see
+/// [`Plugin::http_request_with`]); the fields mean what they mean in [`HttpOutcome`].
+#[derive(Debug, Clone, Copy)]
+pub struct HttpView<'a> {
+    /// The request headers after the plugin's changes.
+    pub headers: &'a [(String, Vec<u8>)],
+    /// The body after the plugin's changes (`None` when the request had none).
+    pub body: Option<&'a [u8]>,
+    /// Set when the plugin answered locally.
+    pub local_response: Option<&'a LocalResponse>,
+    /// `set_envoy_filter_state` calls: (path, value), last value per path.
+    pub filter_state: &'a [(String, Vec<u8>)],
+    /// The plugin called the foreign function `clear_route_cache`.
+    pub route_cache_cleared: bool,
+    /// A header or body callback returned Pause without a local response.
+    pub paused: bool,
+}
+
+impl<'a> HttpView<'a> {
+    /// The first value of header `name` (ASCII case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// An owned copy.
+    pub fn to_outcome(&self) -> HttpOutcome {
+        HttpOutcome {
+            headers: self.headers.to_vec(),
+            body: self.body.map(<[u8]>::to_vec),
+            local_response: self.local_response.cloned(),
+            filter_state: self.filter_state.to_vec(),
+            route_cache_cleared: self.route_cache_cleared,
+            paused: self.paused,
+        }
+    }
+}
+
 /// What a plugin did with an HTTP request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HttpOutcome {
@@ -351,18 +402,19 @@ impl Instance {
         Ok(())
     }
 
-    fn http(&mut self, req: &HttpRequest) -> Result<HttpOutcome, Error> {
+    /// Runs one HTTP context; the outcome stays in the store until the next context
+    /// (read it with [`Instance::view`]). Returns whether a callback paused.
+    fn http(&mut self, req: HttpRequestRef<'_>) -> Result<bool, Error> {
         self.arm();
         let st = self.store.data_mut();
         st.reset_context();
         st.in_http = true;
-        st.conn.clone_from(&req.connection);
-        st.maps[0].extend(
-            req.headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
-        );
-        if let Some(body) = &req.body {
+        st.conn = req.connection.cloned();
+        for (k, v) in req.headers {
+            let e = st.entry_str(k, v);
+            st.maps[0].push(e);
+        }
+        if let Some(body) = req.body {
             st.request_body.extend_from_slice(body);
         }
         let id = self.context_id();
@@ -378,26 +430,27 @@ impl Instance {
             let eos = u32::from(req.body.is_none());
             paused |= self.call("proxy_on_request_headers", f, (id, n, eos))? == 1;
         }
-        if let (Some(body), Some(f)) = (&req.body, &cb.request_body)
+        if let (Some(body), Some(f)) = (req.body, &cb.request_body)
             && self.store.data().local_response.is_none()
         {
             let len = body.len().min(u32::MAX as usize) as u32;
             paused |= self.call("proxy_on_request_body", f, (id, len, 1))? == 1;
         }
         self.finish(id)?;
-        let st = self.store.data_mut();
-        let local_response = st.local_response.take();
-        Ok(HttpOutcome {
-            headers: std::mem::take(&mut st.maps[0]),
-            body: req
-                .body
-                .as_ref()
-                .map(|_| std::mem::take(&mut st.request_body)),
-            paused: paused && local_response.is_none(),
-            local_response,
-            filter_state: std::mem::take(&mut st.filter_state),
+        Ok(paused)
+    }
+
+    /// The outcome of the context [`Instance::http`] just ran, borrowed from the store.
+    fn view(&self, has_body: bool, paused: bool) -> HttpView<'_> {
+        let st = self.store.data();
+        HttpView {
+            headers: &st.maps[0],
+            body: has_body.then_some(st.request_body.as_slice()),
+            local_response: st.local_response.as_ref(),
+            filter_state: &st.filter_state,
             route_cache_cleared: st.route_cache_cleared,
-        })
+            paused: paused && st.local_response.is_none(),
+        }
     }
 
     fn tick(&mut self) -> Result<(), Error> {
@@ -419,6 +472,9 @@ impl Instance {
 struct PoolState {
     idle: Vec<Instance>,
     live: usize,
+    /// Callers blocked in `take`: `put` signals the condition variable only when there
+    /// are some (a futex wake per request otherwise: a system call on the hot path).
+    waiting: usize,
     faults: u32,
     retry_at: Option<Instant>,
 }
@@ -488,11 +544,13 @@ impl PluginInner {
                     self.host.config.max_instances
                 )));
             }
+            pool.waiting += 1;
             pool = self
                 .freed
                 .wait_timeout(pool, give_up - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            pool.waiting -= 1;
         }
     }
 
@@ -501,8 +559,11 @@ impl PluginInner {
         pool.faults = 0;
         pool.retry_at = None;
         pool.idle.push(inst);
+        let waiting = pool.waiting > 0;
         drop(pool);
-        self.freed.notify_one();
+        if waiting {
+            self.freed.notify_one();
+        }
     }
 
     /// Drops a faulted instance (its guest state cannot be trusted: a trap leaves the SDK's
@@ -561,6 +622,31 @@ impl PluginInner {
     }
 }
 
+/// Fills the pool of a new plugin up to `warm` instances, unless requests already did or
+/// the plugin was dropped meanwhile.
+fn warm_up(plugin: &std::sync::Weak<PluginInner>, warm: usize) {
+    loop {
+        let Some(inner) = plugin.upgrade() else {
+            return;
+        };
+        {
+            let mut pool = inner.lock();
+            if pool.live >= warm {
+                return;
+            }
+            pool.live += 1;
+        }
+        match inner.build() {
+            Ok(inst) => inner.put(inst),
+            Err(e) => {
+                tracing::warn!(plugin = %inner.shared.name, error = %e, "warming an instance failed");
+                inner.lock().live -= 1;
+                return;
+            }
+        }
+    }
+}
+
 impl Plugin {
     pub(crate) fn new(
         host: Arc<HostInner>,
@@ -583,11 +669,11 @@ impl Plugin {
             .config
             .warm_instances
             .clamp(1, host.config.max_instances.max(1));
-        let mut idle = Vec::with_capacity(warm);
-        for _ in 0..warm {
-            idle.push(Instance::new(&host, &pre, &shared)?);
-        }
-        Ok(Plugin {
+        // One instance before returning: it proves the module configures (on_configure
+        // returned true) and serves at once. The others are made on a background thread,
+        // so the plugin is ready after one instantiate + configure, not `warm` of them.
+        let idle = vec![Instance::new(&host, &pre, &shared)?];
+        let plugin = Plugin {
             inner: Arc::new(PluginInner {
                 host,
                 pre,
@@ -595,13 +681,25 @@ impl Plugin {
                 pool: Mutex::new(PoolState {
                     live: idle.len(),
                     idle,
+                    waiting: 0,
                     faults: 0,
                     retry_at: None,
                 }),
                 freed: Condvar::new(),
             }),
             version: spec.version,
-        })
+        };
+        if warm > 1 {
+            let weak = Arc::downgrade(&plugin.inner);
+            let spawned = std::thread::Builder::new()
+                .name("proxy-wasm-warm".into())
+                .spawn(move || warm_up(&weak, warm));
+            if let Err(e) = spawned {
+                // Not fatal: requests instantiate on demand instead.
+                tracing::warn!(error = %e, "could not start the warm-up thread");
+            }
+        }
+        Ok(plugin)
     }
 
     /// The version label from the [`PluginSpec`].
@@ -623,7 +721,36 @@ impl Plugin {
     /// headers, request body (if any, unless a local response was sent), done, log,
     /// delete. Never compiles or instantiates unless the pool ran dry.
     pub fn http_request(&self, req: &HttpRequest) -> Result<HttpOutcome, Error> {
-        self.inner.run(|inst| inst.http(req))
+        let headers: Vec<(&str, &[u8])> = req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let borrowed = HttpRequestRef {
+            headers: &headers,
+            body: req.body.as_deref(),
+            connection: req.connection.as_ref(),
+        };
+        self.http_request_with(borrowed, |view| view.to_outcome())
+    }
+
+    /// [`Plugin::http_request`] without copies: the request is borrowed, and `read` sees
+    /// the outcome in place (headers, local response...) while the instance is still
+    /// held, then the instance goes back to the pool. Header storage is reused from one
+    /// request to the next, so a warm call allocates nothing on the host side.
+    pub fn http_request_with<R>(
+        &self,
+        req: HttpRequestRef<'_>,
+        read: impl FnOnce(&HttpView<'_>) -> R,
+    ) -> Result<R, Error> {
+        self.inner.run(|inst| {
+            let paused = inst.http(req)?;
+            let r = read(&inst.view(req.body.is_some(), paused));
+            // Idle instances hold no request data (a tick reading `request.*`
+            // properties sees none); the entries stay allocated for the next request.
+            inst.store.data_mut().reset_context();
+            Ok(r)
+        })
     }
 
     /// Opens a stream context (`proxy_on_new_connection`). The stream holds one instance

@@ -11,6 +11,11 @@ use policy::{Decision, Policy, Route, decide};
 
 use crate::{CONTINUE, Metrics, decision_headers, log};
 
+thread_local! {
+    /// Where decision header values are encoded (the module is single-threaded).
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 pub(crate) struct Request {
     policy: Option<Rc<Policy>>,
     metrics: Metrics,
@@ -58,16 +63,19 @@ impl HttpContext for Request {
                 );
             }
         }
-        let headers = decision_headers(&decision);
-        for (name, value) in &headers {
-            if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
-            {
-                log(
-                    proxy_wasm::types::LogLevel::Error,
-                    &format!("setting {name} failed: {e:?}"),
-                );
-            }
-        }
+        // One scratch buffer for every value, kept across requests: no allocation here.
+        SCRATCH.with_borrow_mut(|buf| {
+            contract::for_each_decision_header(&decision, buf, |name, value| {
+                if let Err(e) =
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+                {
+                    log(
+                        proxy_wasm::types::LogLevel::Error,
+                        &format!("setting {name} failed: {e:?}"),
+                    );
+                }
+            });
+        });
         // Envoy picks the route before filters run; it re-routes on the new headers only
         // after this. Hosts without it answer NOT_FOUND, which is fine.
         let _ = hostcalls::call_foreign_function("clear_route_cache", None);
@@ -78,6 +86,7 @@ impl HttpContext for Request {
             } else {
                 contract::BOUNCE_STATUS
             };
+            let headers = decision_headers(&decision);
             let body = decision.reply.clone().unwrap_or_default();
             let response_headers: Vec<(&str, &str)> =
                 headers.iter().map(|(n, v)| (*n, v.as_str())).collect();

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_wasm_host::{
-    Action, ConnectionInfo, Error, Host, HostConfig, HttpRequest, MetricKind, PluginSpec,
-    PropertyProvider,
+    Action, ConnectionInfo, Error, Host, HostConfig, HttpRequest, HttpRequestRef, MetricKind,
+    PluginSpec, PropertyProvider,
 };
 
 use super::{assert_serves, host, request, testguest};
@@ -190,6 +190,8 @@ fn property_provider_answers_what_builtins_do_not() {
 
 #[test]
 fn compiled_artifacts_are_cached_on_disk() {
+    use std::os::unix::fs::MetadataExt;
+
     let dir = tempfile::tempdir().unwrap();
     let config = HostConfig {
         cache_dir: Some(dir.path().to_path_buf()),
@@ -199,18 +201,104 @@ fn compiled_artifacts_are_cached_on_disk() {
     let host = Host::new(config.clone()).unwrap();
     let plugin = testguest(&host, "cached");
     assert_serves(&plugin);
-    // Wasmtime writes the artifact from its cache worker: wait for it (no timing assertion).
-    let mut files = 0;
-    for _ in 0..200 {
-        files = count_files(dir.path());
-        if files > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(files > 0, "no artifact under {}", dir.path().display());
-    let second = Host::new(config).unwrap();
+    // Written before `load` returned, under a name made of the module's SHA-256.
+    let artifacts: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    let artifact = &artifacts[0];
+    assert_eq!(artifact.extension().unwrap(), "cwasm");
+    assert_eq!(count_files(dir.path()), 1);
+    let inode = std::fs::metadata(artifact).unwrap().ino();
+
+    // A fresh host maps the artifact: it serves, and the file was not rewritten (a
+    // compile would have renamed a new file into place).
+    let second = Host::new(config.clone()).unwrap();
     assert_serves(&testguest(&second, "cached"));
+    assert_eq!(std::fs::metadata(artifact).unwrap().ino(), inode);
+
+    // A damaged artifact is refused by Wasmtime: the host compiles and replaces it. (Put
+    // in place by rename: `second` still maps the old file, which must not change.)
+    let damaged = dir.path().join("damaged");
+    std::fs::write(&damaged, b"not an artifact").unwrap();
+    std::fs::rename(&damaged, artifact).unwrap();
+    let damaged_inode = std::fs::metadata(artifact).unwrap().ino();
+    let third = Host::new(config).unwrap();
+    assert_serves(&testguest(&third, "cached"));
+    let replaced = std::fs::metadata(artifact).unwrap();
+    assert_ne!(replaced.ino(), damaged_inode);
+    assert!(replaced.len() > 1000);
+
+    // An artifact others may write is never mapped: compiled and replaced instead.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(artifact, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let open_inode = std::fs::metadata(artifact).unwrap().ino();
+    let fourth = Host::new(config_again(&dir)).unwrap();
+    assert_serves(&testguest(&fourth, "cached"));
+    let private = std::fs::metadata(artifact).unwrap();
+    assert_ne!(
+        private.ino(),
+        open_inode,
+        "a world-writable artifact was mapped"
+    );
+    assert_eq!(private.mode() & 0o022, 0);
+}
+
+fn config_again(dir: &tempfile::TempDir) -> HostConfig {
+    HostConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        warm_instances: 1,
+        ..HostConfig::default()
+    }
+}
+
+#[test]
+fn borrowed_requests_see_the_same_outcome_and_nothing_of_the_previous_request() {
+    let host = host();
+    let plugin = testguest(&host, "cfg-B");
+    let big = request(&[
+        (":path", "/big"),
+        ("x-tg-replace", "old"),
+        ("x-extra-1", "one"),
+        ("x-extra-2", "two"),
+        ("x-extra-3", "three"),
+    ]);
+    let small = request(&[(":path", "/small"), ("x-tg-replace", "old")]);
+    for req in [&big, &small, &big, &small] {
+        let owned = plugin.http_request(req).unwrap();
+        let pairs: Vec<(&str, &[u8])> = req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let borrowed = plugin
+            .http_request_with(
+                HttpRequestRef {
+                    headers: &pairs,
+                    ..HttpRequestRef::default()
+                },
+                |view| view.to_outcome(),
+            )
+            .unwrap();
+        // Only counters that tell requests apart may differ.
+        let strip = |o: &proxy_wasm_host::HttpOutcome| {
+            let mut o = o.clone();
+            o.headers
+                .retain(|(k, _)| k != "x-tg-shared" && k != "x-tg-requests" && k != "x-tg-time");
+            o
+        };
+        assert_eq!(strip(&owned), strip(&borrowed));
+        let extras = borrowed
+            .headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-extra"))
+            .count();
+        let want = if req.headers.len() > 2 { 3 } else { 0 };
+        assert_eq!(extras, want, "headers of one request leaked into the next");
+        assert_eq!(borrowed.header("x-tg-replace"), Some(&b"replaced"[..]));
+    }
 }
 
 fn count_files(dir: &std::path::Path) -> usize {
