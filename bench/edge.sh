@@ -2,8 +2,11 @@
 # SMTP sessions per second through the Envoy SMTP edge, with and without the altroute
 # policy module as a network filter, in one run: the same Envoy config
 # (deploy/envoy/edge-static.yaml) with the filter block and with it removed, tcp_proxy to
-# Postfix's smtp-sink, Postfix's smtp-source as the client. Prints every round, both
-# median rates and the ratio (goal: the filter costs at most 10%).
+# Postfix's smtp-sink, Postfix's smtp-source as the client (one message per session:
+# smtp-source opens a new connection for every message unless given -d). Both Envoys run
+# side by side for the whole run, with the same settings; the rounds alternate which
+# variant goes first, so a load change on the machine hits both alike. Prints every
+# round, both median rates and the ratio (goal: the filter costs at most 10%).
 #
 #   bench/edge.sh [MESSAGES=2000] [SESSIONS=20] [SIZE=1024] [ROUNDS=3]
 #
@@ -84,6 +87,9 @@ start_envoy() {
     echo "envoy ($1) not ready:" >&2; cat "$WORK/envoy-$1.log" >&2; exit 1
 }
 
+# CPU time (user + system, in clock ticks) Envoy $1 has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
 # Sessions per second of one smtp-source run against $LISTEN (one message per session).
 run() {
     local start end
@@ -96,25 +102,47 @@ run() {
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "envoy: $("$ENVOY" --version | grep -o 'version: [^ ]*' | head -1)"
-echo "client: smtp-source -s $SESSIONS -m $MESSAGES -l $SIZE; $ROUNDS rounds, alternating"
-declare -A RATES
+echo "client: smtp-source -s $SESSIONS -m $MESSAGES -l $SIZE; $ROUNDS rounds, alternating order"
+echo "module: $POLICY_WASM ($(wc -c <"$POLICY_WASM") bytes, sha256 $(sha256sum "$POLICY_WASM" | cut -c1-12))"
+declare -A RATES CPU
+RATIOS=""
 for variant in without with; do
     start_envoy "$variant"
     eval "PORT_$variant=$LISTEN"
+    eval "PID_$variant=$ENVOY_PID"
     run 100 >/dev/null # warm-up: first connections, V8 code warm
 done
 for round in $(seq "$ROUNDS"); do
-    for variant in without with; do
-        eval "LISTEN=\$PORT_$variant"
+    order="without with"
+    [ $((round % 2)) = 0 ] && order="with without"
+    declare -A THIS
+    for variant in $order; do
+        eval "LISTEN=\$PORT_$variant; PID=\$PID_$variant"
+        before=$(cpu_ticks "$PID")
         rate=$(run "$MESSAGES")
+        # Envoy's own CPU per session: unlike the rate, it does not depend on how much
+        # of the machine the client, the sink and other processes took meanwhile.
+        us=$(echo "($(cpu_ticks "$PID") - $before) * 1000000 / $(getconf CLK_TCK) / $MESSAGES" | bc -l)
         RATES[$variant]+="$rate "
-        printf 'round %d %-7s filter: %8.1f sessions/s\n' "$round" "$variant" "$rate"
+        CPU[$variant]+="$us "
+        THIS[$variant]=$rate
+        printf 'round %d %-7s filter: %8.1f sessions/s, envoy CPU %6.1f us/session\n' "$round" "$variant" "$rate" "$us"
     done
+    # The pair of one round ran back to back under the same load: its ratio is the
+    # figure least disturbed by load changes on a shared machine.
+    RATIOS+="$(echo "${THIS[with]} / ${THIS[without]}" | bc -l) "
+    printf 'round %d with/without: %.3f\n' "$round" "$(echo "${THIS[with]} / ${THIS[without]}" | bc -l)"
 done
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 WITHOUT=$(median "${RATES[without]}")
 WITH=$(median "${RATES[with]}")
 printf 'median without filter: %.1f sessions/s\nmedian with filter:    %.1f sessions/s\n' "$WITHOUT" "$WITH"
-printf 'with/without: %.3f (%.1f%% slower)\n' "$(echo "$WITH / $WITHOUT" | bc -l)" "$(echo "(1 - $WITH / $WITHOUT) * 100" | bc -l)"
+printf 'ratio of the medians, with/without: %.3f (%.1f%% slower)\n' "$(echo "$WITH / $WITHOUT" | bc -l)" "$(echo "(1 - $WITH / $WITHOUT) * 100" | bc -l)"
+PAIRED=$(median "$RATIOS")
+printf 'median of the per-round ratios:     %.3f (%.1f%% slower)\n' "$PAIRED" "$(echo "(1 - $PAIRED) * 100" | bc -l)"
+CPU_WITHOUT=$(median "${CPU[without]}")
+CPU_WITH=$(median "${CPU[with]}")
+printf 'median envoy CPU per session: without %.1f us, with %.1f us (filter: +%.1f us, x%.3f)\n' \
+    "$CPU_WITHOUT" "$CPU_WITH" "$(echo "$CPU_WITH - $CPU_WITHOUT" | bc -l)" "$(echo "$CPU_WITH / $CPU_WITHOUT" | bc -l)"
 # Proof that the filter ran: the module counts the SMTP sessions it saw.
 echo "filter sessions counted: $(curl -s "http://$(cat "$WORK/admin-with")/stats?filter=altroute_smtp_sessions_total")"

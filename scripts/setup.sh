@@ -25,7 +25,8 @@ missing=()
 # libnet-ssleay-perl: swaks needs it for --tls (only a Recommends of swaks).
 # strace: the spool test checks the order of fsync, rename and acknowledgement.
 # curl, jq, bc: the benchmark scripts in bench/.
-for pkg in postfix swaks libnet-ssleay-perl openssl iproute2 python3-venv strace curl jq bc; do
+# clang, lld: the C policy extension example (wasm/examples/hold-list-c/build.sh).
+for pkg in postfix swaks libnet-ssleay-perl openssl iproute2 python3-venv strace curl jq bc clang lld; do
     if [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]; then
         missing+=("$pkg")
     fi

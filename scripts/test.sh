@@ -18,7 +18,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "clippy (wasm32: policy crate and modules)"
 cargo clippy --locked --target wasm32-unknown-unknown \
-    -p altroute-policy -p altroute-policy-module -p altroute-testguest -- -D warnings
+    -p altroute-policy -p altroute-policy-module -p altroute-testguest \
+    -p altroute-ext-finance-secure -p altroute-ext-business-hours -- -D warnings
+cargo clippy --locked --target wasm32-unknown-unknown -p altroute-policy --features guest -- -D warnings
 
 step "build"
 cargo build --workspace --all-targets --locked

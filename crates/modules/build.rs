@@ -21,6 +21,16 @@ const MODULES: &[(&str, &str, &str)] = &[
         "altroute_testguest",
         "altroute_testguest.wasm",
     ),
+    (
+        "altroute-ext-finance-secure",
+        "altroute_ext_finance_secure",
+        "finance_secure.wasm",
+    ),
+    (
+        "altroute-ext-business-hours",
+        "altroute_ext_business_hours",
+        "business_hours.wasm",
+    ),
 ];
 
 fn main() {

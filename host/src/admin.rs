@@ -9,11 +9,20 @@
 //! | `POST /policy/rollback` | back to the previous version; token |
 //! | `POST /policy/shadow` | run the candidate in the body in shadow mode; token |
 //! | `DELETE /policy/shadow` | stop shadow mode; token |
+//! | `GET /queue` | every queued message (summary) as JSON; token if one is set |
+//! | `GET /queue/ID` | one message with each recipient's state; token if one is set |
+//! | `POST /queue/ID/retry` | make its deferred recipients due now; token |
+//! | `POST /queue/retry` | the same for every message; token |
+//! | `POST /queue/ID/bounce` | bounce its open recipients, DSN to the sender; token |
 //!
 //! Anything else is `404`; other methods on these paths `405`. State changes need
 //! `Authorization: Bearer <admin.token>` (`401` without it, `403` when no token is
 //! configured); `x-altroute-who` names the admin for the audit log. The policy endpoints
-//! are answered by [`crate::reload::handle_api`] (see docs/reload.md).
+//! are answered by [`crate::reload::handle_api`] (see docs/reload.md). Reading the queue
+//! shows addresses, so it needs the token too when one is configured (without one the
+//! endpoint is on loopback: the configuration refuses anything else). Queue answers are
+//! JSON; an unknown id is `404`, a malformed one `400`, a message being delivered right
+//! now `409` (for bounce). See docs/operations.md for the fields.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,7 +38,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use altroute_queue::Spool;
+use altroute_queue::{MessageId, QueueEntry, RecipientState, Selector, Spool};
 
 use crate::metrics::Metrics;
 use crate::reload::{ApiRequest, Reloader, handle_api, is_api_path};
@@ -54,6 +63,8 @@ pub struct AdminState {
     pub reloader: Option<Arc<Reloader>>,
     /// `admin.token`: bearer token for state-changing calls.
     pub token: Option<String>,
+    /// `server.hostname`: the reporting MTA of DSNs made by `POST /queue/ID/bounce`.
+    pub hostname: String,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -114,6 +125,9 @@ async fn route(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/queue" || req.uri().path().starts_with("/queue/") {
+        return handle_queue(state, req, peer).await;
+    }
     let Some(reloader) = state.reloader.clone() else {
         return handle(state, req, peer);
     };
@@ -187,15 +201,231 @@ fn handle(state: &AdminState, req: Request<Incoming>, peer: SocketAddr) -> Respo
     tracing::trace!(%peer, path, "admin request");
     match path {
         "/health" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/metrics" => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(Some(&state.spool)),
-        ),
+        "/metrics" => {
+            state
+                .metrics
+                .observe_policy_version(&(state.policy_version)());
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(Some(&state.spool)),
+            )
+        }
         _ => {
             let version = (state.policy_version)();
             let body = serde_json::json!({ "version": version }).to_string() + "\n";
             text(StatusCode::OK, "application/json", body)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The queue endpoints (`altroute queue list | show | retry | bounce`)
+
+/// Compares secrets without stopping at the first difference.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    text(status, "application/json", value.to_string() + "\n")
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// One recipient as the queue endpoints show it.
+fn recipient_json(address: &str, state: &RecipientState) -> serde_json::Value {
+    let (next_attempt, last_error, at, via) = match state {
+        RecipientState::Deferred {
+            next_attempt,
+            reason,
+            ..
+        } => (Some(*next_attempt), Some(reason.as_str()), None, None),
+        RecipientState::Delivered { at, via } => (None, None, Some(*at), Some(via.as_str())),
+        RecipientState::Bounced { at, reason } | RecipientState::Expired { at, reason, .. } => {
+            (None, Some(reason.as_str()), Some(*at), None)
+        }
+        _ => (None, None, None, None),
+    };
+    serde_json::json!({
+        "address": address,
+        "state": state.name(),
+        "attempts": state.attempts(),
+        "next_attempt": next_attempt,
+        "last_error": last_error,
+        "final_at": at,
+        "via": via,
+    })
+}
+
+/// The summary of one message (`GET /queue`), plus `recipients` in detail for
+/// `GET /queue/ID`. Times are Unix seconds.
+fn entry_json(spool: &Spool, entry: &QueueEntry, detail: bool) -> serde_json::Value {
+    let open: Vec<&RecipientState> = entry.recipients.iter().filter(|s| !s.is_final()).collect();
+    // The message's state: the least advanced of its recipients.
+    let state = if open.iter().any(|s| matches!(s, RecipientState::Pending)) {
+        "pending"
+    } else if !open.is_empty() {
+        "deferred"
+    } else {
+        "finished"
+    };
+    let last_error = entry.recipients.iter().rev().find_map(|s| match s {
+        RecipientState::Deferred { reason, .. }
+        | RecipientState::Bounced { reason, .. }
+        | RecipientState::Expired { reason, .. } => Some(reason.as_str()),
+        _ => None,
+    });
+    let mut v = serde_json::json!({
+        "id": entry.id.as_str(),
+        "sender": entry.envelope.mail_from,
+        "recipients": entry.recipients.len(),
+        "open_recipients": open.len(),
+        "size": entry.size,
+        "message_id": entry.message_id,
+        "received_at": entry.envelope.received_at,
+        "expires_at": entry.expires_at,
+        "state": state,
+        "in_flight": spool.is_in_flight(&entry.id),
+        "attempts": entry.recipients.iter().map(RecipientState::attempts).max().unwrap_or(0),
+        "next_attempt": entry.next_due(),
+        "last_error": last_error,
+        "requiretls": entry.envelope.requiretls,
+    });
+    if detail && let serde_json::Value::Object(map) = &mut v {
+        let list: Vec<serde_json::Value> = entry
+            .envelope
+            .rcpt_to
+            .iter()
+            .zip(&entry.recipients)
+            .map(|(a, s)| recipient_json(a, s))
+            .collect();
+        map.insert("recipients".into(), serde_json::Value::Array(list));
+        map.insert(
+            "received_from".into(),
+            serde_json::json!(entry.envelope.received_from),
+        );
+    }
+    v
+}
+
+fn queue_error(e: &altroute_queue::Error) -> Response<Full<Bytes>> {
+    let status = match e {
+        altroute_queue::Error::NotFound(_) => StatusCode::NOT_FOUND,
+        altroute_queue::Error::InvalidId(_) => StatusCode::BAD_REQUEST,
+        altroute_queue::Error::InFlight(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_error(status, &e.to_string())
+}
+
+/// `GET /queue`, `GET /queue/ID`, `POST /queue/retry`, `POST /queue/ID/retry`,
+/// `POST /queue/ID/bounce` (see the module docs).
+async fn handle_queue(
+    state: &AdminState,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path
+        .trim_start_matches("/queue")
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    // (id, action): [] list, [id] show, ["retry"] retry all, [id, action].
+    let (id, action) = match parts.as_slice() {
+        [] => (None, None),
+        ["retry"] => (None, Some("retry")),
+        [id] => (Some(*id), None),
+        [id, action @ ("retry" | "bounce")] => (Some(*id), Some(*action)),
+        _ => return json_error(StatusCode::NOT_FOUND, "not found"),
+    };
+    let write = action.is_some();
+    let expected_method = if write { Method::POST } else { Method::GET };
+    if method != expected_method {
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::trim);
+    match (&state.token, write) {
+        (None, true) => {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "queue changes through the admin API are disabled: set [admin].token",
+            );
+        }
+        (Some(expected), _) if !authorization.is_some_and(|g| same_secret(g, expected)) => {
+            return json_error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        }
+        _ => {}
+    }
+    let who = req
+        .headers()
+        .get("x-altroute-who")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let spool = &state.spool;
+    let id = match id.map(MessageId::parse).transpose() {
+        Ok(id) => id,
+        Err(e) => return queue_error(&e),
+    };
+    if write {
+        tracing::info!(%peer, %who, %method, %path, "admin queue request");
+    } else {
+        tracing::debug!(%peer, %method, %path, "admin queue request");
+    }
+    match (id, action) {
+        (None, None) => {
+            let now = spool.clock().now();
+            let list: Vec<serde_json::Value> = spool
+                .list()
+                .iter()
+                .map(|e| entry_json(spool, e, false))
+                .collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "now": now, "count": list.len(), "messages": list }),
+            )
+        }
+        (Some(id), None) => match spool.entry(&id) {
+            Some(e) => json(StatusCode::OK, &entry_json(spool, &e, true)),
+            None => queue_error(&altroute_queue::Error::NotFound(id)),
+        },
+        (None, Some(_)) => match spool.retry_now(&Selector::All).await {
+            Ok(n) => json(StatusCode::OK, &serde_json::json!({ "retried": n })),
+            Err(e) => queue_error(&e),
+        },
+        (Some(id), Some("retry")) => match spool.retry_now(&Selector::One(id.clone())).await {
+            Ok(n) => {
+                tracing::info!(queue_id = %id, recipients = n, %who, "retry requested by the operator");
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "id": id.as_str(), "retried": n }),
+                )
+            }
+            Err(e) => queue_error(&e),
+        },
+        (Some(id), Some(_)) => {
+            let reason = format!("550 5.0.0 bounced by the mail system administrator ({who})");
+            match crate::delivery::operator_bounce(spool, &state.hostname, &id, &reason).await {
+                Ok(report) => {
+                    let mut v = serde_json::to_value(&report).unwrap_or_default();
+                    if let serde_json::Value::Object(map) = &mut v {
+                        map.insert("id".into(), serde_json::json!(id.as_str()));
+                    }
+                    json(StatusCode::OK, &v)
+                }
+                Err(e) => queue_error(&e),
+            }
         }
     }
 }

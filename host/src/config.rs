@@ -59,6 +59,16 @@ pub struct Config {
     pub policy: PolicySection,
     /// `[admin]`: the admin HTTP endpoint.
     pub admin: Admin,
+    /// `[edge]`: the policy module's SMTP stream face on inbound listeners (`crate::edge`).
+    /// Defaults to none (no filter).
+    pub edge: Option<crate::edge::EdgeConfig>,
+    /// `[[extension]]`: policy extensions chained after the standard module
+    /// (`crate::extensions`, docs/extensions.md). Defaults to none.
+    pub extensions: Vec<crate::extensions::ExtensionConfig>,
+    /// `[mta_sts]`: MTA-STS for outbound delivery (`crate::mta_sts`).
+    pub mta_sts: crate::mta_sts::MtaStsConfig,
+    /// `[tlsrpt]`: TLS reporting (`crate::tlsrpt`).
+    pub tlsrpt: crate::tlsrpt::TlsRptConfig,
 }
 
 /// `[server]`.
@@ -187,6 +197,10 @@ struct RawFile {
     delivery: RawDelivery,
     policy: RawPolicy,
     admin: RawAdmin,
+    edge: Option<crate::edge::RawEdge>,
+    extension: Vec<crate::extensions::RawExtension>,
+    mta_sts: crate::mta_sts::MtaStsConfig,
+    tlsrpt: crate::tlsrpt::TlsRptConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -538,6 +552,10 @@ impl Config {
             c.problem("admin.token: must not be empty".to_owned());
         }
 
+        let edge = crate::edge::check(raw.edge, base, &listen, &mut c.problems);
+        let extensions = crate::extensions::check(raw.extension, base, &mut c.problems);
+        c.problems.extend(raw.mta_sts.problems());
+
         if !c.problems.is_empty() {
             return Err(c.problems);
         }
@@ -592,6 +610,10 @@ impl Config {
                 listen: admin_listen,
                 token: a.token,
             },
+            edge,
+            extensions,
+            mta_sts: raw.mta_sts.resolved(base),
+            tlsrpt: raw.tlsrpt.resolved(base),
         })
     }
 }

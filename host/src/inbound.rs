@@ -112,7 +112,7 @@ impl Handler for Inbound {
             Ok(id) => {
                 self.metrics.accepted.inc();
                 self.metrics.accepted_bytes.inc_by(size);
-                tracing::debug!(%id, peer = %session.peer, size, "message queued");
+                tracing::debug!(queue_id = %id, peer = %session.peer, size, "message queued");
                 Reply::new(250, (2, 0, 0), format!("Ok: queued as {id}"))
             }
             Err(e) => {

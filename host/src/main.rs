@@ -28,6 +28,14 @@ enum Command {
     /// Check the policy audit log: `altroute audit verify FILE`.
     #[command(subcommand)]
     Audit(altroute::audit::AuditCommand),
+    /// The running relay's queue: `altroute queue list | show ID | retry ID|--all | bounce ID`.
+    Queue(altroute::queue_cmd::QueueArgs),
+    /// Test the TLS connection to a mail host: `altroute host test NAME`.
+    #[command(subcommand)]
+    Host(altroute::host_test::HostCommand),
+    /// TLS reports (RFC 8460): `altroute tlsrpt report --day YYYY-MM-DD -c altroute.toml`.
+    #[command(subcommand)]
+    Tlsrpt(altroute::tlsrpt::TlsRptCommand),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +52,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::command(args),
         Command::Demo => altroute::demo::run(),
         Command::Audit(cmd) => altroute::audit::run(cmd),
+        Command::Queue(args) => altroute::queue_cmd::run(args),
+        Command::Host(cmd) => altroute::host_test::run(cmd),
+        Command::Tlsrpt(cmd) => altroute::tlsrpt::run(cmd),
     };
     match result {
         Ok(0) => ExitCode::SUCCESS,

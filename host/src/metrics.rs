@@ -2,15 +2,24 @@
 //! `Arc<Metrics>` and served as Prometheus text by the admin endpoint (`GET /metrics`).
 //!
 //! The inbound side's metrics are fields here. Other modules (delivery) register their own
-//! with [`Metrics::register`]; everything ends up in one exposition. Spool gauges are
-//! refreshed from [`Spool::stats`] at every scrape ([`Metrics::encode`]), so they are never
-//! stale.
+//! with [`Metrics::register`]; everything ends up in one exposition. Spool gauges and
+//! counters are refreshed from [`Spool::stats`] at every scrape ([`Metrics::encode`]), so
+//! they are never stale.
 //!
-//! Names (all prefixed `altroute_`): `smtp_sessions_total`, `smtp_sessions_active`,
+//! Names follow the Prometheus conventions: `altroute_` prefix, snake_case, base units
+//! (`_bytes`, `_seconds`), counters end in `_total`, labels have few values (no message
+//! ids, no addresses, no host names). docs/operations.md lists every metric with its type,
+//! labels and meaning; the e2e test `queue::metrics_follow_prometheus_conventions` checks
+//! a live scrape against these rules.
+//!
+//! Names here (all prefixed `altroute_`): `smtp_sessions_total`, `smtp_sessions_active`,
 //! `messages_accepted_total`, `messages_accepted_bytes_total`,
 //! `recipients_rejected_total{reason}`, `messages_rejected_total{reason}`,
 //! `spool_store_errors_total`, `spool_messages{state}`, `spool_recipients{state}`,
-//! `spool_bytes`, `spool_fsyncs_total{kind}`, `spool_commit_batches_total`.
+//! `spool_bytes`, `spool_oldest_message_age_seconds`, `spool_fsyncs_total{kind}`,
+//! `spool_commit_batches_total`, `policy_info{version}`.
+//! Policy extensions register `extension_{decisions,faults,changes,floor_violations,
+//! cooldowns,skips}_total{extension[,kind]}` (`crate::extensions::ExtensionMetrics`).
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -46,8 +55,13 @@ pub struct Metrics {
     spool_messages: Family<Labels, Gauge>,
     spool_recipients: Family<Labels, Gauge>,
     spool_bytes: Gauge,
-    spool_fsyncs: Family<Labels, Gauge>,
-    spool_batches: Gauge,
+    spool_oldest_age: Gauge,
+    spool_fsyncs: Family<Labels, Counter>,
+    spool_batches: Counter,
+    policy_info: Family<Labels, Gauge>,
+    /// Serialises the refresh at scrape time (counters catch up by deltas) and holds the
+    /// policy version last exported.
+    observed: Mutex<String>,
 }
 
 fn labels(name: &str, value: &str) -> Labels {
@@ -80,8 +94,11 @@ impl Metrics {
             spool_messages: Family::default(),
             spool_recipients: Family::default(),
             spool_bytes: Gauge::default(),
+            spool_oldest_age: Gauge::default(),
             spool_fsyncs: Family::default(),
-            spool_batches: Gauge::default(),
+            spool_batches: Counter::default(),
+            policy_info: Family::default(),
+            observed: Mutex::new(String::new()),
         };
         r.register(
             "smtp_sessions",
@@ -134,14 +151,24 @@ impl Metrics {
             m.spool_bytes.clone(),
         );
         r.register(
+            "spool_oldest_message_age_seconds",
+            "Age of the oldest message in the spool (0 when empty)",
+            m.spool_oldest_age.clone(),
+        );
+        r.register(
             "spool_fsyncs",
-            "fsync calls of the spool since start, by kind (file, dir)",
+            "fsync calls of the spool, by kind (file, dir)",
             m.spool_fsyncs.clone(),
         );
         r.register(
             "spool_commit_batches",
-            "Group commits of the spool since start",
+            "Group commits of the spool (directory fsyncs shared by several operations)",
             m.spool_batches.clone(),
+        );
+        r.register(
+            "policy_info",
+            "The active policy version (value 1)",
+            m.policy_info.clone(),
         );
         *m.lock() = r;
         m
@@ -178,8 +205,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Copy the spool's statistics into the spool gauges.
+    /// Copy the spool's statistics into the spool gauges and counters.
     pub fn observe_spool(&self, spool: &Spool) {
+        let _serial = self.observed.lock().unwrap_or_else(|e| e.into_inner());
         let s = spool.stats();
         let set = |f: &Family<Labels, Gauge>, k: &str, v: &str, n: u64| {
             f.get_or_create(&labels(k, v)).set(gauge_value(n));
@@ -201,9 +229,42 @@ impl Metrics {
             set(&self.spool_recipients, "state", state, n);
         }
         self.spool_bytes.set(gauge_value(s.bytes));
-        set(&self.spool_fsyncs, "kind", "file", s.file_fsyncs);
-        set(&self.spool_fsyncs, "kind", "dir", s.dir_fsyncs);
-        self.spool_batches.set(gauge_value(s.commit_batches));
+        let now = spool.clock().now();
+        self.spool_oldest_age.set(gauge_value(
+            s.oldest_received_at.map_or(0, |t| now.saturating_sub(t)),
+        ));
+        // The spool counts since it was opened, as the relay does: counters catch up by
+        // the difference (never backwards).
+        let catch_up = |c: &Counter, total: u64| {
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        };
+        catch_up(
+            &self.spool_fsyncs.get_or_create(&labels("kind", "file")),
+            s.file_fsyncs,
+        );
+        catch_up(
+            &self.spool_fsyncs.get_or_create(&labels("kind", "dir")),
+            s.dir_fsyncs,
+        );
+        catch_up(&self.spool_batches, s.commit_batches);
+    }
+
+    /// Export the active policy version as `altroute_policy_info{version} 1` (the
+    /// previous version's series is removed).
+    pub fn observe_policy_version(&self, version: &str) {
+        let mut last = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != version {
+            if !last.is_empty() {
+                self.policy_info.remove(&labels("version", &last));
+            }
+            *last = version.to_string();
+        }
+        self.policy_info
+            .get_or_create(&labels("version", version))
+            .set(1);
     }
 
     /// The Prometheus text exposition, spool gauges refreshed first when a spool is given.
@@ -232,7 +293,7 @@ mod tests {
         m.accepted.inc();
         m.reject_rcpt("relay_denied");
         let extra = Counter::<u64>::default();
-        m.register("deliveries", "test", extra.clone());
+        m.register("test_extra", "test", extra.clone());
         extra.inc();
         let text = m.encode(None);
         assert!(
@@ -243,7 +304,7 @@ mod tests {
             text.contains("altroute_recipients_rejected_total{reason=\"relay_denied\"} 1"),
             "{text}"
         );
-        assert!(text.contains("altroute_deliveries_total 1"), "{text}");
+        assert!(text.contains("altroute_test_extra_total 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -8,17 +8,39 @@
 //! module set ([`contract::decode_decision`]). Any failure on the way (trap, deadline,
 //! memory limit, no free instance, a missing or malformed decision) becomes
 //! [`Decision::fault`]: defer, never bounce, never downgrade. Faults are logged and counted.
+//!
+//! Extensions (`[[extension]]`, [`crate::extensions`]) run after the standard module, like
+//! Envoy's HTTP filter chain: each sees the facts and the decision headers as the previous
+//! module left them and may replace them. The final decision is decoded once at the end;
+//! [`Answer`] also keeps the standard module's decision (for the safety floor) and names
+//! the module that last changed the decision. The reloader swaps only the standard
+//! module's slot: extensions keep running across policy swaps.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use proxy_wasm_host::{Host, HostConfig, HttpRequest, Plugin, PluginSpec, PolicySlot};
+use proxy_wasm_host::{Host, HostConfig, HttpRequestRef, Plugin, PluginSpec, PolicySlot};
 
 use altroute_policy::{Decision, Policy, Query, contract};
 
+use crate::extensions::{self, Extension, ExtensionConfig, ExtensionMetrics, Step};
 use crate::reload::{ShadowSlot, Target};
+
+/// The name of the standard module in [`Answer::by`] and in metrics.
+pub const STANDARD: &str = "standard";
+
+/// The answer of the whole chain to one question.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The final decision (what the relay acts on).
+    pub decision: Decision,
+    /// The standard module's own decision (the safety floor holds the chain to it).
+    pub standard: Decision,
+    /// The module that last changed the decision: [`STANDARD`] or an extension's name.
+    pub by: String,
+}
 
 /// The root id of the standard module's HTTP face.
 pub const ROOT_ID: &str = "altroute.http";
@@ -135,6 +157,9 @@ pub struct PolicyEngine {
     shadow: ShadowSlot,
     faults: AtomicU64,
     decisions: AtomicU64,
+    /// Extensions, in configuration order.
+    extensions: Vec<Extension>,
+    extension_metrics: ExtensionMetrics,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -201,7 +226,44 @@ impl PolicyEngine {
             shadow: ShadowSlot::new(),
             faults: AtomicU64::new(0),
             decisions: AtomicU64::new(0),
+            extensions: Vec::new(),
+            extension_metrics: ExtensionMetrics::default(),
         })
+    }
+
+    /// Loads `configs` (in order) as the extension chain after the standard module.
+    /// Every extension that fails to load is reported.
+    pub fn with_extensions(
+        mut self,
+        configs: &[ExtensionConfig],
+    ) -> Result<PolicyEngine, EngineError> {
+        let mut errors = Vec::new();
+        for c in configs {
+            match Extension::load(c, self.extension_metrics.clone()) {
+                Ok(e) => self.extensions.push(e),
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(self)
+        } else {
+            Err(EngineError::Module(errors.join("; ")))
+        }
+    }
+
+    /// The extension counters (register them with [`ExtensionMetrics::register`]).
+    pub fn extension_metrics(&self) -> &ExtensionMetrics {
+        &self.extension_metrics
+    }
+
+    /// The loaded extensions, in chain order.
+    pub fn extensions(&self) -> &[Extension] {
+        &self.extensions
+    }
+
+    /// Counts a safety floor violation against `module` (an extension or [`STANDARD`]).
+    pub fn floor_violation(&self, module: &str) {
+        self.extension_metrics.floor_violation(module);
     }
 
     /// The built-in standard module with a policy given as TOML or JSON text (demo, tests).
@@ -229,8 +291,84 @@ impl PolicyEngine {
         self.decisions.load(Ordering::Relaxed)
     }
 
-    /// Asks one question. Never fails: any error is a [`Decision::fault`] (defer).
+    /// Asks one question of the whole chain. Never fails: any error is a
+    /// [`Decision::fault`] (defer).
     pub fn decide(&self, query: &Query) -> Decision {
+        self.answer(query).decision
+    }
+
+    /// Asks one question of the whole chain: the final decision, the standard module's and
+    /// who decided. Never fails.
+    pub fn answer(&self, query: &Query) -> Answer {
+        let standard = self.decide_standard(query);
+        // A fault of the standard module is final: no extension may override it.
+        if self.extensions.is_empty() || standard.rule == "fault" {
+            return Answer {
+                decision: standard.clone(),
+                standard,
+                by: STANDARD.to_string(),
+            };
+        }
+        let mut headers: extensions::DecisionHeaders = contract::encode_decision(&standard)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into_bytes()))
+            .collect();
+        headers.sort();
+        let mut by: Option<&Extension> = None;
+        for ext in &self.extensions {
+            match ext.step(query, &headers) {
+                Step::Unchanged | Step::Skipped => {}
+                Step::Changed(h) => {
+                    headers = h;
+                    by = Some(ext);
+                }
+                Step::Fault(why) => {
+                    tracing::warn!(
+                        target: "altroute::decision",
+                        extension = %ext.name(),
+                        recipient = %query.recipient,
+                        phase = %query.phase,
+                        error = %why,
+                        "policy extension fault: deferring"
+                    );
+                    let mut d = Decision::fault(&standard.policy_version, &why);
+                    d.rule = format!("extension:{}:fault", ext.name());
+                    return Answer {
+                        decision: d,
+                        standard,
+                        by: ext.name().to_string(),
+                    };
+                }
+            }
+        }
+        let Some(ext) = by else {
+            return Answer {
+                decision: standard.clone(),
+                standard,
+                by: STANDARD.to_string(),
+            };
+        };
+        // Decoded once, at the end; a bad decision is the fault of the last module that
+        // changed it.
+        let decision = match contract::decode_decision(contract::lookup(&headers)) {
+            Ok(d) => d,
+            Err(e) => {
+                let why = format!("extension {} left no valid decision: {e}", ext.name());
+                ext.fault("bad-decision", &why);
+                let mut d = Decision::fault(&standard.policy_version, &why);
+                d.rule = format!("extension:{}:fault", ext.name());
+                d
+            }
+        };
+        Answer {
+            decision,
+            standard,
+            by: ext.name().to_string(),
+        }
+    }
+
+    /// The standard module alone (plus the shadow comparison).
+    fn decide_standard(&self, query: &Query) -> Decision {
         self.decisions.fetch_add(1, Ordering::Relaxed);
         // One snapshot for the whole question: a swap meanwhile does not mix versions.
         let plugin = self.slot.current();
@@ -262,13 +400,23 @@ impl PolicyEngine {
     /// [`decide`](Self::decide) on the blocking pool, so a slow module (up to its
     /// deadline) never stalls the async workers.
     pub async fn decide_async(self: &Arc<Self>, query: Query) -> Decision {
+        self.answer_async(query).await.decision
+    }
+
+    /// [`answer`](Self::answer) on the blocking pool.
+    pub async fn answer_async(self: &Arc<Self>, query: Query) -> Answer {
         let engine = self.clone();
         let fallback = self.version();
-        match tokio::task::spawn_blocking(move || engine.decide(&query)).await {
-            Ok(d) => d,
+        match tokio::task::spawn_blocking(move || engine.answer(&query)).await {
+            Ok(a) => a,
             Err(e) => {
                 self.faults.fetch_add(1, Ordering::Relaxed);
-                Decision::fault(&fallback, &format!("decision task failed: {e}"))
+                let d = Decision::fault(&fallback, &format!("decision task failed: {e}"));
+                Answer {
+                    decision: d.clone(),
+                    standard: d,
+                    by: STANDARD.to_string(),
+                }
             }
         }
     }
@@ -328,38 +476,40 @@ fn spec(module: Arc<[u8]>, policy: &LoadedPolicy) -> PluginSpec {
 
 /// One HTTP context through `plugin`; the decision headers it set, decoded.
 pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
-    let mut headers: Vec<(String, Vec<u8>)> = vec![
-        (":method".to_string(), b"POST".to_vec()),
-        (":path".to_string(), b"/decide".to_vec()),
-        (":authority".to_string(), b"altroute".to_vec()),
-    ];
-    headers.extend(
-        contract::encode_query(query)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.into_bytes())),
-    );
-    let outcome = plugin
-        .http_request(&HttpRequest {
-            headers,
-            ..HttpRequest::default()
+    // Borrowed headers in, the outcome read in place: no copies on the way (the hot path
+    // of every delivery; see BENCHMARKS.md, decision latency).
+    let facts = contract::encode_query(query);
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(3 + facts.len());
+    headers.extend([
+        (":method", &b"POST"[..]),
+        (":path", &b"/decide"[..]),
+        (":authority", &b"altroute"[..]),
+    ]);
+    headers.extend(facts.iter().map(|(k, v)| (*k, v.as_bytes())));
+    let request = HttpRequestRef {
+        headers: &headers,
+        ..HttpRequestRef::default()
+    };
+    plugin
+        .http_request_with(request, |outcome| {
+            let mut decision = contract::decode_decision(|name| outcome.header(name)).map_err(
+                |e| match outcome.local_response {
+                    Some(r) => format!(
+                        "no valid decision ({e}); local response {} {:?}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    ),
+                    None => format!("no valid decision: {e}"),
+                },
+            )?;
+            // A rejection may carry its SMTP reply only as the local response body.
+            if decision.reply.is_none()
+                && let Some(r) = outcome.local_response
+                && !r.body.is_empty()
+            {
+                decision.reply = Some(String::from_utf8_lossy(&r.body).trim().to_string());
+            }
+            Ok(decision)
         })
-        .map_err(|e| e.to_string())?;
-    let mut decision = contract::decode_decision(|name| outcome.header(name)).map_err(|e| {
-        match &outcome.local_response {
-            Some(r) => format!(
-                "no valid decision ({e}); local response {} {:?}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            ),
-            None => format!("no valid decision: {e}"),
-        }
-    })?;
-    // A rejection may carry its SMTP reply only as the local response body.
-    if decision.reply.is_none()
-        && let Some(r) = &outcome.local_response
-        && !r.body.is_empty()
-    {
-        decision.reply = Some(String::from_utf8_lossy(&r.body).trim().to_string());
-    }
-    Ok(decision)
+        .map_err(|e| e.to_string())?
 }

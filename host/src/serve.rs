@@ -142,14 +142,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // The policy engine (wasm module + compiled policy; compiling the module is CPU work,
     // so off the async threads) and the delivery workers, which stop with the listeners.
     let section = config.policy.clone();
+    let extensions = config.extensions.clone();
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || {
-            crate::policy_engine::PolicyEngine::from_config(&section)
+            // EXTENSIONS: `[[extension]]` chained after the standard module.
+            crate::policy_engine::PolicyEngine::from_config(&section)?.with_extensions(&extensions)
         })
         .await
         .context("loading the policy module")?
         .context("loading the policy module")?,
     );
+    metrics.with_registry(|r| engine.extension_metrics().register(r));
     let policy_version: PolicyVersion = {
         let engine = engine.clone();
         Arc::new(move || engine.version())
@@ -203,6 +206,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     } else {
         None
     };
+    // TLSRPT: the daily aggregate reports (RFC 8460) of the previous UTC day.
+    if config.delivery.enabled
+        && let Some(t) = config
+            .tlsrpt
+            .settings(&config.spool.dir, &config.server.hostname)
+    {
+        let resolver = crate::delivery::Resolver::new(config.delivery.resolver)
+            .context("the resolver of TLS reports")?;
+        tokio::spawn(crate::tlsrpt::daily(
+            t,
+            resolver,
+            spool.clone(),
+            stopped(stop_rx.clone()),
+        ));
+    }
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(
@@ -213,12 +231,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             policy_version,
             reloader: Some(reloader.clone()),
             token: config.admin.token.clone(),
+            hostname: config.server.hostname.clone(),
         },
         stopped(stop_rx.clone()),
     ));
 
     let smtp = Arc::new(smtp_config(&config));
     let handler = Arc::new(Inbound::new(&config, spool.clone(), metrics.clone()));
+    // EDGE: the module's SMTP stream face on the inbound listeners (`[edge]`).
+    let edge = crate::edge::Edge::start(&config, &metrics).await?;
     let max_sessions = config.server.max_sessions;
     let sessions = Arc::new(Semaphore::new(max_sessions));
     for listener in listeners {
@@ -231,6 +252,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             handler.clone(),
             metrics.clone(),
             stop_rx.clone(),
+            edge.clone().filter(|e| e.guards(local)),
         ));
     }
 
@@ -273,6 +295,7 @@ async fn accept_loop(
     handler: Arc<Inbound>,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
+    edge: Option<Arc<crate::edge::Edge>>,
 ) {
     let stop_fut = stopped(stop);
     tokio::pin!(stop_fut);
@@ -304,13 +327,18 @@ async fn accept_loop(
         // Replies are written whole; Nagle would only delay them.
         let _ = stream.set_nodelay(true);
         let (smtp, handler, metrics) = (smtp.clone(), handler.clone(), metrics.clone());
+        let edge = edge.clone();
         tokio::spawn(async move {
             metrics.sessions.inc();
             metrics.sessions_active.inc();
             let info = SessionInfo::new(peer, local);
-            match serve_session(stream, info, smtp, handler).await {
-                Ok(end) => tracing::debug!(%peer, ?end, "session ended"),
-                Err(e) => tracing::debug!(%peer, error = %e, "session failed"),
+            if let Some(edge) = edge {
+                edge.handle(stream, info, smtp, handler).await;
+            } else {
+                match serve_session(stream, info, smtp, handler).await {
+                    Ok(end) => tracing::debug!(%peer, ?end, "session ended"),
+                    Err(e) => tracing::debug!(%peer, error = %e, "session failed"),
+                }
             }
             metrics.sessions_active.dec();
             drop(permit);

@@ -13,6 +13,8 @@
 //!   certificates, with rustls configuration helpers.
 //! - [`dns`]: [`DnsServer`], an authoritative DNS server (UDP and TCP on one port, on
 //!   hickory-server) whose records (MX, A, AAAA, TXT, CNAME) change at run time.
+//! - [`https`]: [`HttpsServer`], an HTTPS server with canned responses (MTA-STS
+//!   policies), recording every request.
 //! - [`sink`]: [`SmtpSink`], a tolerant SMTP server (PIPELINING, STARTTLS, fail modes)
 //!   that records every command, the TLS parameters and every message.
 //! - [`strip`]: [`StripTlsProxy`], a man in the middle that removes STARTTLS.
@@ -47,11 +49,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub mod ca;
 pub mod dns;
+pub mod https;
 pub mod sink;
 pub mod strip;
 
 pub use ca::{Issued, TestCa, Validity};
 pub use dns::DnsServer;
+pub use https::{HttpRequest, HttpResponse, HttpsServer};
 pub use sink::{FailAt, SinkConfig, SinkMessage, SinkMode, SinkSession, SinkTls, SmtpSink};
 pub use strip::StripTlsProxy;
 

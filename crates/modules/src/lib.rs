@@ -12,3 +12,11 @@ pub const POLICY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/altroute_pol
 
 /// A proxy-wasm Rust SDK module that exercises every host call (tests only).
 pub const TESTGUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/altroute_testguest.wasm"));
+
+/// Example extension (wasm/examples/finance-secure): mail from the finance org unit always
+/// takes the secure relay.
+pub const FINANCE_SECURE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/finance_secure.wasm"));
+
+/// Example extension (wasm/examples/business-hours): listed domains are held outside
+/// business hours.
+pub const BUSINESS_HOURS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/business_hours.wasm"));

@@ -20,6 +20,7 @@
 //! - `types`: the closed vocabularies (route, TLS version, certificate status, ...).
 //! - `source`: the TOML schema. `policy`: the compiled form and the compiler.
 //! - `decide`: the decision. `contract`: the header contract. `pattern`: address patterns.
+//! - `sdk` (feature `guest`): helpers for third-party extension modules (docs/extensions.md).
 //!
 //! # Example
 //!
@@ -54,6 +55,8 @@ pub mod fixtures;
 pub mod pattern;
 mod policy;
 mod query;
+#[cfg(feature = "guest")]
+pub mod sdk;
 pub mod source;
 pub mod types;
 

@@ -54,6 +54,10 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The message is being delivered (claimed) right now; an operator action on it
+    /// must wait until the attempt ends.
+    #[error("message {0} is being delivered; try again when the attempt ends")]
+    InFlight(MessageId),
     /// A message id given by an operator is not well formed.
     #[error("invalid message id {0:?}")]
     InvalidId(String),

@@ -53,7 +53,9 @@
 //!   raw [`Spool::set_recipient`]), then [`Spool::release`]s the message; finished messages
 //!   ([`Spool::finished`]) are deleted with [`Spool::remove`] once any DSN is queued.
 //! * Operate (`altroute queue list|show|retry|bounce`): [`Spool::list`], [`Spool::entry`],
-//!   [`Spool::retry_now`], [`Spool::bounce_now`] with a [`Selector`]; [`Spool::stats`] for
+//!   [`Spool::retry_now`], [`Spool::bounce_now`] with a [`Selector`], or [`Spool::claim`] one
+//!   message, [`Spool::bounce_open`] it and [`Spool::release`] it (what the relay's admin
+//!   endpoint does, so a bounce never races a delivery attempt); [`Spool::stats`] for
 //!   metrics (queue depth by state, fsync and group-commit counters).
 //!
 //! # Retry schedule

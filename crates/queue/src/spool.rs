@@ -348,7 +348,27 @@ impl Spool {
         out
     }
 
-    /// End a claim made by [`claim_due`](Self::claim_due).
+    /// Claim one message for an operator action (`queue bounce`), so that delivery does
+    /// not take it meanwhile. [`Error::InFlight`] when an attempt holds it,
+    /// [`Error::NotFound`] when it is not queued. End with [`release`](Self::release).
+    pub fn claim(&self, id: &MessageId) -> Result<QueueEntry, Error> {
+        let mut index = lock(&self.inner.index);
+        let slot = index
+            .get_mut(id)
+            .ok_or_else(|| Error::NotFound(id.clone()))?;
+        if slot.in_flight {
+            return Err(Error::InFlight(id.clone()));
+        }
+        slot.in_flight = true;
+        Ok(slot.entry.clone())
+    }
+
+    /// True while the message is claimed (a delivery attempt or an operator action).
+    pub fn is_in_flight(&self, id: &MessageId) -> bool {
+        lock(&self.inner.index).get(id).is_some_and(|s| s.in_flight)
+    }
+
+    /// End a claim made by [`claim_due`](Self::claim_due) or [`claim`](Self::claim).
     pub fn release(&self, id: &MessageId) {
         if let Some(slot) = lock(&self.inner.index).get_mut(id) {
             slot.in_flight = false;
@@ -396,6 +416,8 @@ impl Spool {
             s.messages += 1;
             s.bytes += slot.entry.size;
             s.in_flight += u64::from(slot.in_flight);
+            let at = slot.entry.envelope.received_at;
+            s.oldest_received_at = Some(s.oldest_received_at.map_or(at, |o| o.min(at)));
             for r in &slot.entry.recipients {
                 *match r {
                     RecipientState::Pending => &mut s.pending,
@@ -531,31 +553,38 @@ impl Spool {
     pub async fn bounce_now(&self, selector: &Selector, reason: &str) -> Result<usize, Error> {
         let mut n = 0;
         for id in self.select(selector)? {
-            let reason = reason.to_owned();
-            let ups = self
-                .update(&id, move |entry, now, _| {
-                    Ok(entry
-                        .recipients
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, s)| !s.is_final())
-                        .map(|(r, _)| StateUpdate {
-                            r,
-                            s: RecipientState::Bounced {
-                                at: now,
-                                reason: reason.clone(),
-                            },
-                        })
-                        .collect())
-                })
-                .await;
-            match ups {
-                Ok(ups) => n += ups.len(),
+            match self.bounce_open(&id, reason).await {
+                Ok(bounced) => n += bounced.len(),
                 Err(Error::NotFound(_)) if *selector == Selector::All => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(n)
+    }
+
+    /// Bounce every recipient of one message that is not final, in one durable record.
+    /// Returns the indices bounced (empty when all were final already), so that the
+    /// caller can build the DSN for exactly those.
+    pub async fn bounce_open(&self, id: &MessageId, reason: &str) -> Result<Vec<usize>, Error> {
+        let reason = reason.to_owned();
+        let ups = self
+            .update(id, move |entry, now, _| {
+                Ok(entry
+                    .recipients
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !s.is_final())
+                    .map(|(r, _)| StateUpdate {
+                        r,
+                        s: RecipientState::Bounced {
+                            at: now,
+                            reason: reason.clone(),
+                        },
+                    })
+                    .collect())
+            })
+            .await?;
+        Ok(ups.into_iter().map(|u| u.r).collect())
     }
 
     /// Delete a message from the queue, durably (the unlink shares a group commit).

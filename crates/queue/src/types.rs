@@ -210,6 +210,8 @@ pub struct SpoolStats {
     pub commit_batches: u64,
     /// Largest group commit seen (operations sharing one directory fsync).
     pub max_batch: u64,
+    /// Reception time of the oldest queued message (Unix seconds), `None` when empty.
+    pub oldest_received_at: Option<Timestamp>,
 }
 
 /// What recovery found when the spool was opened.

@@ -14,9 +14,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use altroute_policy::{
-    CertStatus, Decision, Hop, HostTarget, Query, Route, Starttls, TlsRequirement, TlsVersion,
-};
+use altroute_policy::{CertStatus, Decision, Hop, HostTarget, Query, Route, Starttls, TlsVersion};
 use altroute_queue::QueueEntry;
 use altroute_smtp::{Body, CertResult, Client, ClientConfig, Envelope, RecordingVerifier};
 
@@ -51,6 +49,8 @@ struct Rcpt {
     index: usize,
     query: Query,
     plan: Decision,
+    /// The standard module's plan (the safety floor holds the chain to it).
+    standard_plan: Decision,
 }
 
 /// An established SMTP session and what was observed on it.
@@ -76,6 +76,8 @@ pub(crate) async fn deliver_domain(
     let mut out = Vec::new();
     // Plan each recipient; group those that go the same way.
     let mut direct = Vec::new();
+    // MTA-STS (RFC 8461): the domain's policy is a fact of every query.
+    let sts = super::standards::lookup(ctx, domain).await;
     let mut hosts: BTreeMap<(Hop, String), (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
     for &index in indices {
         let Some(recipient) = env.rcpt_to.get(index) else {
@@ -84,18 +86,21 @@ pub(crate) async fn deliver_domain(
         let mut query = Query::plan(&env.mail_from, recipient);
         query.requiretls = env.requiretls;
         query.tls_required_no = env.tls_required_no;
+        query.mta_sts = sts.fact();
         query.attempt = entry
             .recipients
             .get(index)
             .map(|s| s.attempts())
             .unwrap_or(0)
             .saturating_add(1);
-        let plan = ctx.engine.decide_async(query.clone()).await;
+        let answer = ctx.engine.answer_async(query.clone()).await;
+        let plan = answer.decision;
         count_decision(ctx, "plan", &plan);
         let rcpt = Rcpt {
             index,
             query,
             plan: plan.clone(),
+            standard_plan: answer.standard,
         };
         match (plan.route, plan.host.clone()) {
             (Route::Direct, _) => direct.push(rcpt),
@@ -123,7 +128,12 @@ pub(crate) async fn deliver_domain(
         }
     }
     if !direct.is_empty() {
-        match ctx.resolver.mail_hosts(domain).await {
+        match ctx
+            .resolver
+            .mail_hosts(domain)
+            .await
+            .and_then(|c| super::standards::restrict(ctx, domain, &sts, c))
+        {
             Ok(candidates) => {
                 out.extend(
                     run_hop(
@@ -241,6 +251,18 @@ fn run_hop<'a>(
             }
         };
         ctx.metrics.tls_result(observed_label(&session));
+        if hop == Hop::Direct
+            && let Some(r) = rcpts.first()
+        {
+            super::standards::record_session(
+                ctx,
+                &r.query.recipient,
+                r.query.mta_sts,
+                &session.host,
+                session.addr,
+                observed_label(&session),
+            );
+        }
 
         let mut send: Vec<(Rcpt, Decision)> = Vec::new();
         let mut reroute: BTreeMap<String, (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
@@ -252,14 +274,26 @@ fn run_hop<'a>(
                 session.tls,
                 session.cert,
             );
-            let d = ctx.engine.decide_async(q).await;
+            let answer = ctx.engine.answer_async(q).await;
+            let d = answer.decision.clone();
             count_decision(ctx, "verdict", &d);
             if d.proceeds_on(hop) {
                 // The safety floor: outside the module, whatever it said.
-                if let Err(why) = floor(env.requiretls, &r.plan, &d, session.tls, session.cert) {
+                let floor = super::floor::Floor {
+                    query: &r.query,
+                    plan: &r.plan,
+                    standard_plan: &r.standard_plan,
+                    verdict: &d,
+                    standard_verdict: &answer.standard,
+                    tls: session.tls,
+                    cert: session.cert,
+                };
+                if let Err(why) = floor.check() {
                     ctx.metrics.safety_floor_violations.inc();
+                    ctx.engine.floor_violation(&answer.by);
                     tracing::error!(
                         target: "altroute::decision",
+                        module = %answer.by,
                         recipient = %r.query.recipient,
                         policy_version = %d.policy_version,
                         rule = %d.rule,
@@ -347,39 +381,6 @@ fn run_hop<'a>(
         }
         out
     })
-}
-
-/// The relay's own floor under the module: mail that requires TLS goes only over a
-/// connection that meets the strictest requirement of the plan, the verdict and
-/// REQUIRETLS (RFC 8689: TLS 1.2+, trusted certificate naming the host).
-fn floor(
-    requiretls: bool,
-    plan: &Decision,
-    verdict: &Decision,
-    tls: TlsVersion,
-    cert: CertStatus,
-) -> Result<(), String> {
-    let mut req = verdict.tls;
-    if plan.route.hop() == verdict.route.hop() {
-        req = req.max(plan.tls);
-    } else if plan.tls.required {
-        // Rerouted: the alternate hop's own requirement applies, but it can never make
-        // mail that required TLS go without it.
-        req = req.max(TlsRequirement {
-            required: true,
-            ..plan.tls
-        });
-    }
-    if requiretls {
-        req = req.max(TlsRequirement::STRICT);
-    }
-    if req.required && !req.met_by(tls, cert) {
-        return Err(format!(
-            "TLS required (min {}, verify {}) but the connection has TLS {tls} with certificate {cert}",
-            req.min, req.verify
-        ));
-    }
-    Ok(())
 }
 
 async fn send_to(

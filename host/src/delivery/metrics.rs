@@ -1,5 +1,9 @@
 //! Delivery metrics (prometheus-client). [`DeliveryMetrics::register`] adds them to the
 //! relay's registry so that `GET /metrics` shows them with the rest.
+//!
+//! Recipient outcomes share one naming scheme with the inbound side
+//! (`altroute_recipients_<outcome>_total`); labels are `phase`, `route` and `result`
+//! (TLS-RPT result types), all with a handful of values. See docs/operations.md.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,15 +19,15 @@ pub struct DeliveryMetrics {
     pub decisions: Family<Labels, Counter>,
     /// `altroute_tls_results_total{result}`: what was observed on each connection.
     pub tls_results: Family<Labels, Counter>,
-    /// `altroute_deliveries_total{route}`: recipients accepted by the next hop.
+    /// `altroute_recipients_delivered_total{route}`: recipients accepted by the next hop.
     pub deliveries: Family<Labels, Counter>,
-    /// `altroute_deferrals_total`.
+    /// `altroute_recipients_deferred_total`: recipient attempts that failed temporarily.
     pub deferrals: Counter,
-    /// `altroute_bounces_total`.
+    /// `altroute_recipients_bounced_total`: recipients that failed for good.
     pub bounces: Counter,
-    /// `altroute_expirations_total`: recipients whose queue lifetime ran out.
+    /// `altroute_recipients_expired_total`: recipients whose queue lifetime ran out.
     pub expirations: Counter,
-    /// `altroute_dsn_total`: delivery status notifications queued.
+    /// `altroute_dsn_messages_total`: delivery status notifications queued.
     pub dsns: Counter,
     /// `altroute_policy_faults_total`: decisions that failed in the module (deferred).
     pub policy_faults: Counter,
@@ -54,20 +58,28 @@ impl DeliveryMetrics {
             self.tls_results.clone(),
         );
         registry.register(
-            "deliveries",
-            "Recipients delivered, by route",
+            "recipients_delivered",
+            "Recipients accepted by the next hop, by route",
             self.deliveries.clone(),
         );
-        registry.register("deferrals", "Recipients deferred", self.deferrals.clone());
-        registry.register("bounces", "Recipients bounced", self.bounces.clone());
         registry.register(
-            "expirations",
+            "recipients_deferred",
+            "Recipient delivery attempts that failed temporarily (retried later)",
+            self.deferrals.clone(),
+        );
+        registry.register(
+            "recipients_bounced",
+            "Recipients that failed permanently (DSN to the sender)",
+            self.bounces.clone(),
+        );
+        registry.register(
+            "recipients_expired",
             "Recipients whose queue lifetime ran out",
             self.expirations.clone(),
         );
         registry.register(
-            "dsn",
-            "Delivery status notifications queued",
+            "dsn_messages",
+            "Delivery status notifications queued to senders",
             self.dsns.clone(),
         );
         registry.register(

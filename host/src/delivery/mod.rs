@@ -42,8 +42,10 @@ use crate::policy_engine::PolicyEngine;
 
 mod attempt;
 pub mod dsn;
+pub mod floor;
 pub mod metrics;
 pub mod resolve;
+mod standards;
 
 pub use attempt::Outcome;
 pub use metrics::DeliveryMetrics;
@@ -91,6 +93,12 @@ pub struct DeliverySettings {
     /// Longest time the scheduler sleeps without looking at the queue. Defaults to 1 s,
     /// so that an injected clock that jumps forward is noticed.
     pub poll_interval: Duration,
+    /// MTA-STS (RFC 8461) for direct delivery. Defaults to none (off); the relay's
+    /// configuration turns it on (`[mta_sts]`, see `crate::mta_sts`).
+    pub mta_sts: Option<crate::mta_sts::MtaStsSettings>,
+    /// Where TLS results are recorded for reports (RFC 8460, `crate::tlsrpt`). Defaults
+    /// to none (not recorded).
+    pub tlsrpt_dir: Option<PathBuf>,
 }
 
 impl Default for DeliverySettings {
@@ -106,6 +114,8 @@ impl Default for DeliverySettings {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
+            mta_sts: None,
+            tlsrpt_dir: None,
         }
     }
 }
@@ -124,6 +134,11 @@ impl DeliverySettings {
             per_destination: d.per_destination,
             connect_timeout: d.connect_timeout,
             command_timeout: config.server.command_timeout,
+            mta_sts: config.mta_sts.settings(&config.spool.dir),
+            tlsrpt_dir: config
+                .tlsrpt
+                .settings(&config.spool.dir, &config.server.hostname)
+                .map(|t| t.dir),
             ..DeliverySettings::default()
         }
     }
@@ -195,6 +210,10 @@ pub(crate) struct Ctx {
     pub resolver: Resolver,
     pub roots: Arc<RootCertStore>,
     pub journal: Arc<Journal>,
+    /// MTA-STS policies (when enabled).
+    pub mta_sts: Option<Arc<crate::mta_sts::MtaSts>>,
+    /// TLS results for reports (when enabled).
+    pub tlsrpt: Option<Arc<crate::tlsrpt::Recorder>>,
     destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
@@ -276,7 +295,20 @@ pub fn start(
     let resolver = Resolver::new(settings.resolver)?;
     let roots = Arc::new(trust_roots(settings.ca_file.as_deref())?);
     let journal = Arc::new(Journal::default());
+    let mta_sts = match &settings.mta_sts {
+        Some(s) => Some(Arc::new(
+            crate::mta_sts::MtaSts::new(s.clone(), resolver.clone(), roots.clone())
+                .map_err(DeliveryError::Resolver)?,
+        )),
+        None => None,
+    };
+    let tlsrpt = settings
+        .tlsrpt_dir
+        .clone()
+        .map(|d| Arc::new(crate::tlsrpt::Recorder::new(d)));
     let ctx = Arc::new(Ctx {
+        mta_sts,
+        tlsrpt,
         settings,
         spool,
         engine,
@@ -366,7 +398,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     let message = match ctx.spool.read_message(&id) {
         Ok(m) => m,
         Err(e) => {
-            tracing::error!(%id, error = %e, "cannot read queued message");
+            tracing::error!(queue_id = %id, error = %e, "cannot read queued message");
             ctx.spool.release(&id);
             return;
         }
@@ -385,7 +417,13 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     }
     let mut failures = Vec::new();
     for (domain, indices) in by_domain {
-        let outcomes = attempt::deliver_domain(ctx, &entry, &message, &domain, &indices).await;
+        // Every log line of the attempt carries the queue id and the domain (span fields).
+        let span = tracing::info_span!("delivery", queue_id = %id, domain = %domain);
+        let outcomes = tracing::Instrument::instrument(
+            attempt::deliver_domain(ctx, &entry, &message, &domain, &indices),
+            span,
+        )
+        .await;
         for (i, outcome) in outcomes {
             let rcpt = entry.envelope.rcpt_to.get(i).cloned().unwrap_or_default();
             let recorded = match &outcome {
@@ -420,7 +458,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
                 }
             };
             if let Err(e) = recorded {
-                tracing::error!(%id, recipient = %rcpt, error = %e, "cannot record delivery result");
+                tracing::error!(queue_id = %id, recipient = %rcpt, error = %e, "cannot record delivery result");
             }
         }
     }
@@ -435,15 +473,84 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
         match ctx.spool.store(env, body).await {
             Ok(dsn_id) => {
                 ctx.metrics.dsns.inc();
-                tracing::info!(%id, dsn = %dsn_id, recipients = failures.len(), "DSN queued to the sender");
+                tracing::info!(queue_id = %id, dsn = %dsn_id, recipients = failures.len(), "DSN queued to the sender");
             }
-            Err(e) => tracing::error!(%id, error = %e, "cannot queue DSN"),
+            Err(e) => tracing::error!(queue_id = %id, error = %e, "cannot queue DSN"),
         }
     }
     ctx.spool.release(&id);
     if ctx.spool.entry(&id).is_some_and(|e| e.is_finished())
         && let Err(e) = ctx.spool.remove(&id).await
     {
-        tracing::warn!(%id, error = %e, "cannot remove finished message");
+        tracing::warn!(queue_id = %id, error = %e, "cannot remove finished message");
     }
+}
+
+/// What [`operator_bounce`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OperatorBounce {
+    /// The recipients bounced (those that were not final yet).
+    pub bounced: Vec<String>,
+    /// The DSN queued to the sender, if one was (none for the null sender or when
+    /// nothing was left to bounce).
+    pub dsn: Option<String>,
+    /// The message was removed from the queue (all its recipients are final now).
+    pub removed: bool,
+}
+
+/// `altroute queue bounce ID`: bounces every open recipient of one message, queues the
+/// DSN (RFC 3464, the same path as delivery's bounces) and removes the finished message.
+/// The message is claimed for the whole operation, so a delivery attempt cannot race it:
+/// a message being delivered right now is [`altroute_queue::Error::InFlight`].
+pub async fn operator_bounce(
+    spool: &Spool,
+    reporting_mta: &str,
+    id: &altroute_queue::MessageId,
+    reason: &str,
+) -> Result<OperatorBounce, altroute_queue::Error> {
+    let entry = spool.claim(id)?;
+    let result = async {
+        let message = spool.read_message(id)?;
+        let indices = spool.bounce_open(id, reason).await?;
+        let failures: Vec<dsn::Failure> = indices
+            .iter()
+            .filter_map(|&i| entry.envelope.rcpt_to.get(i))
+            .map(|rcpt| dsn::Failure {
+                recipient: rcpt.clone(),
+                reason: reason.to_string(),
+                expired: false,
+            })
+            .collect();
+        let mut dsn_id = None;
+        if let Some((env, body)) = dsn::build(
+            reporting_mta,
+            &entry.envelope,
+            &message,
+            &failures,
+            spool.clock().now(),
+            id.as_str(),
+        ) {
+            dsn_id = Some(spool.store(env, body).await?.to_string());
+        }
+        tracing::info!(
+            queue_id = %id,
+            recipients = failures.len(),
+            dsn = dsn_id.as_deref().unwrap_or("-"),
+            reason,
+            "bounced by the operator"
+        );
+        Ok::<_, altroute_queue::Error>(OperatorBounce {
+            bounced: failures.into_iter().map(|f| f.recipient).collect(),
+            dsn: dsn_id,
+            removed: false,
+        })
+    }
+    .await;
+    spool.release(id);
+    let mut report = result?;
+    if spool.entry(id).is_some_and(|e| e.is_finished()) {
+        spool.remove(id).await?;
+        report.removed = true;
+    }
+    Ok(report)
 }

@@ -142,6 +142,34 @@ impl Resolver {
         Ok(out)
     }
 
+    /// The TXT records at `name`, each as one string (its character strings joined).
+    /// A name without TXT records gives an empty list; a name that does not exist gives
+    /// [`ResolveFailure::Permanent`]. Used for MTA-STS and TLS-RPT discovery.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, ResolveFailure> {
+        match self.inner.txt_lookup(fqdn(name)).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_nx_domain() => {
+                Err(ResolveFailure::Permanent(format!("{name} does not exist")))
+            }
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(ResolveFailure::Temporary(format!(
+                "TXT lookup for {name} failed: {e}"
+            ))),
+        }
+    }
+
     /// A/AAAA addresses of `host` (an IP literal resolves to itself).
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveFailure> {
         if let Ok(ip) = host

@@ -238,13 +238,15 @@ impl Connection {
             return;
         };
         let e = session.take_events();
+        if e.is_empty() {
+            // Most reads (replies, message bodies): no host call at all.
+            return;
+        }
         let m = self.metrics;
         StreamMetrics::add(m.checked, e.checked);
-        StreamMetrics::add(m.rejected, e.refused.len() as u32);
-        for kind in e.refused {
-            if let Some(i) = REASON_KINDS.iter().position(|k| *k == kind) {
-                StreamMetrics::add(m.by_reason[i], 1);
-            }
+        StreamMetrics::add(m.rejected, e.refused_total());
+        for (id, n) in m.by_reason.iter().zip(e.refused) {
+            StreamMetrics::add(*id, n);
         }
         StreamMetrics::add(m.encrypted, u32::from(e.encrypted));
         StreamMetrics::add(m.overlong, e.overlong);
@@ -277,7 +279,8 @@ impl Connection {
         } else {
             session.server_bytes(&data, end)
         };
-        if out != data
+        // `None`: the bytes pass as they are (no copy, no write back).
+        if let Some(out) = out
             && let Err(e) = hostcalls::set_buffer(buffer, 0, data.len(), &out)
         {
             log(
@@ -310,7 +313,14 @@ impl StreamContext for Connection {
     }
 
     fn on_log(&mut self) {
-        if let Some(s) = &self.session {
+        // Formatting and a host call per connection are measurable at the edge: only
+        // when the host logs at debug level.
+        if let Some(s) = &self.session
+            && matches!(
+                hostcalls::get_log_level(),
+                Ok(LogLevel::Debug | LogLevel::Trace)
+            )
+        {
             log(
                 LogLevel::Debug,
                 &format!(

@@ -60,12 +60,30 @@ enum Client {
 pub(crate) struct Events {
     /// Recipients decided.
     pub checked: u32,
-    /// Reason kinds of the recipients refused (see [`reason_kind`]).
-    pub refused: Vec<&'static str>,
+    /// Recipients refused, per reason kind (indexes of [`REASON_KINDS`]).
+    pub refused: [u32; REASON_KINDS.len()],
     /// STARTTLS succeeded: the session became opaque.
     pub encrypted: bool,
     /// Lines too long to hold, forwarded as they came.
     pub overlong: u32,
+}
+
+impl Events {
+    fn refuse(&mut self, kind: &'static str) {
+        if let Some(i) = REASON_KINDS.iter().position(|k| *k == kind) {
+            self.refused[i] += 1;
+        }
+    }
+
+    /// Recipients refused, all reasons.
+    pub(crate) fn refused_total(&self) -> u32 {
+        self.refused.iter().sum()
+    }
+
+    /// Whether anything happened.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.checked == 0 && !self.encrypted && self.overlong == 0
+    }
 }
 
 /// One SMTP session between a client and the upstream server.
@@ -123,23 +141,25 @@ impl Session {
         std::mem::take(&mut self.events)
     }
 
-    /// Client bytes in, bytes to send upstream out. `end` flushes a partial line.
-    pub(crate) fn client_bytes(&mut self, data: &[u8], end: bool) -> Vec<u8> {
+    /// Client bytes in; what to send upstream out: `None` when that is `data` unchanged
+    /// (the common case: whole lines, nothing refused, message bodies), so the caller
+    /// neither copies nor writes the buffer back. `end` flushes a partial line.
+    pub(crate) fn client_bytes(&mut self, data: &[u8], end: bool) -> Option<Vec<u8>> {
         if self.opaque {
-            return data.to_vec();
+            return None;
         }
-        let mut out = Vec::with_capacity(data.len() + 8);
+        let mut out = Out::new(data);
         let mut i = 0;
         while i < data.len() {
             match self.client {
                 Client::AwaitTls => {
-                    out.extend_from_slice(&data[i..]);
+                    out.pass(i, data.len());
                     i = data.len();
                 }
                 Client::Chunk { remaining } => {
                     let left = data.len() - i;
                     let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(left);
-                    out.extend_from_slice(&data[i..i + take]);
+                    out.pass(i, i + take);
                     i += take;
                     let remaining = remaining - take as u64;
                     self.client = if remaining == 0 {
@@ -148,58 +168,54 @@ impl Session {
                         Client::Chunk { remaining }
                     };
                 }
-                Client::Body { mut at } => {
-                    // Bytes of a message pass at once; only the end is looked for.
-                    let start = i;
-                    let mut ended = false;
-                    while i < data.len() {
-                        let b = data[i];
-                        i += 1;
-                        at = match (at, b) {
-                            (2 | 3, b'\n') => {
-                                ended = true;
-                                break;
-                            }
-                            (_, b'\n') => 1,
-                            (1, b'.') => 2,
-                            (2, b'\r') => 3,
-                            _ => 0,
-                        };
-                    }
-                    out.extend_from_slice(&data[start..i]);
-                    if ended {
-                        // The reply to the end of data is the DATA command's second reply.
-                        self.pending.push_back(Pending::Other);
-                        self.client = Client::Command;
-                    } else {
-                        self.client = Client::Body { at };
+                Client::Body { at } => {
+                    // Bytes of a message pass as they are; only the end is looked for.
+                    let (n, ended) = scan_body(&data[i..], at);
+                    out.pass(i, i + n);
+                    i += n;
+                    match ended {
+                        None => {
+                            // The reply to the end of data is the DATA command's second reply.
+                            self.pending.push_back(Pending::Other);
+                            self.client = Client::Command;
+                        }
+                        Some(at) => self.client = Client::Body { at },
                     }
                 }
                 Client::Command => {
                     let rest = &data[i..];
                     match rest.iter().position(|b| *b == b'\n') {
                         Some(n) => {
+                            let line_start = i;
                             i += n + 1;
                             if self.client_skipping {
-                                out.extend_from_slice(&rest[..=n]);
+                                out.pass(line_start, i);
                                 self.client_skipping = false;
                                 self.pending.push_back(Pending::Other);
+                            } else if self.client_line.is_empty() {
+                                self.command(&rest[..n], Some(line_start), &mut out);
                             } else {
                                 self.client_line.extend_from_slice(&rest[..n]);
                                 let line = std::mem::take(&mut self.client_line);
-                                self.command(&line, &mut out);
+                                self.command(&line, None, &mut out);
+                                // Keep the allocation for the next split line.
+                                self.client_line = line;
+                                self.client_line.clear();
                             }
                         }
                         None => {
                             i = data.len();
                             if self.client_skipping {
-                                out.extend_from_slice(rest);
+                                out.pass(i - rest.len(), i);
                             } else if self.client_line.len() + rest.len() > MAX_LINE {
-                                out.append(&mut self.client_line);
-                                out.extend_from_slice(rest);
+                                out.push(&self.client_line);
+                                self.client_line.clear();
+                                out.pass(i - rest.len(), i);
                                 self.client_skipping = true;
                                 self.events.overlong += 1;
                             } else {
+                                // Held until its end: it may be a RCPT to replace.
+                                out.hold();
                                 self.client_line.extend_from_slice(rest);
                             }
                         }
@@ -207,75 +223,77 @@ impl Session {
                 }
             }
         }
-        if end {
-            out.append(&mut self.client_line);
+        if end && !self.client_line.is_empty() {
+            out.push(&self.client_line);
+            self.client_line.clear();
         }
-        out
+        out.finish()
     }
 
     /// One command line (without its LF). Forwarded with CRLF, so that this follower and
-    /// the server agree on where lines end even when the client sent a bare LF.
-    fn command(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+    /// the server agree on where lines end even when the client sent a bare LF. `at` is
+    /// where the line starts in the current input when it lies there whole.
+    fn command(&mut self, raw: &[u8], at: Option<usize>, out: &mut Out<'_>) {
         let line = raw.strip_suffix(b"\r").unwrap_or(raw);
         let verb_end = line.iter().position(|b| *b == b' ').unwrap_or(line.len());
-        let verb = line[..verb_end].to_ascii_uppercase();
+        let verb = &line[..verb_end];
+        let is = |v: &[u8]| verb.eq_ignore_ascii_case(v);
         let mut forward = true;
-        let pending = match verb.as_slice() {
-            b"EHLO" | b"HELO" => {
-                self.reset_transaction();
-                Pending::Ehlo
-            }
-            b"RSET" => {
-                self.reset_transaction();
-                Pending::Other
-            }
-            b"MAIL" if starts_with_ci(line, b"MAIL FROM:") => {
-                let (addr, params) = address(&line[10..]);
-                self.sender = addr;
-                self.requiretls = params
-                    .split(|b| *b == b' ')
-                    .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
-                Pending::Other
-            }
-            b"RCPT" if starts_with_ci(line, b"RCPT TO:") => {
-                let (recipient, _) = address(&line[8..]);
-                match self.refusal(&recipient) {
-                    Some(reply) => {
-                        out.extend_from_slice(b"NOOP\r\n");
-                        forward = false;
-                        Pending::Refused(reply)
-                    }
-                    None => Pending::Other,
+        let pending = if is(b"EHLO") || is(b"HELO") {
+            self.reset_transaction();
+            Pending::Ehlo
+        } else if is(b"RSET") {
+            self.reset_transaction();
+            Pending::Other
+        } else if is(b"MAIL") && starts_with_ci(line, b"MAIL FROM:") {
+            let (addr, params) = address(&line[10..]);
+            self.sender = addr;
+            self.requiretls = params
+                .split(|b| *b == b' ')
+                .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
+            Pending::Other
+        } else if is(b"RCPT") && starts_with_ci(line, b"RCPT TO:") {
+            let (recipient, _) = address(&line[8..]);
+            match self.refusal(&recipient) {
+                Some(reply) => {
+                    out.push(b"NOOP\r\n");
+                    forward = false;
+                    Pending::Refused(reply)
                 }
+                None => Pending::Other,
             }
-            b"DATA" => {
-                // A client waits for 354 before the message; if the reply is not 354 the
-                // follower goes back to commands.
-                self.client = Client::Body { at: 1 };
-                Pending::Data
+        } else if is(b"DATA") {
+            // A client waits for 354 before the message; if the reply is not 354 the
+            // follower goes back to commands.
+            self.client = Client::Body { at: 1 };
+            Pending::Data
+        } else if is(b"BDAT") {
+            let size = line[verb_end..]
+                .split(|b| *b == b' ')
+                .find(|p| !p.is_empty())
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .and_then(|s| s.parse::<u64>().ok());
+            if let Some(remaining) = size
+                && remaining > 0
+            {
+                self.client = Client::Chunk { remaining };
             }
-            b"BDAT" => {
-                let size = line[verb_end..]
-                    .split(|b| *b == b' ')
-                    .find(|p| !p.is_empty())
-                    .and_then(|p| std::str::from_utf8(p).ok())
-                    .and_then(|s| s.parse::<u64>().ok());
-                if let Some(remaining) = size
-                    && remaining > 0
-                {
-                    self.client = Client::Chunk { remaining };
-                }
-                Pending::Other
-            }
-            b"STARTTLS" => {
-                self.client = Client::AwaitTls;
-                Pending::StartTls
-            }
-            _ => Pending::Other,
+            Pending::Other
+        } else if is(b"STARTTLS") {
+            self.client = Client::AwaitTls;
+            Pending::StartTls
+        } else {
+            Pending::Other
         };
         if forward {
-            out.extend_from_slice(line);
-            out.extend_from_slice(b"\r\n");
+            match at {
+                // Already CRLF-terminated in the input: passes as it is.
+                Some(start) if raw.len() > line.len() => out.pass(start, start + raw.len() + 1),
+                _ => {
+                    out.push(line);
+                    out.push(b"\r\n");
+                }
+            }
         }
         self.pending.push_back(pending);
     }
@@ -298,74 +316,89 @@ impl Session {
         if !decision.tls.required {
             return None;
         }
-        self.events.refused.push(reason_kind(&decision.rule));
+        self.events.refuse(reason_kind(&decision.rule));
         let shown: String = recipient.chars().take(MAX_ECHOED_ADDRESS).collect();
         Some(format!("450 4.7.10 TLS required for <{shown}>\r\n"))
     }
 
-    /// Server bytes in, bytes to send to the client out. `end` flushes a partial line.
-    pub(crate) fn server_bytes(&mut self, data: &[u8], end: bool) -> Vec<u8> {
+    /// Server bytes in; what to send to the client out, `None` when that is `data`
+    /// unchanged. `end` flushes a partial line.
+    pub(crate) fn server_bytes(&mut self, data: &[u8], end: bool) -> Option<Vec<u8>> {
         if self.opaque {
-            return data.to_vec();
+            return None;
         }
-        let mut out = Vec::with_capacity(data.len() + 32);
+        let mut out = Out::new(data);
         let mut i = 0;
         while i < data.len() {
             if self.opaque {
-                out.extend_from_slice(&data[i..]);
+                out.pass(i, data.len());
                 break;
             }
             let rest = &data[i..];
             let dropping = matches!(self.pending.front(), Some(Pending::Refused(_)));
             match rest.iter().position(|b| *b == b'\n') {
                 Some(n) => {
+                    let line_start = i;
                     i += n + 1;
                     if let Some(last) = self.server_skipping.take() {
-                        if !dropping {
-                            out.extend_from_slice(&rest[..=n]);
+                        if dropping {
+                            out.drop_bytes();
+                        } else {
+                            out.pass(line_start, i);
                         }
                         if last {
                             self.reply_done(b"", &mut out);
                         }
+                    } else if self.server_line.is_empty() {
+                        self.reply_line(&rest[..=n], Some(line_start), &mut out);
                     } else {
                         self.server_line.extend_from_slice(&rest[..=n]);
                         let line = std::mem::take(&mut self.server_line);
-                        self.reply_line(&line, &mut out);
+                        self.reply_line(&line, None, &mut out);
+                        self.server_line = line;
+                        self.server_line.clear();
                     }
                 }
                 None => {
                     i = data.len();
                     if self.server_skipping.is_some() {
-                        if !dropping {
-                            out.extend_from_slice(rest);
+                        if dropping {
+                            out.drop_bytes();
+                        } else {
+                            out.pass(i - rest.len(), i);
                         }
                     } else if self.server_line.len() + rest.len() > MAX_LINE {
                         self.server_line.extend_from_slice(rest);
-                        let line = std::mem::take(&mut self.server_line);
-                        self.server_skipping = Some(is_last_line(&line));
+                        self.server_skipping = Some(is_last_line(&self.server_line));
                         self.events.overlong += 1;
-                        if !dropping {
-                            out.extend_from_slice(&line);
+                        if dropping {
+                            out.drop_bytes();
+                        } else {
+                            out.push(&self.server_line);
                         }
+                        self.server_line.clear();
                     } else {
+                        out.hold();
                         self.server_line.extend_from_slice(rest);
                     }
                 }
             }
         }
-        if end {
-            out.append(&mut self.server_line);
+        if end && !self.server_line.is_empty() {
+            out.push(&self.server_line);
+            self.server_line.clear();
         }
-        out
+        out.finish()
     }
 
-    /// One complete reply line, with its line end.
-    fn reply_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+    /// One complete reply line, with its line end; `at` is where it starts in the
+    /// current input when it lies there whole.
+    fn reply_line(&mut self, line: &[u8], at: Option<usize>, out: &mut Out<'_>) {
         let last = is_last_line(line);
         match self.pending.front() {
-            Some(Pending::Refused(_)) => {}
-            Some(Pending::Ehlo) => {
-                if line.len() > 4 {
+            Some(Pending::Refused(_)) => out.drop_bytes(),
+            front => {
+                if front == Some(&Pending::Ehlo) && line.len() > 4 {
                     let keyword = line[4..]
                         .split(|b| *b == b' ' || *b == b'\r' || *b == b'\n')
                         .next()
@@ -374,9 +407,11 @@ impl Session {
                         self.starttls_offered = true;
                     }
                 }
-                out.extend_from_slice(line);
+                match at {
+                    Some(start) => out.pass(start, start + line.len()),
+                    None => out.push(line),
+                }
             }
-            _ => out.extend_from_slice(line),
         }
         if last {
             self.reply_done(line, out);
@@ -384,14 +419,14 @@ impl Session {
     }
 
     /// The last line of a reply arrived: the front command is answered.
-    fn reply_done(&mut self, line: &[u8], out: &mut Vec<u8>) {
+    fn reply_done(&mut self, line: &[u8], out: &mut Out<'_>) {
         let Some(front) = self.pending.pop_front() else {
             // A reply nobody asked for (a 421 on shutdown): it passed as it was.
             return;
         };
         let positive = |code: &[u8]| line.starts_with(code);
         match front {
-            Pending::Refused(reply) => out.extend_from_slice(reply.as_bytes()),
+            Pending::Refused(reply) => out.push(reply.as_bytes()),
             Pending::StartTls => {
                 if positive(b"220") {
                     self.opaque = true;
@@ -408,6 +443,99 @@ impl Session {
             }
             Pending::Ehlo => {}
             Pending::Greeting | Pending::Other => {}
+        }
+    }
+}
+
+/// Scans message bytes for the end of data (`CRLF . CRLF`, or a bare LF for CRLF) from
+/// the line state `at` (see [`Client::Body`]). Returns how many bytes belong to the
+/// message and `None` when the end was found (the count then includes it), or the state
+/// to carry into the next read. Jumps from line end to line end: only the bytes after
+/// an LF are looked at one by one.
+fn scan_body(data: &[u8], mut at: u8) -> (usize, Option<u8>) {
+    let mut i = 0;
+    while i < data.len() {
+        if at == 0 {
+            match data[i..].iter().position(|b| *b == b'\n') {
+                Some(n) => {
+                    i += n + 1;
+                    at = 1;
+                    continue;
+                }
+                None => return (data.len(), Some(0)),
+            }
+        }
+        let b = data[i];
+        i += 1;
+        at = match (at, b) {
+            (2 | 3, b'\n') => return (i, None),
+            (_, b'\n') => 1,
+            (1, b'.') => 2,
+            (2, b'\r') => 3,
+            _ => 0,
+        };
+    }
+    (i, Some(at))
+}
+
+/// The output of one call, built lazily: while everything passes in order, nothing is
+/// copied and [`Out::finish`] answers `None` (unchanged).
+struct Out<'a> {
+    input: &'a [u8],
+    /// `input[..passed]` went out verbatim (meaningful while `owned` is `None`).
+    passed: usize,
+    /// The output, once it differs from a prefix of the input.
+    owned: Option<Vec<u8>>,
+}
+
+impl<'a> Out<'a> {
+    fn new(input: &'a [u8]) -> Out<'a> {
+        Out {
+            input,
+            passed: 0,
+            owned: None,
+        }
+    }
+
+    fn owned(&mut self) -> &mut Vec<u8> {
+        let (input, passed) = (self.input, self.passed);
+        self.owned.get_or_insert_with(|| {
+            let mut v = Vec::with_capacity(input.len() + 64);
+            v.extend_from_slice(&input[..passed]);
+            v
+        })
+    }
+
+    /// `input[start..end]` goes out as it is.
+    fn pass(&mut self, start: usize, end: usize) {
+        if self.owned.is_none() && start == self.passed {
+            self.passed = end;
+        } else {
+            let input = self.input;
+            self.owned().extend_from_slice(&input[start..end]);
+        }
+    }
+
+    /// Bytes that are not the input's go out.
+    fn push(&mut self, bytes: &[u8]) {
+        self.owned().extend_from_slice(bytes);
+    }
+
+    /// Input bytes are kept back (a partial line): the output is no longer the input.
+    fn hold(&mut self) {
+        self.owned();
+    }
+
+    /// Input bytes are dropped (a refused command's reply).
+    fn drop_bytes(&mut self) {
+        self.owned();
+    }
+
+    fn finish(self) -> Option<Vec<u8>> {
+        match self.owned {
+            Some(v) => Some(v),
+            None if self.passed == self.input.len() => None,
+            None => Some(self.input[..self.passed].to_vec()),
         }
     }
 }
@@ -491,11 +619,11 @@ mod tests {
     fn run(s: &mut Session, client: &[u8], server: &[u8], step: usize) -> (Vec<u8>, Vec<u8>) {
         let mut up = Vec::new();
         for c in client.chunks(step) {
-            up.extend(s.client_bytes(c, false));
+            up.extend(s.client_bytes(c, false).unwrap_or_else(|| c.to_vec()));
         }
         let mut down = Vec::new();
         for c in server.chunks(step) {
-            down.extend(s.server_bytes(c, false));
+            down.extend(s.server_bytes(c, false).unwrap_or_else(|| c.to_vec()));
         }
         (up, down)
     }
@@ -514,7 +642,7 @@ mod tests {
                 "220 hi\r\n250-s\r\n250 PIPELINING\r\n250 ok\r\n450 4.7.10 TLS required for <b@partner.example>\r\n250 rcpt\r\n354 go\r\n"
             );
             let e = s.take_events();
-            assert_eq!((e.checked, e.refused), (2, vec!["tls_compliance"]));
+            assert_eq!((e.checked, e.refused), (2, [1, 0, 0, 0, 0, 0]));
         }
     }
 
@@ -523,16 +651,58 @@ mod tests {
         let mut s = session();
         let (_, _) = run(&mut s, CLIENT, SERVER, 1000);
         let body = b"RCPT TO:<x@partner.example>\r\n.\r\nSTARTTLS\r\n\x16\x03\x01";
-        assert_eq!(s.client_bytes(body, false), body.to_vec());
+        assert_eq!(s.client_bytes(body, false), None, "unchanged");
         assert_eq!(
             s.server_bytes(b"250 queued\r\n220 go ahead\r\n", false),
-            b"250 queued\r\n220 go ahead\r\n".to_vec()
+            None
         );
         assert!(s.is_opaque());
         assert_eq!(
             s.client_bytes(b"RCPT TO:<x@partner.example>\r\n", false),
-            b"RCPT TO:<x@partner.example>\r\n".to_vec()
+            None
         );
+    }
+
+    #[test]
+    fn unchanged_input_is_not_copied_and_changes_are_exact() {
+        let mut s = session();
+        assert_eq!(s.server_bytes(b"220 hi\r\n", false), None);
+        assert_eq!(s.client_bytes(b"EHLO c\r\n", false), None);
+        // A bare LF is forwarded as CRLF.
+        assert_eq!(s.server_bytes(b"250 ok\r\n", false), None);
+        assert_eq!(
+            s.client_bytes(b"MAIL FROM:<a@corp.example>\n", false),
+            Some(b"MAIL FROM:<a@corp.example>\r\n".to_vec())
+        );
+        // A partial line is held back: the prefix before it goes out.
+        assert_eq!(
+            s.client_bytes(b"RCPT TO:<c@other.example>\r\nRCPT TO:<b@par", false),
+            Some(b"RCPT TO:<c@other.example>\r\n".to_vec())
+        );
+        assert_eq!(
+            s.client_bytes(b"tner.example>\r\nDATA\r\n", false),
+            Some(b"NOOP\r\nDATA\r\n".to_vec())
+        );
+        assert_eq!(
+            s.server_bytes(b"250 mail\r\n250 rcpt\r\n250 noop\r\n354 go\r\n", false),
+            Some(b"250 mail\r\n250 rcpt\r\n450 4.7.10 TLS required for <b@partner.example>\r\n354 go\r\n".to_vec())
+        );
+        // The body passes without a copy, split anywhere, the end marker included.
+        assert_eq!(s.client_bytes(b"a\r\n.", false), None);
+        assert_eq!(s.client_bytes(b"\r", false), None);
+        assert_eq!(s.client_bytes(b"\nQUIT\r\n", false), None);
+        assert_eq!(s.server_bytes(b"250 queued\r\n221 bye\r\n", false), None);
+        assert_eq!(s.take_events().refused_total(), 1);
+    }
+
+    #[test]
+    fn body_scan_finds_the_end_only_at_a_line_start() {
+        assert_eq!(scan_body(b"x.\r\n", 0), (4, Some(1)));
+        assert_eq!(scan_body(b"x\r\n.\r\nQUIT", 0), (6, None));
+        assert_eq!(scan_body(b".\n", 1), (2, None));
+        assert_eq!(scan_body(b"..\r\n", 1), (4, Some(1)));
+        assert_eq!(scan_body(b"\r\n", 3), (2, Some(1)));
+        assert_eq!(scan_body(b"\n", 3), (1, None));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod ca;
 mod client;
 mod dns;
+mod https;
 mod net;
 mod sink;
 mod strip;

@@ -4,6 +4,7 @@
 mod concurrency;
 mod crash;
 mod diskfull;
+mod operator;
 mod recovery;
 mod roundtrip;
 mod schedule;

@@ -1,0 +1,894 @@
+//! Policy extensions (issue 8): the example extensions change routing end to end, hostile
+//! extensions (infinite loop, memory bomb, traps, a liar, a log flooder) are contained,
+//! and the safety floor holds against a lying extension over 1,000+ attempts.
+//!
+//! Same world as delivery.rs: the delivery engine in-process on a spool in a tempdir, a
+//! lab DNS server, SMTP sinks on loopback addresses sharing one port, certificates from a
+//! test CA the relay trusts, a `ManualClock` for retries.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use altroute::delivery::{self, Delivery, DeliveryMetrics, DeliverySettings};
+use altroute::extensions::{ExtensionConfig, ExtensionMetrics, ModuleSource, OnFault};
+use altroute::policy_engine::{LoadedPolicy, PolicyEngine, STANDARD};
+use altroute_lab::{
+    DnsServer, SinkConfig, SinkMode, SmtpSink, TestCa, Validity, free_port, loopback_ip,
+};
+use altroute_policy::pattern::Pattern;
+use altroute_policy::{Query, Route};
+use altroute_queue::{
+    Envelope, ManualClock, MessageId, RecipientState, RetrySchedule, Spool, SpoolConfig,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+const START: u64 = 1_750_000_000;
+
+struct Lab {
+    ca: TestCa,
+    dns: DnsServer,
+    port: u16,
+    sinks: Vec<SmtpSink>,
+}
+
+impl Lab {
+    async fn new() -> Lab {
+        let ca = TestCa::new("e2e extensions root").unwrap();
+        let dns = DnsServer::start(SocketAddr::new(loopback_ip().into(), 0))
+            .await
+            .unwrap();
+        let port = free_port(loopback_ip()).unwrap();
+        Lab {
+            ca,
+            dns,
+            port,
+            sinks: Vec::new(),
+        }
+    }
+
+    /// A sink for host `name` (A record added); `tls` = valid certificate, else no STARTTLS.
+    async fn sink(&mut self, name: &str, tls: bool) -> usize {
+        let ip: Ipv4Addr = loopback_ip();
+        let mut config = SinkConfig::new(SocketAddr::new(ip.into(), self.port), name);
+        config.mode = SinkMode::Accept;
+        config.advertise_requiretls = true;
+        config.starttls = tls.then(|| {
+            self.ca
+                .issue(&[name], Validity::Valid)
+                .unwrap()
+                .rustls_server_config()
+                .unwrap()
+        });
+        self.sinks.push(SmtpSink::start(config).await.unwrap());
+        self.dns.add_a(name, ip).await.unwrap();
+        self.sinks.len() - 1
+    }
+
+    /// `domain MX 10 host` (the host must have a sink).
+    async fn mx(&mut self, domain: &str, host: &str) {
+        self.dns.add_mx(domain, 10, host).await.unwrap();
+    }
+}
+
+/// The policy: `*.strict.test` requires verified TLS; the alternate secure route only
+/// when `alternate`; `extra` goes into `[policy]`.
+fn policy(port: u16, alternate: bool, extra: &str) -> String {
+    let alt = if alternate {
+        "[alternate_secure_route]\nhost = \"secure-relay\"\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[policy]
+name = "e2e-extensions"
+{extra}
+
+[[hosts]]
+name = "secure-relay"
+address = "alt.lab.test"
+port = {port}
+
+{alt}
+
+[[tls_compliance]]
+name = "partners"
+domains = ["*.strict.test"]
+require_ca_signed = true
+validate_hostname = true
+"#
+    )
+}
+
+struct Relay {
+    spool: Spool,
+    clock: Arc<ManualClock>,
+    delivery: Delivery,
+    metrics: DeliveryMetrics,
+    engine: Arc<PolicyEngine>,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Relay {
+    async fn start(lab: &Lab, engine: PolicyEngine) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(START));
+        let retry = RetrySchedule::new(
+            Duration::from_secs(60),
+            2,
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+        );
+        let spool = Spool::open(dir.path(), SpoolConfig::with_retry(retry), clock.clone()).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, lab.ca.root_pem()).unwrap();
+        let settings = DeliverySettings {
+            hostname: "relay.lab.test".into(),
+            helo: "relay.lab.test".into(),
+            resolver: Some(lab.dns.addr()),
+            smtp_port: lab.port,
+            ca_file: Some(ca_file),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(50),
+            ..DeliverySettings::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = DeliveryMetrics::new();
+        let engine = Arc::new(engine);
+        let delivery = delivery::start(
+            settings,
+            spool.clone(),
+            engine.clone(),
+            metrics.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .unwrap();
+        Relay {
+            spool,
+            clock,
+            delivery,
+            metrics,
+            engine,
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    async fn send(&self, from: &str, to: &[&str], requiretls: bool) -> MessageId {
+        let mut env = Envelope::new(from, to.iter().map(|s| s.to_string()).collect());
+        env.requiretls = requiretls;
+        let msg = format!(
+            "From: <{from}>\r\nTo: <{}>\r\nSubject: e2e\r\n\r\nconfidential body\r\n",
+            to.join(">, <"),
+        );
+        self.spool.store(env, msg.into_bytes()).await.unwrap()
+    }
+
+    /// Waits until no recipient of `id` is `Pending`; `None` when finished and removed.
+    async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.spool.entry(id) {
+                None => return None,
+                Some(e)
+                    if e.recipients
+                        .iter()
+                        .all(|s| !matches!(s, RecipientState::Pending)) =>
+                {
+                    return Some(e.recipients);
+                }
+                Some(_) => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "message {id} not handled in time"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn ext(&self) -> &ExtensionMetrics {
+        self.engine.extension_metrics()
+    }
+}
+
+fn engine(lab: &Lab, alternate: bool, exts: &[ExtensionConfig]) -> PolicyEngine {
+    PolicyEngine::standard(&policy(lab.port, alternate, ""))
+        .unwrap()
+        .with_extensions(exts)
+        .unwrap()
+}
+
+/// Every recipient delivered (the message may already be gone from the spool).
+fn delivered(states: &Option<Vec<RecipientState>>) -> bool {
+    states.as_ref().is_none_or(|s| {
+        s.iter()
+            .all(|r| matches!(r, RecipientState::Delivered { .. }))
+    })
+}
+
+fn deferred_reason(states: &Option<Vec<RecipientState>>) -> String {
+    match states.as_deref() {
+        Some([RecipientState::Deferred { reason, .. }]) => reason.clone(),
+        other => panic!("expected one deferred recipient, got {other:?}"),
+    }
+}
+
+fn finance_config(port: u16) -> String {
+    format!(
+        r#"{{"senders": ["finance.corp.test", "*.finance.corp.test"],
+            "host": {{"name": "finance-relay", "addresses": ["alt.lab.test"], "port": {port}}}}}"#
+    )
+}
+
+fn builtin(name: &str, config: &str) -> ExtensionConfig {
+    ExtensionConfig::new(name, ModuleSource::Builtin(name.into()), config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finance_mail_always_takes_the_secure_relay() {
+    let mut lab = Lab::new().await;
+    let alt = lab.sink("alt.lab.test", true).await;
+    let mx = lab.sink("mx.plain.open.test", false).await;
+    lab.mx("plain.open.test", "mx.plain.open.test").await;
+    let relay = Relay::start(
+        &lab,
+        engine(
+            &lab,
+            false,
+            &[builtin("finance-secure", &finance_config(lab.port))],
+        ),
+    )
+    .await;
+
+    // Finance: rerouted to the secure relay, over verified TLS.
+    let id = relay
+        .send("cfo@finance.corp.test", &["bob@plain.open.test"], false)
+        .await;
+    let states = relay.settled(&id).await;
+    assert!(delivered(&states), "delivered: {states:?}");
+    let got = lab.sinks[alt].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].rcpt_to, vec!["bob@plain.open.test".to_string()]);
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    // Everyone else: direct, opportunistic (clear text here), as the standard policy says.
+    let id = relay
+        .send("alice@corp.test", &["carol@plain.open.test"], false)
+        .await;
+    assert!(delivered(&relay.settled(&id).await), "delivered");
+    let got = lab.sinks[mx].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].rcpt_to, vec!["carol@plain.open.test".to_string()]);
+    assert_eq!(
+        lab.sinks[alt].messages().len(),
+        1,
+        "only finance mail at the relay"
+    );
+    assert!(
+        !lab.sinks[mx]
+            .messages()
+            .iter()
+            .any(|m| m.rcpt_to.contains(&"bob@plain.open.test".to_string()))
+    );
+
+    // The journal names the extension's rule; the metrics count its changes.
+    let journal = relay.delivery.journal().records();
+    assert!(
+        journal.iter().any(|r| r.recipient == "bob@plain.open.test"
+            && r.rule == "extension:finance-secure"
+            && r.outcome == "delivered"),
+        "{journal:?}"
+    );
+    let m = relay.ext();
+    assert!(
+        ExtensionMetrics::get(&m.changes, "finance-secure", None) >= 2,
+        "plan and verdict changed"
+    );
+    assert!(ExtensionMetrics::get(&m.decisions, "finance-secure", None) >= 4);
+}
+
+/// A configuration whose hours contain (or not) the current UTC time.
+fn hours_config(open_now: bool) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let utc_hour = i64::try_from((now % 86_400) / 3600).unwrap();
+    // Local time at 12:xx (inside 09-17) or at 21:xx (outside), whatever the UTC hour.
+    let local = if open_now { 12 } else { 21 };
+    let offset = (local - utc_hour) * 60;
+    format!(
+        r#"{{"domains": ["held.test", "*.held.test"], "open_hour": 9, "close_hour": 17, "utc_offset_minutes": {offset}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_domains_are_held_outside_business_hours() {
+    let mut lab = Lab::new().await;
+    let mx = lab.sink("mx.held.test", true).await;
+    lab.mx("held.test", "mx.held.test").await;
+    let other = lab.sink("mx.free.test", true).await;
+    lab.mx("free.test", "mx.free.test").await;
+
+    // Outside hours: held, nothing reaches the MX; other domains flow.
+    let closed = Relay::start(
+        &lab,
+        engine(
+            &lab,
+            false,
+            &[builtin("business-hours", &hours_config(false))],
+        ),
+    )
+    .await;
+    let id = closed
+        .send("alice@corp.test", &["bob@held.test"], false)
+        .await;
+    let reason = deferred_reason(&closed.settled(&id).await);
+    assert!(
+        reason.contains("4.7.0") && reason.contains("business hours"),
+        "{reason}"
+    );
+    let id2 = closed
+        .send("alice@corp.test", &["bob@free.test"], false)
+        .await;
+    assert!(delivered(&closed.settled(&id2).await));
+    lab.sinks[other].wait_for_messages(1, WAIT).await.unwrap();
+    assert!(lab.sinks[mx].messages().is_empty(), "held outside hours");
+    assert!(
+        lab.sinks[mx].sessions().is_empty(),
+        "not even a connection: held at plan"
+    );
+    drop(closed);
+
+    // Inside hours: delivered.
+    let open = Relay::start(
+        &lab,
+        engine(
+            &lab,
+            false,
+            &[builtin("business-hours", &hours_config(true))],
+        ),
+    )
+    .await;
+    let id = open
+        .send("alice@corp.test", &["dave@held.test"], false)
+        .await;
+    assert!(
+        delivered(&open.settled(&id).await),
+        "delivered in business hours"
+    );
+    let got = lab.sinks[mx].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].rcpt_to, vec!["dave@held.test".to_string()]);
+    assert_eq!(
+        ExtensionMetrics::get(&open.ext().changes, "business-hours", None),
+        0
+    );
+}
+
+#[test]
+fn an_invalid_plugin_configuration_refuses_the_extension() {
+    let err = PolicyEngine::standard(&policy(25, false, ""))
+        .unwrap()
+        .with_extensions(&[builtin(
+            "business-hours",
+            r#"{"domains": [], "open_hour": 17, "close_hour": 9}"#,
+        )])
+        .unwrap_err();
+    assert!(err.to_string().contains("business-hours"), "{err}");
+}
+
+#[test]
+fn extensions_keep_running_after_a_policy_swap() {
+    let engine = PolicyEngine::standard(&policy(25, false, ""))
+        .unwrap()
+        .with_extensions(&[builtin("finance-secure", &finance_config(25))])
+        .unwrap();
+    let q = Query::plan("cfo@finance.corp.test", "bob@plain.open.test");
+    let before = engine.answer(&q);
+    assert_eq!(before.by, "finance-secure");
+    assert_eq!(before.decision.route, Route::Alternate);
+    let next =
+        LoadedPolicy::from_source("next", &policy(25, true, "on_tls_unavailable = \"bounce\""))
+            .unwrap();
+    let version = engine.reload(&next, None).unwrap();
+    assert_ne!(version, before.standard.policy_version);
+    let after = engine.answer(&q);
+    assert_eq!(after.by, "finance-secure");
+    assert_eq!(after.decision.route, Route::Alternate);
+    assert_eq!(
+        after.standard.policy_version, version,
+        "the new policy answered first"
+    );
+    // Mail outside the extension's scope is the standard module's alone.
+    let other = engine.answer(&Query::plan("alice@corp.test", "bob@plain.open.test"));
+    assert_eq!(other.by, STANDARD);
+}
+
+#[test]
+fn every_extension_config_problem_is_reported_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("p.toml");
+    std::fs::write(&policy_path, policy(25, false, "")).unwrap();
+    let text = format!(
+        r#"
+[policy]
+file = {policy:?}
+
+[[extension]]
+name = "a"
+module = "missing.wasm"
+deadline_ms = 0
+
+[[extension]]
+name = "a"
+module = "builtin:nope"
+recipients = ["not a pattern@@"]
+on_fault = "defer"
+surprise = 1
+
+[[extension]]
+module = "builtin:finance-secure"
+configuration = "{{}}"
+configuration_file = "x.json"
+on_fault = "panic"
+"#,
+        policy = policy_path.display().to_string()
+    );
+    let problems =
+        altroute::config::Config::parse(&text, &dir.path().join("altroute.toml"), dir.path())
+            .unwrap_err();
+    let all = problems.join("\n");
+    // A bad enum value stops the TOML parse; check the rest without it.
+    assert!(all.contains("on_fault") || all.contains("panic"), "{all}");
+    let text = text.replace("on_fault = \"panic\"\n", "");
+    let problems =
+        altroute::config::Config::parse(&text, &dir.path().join("altroute.toml"), dir.path())
+            .unwrap_err();
+    let all = problems.join("\n");
+    for needle in [
+        "extension[0].module",
+        "extension[0].deadline_ms",
+        "extension[1].name: \"a\" is used twice",
+        "extension[1].module: no built-in module \"nope\"",
+        "extension[1].recipients[0]",
+        "extension.1.surprise: unknown key",
+        "extension[2].name: required",
+        "extension[2].configuration: give configuration or configuration_file",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile extensions, written in WAT against the ABI.
+
+/// Callback bodies of the hostile template; a test overrides some.
+const HOSTILE: &[(&str, &str)] = &[
+    ("CTX", ""),
+    ("VMSTART", ""),
+    ("CONFIGURE", ""),
+    ("HEADERS", ""),
+    ("DONE", ""),
+    ("LOG", ""),
+    ("DELETE", ""),
+];
+
+const TEMPLATE: &str = r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 100) "x-altroute-route")
+  (data (i32.const 120) "direct")
+  (data (i32.const 140) "x-altroute-tls-required")
+  (data (i32.const 170) "no")
+  (data (i32.const 180) "x-altroute-tls-verify")
+  (data (i32.const 210) "none")
+  (data (i32.const 250) "x-altroute-rule")
+  (data (i32.const 270) "liar")
+  (data (i32.const 1024) "flood flood flood flood flood flood flood flood flood flood flood flood")
+  (global $heap (mut i32) (i32.const 8192))
+  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "_initialize"))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param $id i32) (param $root i32) CTX)
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) VMSTART (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) CONFIGURE (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (local $i i32) HEADERS (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) DONE (i32.const 1))
+  (func (export "proxy_on_log") (param i32) LOG)
+  (func (export "proxy_on_delete") (param i32) DELETE)
+)"#;
+
+const LOOP: &str = "(loop $l (br $l))";
+const MEMORY_BOMB: &str = "(block $done (loop $l (br_if $done (i32.eq (memory.grow (i32.const 16)) (i32.const -1))) (br $l)))";
+const LIE: &str = "(drop (call $replace (i32.const 0) (i32.const 100) (i32.const 16) (i32.const 120) (i32.const 6)))
+    (drop (call $replace (i32.const 0) (i32.const 140) (i32.const 23) (i32.const 170) (i32.const 2)))
+    (drop (call $replace (i32.const 0) (i32.const 180) (i32.const 21) (i32.const 210) (i32.const 4)))
+    (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 15) (i32.const 270) (i32.const 4)))";
+/// 2,000 log lines per question, at error level, then no change.
+const FLOOD: &str = "(local.set $i (i32.const 0))
+    (block $done (loop $l
+      (drop (call $log (i32.const 4) (i32.const 1024) (i32.const 71)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $done (i32.ge_u (local.get $i) (i32.const 2000)))
+      (br $l)))";
+
+fn hostile_module(overrides: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut text = TEMPLATE.to_string();
+    for (key, default) in HOSTILE {
+        let body = overrides
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(*default, |(_, v)| v);
+        text = text.replace(key, body);
+    }
+    let bytes = wat::parse_str(&text).unwrap();
+    let dir = std::env::temp_dir().join(format!("altroute-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    let path = dir.join(format!("{:x}.wasm", h.finish()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn hostile(name: &str, overrides: &[(&str, &str)], scope: &[&str]) -> ExtensionConfig {
+    let mut c = ExtensionConfig::new(name, ModuleSource::File(hostile_module(overrides)), "");
+    c.recipients = scope.iter().map(|s| Pattern::parse(s).unwrap()).collect();
+    c.deadline = Duration::from_millis(20);
+    c.memory_mb = 4;
+    c.max_consecutive_faults = 3;
+    c.cooldown = Duration::from_secs(600);
+    c
+}
+
+/// One hostile case: mail in the extension's scope is deferred as documented, mail
+/// outside it keeps flowing.
+async fn contained(ext: ExtensionConfig, kind: &str) {
+    let mut lab = Lab::new().await;
+    let victim = lab.sink("mx.victim.test", true).await;
+    lab.mx("victim.test", "mx.victim.test").await;
+    let ok = lab.sink("mx.ok.test", true).await;
+    lab.mx("ok.test", "mx.ok.test").await;
+    let name = ext.name.clone();
+    let relay = Relay::start(&lab, engine(&lab, false, &[ext])).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            relay
+                .send("alice@corp.test", &[&format!("v{i}@victim.test")], false)
+                .await,
+        );
+        let other = relay
+            .send("alice@corp.test", &[&format!("o{i}@ok.test")], false)
+            .await;
+        let states = relay.settled(&other).await;
+        assert!(
+            delivered(&states),
+            "{kind}: other mail delivered: {states:?}"
+        );
+    }
+    for id in &ids {
+        let reason = deferred_reason(&relay.settled(id).await);
+        assert!(reason.starts_with("451 4.7.0"), "{kind}: {reason}");
+    }
+    assert_eq!(lab.sinks[ok].messages().len(), 6, "{kind}");
+    assert!(
+        lab.sinks[victim].messages().is_empty(),
+        "{kind}: fail closed"
+    );
+    let m = relay.ext();
+    // After a fault the host rebuilds instances with backoff, so later faults may be
+    // "unavailable" rather than the original kind.
+    let total: u64 = [
+        "trap",
+        "deadline",
+        "memory",
+        "limit",
+        "abi",
+        "unavailable",
+        "other",
+    ]
+    .iter()
+    .map(|k| ExtensionMetrics::get(&m.faults, &name, Some(k)))
+    .sum();
+    assert!(
+        ExtensionMetrics::get(&m.faults, &name, Some(kind)) >= 1,
+        "{kind}: fault kind counted"
+    );
+    assert!(total >= 3, "{kind}: faults counted ({total})");
+    assert_eq!(
+        ExtensionMetrics::get(&m.cooldowns, &name, None),
+        1,
+        "{kind}: one cool-down"
+    );
+    // The journal names the extension for each deferral.
+    let journal = relay.delivery.journal().records();
+    assert!(
+        journal
+            .iter()
+            .filter(|r| r.rule == format!("extension:{name}:fault"))
+            .count()
+            >= 6,
+        "{journal:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_loop_is_deferred_then_cooled_down() {
+    contained(
+        hostile("looper", &[("HEADERS", LOOP)], &["victim.test"]),
+        "deadline",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_is_deferred_then_cooled_down() {
+    contained(
+        hostile("bomber", &[("HEADERS", MEMORY_BOMB)], &["victim.test"]),
+        "memory",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trap_in_every_request_callback_is_deferred_then_cooled_down() {
+    let trap = "(unreachable)";
+    contained(
+        hostile(
+            "trapper",
+            &[
+                (
+                    "CTX",
+                    "(if (i32.ne (local.get $root) (i32.const 0)) (then unreachable))",
+                ),
+                ("HEADERS", trap),
+                ("DONE", trap),
+                ("LOG", trap),
+                ("DELETE", trap),
+            ],
+            &["victim.test"],
+        ),
+        "trap",
+    )
+    .await;
+}
+
+#[test]
+fn trap_at_start_refuses_the_extension() {
+    let trap = "(unreachable)";
+    let err = PolicyEngine::standard(&policy(25, false, ""))
+        .unwrap()
+        .with_extensions(&[hostile(
+            "trapper",
+            &[("VMSTART", trap), ("CONFIGURE", trap)],
+            &[],
+        )])
+        .unwrap_err();
+    assert!(err.to_string().contains("trapper"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cool_down_with_skip_bypasses_the_extension_visibly() {
+    let mut lab = Lab::new().await;
+    let victim = lab.sink("mx.victim.test", true).await;
+    lab.mx("victim.test", "mx.victim.test").await;
+    let mut ext = hostile("looper", &[("HEADERS", LOOP)], &["victim.test"]);
+    ext.on_fault = OnFault::Skip;
+    let relay = Relay::start(&lab, engine(&lab, false, &[ext])).await;
+    // Three faults (deferred), then the cool-down skips it: mail flows, counted.
+    for i in 0..3 {
+        let id = relay
+            .send("alice@corp.test", &[&format!("v{i}@victim.test")], false)
+            .await;
+        deferred_reason(&relay.settled(&id).await);
+    }
+    let id = relay
+        .send("alice@corp.test", &["late@victim.test"], false)
+        .await;
+    assert!(
+        delivered(&relay.settled(&id).await),
+        "bypassed in cool-down"
+    );
+    lab.sinks[victim].wait_for_messages(1, WAIT).await.unwrap();
+    assert!(ExtensionMetrics::get(&relay.ext().skips, "looper", None) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_flooder_is_ignored_and_mail_flows() {
+    let mut lab = Lab::new().await;
+    let mx = lab.sink("mx.ok.test", true).await;
+    lab.mx("ok.test", "mx.ok.test").await;
+    let mut ext = hostile("flooder", &[("HEADERS", FLOOD)], &[]);
+    // Its log calls are bounded by its deadline; give it room so the test is about logs.
+    ext.deadline = Duration::from_secs(2);
+    let relay = Relay::start(&lab, engine(&lab, false, &[ext])).await;
+    for i in 0..5 {
+        let id = relay
+            .send("alice@corp.test", &[&format!("r{i}@ok.test")], false)
+            .await;
+        assert!(delivered(&relay.settled(&id).await), "delivered");
+    }
+    assert_eq!(lab.sinks[mx].messages().len(), 5);
+    let m = relay.ext();
+    assert!(ExtensionMetrics::get(&m.decisions, "flooder", None) >= 10);
+    assert_eq!(ExtensionMetrics::get(&m.changes, "flooder", None), 0);
+}
+
+/// The liar turns every decision into "direct, no TLS required". Over 1,000+ recipient
+/// attempts of TLS-required mail (policy rule, REQUIRETLS; standard verdict defer or
+/// bounce) to clear-text MXs, not one reaches a sink; each is refused by the floor and
+/// counted against the liar. Opportunistic mail still flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_floor_holds_against_a_lying_extension_over_1000_attempts() {
+    let mut lab = Lab::new().await;
+    let strict = lab.sink("mx.plain.strict.test", false).await;
+    lab.mx("plain.strict.test", "mx.plain.strict.test").await;
+    let open = lab.sink("mx.plain.open.test", false).await;
+    lab.mx("plain.open.test", "mx.plain.open.test").await;
+    let engine =
+        PolicyEngine::standard(&policy(lab.port, false, "on_tls_unavailable = \"bounce\""))
+            .unwrap()
+            .with_extensions(&[hostile("liar", &[("HEADERS", LIE)], &[])])
+            .unwrap();
+    let relay = Relay::start(&lab, engine).await;
+
+    const MESSAGES: usize = 120;
+    const PER_MESSAGE: usize = 5;
+    let mut ids = Vec::new();
+    for m in 0..MESSAGES {
+        // Rule-required (the standard module would bounce) ...
+        let rcpts: Vec<String> = (0..PER_MESSAGE)
+            .map(|r| format!("r{m}x{r}@plain.strict.test"))
+            .collect();
+        let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        ids.push(relay.send("alice@corp.test", &rcpts, false).await);
+        // ... and REQUIRETLS to a domain without a rule (the standard module would defer).
+        ids.push(
+            relay
+                .send("alice@corp.test", &["req@plain.open.test"], true)
+                .await,
+        );
+    }
+    let per_round = MESSAGES * (PER_MESSAGE + 1);
+    for id in &ids {
+        relay.settled(id).await;
+    }
+    // A second round: every deferred recipient is retried.
+    // Past the first retry delay (60 s), well within the queue lifetime (3600 s).
+    relay.clock.advance(Duration::from_secs(120));
+    relay.delivery.kick();
+    // Until the second round is over: the count moved past the first round and stopped.
+    let deadline = tokio::time::Instant::now() + 2 * WAIT;
+    loop {
+        let n = relay.metrics.safety_floor_violations.get();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if n > per_round as u64 && relay.metrics.safety_floor_violations.get() == n {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "second round not done: {n}"
+        );
+    }
+    for id in &ids {
+        relay.settled(id).await;
+    }
+    // Opportunistic mail: the liar's answer equals the standard's, it flows.
+    let id = relay
+        .send("alice@corp.test", &["carol@plain.open.test"], false)
+        .await;
+    assert!(delivered(&relay.settled(&id).await));
+
+    let attempts = relay.metrics.safety_floor_violations.get();
+    assert!(attempts >= 1000, "{attempts} attempts");
+    assert_eq!(
+        ExtensionMetrics::get(&relay.ext().floor_violations, "liar", None),
+        attempts
+    );
+    assert!(
+        lab.sinks[strict].messages().is_empty(),
+        "no clear-text delivery of TLS-required mail"
+    );
+    let at_open = lab.sinks[open].messages();
+    assert_eq!(at_open.len(), 1, "only the opportunistic message");
+    assert_eq!(
+        at_open[0].rcpt_to,
+        vec!["carol@plain.open.test".to_string()]
+    );
+    for id in &ids {
+        let e = relay.spool.entry(id).expect("still queued");
+        for s in &e.recipients {
+            match s {
+                RecipientState::Deferred { reason, .. } => {
+                    assert!(reason.contains("4.7.10"), "{reason}")
+                }
+                other => panic!("expected deferred by the floor, got {other:?}"),
+            }
+        }
+    }
+    println!(
+        "lying extension: {attempts} TLS-required recipient attempts, 0 clear-text deliveries"
+    );
+}
+
+#[test]
+fn the_relay_exposes_extension_metrics_and_loads_extensions_at_start() {
+    use crate::support::{Relay as Binary, RelayConfig};
+    let mut config = RelayConfig::new();
+    config.relay_extra = format!(
+        "\n[[extension]]\nname = \"finance-secure\"\nmodule = \"builtin:finance-secure\"\nconfiguration = {:?}\ndeadline_ms = 50\nmemory_mb = 8\n",
+        finance_config(25)
+    );
+    let relay = Binary::start(config);
+    let (status, body) = relay.admin_get("/metrics");
+    assert!(status.contains("200"), "{status}");
+    for name in [
+        "altroute_extension_decisions",
+        "altroute_extension_changes",
+        "altroute_extension_floor_violations",
+    ] {
+        assert!(body.contains(name), "{name} missing in /metrics:\n{body}");
+    }
+}
+
+/// The C example (wasm/examples/hold-list-c), built here with clang from its script: mail
+/// to a listed domain is held, other mail flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_c_extension_holds_listed_domains() {
+    crate::support::require_tool("/usr/bin/clang", "clang");
+    crate::support::require_tool("/usr/bin/wasm-ld", "lld");
+    let out = tempfile::tempdir().unwrap();
+    let wasm = out.path().join("hold_list.wasm");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../wasm/examples/hold-list-c/build.sh");
+    let status = std::process::Command::new("sh")
+        .arg(&script)
+        .arg(&wasm)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{} failed", script.display());
+
+    let mut lab = Lab::new().await;
+    let held = lab.sink("mx.review.test", true).await;
+    lab.mx("review.test", "mx.review.test").await;
+    let ok = lab.sink("mx.ok.test", true).await;
+    lab.mx("ok.test", "mx.ok.test").await;
+    let ext = ExtensionConfig::new(
+        "hold-list",
+        ModuleSource::File(wasm),
+        "audit.test, review.test",
+    );
+    let relay = Relay::start(&lab, engine(&lab, false, &[ext])).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@review.test"], false)
+        .await;
+    let reason = deferred_reason(&relay.settled(&id).await);
+    assert!(reason.starts_with("451 4.7.1 Held for review"), "{reason}");
+    let id = relay.send("alice@corp.test", &["bob@ok.test"], false).await;
+    assert!(delivered(&relay.settled(&id).await));
+    assert_eq!(lab.sinks[ok].messages().len(), 1);
+    assert!(lab.sinks[held].messages().is_empty());
+    assert_eq!(
+        ExtensionMetrics::get(&relay.ext().changes, "hold-list", None),
+        1
+    );
+    // An empty configuration is refused at load.
+    let err = PolicyEngine::standard(&policy(25, false, ""))
+        .unwrap()
+        .with_extensions(&[ExtensionConfig::new(
+            "hold-list",
+            ModuleSource::File(out.path().join("hold_list.wasm")),
+            "",
+        )])
+        .unwrap_err();
+    assert!(err.to_string().contains("hold-list"), "{err}");
+}
