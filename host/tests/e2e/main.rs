@@ -11,6 +11,7 @@ mod support;
 
 mod crash;
 mod delivery;
+mod demo;
 mod diskfull;
 mod edge;
 mod extensions;
