@@ -10,51 +10,163 @@
 //!
 //! # Core concepts
 //!
-//! - [`Exchange::read`] reads every request header in one host call; [`Exchange::query`]
-//!   and [`Exchange::decision`] decode them.
-//! - [`apply`] replaces the decision headers, asks Envoy to re-route
+//! - [`Extension`]: what an extension author writes: parse the plugin configuration once
+//!   ([`Extension::configure`]), then answer each question ([`Extension::decide`]: the
+//!   facts and the decision so far in, `Some(new decision)` or `None` to keep it out).
+//!   [`register`] (called from `proxy_wasm::main!`) provides the proxy-wasm root and HTTP
+//!   contexts around it: configuration errors make `on_configure` return false (the relay
+//!   refuses the extension, Envoy NACKs), an unreadable question is left alone.
+//! - Lower level, for modules that need their own contexts: [`Exchange::read`] reads every
+//!   request header in one host call; [`Exchange::query`] and [`Exchange::decision`]
+//!   decode them; [`apply`] replaces the decision headers, asks Envoy to re-route
 //!   (`clear_route_cache`), and for `defer`/`bounce` answers with a local response (status
 //!   [`crate::contract::DEFER_STATUS`] / [`crate::contract::BOUNCE_STATUS`], body = the
 //!   SMTP reply), returning the [`Action`] to give back from `on_http_request_headers`.
 //! - [`now_unix_secs`] is the host's clock (`proxy_get_current_time_nanoseconds`).
 //!
-//! Never trap: a fault of an extension defers the recipient. When the facts cannot be
-//! read, return [`Action::Continue`] and leave the decision as it is.
+//! Never trap: a fault of an extension defers the recipient.
 //!
 //! # Example
 //!
 //! ```ignore
-//! use altroute_policy::sdk::{self, Exchange};
-//! use altroute_policy::{Route, TlsRequirement};
-//! use proxy_wasm::traits::{Context, HttpContext};
-//! use proxy_wasm::types::Action;
+//! use altroute_policy::sdk::{self, Extension};
+//! use altroute_policy::{Decision, Query, Route, TlsRequirement};
 //!
-//! struct Hold;
-//! impl Context for Hold {}
-//! impl HttpContext for Hold {
-//!     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-//!         let Some(x) = Exchange::read() else { return Action::Continue };
-//!         let (Ok(q), Ok(mut d)) = (x.query(), x.decision()) else { return Action::Continue };
-//!         if q.recipient.ends_with("@held.example") && d.route != Route::Bounce {
-//!             d.route = Route::Defer;
-//!             d.tls = d.tls.max(TlsRequirement::STRICT);
-//!             d.rule = "extension:hold".into();
-//!             d.reply = Some("451 4.7.0 held, try later".into());
-//!             return sdk::apply(&d);
+//! struct Hold {
+//!     domain: String,
+//! }
+//!
+//! impl Extension for Hold {
+//!     const NAME: &'static str = "hold";
+//!
+//!     fn configure(config: &[u8]) -> Result<Self, String> {
+//!         let domain = std::str::from_utf8(config).map_err(|e| e.to_string())?.trim();
+//!         Ok(Hold { domain: format!("@{domain}") })
+//!     }
+//!
+//!     fn decide(&self, q: &Query, mut d: Decision) -> Option<Decision> {
+//!         if !q.recipient.ends_with(&self.domain) || d.route == Route::Bounce {
+//!             return None;
 //!         }
-//!         Action::Continue
+//!         d.route = Route::Defer;
+//!         d.tls = d.tls.max(TlsRequirement::STRICT);
+//!         d.rule = "extension:hold".into();
+//!         d.reply = Some("451 4.7.0 held, try later".into());
+//!         Some(d)
 //!     }
 //! }
+//!
+//! proxy_wasm::main! {{
+//!     sdk::register::<Hold>();
+//! }}
 //! ```
 
 use std::time::UNIX_EPOCH;
 
+use std::rc::Rc;
+
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Action, LogLevel, MapType};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 
 use crate::contract::{self, ContractError};
 use crate::query::{Decision, Query};
 use crate::types::Route;
+
+/// A policy extension: its configuration, and its answer to each routing question.
+pub trait Extension: Sized + 'static {
+    /// The extension's name in log lines.
+    const NAME: &'static str;
+
+    /// Parses the plugin configuration (raw bytes; empty when none was given). An `Err`
+    /// is logged and refuses the configuration.
+    fn configure(config: &[u8]) -> Result<Self, String>;
+
+    /// The decision for one question: `None` keeps `decision` (what the previous module
+    /// left), `Some` replaces it. Called for plan and verdict alike (`query.phase`).
+    fn decide(&self, query: &Query, decision: Decision) -> Option<Decision>;
+}
+
+/// Registers `E` as this module's root (HTTP contexts): call it from `proxy_wasm::main!`.
+pub fn register<E: Extension>() {
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(ExtensionRoot::<E> { extension: None })
+    });
+}
+
+struct ExtensionRoot<E> {
+    extension: Option<Rc<E>>,
+}
+
+impl<E: Extension> Context for ExtensionRoot<E> {}
+
+impl<E: Extension> RootContext for ExtensionRoot<E> {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = match hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::PluginConfiguration,
+            0,
+            usize::MAX,
+        ) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("{}: reading the configuration failed: {e:?}", E::NAME),
+                );
+                return false;
+            }
+        };
+        match E::configure(&config) {
+            Ok(extension) => {
+                self.extension = Some(Rc::new(extension));
+                true
+            }
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("{}: invalid configuration: {e}", E::NAME),
+                );
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(ExtensionRequest {
+            extension: self.extension.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct ExtensionRequest<E> {
+    extension: Option<Rc<E>>,
+}
+
+impl<E: Extension> Context for ExtensionRequest<E> {}
+
+impl<E: Extension> HttpContext for ExtensionRequest<E> {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        // Not configured, or a question that cannot be read: leave the decision alone.
+        let Some(extension) = &self.extension else {
+            return Action::Continue;
+        };
+        let Some(x) = Exchange::read() else {
+            return Action::Continue;
+        };
+        let (Ok(query), Ok(decision)) = (x.query(), x.decision()) else {
+            return Action::Continue;
+        };
+        match extension.decide(&query, decision) {
+            Some(d) => apply(&d),
+            None => Action::Continue,
+        }
+    }
+}
 
 /// The request headers of one routing question, read in one host call.
 #[derive(Debug, Clone, Default)]

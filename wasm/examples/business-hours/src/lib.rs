@@ -15,13 +15,12 @@
 //! delivering decision becomes `defer` with `451 4.7.0`; the queue retries later.
 //! Refusals are never changed.
 
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::LogLevel;
 use serde::Deserialize;
 
 use altroute_policy::pattern::Pattern;
-use altroute_policy::sdk::{self, Exchange};
-use altroute_policy::{Decision, Route};
+use altroute_policy::sdk;
+use altroute_policy::{Decision, Query, Route};
 
 /// The rule this extension names in the decisions it makes.
 pub const RULE: &str = "extension:business-hours";
@@ -104,74 +103,25 @@ impl Config {
     }
 }
 
-#[derive(Default)]
-struct Root {
-    config: Option<std::rc::Rc<Config>>,
-}
+impl sdk::Extension for Config {
+    const NAME: &'static str = "business-hours";
 
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let text = sdk::plugin_configuration().unwrap_or_default();
-        match Config::parse(text.as_bytes()) {
-            Ok(c) => {
-                self.config = Some(std::rc::Rc::new(c));
-                true
-            }
-            Err(e) => {
-                sdk::log(
-                    LogLevel::Error,
-                    &format!("business-hours: invalid configuration: {e}"),
-                );
-                false
-            }
-        }
+    fn configure(config: &[u8]) -> Result<Self, String> {
+        Config::parse(config)
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
-            config: self.config.clone(),
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct Request {
-    config: Option<std::rc::Rc<Config>>,
-}
-
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, _end: bool) -> Action {
-        let Some(config) = &self.config else {
-            return Action::Continue;
-        };
-        let Some(x) = Exchange::read() else {
-            return Action::Continue;
-        };
-        let (Ok(q), Ok(d)) = (x.query(), x.decision()) else {
-            return Action::Continue;
-        };
+    fn decide(&self, q: &Query, d: Decision) -> Option<Decision> {
         let Some(now) = sdk::now_unix_secs() else {
             // No clock: the hours cannot be told; leave the decision as it is.
             sdk::log(LogLevel::Warn, "business-hours: the host has no clock");
-            return Action::Continue;
+            return None;
         };
-        match config.decide(&q.recipient, now, d) {
-            Some(d) => sdk::apply(&d),
-            None => Action::Continue,
-        }
+        Config::decide(self, &q.recipient, now, d)
     }
 }
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    sdk::register::<Config>();
 }}
 
 #[cfg(test)]

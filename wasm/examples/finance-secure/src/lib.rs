@@ -20,13 +20,11 @@
 //! An invalid configuration makes `on_configure` return false (the relay refuses to
 //! start; Envoy NACKs). A question it cannot read is left alone.
 
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde::Deserialize;
 
 use altroute_policy::pattern::Pattern;
-use altroute_policy::sdk::{self, Exchange};
-use altroute_policy::{Decision, Hop, HostTarget, Phase, Route, TlsRequirement};
+use altroute_policy::sdk;
+use altroute_policy::{Decision, Hop, HostTarget, Phase, Query, Route, TlsRequirement};
 
 /// The rule this extension names in the decisions it makes.
 pub const RULE: &str = "extension:finance-secure";
@@ -131,70 +129,21 @@ pub fn decide(
     Some(d)
 }
 
-#[derive(Default)]
-struct Root {
-    config: Option<std::rc::Rc<Config>>,
-}
+impl sdk::Extension for Config {
+    const NAME: &'static str = "finance-secure";
 
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let text = sdk::plugin_configuration().unwrap_or_default();
-        match Config::parse(text.as_bytes()) {
-            Ok(c) => {
-                self.config = Some(std::rc::Rc::new(c));
-                true
-            }
-            Err(e) => {
-                sdk::log(
-                    LogLevel::Error,
-                    &format!("finance-secure: invalid configuration: {e}"),
-                );
-                false
-            }
-        }
+    fn configure(config: &[u8]) -> Result<Self, String> {
+        Config::parse(config)
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request {
-            config: self.config.clone(),
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct Request {
-    config: Option<std::rc::Rc<Config>>,
-}
-
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, _end: bool) -> Action {
-        let Some(config) = &self.config else {
-            return Action::Continue;
-        };
-        let Some(x) = Exchange::read() else {
-            return Action::Continue;
-        };
-        let (Ok(q), Ok(d)) = (x.query(), x.decision()) else {
-            return Action::Continue;
-        };
-        if !config.senders.iter().any(|p| p.matches(&q.sender)) {
-            return Action::Continue;
+    fn decide(&self, q: &Query, d: Decision) -> Option<Decision> {
+        if !self.senders.iter().any(|p| p.matches(&q.sender)) {
+            return None;
         }
-        match decide(config, q.phase, q.hop, q.tls, q.cert, d) {
-            Some(d) => sdk::apply(&d),
-            None => Action::Continue,
-        }
+        decide(self, q.phase, q.hop, q.tls, q.cert, d)
     }
 }
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    sdk::register::<Config>();
 }}
