@@ -50,6 +50,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -291,7 +292,7 @@ fn label(name: &str, value: &str) -> Labels {
 
 /// Exposes the module's metrics at every scrape.
 #[derive(Debug)]
-struct ModuleMetrics(Arc<Plugin>);
+struct ModuleMetrics(Arc<ArcSwap<Plugin>>);
 
 /// `altroute_smtp_sessions_total` -> `edge_smtp_sessions` (the registry adds `altroute_`,
 /// the encoder `_total` for counters).
@@ -311,7 +312,7 @@ fn exposition_name(name: &str, kind: MetricKind) -> String {
 
 impl Collector for ModuleMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        for m in self.0.metrics() {
+        for m in self.0.load().metrics() {
             let name = exposition_name(&m.name, m.kind);
             let help = format!("Defined by the edge module as {}", m.name);
             match m.kind {
@@ -331,12 +332,23 @@ impl Collector for ModuleMetrics {
 }
 
 /// The loaded edge filter, shared by the accept loops.
-#[derive(Debug)]
 pub struct Edge {
     config: EdgeConfig,
-    plugin: Arc<Plugin>,
+    /// The active plugin; replaced when the relay's policy is reloaded (if the filter runs
+    /// the relay's policy). A connection keeps the plugin it started with.
+    plugin: Arc<ArcSwap<Plugin>>,
+    host: Host,
+    module: Arc<[u8]>,
     metrics: EdgeMetrics,
     next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a connection through the filter ended early.
@@ -356,11 +368,19 @@ impl Edge {
             return Ok(None);
         };
         let policy_file = config.policy.file.clone();
-        let plugin =
+        let loaded =
             tokio::task::spawn_blocking(move || load(&edge, &policy_file).map(|p| (edge, p)))
                 .await
                 .context("loading the edge module")??;
-        let (edge, plugin) = plugin;
+        let (
+            edge,
+            Loaded {
+                host,
+                module,
+                plugin,
+            },
+        ) = loaded;
+        let plugin = Arc::new(ArcSwap::new(plugin));
         let m = EdgeMetrics::default();
         metrics.register(
             "edge_connections",
@@ -387,9 +407,48 @@ impl Edge {
         Ok(Some(Arc::new(Edge {
             config: edge,
             plugin,
+            host,
+            module,
             metrics: m,
             next_id: AtomicU64::new(1),
         })))
+    }
+
+    /// Follows the relay's hot reloads when the filter runs the relay's policy (no
+    /// `configuration` of its own): each newly active policy is loaded into a new plugin
+    /// off the reloader's thread and swapped in; new connections use it, open ones finish
+    /// on the plugin they started with (as Envoy's ECDS does). A policy the edge module
+    /// refuses leaves the current plugin serving, logged and counted.
+    pub fn follow(self: &Arc<Self>, reloader: &crate::reload::Reloader) {
+        if self.config.configuration.is_some() {
+            return;
+        }
+        let edge = Arc::downgrade(self);
+        reloader.follow(Box::new(move |json: &str, version: &str| {
+            let Some(edge) = edge.upgrade() else {
+                return;
+            };
+            let json = json.as_bytes().to_vec();
+            let version = version.to_string();
+            std::thread::spawn(move || edge.swap(json, &version));
+        }));
+    }
+
+    fn swap(&self, configuration: Vec<u8>, version: &str) {
+        match self.host.load(self.spec(configuration).version(version)) {
+            Ok(plugin) => {
+                self.plugin.store(plugin);
+                tracing::info!(%version, "edge filter: now on the new policy");
+            }
+            Err(e) => {
+                self.fault("reload");
+                tracing::error!(%version, error = %e, "edge filter: the new policy was refused; the previous one keeps serving");
+            }
+        }
+    }
+
+    fn spec(&self, configuration: Vec<u8>) -> PluginSpec {
+        spec(&self.config, self.module.clone(), configuration)
     }
 
     /// Whether connections accepted on `local` go through the filter.
@@ -420,7 +479,7 @@ impl Edge {
             ..ConnectionInfo::default()
         };
         // Taking an instance may wait for a free one: off the async threads.
-        let plugin = self.plugin.clone();
+        let plugin = self.plugin.load_full();
         let mut stream = match tokio::task::spawn_blocking(move || plugin.stream(conn)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -513,10 +572,12 @@ impl Edge {
 }
 
 /// Compile and configure the edge module.
-fn load(edge: &EdgeConfig, policy_file: &Path) -> Result<Arc<Plugin>> {
-    let module: Vec<u8> = match &edge.module {
-        None => altroute_modules::POLICY.to_vec(),
-        Some(p) => std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+fn load(edge: &EdgeConfig, policy_file: &Path) -> Result<Loaded> {
+    let module: Arc<[u8]> = match &edge.module {
+        None => Arc::from(altroute_modules::POLICY),
+        Some(p) => std::fs::read(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .into(),
     };
     let configuration = match &edge.configuration {
         Some(c) => c.clone(),
@@ -534,12 +595,27 @@ fn load(edge: &EdgeConfig, policy_file: &Path) -> Result<Arc<Plugin>> {
         ..HostConfig::default()
     })
     .context("edge: starting the wasm host")?;
-    host.load(
-        PluginSpec::new(module, edge.root_id.clone())
-            .plugin_config(configuration)
-            .name("altroute-edge"),
-    )
-    .context("edge: loading and configuring the module")
+    let plugin = host
+        .load(spec(edge, module.clone(), configuration))
+        .context("edge: loading and configuring the module")?;
+    Ok(Loaded {
+        host,
+        module,
+        plugin,
+    })
+}
+
+/// A loaded edge module: the host it runs in, its bytes (for reloads) and the plugin.
+struct Loaded {
+    host: Host,
+    module: Arc<[u8]>,
+    plugin: Arc<Plugin>,
+}
+
+fn spec(edge: &EdgeConfig, module: Arc<[u8]>, configuration: Vec<u8>) -> PluginSpec {
+    PluginSpec::new(module, edge.root_id.clone())
+        .plugin_config(configuration)
+        .name("altroute-edge")
 }
 
 /// Moves bytes both ways through the filter until the upstream ends (then the client's

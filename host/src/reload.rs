@@ -287,7 +287,14 @@ pub struct Reloader {
     /// One change at a time; held across the whole pipeline so that the history, the
     /// slot and the audit log agree.
     state: Mutex<State>,
+    /// Told of every activation (the edge filter, which runs the same policy on the
+    /// inbound port).
+    followers: Mutex<Vec<Follower>>,
 }
+
+/// Called with the canonical JSON and the version of each newly active policy. Must not
+/// block: it runs while the reloader holds its lock.
+pub type Follower = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,7 +340,16 @@ impl Reloader {
                 audit,
                 audit_error: None,
             }),
+            followers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Registers `follower`, told of every later activation (apply and rollback).
+    pub fn follow(&self, follower: Follower) {
+        self.followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(follower);
     }
 
     /// The active version.
@@ -571,6 +587,14 @@ impl Reloader {
         let mut summary = audit::summarize(&old.policy, &next.policy);
         note_module(&mut summary, &old.module, &next.module);
         let new_version = next.info.version.clone();
+        for follower in self
+            .followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            follower(&next.json, &new_version);
+        }
         if push {
             state.history.push_back(next);
             while state.history.len() > self.settings.history.max(1) {

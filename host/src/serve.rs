@@ -240,6 +240,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let handler = Arc::new(Inbound::new(&config, spool.clone(), metrics.clone()));
     // EDGE: the module's SMTP stream face on the inbound listeners (`[edge]`).
     let edge = crate::edge::Edge::start(&config, &metrics).await?;
+    if let Some(edge) = &edge {
+        edge.follow(&reloader);
+    }
     let max_sessions = config.server.max_sessions;
     let sessions = Arc::new(Semaphore::new(max_sessions));
     for listener in listeners {

@@ -616,3 +616,74 @@ fn a_module_trapping_on_client_data_closes_the_session() {
     );
     assert!(relay.stop_and_spooled().is_empty());
 }
+
+#[test]
+fn the_edge_follows_a_policy_hot_reload() {
+    const TOKEN: &str = "edge-reload-token";
+    // The token line lands in `[admin]`, which the generated configuration ends with.
+    let mut relay = EdgeRelay::start(
+        1,
+        |_| String::new(),
+        |_, _| format!("token = \"{TOKEN}\"\n[edge]\n"),
+    );
+    let args = [
+        "--ehlo",
+        "client.example",
+        "--from",
+        "alice@corp.example",
+        "--to",
+        "bob@partner.example,carol@random.example",
+    ];
+    let (_, before) = swaks(relay.listen[0], &args);
+    assert!(before.contains(&format!("<** {REFUSED}")), "{before}");
+
+    // The same policy with partner.example's rule moved to another domain.
+    let text = std::fs::read_to_string(policy_file())
+        .unwrap()
+        .replace("partner.example", "partner-moved.example");
+    let file = relay.dir.path().join("relaxed.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
+        .args(["policy", "apply"])
+        .arg(&file)
+        .args([
+            "--admin",
+            &format!("http://{}", relay.admin),
+            "--token",
+            TOKEN,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The edge loads the new policy on its own thread right after the activation.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.log().contains("edge filter: now on the new policy") {
+        assert!(
+            Instant::now() < deadline,
+            "edge never swapped:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (_, after) = swaks(relay.listen[0], &args);
+    assert!(
+        !after.contains("4.7.10"),
+        "after the reload partner.example is opportunistic at the edge too:\n{after}"
+    );
+    assert_eq!(
+        relay.stop_and_spooled(),
+        vec![
+            vec![
+                "bob@partner.example".to_string(),
+                "carol@random.example".to_string()
+            ],
+            vec!["carol@random.example".to_string()],
+        ],
+    );
+}
