@@ -8,90 +8,16 @@
 //! trusts (`ca_file`). Time is a `ManualClock`, so a deferred recipient stays deferred
 //! until a test moves the clock.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use altroute::delivery::{self, Delivery, DeliveryMetrics, DeliverySettings};
+use altroute::delivery::DeliveryMetrics;
 use altroute::policy_engine::{LoadedPolicy, PolicyEngine};
-use altroute_lab::{
-    DnsServer, FailAt, SinkConfig, SinkMode, SmtpSink, StripTlsProxy, TestCa, Validity, free_port,
-    loopback_ip,
-};
-use altroute_queue::{
-    Envelope, ManualClock, MessageId, RecipientState, RetrySchedule, Spool, SpoolConfig,
-};
+use altroute_lab::{FailAt, SinkMode, SmtpSink, StripTlsProxy, free_port, loopback_ip};
+use altroute_queue::RecipientState;
 use proxy_wasm_host::HostConfig;
 
-const WAIT: Duration = Duration::from_secs(20);
-const START: u64 = 1_750_000_000;
-
-/// How a sink does TLS.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Tls {
-    None,
-    Valid,
-    Expired,
-    WrongName,
-    Untrusted,
-}
-
-struct Lab {
-    ca: TestCa,
-    dns: DnsServer,
-    port: u16,
-    sinks: Vec<SmtpSink>,
-}
-
-impl Lab {
-    async fn new() -> Lab {
-        let ca = TestCa::new("e2e delivery root").unwrap();
-        let dns = DnsServer::start(SocketAddr::new(loopback_ip().into(), 0))
-            .await
-            .unwrap();
-        let port = free_port(loopback_ip()).unwrap();
-        Lab {
-            ca,
-            dns,
-            port,
-            sinks: Vec::new(),
-        }
-    }
-
-    /// A sink named `name` on its own loopback address (A record added), with `tls`.
-    async fn sink(&mut self, name: &str, tls: Tls, mode: SinkMode) -> (Ipv4Addr, usize) {
-        let ip = loopback_ip();
-        let mut config = SinkConfig::new(SocketAddr::new(ip.into(), self.port), name);
-        config.mode = mode;
-        config.advertise_requiretls = true;
-        config.starttls = match tls {
-            Tls::None => None,
-            Tls::Valid => Some(self.ca.issue(&[name], Validity::Valid).unwrap()),
-            Tls::Expired => Some(self.ca.issue(&[name], Validity::Expired).unwrap()),
-            Tls::WrongName => Some(
-                self.ca
-                    .issue(&["someone-else.test"], Validity::Valid)
-                    .unwrap(),
-            ),
-            Tls::Untrusted => Some(
-                TestCa::new("nobody trusts me")
-                    .unwrap()
-                    .issue(&[name], Validity::Valid)
-                    .unwrap(),
-            ),
-        }
-        .map(|issued| issued.rustls_server_config().unwrap());
-        self.sinks.push(SmtpSink::start(config).await.unwrap());
-        self.dns.add_a(name, ip).await.unwrap();
-        (ip, self.sinks.len() - 1)
-    }
-
-    /// `domain MX pref host` plus a sink for host.
-    async fn mx(&mut self, domain: &str, host: &str, tls: Tls, mode: SinkMode) -> usize {
-        self.dns.add_mx(domain, 10, host).await.unwrap();
-        self.sink(host, tls, mode).await.1
-    }
-}
+use crate::inproc::{Lab, Relay, Tls, WAIT};
 
 /// The standard policy used by most tests; `{port}` is the lab port, `{alt}` the
 /// alternate route section.
@@ -124,110 +50,6 @@ validate_hostname = true
 name = "encrypt-only"
 domains = ["*.lax.test"]
 "#
-    )
-}
-
-struct Relay {
-    spool: Spool,
-    clock: Arc<ManualClock>,
-    delivery: Delivery,
-    metrics: DeliveryMetrics,
-    engine: Arc<PolicyEngine>,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Relay {
-    async fn start(lab: &Lab, engine: PolicyEngine) -> Relay {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(START));
-        let retry = RetrySchedule::new(
-            Duration::from_secs(60),
-            2,
-            Duration::from_secs(600),
-            Duration::from_secs(3600),
-        );
-        let spool = Spool::open(dir.path(), SpoolConfig::with_retry(retry), clock.clone()).unwrap();
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, lab.ca.root_pem()).unwrap();
-        let settings = DeliverySettings {
-            hostname: "relay.lab.test".into(),
-            helo: "relay.lab.test".into(),
-            resolver: Some(lab.dns.addr()),
-            smtp_port: lab.port,
-            ca_file: Some(ca_file),
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(100),
-            ..DeliverySettings::default()
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let metrics = DeliveryMetrics::new();
-        let engine = Arc::new(engine);
-        let delivery = delivery::start(
-            settings,
-            spool.clone(),
-            engine.clone(),
-            metrics.clone(),
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .unwrap();
-        Relay {
-            spool,
-            clock,
-            delivery,
-            metrics,
-            engine,
-            _dir: dir,
-            _stop: stop,
-        }
-    }
-
-    async fn send(&self, from: &str, to: &[&str], requiretls: bool) -> MessageId {
-        let mut env = Envelope::new(from, to.iter().map(|s| s.to_string()).collect());
-        env.requiretls = requiretls;
-        let msg = format!(
-            "From: <{from}>\r\nTo: <{}>\r\nSubject: e2e\r\nMessage-ID: <{}@e2e>\r\n\r\nconfidential body\r\n",
-            to.join(">, <"),
-            rand_id()
-        );
-        self.spool.store(env, msg.into_bytes()).await.unwrap()
-    }
-
-    /// Waits until every recipient of `id` is out of `Pending` (or the message is gone),
-    /// and returns the states (`None`: finished and removed).
-    async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match self.spool.entry(id) {
-                None => return None,
-                Some(e)
-                    if e.recipients
-                        .iter()
-                        .all(|s| !matches!(s, RecipientState::Pending)) =>
-                {
-                    return Some(e.recipients);
-                }
-                Some(_) => {}
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "message {id} not handled in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn rand_id() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
     )
 }
 

@@ -6,70 +6,16 @@
 //! lab DNS server, SMTP sinks on loopback addresses sharing one port, certificates from a
 //! test CA the relay trusts, a `ManualClock` for retries.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
-use altroute::delivery::{self, Delivery, DeliveryMetrics, DeliverySettings};
 use altroute::extensions::{ExtensionConfig, ExtensionMetrics, ModuleSource, OnFault};
 use altroute::policy_engine::{LoadedPolicy, PolicyEngine, STANDARD};
-use altroute_lab::{
-    DnsServer, SinkConfig, SinkMode, SmtpSink, TestCa, Validity, free_port, loopback_ip,
-};
+use altroute_lab::SinkMode;
 use altroute_policy::pattern::Pattern;
 use altroute_policy::{Query, Route};
-use altroute_queue::{
-    Envelope, ManualClock, MessageId, RecipientState, RetrySchedule, Spool, SpoolConfig,
-};
+use altroute_queue::RecipientState;
 
-const WAIT: Duration = Duration::from_secs(30);
-const START: u64 = 1_750_000_000;
-
-struct Lab {
-    ca: TestCa,
-    dns: DnsServer,
-    port: u16,
-    sinks: Vec<SmtpSink>,
-}
-
-impl Lab {
-    async fn new() -> Lab {
-        let ca = TestCa::new("e2e extensions root").unwrap();
-        let dns = DnsServer::start(SocketAddr::new(loopback_ip().into(), 0))
-            .await
-            .unwrap();
-        let port = free_port(loopback_ip()).unwrap();
-        Lab {
-            ca,
-            dns,
-            port,
-            sinks: Vec::new(),
-        }
-    }
-
-    /// A sink for host `name` (A record added); `tls` = valid certificate, else no STARTTLS.
-    async fn sink(&mut self, name: &str, tls: bool) -> usize {
-        let ip: Ipv4Addr = loopback_ip();
-        let mut config = SinkConfig::new(SocketAddr::new(ip.into(), self.port), name);
-        config.mode = SinkMode::Accept;
-        config.advertise_requiretls = true;
-        config.starttls = tls.then(|| {
-            self.ca
-                .issue(&[name], Validity::Valid)
-                .unwrap()
-                .rustls_server_config()
-                .unwrap()
-        });
-        self.sinks.push(SmtpSink::start(config).await.unwrap());
-        self.dns.add_a(name, ip).await.unwrap();
-        self.sinks.len() - 1
-    }
-
-    /// `domain MX 10 host` (the host must have a sink).
-    async fn mx(&mut self, domain: &str, host: &str) {
-        self.dns.add_mx(domain, 10, host).await.unwrap();
-    }
-}
+use crate::inproc::{Lab, Relay, Tls, WAIT};
 
 /// The policy: `*.strict.test` requires verified TLS; the alternate secure route only
 /// when `alternate`; `extra` goes into `[policy]`.
@@ -99,102 +45,6 @@ require_ca_signed = true
 validate_hostname = true
 "#
     )
-}
-
-struct Relay {
-    spool: Spool,
-    clock: Arc<ManualClock>,
-    delivery: Delivery,
-    metrics: DeliveryMetrics,
-    engine: Arc<PolicyEngine>,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Relay {
-    async fn start(lab: &Lab, engine: PolicyEngine) -> Relay {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(START));
-        let retry = RetrySchedule::new(
-            Duration::from_secs(60),
-            2,
-            Duration::from_secs(600),
-            Duration::from_secs(3600),
-        );
-        let spool = Spool::open(dir.path(), SpoolConfig::with_retry(retry), clock.clone()).unwrap();
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, lab.ca.root_pem()).unwrap();
-        let settings = DeliverySettings {
-            hostname: "relay.lab.test".into(),
-            helo: "relay.lab.test".into(),
-            resolver: Some(lab.dns.addr()),
-            smtp_port: lab.port,
-            ca_file: Some(ca_file),
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(50),
-            ..DeliverySettings::default()
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let metrics = DeliveryMetrics::new();
-        let engine = Arc::new(engine);
-        let delivery = delivery::start(
-            settings,
-            spool.clone(),
-            engine.clone(),
-            metrics.clone(),
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .unwrap();
-        Relay {
-            spool,
-            clock,
-            delivery,
-            metrics,
-            engine,
-            _dir: dir,
-            _stop: stop,
-        }
-    }
-
-    async fn send(&self, from: &str, to: &[&str], requiretls: bool) -> MessageId {
-        let mut env = Envelope::new(from, to.iter().map(|s| s.to_string()).collect());
-        env.requiretls = requiretls;
-        let msg = format!(
-            "From: <{from}>\r\nTo: <{}>\r\nSubject: e2e\r\n\r\nconfidential body\r\n",
-            to.join(">, <"),
-        );
-        self.spool.store(env, msg.into_bytes()).await.unwrap()
-    }
-
-    /// Waits until no recipient of `id` is `Pending`; `None` when finished and removed.
-    async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match self.spool.entry(id) {
-                None => return None,
-                Some(e)
-                    if e.recipients
-                        .iter()
-                        .all(|s| !matches!(s, RecipientState::Pending)) =>
-                {
-                    return Some(e.recipients);
-                }
-                Some(_) => {}
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "message {id} not handled in time"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn ext(&self) -> &ExtensionMetrics {
-        self.engine.extension_metrics()
-    }
 }
 
 fn engine(lab: &Lab, alternate: bool, exts: &[ExtensionConfig]) -> PolicyEngine {
@@ -233,9 +83,18 @@ fn builtin(name: &str, config: &str) -> ExtensionConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finance_mail_always_takes_the_secure_relay() {
     let mut lab = Lab::new().await;
-    let alt = lab.sink("alt.lab.test", true).await;
-    let mx = lab.sink("mx.plain.open.test", false).await;
-    lab.mx("plain.open.test", "mx.plain.open.test").await;
+    let alt = lab
+        .sink("alt.lab.test", Tls::Valid, SinkMode::Accept)
+        .await
+        .1;
+    let mx = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
     let relay = Relay::start(
         &lab,
         engine(
@@ -308,10 +167,12 @@ fn hours_config(open_now: bool) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_domains_are_held_outside_business_hours() {
     let mut lab = Lab::new().await;
-    let mx = lab.sink("mx.held.test", true).await;
-    lab.mx("held.test", "mx.held.test").await;
-    let other = lab.sink("mx.free.test", true).await;
-    lab.mx("free.test", "mx.free.test").await;
+    let mx = lab
+        .mx("held.test", "mx.held.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let other = lab
+        .mx("free.test", "mx.free.test", Tls::Valid, SinkMode::Accept)
+        .await;
 
     // Outside hours: held, nothing reaches the MX; other domains flow.
     let closed = Relay::start(
@@ -553,10 +414,17 @@ fn hostile(name: &str, overrides: &[(&str, &str)], scope: &[&str]) -> ExtensionC
 /// outside it keeps flowing.
 async fn contained(ext: ExtensionConfig, kind: &str) {
     let mut lab = Lab::new().await;
-    let victim = lab.sink("mx.victim.test", true).await;
-    lab.mx("victim.test", "mx.victim.test").await;
-    let ok = lab.sink("mx.ok.test", true).await;
-    lab.mx("ok.test", "mx.ok.test").await;
+    let victim = lab
+        .mx(
+            "victim.test",
+            "mx.victim.test",
+            Tls::Valid,
+            SinkMode::Accept,
+        )
+        .await;
+    let ok = lab
+        .mx("ok.test", "mx.ok.test", Tls::Valid, SinkMode::Accept)
+        .await;
     let name = ext.name.clone();
     let relay = Relay::start(&lab, engine(&lab, false, &[ext])).await;
     let mut ids = Vec::new();
@@ -679,8 +547,14 @@ fn trap_at_start_refuses_the_extension() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cool_down_with_skip_bypasses_the_extension_visibly() {
     let mut lab = Lab::new().await;
-    let victim = lab.sink("mx.victim.test", true).await;
-    lab.mx("victim.test", "mx.victim.test").await;
+    let victim = lab
+        .mx(
+            "victim.test",
+            "mx.victim.test",
+            Tls::Valid,
+            SinkMode::Accept,
+        )
+        .await;
     let mut ext = hostile("looper", &[("HEADERS", LOOP)], &["victim.test"]);
     ext.on_fault = OnFault::Skip;
     let relay = Relay::start(&lab, engine(&lab, false, &[ext])).await;
@@ -705,8 +579,9 @@ async fn cool_down_with_skip_bypasses_the_extension_visibly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_flooder_is_ignored_and_mail_flows() {
     let mut lab = Lab::new().await;
-    let mx = lab.sink("mx.ok.test", true).await;
-    lab.mx("ok.test", "mx.ok.test").await;
+    let mx = lab
+        .mx("ok.test", "mx.ok.test", Tls::Valid, SinkMode::Accept)
+        .await;
     let mut ext = hostile("flooder", &[("HEADERS", FLOOD)], &[]);
     // Its log calls are bounded by its deadline; give it room so the test is about logs.
     ext.deadline = Duration::from_secs(2);
@@ -730,10 +605,22 @@ async fn a_log_flooder_is_ignored_and_mail_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn safety_floor_holds_against_a_lying_extension_over_1000_attempts() {
     let mut lab = Lab::new().await;
-    let strict = lab.sink("mx.plain.strict.test", false).await;
-    lab.mx("plain.strict.test", "mx.plain.strict.test").await;
-    let open = lab.sink("mx.plain.open.test", false).await;
-    lab.mx("plain.open.test", "mx.plain.open.test").await;
+    let strict = lab
+        .mx(
+            "plain.strict.test",
+            "mx.plain.strict.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let open = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
     let engine =
         PolicyEngine::standard(&policy(lab.port, false, "on_tls_unavailable = \"bounce\""))
             .unwrap()
@@ -858,10 +745,17 @@ async fn the_c_extension_holds_listed_domains() {
     assert!(status.success(), "{} failed", script.display());
 
     let mut lab = Lab::new().await;
-    let held = lab.sink("mx.review.test", true).await;
-    lab.mx("review.test", "mx.review.test").await;
-    let ok = lab.sink("mx.ok.test", true).await;
-    lab.mx("ok.test", "mx.ok.test").await;
+    let held = lab
+        .mx(
+            "review.test",
+            "mx.review.test",
+            Tls::Valid,
+            SinkMode::Accept,
+        )
+        .await;
+    let ok = lab
+        .mx("ok.test", "mx.ok.test", Tls::Valid, SinkMode::Accept)
+        .await;
     let ext = ExtensionConfig::new(
         "hold-list",
         ModuleSource::File(wasm),

@@ -17,6 +17,7 @@ mod edge;
 mod extensions;
 mod host_test;
 mod inbound;
+mod inproc;
 mod mta_sts;
 mod queue;
 mod reload;

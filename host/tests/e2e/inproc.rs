@@ -1,0 +1,198 @@
+//! The in-process relay harness shared by the delivery, extension and standards tests: a
+//! lab (test CA, DNS server, SMTP sinks on their own loopback addresses, one port) and
+//! the delivery workers over a spool with a manual clock, asking a given policy engine.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use altroute::delivery::{self, Delivery, DeliveryMetrics, DeliverySettings};
+use altroute::extensions::ExtensionMetrics;
+use altroute::policy_engine::PolicyEngine;
+use altroute_lab::{
+    DnsServer, SinkConfig, SinkMode, SmtpSink, TestCa, Validity, free_port, loopback_ip,
+};
+use altroute_queue::{
+    Envelope, ManualClock, MessageId, RecipientState, RetrySchedule, Spool, SpoolConfig,
+};
+
+/// How long a message may take to be handled.
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
+/// The manual clock's start (Unix seconds).
+pub(crate) const START: u64 = 1_750_000_000;
+
+/// How a sink does TLS.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Tls {
+    None,
+    Valid,
+    Expired,
+    WrongName,
+    Untrusted,
+}
+
+pub(crate) struct Lab {
+    pub(crate) ca: TestCa,
+    pub(crate) dns: DnsServer,
+    pub(crate) port: u16,
+    pub(crate) sinks: Vec<SmtpSink>,
+}
+
+impl Lab {
+    pub(crate) async fn new() -> Lab {
+        let ca = TestCa::new("e2e in-process lab root").unwrap();
+        let dns = DnsServer::start(SocketAddr::new(loopback_ip().into(), 0))
+            .await
+            .unwrap();
+        let port = free_port(loopback_ip()).unwrap();
+        Lab {
+            ca,
+            dns,
+            port,
+            sinks: Vec::new(),
+        }
+    }
+
+    /// A sink named `name` on its own loopback address (A record added), with `tls`.
+    pub(crate) async fn sink(&mut self, name: &str, tls: Tls, mode: SinkMode) -> (Ipv4Addr, usize) {
+        let ip = loopback_ip();
+        let mut config = SinkConfig::new(SocketAddr::new(ip.into(), self.port), name);
+        config.mode = mode;
+        config.advertise_requiretls = true;
+        config.starttls = match tls {
+            Tls::None => None,
+            Tls::Valid => Some(self.ca.issue(&[name], Validity::Valid).unwrap()),
+            Tls::Expired => Some(self.ca.issue(&[name], Validity::Expired).unwrap()),
+            Tls::WrongName => Some(
+                self.ca
+                    .issue(&["someone-else.test"], Validity::Valid)
+                    .unwrap(),
+            ),
+            Tls::Untrusted => Some(
+                TestCa::new("nobody trusts me")
+                    .unwrap()
+                    .issue(&[name], Validity::Valid)
+                    .unwrap(),
+            ),
+        }
+        .map(|issued| issued.rustls_server_config().unwrap());
+        self.sinks.push(SmtpSink::start(config).await.unwrap());
+        self.dns.add_a(name, ip).await.unwrap();
+        (ip, self.sinks.len() - 1)
+    }
+
+    /// `domain MX pref host` plus a sink for host.
+    pub(crate) async fn mx(&mut self, domain: &str, host: &str, tls: Tls, mode: SinkMode) -> usize {
+        self.dns.add_mx(domain, 10, host).await.unwrap();
+        self.sink(host, tls, mode).await.1
+    }
+}
+
+pub(crate) struct Relay {
+    pub(crate) spool: Spool,
+    pub(crate) clock: Arc<ManualClock>,
+    pub(crate) delivery: Delivery,
+    pub(crate) metrics: DeliveryMetrics,
+    pub(crate) engine: Arc<PolicyEngine>,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Relay {
+    pub(crate) async fn start(lab: &Lab, engine: PolicyEngine) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(START));
+        let retry = RetrySchedule::new(
+            Duration::from_secs(60),
+            2,
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+        );
+        let spool = Spool::open(dir.path(), SpoolConfig::with_retry(retry), clock.clone()).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, lab.ca.root_pem()).unwrap();
+        let settings = DeliverySettings {
+            hostname: "relay.lab.test".into(),
+            helo: "relay.lab.test".into(),
+            resolver: Some(lab.dns.addr()),
+            smtp_port: lab.port,
+            ca_file: Some(ca_file),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(100),
+            ..DeliverySettings::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = DeliveryMetrics::new();
+        let engine = Arc::new(engine);
+        let delivery = delivery::start(
+            settings,
+            spool.clone(),
+            engine.clone(),
+            metrics.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .unwrap();
+        Relay {
+            spool,
+            clock,
+            delivery,
+            metrics,
+            engine,
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    /// The extension metrics of the engine's chain.
+    pub(crate) fn ext(&self) -> &ExtensionMetrics {
+        self.engine.extension_metrics()
+    }
+
+    pub(crate) async fn send(&self, from: &str, to: &[&str], requiretls: bool) -> MessageId {
+        let mut env = Envelope::new(from, to.iter().map(|s| s.to_string()).collect());
+        env.requiretls = requiretls;
+        let msg = format!(
+            "From: <{from}>\r\nTo: <{}>\r\nSubject: e2e\r\nMessage-ID: <{}@e2e>\r\n\r\nconfidential body\r\n",
+            to.join(">, <"),
+            rand_id()
+        );
+        self.spool.store(env, msg.into_bytes()).await.unwrap()
+    }
+
+    /// Waits until every recipient of `id` is out of `Pending` (or the message is gone),
+    /// and returns the states (`None`: finished and removed).
+    pub(crate) async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.spool.entry(id) {
+                None => return None,
+                Some(e)
+                    if e.recipients
+                        .iter()
+                        .all(|s| !matches!(s, RecipientState::Pending)) =>
+                {
+                    return Some(e.recipients);
+                }
+                Some(_) => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "message {id} not handled in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn rand_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
