@@ -571,9 +571,15 @@ impl Extension {
         }
     }
 
-    /// One question: `decision` is the decision so far (headers as the previous module
-    /// left them).
-    pub fn step(&self, query: &Query, decision: &DecisionHeaders) -> Step {
+    /// One question: `facts` holds the question's request headers once encoded (shared by
+    /// the chain), `decision` the decision so far (headers as the previous module left
+    /// them).
+    pub fn step(
+        &self,
+        query: &Query,
+        facts: &std::cell::OnceCell<Vec<(String, Vec<u8>)>>,
+        decision: &DecisionHeaders,
+    ) -> Step {
         if !self.config.in_scope(query) {
             return Step::Unchanged;
         }
@@ -597,7 +603,7 @@ impl Extension {
             .decisions
             .get_or_create(&label(&self.config.name))
             .inc();
-        let mut headers = request_headers(query);
+        let mut headers = facts.get_or_init(|| request_headers(query)).clone();
         headers.extend(decision.iter().cloned());
         let outcome = match self.plugin.http_request(&HttpRequest {
             headers,
@@ -640,11 +646,10 @@ impl Extension {
 /// The request a module sees: pseudo-headers and the facts (always the relay's own; a
 /// module cannot change the facts the next one sees).
 pub fn request_headers(query: &Query) -> Vec<(String, Vec<u8>)> {
-    let mut headers: Vec<(String, Vec<u8>)> = vec![
-        (":method".to_string(), b"POST".to_vec()),
-        (":path".to_string(), b"/decide".to_vec()),
-        (":authority".to_string(), b"altroute".to_vec()),
-    ];
+    let mut headers: Vec<(String, Vec<u8>)> = crate::policy_engine::PSEUDO_HEADERS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_vec()))
+        .collect();
     headers.extend(
         contract::encode_query(query)
             .into_iter()

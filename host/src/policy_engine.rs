@@ -315,8 +315,11 @@ impl PolicyEngine {
             .collect();
         headers.sort();
         let mut by: Option<&Extension> = None;
+        // The facts as request headers: encoded once per question, when an extension
+        // first needs them.
+        let facts = std::cell::OnceCell::new();
         for ext in &self.extensions {
-            match ext.step(query, &headers) {
+            match ext.step(query, &facts, &headers) {
                 Step::Unchanged | Step::Skipped => {}
                 Step::Changed(h) => {
                     headers = h;
@@ -474,17 +477,20 @@ fn spec(module: Arc<[u8]>, policy: &LoadedPolicy) -> PluginSpec {
         .name(policy.name.clone())
 }
 
+/// The pseudo-headers of every routing question (one HTTP request per question).
+pub(crate) const PSEUDO_HEADERS: [(&str, &[u8]); 3] = [
+    (":method", b"POST"),
+    (":path", b"/decide"),
+    (":authority", b"altroute"),
+];
+
 /// One HTTP context through `plugin`; the decision headers it set, decoded.
 pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
     // Borrowed headers in, the outcome read in place: no copies on the way (the hot path
     // of every delivery; see BENCHMARKS.md, decision latency).
     let facts = contract::encode_query(query);
-    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(3 + facts.len());
-    headers.extend([
-        (":method", &b"POST"[..]),
-        (":path", &b"/decide"[..]),
-        (":authority", &b"altroute"[..]),
-    ]);
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PSEUDO_HEADERS.len() + facts.len());
+    headers.extend(PSEUDO_HEADERS);
     headers.extend(facts.iter().map(|(k, v)| (*k, v.as_bytes())));
     let request = HttpRequestRef {
         headers: &headers,

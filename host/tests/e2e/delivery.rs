@@ -17,41 +17,7 @@ use altroute_lab::{FailAt, SinkMode, SmtpSink, StripTlsProxy, free_port, loopbac
 use altroute_queue::RecipientState;
 use proxy_wasm_host::HostConfig;
 
-use crate::inproc::{Lab, Relay, Tls, WAIT};
-
-/// The standard policy used by most tests; `{port}` is the lab port, `{alt}` the
-/// alternate route section.
-fn policy(port: u16, alternate: bool, extra: &str) -> String {
-    let alt = if alternate {
-        "[alternate_secure_route]\nhost = \"secure-relay\"\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"
-[policy]
-name = "e2e"
-{extra}
-
-[[hosts]]
-name = "secure-relay"
-address = "alt.lab.test"
-port = {port}
-
-{alt}
-
-[[tls_compliance]]
-name = "partners"
-domains = ["*.strict.test"]
-require_ca_signed = true
-validate_hostname = true
-
-[[tls_compliance]]
-name = "encrypt-only"
-domains = ["*.lax.test"]
-"#
-    )
-}
+use crate::inproc::{Lab, Relay, Tls, WAIT, policy};
 
 fn standard(policy: &str) -> PolicyEngine {
     PolicyEngine::standard(policy).unwrap()

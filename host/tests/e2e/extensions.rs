@@ -15,37 +15,7 @@ use altroute_policy::pattern::Pattern;
 use altroute_policy::{Query, Route};
 use altroute_queue::RecipientState;
 
-use crate::inproc::{Lab, Relay, Tls, WAIT};
-
-/// The policy: `*.strict.test` requires verified TLS; the alternate secure route only
-/// when `alternate`; `extra` goes into `[policy]`.
-fn policy(port: u16, alternate: bool, extra: &str) -> String {
-    let alt = if alternate {
-        "[alternate_secure_route]\nhost = \"secure-relay\"\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"
-[policy]
-name = "e2e-extensions"
-{extra}
-
-[[hosts]]
-name = "secure-relay"
-address = "alt.lab.test"
-port = {port}
-
-{alt}
-
-[[tls_compliance]]
-name = "partners"
-domains = ["*.strict.test"]
-require_ca_signed = true
-validate_hostname = true
-"#
-    )
-}
+use crate::inproc::{Lab, Relay, Tls, WAIT, policy};
 
 fn engine(lab: &Lab, alternate: bool, exts: &[ExtensionConfig]) -> PolicyEngine {
     PolicyEngine::standard(&policy(lab.port, alternate, ""))

@@ -196,3 +196,38 @@ fn rand_id() -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// The lab policy: `*.strict.test` requires verified TLS, `*.lax.test` encryption only;
+/// the alternate secure route (`alt.lab.test` on the lab port) only when `alternate`;
+/// `extra` goes into `[policy]`.
+pub(crate) fn policy(port: u16, alternate: bool, extra: &str) -> String {
+    let alt = if alternate {
+        "[alternate_secure_route]\nhost = \"secure-relay\"\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[policy]
+name = "e2e"
+{extra}
+
+[[hosts]]
+name = "secure-relay"
+address = "alt.lab.test"
+port = {port}
+
+{alt}
+
+[[tls_compliance]]
+name = "partners"
+domains = ["*.strict.test"]
+require_ca_signed = true
+validate_hostname = true
+
+[[tls_compliance]]
+name = "encrypt-only"
+domains = ["*.lax.test"]
+"#
+    )
+}
