@@ -488,26 +488,28 @@ pub(crate) const PSEUDO_HEADERS: [(&str, &[u8]); 3] = [
 pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
     // Borrowed headers in, the outcome read in place: no copies on the way (the hot path
     // of every delivery; see BENCHMARKS.md, decision latency).
-    let facts = contract::encode_query(query);
-    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(PSEUDO_HEADERS.len() + facts.len());
-    headers.extend(PSEUDO_HEADERS);
-    headers.extend(facts.iter().map(|(k, v)| (*k, v.as_bytes())));
+    let mut buf = String::with_capacity(160);
+    let facts = contract::encode_query_into(query, &mut buf);
+    let mut headers = [("", &b""[..]); PSEUDO_HEADERS.len() + contract::FACT_HEADERS.len()];
+    headers[..PSEUDO_HEADERS.len()].copy_from_slice(&PSEUDO_HEADERS);
+    for (slot, (name, at)) in headers[PSEUDO_HEADERS.len()..].iter_mut().zip(facts) {
+        *slot = (name, buf[at].as_bytes());
+    }
     let request = HttpRequestRef {
         headers: &headers,
         ..HttpRequestRef::default()
     };
     plugin
         .http_request_with(request, |outcome| {
-            let mut decision = contract::decode_decision(|name| outcome.header(name)).map_err(
-                |e| match outcome.local_response {
-                    Some(r) => format!(
-                        "no valid decision ({e}); local response {} {:?}",
-                        r.status,
-                        String::from_utf8_lossy(&r.body)
-                    ),
-                    None => format!("no valid decision: {e}"),
-                },
-            )?;
+            let decision = contract::decode_decision(contract::lookup(outcome.headers));
+            let mut decision = decision.map_err(|e| match outcome.local_response {
+                Some(r) => format!(
+                    "no valid decision ({e}); local response {} {:?}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                ),
+                None => format!("no valid decision: {e}"),
+            })?;
             // A rejection may carry its SMTP reply only as the local response body.
             if decision.reply.is_none()
                 && let Some(r) = outcome.local_response

@@ -7,11 +7,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use altroute_policy::contract::{decode_decision, encode_query};
 use altroute_policy::{
     CertStatus, Decision, Hop, Query, Starttls, TlsVersion, compile, decide, fixtures,
 };
-use proxy_wasm_host::{Host, HostConfig, HttpRequestRef, Plugin, PluginSpec};
+use proxy_wasm_host::{Host, HostConfig, Plugin, PluginSpec};
 
 const WARMUP: usize = 2_000;
 const SAMPLES: usize = 50_000;
@@ -30,22 +29,7 @@ fn us(d: Duration) -> String {
 /// Query in, decision out, as the relay asks (`altroute::policy_engine::ask`): encode
 /// the facts as headers, run one HTTP context, decode the decision headers.
 fn ask(plugin: &Plugin, q: &Query) -> Decision {
-    let facts = encode_query(q);
-    let mut headers: [(&str, &[u8]); 15] = [("", &[]); 15];
-    headers[0] = (":method", b"POST");
-    headers[1] = (":path", b"/decide");
-    headers[2] = (":authority", b"altroute");
-    for (slot, (k, v)) in headers[3..].iter_mut().zip(&facts) {
-        *slot = (k, v.as_bytes());
-    }
-    let req = HttpRequestRef {
-        headers: &headers,
-        ..Default::default()
-    };
-    plugin
-        .http_request_with(req, |out| decode_decision(|name| out.header(name)))
-        .expect("no fault")
-        .expect("a decision")
+    altroute::policy_engine::ask(plugin, q).expect("a decision")
 }
 
 fn main() {

@@ -142,18 +142,20 @@ const PLAIN: [bool; 256] = {
 /// Decode a percent-encoded header value. `None` for bad escapes or non-UTF-8 results.
 pub fn decode_text(v: &[u8]) -> Option<String> {
     let mut out = Vec::with_capacity(v.len());
-    let mut i = 0;
-    while i < v.len() {
-        match v[i] {
-            b'%' => {
-                let hi = hex_val(*v.get(i + 1)?)?;
-                let lo = hex_val(*v.get(i + 2)?)?;
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            b if (b'!'..=b'~').contains(&b) => {
-                out.push(b);
-                i += 1;
+    let mut rest = v;
+    loop {
+        // Copy the run up to the next escape in one piece (most values have none).
+        let run = rest.iter().position(|&b| b == b'%').unwrap_or(rest.len());
+        let (plain, tail) = rest.split_at(run);
+        if !plain.iter().all(|b| (b'!'..=b'~').contains(b)) {
+            return None;
+        }
+        out.extend_from_slice(plain);
+        match tail {
+            [] => break,
+            [_, hi, lo, more @ ..] => {
+                out.push(hex_val(*hi)? << 4 | hex_val(*lo)?);
+                rest = more;
             }
             _ => return None,
         }
@@ -172,65 +174,95 @@ fn hex_val(b: u8) -> Option<u8> {
 
 /// Encode a query as header pairs (in [`FACT_HEADERS`] order).
 pub fn encode_query(q: &Query) -> Vec<(&'static str, String)> {
-    vec![
-        (PHASE, q.phase.token().to_string()),
-        (SENDER, encode_text(&q.sender)),
-        (RECIPIENT, encode_text(&q.recipient)),
-        (REQUIRETLS, yes_no(q.requiretls).to_string()),
-        (TLS_REQUIRED_NO, yes_no(q.tls_required_no).to_string()),
-        (MX, encode_text(&q.mx)),
-        (HOP, q.hop.token().to_string()),
-        (STARTTLS, q.starttls.token().to_string()),
-        (TLS, q.tls.token().to_string()),
-        (CERT, q.cert.token().to_string()),
-        (MTA_STS, q.mta_sts.token().to_string()),
-        (ATTEMPT, q.attempt.to_string()),
+    let mut buf = String::new();
+    encode_query_into(q, &mut buf)
+        .into_iter()
+        .map(|(name, at)| (name, buf[at].to_string()))
+        .collect()
+}
+
+/// [`encode_query`] into one buffer: `buf` is cleared and holds every value; each pair
+/// is the name and where its value is in `buf`. A host asking for a decision encodes the
+/// facts with one allocation (or none, when it keeps `buf`).
+pub fn encode_query_into(
+    q: &Query,
+    buf: &mut String,
+) -> [(&'static str, std::ops::Range<usize>); FACT_HEADERS.len()] {
+    buf.clear();
+    let mut put = |fill: &dyn Fn(&mut String)| {
+        let start = buf.len();
+        fill(buf);
+        start..buf.len()
+    };
+    [
+        (PHASE, put(&|b| b.push_str(q.phase.token()))),
+        (SENDER, put(&|b| encode_text_into(&q.sender, b))),
+        (RECIPIENT, put(&|b| encode_text_into(&q.recipient, b))),
+        (REQUIRETLS, put(&|b| b.push_str(yes_no(q.requiretls)))),
+        (
+            TLS_REQUIRED_NO,
+            put(&|b| b.push_str(yes_no(q.tls_required_no))),
+        ),
+        (MX, put(&|b| encode_text_into(&q.mx, b))),
+        (HOP, put(&|b| b.push_str(q.hop.token()))),
+        (STARTTLS, put(&|b| b.push_str(q.starttls.token()))),
+        (TLS, put(&|b| b.push_str(q.tls.token()))),
+        (CERT, put(&|b| b.push_str(q.cert.token()))),
+        (MTA_STS, put(&|b| b.push_str(q.mta_sts.token()))),
+        (
+            ATTEMPT,
+            put(&|b| {
+                use std::fmt::Write;
+                // Writing to a String cannot fail.
+                let _ = write!(b, "{}", q.attempt);
+            }),
+        ),
     ]
 }
 
 /// Decode a query from headers, looked up by name with `get` (raw bytes, as a host or the
 /// proxy-wasm SDK's `_bytes` calls give them). Phase and recipient are required; the
 /// other facts default as in [`Query::default`].
-pub fn decode_query<'a>(get: impl Fn(&str) -> Option<&'a [u8]>) -> Result<Query, ContractError> {
+pub fn decode_query<'a>(get: impl Source<'a>) -> Result<Query, ContractError> {
     let mut q = Query {
-        phase: token(&get, PHASE)?.ok_or(ContractError::Missing(PHASE))?,
+        phase: token(&get, at::PHASE)?.ok_or(ContractError::Missing(PHASE))?,
         ..Query::default()
     };
-    q.recipient = text(&get, RECIPIENT)?.ok_or(ContractError::Missing(RECIPIENT))?;
+    q.recipient = text(&get, at::RECIPIENT)?.ok_or(ContractError::Missing(RECIPIENT))?;
     if !q.recipient.contains('@') {
         return Err(ContractError::Invalid {
             name: RECIPIENT,
             value: q.recipient,
         });
     }
-    if let Some(s) = text(&get, SENDER)? {
+    if let Some(s) = text(&get, at::SENDER)? {
         q.sender = s;
     }
-    if let Some(b) = yes_no_header(&get, REQUIRETLS)? {
+    if let Some(b) = yes_no_header(&get, at::REQUIRETLS)? {
         q.requiretls = b;
     }
-    if let Some(b) = yes_no_header(&get, TLS_REQUIRED_NO)? {
+    if let Some(b) = yes_no_header(&get, at::TLS_REQUIRED_NO)? {
         q.tls_required_no = b;
     }
-    if let Some(s) = text(&get, MX)? {
+    if let Some(s) = text(&get, at::MX)? {
         q.mx = s;
     }
-    if let Some(v) = token::<Hop>(&get, HOP)? {
+    if let Some(v) = token::<Hop>(&get, at::HOP)? {
         q.hop = v;
     }
-    if let Some(v) = token::<Starttls>(&get, STARTTLS)? {
+    if let Some(v) = token::<Starttls>(&get, at::STARTTLS)? {
         q.starttls = v;
     }
-    if let Some(v) = token::<TlsVersion>(&get, TLS)? {
+    if let Some(v) = token::<TlsVersion>(&get, at::TLS)? {
         q.tls = v;
     }
-    if let Some(v) = token::<CertStatus>(&get, CERT)? {
+    if let Some(v) = token::<CertStatus>(&get, at::CERT)? {
         q.cert = v;
     }
-    if let Some(v) = token::<MtaSts>(&get, MTA_STS)? {
+    if let Some(v) = token::<MtaSts>(&get, at::MTA_STS)? {
         q.mta_sts = v;
     }
-    if let Some(raw) = get(ATTEMPT) {
+    if let Some(raw) = get.value(at::ATTEMPT.0, ATTEMPT) {
         q.attempt = std::str::from_utf8(raw)
             .ok()
             .and_then(|s| s.parse().ok())
@@ -294,28 +326,26 @@ pub fn for_each_decision_header(
 
 /// Decode a decision from headers. Route, TLS requirement, rule and policy version are
 /// required: a decision that does not name them is not a decision.
-pub fn decode_decision<'a>(
-    get: impl Fn(&str) -> Option<&'a [u8]>,
-) -> Result<Decision, ContractError> {
-    let route: Route = token(&get, ROUTE)?.ok_or(ContractError::Missing(ROUTE))?;
-    let host = match text(&get, HOST)? {
+pub fn decode_decision<'a>(get: impl Source<'a>) -> Result<Decision, ContractError> {
+    let route: Route = token(&get, at::ROUTE)?.ok_or(ContractError::Missing(ROUTE))?;
+    let host = match text(&get, at::HOST)? {
         None => None,
         Some(name) => {
-            let addresses = match get(HOST_ADDRESSES) {
+            let addresses = match get.value(at::HOST_ADDRESSES.0, HOST_ADDRESSES) {
                 None | Some([]) => Vec::new(),
                 Some(raw) => raw
                     .split(|b| *b == b',')
                     .map(|a| decode_text(a).ok_or_else(|| invalid(HOST_ADDRESSES, raw)))
                     .collect::<Result<_, _>>()?,
             };
-            let port = match get(HOST_PORT) {
+            let port = match get.value(at::HOST_PORT.0, HOST_PORT) {
                 None => 25,
                 Some(raw) => std::str::from_utf8(raw)
                     .ok()
                     .and_then(|s| s.parse().ok())
                     .ok_or_else(|| invalid(HOST_PORT, raw))?,
             };
-            let mx_lookup = yes_no_header(&get, HOST_MX_LOOKUP)?.unwrap_or(false);
+            let mx_lookup = yes_no_header(&get, at::HOST_MX_LOOKUP)?.unwrap_or(false);
             Some(HostTarget {
                 name,
                 addresses,
@@ -325,20 +355,21 @@ pub fn decode_decision<'a>(
         }
     };
     let tls = TlsRequirement {
-        required: yes_no_header(&get, TLS_REQUIRED)?.ok_or(ContractError::Missing(TLS_REQUIRED))?,
-        verify: token::<Verify>(&get, TLS_VERIFY)?.ok_or(ContractError::Missing(TLS_VERIFY))?,
-        min: token::<MinTls>(&get, TLS_MIN)?.ok_or(ContractError::Missing(TLS_MIN))?,
+        required: yes_no_header(&get, at::TLS_REQUIRED)?
+            .ok_or(ContractError::Missing(TLS_REQUIRED))?,
+        verify: token::<Verify>(&get, at::TLS_VERIFY)?.ok_or(ContractError::Missing(TLS_VERIFY))?,
+        min: token::<MinTls>(&get, at::TLS_MIN)?.ok_or(ContractError::Missing(TLS_MIN))?,
     };
     Ok(Decision {
         route,
         host,
         tls,
-        rule: text(&get, RULE)?.ok_or(ContractError::Missing(RULE))?,
-        policy_version: text(&get, POLICY_VERSION)?
+        rule: text(&get, at::RULE)?.ok_or(ContractError::Missing(RULE))?,
+        policy_version: text(&get, at::POLICY_VERSION)?
             .ok_or(ContractError::Missing(POLICY_VERSION))?,
-        result: token::<ResultType>(&get, RESULT)?.unwrap_or(ResultType::Success),
-        reason: text(&get, REASON)?.unwrap_or_default(),
-        reply: text(&get, REPLY)?,
+        result: token::<ResultType>(&get, at::RESULT)?.unwrap_or(ResultType::Success),
+        reason: text(&get, at::REASON)?.unwrap_or_default(),
+        reply: text(&get, at::REPLY)?,
     })
 }
 
@@ -349,21 +380,18 @@ fn invalid(name: &'static str, raw: &[u8]) -> ContractError {
     }
 }
 
-fn text<'a>(
-    get: &impl Fn(&str) -> Option<&'a [u8]>,
-    name: &'static str,
-) -> Result<Option<String>, ContractError> {
-    match get(name) {
+fn text<'a>(get: &impl Source<'a>, (slot, name): Slot) -> Result<Option<String>, ContractError> {
+    match get.value(slot, name) {
         None => Ok(None),
         Some(raw) => decode_text(raw).map(Some).ok_or_else(|| invalid(name, raw)),
     }
 }
 
 fn token<'a, T: Token>(
-    get: &impl Fn(&str) -> Option<&'a [u8]>,
-    name: &'static str,
+    get: &impl Source<'a>,
+    (slot, name): Slot,
 ) -> Result<Option<T>, ContractError> {
-    match get(name) {
+    match get.value(slot, name) {
         None => Ok(None),
         Some(raw) => std::str::from_utf8(raw)
             .ok()
@@ -374,10 +402,10 @@ fn token<'a, T: Token>(
 }
 
 fn yes_no_header<'a>(
-    get: &impl Fn(&str) -> Option<&'a [u8]>,
-    name: &'static str,
+    get: &impl Source<'a>,
+    (slot, name): Slot,
 ) -> Result<Option<bool>, ContractError> {
-    match get(name) {
+    match get.value(slot, name) {
         None => Ok(None),
         Some(raw) => std::str::from_utf8(raw)
             .ok()
@@ -387,16 +415,158 @@ fn yes_no_header<'a>(
     }
 }
 
-/// Look a header up in a list of pairs (names compared case-insensitively, as HTTP does).
-pub fn lookup<'a, K: AsRef<str>, V: AsRef<[u8]>>(
-    pairs: &'a [(K, V)],
-) -> impl Fn(&str) -> Option<&'a [u8]> {
-    move |name| {
-        pairs
-            .iter()
-            .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_ref())
+/// Where the decoders read header values: any name lookup (`Fn(&str) -> Option<&[u8]>`),
+/// or an [`Index`] of a list of pairs, which answers without a search.
+pub trait Source<'a> {
+    /// The value of the contract header `name`, whose index in [`FACT_HEADERS`] then
+    /// [`DECISION_HEADERS`] is `slot`.
+    fn value(&self, slot: usize, name: &'static str) -> Option<&'a [u8]>;
+}
+
+impl<'a, F: Fn(&str) -> Option<&'a [u8]>> Source<'a> for F {
+    fn value(&self, _slot: usize, name: &'static str) -> Option<&'a [u8]> {
+        self(name)
     }
+}
+
+/// A list of header pairs, indexed once by contract header: a decision reads a dozen
+/// headers out of two dozen, and a scan per header cost more than the decision itself.
+pub struct Index<'a, K, V> {
+    pairs: &'a [(K, V)],
+    slots: [Option<&'a [u8]>; SLOTS],
+}
+
+impl<'a, K: AsRef<str>, V: AsRef<[u8]>> Index<'a, K, V> {
+    /// The first value of header `name` (ASCII case-insensitive, as HTTP compares names).
+    pub fn get(&self, name: &str) -> Option<&'a [u8]> {
+        match slot_of(name.as_bytes()) {
+            Some(i) => self.slots[i],
+            None => self
+                .pairs
+                .iter()
+                .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_ref()),
+        }
+    }
+}
+
+impl<'a, K, V> Source<'a> for Index<'a, K, V> {
+    fn value(&self, slot: usize, _name: &'static str) -> Option<&'a [u8]> {
+        self.slots[slot]
+    }
+}
+
+/// Index a list of header pairs for the decoders ([`Index::get`] for any other name).
+/// Of repeated names, the first counts.
+pub fn lookup<'a, K: AsRef<str>, V: AsRef<[u8]>>(pairs: &'a [(K, V)]) -> Index<'a, K, V> {
+    let mut slots: [Option<&'a [u8]>; SLOTS] = [None; SLOTS];
+    for (k, v) in pairs {
+        if let Some(i) = slot_of(k.as_ref().as_bytes())
+            && slots[i].is_none()
+        {
+            slots[i] = Some(v.as_ref());
+        }
+    }
+    Index { pairs, slots }
+}
+
+/// A contract header: its slot (see [`Source::value`]) and name.
+type Slot = (usize, &'static str);
+
+/// The slot of every contract header.
+mod at {
+    use super::Slot;
+    pub(super) const PHASE: Slot = (0, super::PHASE);
+    pub(super) const SENDER: Slot = (1, super::SENDER);
+    pub(super) const RECIPIENT: Slot = (2, super::RECIPIENT);
+    pub(super) const REQUIRETLS: Slot = (3, super::REQUIRETLS);
+    pub(super) const TLS_REQUIRED_NO: Slot = (4, super::TLS_REQUIRED_NO);
+    pub(super) const MX: Slot = (5, super::MX);
+    pub(super) const HOP: Slot = (6, super::HOP);
+    pub(super) const STARTTLS: Slot = (7, super::STARTTLS);
+    pub(super) const TLS: Slot = (8, super::TLS);
+    pub(super) const CERT: Slot = (9, super::CERT);
+    pub(super) const MTA_STS: Slot = (10, super::MTA_STS);
+    pub(super) const ATTEMPT: Slot = (11, super::ATTEMPT);
+    pub(super) const ROUTE: Slot = (12, super::ROUTE);
+    pub(super) const HOST: Slot = (13, super::HOST);
+    pub(super) const HOST_ADDRESSES: Slot = (14, super::HOST_ADDRESSES);
+    pub(super) const HOST_PORT: Slot = (15, super::HOST_PORT);
+    pub(super) const HOST_MX_LOOKUP: Slot = (16, super::HOST_MX_LOOKUP);
+    pub(super) const TLS_REQUIRED: Slot = (17, super::TLS_REQUIRED);
+    pub(super) const TLS_VERIFY: Slot = (18, super::TLS_VERIFY);
+    pub(super) const TLS_MIN: Slot = (19, super::TLS_MIN);
+    pub(super) const RULE: Slot = (20, super::RULE);
+    pub(super) const POLICY_VERSION: Slot = (21, super::POLICY_VERSION);
+    pub(super) const RESULT: Slot = (22, super::RESULT);
+    pub(super) const REASON: Slot = (23, super::REASON);
+    pub(super) const REPLY: Slot = (24, super::REPLY);
+}
+
+/// Fact and decision headers: the slots of [`lookup`]'s index.
+const SLOTS: usize = FACT_HEADERS.len() + DECISION_HEADERS.len();
+
+/// The index of a contract header name in [`FACT_HEADERS`] then [`DECISION_HEADERS`],
+/// ASCII case-insensitively; `None` for any other name.
+/// What every contract header name starts with.
+const PREFIX: &[u8] = b"x-altroute-";
+
+fn slot_of(name: &[u8]) -> Option<usize> {
+    let head = name.get(..PREFIX.len())?;
+    if head != PREFIX && !head.eq_ignore_ascii_case(PREFIX) {
+        return None;
+    }
+    let rest = &name[PREFIX.len()..];
+    if let Some(i) = suffix_slot(rest) {
+        return Some(i);
+    }
+    // Names arrive lower-cased from every host (HTTP/2 and Envoy's header maps are
+    // lower case); others are lower-cased here, on the stack.
+    let mut lower = [0u8; 32];
+    let b = lower.get_mut(..rest.len())?;
+    b.copy_from_slice(rest);
+    b.make_ascii_lowercase();
+    suffix_slot(b)
+}
+
+fn suffix_slot(rest: &[u8]) -> Option<usize> {
+    // (length, first byte, last byte) tells every contract name apart: one comparison
+    // confirms the candidate (this runs for every header of every decision).
+    let (&first, &last) = (rest.first()?, rest.last()?);
+    let i = match (rest.len(), first, last) {
+        (5, b'p', b'e') => 0,
+        (6, b's', b'r') => 1,
+        (9, b'r', b't') => 2,
+        (10, b'r', b's') => 3,
+        (15, b't', b'o') => 4,
+        (2, b'm', b'x') => 5,
+        (3, b'h', b'p') => 6,
+        (8, b's', b's') => 7,
+        (3, b't', b's') => 8,
+        (4, b'c', b't') => 9,
+        (7, b'm', b's') => 10,
+        (7, b'a', b't') => 11,
+        (5, b'r', b'e') => 12,
+        (4, b'h', b't') => 13,
+        (14, b'h', b's') => 14,
+        (9, b'h', b't') => 15,
+        (14, b'h', b'p') => 16,
+        (12, b't', b'd') => 17,
+        (10, b't', b'y') => 18,
+        (7, b't', b'n') => 19,
+        (4, b'r', b'e') => 20,
+        (14, b'p', b'n') => 21,
+        (6, b'r', b't') => 22,
+        (6, b'r', b'n') => 23,
+        (5, b'r', b'y') => 24,
+        _ => return None,
+    };
+    let name = if i < FACT_HEADERS.len() {
+        FACT_HEADERS[i]
+    } else {
+        DECISION_HEADERS[i - FACT_HEADERS.len()]
+    };
+    (&name.as_bytes()[PREFIX.len()..] == rest).then_some(i)
 }
 
 #[cfg(test)]
@@ -415,6 +585,63 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn every_contract_name_has_its_own_slot() {
+        let names = FACT_HEADERS.iter().chain(DECISION_HEADERS.iter());
+        for (i, name) in names.enumerate() {
+            assert_eq!(slot_of(name.as_bytes()), Some(i), "{name}");
+            assert_eq!(
+                slot_of(name.to_ascii_uppercase().as_bytes()),
+                Some(i),
+                "{name}"
+            );
+        }
+        for other in [
+            "",
+            ":path",
+            "x-altroute-",
+            "x-altroute-other",
+            "x-altroutes-route",
+        ] {
+            assert_eq!(slot_of(other.as_bytes()), None, "{other}");
+        }
+        // The index finds what a scan finds: the first of repeated names, any case.
+        let pairs = [
+            ("X-Altroute-Route", "host"),
+            ("x-altroute-route", "direct"),
+            (":path", "/decide"),
+        ];
+        let index = lookup(&pairs);
+        assert_eq!(index.get(ROUTE), Some(&b"host"[..]));
+        assert_eq!(index.get(":PATH"), Some(&b"/decide"[..]));
+        assert_eq!(index.get(HOST), None);
+        assert_eq!(index.value(at::ROUTE.0, ROUTE), Some(&b"host"[..]));
+        let all = FACT_HEADERS.iter().chain(DECISION_HEADERS.iter());
+        for (i, name) in all.enumerate() {
+            let pairs = [(*name, "v")];
+            let index = lookup(&pairs);
+            assert_eq!(index.value(i, name), Some(&b"v"[..]), "{name}");
+        }
+    }
+
+    #[test]
+    fn decode_text_rejects_what_encode_text_never_writes() {
+        for bad in [
+            &b"a b"[..],
+            b"%",
+            b"%4",
+            b"%zz",
+            b"x%4",
+            b"\x80",
+            b"%FF",
+            b"a\tb",
+        ] {
+            assert_eq!(decode_text(bad), None, "{bad:?}");
+        }
+        assert_eq!(decode_text(b"").as_deref(), Some(""));
+        assert_eq!(decode_text(b"%41%2c%25").as_deref(), Some("A,%"));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::policy::{Policy, Rule, StaticRoute, ancestors};
 use crate::query::{Decision, Query, TlsRequirement};
 use crate::types::{
     CertStatus, Direction, Hop, MtaSts, OnTlsUnavailable, Phase, ResultType, Route, Starttls,
-    TlsRequiredNo, TlsVersion,
+    TlsRequiredNo, TlsVersion, Token,
 };
 
 /// Decide a query.
@@ -39,9 +39,12 @@ pub fn explain(policy: &Policy, query: &Query) -> (Decision, Vec<String>) {
 /// specifically, or `/`.
 pub fn org_unit_of<'p>(policy: &'p Policy, sender: &str) -> &'p str {
     let mut best: Option<(&Pattern, &str)> = None;
+    let domain = domain_of(sender);
     for unit in &policy.org_units {
         for p in &unit.senders {
-            if p.matches(sender) && best.is_none_or(|(b, _)| p.specificity() > b.specificity()) {
+            if p.matches_split(sender, domain)
+                && best.is_none_or(|(b, _)| p.specificity() > b.specificity())
+            {
                 best = Some((p, unit.path.as_str()));
             }
         }
@@ -78,7 +81,7 @@ impl<'a> Decider<'a> {
     }
 
     /// The TLS the mail itself requires, and the rule that set it.
-    fn requirement(&mut self, unit: &str) -> (TlsRequirement, String) {
+    fn requirement(&mut self, unit: &'a str) -> (TlsRequirement, RuleId<'a>) {
         let q = self.query;
         let policy = self.policy;
         let (mut req, mut rule) = match find_rule(policy, unit, q) {
@@ -88,14 +91,14 @@ impl<'a> Decider<'a> {
                         "tls_compliance rule {:?} (org unit {at}, {} {p}) applies: {}",
                         r.name,
                         r.direction,
-                        describe(r.tls)
+                        describe(r.tls).concat()
                     )
                 });
-                (r.tls, format!("tls_compliance:{}", r.name))
+                (r.tls, ("tls_compliance:", r.name.as_str()))
             }
             None => {
                 self.note(|| "no tls_compliance rule applies: TLS is opportunistic".to_string());
-                (TlsRequirement::OPPORTUNISTIC, "default".to_string())
+                (TlsRequirement::OPPORTUNISTIC, ("default", ""))
             }
         };
         // REQUIRETLS and TLS-Required: No are exclusive (RFC 8689); REQUIRETLS wins.
@@ -105,7 +108,7 @@ impl<'a> Decider<'a> {
                 "TLS-Required: No relaxes the policy's rules (tls_required_no = all)".to_string()
             });
             req = TlsRequirement::OPPORTUNISTIC;
-            rule = "standard:tls-required-no".to_string();
+            rule = ("standard:tls-required-no", "");
         }
         if q.requiretls && !req.covers(TlsRequirement::STRICT) {
             self.note(|| {
@@ -113,7 +116,7 @@ impl<'a> Decider<'a> {
                     .to_string()
             });
             req = req.max(TlsRequirement::STRICT);
-            rule = "standard:requiretls".to_string();
+            rule = ("standard:requiretls", "");
         }
         if policy.mta_sts && q.mta_sts == MtaSts::Enforce {
             if relaxed && policy.tls_required_no != TlsRequiredNo::Ignore {
@@ -123,7 +126,7 @@ impl<'a> Decider<'a> {
                     "MTA-STS enforce: TLS 1.2+ with a trusted certificate naming the MX".to_string()
                 });
                 req = req.max(TlsRequirement::STRICT);
-                rule = "standard:mta-sts".to_string();
+                rule = ("standard:mta-sts", "");
             }
         }
         (req, rule)
@@ -138,7 +141,7 @@ impl<'a> Decider<'a> {
                 .iter()
                 .filter(|r| r.org_unit == at)
                 .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
-                .filter(|(_, p)| p.matches(domain))
+                .filter(|(_, p)| p.matches_split(domain, domain))
                 .max_by_key(|(_, p)| p.specificity());
             if let Some((r, p)) = best {
                 self.note(|| {
@@ -157,7 +160,7 @@ impl<'a> Decider<'a> {
     fn plan(
         mut self,
         req: TlsRequirement,
-        req_rule: String,
+        req_rule: RuleId<'a>,
         route: Option<&'a StaticRoute>,
     ) -> Decision {
         let policy = self.policy;
@@ -167,19 +170,19 @@ impl<'a> Decider<'a> {
                     Route::Host,
                     Some(h.target(&r.host)),
                     req.max(h.tls),
-                    format!("route:{}", r.name),
+                    ("route:", r.name.as_str()),
                 ),
                 None => (Route::Direct, None, req, req_rule),
             };
-        self.note(|| format!("plan: {route_kind}, {}", describe(tls)));
+        self.note(|| format!("plan: {route_kind}, {}", describe(tls).concat()));
         Decision {
             route: route_kind,
             host,
             tls,
-            rule,
+            rule: [rule.0, rule.1].concat(),
             policy_version: policy.version.clone(),
             result: ResultType::NotAttempted,
-            reason: format!("{route_kind} delivery, {}", describe(tls)),
+            reason: text(&[&[route_kind.token(), " delivery, "], &describe(tls)]),
             reply: None,
         }
     }
@@ -187,7 +190,7 @@ impl<'a> Decider<'a> {
     fn verdict(
         mut self,
         req: TlsRequirement,
-        req_rule: String,
+        req_rule: RuleId<'a>,
         route: Option<&'a StaticRoute>,
     ) -> Decision {
         let q = self.query;
@@ -199,27 +202,27 @@ impl<'a> Decider<'a> {
 
         // What this hop must provide, and the host it is.
         let (hop_req, target, hop_rule) = match q.hop {
-            Hop::Direct => (req, None, req_rule.clone()),
+            Hop::Direct => (req, None, req_rule),
             Hop::Host => match route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h))) {
                 Some((r, h)) => (
                     req.max(h.tls),
                     Some(h.target(&r.host)),
                     if req.required {
-                        req_rule.clone()
+                        req_rule
                     } else {
-                        format!("route:{}", r.name)
+                        ("route:", r.name.as_str())
                     },
                 ),
                 // The policy no longer routes this domain to a host: hold the hop to what
                 // the mail requires.
-                None => (req, None, req_rule.clone()),
+                None => (req, None, req_rule),
             },
             Hop::Alternate => match alternate {
-                Some((name, h)) => (req.max(h.tls), Some(h.target(name)), req_rule.clone()),
+                Some((name, h)) => (req.max(h.tls), Some(h.target(name)), req_rule),
                 None => (
                     req.max(TlsRequirement::STRICT),
                     None,
-                    "alternate_secure_route".to_string(),
+                    ("alternate_secure_route", ""),
                 ),
             },
         };
@@ -234,13 +237,13 @@ impl<'a> Decider<'a> {
         let decision = |route: Route,
                         host: Option<crate::HostTarget>,
                         tls: TlsRequirement,
-                        rule: String,
+                        rule: RuleId<'_>,
                         reason: String,
                         reply: Option<String>| Decision {
             route,
             host,
             tls,
-            rule,
+            rule: [rule.0, rule.1].concat(),
             policy_version: policy.version.clone(),
             result: observed,
             reason,
@@ -249,19 +252,22 @@ impl<'a> Decider<'a> {
 
         if hop_req.met_by(q.tls, q.cert) {
             let reason = if hop_req.required {
-                format!("{} meets {}", tls_phrase(q), describe(hop_req))
+                text(&[&tls_phrase(q), &[" meets "], &describe(hop_req)])
             } else {
-                format!("opportunistic TLS: {}", tls_phrase(q))
+                text(&[&["opportunistic TLS: "], &tls_phrase(q)])
             };
             self.note(|| format!("verdict: deliver over this {} hop", q.hop));
             return decision(Route::from(q.hop), target, hop_req, hop_rule, reason, None);
         }
 
-        let failure = format!(
-            "{} does not meet {} ({observed})",
-            tls_phrase(q),
-            describe(hop_req)
-        );
+        // "<what was seen> does not meet <requirement> (<result>)"
+        let failure: Vec<&str> = [
+            &tls_phrase(q)[..],
+            &[" does not meet "],
+            &describe(hop_req),
+            &[" (", observed.token(), ")"],
+        ]
+        .concat();
         if q.hop == Hop::Alternate {
             self.note(|| "verdict: the alternate host itself failed: defer".to_string());
             return decision(
@@ -269,10 +275,15 @@ impl<'a> Decider<'a> {
                 target,
                 hop_req,
                 hop_rule,
-                format!("alternate secure route failed: {failure}"),
-                Some(format!(
-                    "451 4.7.10 Alternate secure route failed TLS ({observed}), will retry"
-                )),
+                text(&[&["alternate secure route failed: "], &failure]),
+                Some(
+                    [
+                        "451 4.7.10 Alternate secure route failed TLS (",
+                        observed.token(),
+                        "), will retry",
+                    ]
+                    .concat(),
+                ),
             );
         }
         if !req.required {
@@ -284,10 +295,15 @@ impl<'a> Decider<'a> {
                 target,
                 hop_req,
                 hop_rule,
-                format!("host failed its TLS setting: {failure}"),
-                Some(format!(
-                    "451 4.7.10 Routing host failed TLS ({observed}), will retry"
-                )),
+                text(&[&["host failed its TLS setting: "], &failure]),
+                Some(
+                    [
+                        "451 4.7.10 Routing host failed TLS (",
+                        observed.token(),
+                        "), will retry",
+                    ]
+                    .concat(),
+                ),
             );
         }
         if let Some((name, h)) = alternate {
@@ -298,7 +314,10 @@ impl<'a> Decider<'a> {
                 Some(h.target(name)),
                 alt_req,
                 req_rule,
-                format!("{failure}; rerouted to the alternate secure route {name:?}"),
+                text(&[
+                    &failure,
+                    &["; rerouted to the alternate secure route ", &quoted(name)],
+                ]),
                 None,
             );
         }
@@ -310,10 +329,15 @@ impl<'a> Decider<'a> {
                     None,
                     req,
                     req_rule,
-                    format!("{failure}; no alternate secure route"),
-                    Some(format!(
-                        "451 4.7.10 TLS required for this recipient ({observed}), will retry"
-                    )),
+                    text(&[&failure, &["; no alternate secure route"]]),
+                    Some(
+                        [
+                            "451 4.7.10 TLS required for this recipient (",
+                            observed.token(),
+                            "), will retry",
+                        ]
+                        .concat(),
+                    ),
                 )
             }
             OnTlsUnavailable::Bounce => {
@@ -323,10 +347,15 @@ impl<'a> Decider<'a> {
                     None,
                     req,
                     req_rule,
-                    format!("{failure}; no alternate secure route"),
-                    Some(format!(
-                        "550 5.7.10 TLS required for this recipient but unavailable ({observed})"
-                    )),
+                    text(&[&failure, &["; no alternate secure route"]]),
+                    Some(
+                        [
+                            "550 5.7.10 TLS required for this recipient but unavailable (",
+                            observed.token(),
+                            ")",
+                        ]
+                        .concat(),
+                    ),
                 )
             }
         }
@@ -340,6 +369,8 @@ fn find_rule<'p>(
     unit: &'p str,
     q: &Query,
 ) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
+    let (rcpt, from) = (q.recipient.as_str(), q.sender.as_str());
+    let (rcpt_domain, from_domain) = (domain_of(rcpt), domain_of(from));
     for at in ancestors(unit) {
         let best = policy
             .compliance
@@ -347,9 +378,11 @@ fn find_rule<'p>(
             .filter(|r| r.org_unit == at)
             .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
             .filter(|(r, p)| match r.direction {
-                Direction::Outbound => p.matches(&q.recipient),
-                Direction::Inbound => p.matches(&q.sender),
-                Direction::Both => p.matches(&q.recipient) || p.matches(&q.sender),
+                Direction::Outbound => p.matches_split(rcpt, rcpt_domain),
+                Direction::Inbound => p.matches_split(from, from_domain),
+                Direction::Both => {
+                    p.matches_split(rcpt, rcpt_domain) || p.matches_split(from, from_domain)
+                }
             })
             .max_by_key(|(_, p)| p.specificity());
         if let Some((r, p)) = best {
@@ -379,20 +412,64 @@ fn observe(q: &Query, req: TlsRequirement) -> ResultType {
     }
 }
 
-fn tls_phrase(q: &Query) -> String {
+/// A rule as `(kind prefix, name)`, e.g. `("tls_compliance:", "partners")` or
+/// `("default", "")`: joined into [`Decision::rule`] once, when the decision is made.
+type RuleId<'p> = (&'static str, &'p str);
+
+// Reasons are joined from static pieces (`[..].concat()`, one allocation) rather than
+// with `format!`: this runs on every decision, in the wasm module too, where the
+// formatting machinery cost more than the rest of the decision.
+
+/// What was seen on the connection, e.g. "TLS 1.3 with a valid certificate".
+fn tls_phrase(q: &Query) -> [&'static str; 5] {
     match q.tls {
         TlsVersion::None => match q.starttls {
-            Starttls::Absent => "no STARTTLS".to_string(),
-            Starttls::Offered => "STARTTLS offered but not negotiated".to_string(),
+            Starttls::Absent => ["no STARTTLS", "", "", "", ""],
+            Starttls::Offered => ["STARTTLS offered but not negotiated", "", "", "", ""],
         },
-        v => format!("TLS {v} with a {} certificate", q.cert),
+        v => [
+            "TLS ",
+            v.token(),
+            " with a ",
+            q.cert.token(),
+            " certificate",
+        ],
     }
 }
 
-fn describe(t: TlsRequirement) -> String {
-    if t.required {
-        format!("TLS {}+ required, verify {}", t.min, t.verify)
+/// Joins pieces into one String, allocated once at its final size.
+fn text(parts: &[&[&str]]) -> String {
+    let len = parts.iter().flat_map(|p| p.iter()).map(|p| p.len()).sum();
+    let mut out = String::with_capacity(len);
+    for p in parts.iter().flat_map(|p| p.iter()) {
+        out.push_str(p);
+    }
+    out
+}
+
+/// `name` as `{name:?}` writes it; without the formatting machinery when nothing in it
+/// needs an escape (the usual host name).
+fn quoted(name: &str) -> String {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        ["\"", name, "\""].concat()
     } else {
-        "opportunistic TLS".to_string()
+        format!("{name:?}")
+    }
+}
+
+/// A requirement in words, e.g. "TLS 1.2+ required, verify hostname".
+fn describe(t: TlsRequirement) -> [&'static str; 4] {
+    if t.required {
+        [
+            "TLS ",
+            t.min.token(),
+            "+ required, verify ",
+            t.verify.token(),
+        ]
+    } else {
+        ["opportunistic TLS", "", "", ""]
     }
 }

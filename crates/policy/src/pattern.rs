@@ -54,7 +54,12 @@ impl Pattern {
 
     /// Whether `address` (an envelope address or a bare domain) matches.
     pub fn matches(&self, address: &str) -> bool {
-        let domain = domain_of(address);
+        self.matches_split(address, domain_of(address))
+    }
+
+    /// [`Pattern::matches`] with `domain` = `domain_of(address)` already found (a
+    /// decision matches one address against many patterns).
+    pub fn matches_split(&self, address: &str, domain: &str) -> bool {
         match self {
             Pattern::Address(a) => a.eq_ignore_ascii_case(address),
             Pattern::Domain(d) => d.eq_ignore_ascii_case(domain),

@@ -202,7 +202,7 @@ impl Exchange {
 
     /// The raw value of one header (case-insensitive name).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        contract::lookup(&self.headers)(name)
+        contract::lookup(&self.headers).get(name)
     }
 }
 

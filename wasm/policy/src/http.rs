@@ -9,6 +9,7 @@ use proxy_wasm::types::{Action, MapType};
 use policy::contract;
 use policy::{Decision, Policy, Route, decide};
 
+use crate::raw::HeaderBlock;
 use crate::{CONTINUE, Metrics, decision_headers, log};
 
 thread_local! {
@@ -27,7 +28,7 @@ impl Request {
     }
 
     /// Decide from the request's headers, read in one host call (`pairs`).
-    fn decide(&self, pairs: Option<&[(String, Vec<u8>)]>) -> Decision {
+    fn decide(&self, pairs: Option<&[(&str, &[u8])]>) -> Decision {
         let Some(policy) = &self.policy else {
             return Decision::fault("none", "no policy is configured");
         };
@@ -46,7 +47,8 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         // One host call for every header: facts in, and which decision headers to drop.
-        let pairs = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok();
+        let block = HeaderBlock::request();
+        let pairs = block.as_ref().and_then(HeaderBlock::pairs);
         let decision = self.decide(pairs.as_deref());
         self.metrics.count(&decision);
         // A decision comes only from here: drop whatever the request brought.

@@ -38,6 +38,7 @@ use policy::{Decision, Policy, Route};
 
 mod connection;
 mod http;
+mod raw;
 mod smtp;
 
 /// Root ids this module answers to.
