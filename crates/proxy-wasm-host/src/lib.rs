@@ -6,7 +6,7 @@
 //! # Core concepts
 //!
 //! - [`Host`]: the Wasmtime engine, the linker with every `env.proxy_*` function, a cache
-//!   of compiled modules (by SHA-256; on disk with [`HostConfig::cache_dir`]) and an epoch
+//!   of compiled modules (by BLAKE3 hash; on disk with [`HostConfig::cache_dir`]) and an epoch
 //!   ticker thread that enforces [`HostConfig::deadline`] (default 100 ms per call).
 //! - [`Plugin`]: one module + plugin configuration + VM configuration + root id, loaded by
 //!   [`Host::load`]. It keeps a pool of configured instances (`_initialize`, root context,

@@ -201,3 +201,46 @@ expect = { tls_required = false }
         "{errs:#?}"
     );
 }
+
+/// The loader checks the version against the content: on the canonical bytes directly,
+/// and on any other spelling of the same JSON by serializing it again.
+#[test]
+fn a_policy_loads_only_under_the_version_of_its_content() {
+    use altroute_policy::Policy;
+    let mut content_changes = 0;
+    for (file, src) in altroute_policy::fixtures::TABLE {
+        let compiled = compile(src).unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        let canonical = compiled.json.as_str();
+        let loaded = Policy::from_json(canonical.as_bytes()).expect("canonical JSON loads");
+        assert_eq!(loaded.version, compiled.policy.version, "{file}");
+        assert_eq!(loaded.content_version(), loaded.version, "{file}");
+
+        // Same content, other spelling (pretty-printed): still this version.
+        let value: serde_json::Value = serde_json::from_str(canonical).unwrap();
+        let pretty = serde_json::to_string_pretty(&value).unwrap();
+        assert!(
+            Policy::from_json(pretty.as_bytes()).is_ok(),
+            "{file}: pretty JSON"
+        );
+
+        // Another version, or content changed under the same version: refused.
+        let v = &compiled.policy.version;
+        let wrong = canonical.replacen(v, "sha256:0000000000000000", 1);
+        let err = Policy::from_json(wrong.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("does not match the content"), "{file}: {err}");
+        let edited = canonical.replacen("\"format\":1,", "\"format\":1 ,", 1);
+        assert!(
+            Policy::from_json(edited.as_bytes()).is_ok(),
+            "{file}: whitespace only"
+        );
+        let changed = canonical.replacen("\"defer\"", "\"bounce\"", 1);
+        if changed != canonical {
+            content_changes += 1;
+            let err = Policy::from_json(changed.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("does not match the content"), "{file}: {err}");
+        }
+    }
+    assert!(content_changes > 0, "no fixture had a setting to change");
+}

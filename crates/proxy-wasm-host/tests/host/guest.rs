@@ -201,7 +201,7 @@ fn compiled_artifacts_are_cached_on_disk() {
     let host = Host::new(config.clone()).unwrap();
     let plugin = testguest(&host, "cached");
     assert_serves(&plugin);
-    // Written before `load` returned, under a name made of the module's SHA-256.
+    // Written before `load` returned, under a name made of the module's hash.
     let artifacts: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()
