@@ -105,6 +105,12 @@ pub fn encode_text(s: &str) -> String {
 /// one piece (most text is one run), not byte by byte.
 pub fn encode_text_into(s: &str, out: &mut String) {
     let bytes = s.as_bytes();
+    if bytes.iter().all(|&b| PLAIN[b as usize]) {
+        out.push_str(s);
+        return;
+    }
+    // At most three bytes out per byte in: no growth on the way.
+    out.reserve(bytes.len() * 3);
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if PLAIN[b as usize] {
@@ -114,9 +120,10 @@ pub fn encode_text_into(s: &str, out: &mut String) {
             // `s[run..i]` is ASCII and follows a char start: both ends are boundaries.
             out.push_str(&s[run..i]);
         }
-        out.push('%');
-        out.push(char::from(HEX[(b >> 4) as usize]));
-        out.push(char::from(HEX[(b & 15) as usize]));
+        // One `push_str` of `%XX` from a table (three `push`es of chars cost more in
+        // the wasm module, where this runs for every decision).
+        let at = b as usize * 3;
+        out.push_str(&ESCAPES[at..at + 3]);
         run = i + 1;
     }
     // `run` is the end, or an unescaped (ASCII) byte: a boundary.
@@ -124,6 +131,25 @@ pub fn encode_text_into(s: &str, out: &mut String) {
         out.push_str(&s[run..]);
     }
 }
+
+/// `%00%01…%FF`: the escape of byte `b` is `ESCAPES[3 * b..3 * b + 3]`.
+const ESCAPES: &str = {
+    const BYTES: [u8; 768] = {
+        let mut t = [0u8; 768];
+        let mut b = 0;
+        while b < 256 {
+            t[b * 3] = b'%';
+            t[b * 3 + 1] = HEX[b >> 4];
+            t[b * 3 + 2] = HEX[b & 15];
+            b += 1;
+        }
+        t
+    };
+    match std::str::from_utf8(&BYTES) {
+        Ok(s) => s,
+        Err(_) => panic!("the escape table is ASCII"),
+    }
+};
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
@@ -436,7 +462,7 @@ pub struct Index<'a, K, V> {
     slots: [Option<&'a [u8]>; SLOTS],
 }
 
-impl<'a, K: AsRef<str>, V: AsRef<[u8]>> Index<'a, K, V> {
+impl<'a, K: AsRef<[u8]>, V: AsRef<[u8]>> Index<'a, K, V> {
     /// The first value of header `name` (ASCII case-insensitive, as HTTP compares names).
     pub fn get(&self, name: &str) -> Option<&'a [u8]> {
         match slot_of(name.as_bytes()) {
@@ -444,7 +470,7 @@ impl<'a, K: AsRef<str>, V: AsRef<[u8]>> Index<'a, K, V> {
             None => self
                 .pairs
                 .iter()
-                .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name))
+                .find(|(k, _)| k.as_ref().eq_ignore_ascii_case(name.as_bytes()))
                 .map(|(_, v)| v.as_ref()),
         }
     }
@@ -458,10 +484,10 @@ impl<'a, K, V> Source<'a> for Index<'a, K, V> {
 
 /// Index a list of header pairs for the decoders ([`Index::get`] for any other name).
 /// Of repeated names, the first counts.
-pub fn lookup<'a, K: AsRef<str>, V: AsRef<[u8]>>(pairs: &'a [(K, V)]) -> Index<'a, K, V> {
+pub fn lookup<'a, K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &'a [(K, V)]) -> Index<'a, K, V> {
     let mut slots: [Option<&'a [u8]>; SLOTS] = [None; SLOTS];
     for (k, v) in pairs {
-        if let Some(i) = slot_of(k.as_ref().as_bytes())
+        if let Some(i) = slot_of(k.as_ref())
             && slots[i].is_none()
         {
             slots[i] = Some(v.as_ref());

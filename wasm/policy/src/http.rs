@@ -28,7 +28,7 @@ impl Request {
     }
 
     /// Decide from the request's headers, read in one host call (`pairs`).
-    fn decide(&self, pairs: Option<&[(&str, &[u8])]>) -> Decision {
+    fn decide(&self, pairs: Option<&[(&[u8], &[u8])]>) -> Decision {
         let Some(policy) = &self.policy else {
             return Decision::fault("none", "no policy is configured");
         };
@@ -55,7 +55,7 @@ impl HttpContext for Request {
         let present = pairs.iter().flatten().filter_map(|(k, _)| {
             contract::DECISION_HEADERS
                 .iter()
-                .find(|d| d.eq_ignore_ascii_case(k))
+                .find(|d| d.as_bytes().eq_ignore_ascii_case(k))
         });
         for name in present {
             if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {

@@ -44,9 +44,9 @@ impl HeaderBlock {
         }))
     }
 
-    /// The pairs, borrowed from the block; `None` when the block is malformed. Names that
-    /// are not UTF-8 are skipped (no contract header is one).
-    pub(crate) fn pairs(&self) -> Option<Vec<(&str, &[u8])>> {
+    /// The (name, value) pairs, borrowed from the block; `None` when the block is
+    /// malformed.
+    pub(crate) fn pairs(&self) -> Option<Vec<(&[u8], &[u8])>> {
         let b = self.0.as_slice();
         if b.is_empty() {
             return Some(Vec::new());
@@ -69,9 +69,7 @@ impl HeaderBlock {
             data += klen + 1;
             let value = b.get(data..data.checked_add(vlen)?)?;
             data += vlen + 1;
-            if let Ok(key) = std::str::from_utf8(key) {
-                pairs.push((key, value));
-            }
+            pairs.push((key, value));
         }
         Some(pairs)
     }
