@@ -124,6 +124,21 @@ fn main() {
     }
     let wasm_warm = percentiles(measure(&one_wasm, SAMPLES, None));
     let native_warm = percentiles(measure(&one_native, SAMPLES, None));
+    // Each half alone: one HTTP context, the unit of ../shared/NOTES-proxy-wasm.md's figures.
+    let plan_warm = percentiles(measure(
+        &|| {
+            black_box(ask(&plugin, black_box(&plan)));
+        },
+        SAMPLES,
+        None,
+    ));
+    let verdict_warm = percentiles(measure(
+        &|| {
+            black_box(ask(&plugin, black_box(&verdict)));
+        },
+        SAMPLES,
+        None,
+    ));
     let mut buf = vec![0u8; 64 << 20];
     let wasm_cold = percentiles(measure(&one_wasm, COLD_SAMPLES, Some(&mut buf)));
     let native_cold = percentiles(measure(&one_native, COLD_SAMPLES, Some(&mut buf)));
@@ -133,6 +148,14 @@ fn main() {
     for (name, (p50, p99, p999)) in [
         ("wasm module via proxy-wasm host, warm", wasm_warm),
         ("native decide(), warm", native_warm),
+        (
+            "plan alone (one HTTP context) via the host, warm",
+            plan_warm,
+        ),
+        (
+            "verdict alone (one HTTP context) via the host, warm",
+            verdict_warm,
+        ),
         ("wasm module via proxy-wasm host, cold caches", wasm_cold),
         ("native decide(), cold caches", native_cold),
     ] {

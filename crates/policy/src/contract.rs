@@ -529,6 +529,11 @@ mod at {
     pub(super) const REPLY: Slot = (24, super::REPLY);
 }
 
+/// Whether `name` is one of [`DECISION_HEADERS`] (ASCII case-insensitive).
+pub fn is_decision_header(name: &[u8]) -> bool {
+    slot_of(name).is_some_and(|i| i >= FACT_HEADERS.len())
+}
+
 /// Fact and decision headers: the slots of [`lookup`]'s index.
 const SLOTS: usize = FACT_HEADERS.len() + DECISION_HEADERS.len();
 
@@ -623,6 +628,12 @@ mod tests {
                 Some(i),
                 "{name}"
             );
+        }
+        for name in DECISION_HEADERS {
+            assert!(is_decision_header(name.to_ascii_uppercase().as_bytes()));
+        }
+        for name in FACT_HEADERS {
+            assert!(!is_decision_header(name.as_bytes()));
         }
         for other in [
             "",

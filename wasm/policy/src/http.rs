@@ -53,6 +53,9 @@ impl HttpContext for Request {
         self.metrics.count(&decision);
         // A decision comes only from here: drop whatever the request brought.
         let present = pairs.iter().flatten().filter_map(|(k, _)| {
+            if !contract::is_decision_header(k) {
+                return None;
+            }
             contract::DECISION_HEADERS
                 .iter()
                 .find(|d| d.as_bytes().eq_ignore_ascii_case(k))
