@@ -334,7 +334,7 @@ async fn safety_floor_holds_against_a_lying_module() {
         .await;
     let got = lab.sinks[mx].wait_for_messages(1, WAIT).await.unwrap();
     assert_eq!(got[0].rcpt_to, vec!["carol@plain.open.test".to_string()]);
-    assert!(relay.settled(&id).await.is_none(), "delivered and removed");
+    assert!(relay.removed(&id).await, "delivered and removed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

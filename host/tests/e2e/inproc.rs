@@ -162,6 +162,21 @@ impl Relay {
         self.spool.store(env, msg.into_bytes()).await.unwrap()
     }
 
+    /// Waits until `id` has left the spool (every recipient finished); false if it is
+    /// still there after the usual wait. A delivered recipient is recorded as such
+    /// before the message is removed: a test that saw the delivery at the sink waits
+    /// here for the removal.
+    pub(crate) async fn removed(&self, id: &MessageId) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.spool.entry(id).is_some() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Waits until every recipient of `id` is out of `Pending` (or the message is gone),
     /// and returns the states (`None`: finished and removed).
     pub(crate) async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {

@@ -24,8 +24,11 @@
 //! # Safety
 //!
 //! The module never panics on input: missing or malformed facts give a `defer` decision
-//! with rule `fault`. All host calls go through `proxy_wasm::hostcalls` with their errors
-//! handled, not through the trait helpers that unwrap.
+//! with rule `fault`. Host calls go through `proxy_wasm::hostcalls` with their errors
+//! handled, not through the trait helpers that unwrap; the one exception is reading the
+//! request headers of a routing question (module `raw`), which takes the host's header
+//! block in place instead of copying every header (the SDK's `get_map_bytes` panics on
+//! a status it does not expect; `raw` answers it with a `fault` decision).
 
 use std::rc::Rc;
 
