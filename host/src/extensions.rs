@@ -663,10 +663,7 @@ pub fn decision_headers(headers: &[(String, Vec<u8>)]) -> DecisionHeaders {
     let mut out: DecisionHeaders = headers
         .iter()
         .filter_map(|(k, v)| {
-            contract::DECISION_HEADERS
-                .iter()
-                .find(|d| d.eq_ignore_ascii_case(k))
-                .map(|d| (d.to_string(), v.clone()))
+            contract::decision_header(k.as_bytes()).map(|d| (d.to_string(), v.clone()))
         })
         .collect();
     out.sort();

@@ -198,34 +198,7 @@ fn rfc5322_now() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    rfc5322(secs)
-}
-
-fn rfc5322(secs: u64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let wd = DAYS.get((days % 7) as usize).copied().unwrap_or("Thu");
-    let mon = MONTHS.get((month - 1) as usize).copied().unwrap_or("Jan");
-    format!(
-        "{wd}, {day:02} {mon} {year} {:02}:{:02}:{:02} +0000",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::delivery::dsn::rfc5322_date(secs)
 }
 
 #[cfg(test)]
@@ -255,8 +228,17 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(rfc5322(0), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322(1_709_210_096), "Thu, 29 Feb 2024 12:34:56 +0000");
-        assert_eq!(rfc5322(1_795_607_336), "Wed, 25 Nov 2026 11:48:56 +0000");
+        assert_eq!(
+            crate::delivery::dsn::rfc5322_date(0),
+            "Thu, 01 Jan 1970 00:00:00 +0000"
+        );
+        assert_eq!(
+            crate::delivery::dsn::rfc5322_date(1_709_210_096),
+            "Thu, 29 Feb 2024 12:34:56 +0000"
+        );
+        assert_eq!(
+            crate::delivery::dsn::rfc5322_date(1_795_607_336),
+            "Wed, 25 Nov 2026 11:48:56 +0000"
+        );
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod civil;
 pub mod config;
 pub mod delivery;
 pub mod demo;

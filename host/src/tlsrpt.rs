@@ -33,6 +33,7 @@
 //! assert_eq!(r["policies"][0]["failure-details"][0]["result-type"], "starttls-not-supported");
 //! ```
 
+use crate::civil::{civil_from_days, days_from_civil};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -213,7 +214,7 @@ impl Recorder {
 
 /// The UTC day (`YYYY-MM-DD`) of a Unix time.
 pub fn day_of(t: u64) -> String {
-    let (y, m, d) = civil((t / 86_400) as i64);
+    let (y, m, d) = civil_from_days((t / 86_400) as i64);
     format!("{y:04}-{m:02}-{d:02}")
 }
 
@@ -230,31 +231,7 @@ pub fn parse_day(s: &str) -> Option<u64> {
     }
     let days = days_from_civil(y, m, d);
     // Reject 2026-02-31 and the like: the round trip must agree.
-    (civil(days) == (y, m, d) && days >= 0).then(|| days as u64 * 86_400)
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (civil calendar, after H. Hinnant).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    (civil_from_days(days) == (y, m, d) && days >= 0).then(|| days as u64 * 86_400)
 }
 
 /// Reads the results of `day` from `dir` (malformed lines, e.g. one cut by a crash, are

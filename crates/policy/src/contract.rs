@@ -501,37 +501,65 @@ type Slot = (usize, &'static str);
 
 /// The slot of every contract header.
 mod at {
-    use super::Slot;
-    pub(super) const PHASE: Slot = (0, super::PHASE);
-    pub(super) const SENDER: Slot = (1, super::SENDER);
-    pub(super) const RECIPIENT: Slot = (2, super::RECIPIENT);
-    pub(super) const REQUIRETLS: Slot = (3, super::REQUIRETLS);
-    pub(super) const TLS_REQUIRED_NO: Slot = (4, super::TLS_REQUIRED_NO);
-    pub(super) const MX: Slot = (5, super::MX);
-    pub(super) const HOP: Slot = (6, super::HOP);
-    pub(super) const STARTTLS: Slot = (7, super::STARTTLS);
-    pub(super) const TLS: Slot = (8, super::TLS);
-    pub(super) const CERT: Slot = (9, super::CERT);
-    pub(super) const MTA_STS: Slot = (10, super::MTA_STS);
-    pub(super) const ATTEMPT: Slot = (11, super::ATTEMPT);
-    pub(super) const ROUTE: Slot = (12, super::ROUTE);
-    pub(super) const HOST: Slot = (13, super::HOST);
-    pub(super) const HOST_ADDRESSES: Slot = (14, super::HOST_ADDRESSES);
-    pub(super) const HOST_PORT: Slot = (15, super::HOST_PORT);
-    pub(super) const HOST_MX_LOOKUP: Slot = (16, super::HOST_MX_LOOKUP);
-    pub(super) const TLS_REQUIRED: Slot = (17, super::TLS_REQUIRED);
-    pub(super) const TLS_VERIFY: Slot = (18, super::TLS_VERIFY);
-    pub(super) const TLS_MIN: Slot = (19, super::TLS_MIN);
-    pub(super) const RULE: Slot = (20, super::RULE);
-    pub(super) const POLICY_VERSION: Slot = (21, super::POLICY_VERSION);
-    pub(super) const RESULT: Slot = (22, super::RESULT);
-    pub(super) const REASON: Slot = (23, super::REASON);
-    pub(super) const REPLY: Slot = (24, super::REPLY);
+    use super::{DECISION_HEADERS, FACT_HEADERS, Slot};
+
+    /// The slot of `name`, found at compile time (a name missing from the lists does
+    /// not compile).
+    const fn slot(name: &'static str) -> Slot {
+        let mut i = 0;
+        while i < FACT_HEADERS.len() + DECISION_HEADERS.len() {
+            let candidate = if i < FACT_HEADERS.len() {
+                FACT_HEADERS[i]
+            } else {
+                DECISION_HEADERS[i - FACT_HEADERS.len()]
+            };
+            if candidate.len() == name.len() {
+                let (a, b) = (candidate.as_bytes(), name.as_bytes());
+                let mut j = 0;
+                while j < a.len() && a[j] == b[j] {
+                    j += 1;
+                }
+                if j == a.len() {
+                    return (i, name);
+                }
+            }
+            i += 1;
+        }
+        panic!("not a contract header")
+    }
+
+    pub(super) const PHASE: Slot = slot(super::PHASE);
+    pub(super) const SENDER: Slot = slot(super::SENDER);
+    pub(super) const RECIPIENT: Slot = slot(super::RECIPIENT);
+    pub(super) const REQUIRETLS: Slot = slot(super::REQUIRETLS);
+    pub(super) const TLS_REQUIRED_NO: Slot = slot(super::TLS_REQUIRED_NO);
+    pub(super) const MX: Slot = slot(super::MX);
+    pub(super) const HOP: Slot = slot(super::HOP);
+    pub(super) const STARTTLS: Slot = slot(super::STARTTLS);
+    pub(super) const TLS: Slot = slot(super::TLS);
+    pub(super) const CERT: Slot = slot(super::CERT);
+    pub(super) const MTA_STS: Slot = slot(super::MTA_STS);
+    pub(super) const ATTEMPT: Slot = slot(super::ATTEMPT);
+    pub(super) const ROUTE: Slot = slot(super::ROUTE);
+    pub(super) const HOST: Slot = slot(super::HOST);
+    pub(super) const HOST_ADDRESSES: Slot = slot(super::HOST_ADDRESSES);
+    pub(super) const HOST_PORT: Slot = slot(super::HOST_PORT);
+    pub(super) const HOST_MX_LOOKUP: Slot = slot(super::HOST_MX_LOOKUP);
+    pub(super) const TLS_REQUIRED: Slot = slot(super::TLS_REQUIRED);
+    pub(super) const TLS_VERIFY: Slot = slot(super::TLS_VERIFY);
+    pub(super) const TLS_MIN: Slot = slot(super::TLS_MIN);
+    pub(super) const RULE: Slot = slot(super::RULE);
+    pub(super) const POLICY_VERSION: Slot = slot(super::POLICY_VERSION);
+    pub(super) const RESULT: Slot = slot(super::RESULT);
+    pub(super) const REASON: Slot = slot(super::REASON);
+    pub(super) const REPLY: Slot = slot(super::REPLY);
 }
 
-/// Whether `name` is one of [`DECISION_HEADERS`] (ASCII case-insensitive).
-pub fn is_decision_header(name: &[u8]) -> bool {
-    slot_of(name).is_some_and(|i| i >= FACT_HEADERS.len())
+/// The decision header `name` is, as spelled in [`DECISION_HEADERS`] (names compare
+/// ASCII case-insensitively); `None` for any other name.
+pub fn decision_header(name: &[u8]) -> Option<&'static str> {
+    let i = slot_of(name)?.checked_sub(FACT_HEADERS.len())?;
+    Some(DECISION_HEADERS[i])
 }
 
 /// Fact and decision headers: the slots of [`lookup`]'s index.
@@ -561,43 +589,11 @@ fn slot_of(name: &[u8]) -> Option<usize> {
 }
 
 fn suffix_slot(rest: &[u8]) -> Option<usize> {
-    // (length, first byte, last byte) tells every contract name apart: one comparison
-    // confirms the candidate (this runs for every header of every decision).
-    let (&first, &last) = (rest.first()?, rest.last()?);
-    let i = match (rest.len(), first, last) {
-        (5, b'p', b'e') => 0,
-        (6, b's', b'r') => 1,
-        (9, b'r', b't') => 2,
-        (10, b'r', b's') => 3,
-        (15, b't', b'o') => 4,
-        (2, b'm', b'x') => 5,
-        (3, b'h', b'p') => 6,
-        (8, b's', b's') => 7,
-        (3, b't', b's') => 8,
-        (4, b'c', b't') => 9,
-        (7, b'm', b's') => 10,
-        (7, b'a', b't') => 11,
-        (5, b'r', b'e') => 12,
-        (4, b'h', b't') => 13,
-        (14, b'h', b's') => 14,
-        (9, b'h', b't') => 15,
-        (14, b'h', b'p') => 16,
-        (12, b't', b'd') => 17,
-        (10, b't', b'y') => 18,
-        (7, b't', b'n') => 19,
-        (4, b'r', b'e') => 20,
-        (14, b'p', b'n') => 21,
-        (6, b'r', b't') => 22,
-        (6, b'r', b'n') => 23,
-        (5, b'r', b'y') => 24,
-        _ => return None,
-    };
-    let name = if i < FACT_HEADERS.len() {
-        FACT_HEADERS[i]
-    } else {
-        DECISION_HEADERS[i - FACT_HEADERS.len()]
-    };
-    (&name.as_bytes()[PREFIX.len()..] == rest).then_some(i)
+    // Slice equality compares lengths first: most of the 25 candidates cost one compare.
+    FACT_HEADERS
+        .iter()
+        .chain(DECISION_HEADERS.iter())
+        .position(|name| &name.as_bytes()[PREFIX.len()..] == rest)
 }
 
 #[cfg(test)]
@@ -630,10 +626,13 @@ mod tests {
             );
         }
         for name in DECISION_HEADERS {
-            assert!(is_decision_header(name.to_ascii_uppercase().as_bytes()));
+            assert_eq!(
+                decision_header(name.to_ascii_uppercase().as_bytes()),
+                Some(name)
+            );
         }
         for name in FACT_HEADERS {
-            assert!(!is_decision_header(name.as_bytes()));
+            assert_eq!(decision_header(name.as_bytes()), None);
         }
         for other in [
             "",

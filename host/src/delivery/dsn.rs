@@ -149,7 +149,7 @@ fn ascii_line(s: &str) -> String {
 pub fn rfc5322_date(t: Timestamp) -> String {
     let days = t / 86_400;
     let secs = t % 86_400;
-    let (y, mo, d) = civil_from_days(days as i64);
+    let (y, mo, d) = crate::civil::civil_from_days(days as i64);
     // 1970-01-01 was a Thursday.
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
     let month = [
@@ -161,21 +161,6 @@ pub fn rfc5322_date(t: Timestamp) -> String {
         (secs / 60) % 60,
         secs % 60
     )
-}
-
-/// Days since 1970-01-01 to (year, month 1-12, day 1-31), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]

@@ -177,28 +177,41 @@ impl Relay {
         true
     }
 
-    /// Waits until every recipient of `id` is out of `Pending` (or the message is gone),
-    /// and returns the states (`None`: finished and removed).
+    /// See [`settled`].
     pub(crate) async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match self.spool.entry(id) {
-                None => return None,
-                Some(e)
-                    if e.recipients
-                        .iter()
-                        .all(|s| !matches!(s, RecipientState::Pending)) =>
-                {
-                    return Some(e.recipients);
-                }
-                Some(_) => {}
+        settled(&self.spool, id).await
+    }
+}
+
+/// Waits until every recipient of `id` is out of `Pending`, and returns the states;
+/// `None` when all were delivered (the message is removed, or about to be: delivered is
+/// recorded before the removal).
+pub(crate) async fn settled(spool: &Spool, id: &MessageId) -> Option<Vec<RecipientState>> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match spool.entry(id) {
+            None => return None,
+            Some(e)
+                if e.recipients
+                    .iter()
+                    .all(|s| matches!(s, RecipientState::Delivered { .. })) =>
+            {
+                return None;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "message {id} not handled in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some(e)
+                if e.recipients
+                    .iter()
+                    .all(|s| !matches!(s, RecipientState::Pending)) =>
+            {
+                return Some(e.recipients);
+            }
+            Some(_) => {}
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "message {id} not handled in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -209,35 +209,9 @@ impl Relay {
         self.spool.store(env, msg.into_bytes()).await.unwrap()
     }
 
-    /// Waits until the message's recipients are out of `Pending`; `None`: all delivered
-    /// (the entry may still be there for a moment before it is removed).
+    /// See [`crate::inproc::settled`].
     pub async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match self.spool.entry(id) {
-                None => return None,
-                Some(e)
-                    if e.recipients
-                        .iter()
-                        .all(|s| matches!(s, RecipientState::Delivered { .. })) =>
-                {
-                    return None;
-                }
-                Some(e)
-                    if e.recipients
-                        .iter()
-                        .all(|s| !matches!(s, RecipientState::Pending)) =>
-                {
-                    return Some(e.recipients);
-                }
-                Some(_) => {}
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "message {id} not handled in time"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::inproc::settled(&self.spool, id).await
     }
 
     /// The TLS results recorded today (the test clock's day).

@@ -52,14 +52,10 @@ impl HttpContext for Request {
         let decision = self.decide(pairs.as_deref());
         self.metrics.count(&decision);
         // A decision comes only from here: drop whatever the request brought.
-        let present = pairs.iter().flatten().filter_map(|(k, _)| {
-            if !contract::is_decision_header(k) {
-                return None;
-            }
-            contract::DECISION_HEADERS
-                .iter()
-                .find(|d| d.as_bytes().eq_ignore_ascii_case(k))
-        });
+        let present = pairs
+            .iter()
+            .flatten()
+            .filter_map(|(k, _)| contract::decision_header(k));
         for name in present {
             if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
                 log(
