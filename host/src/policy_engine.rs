@@ -489,14 +489,16 @@ pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
     // Borrowed headers in, the outcome read in place: no copies on the way (the hot path
     // of every delivery; see BENCHMARKS.md, decision latency).
     let mut buf = String::with_capacity(160);
-    let facts = contract::encode_query_into(query, &mut buf);
+    // Facts at their default value are left out: fewer headers for the host to store and
+    // the module to parse, and the same query once decoded.
+    let (facts, n) = contract::encode_query_compact_into(query, &mut buf);
     let mut headers = [("", &b""[..]); PSEUDO_HEADERS.len() + contract::FACT_HEADERS.len()];
     headers[..PSEUDO_HEADERS.len()].copy_from_slice(&PSEUDO_HEADERS);
-    for (slot, (name, at)) in headers[PSEUDO_HEADERS.len()..].iter_mut().zip(facts) {
-        *slot = (name, buf[at].as_bytes());
+    for (slot, (name, at)) in headers[PSEUDO_HEADERS.len()..].iter_mut().zip(&facts[..n]) {
+        *slot = (name, buf[at.clone()].as_bytes());
     }
     let request = HttpRequestRef {
-        headers: &headers,
+        headers: &headers[..PSEUDO_HEADERS.len() + n],
         ..HttpRequestRef::default()
     };
     plugin

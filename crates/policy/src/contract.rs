@@ -246,6 +246,46 @@ pub fn encode_query_into(
     ]
 }
 
+/// [`encode_query_into`] without the facts that hold their default value
+/// ([`Query::default`]; phase and recipient are always there): [`decode_query`] gives the
+/// same query back. Returns the array and how many of its first pairs are in use.
+///
+/// The relay asks with this form. A plan query carries 3 facts instead of 12, a verdict
+/// 7 or 8: every fact left out is a header the host does not store and serialize and the
+/// module does not parse and decode (BENCHMARKS.md, decision latency).
+pub fn encode_query_compact_into(
+    q: &Query,
+    buf: &mut String,
+) -> (
+    [(&'static str, std::ops::Range<usize>); FACT_HEADERS.len()],
+    usize,
+) {
+    let mut facts = encode_query_into(q, buf);
+    let d = Query::default();
+    let keep = [
+        true,
+        q.sender != d.sender,
+        true,
+        q.requiretls != d.requiretls,
+        q.tls_required_no != d.tls_required_no,
+        q.mx != d.mx,
+        q.hop != d.hop,
+        q.starttls != d.starttls,
+        q.tls != d.tls,
+        q.cert != d.cert,
+        q.mta_sts != d.mta_sts,
+        q.attempt != d.attempt,
+    ];
+    let mut n = 0;
+    for i in 0..facts.len() {
+        if keep[i] {
+            facts.swap(n, i);
+            n += 1;
+        }
+    }
+    (facts, n)
+}
+
 /// Decode a query from headers, looked up by name with `get` (raw bytes, as a host or the
 /// proxy-wasm SDK's `_bytes` calls give them). Phase and recipient are required; the
 /// other facts default as in [`Query::default`].

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use altroute_policy::contract::{
-    decode_decision, decode_query, encode_decision, encode_query, lookup,
+    self, decode_decision, decode_query, encode_decision, encode_query, encode_query_compact_into,
+    lookup,
 };
 use altroute_policy::pattern::Pattern;
 use altroute_policy::{
@@ -184,6 +185,28 @@ proptest! {
         }
         let back = decode_query(lookup(&headers)).unwrap();
         prop_assert_eq!(back, q);
+    }
+
+    /// The compact form (defaults left out) decodes to the same query, and leaves out
+    /// exactly the facts that hold their default.
+    #[test]
+    fn compact_facts_round_trip(mut q in query(), sender in ".*", local in "[^@]{1,20}", mx in ".*") {
+        q.sender = sender;
+        q.recipient = format!("{local}@example.org");
+        q.mx = mx;
+        let mut buf = String::new();
+        let (facts, n) = encode_query_compact_into(&q, &mut buf);
+        let headers: Vec<(&str, &str)> =
+            facts[..n].iter().map(|(name, at)| (*name, &buf[at.clone()])).collect();
+        let back = decode_query(lookup(&headers)).unwrap();
+        prop_assert_eq!(&back, &q);
+        let full = encode_query(&q);
+        let default = encode_query(&Query::default());
+        for ((name, value), (_, default_value)) in full.iter().zip(&default) {
+            let sent = headers.iter().any(|(n, _)| n == name);
+            let always = *name == contract::PHASE || *name == contract::RECIPIENT;
+            prop_assert_eq!(sent, always || value != default_value, "{}", name);
+        }
     }
 
     /// decode(encode(d)) == d for any decision.
