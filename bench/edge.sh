@@ -3,10 +3,12 @@
 # policy module as a network filter, in one run: the same Envoy config
 # (deploy/envoy/edge-static.yaml) with the filter block and with it removed, tcp_proxy to
 # Postfix's smtp-sink, Postfix's smtp-source as the client (one message per session:
-# smtp-source opens a new connection for every message unless given -d). Both Envoys run
-# side by side for the whole run, with the same settings; the rounds alternate which
-# variant goes first, so a load change on the machine hits both alike. Prints every
-# round, both median rates and the ratio (goal: the filter costs at most 10%).
+# smtp-source opens a new connection for every message unless given -d). A third Envoy
+# runs the same filter block with a module that does nothing (bench/noop-stream.wat):
+# what Envoy's wasm plumbing alone costs, the floor under any module. The three Envoys
+# run side by side for the whole run, with the same settings; the rounds rotate which
+# variant goes first, so a load change on the machine hits all alike. Prints every
+# round, the median rates and the ratios (goal: the filter costs at most 10%).
 #
 #   bench/edge.sh [MESSAGES=2000] [SESSIONS=20] [SIZE=1024] [ROUNDS=3]
 #
@@ -62,14 +64,19 @@ USER_ARGS=()
 /usr/sbin/smtp-sink "${USER_ARGS[@]}" "127.0.0.1:$SINK_PORT" 256 &
 PIDS+=($!)
 
-render() { # $1 = listen port, $2 = with|without
+# The no-op module: text in the repository, compiled here.
+cargo run --release --locked -q -p proxy-wasm-host --example wat2wasm -- bench/noop-stream.wat "$WORK/noop.wasm"
+
+render() { # $1 = listen port, $2 = with|noop|without
+    local module=$POLICY_WASM
+    [ "$2" = noop ] && module=$WORK/noop.wasm
     sed -e "s|{{LISTEN_PORT}}|$1|" -e "s|{{UPSTREAM_PORT}}|$SINK_PORT|" \
-        -e "s|{{MODULE}}|$POLICY_WASM|" -e "s|{{STREAM_CONFIG_JSON}}|$POLICY_JSON|" \
+        -e "s|{{MODULE}}|$module|" -e "s|{{STREAM_CONFIG_JSON}}|$POLICY_JSON|" \
         deploy/envoy/edge-static.yaml |
         if [ "$2" = without ]; then sed '/# BEGIN altroute filter/,/# END altroute filter/d'; else cat; fi
 }
 
-# Start Envoy ($1 = with|without); sets LISTEN and ENVOY_PID.
+# Start Envoy ($1 = with|noop|without); sets LISTEN and ENVOY_PID.
 start_envoy() {
     LISTEN=$(free_port)
     render "$LISTEN" "$1" >"$WORK/envoy-$1.yaml"
@@ -102,19 +109,20 @@ run() {
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "envoy: $("$ENVOY" --version | grep -o 'version: [^ ]*' | head -1)"
-echo "client: smtp-source -s $SESSIONS -m $MESSAGES -l $SIZE; $ROUNDS rounds, alternating order"
+echo "client: smtp-source -s $SESSIONS -m $MESSAGES -l $SIZE; $ROUNDS rounds, rotating order"
 echo "module: $POLICY_WASM ($(wc -c <"$POLICY_WASM") bytes, sha256 $(sha256sum "$POLICY_WASM" | cut -c1-12))"
-declare -A RATES CPU
-RATIOS=""
-for variant in without with; do
+VARIANTS=(without noop with)
+declare -A RATES CPU RATIOS
+for variant in "${VARIANTS[@]}"; do
     start_envoy "$variant"
     eval "PORT_$variant=$LISTEN"
     eval "PID_$variant=$ENVOY_PID"
     run 100 >/dev/null # warm-up: first connections, V8 code warm
 done
 for round in $(seq "$ROUNDS"); do
-    order="without with"
-    [ $((round % 2)) = 0 ] && order="with without"
+    # Rotate the order: each variant goes first, second and third as often.
+    shift_by=$(((round - 1) % 3))
+    order="${VARIANTS[*]:$shift_by} ${VARIANTS[*]:0:$shift_by}"
     declare -A THIS
     for variant in $order; do
         eval "LISTEN=\$PORT_$variant; PID=\$PID_$variant"
@@ -128,21 +136,29 @@ for round in $(seq "$ROUNDS"); do
         THIS[$variant]=$rate
         printf 'round %d %-7s filter: %8.1f sessions/s, envoy CPU %6.1f us/session\n' "$round" "$variant" "$rate" "$us"
     done
-    # The pair of one round ran back to back under the same load: its ratio is the
+    # The runs of one round ran back to back under the same load: their ratio is the
     # figure least disturbed by load changes on a shared machine.
-    RATIOS+="$(echo "${THIS[with]} / ${THIS[without]}" | bc -l) "
-    printf 'round %d with/without: %.3f\n' "$round" "$(echo "${THIS[with]} / ${THIS[without]}" | bc -l)"
+    for variant in with noop; do
+        RATIOS[$variant]+="$(echo "${THIS[$variant]} / ${THIS[without]}" | bc -l) "
+    done
+    printf 'round %d with/without: %.3f, noop/without: %.3f\n' "$round" \
+        "$(echo "${THIS[with]} / ${THIS[without]}" | bc -l)" "$(echo "${THIS[noop]} / ${THIS[without]}" | bc -l)"
 done
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 WITHOUT=$(median "${RATES[without]}")
+NOOP=$(median "${RATES[noop]}")
 WITH=$(median "${RATES[with]}")
-printf 'median without filter: %.1f sessions/s\nmedian with filter:    %.1f sessions/s\n' "$WITHOUT" "$WITH"
+printf 'median without filter: %.1f sessions/s\nmedian no-op filter:   %.1f sessions/s\nmedian with filter:    %.1f sessions/s\n' "$WITHOUT" "$NOOP" "$WITH"
 printf 'ratio of the medians, with/without: %.3f (%.1f%% slower)\n' "$(echo "$WITH / $WITHOUT" | bc -l)" "$(echo "(1 - $WITH / $WITHOUT) * 100" | bc -l)"
-PAIRED=$(median "$RATIOS")
+PAIRED=$(median "${RATIOS[with]}")
 printf 'median of the per-round ratios:     %.3f (%.1f%% slower)\n' "$PAIRED" "$(echo "(1 - $PAIRED) * 100" | bc -l)"
+PAIRED_NOOP=$(median "${RATIOS[noop]}")
+printf 'no-op module (the floor), median of the per-round ratios: %.3f (%.1f%% slower)\n' "$PAIRED_NOOP" "$(echo "(1 - $PAIRED_NOOP) * 100" | bc -l)"
 CPU_WITHOUT=$(median "${CPU[without]}")
+CPU_NOOP=$(median "${CPU[noop]}")
 CPU_WITH=$(median "${CPU[with]}")
-printf 'median envoy CPU per session: without %.1f us, with %.1f us (filter: +%.1f us, x%.3f)\n' \
-    "$CPU_WITHOUT" "$CPU_WITH" "$(echo "$CPU_WITH - $CPU_WITHOUT" | bc -l)" "$(echo "$CPU_WITH / $CPU_WITHOUT" | bc -l)"
+printf 'median envoy CPU per session: without %.1f us, no-op filter %.1f us, with %.1f us (filter: +%.1f us, x%.3f; of which the plumbing floor: +%.1f us)\n' \
+    "$CPU_WITHOUT" "$CPU_NOOP" "$CPU_WITH" "$(echo "$CPU_WITH - $CPU_WITHOUT" | bc -l)" "$(echo "$CPU_WITH / $CPU_WITHOUT" | bc -l)" \
+    "$(echo "$CPU_NOOP - $CPU_WITHOUT" | bc -l)"
 # Proof that the filter ran: the module counts the SMTP sessions it saw.
 echo "filter sessions counted: $(curl -s "http://$(cat "$WORK/admin-with")/stats?filter=altroute_smtp_sessions_total")"

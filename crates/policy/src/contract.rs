@@ -167,23 +167,25 @@ const PLAIN: [bool; 256] = {
 
 /// Decode a percent-encoded header value. `None` for bad escapes or non-UTF-8 results.
 pub fn decode_text(v: &[u8]) -> Option<String> {
+    // Most values (addresses, names, versions) have no escape: checked and copied in one
+    // piece.
+    if v.iter().all(|&b| b != b'%' && (b'!'..=b'~').contains(&b)) {
+        return String::from_utf8(v.to_vec()).ok();
+    }
+    // Text with escapes (a reason has one per space) byte by byte into reserved room:
+    // cheaper than a copy per run between escapes.
     let mut out = Vec::with_capacity(v.len());
-    let mut rest = v;
-    loop {
-        // Copy the run up to the next escape in one piece (most values have none).
-        let run = rest.iter().position(|&b| b == b'%').unwrap_or(rest.len());
-        let (plain, tail) = rest.split_at(run);
-        if !plain.iter().all(|b| (b'!'..=b'~').contains(b)) {
+    let mut i = 0;
+    while let Some(&b) = v.get(i) {
+        if b == b'%' {
+            let (hi, lo) = (*v.get(i + 1)?, *v.get(i + 2)?);
+            out.push(hex_val(hi)? << 4 | hex_val(lo)?);
+            i += 3;
+        } else if (b'!'..=b'~').contains(&b) {
+            out.push(b);
+            i += 1;
+        } else {
             return None;
-        }
-        out.extend_from_slice(plain);
-        match tail {
-            [] => break,
-            [_, hi, lo, more @ ..] => {
-                out.push(hex_val(*hi)? << 4 | hex_val(*lo)?);
-                rest = more;
-            }
-            _ => return None,
         }
     }
     String::from_utf8(out).ok()
@@ -629,12 +631,44 @@ fn slot_of(name: &[u8]) -> Option<usize> {
 }
 
 fn suffix_slot(rest: &[u8]) -> Option<usize> {
-    // Slice equality compares lengths first: most of the 25 candidates cost one compare.
-    FACT_HEADERS
+    // Only the few names of the same length are compared (one or two of the 25).
+    let candidates = BY_LENGTH.get(rest.len())?;
+    candidates
         .iter()
-        .chain(DECISION_HEADERS.iter())
-        .position(|name| &name.as_bytes()[PREFIX.len()..] == rest)
+        .take_while(|&&i| i != NONE)
+        .map(|&i| usize::from(i))
+        .find(|&i| &slot_name(i).as_bytes()[PREFIX.len()..] == rest)
 }
+
+/// The contract header name of slot `i` (see [`lookup`]).
+const fn slot_name(i: usize) -> &'static str {
+    if i < FACT_HEADERS.len() {
+        FACT_HEADERS[i]
+    } else {
+        DECISION_HEADERS[i - FACT_HEADERS.len()]
+    }
+}
+
+/// An empty place in [`BY_LENGTH`].
+const NONE: u8 = u8::MAX;
+
+/// The slots of the names whose part after [`PREFIX`] is `n` bytes long, for each `n`,
+/// built at compile time from the header lists (a list that outgrows the table does not
+/// compile).
+const BY_LENGTH: [[u8; 4]; 32] = {
+    let mut t = [[NONE; 4]; 32];
+    let mut i = 0;
+    while i < SLOTS {
+        let n = slot_name(i).len() - PREFIX.len();
+        let mut j = 0;
+        while t[n][j] != NONE {
+            j += 1;
+        }
+        t[n][j] = i as u8;
+        i += 1;
+    }
+    t
+};
 
 #[cfg(test)]
 mod tests {
