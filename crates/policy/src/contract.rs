@@ -279,8 +279,8 @@ pub fn encode_query_compact_into(
         q.attempt != d.attempt,
     ];
     let mut n = 0;
-    for i in 0..facts.len() {
-        if keep[i] {
+    for (i, kept) in keep.into_iter().enumerate() {
+        if kept {
             facts.swap(n, i);
             n += 1;
         }
