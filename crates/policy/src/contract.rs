@@ -252,9 +252,9 @@ pub fn encode_query_into(
 /// ([`Query::default`]; phase and recipient are always there): [`decode_query`] gives the
 /// same query back. Returns the array and how many of its first pairs are in use.
 ///
-/// The relay asks with this form. A plan query carries 3 facts instead of 12, a verdict
-/// 7 or 8: every fact left out is a header the host does not store and serialize and the
-/// module does not parse and decode (BENCHMARKS.md, decision latency).
+/// The relay asks with this form. A plan query usually carries 3 facts instead of 12, a
+/// verdict 4 to 9: every fact left out is a header the host does not store and serialize
+/// and the module does not parse and decode (BENCHMARKS.md, decision latency).
 pub fn encode_query_compact_into(
     q: &Query,
     buf: &mut String,
