@@ -264,23 +264,24 @@ pub fn encode_query_compact_into(
 ) {
     let mut facts = encode_query_into(q, buf);
     let d = Query::default();
-    let keep = [
-        true,
-        q.sender != d.sender,
-        true,
-        q.requiretls != d.requiretls,
-        q.tls_required_no != d.tls_required_no,
-        q.mx != d.mx,
-        q.hop != d.hop,
-        q.starttls != d.starttls,
-        q.tls != d.tls,
-        q.cert != d.cert,
-        q.mta_sts != d.mta_sts,
-        q.attempt != d.attempt,
-    ];
+    // By name, not by position in `encode_query_into`'s list.
+    let at_default = |name: &str| match name {
+        SENDER => q.sender == d.sender,
+        REQUIRETLS => q.requiretls == d.requiretls,
+        TLS_REQUIRED_NO => q.tls_required_no == d.tls_required_no,
+        MX => q.mx == d.mx,
+        HOP => q.hop == d.hop,
+        STARTTLS => q.starttls == d.starttls,
+        TLS => q.tls == d.tls,
+        CERT => q.cert == d.cert,
+        MTA_STS => q.mta_sts == d.mta_sts,
+        ATTEMPT => q.attempt == d.attempt,
+        // Phase and recipient are required.
+        _ => false,
+    };
     let mut n = 0;
-    for (i, kept) in keep.into_iter().enumerate() {
-        if kept {
+    for i in 0..facts.len() {
+        if !at_default(facts[i].0) {
             facts.swap(n, i);
             n += 1;
         }
@@ -543,18 +544,14 @@ type Slot = (usize, &'static str);
 
 /// The slot of every contract header.
 mod at {
-    use super::{DECISION_HEADERS, FACT_HEADERS, Slot};
+    use super::{SLOTS, Slot, slot_name};
 
     /// The slot of `name`, found at compile time (a name missing from the lists does
     /// not compile).
     const fn slot(name: &'static str) -> Slot {
         let mut i = 0;
-        while i < FACT_HEADERS.len() + DECISION_HEADERS.len() {
-            let candidate = if i < FACT_HEADERS.len() {
-                FACT_HEADERS[i]
-            } else {
-                DECISION_HEADERS[i - FACT_HEADERS.len()]
-            };
+        while i < SLOTS {
+            let candidate = slot_name(i);
             if candidate.len() == name.len() {
                 let (a, b) = (candidate.as_bytes(), name.as_bytes());
                 let mut j = 0;
