@@ -372,11 +372,7 @@ pub fn for_each_decision_header(
                 encode_text_into(a, b);
             }
         });
-        emit(HOST_PORT, buf, &|b| {
-            use std::fmt::Write;
-            // Writing to a String cannot fail.
-            let _ = write!(b, "{}", host.port);
-        });
+        emit(HOST_PORT, buf, &|b| push_decimal(host.port, b));
         emit(HOST_MX_LOOKUP, buf, &|b| b.push_str(yes_no(host.mx_lookup)));
     }
     emit(TLS_REQUIRED, buf, &|b| b.push_str(yes_no(d.tls.required)));
@@ -391,6 +387,22 @@ pub fn for_each_decision_header(
     if let Some(r) = &d.reply {
         emit(REPLY, buf, &|b| encode_text_into(r, b));
     }
+}
+
+/// `n` in decimal, without the formatting machinery (which cost more than the rest of a
+/// header in the wasm module).
+fn push_decimal(mut n: u16, out: &mut String) {
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// Decode a decision from headers. Route, TLS requirement, rule and policy version are
@@ -519,7 +531,25 @@ impl<'a, K: AsRef<[u8]>, V: AsRef<[u8]>> Index<'a, K, V> {
     }
 }
 
+impl<K, V> Index<'_, K, V> {
+    /// The decision headers present in the indexed list, as spelled in
+    /// [`DECISION_HEADERS`] (a module drops these from a request before it answers).
+    pub fn decision_headers(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.slots[FACT_HEADERS.len()..]
+            .iter()
+            .zip(DECISION_HEADERS)
+            .filter(|(v, _)| v.is_some())
+            .map(|(_, name)| name)
+    }
+}
+
 impl<'a, K, V> Source<'a> for Index<'a, K, V> {
+    fn value(&self, slot: usize, _name: &'static str) -> Option<&'a [u8]> {
+        self.slots[slot]
+    }
+}
+
+impl<'a, K, V> Source<'a> for &Index<'a, K, V> {
     fn value(&self, slot: usize, _name: &'static str) -> Option<&'a [u8]> {
         self.slots[slot]
     }

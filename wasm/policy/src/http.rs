@@ -27,15 +27,15 @@ impl Request {
         Request { policy, metrics }
     }
 
-    /// Decide from the request's headers, read in one host call (`pairs`).
-    fn decide(&self, pairs: Option<&[(&[u8], &[u8])]>) -> Decision {
+    /// Decide from the request's headers, read in one host call and indexed once.
+    fn decide(&self, index: Option<&contract::Index<'_, &[u8], &[u8]>>) -> Decision {
         let Some(policy) = &self.policy else {
             return Decision::fault("none", "no policy is configured");
         };
-        let Some(pairs) = pairs else {
+        let Some(index) = index else {
             return Decision::fault(&policy.version, "the request headers could not be read");
         };
-        match contract::decode_query(contract::lookup(pairs)) {
+        match contract::decode_query(index) {
             Ok(query) => decide(policy, &query),
             Err(e) => Decision::fault(&policy.version, &e.to_string()),
         }
@@ -49,13 +49,12 @@ impl HttpContext for Request {
         // One host call for every header: facts in, and which decision headers to drop.
         let block = HeaderBlock::request();
         let pairs = block.as_ref().and_then(HeaderBlock::pairs);
-        let decision = self.decide(pairs.as_deref());
+        let index = pairs.as_deref().map(contract::lookup);
+        let decision = self.decide(index.as_ref());
         self.metrics.count(&decision);
-        // A decision comes only from here: drop whatever the request brought.
-        let present = pairs
-            .iter()
-            .flatten()
-            .filter_map(|(k, _)| contract::decision_header(k));
+        // A decision comes only from here: drop whatever the request brought (the index
+        // knows which decision headers it has: no second pass over the names).
+        let present = index.iter().flat_map(contract::Index::decision_headers);
         for name in present {
             if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
                 log(
