@@ -43,7 +43,13 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo"));
     let target_dir = workspace.join("target").join("wasm-nested");
 
-    for dir in ["crates/policy", "wasm", "Cargo.toml", "Cargo.lock"] {
+    for dir in [
+        "crates/policy",
+        "wasm",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
 
