@@ -78,7 +78,12 @@ fn body_reads(plugin: &Plugin, chunk: &[u8]) -> Vec<Duration> {
     let mut s = plugin
         .stream(ConnectionInfo::default())
         .expect("stream opens");
-    for (client, bytes) in &SESSION[..9] {
+    // Everything before the message: the session then expects message bytes.
+    let before_body = SESSION
+        .iter()
+        .position(|(_, bytes)| *bytes == MESSAGE)
+        .expect("the session carries a message");
+    for (client, bytes) in &SESSION[..before_body] {
         let out = if *client {
             s.downstream(bytes, false)
         } else {

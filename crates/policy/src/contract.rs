@@ -549,9 +549,10 @@ impl<'a, K, V> Source<'a> for Index<'a, K, V> {
     }
 }
 
+/// A borrowed index reads the same (the module decodes from an index it keeps).
 impl<'a, K, V> Source<'a> for &Index<'a, K, V> {
-    fn value(&self, slot: usize, _name: &'static str) -> Option<&'a [u8]> {
-        self.slots[slot]
+    fn value(&self, slot: usize, name: &'static str) -> Option<&'a [u8]> {
+        (**self).value(slot, name)
     }
 }
 
