@@ -298,15 +298,30 @@ fn write_u32(caller: &mut Caller<'_, State>, ptr: u32, v: u32) -> Res<()> {
     write(caller, ptr, &v.to_le_bytes(), "return pointer")
 }
 
+/// Stores a returned block's pointer and size at the guest's two return slots, in a
+/// view of memory the caller already holds (one memory lookup per host call instead of
+/// one per slot: this is on the path of every header and buffer read).
+fn put_ptr_size(data: &mut [u8], ret_ptr: u32, ptr: u32, ret_size: u32, size: u32) -> Res<()> {
+    let r = range(data.len(), ret_ptr, 4, "return pointer")?;
+    data[r].copy_from_slice(&ptr.to_le_bytes());
+    let r = range(data.len(), ret_size, 4, "return pointer")?;
+    data[r].copy_from_slice(&size.to_le_bytes());
+    Ok(())
+}
+
 /// Asks the guest allocator for `len` bytes and checks the answer.
 fn alloc(caller: &mut Caller<'_, State>, len: usize) -> Res<u32> {
     let len32 = u32::try_from(len).map_err(|_| limit("value larger than 4 GiB"))?;
-    let f = caller
-        .data()
-        .alloc
-        .clone()
-        .ok_or_else(|| guest("module exports neither proxy_on_memory_allocate nor malloc"))?;
-    let ptr = f.call(&mut *caller, len32)?;
+    // Taken out of the state for the call and put back after it (no reference count to
+    // touch on every read). A guest allocator that calls back into a host call needing
+    // the allocator finds none and gets a clear error instead of recursing.
+    let f =
+        caller.data_mut().alloc.take().ok_or_else(|| {
+            guest("no guest allocator (none exported, or it re-entered the host)")
+        })?;
+    let r = f.call(&mut *caller, len32);
+    caller.data_mut().alloc = Some(f);
+    let ptr = r?;
     if ptr == 0 && len > 0 {
         return Err(guest(format!("allocator returned null for {len} bytes")));
     }
@@ -319,9 +334,11 @@ fn alloc(caller: &mut Caller<'_, State>, len: usize) -> Res<u32> {
 /// Hands `bytes` to the guest: allocate, copy, store pointer and size at the return slots.
 fn give(caller: &mut Caller<'_, State>, bytes: &[u8], ret_ptr: u32, ret_size: u32) -> Res<()> {
     let ptr = alloc(caller, bytes.len())?;
-    write(caller, ptr, bytes, "allocated block")?;
-    write_u32(caller, ret_ptr, ptr)?;
-    write_u32(caller, ret_size, bytes.len() as u32)
+    let mem = memory(caller)?;
+    let data = mem.data_mut(&mut *caller);
+    let r = range(data.len(), ptr, bytes.len() as u32, "allocated block")?;
+    data[r].copy_from_slice(bytes);
+    put_ptr_size(data, ret_ptr, ptr, ret_size, bytes.len() as u32)
 }
 
 fn map_bytes(map: &HeaderMap) -> usize {
@@ -646,8 +663,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let r = range(data.len(), ptr, len as u32, "allocated block")?;
             let buf = buffer(st, t).unwrap_or(&[]);
             data[r].copy_from_slice(&buf[start..end]);
-            write_u32(&mut c, ret_ptr, ptr)?;
-            write_u32(&mut c, ret_size, len as u32)?;
+            put_ptr_size(data, ret_ptr, ptr, ret_size, len as u32)?;
             Ok(OK)
         },
     )?;
@@ -689,8 +705,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Err(guest("header map changed during allocation"));
             }
             serialize_map_into(map, &mut data[r]);
-            write_u32(&mut c, ret_ptr, ptr)?;
-            write_u32(&mut c, ret_size, size as u32)?;
+            put_ptr_size(data, ret_ptr, ptr, ret_size, size as u32)?;
             Ok(OK)
         },
     )?;
@@ -757,8 +772,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Err(guest("header map changed during allocation"));
             }
             data[r].copy_from_slice(value);
-            write_u32(&mut c, ret_ptr, ptr)?;
-            write_u32(&mut c, ret_size, len as u32)?;
+            put_ptr_size(data, ret_ptr, ptr, ret_size, len as u32)?;
             Ok(OK)
         },
     )?;

@@ -63,12 +63,19 @@ impl HttpContext for Request {
                 );
             }
         }
+        // With the request's decision headers known and removed above, each header is
+        // added (the host appends it, Envoy's `addCopy`); without that knowledge (headers
+        // unreadable) each one replaces whatever the request may have had.
+        let known = index.is_some();
         // One scratch buffer for every value, kept across requests: no allocation here.
         SCRATCH.with_borrow_mut(|buf| {
             contract::for_each_decision_header(&decision, buf, |name, value| {
-                if let Err(e) =
+                let set = if known {
+                    hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value)
+                } else {
                     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
-                {
+                };
+                if let Err(e) = set {
                     log(
                         proxy_wasm::types::LogLevel::Error,
                         &format!("setting {name} failed: {e:?}"),
