@@ -142,8 +142,12 @@ fn garbage_facts_defer_and_spoofed_decisions_are_replaced() {
         "a@corp.example",
         "b@partner.example",
     ));
+    // The module adds its headers once the request's are removed: a spoofed header sent
+    // twice, or in capitals, must not survive next to the module's own.
     facts.push((contract::ROUTE, "direct".into()));
     facts.push((contract::TLS_REQUIRED, "no".into()));
+    facts.push(("X-Altroute-Tls-Required", "no".into()));
+    facts.push((contract::REASON, "forged".into()));
     let out = plugin.http_request(&request(facts)).expect("request");
     let routes: Vec<_> = out
         .headers
@@ -152,6 +156,11 @@ fn garbage_facts_defer_and_spoofed_decisions_are_replaced() {
         .collect();
     assert_eq!(routes.len(), 1, "{:?}", out.headers);
     assert_eq!(routes[0].1, b"yes");
+    for name in contract::DECISION_HEADERS {
+        let n = out.headers.iter().filter(|(k, _)| k == name).count();
+        assert!(n <= 1, "{name} appears {n} times: {:?}", out.headers);
+    }
+    assert_ne!(out.header(contract::REASON), Some(&b"forged"[..]));
     // The plugin still serves correctly afterwards.
     let d = decode_decision(lookup(
         &plugin
