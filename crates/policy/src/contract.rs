@@ -134,8 +134,9 @@ pub fn encode_text_into(s: &str, out: &mut String) {
 
 /// Whether every byte is in `!`..`~` and is neither `x` nor `y`: eight bytes per step
 /// (SWAR), since every decision's text values (a verdict's reason is ~140 bytes) go
-/// through this check twice, in the module and in the relay, and a byte-per-step loop
-/// was the largest single cost of encoding a decision in the module. A crate for this
+/// through this check twice, in the module and in the relay (the byte-per-step loop was
+/// the top entry of the module's profile; the gain measured is small, see BENCHMARKS.md,
+/// decision latency). A crate for this
 /// would bring SIMD code per target; these four word tests are exact as booleans (Sean
 /// Anderson's "bit twiddling hacks": `hasless`, `hasmore`, `haszero`), and a test
 /// compares them with the byte-per-step definition on every byte at every position.
