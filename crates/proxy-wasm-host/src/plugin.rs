@@ -312,7 +312,7 @@ impl Instance {
             .or_else(|_| instance.get_typed_func::<u32, u32>(&mut store, "malloc"))
             .map_err(|e| Error::Link(format!("allocator export: {e:#}")))?;
         store.data_mut().memory = memory;
-        store.data_mut().alloc = Some(Arc::new(alloc));
+        store.data_mut().alloc = Some(alloc);
         macro_rules! opt {
             ($name:literal) => {
                 match instance.get_func(&mut store, $name) {
