@@ -478,7 +478,7 @@ fn spec(module: Arc<[u8]>, policy: &LoadedPolicy) -> PluginSpec {
 }
 
 /// The pseudo-headers of every routing question (one HTTP request per question).
-pub(crate) const PSEUDO_HEADERS: [(&str, &[u8]); 3] = [
+pub const PSEUDO_HEADERS: [(&str, &[u8]); 3] = [
     (":method", b"POST"),
     (":path", b"/decide"),
     (":authority", b"altroute"),

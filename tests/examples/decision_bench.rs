@@ -8,7 +8,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use altroute_policy::{
-    CertStatus, Decision, Hop, Query, Starttls, TlsVersion, compile, decide, fixtures,
+    CertStatus, Decision, Hop, Query, Route, Starttls, TlsVersion, compile, contract, decide,
+    fixtures,
 };
 use proxy_wasm_host::{Host, HostConfig, Plugin, PluginSpec};
 
@@ -30,6 +31,97 @@ fn us(d: Duration) -> String {
 /// the facts as headers, run one HTTP context, decode the decision headers.
 fn ask(plugin: &Plugin, q: &Query) -> Decision {
     altroute::policy_engine::ask(plugin, q).expect("a decision")
+}
+
+/// The contract's floor: a WAT module that makes the host calls the standard module makes
+/// for one routing question (the request headers in one `proxy_get_header_map_pairs`, the
+/// decision headers added one by one, `clear_route_cache`, the decision counters) and
+/// nothing else: it decides nothing and answers the decision `decide()` gave for each of
+/// the two queries, held in its data segment. It tells which part of the decision latency
+/// the ABI calls, the host and the relay's encoding take, and which part the module's own
+/// work (parsing the facts, `decide()`, encoding the decision) takes. It tells the two
+/// queries apart by their number of request headers.
+fn floor_module(plan: (usize, &Decision), verdict: (usize, &Decision)) -> String {
+    let mut data = Vec::<u8>::new();
+    let mut at = |bytes: &[u8]| -> (usize, usize) {
+        let start = 1024 + data.len();
+        data.extend_from_slice(bytes);
+        (start, bytes.len())
+    };
+    let foreign = at(b"clear_route_cache");
+    let metric = at(b"floor_decisions_total");
+    let mut adds = |d: &Decision| -> String {
+        let mut calls = String::new();
+        let mut buf = String::new();
+        contract::for_each_decision_header(d, &mut buf, |name, value| {
+            let (n, nl) = at(name.as_bytes());
+            let (v, vl) = at(value.as_bytes());
+            calls.push_str(&format!(
+                "(drop (call $add (i32.const 0) (i32.const {n}) (i32.const {nl}) (i32.const {v}) (i32.const {vl})))\n"
+            ));
+        });
+        // As the standard module counts: every decision, and reroutes or rejections again.
+        let bumps = if matches!(d.route, Route::Alternate | Route::Defer | Route::Bounce) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..bumps {
+            calls.push_str("(drop (call $inc (global.get $metric) (i64.const 1)))\n");
+        }
+        calls
+    };
+    let plan_adds = adds(plan.1);
+    let verdict_adds = adds(verdict.1);
+    let escaped: String = data.iter().map(|b| format!("\\{b:02x}")).collect();
+    format!(
+        r#"(module
+  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+  (memory (export "memory") 4)
+  (data (i32.const 1024) "{escaped}")
+  (global $heap (mut i32) (i32.const 65536))
+  (global $metric (mut i32) (i32.const 0))
+  ;; A bump allocator, reset for each context.
+  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32) (global.set $heap (i32.const 65536)))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $define (i32.const 0) (i32.const {m}) (i32.const {ml}) (i32.const 8)))
+    (global.set $metric (i32.load (i32.const 8)))
+    (i32.const 1))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_log") (param i32))
+  (func (export "proxy_on_delete") (param i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $pairs (i32.const 0) (i32.const 16) (i32.const 20)))
+    (if (i32.eq (i32.load (i32.load (i32.const 16))) (i32.const {plan_count}))
+      (then {plan_adds})
+      (else (if (i32.eq (i32.load (i32.load (i32.const 16))) (i32.const {verdict_count}))
+        (then {verdict_adds}))))
+    (drop (call $ff (i32.const {f}) (i32.const {fl}) (i32.const 0) (i32.const 0) (i32.const 24) (i32.const 28)))
+    (i32.const 0)))"#,
+        m = metric.0,
+        ml = metric.1,
+        f = foreign.0,
+        fl = foreign.1,
+        plan_count = plan.0,
+        verdict_count = verdict.0,
+    )
+}
+
+/// How many request headers `ask` sends for `q`: its facts (those not at their default
+/// value) and the pseudo-headers.
+fn request_header_count(q: &Query) -> usize {
+    let mut buf = String::new();
+    let (_, facts) = contract::encode_query_compact_into(q, &mut buf);
+    facts + altroute::policy_engine::PSEUDO_HEADERS.len()
 }
 
 fn main() {
@@ -94,6 +186,28 @@ fn main() {
     assert_eq!(ask(&plugin, &plan), decide(&policy, &plan));
     assert_eq!(ask(&plugin, &verdict), decide(&policy, &verdict));
 
+    let (plan_decision, verdict_decision) = (decide(&policy, &plan), decide(&policy, &verdict));
+    let counts = (request_header_count(&plan), request_header_count(&verdict));
+    assert_ne!(
+        counts.0, counts.1,
+        "the floor module tells the queries apart by count"
+    );
+    let floor_wat = floor_module((counts.0, &plan_decision), (counts.1, &verdict_decision));
+    let floor = host
+        .load(PluginSpec::new(
+            wat::parse_str(&floor_wat).expect("floor module compiles"),
+            "floor",
+        ))
+        .expect("floor module loads");
+    // The floor answers exactly what the standard module answers.
+    assert_eq!(ask(&floor, &plan), plan_decision);
+    assert_eq!(ask(&floor, &verdict), verdict_decision);
+    let one_floor = || {
+        let a = ask(&floor, black_box(&plan));
+        let b = ask(&floor, black_box(&verdict));
+        black_box((a, b));
+    };
+
     let measure = |f: &dyn Fn(), n: usize, sweep: Option<&mut Vec<u8>>| -> Vec<Duration> {
         let mut out = Vec::with_capacity(n);
         let mut sweep = sweep;
@@ -112,17 +226,26 @@ fn main() {
         out
     };
 
-    if std::env::var_os("BENCH_PROFILE").is_some() {
+    // For `perf record`: BENCH_PROFILE=1 loops the standard module, BENCH_PROFILE=floor
+    // the contract floor.
+    if let Some(which) = std::env::var_os("BENCH_PROFILE") {
+        let f: &dyn Fn() = if which == "floor" {
+            &one_floor
+        } else {
+            &one_wasm
+        };
         for _ in 0..300_000 {
-            one_wasm();
+            f();
         }
         return;
     }
     for _ in 0..WARMUP {
         one_wasm();
         one_native();
+        one_floor();
     }
     let wasm_warm = percentiles(measure(&one_wasm, SAMPLES, None));
+    let floor_warm = percentiles(measure(&one_floor, SAMPLES, None));
     let native_warm = percentiles(measure(&one_native, SAMPLES, None));
     // Each half alone: one HTTP context, the unit of ../shared/NOTES-proxy-wasm.md's figures.
     let plan_warm = percentiles(measure(
@@ -148,6 +271,10 @@ fn main() {
     for (name, (p50, p99, p999)) in [
         ("wasm module via proxy-wasm host, warm", wasm_warm),
         ("native decide(), warm", native_warm),
+        (
+            "contract floor: same host calls, no decision logic (WAT), warm",
+            floor_warm,
+        ),
         (
             "plan alone (one HTTP context) via the host, warm",
             plan_warm,

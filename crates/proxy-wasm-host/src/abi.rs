@@ -155,6 +155,11 @@ pub(crate) struct State {
     /// headers in, headers the guest adds) then reuses their allocations instead of
     /// allocating a key and a value per header on every request.
     pub spare: Vec<(String, Vec<u8>)>,
+    /// The byte size of each header map (keys and values) when known: kept up to date by
+    /// `proxy_add_header_map_value`, forgotten (`None`) by every other change of the map.
+    /// A module adds its decision headers one by one; summing the whole map after each
+    /// add cost more than the add itself.
+    pub map_bytes_known: [Option<usize>; 4],
 }
 
 impl State {
@@ -183,6 +188,7 @@ impl State {
             close_upstream: false,
             effective_context: 0,
             spare: Vec::new(),
+            map_bytes_known: [None; 4],
         }
     }
 
@@ -220,6 +226,7 @@ impl State {
         let keep = map.len().min(room);
         self.spare.extend(map.drain(..keep));
         map.clear();
+        self.map_bytes_known[i] = None;
     }
 
     /// Forgets everything about the previous context; keeps the allocations for reuse.
@@ -444,8 +451,31 @@ fn map_writable(map_type: u32) -> Res<Option<usize>> {
     }
 }
 
-fn check_map_size(st: &State, idx: usize) -> Res<()> {
+/// Checks map `idx` against the size limit after a change other than an add (which uses
+/// [`check_map_size_after_add`]); the size is summed again and remembered.
+fn check_map_size(st: &mut State, idx: usize) -> Res<()> {
     let size = map_bytes(&st.maps[idx]);
+    st.map_bytes_known[idx] = Some(size);
+    check_size(st, idx, size)
+}
+
+/// Checks map `idx` after one entry of `added` bytes was pushed: from the remembered size
+/// when there is one (no pass over the map).
+fn check_map_size_after_add(st: &mut State, idx: usize, added: usize) -> Res<()> {
+    let size = match st.map_bytes_known[idx] {
+        Some(before) => before + added,
+        None => map_bytes(&st.maps[idx]),
+    };
+    debug_assert_eq!(
+        size,
+        map_bytes(&st.maps[idx]),
+        "remembered size of map {idx}"
+    );
+    st.map_bytes_known[idx] = Some(size);
+    check_size(st, idx, size)
+}
+
+fn check_size(st: &State, idx: usize, size: usize) -> Res<()> {
     if size > st.plugin.max_map_bytes {
         return Err(limit(format!(
             "header map {idx} grew to {size} bytes (limit {} bytes)",
@@ -719,8 +749,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Err(limit(format!("header map of {len} bytes")));
             }
             // Parsed in place from guest memory into recycled entries: a module that
-            // answers with one call here (the standard policy module does) costs no
-            // copy of the block and no allocation for a warm instance.
+            // answers with one call here costs no copy of the block and no allocation for
+            // a warm instance.
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
             let raw = &data[range(data.len(), ptr, len, "header map")?];
@@ -732,7 +762,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             });
             st.maps[i] = map;
             parsed.map_err(guest)?;
-            check_map_size(c.data(), i)?;
+            check_map_size(c.data_mut(), i)?;
             Ok(OK)
         },
     )?;
@@ -789,6 +819,9 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             while n < st.maps[i].len() {
                 if st.maps[i][n].0.as_bytes().eq_ignore_ascii_case(key) {
                     let gone = st.maps[i].remove(n);
+                    if let Some(size) = &mut st.map_bytes_known[i] {
+                        *size -= gone.0.len() + gone.1.len();
+                    }
                     st.spare.push(gone);
                 } else {
                     n += 1;
@@ -841,7 +874,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     st.maps[i].push(e);
                 }
             }
-            check_map_size(c.data(), i)?;
+            check_map_size(c.data_mut(), i)?;
             Ok(OK)
         },
     )?;
@@ -869,8 +902,9 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let key = &data[range(data.len(), kptr, klen, "header name")?];
             let value = &data[range(data.len(), vptr, vlen, "header value")?];
             let e = st.entry(key, value);
+            let added = e.0.len() + e.1.len();
             st.maps[i].push(e);
-            check_map_size(c.data(), i)?;
+            check_map_size_after_add(c.data_mut(), i, added)?;
             Ok(OK)
         },
     )?;
@@ -1208,9 +1242,21 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          ret_ptr: u32,
          ret_size: u32|
          -> Res<u32> {
-            let name = read(&mut c, nptr, nlen, "function name")?;
-            match name.as_slice() {
-                b"set_envoy_filter_state" => {
+            // The name is matched in guest memory, not copied out: `clear_route_cache`
+            // comes with every routing question.
+            enum Foreign {
+                SetFilterState,
+                ClearRouteCache,
+            }
+            let mem = memory(&mut c)?;
+            let data = mem.data(&c);
+            let which = match &data[range(data.len(), nptr, nlen, "function name")?] {
+                b"set_envoy_filter_state" => Foreign::SetFilterState,
+                b"clear_route_cache" => Foreign::ClearRouteCache,
+                _ => return Ok(NOT_FOUND),
+            };
+            match which {
+                Foreign::SetFilterState => {
                     let max = c.data().plugin.max_map_bytes;
                     if alen as usize > max {
                         return Err(limit("filter state argument too large"));
@@ -1225,8 +1271,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                         None => fs.push((path, value)),
                     }
                 }
-                b"clear_route_cache" => c.data_mut().route_cache_cleared = true,
-                _ => return Ok(NOT_FOUND),
+                Foreign::ClearRouteCache => c.data_mut().route_cache_cleared = true,
             }
             write_u32(&mut c, ret_ptr, 0)?;
             write_u32(&mut c, ret_size, 0)?;

@@ -410,10 +410,13 @@ impl Instance {
         st.reset_context();
         st.in_http = true;
         st.conn = req.connection.cloned();
+        let mut bytes = 0;
         for (k, v) in req.headers {
             let e = st.entry_str(k, v);
+            bytes += e.0.len() + e.1.len();
             st.maps[0].push(e);
         }
+        st.map_bytes_known[0] = Some(bytes);
         if let Some(body) = req.body {
             st.request_body.extend_from_slice(body);
         }

@@ -323,6 +323,59 @@ fn a_hundred_mib_of_headers_hits_the_header_limit() {
     assert_serves(&good);
 }
 
+/// The header limit counts the whole map, kept up to date as headers come and go: headers
+/// added in pieces hit it together, and a removed header gives its room back.
+#[test]
+fn header_limit_counts_the_whole_map_and_removed_headers_free_their_room() {
+    let host = host();
+    let good = testguest(&host, "good");
+    // Names "a" and "b" at 0 and 1; values are 600 KiB of memory from 16: two of them pass
+    // the 1 MiB limit of the map, one at a time does not.
+    let extra = r#"(import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+        (data (i32.const 0) "ab")"#;
+    let add = |name: u32| {
+        format!(
+            "(drop (call $add (i32.const 0) (i32.const {name}) (i32.const 1) (i32.const 16) (i32.const 614400)))"
+        )
+    };
+    let remove = "(drop (call $remove (i32.const 0) (i32.const 0) (i32.const 1)))";
+    // Add "a", remove it, five times over: 3 MiB added in all, never more than 600 KiB held.
+    let churn = [add(0), remove.to_string()].concat().repeat(5) + &add(0);
+    let plugin = load(
+        &host,
+        &[
+            ("EXTRA_IMPORT", extra),
+            ("HEADERS", &churn),
+            ("PAGES", "17"),
+        ],
+    )
+    .unwrap();
+    let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    assert_eq!(out.header("a").map(<[u8]>::len), Some(614400));
+    assert_serves(&good);
+    // "a" and "b" together: 1.2 MiB in the map.
+    let both = add(0) + &add(1);
+    let plugin = load(
+        &host,
+        &[("EXTRA_IMPORT", extra), ("HEADERS", &both), ("PAGES", "17")],
+    )
+    .unwrap();
+    let err = plugin
+        .http_request(&request(&[(":path", "/")]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Limit {
+                callback: "proxy_on_request_headers",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+}
+
 #[test]
 fn unknown_import_is_refused_at_load_with_a_clear_error() {
     let host = host();
