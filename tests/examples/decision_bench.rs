@@ -1,6 +1,7 @@
 //! One routing decision (plan + verdict) through the proxy-wasm host versus native
-//! `decide()`: p50 / p99 / p99.9, warm and with cold caches, and the time for a plugin to
-//! be ready from a cached compiled artifact.
+//! `decide()`: p50 / p99 / p99.9, warm and with cold caches, next to the contract floor
+//! (see [`floor_module`]), and the time for a plugin to be ready from a cached compiled
+//! artifact.
 //!
 //! `bash bench/decision.sh` runs it in release mode and prints a Markdown table.
 
