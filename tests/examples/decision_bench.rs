@@ -100,12 +100,14 @@ fn floor_module(plan: (usize, &Decision), verdict: (usize, &Decision)) -> String
   (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
   (func (export "proxy_on_log") (param i32))
   (func (export "proxy_on_delete") (param i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (local $count i32)
     (drop (call $pairs (i32.const 0) (i32.const 16) (i32.const 20)))
-    (if (i32.eq (i32.load (i32.load (i32.const 16))) (i32.const {plan_count}))
-      (then {plan_adds})
-      (else (if (i32.eq (i32.load (i32.load (i32.const 16))) (i32.const {verdict_count}))
-        (then {verdict_adds}))))
+    ;; The block starts with its number of headers.
+    (local.set $count (i32.load (i32.load (i32.const 16))))
+    (if (i32.eq (local.get $count) (i32.const {plan_count}))
+      (then {plan_adds}))
+    (if (i32.eq (local.get $count) (i32.const {verdict_count}))
+      (then {verdict_adds}))
     (drop (call $ff (i32.const {f}) (i32.const {fl}) (i32.const 0) (i32.const 0) (i32.const 24) (i32.const 28)))
     (i32.const 0)))"#,
         m = metric.0,
