@@ -221,6 +221,29 @@ pub fn decode_text(v: &[u8]) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// [`decode_text`] into `out` (cleared first): a value without escapes (the usual fact:
+/// an address, a host name) reuses `out`'s room. `false` for bad escapes or non-UTF-8
+/// results, and `out` is then empty.
+pub fn decode_text_into(v: &[u8], out: &mut String) -> bool {
+    out.clear();
+    if printable_without(v, b'%', b'%') {
+        return match std::str::from_utf8(v) {
+            Ok(s) => {
+                out.push_str(s);
+                true
+            }
+            Err(_) => false,
+        };
+    }
+    match decode_text(v) {
+        Some(s) => {
+            out.push_str(&s);
+            true
+        }
+        None => false,
+    }
+}
+
 fn hex_val(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -323,51 +346,48 @@ pub fn encode_query_compact_into(
 /// proxy-wasm SDK's `_bytes` calls give them). Phase and recipient are required; the
 /// other facts default as in [`Query::default`].
 pub fn decode_query<'a>(get: impl Source<'a>) -> Result<Query, ContractError> {
-    let mut q = Query {
-        phase: token(&get, at::PHASE)?.ok_or(ContractError::Missing(PHASE))?,
-        ..Query::default()
-    };
-    q.recipient = text(&get, at::RECIPIENT)?.ok_or(ContractError::Missing(RECIPIENT))?;
+    let mut q = Query::default();
+    decode_query_into(get, &mut q)?;
+    Ok(q)
+}
+
+/// [`decode_query`], written over `q`: every fact is set (to its default when absent) and
+/// the room of `q`'s strings is reused, so a caller that keeps `q` decodes without
+/// allocating (the wasm module does, on every routing question). On an error `q` holds
+/// part of the facts and must not be used.
+pub fn decode_query_into<'a>(get: impl Source<'a>, q: &mut Query) -> Result<(), ContractError> {
+    let d = Query::default();
+    q.phase = token(&get, at::PHASE)?.ok_or(ContractError::Missing(PHASE))?;
+    if !text_into(&get, at::RECIPIENT, &mut q.recipient)? {
+        return Err(ContractError::Missing(RECIPIENT));
+    }
     if !q.recipient.contains('@') {
         return Err(ContractError::Invalid {
             name: RECIPIENT,
-            value: q.recipient,
+            value: q.recipient.clone(),
         });
     }
-    if let Some(s) = text(&get, at::SENDER)? {
-        q.sender = s;
+    if !text_into(&get, at::SENDER, &mut q.sender)? {
+        q.sender.clear();
     }
-    if let Some(b) = yes_no_header(&get, at::REQUIRETLS)? {
-        q.requiretls = b;
+    q.requiretls = yes_no_header(&get, at::REQUIRETLS)?.unwrap_or(d.requiretls);
+    q.tls_required_no = yes_no_header(&get, at::TLS_REQUIRED_NO)?.unwrap_or(d.tls_required_no);
+    if !text_into(&get, at::MX, &mut q.mx)? {
+        q.mx.clear();
     }
-    if let Some(b) = yes_no_header(&get, at::TLS_REQUIRED_NO)? {
-        q.tls_required_no = b;
-    }
-    if let Some(s) = text(&get, at::MX)? {
-        q.mx = s;
-    }
-    if let Some(v) = token::<Hop>(&get, at::HOP)? {
-        q.hop = v;
-    }
-    if let Some(v) = token::<Starttls>(&get, at::STARTTLS)? {
-        q.starttls = v;
-    }
-    if let Some(v) = token::<TlsVersion>(&get, at::TLS)? {
-        q.tls = v;
-    }
-    if let Some(v) = token::<CertStatus>(&get, at::CERT)? {
-        q.cert = v;
-    }
-    if let Some(v) = token::<MtaSts>(&get, at::MTA_STS)? {
-        q.mta_sts = v;
-    }
-    if let Some(raw) = get.value(at::ATTEMPT.0, ATTEMPT) {
-        q.attempt = std::str::from_utf8(raw)
+    q.hop = token::<Hop>(&get, at::HOP)?.unwrap_or(d.hop);
+    q.starttls = token::<Starttls>(&get, at::STARTTLS)?.unwrap_or(d.starttls);
+    q.tls = token::<TlsVersion>(&get, at::TLS)?.unwrap_or(d.tls);
+    q.cert = token::<CertStatus>(&get, at::CERT)?.unwrap_or(d.cert);
+    q.mta_sts = token::<MtaSts>(&get, at::MTA_STS)?.unwrap_or(d.mta_sts);
+    q.attempt = match get.value(at::ATTEMPT.0, ATTEMPT) {
+        None => d.attempt,
+        Some(raw) => std::str::from_utf8(raw)
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| invalid(ATTEMPT, raw))?;
-    }
-    Ok(q)
+            .ok_or_else(|| invalid(ATTEMPT, raw))?,
+    };
+    Ok(())
 }
 
 /// Encode a decision as header pairs. Absent optional parts are left out.
@@ -495,6 +515,19 @@ fn text<'a>(get: &impl Source<'a>, (slot, name): Slot) -> Result<Option<String>,
     match get.value(slot, name) {
         None => Ok(None),
         Some(raw) => decode_text(raw).map(Some).ok_or_else(|| invalid(name, raw)),
+    }
+}
+
+/// [`text`] into `out`: `Ok(false)` when the header is absent (`out` untouched).
+fn text_into<'a>(
+    get: &impl Source<'a>,
+    (slot, name): Slot,
+    out: &mut String,
+) -> Result<bool, ContractError> {
+    match get.value(slot, name) {
+        None => Ok(false),
+        Some(raw) if decode_text_into(raw, out) => Ok(true),
+        Some(raw) => Err(invalid(name, raw)),
     }
 }
 
@@ -871,6 +904,27 @@ mod tests {
         }
         assert_eq!(decode_text(b"").as_deref(), Some(""));
         assert_eq!(decode_text(b"%41%2c%25").as_deref(), Some("A,%"));
+        // Into a string that held text before: its old content never shows through.
+        for v in [
+            &b"a b"[..],
+            b"%zz",
+            b"%FF",
+            b"%C3%A9t%C3%A9",
+            b"plain",
+            b"%41%2c%25",
+            b"",
+        ] {
+            let mut out = "left over from an earlier value".to_string();
+            let ok = decode_text_into(v, &mut out);
+            assert_eq!(
+                ok.then_some(out.as_str()),
+                decode_text(v).as_deref(),
+                "{v:?}"
+            );
+            if !ok {
+                assert_eq!(out, "", "{v:?}");
+            }
+        }
     }
 
     #[test]

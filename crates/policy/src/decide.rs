@@ -6,8 +6,8 @@
 //! [`CertStatus::HostnameMismatch`]).
 
 use crate::pattern::{Pattern, domain_of};
-use crate::policy::{Policy, Rule, StaticRoute, ancestors};
-use crate::query::{Decision, Query, TlsRequirement};
+use crate::policy::{Host, Policy, Rule, StaticRoute, ancestors};
+use crate::query::{Decision, HostTarget, Query, TlsRequirement};
 use crate::types::{
     CertStatus, Direction, Hop, MtaSts, OnTlsUnavailable, Phase, ResultType, Route, Starttls,
     TlsRequiredNo, TlsVersion, Token,
@@ -15,21 +15,49 @@ use crate::types::{
 
 /// Decide a query.
 pub fn decide(policy: &Policy, query: &Query) -> Decision {
+    let mut out = blank();
+    decide_into(policy, query, &mut out);
+    out
+}
+
+/// A decision for [`Decider`] to fill in, with nothing allocated.
+fn blank() -> Decision {
+    Decision {
+        route: Route::Defer,
+        host: None,
+        tls: TlsRequirement::STRICT,
+        rule: String::new(),
+        policy_version: String::new(),
+        result: ResultType::PolicyError,
+        reason: String::new(),
+        reply: None,
+    }
+}
+
+/// [`decide`], written over `out`: every field is set, and the room its strings already
+/// have is reused. A caller that keeps `out` from one question to the next decides
+/// without allocating (the wasm module, where each allocation is a call into its
+/// allocator; BENCHMARKS.md, decision latency). The result equals [`decide`]'s whatever
+/// `out` held before.
+pub fn decide_into(policy: &Policy, query: &Query, out: &mut Decision) {
     Decider {
         policy,
         query,
         trace: None,
+        out,
     }
-    .run()
+    .run();
 }
 
 /// Decide a query and say why, step by step (`altroute policy explain`).
 pub fn explain(policy: &Policy, query: &Query) -> (Decision, Vec<String>) {
     let mut trace = Vec::new();
-    let decision = Decider {
+    let mut decision = blank();
+    Decider {
         policy,
         query,
         trace: Some(&mut trace),
+        out: &mut decision,
     }
     .run();
     (decision, trace)
@@ -56,6 +84,8 @@ struct Decider<'a> {
     policy: &'a Policy,
     query: &'a Query,
     trace: Option<&'a mut Vec<String>>,
+    /// Where the decision is written, once, at the end ([`Decider::finish`]).
+    out: &'a mut Decision,
 }
 
 impl<'a> Decider<'a> {
@@ -65,7 +95,7 @@ impl<'a> Decider<'a> {
         }
     }
 
-    fn run(mut self) -> Decision {
+    fn run(mut self) {
         let q = self.query;
         let policy = self.policy;
         let unit = org_unit_of(policy, &q.sender);
@@ -157,34 +187,32 @@ impl<'a> Decider<'a> {
         None
     }
 
-    fn plan(
-        mut self,
-        req: TlsRequirement,
-        req_rule: RuleId<'a>,
-        route: Option<&'a StaticRoute>,
-    ) -> Decision {
+    fn plan(mut self, req: TlsRequirement, req_rule: RuleId<'a>, route: Option<&'a StaticRoute>) {
         let policy = self.policy;
         let (route_kind, host, tls, rule) =
             match route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h))) {
                 Some((r, h)) => (
                     Route::Host,
-                    Some(h.target(&r.host)),
+                    Some((r.host.as_str(), h)),
                     req.max(h.tls),
                     ("route:", r.name.as_str()),
                 ),
                 None => (Route::Direct, None, req, req_rule),
             };
         self.note(|| format!("plan: {route_kind}, {}", describe(tls).concat()));
-        Decision {
+        let outcome = Outcome {
             route: route_kind,
             host,
             tls,
-            rule: [rule.0, rule.1].concat(),
-            policy_version: policy.version.clone(),
+            rule,
             result: ResultType::NotAttempted,
-            reason: text(&[&[route_kind.token(), " delivery, "], &describe(tls)]),
             reply: None,
-        }
+        };
+        self.finish(
+            outcome,
+            &[&[route_kind.token(), " delivery, "], &describe(tls)],
+            None,
+        );
     }
 
     fn verdict(
@@ -192,13 +220,13 @@ impl<'a> Decider<'a> {
         req: TlsRequirement,
         req_rule: RuleId<'a>,
         route: Option<&'a StaticRoute>,
-    ) -> Decision {
+    ) {
         let q = self.query;
         let policy = self.policy;
         let alternate = policy
             .alternate
             .as_ref()
-            .and_then(|name| policy.hosts.get(name).map(|h| (name, h)));
+            .and_then(|name| policy.hosts.get(name).map(|h| (name.as_str(), h)));
 
         // What this hop must provide, and the host it is.
         let (hop_req, target, hop_rule) = match q.hop {
@@ -206,7 +234,7 @@ impl<'a> Decider<'a> {
             Hop::Host => match route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h))) {
                 Some((r, h)) => (
                     req.max(h.tls),
-                    Some(h.target(&r.host)),
+                    Some((r.host.as_str(), h)),
                     if req.required {
                         req_rule
                     } else {
@@ -218,7 +246,7 @@ impl<'a> Decider<'a> {
                 None => (req, None, req_rule),
             },
             Hop::Alternate => match alternate {
-                Some((name, h)) => (req.max(h.tls), Some(h.target(name)), req_rule),
+                Some((name, h)) => (req.max(h.tls), Some((name, h)), req_rule),
                 None => (
                     req.max(TlsRequirement::STRICT),
                     None,
@@ -235,128 +263,135 @@ impl<'a> Decider<'a> {
         });
 
         let decision = |route: Route,
-                        host: Option<crate::HostTarget>,
+                        host: Option<(&'a str, &'a Host)>,
                         tls: TlsRequirement,
-                        rule: RuleId<'_>,
-                        reason: String,
-                        reply: Option<String>| Decision {
+                        rule: RuleId<'a>,
+                        reply: Option<[&'static str; 3]>| Outcome {
             route,
             host,
             tls,
-            rule: [rule.0, rule.1].concat(),
-            policy_version: policy.version.clone(),
+            rule,
             result: observed,
-            reason,
             reply,
         };
 
         if hop_req.met_by(q.tls, q.cert) {
-            let reason = if hop_req.required {
-                text(&[&tls_phrase(q), &[" meets "], &describe(hop_req)])
-            } else {
-                text(&[&["opportunistic TLS: "], &tls_phrase(q)])
-            };
             self.note(|| format!("verdict: deliver over this {} hop", q.hop));
-            return decision(Route::from(q.hop), target, hop_req, hop_rule, reason, None);
+            let outcome = decision(Route::from(q.hop), target, hop_req, hop_rule, None);
+            if hop_req.required {
+                self.finish(
+                    outcome,
+                    &[&tls_phrase(q), &[" meets "], &describe(hop_req)],
+                    None,
+                );
+            } else {
+                self.finish(outcome, &[&["opportunistic TLS: "], &tls_phrase(q)], None);
+            }
+            return;
         }
 
         // "<what was seen> does not meet <requirement> (<result>)"
-        let failure: Vec<&str> = [
-            &tls_phrase(q)[..],
-            &[" does not meet "],
-            &describe(hop_req),
-            &[" (", observed.token(), ")"],
-        ]
-        .concat();
+        let (phrase, needs) = (tls_phrase(q), describe(hop_req));
+        let result = [" (", observed.token(), ")"];
+        // `failure(prefix, suffix)`: the sentence's groups around this part.
+        let failure = |prefix: &'static [&'static str], suffix: &'static [&'static str]| {
+            [
+                prefix,
+                &phrase,
+                &[" does not meet "],
+                &needs,
+                &result,
+                suffix,
+            ]
+        };
         if q.hop == Hop::Alternate {
             self.note(|| "verdict: the alternate host itself failed: defer".to_string());
-            return decision(
+            let outcome = decision(
                 Route::Defer,
                 target,
                 hop_req,
                 hop_rule,
-                text(&[&["alternate secure route failed: "], &failure]),
-                Some(
-                    [
-                        "451 4.7.10 Alternate secure route failed TLS (",
-                        observed.token(),
-                        "), will retry",
-                    ]
-                    .concat(),
-                ),
+                Some([
+                    "451 4.7.10 Alternate secure route failed TLS (",
+                    observed.token(),
+                    "), will retry",
+                ]),
+            );
+            return self.finish(
+                outcome,
+                &failure(&["alternate secure route failed: "], &[]),
+                None,
             );
         }
         if !req.required {
             // Only the configured host demands TLS; the mail does not. Not a case for the
             // alternate route: the host is misbehaving.
             self.note(|| "verdict: the routing host failed its own TLS setting: defer".to_string());
-            return decision(
+            let outcome = decision(
                 Route::Defer,
                 target,
                 hop_req,
                 hop_rule,
-                text(&[&["host failed its TLS setting: "], &failure]),
-                Some(
-                    [
-                        "451 4.7.10 Routing host failed TLS (",
-                        observed.token(),
-                        "), will retry",
-                    ]
-                    .concat(),
-                ),
+                Some([
+                    "451 4.7.10 Routing host failed TLS (",
+                    observed.token(),
+                    "), will retry",
+                ]),
+            );
+            return self.finish(
+                outcome,
+                &failure(&["host failed its TLS setting: "], &[]),
+                None,
             );
         }
         if let Some((name, h)) = alternate {
             let alt_req = req.max(h.tls);
             self.note(|| format!("verdict: reroute to the alternate secure route {name:?}"));
-            return decision(
-                Route::Alternate,
-                Some(h.target(name)),
-                alt_req,
-                req_rule,
-                text(&[
-                    &failure,
-                    &["; rerouted to the alternate secure route ", &quoted(name)],
-                ]),
-                None,
+            let outcome = decision(Route::Alternate, Some((name, h)), alt_req, req_rule, None);
+            return self.finish(
+                outcome,
+                &failure(&[], &["; rerouted to the alternate secure route "]),
+                Some(name),
             );
         }
         match policy.on_tls_unavailable {
             OnTlsUnavailable::Defer => {
                 self.note(|| "verdict: no alternate secure route: defer".to_string());
-                decision(
+                let outcome = decision(
                     Route::Defer,
                     None,
                     req,
                     req_rule,
-                    text(&[&failure, &["; no alternate secure route"]]),
-                    Some(
-                        [
-                            "451 4.7.10 TLS required for this recipient (",
-                            observed.token(),
-                            "), will retry",
-                        ]
-                        .concat(),
-                    ),
-                )
+                    Some([
+                        "451 4.7.10 TLS required for this recipient (",
+                        observed.token(),
+                        "), will retry",
+                    ]),
+                );
+                self.finish(
+                    outcome,
+                    &failure(&[], &["; no alternate secure route"]),
+                    None,
+                );
             }
             OnTlsUnavailable::Bounce => {
                 self.note(|| "verdict: no alternate secure route: bounce".to_string());
-                decision(
+                let outcome = decision(
                     Route::Bounce,
                     None,
                     req,
                     req_rule,
-                    text(&[&failure, &["; no alternate secure route"]]),
-                    Some(
-                        [
-                            "550 5.7.10 TLS required for this recipient but unavailable (",
-                            observed.token(),
-                            ")",
-                        ]
-                        .concat(),
-                    ),
-                )
+                    Some([
+                        "550 5.7.10 TLS required for this recipient but unavailable (",
+                        observed.token(),
+                        ")",
+                    ]),
+                );
+                self.finish(
+                    outcome,
+                    &failure(&[], &["; no alternate secure route"]),
+                    None,
+                );
             }
         }
     }
@@ -416,9 +451,9 @@ fn observe(q: &Query, req: TlsRequirement) -> ResultType {
 /// `("default", "")`: joined into [`Decision::rule`] once, when the decision is made.
 type RuleId<'p> = (&'static str, &'p str);
 
-// Reasons are joined from static pieces (`[..].concat()`, one allocation) rather than
-// with `format!`: this runs on every decision, in the wasm module too, where the
-// formatting machinery cost more than the rest of the decision.
+// Reasons are joined from static pieces (written once into the decision's string by
+// `Decider::finish`) rather than with `format!`: this runs on every decision, in the wasm
+// module too, where the formatting machinery cost more than the rest of the decision.
 
 /// What was seen on the connection, e.g. "TLS 1.3 with a valid certificate".
 fn tls_phrase(q: &Query) -> [&'static str; 5] {
@@ -437,26 +472,79 @@ fn tls_phrase(q: &Query) -> [&'static str; 5] {
     }
 }
 
-/// Joins pieces into one String, allocated once at its final size.
-fn text(parts: &[&[&str]]) -> String {
-    let len = parts.iter().flat_map(|p| p.iter()).map(|p| p.len()).sum();
-    let mut out = String::with_capacity(len);
-    for p in parts.iter().flat_map(|p| p.iter()) {
-        out.push_str(p);
+/// What [`Decider`] decided, borrowing from the policy, but its reason.
+struct Outcome<'p> {
+    route: Route,
+    /// The host's name in the policy, and the host.
+    host: Option<(&'p str, &'p Host)>,
+    tls: TlsRequirement,
+    rule: RuleId<'p>,
+    result: ResultType,
+    /// The SMTP reply, in pieces.
+    reply: Option<[&'static str; 3]>,
+}
+
+impl Decider<'_> {
+    /// Write the decision over [`Decider::out`], reusing the room of its strings. The
+    /// reason is the pieces of `reason` joined, then `quoted` as `{name:?}` writes it.
+    fn finish(self, o: Outcome<'_>, reason: &[&[&str]], quoted: Option<&str>) {
+        let out = self.out;
+        out.route = o.route;
+        match o.host {
+            Some((name, h)) => {
+                let t = out.host.get_or_insert_with(|| HostTarget {
+                    name: String::new(),
+                    addresses: Vec::new(),
+                    port: 0,
+                    mx_lookup: false,
+                });
+                h.target_into(name, t);
+            }
+            None => out.host = None,
+        }
+        out.tls = o.tls;
+        // Each string gets room for its whole value before its pieces: one allocation at
+        // most, and none when it already has the room.
+        out.rule.clear();
+        out.rule.reserve(o.rule.0.len() + o.rule.1.len());
+        out.rule.push_str(o.rule.0);
+        out.rule.push_str(o.rule.1);
+        out.policy_version.clone_from(&self.policy.version);
+        out.result = o.result;
+        let pieces = || reason.iter().flat_map(|g| g.iter());
+        out.reason.clear();
+        out.reason
+            .reserve(pieces().map(|p| p.len()).sum::<usize>() + quoted.map_or(0, |n| n.len() + 2));
+        pieces().for_each(|p| out.reason.push_str(p));
+        if let Some(name) = quoted {
+            push_quoted(name, &mut out.reason);
+        }
+        match o.reply {
+            Some(parts) => {
+                let r = out.reply.get_or_insert_with(String::new);
+                r.clear();
+                r.reserve(parts.iter().map(|p| p.len()).sum());
+                parts.iter().for_each(|p| r.push_str(p));
+            }
+            None => out.reply = None,
+        }
     }
-    out
 }
 
 /// `name` as `{name:?}` writes it; without the formatting machinery when nothing in it
 /// needs an escape (the usual host name).
-fn quoted(name: &str) -> String {
+fn push_quoted(name: &str, out: &mut String) {
     if name
         .bytes()
         .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     {
-        ["\"", name, "\""].concat()
+        out.push('"');
+        out.push_str(name);
+        out.push('"');
     } else {
-        format!("{name:?}")
+        use std::fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{name:?}");
     }
 }
 

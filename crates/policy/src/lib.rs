@@ -60,7 +60,7 @@ pub mod sdk;
 pub mod source;
 pub mod types;
 
-pub use decide::{decide, explain, org_unit_of};
+pub use decide::{decide, decide_into, explain, org_unit_of};
 pub use policy::{
     Compiled, Diagnostic, FORMAT, Host, OrgUnit, Policy, PolicyTest, Rule, StaticRoute,
     TestOutcome, compare, compile, compile_without_tests,

@@ -124,6 +124,15 @@ impl Host {
             mx_lookup: self.mx_lookup,
         }
     }
+
+    /// [`Host::target`], written over `t` (its strings' room reused).
+    pub fn target_into(&self, name: &str, t: &mut HostTarget) {
+        t.name.clear();
+        t.name.push_str(name);
+        t.addresses.clone_from(&self.addresses);
+        t.port = self.port;
+        t.mx_lookup = self.mx_lookup;
+    }
 }
 
 impl Policy {

@@ -7,14 +7,30 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
 use policy::contract;
-use policy::{Decision, Policy, Route, decide};
+use policy::{Decision, Phase, Policy, Query, Route, decide_into};
 
 use crate::raw::HeaderBlock;
 use crate::{CONTINUE, Metrics, decision_headers, log};
 
+/// What each routing question reuses (the module is single-threaded): after the first
+/// plan and the first verdict, deciding allocates nothing (each allocation is a call into
+/// the module's allocator; BENCHMARKS.md, decision latency).
+struct Scratch {
+    /// Where decision header values are encoded.
+    buf: String,
+    /// The facts, decoded over the last question's.
+    query: Query,
+    /// The decision, one per phase: a plan and a verdict usually differ in shape (a verdict
+    /// names a host), so each keeps the room its own kind needs.
+    decisions: [Decision; 2],
+}
+
 thread_local! {
-    /// Where decision header values are encoded (the module is single-threaded).
-    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch {
+        buf: String::new(),
+        query: Query::default(),
+        decisions: [Decision::fault("", ""), Decision::fault("", "")],
+    });
 }
 
 pub(crate) struct Request {
@@ -27,17 +43,37 @@ impl Request {
         Request { policy, metrics }
     }
 
-    /// Decide from the request's headers, read in one host call and indexed once.
-    fn decide(&self, index: Option<&contract::Index<'_, &[u8], &[u8]>>) -> Decision {
+    /// Decide from the request's headers, read in one host call and indexed once; the
+    /// facts are decoded over `query` and the decision written over one of `decisions`.
+    fn decide<'s>(
+        &self,
+        index: Option<&contract::Index<'_, &[u8], &[u8]>>,
+        query: &mut Query,
+        decisions: &'s mut [Decision; 2],
+    ) -> &'s Decision {
+        let [first, second] = decisions;
         let Some(policy) = &self.policy else {
-            return Decision::fault("none", "no policy is configured");
+            *first = Decision::fault("none", "no policy is configured");
+            return first;
         };
         let Some(index) = index else {
-            return Decision::fault(&policy.version, "the request headers could not be read");
+            *first = Decision::fault(&policy.version, "the request headers could not be read");
+            return first;
         };
-        match contract::decode_query(index) {
-            Ok(query) => decide(policy, &query),
-            Err(e) => Decision::fault(&policy.version, &e.to_string()),
+        match contract::decode_query_into(index, query) {
+            Ok(()) => {
+                let out = if query.phase == Phase::Verdict {
+                    second
+                } else {
+                    first
+                };
+                decide_into(policy, query, out);
+                out
+            }
+            Err(e) => {
+                *first = Decision::fault(&policy.version, &e.to_string());
+                first
+            }
         }
     }
 }
@@ -50,11 +86,32 @@ impl HttpContext for Request {
         let block = HeaderBlock::request();
         let pairs = block.as_ref().and_then(HeaderBlock::pairs);
         let index = pairs.as_deref().map(contract::lookup);
-        let decision = self.decide(index.as_ref());
-        self.metrics.count(&decision);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let Scratch {
+                buf,
+                query,
+                decisions,
+            } = scratch;
+            let decision = self.decide(index.as_ref(), query, decisions);
+            self.answer(index.as_ref(), decision, buf)
+        })
+    }
+}
+
+impl Request {
+    /// Set `decision` on the request (and answer a defer or bounce with a local response).
+    fn answer(
+        &self,
+        index: Option<&contract::Index<'_, &[u8], &[u8]>>,
+        decision: &Decision,
+        buf: &mut String,
+    ) -> Action {
+        self.metrics.count(decision);
         // A decision comes only from here: drop whatever the request brought (the index
         // knows which decision headers it has: no second pass over the names).
-        let present = index.iter().flat_map(contract::Index::decision_headers);
+        let present = index
+            .into_iter()
+            .flat_map(contract::Index::decision_headers);
         for name in present {
             if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
                 log(
@@ -68,20 +125,18 @@ impl HttpContext for Request {
         // unreadable) each one replaces whatever the request may have had.
         let known = index.is_some();
         // One scratch buffer for every value, kept across requests: no allocation here.
-        SCRATCH.with_borrow_mut(|buf| {
-            contract::for_each_decision_header(&decision, buf, |name, value| {
-                let set = if known {
-                    hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value)
-                } else {
-                    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
-                };
-                if let Err(e) = set {
-                    log(
-                        proxy_wasm::types::LogLevel::Error,
-                        &format!("setting {name} failed: {e:?}"),
-                    );
-                }
-            });
+        contract::for_each_decision_header(decision, buf, |name, value| {
+            let set = if known {
+                hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value)
+            } else {
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+            };
+            if let Err(e) = set {
+                log(
+                    proxy_wasm::types::LogLevel::Error,
+                    &format!("setting {name} failed: {e:?}"),
+                );
+            }
         });
         // Envoy picks the route before filters run; it re-routes on the new headers only
         // after this. Hosts without it answer NOT_FOUND, which is fine.
@@ -93,7 +148,7 @@ impl HttpContext for Request {
             } else {
                 contract::BOUNCE_STATUS
             };
-            let headers = decision_headers(&decision);
+            let headers = decision_headers(decision);
             let body = decision.reply.clone().unwrap_or_default();
             let response_headers: Vec<(&str, &str)> =
                 headers.iter().map(|(n, v)| (*n, v.as_str())).collect();

@@ -3,14 +3,15 @@
 use std::collections::BTreeMap;
 
 use altroute_policy::contract::{
-    self, decode_decision, decode_query, encode_decision, encode_query, encode_query_compact_into,
-    lookup,
+    self, decode_decision, decode_query, decode_query_into, encode_decision, encode_query,
+    encode_query_compact_into, lookup,
 };
 use altroute_policy::pattern::Pattern;
 use altroute_policy::{
     CertStatus, Decision, Direction, FORMAT, Hop, Host, HostTarget, MinTls, MtaSts,
     OnTlsUnavailable, OrgUnit, Phase, Policy, Query, ResultType, Route, Rule, Starttls,
-    StaticRoute, TlsRequiredNo, TlsRequirement, TlsVersion, Token, Verify, decide,
+    StaticRoute, TlsRequiredNo, TlsRequirement, TlsVersion, Token, Verify, decide, decide_into,
+    explain,
 };
 use proptest::prelude::*;
 
@@ -209,6 +210,34 @@ proptest! {
         }
     }
 
+    /// Deciding and decoding over what earlier questions left, as the wasm module does to
+    /// reuse its strings' room, gives exactly what a fresh decision and a fresh decode give.
+    #[test]
+    fn decisions_and_facts_written_over_old_ones_are_the_same(
+        policy in policy(), qs in proptest::collection::vec(query(), 1..8), odd in ".*",
+        mx in ".*",
+    ) {
+        let mut out = Decision::fault(&odd, &odd);
+        out.host = Some(HostTarget { name: odd.clone(), addresses: vec![odd.clone(); 3], port: 1, mx_lookup: true });
+        let mut facts = Query { sender: odd.clone(), recipient: odd.clone(), mx: odd.clone(), attempt: 7, ..Query::default() };
+        let mut buf = String::new();
+        for (i, q) in qs.iter().enumerate() {
+            let mut q = q.clone();
+            if i % 2 == 1 {
+                q.mx = mx.clone();
+                q.sender.clear();
+            }
+            decide_into(&policy, &q, &mut out);
+            prop_assert_eq!(&out, &decide(&policy, &q));
+            prop_assert_eq!(&explain(&policy, &q).0, &out);
+            let (pairs, n) = encode_query_compact_into(&q, &mut buf);
+            let headers: Vec<(&str, &str)> =
+                pairs[..n].iter().map(|(name, at)| (*name, &buf[at.clone()])).collect();
+            prop_assert!(decode_query_into(lookup(&headers), &mut facts).is_ok());
+            prop_assert_eq!(&facts, &q);
+        }
+    }
+
     /// decode(encode(d)) == d for any decision.
     #[test]
     fn decisions_round_trip(
@@ -254,7 +283,14 @@ fn garbage_facts_are_errors_not_panics() {
             ("x-altroute-attempt", "-1"),
         ],
     ] {
-        assert!(decode_query(lookup(&pairs)).is_err(), "{pairs:?}");
+        let err = decode_query(lookup(&pairs)).expect_err("garbage facts");
+        // Over an earlier query: the same error.
+        let mut q = Query::plan("a@b", "c@d");
+        assert_eq!(
+            decode_query_into(lookup(&pairs), &mut q),
+            Err(err),
+            "{pairs:?}"
+        );
     }
     let fault = Decision::fault("v1", "bad facts");
     assert_eq!(fault.route, Route::Defer);
