@@ -12,14 +12,31 @@ mod syscalls;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use altroute_queue::{Envelope, ManualClock, Spool, SpoolConfig};
+use altroute_queue::{Envelope, Error, ManualClock, Spool, SpoolConfig};
 
 /// 2023-11-14T22:13:20Z, a fixed start for manual clocks.
 pub const T0: u64 = 1_700_000_000;
 
+/// Opens the spool in `dir`, waiting up to 5 s while it is locked.
+///
+/// A spool dropped just before can still be locked for a moment: the lock is a `flock` on
+/// the open file, and a process that another test of this binary spawns at that instant
+/// holds a copy of every descriptor until it execs (the descriptors are close-on-exec,
+/// but not closed before). The tests that reopen a spool they dropped would fail now and
+/// then without this wait (seen once in CI: `concurrency::hundreds_of_…` got `Locked`).
+/// A spool that stays locked still fails the test.
 pub fn open(dir: &Path, clock: &Arc<ManualClock>) -> Spool {
-    Spool::open(dir, SpoolConfig::default(), clock.clone()).unwrap()
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Spool::open(dir, SpoolConfig::default(), clock.clone()) {
+            Err(Error::Locked(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            opened => return opened.unwrap(),
+        }
+    }
 }
 
 pub fn envelope(n: usize) -> Envelope {
