@@ -890,7 +890,7 @@ mod tests {
 
     #[test]
     fn decode_text_rejects_what_encode_text_never_writes() {
-        for bad in [
+        let bad = [
             &b"a b"[..],
             b"%",
             b"%4",
@@ -899,21 +899,15 @@ mod tests {
             b"\x80",
             b"%FF",
             b"a\tb",
-        ] {
-            assert_eq!(decode_text(bad), None, "{bad:?}");
+        ];
+        for v in bad {
+            assert_eq!(decode_text(v), None, "{v:?}");
         }
         assert_eq!(decode_text(b"").as_deref(), Some(""));
         assert_eq!(decode_text(b"%41%2c%25").as_deref(), Some("A,%"));
         // Into a string that held text before: its old content never shows through.
-        for v in [
-            &b"a b"[..],
-            b"%zz",
-            b"%FF",
-            b"%C3%A9t%C3%A9",
-            b"plain",
-            b"%41%2c%25",
-            b"",
-        ] {
+        let good = [&b""[..], b"%41%2c%25", b"%C3%A9t%C3%A9", b"plain"];
+        for v in bad.into_iter().chain(good) {
             let mut out = "left over from an earlier value".to_string();
             let ok = decode_text_into(v, &mut out);
             assert_eq!(

@@ -76,29 +76,7 @@ impl Request {
             }
         }
     }
-}
 
-impl Context for Request {}
-
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        // One host call for every header: facts in, and which decision headers to drop.
-        let block = HeaderBlock::request();
-        let pairs = block.as_ref().and_then(HeaderBlock::pairs);
-        let index = pairs.as_deref().map(contract::lookup);
-        SCRATCH.with_borrow_mut(|scratch| {
-            let Scratch {
-                buf,
-                query,
-                decisions,
-            } = scratch;
-            let decision = self.decide(index.as_ref(), query, decisions);
-            self.answer(index.as_ref(), decision, buf)
-        })
-    }
-}
-
-impl Request {
     /// Set `decision` on the request (and answer a defer or bounce with a local response).
     fn answer(
         &self,
@@ -161,5 +139,25 @@ impl Request {
             }
         }
         CONTINUE
+    }
+}
+
+impl Context for Request {}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        // One host call for every header: facts in, and which decision headers to drop.
+        let block = HeaderBlock::request();
+        let pairs = block.as_ref().and_then(HeaderBlock::pairs);
+        let index = pairs.as_deref().map(contract::lookup);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let Scratch {
+                buf,
+                query,
+                decisions,
+            } = scratch;
+            let decision = self.decide(index.as_ref(), query, decisions);
+            self.answer(index.as_ref(), decision, buf)
+        })
     }
 }
