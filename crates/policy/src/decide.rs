@@ -456,19 +456,25 @@ type RuleId<'p> = (&'static str, &'p str);
 // module too, where the formatting machinery cost more than the rest of the decision.
 
 /// What was seen on the connection, e.g. "TLS 1.3 with a valid certificate".
-fn tls_phrase(q: &Query) -> [&'static str; 5] {
+fn tls_phrase(q: &Query) -> [&'static str; 3] {
     match q.tls {
         TlsVersion::None => match q.starttls {
-            Starttls::Absent => ["no STARTTLS", "", "", "", ""],
-            Starttls::Offered => ["STARTTLS offered but not negotiated", "", "", "", ""],
+            Starttls::Absent => ["no STARTTLS", "", ""],
+            Starttls::Offered => ["STARTTLS offered but not negotiated", "", ""],
         },
-        v => [
-            "TLS ",
-            v.token(),
-            " with a ",
-            q.cert.token(),
-            " certificate",
-        ],
+        v => ["TLS ", v.token(), cert_phrase(q.cert)],
+    }
+}
+
+/// The certificate seen, as the end of [`tls_phrase`] (its token is the result type's
+/// business; this is for people reading logs and bounces).
+fn cert_phrase(c: CertStatus) -> &'static str {
+    match c {
+        CertStatus::Valid => " with a valid certificate",
+        CertStatus::Untrusted => " with an untrusted certificate",
+        CertStatus::Expired => " with an expired certificate",
+        CertStatus::HostnameMismatch => " with a certificate for another host name",
+        CertStatus::None => " without a certificate",
     }
 }
 

@@ -1,4 +1,6 @@
-use altroute_policy::{Policy, compile, fixtures};
+use altroute_policy::{
+    CertStatus, Hop, Policy, Query, Starttls, TlsVersion, compile, decide, fixtures,
+};
 
 #[test]
 fn every_table_case_passes_natively() {
@@ -58,4 +60,40 @@ fn version_changes_with_content_and_tampering_is_detected() {
     assert_ne!(tampered, a.json);
     let err = Policy::from_json(tampered.as_bytes()).unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");
+}
+
+/// What the reason says about the certificate seen, for people reading logs and bounces.
+#[test]
+fn reasons_name_the_certificate_seen_in_plain_words() {
+    let policy = compile(fixtures::TABLE[0].1).expect("compiles").policy;
+    let plan = Query::plan("alice@corp.example", "bob@partner.example");
+    for (cert, words) in [
+        (CertStatus::Valid, "TLS 1.3 with a valid certificate meets"),
+        (
+            CertStatus::Untrusted,
+            "TLS 1.3 with an untrusted certificate does not meet",
+        ),
+        (
+            CertStatus::Expired,
+            "TLS 1.3 with an expired certificate does not meet",
+        ),
+        (
+            CertStatus::HostnameMismatch,
+            "TLS 1.3 with a certificate for another host name does not meet",
+        ),
+        (
+            CertStatus::None,
+            "TLS 1.3 without a certificate does not meet",
+        ),
+    ] {
+        let q = plan.clone().verdict(
+            Hop::Direct,
+            "mx.partner.example",
+            Starttls::Offered,
+            TlsVersion::V1_3,
+            cert,
+        );
+        let d = decide(&policy, &q);
+        assert!(d.reason.starts_with(words), "{cert:?}: {:?}", d.reason);
+    }
 }
