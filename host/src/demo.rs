@@ -306,7 +306,7 @@ async fn demo() -> Result<i32> {
     println!();
     let records = delivery.journal().records();
     println!(
-        "{:<34} {:<10} {:<24} {:<4} {:<10} {:<50} {:<24} {:<24} ok",
+        "{:<34} {:<10} {:<24} {:<4} {:<10} {:<52} {:<24} {:<24} ok",
         "recipient", "route", "hop host", "tls", "outcome", "result", "rule", "policy version"
     );
     let mut failures = 0;
@@ -356,7 +356,7 @@ async fn demo() -> Result<i32> {
             None => r.result.clone(),
         };
         println!(
-            "{:<34} {:<10} {:<24} {:<4} {:<10} {:<50} {:<24} {:<24} {}",
+            "{:<34} {:<10} {:<24} {:<4} {:<10} {:<52} {:<24} {:<24} {}",
             label,
             r.route,
             r.host,
