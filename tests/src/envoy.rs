@@ -78,8 +78,37 @@ pub fn render(template: &str, vars: &[(&str, &str)]) -> String {
     out
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a listener that Envoy (another
+/// process) binds later.
+///
+/// Not one the kernel picks for port 0: those come from the ephemeral range
+/// (`net.ipv4.ip_local_port_range`, 32768–60999 by default), from which the kernel also
+/// takes the source port of every outgoing connection, and the tests make many on
+/// 127.0.0.1. Such a port could be taken between this check and Envoy's bind (seen in
+/// CI: Envoy exited with "cannot bind '127.0.0.1:41959': Address already in use").
+/// Ports below that range are handed out in turn, each checked free; a machine whose
+/// ephemeral range leaves no room below it gets a port-0 port as before.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > FIRST + 1_000 {
+        let span = ephemeral_low - FIRST;
+        // Processes running at once (test binaries, reruns) start at different places.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = FIRST + (start + n) % span;
+            if let Ok(port) = u16::try_from(port)
+                && TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
