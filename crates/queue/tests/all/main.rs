@@ -21,12 +21,11 @@ pub const T0: u64 = 1_700_000_000;
 
 /// Opens the spool in `dir`, waiting up to 5 s while it is locked.
 ///
-/// A spool dropped just before can still be locked for a moment: the lock is a `flock` on
+/// A spool dropped just before was seen still locked once in CI
+/// (`concurrency::hundreds_of_…` got `Locked`). The likely cause: the lock is a `flock` on
 /// the open file, and a process that another test of this binary spawns at that instant
-/// holds a copy of every descriptor until it execs (the descriptors are close-on-exec,
-/// but not closed before). The tests that reopen a spool they dropped would fail now and
-/// then without this wait (seen once in CI: `concurrency::hundreds_of_…` got `Locked`).
-/// A spool that stays locked still fails the test.
+/// holds a copy of every descriptor until it execs (they are close-on-exec, but not
+/// closed before). A spool that stays locked still fails the test.
 pub fn open(dir: &Path, clock: &Arc<ManualClock>) -> Spool {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
