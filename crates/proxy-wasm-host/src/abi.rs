@@ -155,10 +155,12 @@ pub(crate) struct State {
     /// headers in, headers the guest adds) then reuses their allocations instead of
     /// allocating a key and a value per header on every request.
     pub spare: Vec<(String, Vec<u8>)>,
-    /// The byte size of each header map (keys and values) when known: kept up to date by
-    /// `proxy_add_header_map_value`, forgotten (`None`) by every other change of the map.
-    /// A module adds its decision headers one by one; summing the whole map after each
-    /// add cost more than the add itself.
+    /// The byte size of each header map (keys and values) when known: set when the
+    /// embedder fills the request map, kept up to date by add and remove, summed again
+    /// after a replace or a set of all pairs, and forgotten (`None`) when the map is
+    /// recycled. A module adds its decision headers one by one; summing the whole map
+    /// after each add cost more than the add itself. Debug builds check it against the
+    /// full sum on every add.
     pub map_bytes_known: [Option<usize>; 4],
 }
 
