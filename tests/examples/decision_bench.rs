@@ -17,6 +17,7 @@ use proxy_wasm_host::{Host, HostConfig, Plugin, PluginSpec};
 const WARMUP: usize = 2_000;
 const SAMPLES: usize = 50_000;
 const COLD_SAMPLES: usize = 2_000;
+const LARGE_SAMPLES: usize = 20_000;
 
 fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
     v.sort();
@@ -125,6 +126,44 @@ fn request_header_count(q: &Query) -> usize {
     let mut buf = String::new();
     let (_, facts) = contract::encode_query_compact_into(q, &mut buf);
     facts + altroute::policy_engine::PSEUDO_HEADERS.len()
+}
+
+/// A policy the size of a large organisation's: `rules` TLS compliance rules of five
+/// patterns each (one `*.` wildcard, four domains), 20 org units with two sender patterns
+/// each, 200 static routes. Decisions against it show whether deciding grows with the
+/// policy's size (the patterns are indexed once per policy, so it should not).
+fn large_policy(rules: usize) -> String {
+    let mut s = String::from(
+        "[policy]\nname = \"large\"\n\n\
+         [[hosts]]\nname = \"secure-relay\"\naddress = \"relay.secure.example\"\n\
+         require_tls = true\nrequire_ca_signed = true\nvalidate_hostname = true\n\n\
+         [alternate_secure_route]\nenabled = true\nhost = \"secure-relay\"\n\n",
+    );
+    for u in 0..20 {
+        s += &format!(
+            "[[org_units]]\npath = \"/unit{u}\"\n\
+             senders = [\"unit{u}.corp.example\", \"*.unit{u}.corp.example\"]\n\n"
+        );
+    }
+    for r in 0..rules {
+        let domains: Vec<String> = (0..5)
+            .map(|j| match j {
+                0 => format!("\"*.w{r}.example\""),
+                _ => format!("\"d{r}-{j}.example\""),
+            })
+            .collect();
+        s += &format!(
+            "[[tls_compliance]]\nname = \"r{r}\"\ndomains = [{}]\nrequire_ca_signed = true\n\n",
+            domains.join(", ")
+        );
+    }
+    for r in 0..200 {
+        s += &format!(
+            "[[routes]]\nname = \"route{r}\"\ndomains = [\"route{r}.example\"]\n\
+             host = \"secure-relay\"\n\n"
+        );
+    }
+    s
 }
 
 fn main() {
@@ -265,6 +304,45 @@ fn main() {
         SAMPLES,
         None,
     ));
+    // The same pair of questions against a policy of 10,000 patterns.
+    let large = altroute_policy::compile_without_tests(&large_policy(2_000))
+        .expect("the large policy compiles");
+    let large_plugin = host
+        .load(
+            PluginSpec::new(spec.module.clone(), "altroute.http")
+                .plugin_config(large.json.clone().into_bytes())
+                .version(large.policy.version.clone()),
+        )
+        .expect("the large policy loads");
+    let large_plan = Query::plan("alice@unit7.corp.example", "bob@d1500-3.example");
+    let large_verdict = large_plan.clone().verdict(
+        Hop::Direct,
+        "mx.d1500-3.example",
+        Starttls::Absent,
+        TlsVersion::None,
+        CertStatus::None,
+    );
+    for q in [&large_plan, &large_verdict] {
+        let d = decide(&large.policy, q);
+        assert_eq!(d.rule, "tls_compliance:r1500", "the question hits a rule");
+        assert_eq!(ask(&large_plugin, q), d);
+    }
+    let large_wasm = percentiles(measure(
+        &|| {
+            black_box(ask(&large_plugin, black_box(&large_plan)));
+            black_box(ask(&large_plugin, black_box(&large_verdict)));
+        },
+        LARGE_SAMPLES,
+        None,
+    ));
+    let large_native = percentiles(measure(
+        &|| {
+            black_box(decide(&large.policy, black_box(&large_plan)));
+            black_box(decide(&large.policy, black_box(&large_verdict)));
+        },
+        LARGE_SAMPLES,
+        None,
+    ));
     let mut buf = vec![0u8; 64 << 20];
     let wasm_cold = percentiles(measure(&one_wasm, COLD_SAMPLES, Some(&mut buf)));
     let native_cold = percentiles(measure(&one_native, COLD_SAMPLES, Some(&mut buf)));
@@ -288,6 +366,11 @@ fn main() {
         ),
         ("wasm module via proxy-wasm host, cold caches", wasm_cold),
         ("native decide(), cold caches", native_cold),
+        (
+            "10,000-pattern policy: wasm module via proxy-wasm host, warm",
+            large_wasm,
+        ),
+        ("10,000-pattern policy: native decide(), warm", large_native),
     ] {
         println!("| {name} | {} | {} | {} |", us(p50), us(p99), us(p999));
     }

@@ -5,12 +5,13 @@
 //! name must match (the host connected to, which the relay checks and reports as
 //! [`CertStatus::HostnameMismatch`]).
 
+use crate::index::Entry;
 use crate::pattern::{Pattern, domain_of};
 use crate::policy::{Host, Policy, Rule, StaticRoute, ancestors};
 use crate::query::{Decision, HostTarget, Query, TlsRequirement};
 use crate::types::{
-    CertStatus, Direction, Hop, MtaSts, OnTlsUnavailable, Phase, ResultType, Route, Starttls,
-    TlsRequiredNo, TlsVersion, Token,
+    CertStatus, Hop, MtaSts, OnTlsUnavailable, Phase, ResultType, Route, Starttls, TlsRequiredNo,
+    TlsVersion, Token,
 };
 
 /// Decide a query.
@@ -64,20 +65,81 @@ pub fn explain(policy: &Policy, query: &Query) -> (Decision, Vec<String>) {
 }
 
 /// The org unit a sender belongs to: the unit whose sender pattern matches most
-/// specifically, or `/`.
+/// specifically (of equally specific ones, the first listed), or `/`.
 pub fn org_unit_of<'p>(policy: &'p Policy, sender: &str) -> &'p str {
-    let mut best: Option<(&Pattern, &str)> = None;
-    let domain = domain_of(sender);
-    for unit in &policy.org_units {
-        for p in &unit.senders {
-            if p.matches_split(sender, domain)
-                && best.is_none_or(|(b, _)| p.specificity() > b.specificity())
-            {
-                best = Some((p, unit.path.as_str()));
+    let tables = policy.patterns.get(policy);
+    let mut best: Option<((u8, usize), (usize, usize))> = None;
+    tables.senders.matching("", sender, domain_of(sender), |e| {
+        let unit = &policy.org_units[e.owner];
+        let specificity = unit.senders[e.pattern].specificity();
+        let at = (e.owner, e.pattern);
+        if best.is_none_or(|(s, a)| specificity > s || (specificity == s && at < a)) {
+            best = Some((specificity, at));
+        }
+    });
+    best.map_or("/", |(_, (u, _))| policy.org_units[u].path.as_str())
+}
+
+/// The TLS compliance rule that applies to `query` when the sender is in org unit `unit`:
+/// a rule of that unit or of its nearest ancestor with a match; within a unit, the one
+/// with the most specific matching pattern (of equally specific ones, the last listed).
+/// Returns the rule, its pattern that matched and the unit it belongs to.
+pub fn compliance_rule<'p>(
+    policy: &'p Policy,
+    unit: &'p str,
+    query: &Query,
+) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
+    let tables = policy.patterns.get(policy);
+    let (rcpt, from) = (query.recipient.as_str(), query.sender.as_str());
+    let (rcpt_domain, from_domain) = (domain_of(rcpt), domain_of(from));
+    for at in ancestors(unit) {
+        let mut best: Option<((u8, usize), usize, usize)> = None;
+        let mut consider = |e: &Entry| {
+            let rule = &policy.compliance[e.owner];
+            let key = (rule.patterns[e.pattern].specificity(), e.owner, e.pattern);
+            if best.is_none_or(|b| key > b) {
+                best = Some(key);
             }
+        };
+        // Outbound rules (and those for both ways) match the recipient, inbound ones the
+        // sender.
+        tables.to.matching(at, rcpt, rcpt_domain, &mut consider);
+        tables.from.matching(at, from, from_domain, &mut consider);
+        if let Some((_, r, p)) = best {
+            let rule = &policy.compliance[r];
+            return Some((rule, &rule.patterns[p], at));
         }
     }
-    best.map(|(_, u)| u).unwrap_or("/")
+    None
+}
+
+/// The static route for mail to `recipient` when the sender is in org unit `unit`: a
+/// route of that unit or of its nearest ancestor with a match; within a unit, the one
+/// with the most specific pattern matching the recipient's domain (of equally specific
+/// ones, the last listed). Returns the route, its pattern that matched and the unit it
+/// belongs to.
+pub fn static_route<'p>(
+    policy: &'p Policy,
+    unit: &'p str,
+    recipient: &str,
+) -> Option<(&'p StaticRoute, &'p Pattern, &'p str)> {
+    let tables = policy.patterns.get(policy);
+    let domain = domain_of(recipient);
+    for at in ancestors(unit) {
+        let mut best: Option<((u8, usize), usize, usize)> = None;
+        tables.routes.matching(at, domain, domain, |e| {
+            let route = &policy.routes[e.owner];
+            let key = (route.patterns[e.pattern].specificity(), e.owner, e.pattern);
+            if best.is_none_or(|b| key > b) {
+                best = Some(key);
+            }
+        });
+        if let Some((_, r, p)) = best {
+            let route = &policy.routes[r];
+            return Some((route, &route.patterns[p], at));
+        }
+    }
+    None
 }
 
 struct Decider<'a> {
@@ -102,7 +164,7 @@ impl<'a> Decider<'a> {
         self.note(|| format!("sender {:?} belongs to org unit {unit}", q.sender));
 
         let (req, req_rule) = self.requirement(unit);
-        let route = self.static_route(unit);
+        let route = self.route(unit);
 
         match q.phase {
             Phase::Plan => self.plan(req, req_rule, route),
@@ -114,7 +176,7 @@ impl<'a> Decider<'a> {
     fn requirement(&mut self, unit: &'a str) -> (TlsRequirement, RuleId<'a>) {
         let q = self.query;
         let policy = self.policy;
-        let (mut req, mut rule) = match find_rule(policy, unit, q) {
+        let (mut req, mut rule) = match compliance_rule(policy, unit, q) {
             Some((r, p, at)) => {
                 self.note(|| {
                     format!(
@@ -162,29 +224,22 @@ impl<'a> Decider<'a> {
         (req, rule)
     }
 
-    fn static_route(&mut self, unit: &str) -> Option<&'a StaticRoute> {
-        let policy = self.policy;
-        let domain = domain_of(&self.query.recipient);
-        for at in ancestors(unit) {
-            let best = policy
-                .routes
-                .iter()
-                .filter(|r| r.org_unit == at)
-                .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
-                .filter(|(_, p)| p.matches_split(domain, domain))
-                .max_by_key(|(_, p)| p.specificity());
-            if let Some((r, p)) = best {
+    fn route(&mut self, unit: &'a str) -> Option<&'a StaticRoute> {
+        match static_route(self.policy, unit, &self.query.recipient) {
+            Some((r, p, at)) => {
                 self.note(|| {
                     format!(
                         "static route {:?} (org unit {at}, {p}) sends it to host {:?}",
                         r.name, r.host
                     )
                 });
-                return Some(r);
+                Some(r)
+            }
+            None => {
+                self.note(|| "no static route: direct delivery to the domain's MX".to_string());
+                None
             }
         }
-        self.note(|| "no static route: direct delivery to the domain's MX".to_string());
-        None
     }
 
     fn plan(mut self, req: TlsRequirement, req_rule: RuleId<'a>, route: Option<&'a StaticRoute>) {
@@ -395,36 +450,6 @@ impl<'a> Decider<'a> {
             }
         }
     }
-}
-
-/// The applicable compliance rule: at the sender's unit or the nearest ancestor with a
-/// match; within a unit, the most specific pattern.
-fn find_rule<'p>(
-    policy: &'p Policy,
-    unit: &'p str,
-    q: &Query,
-) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
-    let (rcpt, from) = (q.recipient.as_str(), q.sender.as_str());
-    let (rcpt_domain, from_domain) = (domain_of(rcpt), domain_of(from));
-    for at in ancestors(unit) {
-        let best = policy
-            .compliance
-            .iter()
-            .filter(|r| r.org_unit == at)
-            .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
-            .filter(|(r, p)| match r.direction {
-                Direction::Outbound => p.matches_split(rcpt, rcpt_domain),
-                Direction::Inbound => p.matches_split(from, from_domain),
-                Direction::Both => {
-                    p.matches_split(rcpt, rcpt_domain) || p.matches_split(from, from_domain)
-                }
-            })
-            .max_by_key(|(_, p)| p.specificity());
-        if let Some((r, p)) = best {
-            return Some((r, p, at));
-        }
-    }
-    None
 }
 
 /// The TLS-RPT style result of what was observed, judged against `req`.

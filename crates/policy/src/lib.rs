@@ -52,6 +52,7 @@
 pub mod contract;
 mod decide;
 pub mod fixtures;
+mod index;
 pub mod pattern;
 mod policy;
 mod query;
@@ -60,10 +61,11 @@ pub mod sdk;
 pub mod source;
 pub mod types;
 
-pub use decide::{decide, decide_into, explain, org_unit_of};
+pub use decide::{compliance_rule, decide, decide_into, explain, org_unit_of, static_route};
+pub use index::PatternIndex;
 pub use policy::{
     Compiled, Diagnostic, FORMAT, Host, OrgUnit, Policy, PolicyTest, Rule, StaticRoute,
-    TestOutcome, compare, compile, compile_without_tests,
+    TestOutcome, ancestors, compare, compile, compile_without_tests,
 };
 pub use query::{Decision, HostTarget, Query, TlsRequirement};
 pub use types::{

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::index::PatternIndex;
 use crate::pattern::{Pattern, check_domain};
 use crate::query::{HostTarget, TlsRequirement};
 use crate::source::{Expect, SourcePolicy};
@@ -34,6 +35,12 @@ pub struct Policy {
     pub compliance: Vec<Rule>,
     pub routes: Vec<StaticRoute>,
     pub tests: Vec<PolicyTest>,
+    /// The patterns of the rules, routes and org units above, sorted for look-ups: built
+    /// on the first decision, not serialized, ignored by `==` and not copied by `clone`.
+    /// Leave it at `Default::default()`; once a policy has decided, its rules, routes and
+    /// org units must not change (change a clone, or compile again).
+    #[serde(skip)]
+    pub patterns: PatternIndex,
 }
 
 /// A host for routing.
@@ -167,6 +174,9 @@ impl Policy {
             }
         }
         if problems.is_empty() {
+            // The pattern index now, if the tests did not build it: a loaded policy's
+            // first decision is as fast as the others.
+            policy.patterns.get(&policy);
             Ok(policy)
         } else {
             Err(Error::Invalid(problems))
@@ -611,6 +621,7 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
         compliance,
         routes,
         tests,
+        patterns: PatternIndex::default(),
     };
     policy.version = policy.content_version();
 

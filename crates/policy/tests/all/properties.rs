@@ -10,8 +10,8 @@ use altroute_policy::pattern::Pattern;
 use altroute_policy::{
     CertStatus, Decision, Direction, FORMAT, Hop, Host, HostTarget, MinTls, MtaSts,
     OnTlsUnavailable, OrgUnit, Phase, Policy, Query, ResultType, Route, Rule, Starttls,
-    StaticRoute, TlsRequiredNo, TlsRequirement, TlsVersion, Token, Verify, decide, decide_into,
-    explain,
+    StaticRoute, TlsRequiredNo, TlsRequirement, TlsVersion, Token, Verify, compliance_rule, decide,
+    decide_into, explain, org_unit_of, static_route,
 };
 use proptest::prelude::*;
 
@@ -96,6 +96,7 @@ prop_compose! {
                 host: format!("h{}", h % n),
             }).collect(),
             tests: Vec::new(),
+            patterns: Default::default(),
         };
         p.version = p.content_version();
         p
@@ -118,6 +119,152 @@ prop_compose! {
         mta_sts in token::<MtaSts>(), attempt in 1..10u32,
     ) -> Query {
         Query { phase, sender, recipient, requiretls, tls_required_no, mx: "mx.example".to_string(), hop, starttls, tls, cert, mta_sts, attempt }
+    }
+}
+
+/// The sender's org unit by matching every sender pattern in order: the most specific
+/// match, the first of equals. What the pattern index must choose.
+fn org_unit_by_scan<'p>(policy: &'p Policy, sender: &str) -> &'p str {
+    let mut best: Option<(&Pattern, &str)> = None;
+    for unit in &policy.org_units {
+        for p in &unit.senders {
+            if p.matches(sender) && best.is_none_or(|(b, _)| p.specificity() > b.specificity()) {
+                best = Some((p, unit.path.as_str()));
+            }
+        }
+    }
+    best.map_or("/", |(_, u)| u)
+}
+
+/// The compliance rule by matching every pattern of every rule in order, unit by unit up
+/// the tree: the most specific match, the last of equals.
+fn rule_by_scan<'p>(
+    policy: &'p Policy,
+    unit: &'p str,
+    q: &Query,
+) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
+    for at in altroute_policy::ancestors(unit) {
+        let best = policy
+            .compliance
+            .iter()
+            .filter(|r| r.org_unit == at)
+            .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
+            .filter(|(r, p)| match r.direction {
+                Direction::Outbound => p.matches(&q.recipient),
+                Direction::Inbound => p.matches(&q.sender),
+                Direction::Both => p.matches(&q.recipient) || p.matches(&q.sender),
+            })
+            .max_by_key(|(_, p)| p.specificity());
+        if let Some((r, p)) = best {
+            return Some((r, p, at));
+        }
+    }
+    None
+}
+
+/// The static route by matching every pattern of every route against the recipient's
+/// domain, in order, unit by unit up the tree: the most specific, the last of equals.
+fn route_by_scan<'p>(
+    policy: &'p Policy,
+    unit: &'p str,
+    recipient: &str,
+) -> Option<(&'p StaticRoute, &'p Pattern, &'p str)> {
+    let domain = altroute_policy::pattern::domain_of(recipient);
+    for at in altroute_policy::ancestors(unit) {
+        let best = policy
+            .routes
+            .iter()
+            .filter(|r| r.org_unit == at)
+            .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
+            .filter(|(_, p)| p.matches_split(domain, domain))
+            .max_by_key(|(_, p)| p.specificity());
+        if let Some((r, p)) = best {
+            return Some((r, p, at));
+        }
+    }
+    None
+}
+
+/// `policy` with `n` more rules, routes and org units of every kind of pattern in front of
+/// the others, none matching the test addresses: look-ups then search among more entries
+/// than the index looks through one by one.
+fn padded(policy: &Policy, n: usize) -> Policy {
+    let patterns = |i: usize| {
+        vec![
+            Pattern::Address(format!("p{i}@p{i}.x.a.example")),
+            Pattern::Domain(format!("p{i}.a.example")),
+            Pattern::Domain(format!("{}.example", "p".repeat(i % 12 + 1))),
+            Pattern::Subdomains(format!("p{i}.b.example")),
+        ]
+    };
+    let mut p = policy.clone();
+    let mut compliance = Vec::new();
+    let mut units = Vec::new();
+    for i in 0..n {
+        for (j, unit) in UNITS.iter().enumerate() {
+            compliance.push(Rule {
+                name: format!("pad{i}-{j}"),
+                org_unit: unit.to_string(),
+                direction: Direction::ALL[(i + j) % Direction::ALL.len()],
+                patterns: patterns(i),
+                tls: TlsRequirement::STRICT,
+            });
+            p.routes.push(StaticRoute {
+                name: format!("pad{i}-{j}"),
+                org_unit: unit.to_string(),
+                patterns: patterns(i).split_off(1),
+                host: "h0".to_string(),
+            });
+        }
+        units.push(OrgUnit {
+            path: format!("/pad{i}"),
+            senders: patterns(i),
+        });
+    }
+    compliance.append(&mut p.compliance);
+    p.compliance = compliance;
+    units.append(&mut p.org_units);
+    p.org_units = units;
+    p
+}
+
+/// `s` with the letters that `flips` selects (bit i for letter i, cycling) upper-cased.
+fn mixed_case(s: &str, flips: u32) -> String {
+    s.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if flips >> (i % 32) & 1 == 1 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// The pattern index picks the org unit, the compliance rule and the static route
+    /// that matching every pattern in order picks, ties included, in any letter case, on
+    /// policies the compiler would refuse too (repeated and overlapping patterns).
+    #[test]
+    fn indexed_lookups_pick_what_a_scan_of_every_pattern_picks(
+        policy in policy(),
+        mut q in query(),
+        flips in any::<(u32, u32)>(),
+        unit in proptest::sample::select(UNITS),
+    ) {
+        q.sender = mixed_case(&q.sender, flips.0);
+        q.recipient = mixed_case(&q.recipient, flips.1);
+        for policy in [policy.clone(), padded(&policy, 16)] {
+            prop_assert_eq!(org_unit_of(&policy, &q.sender), org_unit_by_scan(&policy, &q.sender));
+            prop_assert_eq!(compliance_rule(&policy, unit, &q), rule_by_scan(&policy, unit, &q));
+            prop_assert_eq!(
+                static_route(&policy, unit, &q.recipient),
+                route_by_scan(&policy, unit, &q.recipient)
+            );
+        }
     }
 }
 
