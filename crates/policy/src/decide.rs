@@ -93,13 +93,9 @@ pub fn compliance_rule<'p>(
     let (rcpt, from) = (query.recipient.as_str(), query.sender.as_str());
     let (rcpt_domain, from_domain) = (domain_of(rcpt), domain_of(from));
     for at in ancestors(unit) {
-        let mut best: Option<((u8, usize), usize, usize)> = None;
+        let mut best = None;
         let mut consider = |e: &Entry| {
-            let rule = &policy.compliance[e.owner];
-            let key = (rule.patterns[e.pattern].specificity(), e.owner, e.pattern);
-            if best.is_none_or(|b| key > b) {
-                best = Some(key);
-            }
+            keep_last_most_specific(&mut best, &policy.compliance[e.owner].patterns, e);
         };
         // Outbound rules (and those for both ways) match the recipient, inbound ones the
         // sender.
@@ -126,13 +122,9 @@ pub fn static_route<'p>(
     let tables = policy.patterns.get(policy);
     let domain = domain_of(recipient);
     for at in ancestors(unit) {
-        let mut best: Option<((u8, usize), usize, usize)> = None;
+        let mut best = None;
         tables.routes.matching(at, domain, domain, |e| {
-            let route = &policy.routes[e.owner];
-            let key = (route.patterns[e.pattern].specificity(), e.owner, e.pattern);
-            if best.is_none_or(|b| key > b) {
-                best = Some(key);
-            }
+            keep_last_most_specific(&mut best, &policy.routes[e.owner].patterns, e);
         });
         if let Some((_, r, p)) = best {
             let route = &policy.routes[r];
@@ -140,6 +132,19 @@ pub fn static_route<'p>(
         }
     }
     None
+}
+
+/// The most specific pattern seen so far: its specificity, owner and place.
+type Best = Option<((u8, usize), usize, usize)>;
+
+/// Keeps in `best` the most specific of the entries seen, of equals the last listed (what
+/// `max_by_key` picks over the patterns in the policy's order). `patterns`: the entry
+/// owner's.
+fn keep_last_most_specific(best: &mut Best, patterns: &[Pattern], e: &Entry) {
+    let key = (patterns[e.pattern].specificity(), e.owner, e.pattern);
+    if best.is_none_or(|b| key > b) {
+        *best = Some(key);
+    }
 }
 
 struct Decider<'a> {
