@@ -301,7 +301,8 @@ impl Instance {
         );
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(host.deadline_ticks);
+        // Making the instance ready has its own budget; each request arms the call deadline.
+        store.set_epoch_deadline(host.load_deadline_ticks);
         let instance = match pre.instantiate(&mut store) {
             Ok(i) => i,
             Err(e) => return Err(classify(e, "instantiate", store.data())),

@@ -86,6 +86,7 @@ fn the_template_itself_is_well_behaved() {
 fn infinite_loop_is_stopped_by_the_deadline() {
     let host = Host::new(HostConfig {
         deadline: std::time::Duration::from_millis(50),
+        load_deadline: std::time::Duration::from_millis(50),
         warm_instances: 1,
         ..HostConfig::default()
     })
@@ -109,6 +110,53 @@ fn infinite_loop_is_stopped_by_the_deadline() {
     }
     // A loop at load time fails the load with the same error.
     let err = load(&host, &[("CONFIGURE", "(loop $l (br $l))")]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Deadline {
+                callback: "proxy_on_configure"
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+}
+
+/// `on_configure` busy for 300 ms of the host's clock (a module parsing a large
+/// configuration).
+const SLOW_CONFIGURE: &[(&str, &str)] = &[
+    (
+        "EXTRA_IMPORT",
+        r#"(import "env" "proxy_get_current_time_nanoseconds" (func $now (param i32) (result i32)))"#,
+    ),
+    (
+        "CONFIGURE",
+        "(drop (call $now (i32.const 64)))
+         (i64.store (i32.const 80) (i64.add (i64.load (i32.const 64)) (i64.const 300000000)))
+         (block $done (loop $l
+           (drop (call $now (i32.const 64)))
+           (br_if $done (i64.ge_u (i64.load (i32.const 64)) (i64.load (i32.const 80))))
+           (br $l)))",
+    ),
+];
+
+#[test]
+fn loading_has_its_own_deadline() {
+    let config = |load_ms| HostConfig {
+        deadline: std::time::Duration::from_millis(50),
+        load_deadline: std::time::Duration::from_millis(load_ms),
+        warm_instances: 1,
+        ..HostConfig::default()
+    };
+    // Longer than a call may take, within the load deadline: the plugin loads and serves
+    // with the call deadline.
+    let host = Host::new(config(5_000)).unwrap();
+    let plugin = load(&host, SLOW_CONFIGURE).unwrap();
+    plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    // Past the load deadline: refused like a loop.
+    let host = Host::new(config(100)).unwrap();
+    let good = testguest(&host, "good");
+    let err = load(&host, SLOW_CONFIGURE).unwrap_err();
     assert!(
         matches!(
             err,
