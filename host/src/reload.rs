@@ -1559,6 +1559,29 @@ expect = {{ route = "alternate", host = "secure-relay" }}
         assert_eq!(status.audit.seq, 2);
     }
 
+    /// A large organisation's list: compiled, loaded into the module (its `on_configure`
+    /// parses 2.5 MB of JSON, under the host's load deadline), self-tested and swapped
+    /// like any other, and its decisions made from the pattern index.
+    #[test]
+    fn a_policy_of_a_hundred_thousand_domains_applies() {
+        let (_dir, slots, reloader) = setup(&policy("a", &["partner.example"], ""));
+        let domains: Vec<String> = (0..100_000).map(|i| format!("d{i}.example")).collect();
+        let refs: Vec<&str> = domains.iter().map(String::as_str).collect();
+        let big = policy("big", &refs, "");
+        let applied = reloader.apply(&Who::Cli, Candidate::policy(big)).unwrap();
+        assert!(applied.changed);
+        for rcpt in ["x@d0.example", "x@d54321.example", "x@d99999.example"] {
+            let d = slots.decide(&no_starttls(rcpt));
+            assert_eq!(d.route, Route::Alternate, "{rcpt}");
+            assert_eq!(d.rule, "tls_compliance:partners", "{rcpt}");
+            assert_eq!(d.policy_version, applied.new_version);
+        }
+        assert_eq!(
+            slots.decide(&no_starttls("x@d100000.example")).route,
+            Route::Direct
+        );
+    }
+
     #[test]
     fn bad_candidates_are_refused_and_the_active_version_keeps_serving() {
         let (dir, slots, reloader) = setup(&policy("a", &["partner.example"], ""));
