@@ -24,7 +24,8 @@ pub struct HostConfig {
     /// Wall-clock budget of making an instance ready: instantiate, `_initialize`, the root
     /// context, `on_vm_start` and `on_configure`. Off the request path, and a module may
     /// parse a large configuration there (a policy of 100,000 patterns takes about 80 ms in
-    /// the standard module; Envoy sets no limit on it). Defaults to 1 s.
+    /// the standard module; Envoy sets no limit on it). Never shorter than `deadline`.
+    /// Defaults to 1 s.
     pub load_deadline: Duration,
     /// Period of the epoch ticker thread; the deadline is enforced to about one period.
     /// Defaults to 5 ms.
@@ -139,8 +140,10 @@ impl Host {
         abi::define(&mut linker).map_err(|e| Error::Engine(e.to_string()))?;
         let tick = config.epoch_tick.max(Duration::from_millis(1));
         let ticks = |d: Duration| d.as_nanos().div_ceil(tick.as_nanos()) as u64 + 1;
-        let (deadline_ticks, load_deadline_ticks) =
-            (ticks(config.deadline), ticks(config.load_deadline));
+        let (deadline_ticks, load_deadline_ticks) = (
+            ticks(config.deadline),
+            ticks(config.load_deadline.max(config.deadline)),
+        );
         let stop = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.clone();
