@@ -109,7 +109,7 @@ impl Table {
             }
         };
         each(addresses, address);
-        each(domains.clone(), domain);
+        each(domains, domain);
         if subdomains.is_empty() {
             return;
         }
