@@ -128,44 +128,6 @@ fn request_header_count(q: &Query) -> usize {
     facts + altroute::policy_engine::PSEUDO_HEADERS.len()
 }
 
-/// A policy the size of a large organisation's: `rules` TLS compliance rules of five
-/// patterns each (one `*.` wildcard, four domains), 20 org units with two sender patterns
-/// each, 200 static routes. Decisions against it show whether deciding grows with the
-/// policy's size (the patterns are indexed once per policy, so it should not).
-fn large_policy(rules: usize) -> String {
-    let mut s = String::from(
-        "[policy]\nname = \"large\"\n\n\
-         [[hosts]]\nname = \"secure-relay\"\naddress = \"relay.secure.example\"\n\
-         require_tls = true\nrequire_ca_signed = true\nvalidate_hostname = true\n\n\
-         [alternate_secure_route]\nenabled = true\nhost = \"secure-relay\"\n\n",
-    );
-    for u in 0..20 {
-        s += &format!(
-            "[[org_units]]\npath = \"/unit{u}\"\n\
-             senders = [\"unit{u}.corp.example\", \"*.unit{u}.corp.example\"]\n\n"
-        );
-    }
-    for r in 0..rules {
-        let domains: Vec<String> = (0..5)
-            .map(|j| match j {
-                0 => format!("\"*.w{r}.example\""),
-                _ => format!("\"d{r}-{j}.example\""),
-            })
-            .collect();
-        s += &format!(
-            "[[tls_compliance]]\nname = \"r{r}\"\ndomains = [{}]\nrequire_ca_signed = true\n\n",
-            domains.join(", ")
-        );
-    }
-    for r in 0..200 {
-        s += &format!(
-            "[[routes]]\nname = \"route{r}\"\ndomains = [\"route{r}.example\"]\n\
-             host = \"secure-relay\"\n\n"
-        );
-    }
-    s
-}
-
 fn main() {
     let compiled = compile(fixtures::TABLE[0].1).expect("table policy compiles");
     let policy = compiled.policy.clone();
@@ -305,7 +267,7 @@ fn main() {
         None,
     ));
     // The same pair of questions against a policy of 10,000 patterns.
-    let large_source = large_policy(2_000);
+    let large_source = fixtures::large(2_000);
     let t = Instant::now();
     let large =
         altroute_policy::compile_without_tests(&large_source).expect("the large policy compiles");

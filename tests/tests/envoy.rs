@@ -13,7 +13,9 @@ use std::path::Path;
 use altroute_lab::{SinkConfig, SmtpSink, TestCa, Validity};
 use altroute_policy::contract;
 use altroute_policy::fixtures::TABLE;
-use altroute_policy::{CertStatus, Hop, Query, Route, Starttls, TlsVersion, compile, decide};
+use altroute_policy::{
+    CertStatus, Hop, Policy, Query, Route, Starttls, TlsVersion, compile, decide,
+};
 use altroute_tests::envoy::{
     EchoPool, Envoy, PostfixSink, SmtpClient, SmtpServer, dumped_recipients, free_port,
     http_request, move_into_place, render, swaks, template, write_module, write_trapping_module,
@@ -76,6 +78,43 @@ fn sorted(pairs: Vec<(&'static str, String)>) -> Vec<(String, String)> {
     v
 }
 
+/// Asks Envoy's HTTP face `q` and checks the answer against native `decide()`: the
+/// decision headers the chosen pool received, or the local response of a defer or bounce.
+fn envoy_decides_as_natively(envoy: &Envoy, port: u16, policy: &Policy, q: &Query, what: &str) {
+    let expected = decide(policy, q);
+    let want = sorted(contract::encode_decision(&expected));
+    let resp = ask(port, q);
+    match expected.route {
+        Route::Defer | Route::Bounce => {
+            let status = if expected.route == Route::Defer {
+                contract::DEFER_STATUS
+            } else {
+                contract::BOUNCE_STATUS
+            };
+            assert_eq!(u32::from(resp.status), status, "{what}");
+            assert_eq!(
+                String::from_utf8_lossy(&resp.body),
+                expected.reply.clone().unwrap_or_default(),
+                "{what}: local response body"
+            );
+            let mut got: Vec<(String, String)> = resp
+                .headers
+                .iter()
+                .filter(|(n, _)| contract::DECISION_HEADERS.contains(&n.as_str()))
+                .cloned()
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "{what}: local response headers");
+        }
+        _ => {
+            assert_eq!(resp.status, 200, "{what}: {resp:?}\n{}", envoy.log_tail());
+            let (pool, got) = echoed_decision(&resp);
+            assert_eq!(got, want, "{what}: decision headers upstream");
+            assert_eq!(pool, expected.route.to_string(), "{what}: pool");
+        }
+    }
+}
+
 #[test]
 fn http_face_in_envoy_equals_native_decide_for_the_decision_table() {
     let mut cases = 0;
@@ -84,39 +123,13 @@ fn http_face_in_envoy_equals_native_decide_for_the_decision_table() {
         let policy = compile(toml).unwrap().policy;
         let (envoy, port) = http_envoy(dir.path(), toml);
         for t in &policy.tests {
-            let expected = decide(&policy, &t.query);
-            let want = sorted(contract::encode_decision(&expected));
-            let resp = ask(port, &t.query);
-            let what = format!("{file}: {:?}", t.name);
-            match expected.route {
-                Route::Defer | Route::Bounce => {
-                    let status = if expected.route == Route::Defer {
-                        contract::DEFER_STATUS
-                    } else {
-                        contract::BOUNCE_STATUS
-                    };
-                    assert_eq!(u32::from(resp.status), status, "{what}");
-                    assert_eq!(
-                        String::from_utf8_lossy(&resp.body),
-                        expected.reply.clone().unwrap_or_default(),
-                        "{what}: local response body"
-                    );
-                    let mut got: Vec<(String, String)> = resp
-                        .headers
-                        .iter()
-                        .filter(|(n, _)| contract::DECISION_HEADERS.contains(&n.as_str()))
-                        .cloned()
-                        .collect();
-                    got.sort();
-                    assert_eq!(got, want, "{what}: local response headers");
-                }
-                _ => {
-                    assert_eq!(resp.status, 200, "{what}: {resp:?}\n{}", envoy.log_tail());
-                    let (pool, got) = echoed_decision(&resp);
-                    assert_eq!(got, want, "{what}: decision headers upstream");
-                    assert_eq!(pool, expected.route.to_string(), "{what}: pool");
-                }
-            }
+            envoy_decides_as_natively(
+                &envoy,
+                port,
+                &policy,
+                &t.query,
+                &format!("{file}: {:?}", t.name),
+            );
             cases += 1;
         }
         let decisions = envoy
@@ -131,6 +144,48 @@ fn http_face_in_envoy_equals_native_decide_for_the_decision_table() {
     }
     println!("decision table through Envoy: {cases} cases equal to native decide");
     assert!(cases >= 20, "the decision table has only {cases} cases");
+}
+
+/// A policy of 10,000 patterns (`fixtures::large`): the module in Envoy's V8 loads it and
+/// decides from its pattern index as native `decide()` does: exact domains, wildcards and
+/// their apex, static routes, org units, letter case, and a domain no rule lists.
+#[test]
+fn http_face_in_envoy_decides_a_large_policy_as_natively() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = altroute_policy::fixtures::large(2_000);
+    let policy = compile(&toml).unwrap().policy;
+    let (envoy, port) = http_envoy(dir.path(), &toml);
+    let plan = |from: &str, to: &str| Query::plan(from, to);
+    let no_starttls = |q: Query| {
+        q.verdict(
+            Hop::Direct,
+            "mx.lab.test",
+            Starttls::Absent,
+            TlsVersion::None,
+            CertStatus::None,
+        )
+    };
+    let queries = [
+        plan("alice@corp.example", "bob@d1500-3.example"),
+        no_starttls(plan("alice@unit7.corp.example", "bob@d1500-3.example")),
+        plan("alice@corp.example", "x@mail.w42.example"),
+        plan("alice@corp.example", "x@w42.example"),
+        plan("alice@corp.example", "X@D1999-4.EXAMPLE"),
+        plan("alice@a.unit3.corp.example", "x@route17.example"),
+        no_starttls(plan("alice@corp.example", "x@route199.example")),
+        no_starttls(plan("alice@corp.example", "x@nowhere.example")),
+        no_starttls(plan("alice@corp.example", "x@d0-1.example")),
+    ];
+    let mut routes = std::collections::BTreeSet::new();
+    for q in &queries {
+        envoy_decides_as_natively(&envoy, port, &policy, q, &format!("{q:?}"));
+        routes.insert(decide(&policy, q).route.to_string());
+    }
+    // The queries reach every kind of answer the policy gives.
+    assert_eq!(
+        routes.into_iter().collect::<Vec<_>>(),
+        ["alternate", "direct", "host"],
+    );
 }
 
 #[test]
