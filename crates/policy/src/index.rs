@@ -37,7 +37,7 @@ pub(crate) struct Entry {
 }
 
 /// The patterns of one kind of owner (rules, routes or org units), grouped by org unit.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Table {
     /// Each org unit with patterns, sorted by path (see [`cmp_unit`]), and where its
     /// patterns of each kind are in `entries`.

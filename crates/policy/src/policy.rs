@@ -727,14 +727,6 @@ fn diag(at: &str, message: &str) -> Diagnostic {
     }
 }
 
-fn newline_offsets(src: &str) -> Vec<usize> {
-    src.bytes()
-        .enumerate()
-        .filter(|(_, b)| *b == b'\n')
-        .map(|(i, _)| i)
-        .collect()
-}
-
 fn toml_error(lines: &LineIndex, e: &toml::de::Error) -> Diagnostic {
     let location = match e.span() {
         Some(span) => lines.line_col(span.start),
@@ -757,7 +749,12 @@ struct LineIndex<'a> {
 
 impl<'a> LineIndex<'a> {
     fn new(src: &'a str) -> Self {
-        let newlines = newline_offsets(src);
+        let newlines = src
+            .bytes()
+            .enumerate()
+            .filter(|(_, b)| *b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
         LineIndex { src, newlines }
     }
 
