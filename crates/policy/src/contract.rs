@@ -921,6 +921,67 @@ mod tests {
         }
     }
 
+    /// [`decode_text`] one byte at a time, as the contract defines it.
+    fn decode_reference(v: &[u8]) -> Option<String> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < v.len() {
+            match v[i] {
+                b'%' => {
+                    let hex = std::str::from_utf8(v.get(i + 1..i + 3)?).ok()?;
+                    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return None;
+                    }
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 3;
+                }
+                b @ b'!'..=b'~' => {
+                    out.push(b);
+                    i += 1;
+                }
+                _ => return None,
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    #[test]
+    fn decode_text_matches_the_byte_at_a_time_definition() {
+        // Every value of up to five bytes over an alphabet of plain bytes, escapes, hex
+        // digits of both cases, bytes never written plain and half a UTF-8 sequence; then
+        // longer values whose runs span the eight-byte steps.
+        let alphabet = b"%aFc0 \xc3\xa9";
+        let mut v = Vec::new();
+        let mut checked = 0;
+        for len in 0..=5u32 {
+            for n in 0..alphabet.len().pow(len) {
+                v.clear();
+                let mut n = n;
+                for _ in 0..len {
+                    v.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                assert_eq!(decode_text(&v), decode_reference(&v), "{v:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 20_000);
+        for s in [
+            "no STARTTLS does not meet TLS 1.2+ required, verify hostname; rerouted",
+            "0123456789abcdef 0123456789abcdef,0123456789abcdef%",
+            "ends with an escape ",
+            "日本語 text, 100% of it, and some more plain words after it",
+        ] {
+            let encoded = encode_text(s);
+            assert_eq!(decode_text(encoded.as_bytes()).as_deref(), Some(s));
+            // Cut anywhere, the result is the reference's.
+            for cut in 0..encoded.len() {
+                let v = &encoded.as_bytes()[..cut];
+                assert_eq!(decode_text(v), decode_reference(v), "{v:?}");
+            }
+        }
+    }
+
     #[test]
     fn encode_text_matches_the_byte_at_a_time_definition() {
         for s in [
