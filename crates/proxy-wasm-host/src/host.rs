@@ -118,10 +118,6 @@ impl Host {
     pub fn new(config: HostConfig) -> Result<Host, Error> {
         let mut wc = Config::new();
         wc.epoch_interruption(true);
-        // Linear memories sit in Wasmtime's default 4 GiB reservation and never move (the
-        // memory cap is far below it): telling Cranelift so lets it keep the memory's
-        // base in a register across calls (about 2% off a decision, BENCHMARKS.md).
-        wc.memory_may_move(false);
         // Profiling aid: with PROXY_WASM_PERFMAP set, Wasmtime writes /tmp/perf-<pid>.map
         // so that `perf report` names guest functions (how docs/proxy-wasm-host.md's
         // profile was taken). Off by default.
