@@ -92,21 +92,17 @@ pub fn compliance_rule<'p>(
     let tables = policy.patterns.get(policy);
     let (rcpt, from) = (query.recipient.as_str(), query.sender.as_str());
     let (rcpt_domain, from_domain) = (domain_of(rcpt), domain_of(from));
-    for at in ancestors(unit) {
-        let mut best = None;
+    let (at, r, p) = nearest_unit_match(unit, |at, best| {
         let mut consider = |e: &Entry| {
-            keep_last_most_specific(&mut best, &policy.compliance[e.owner].patterns, e);
+            keep_last_most_specific(best, &policy.compliance[e.owner].patterns, e);
         };
         // Outbound rules (and those for both ways) match the recipient, inbound ones the
         // sender.
         tables.to.matching(at, rcpt, rcpt_domain, &mut consider);
         tables.from.matching(at, from, from_domain, &mut consider);
-        if let Some((_, r, p)) = best {
-            let rule = &policy.compliance[r];
-            return Some((rule, &rule.patterns[p], at));
-        }
-    }
-    None
+    })?;
+    let rule = &policy.compliance[r];
+    Some((rule, &rule.patterns[p], at))
 }
 
 /// The static route for mail to `recipient` when the sender is in org unit `unit`: a
@@ -121,17 +117,26 @@ pub fn static_route<'p>(
 ) -> Option<(&'p StaticRoute, &'p Pattern, &'p str)> {
     let tables = policy.patterns.get(policy);
     let domain = domain_of(recipient);
-    for at in ancestors(unit) {
-        let mut best = None;
+    let (at, r, p) = nearest_unit_match(unit, |at, best| {
         tables.routes.matching(at, domain, domain, |e| {
-            keep_last_most_specific(&mut best, &policy.routes[e.owner].patterns, e);
+            keep_last_most_specific(best, &policy.routes[e.owner].patterns, e);
         });
-        if let Some((_, r, p)) = best {
-            let route = &policy.routes[r];
-            return Some((route, &route.patterns[p], at));
-        }
-    }
-    None
+    })?;
+    let route = &policy.routes[r];
+    Some((route, &route.patterns[p], at))
+}
+
+/// `unit`, then its ancestors, nearest first: the first where `look` keeps a match in
+/// `best`, with the owner and pattern it kept (rules and routes of a nearer unit win).
+fn nearest_unit_match<'u>(
+    unit: &'u str,
+    mut look: impl FnMut(&'u str, &mut Best),
+) -> Option<(&'u str, usize, usize)> {
+    ancestors(unit).find_map(|at| {
+        let mut best = None;
+        look(at, &mut best);
+        best.map(|(_, owner, pattern)| (at, owner, pattern))
+    })
 }
 
 /// The most specific pattern seen so far: its specificity, owner and place.
