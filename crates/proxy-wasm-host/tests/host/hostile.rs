@@ -83,6 +83,41 @@ fn the_template_itself_is_well_behaved() {
 }
 
 #[test]
+fn header_names_are_stored_lower_cased_as_envoy_stores_them() {
+    let host = host();
+    // Adds `X-Mixed-Case: v`, `x-lower: w` and `X-Caf\u{e9}: x` (only ASCII letters are
+    // lower-cased, as Envoy's `LowerCaseString` does).
+    let adds = "(drop (call $add (i32.const 0) (i32.const 1024) (i32.const 12) (i32.const 1036) (i32.const 1)))
+        (drop (call $add (i32.const 0) (i32.const 1037) (i32.const 7) (i32.const 1044) (i32.const 1)))
+        (drop (call $add (i32.const 0) (i32.const 1045) (i32.const 7) (i32.const 1052) (i32.const 1)))";
+    let plugin = load(
+        &host,
+        &[
+            (
+                "EXTRA_IMPORT",
+                r#"(data (i32.const 1024) "X-Mixed-Casevx-lowerwX-Caf\c3\a9x")"#,
+            ),
+            ("HEADERS", adds),
+        ],
+    )
+    .unwrap();
+    let out = plugin
+        .http_request(&request(&[(":path", "/"), ("X-From-Embedder", "e")]))
+        .unwrap();
+    let names: Vec<&str> = out.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            ":path",
+            "x-from-embedder",
+            "x-mixed-case",
+            "x-lower",
+            "x-caf\u{e9}"
+        ]
+    );
+}
+
+#[test]
 fn infinite_loop_is_stopped_by_the_deadline() {
     let host = Host::new(HostConfig {
         deadline: std::time::Duration::from_millis(50),
