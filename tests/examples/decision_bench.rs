@@ -75,48 +75,34 @@ fn floor_module(plan: (usize, &Decision), verdict: (usize, &Decision)) -> String
     };
     let plan_adds = adds(plan.1);
     let verdict_adds = adds(verdict.1);
-    let escaped: String = data.iter().map(|b| format!("\\{b:02x}")).collect();
-    format!(
-        r#"(module
-  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+    let imports = r#"(import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
-  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
-  (memory (export "memory") 4)
-  (data (i32.const 1024) "{escaped}")
-  (global $heap (mut i32) (i32.const 65536))
-  (global $metric (mut i32) (i32.const 0))
-  ;; A bump allocator, reset for each context.
-  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32) (global.set $heap (i32.const 65536)))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32)
-    (drop (call $define (i32.const 0) (i32.const {m}) (i32.const {ml}) (i32.const 8)))
-    (global.set $metric (i32.load (i32.const 8)))
-    (i32.const 1))
-  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_log") (param i32))
-  (func (export "proxy_on_delete") (param i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (local $count i32)
-    (drop (call $pairs (i32.const 0) (i32.const 16) (i32.const 20)))
+  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))"#;
+    let (m, ml) = metric;
+    let configure = format!(
+        "(drop (call $define (i32.const 0) (i32.const {m}) (i32.const {ml}) (i32.const 8)))
+    (global.set $metric (i32.load (i32.const 8)))"
+    );
+    let (f, fl) = foreign;
+    let (plan_count, verdict_count) = (plan.0, verdict.0);
+    let headers = format!(
+        "(drop (call $pairs (i32.const 0) (i32.const 16) (i32.const 20)))
     ;; The block starts with its number of headers.
     (local.set $count (i32.load (i32.load (i32.const 16))))
     (if (i32.eq (local.get $count) (i32.const {plan_count}))
       (then {plan_adds}))
     (if (i32.eq (local.get $count) (i32.const {verdict_count}))
       (then {verdict_adds}))
-    (drop (call $ff (i32.const {f}) (i32.const {fl}) (i32.const 0) (i32.const 0) (i32.const 24) (i32.const 28)))
-    (i32.const 0)))"#,
-        m = metric.0,
-        ml = metric.1,
-        f = foreign.0,
-        fl = foreign.1,
-        plan_count = plan.0,
-        verdict_count = verdict.0,
+    (drop (call $ff (i32.const {f}) (i32.const {fl}) (i32.const 0) (i32.const 0) (i32.const 24) (i32.const 28)))"
+    );
+    altroute_tests::http_wat_module(
+        imports,
+        &data,
+        "(global $metric (mut i32) (i32.const 0))",
+        &configure,
+        &headers,
     )
 }
 

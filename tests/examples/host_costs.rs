@@ -20,32 +20,12 @@ const SAMPLES: usize = 100_000;
 const ROUNDS: usize = 3;
 
 /// A module whose `proxy_on_request_headers` runs `body`; its data segment holds `data`
-/// at offset 1024. The other callbacks return at once; `malloc` is a bump allocator
-/// reset for each context.
+/// at offset 1024.
 fn module(data: &[u8], body: &str) -> Vec<u8> {
-    let escaped: String = data.iter().map(|b| format!("\\{b:02x}")).collect();
-    let text = format!(
-        r#"(module
-  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+    let imports = r#"(import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
   (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
-  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 4)
-  (data (i32.const 1024) "{escaped}")
-  (global $heap (mut i32) (i32.const 65536))
-  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
-    (local.set $p (global.get $heap))
-    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32) (global.set $heap (i32.const 65536)))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_log") (param i32))
-  (func (export "proxy_on_delete") (param i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-    {body}
-    (i32.const 0)))"#
-    );
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))"#;
+    let text = altroute_tests::http_wat_module(imports, data, "", "", body);
     wat::parse_str(text).expect("the module compiles")
 }
 

@@ -86,7 +86,8 @@ fn the_template_itself_is_well_behaved() {
 fn header_names_are_stored_lower_cased_as_envoy_stores_them() {
     let host = host();
     // Adds `X-Mixed-Case: v`, `x-lower: w` and `X-Caf\u{e9}: x` (only ASCII letters are
-    // lower-cased, as Envoy's `LowerCaseString` does).
+    // lower-cased, as Envoy's `LowerCaseString` does). The names and values go in a data
+    // segment, put in the template's extra-import slot (WAT takes it there).
     let adds = "(drop (call $add (i32.const 0) (i32.const 1024) (i32.const 12) (i32.const 1036) (i32.const 1)))
         (drop (call $add (i32.const 0) (i32.const 1037) (i32.const 7) (i32.const 1044) (i32.const 1)))
         (drop (call $add (i32.const 0) (i32.const 1045) (i32.const 7) (i32.const 1052) (i32.const 1)))";
