@@ -484,21 +484,36 @@ pub const PSEUDO_HEADERS: [(&str, &[u8]); 3] = [
     (":authority", b"altroute"),
 ];
 
+/// Room for every request header of a routing question.
+pub const MAX_REQUEST_HEADERS: usize = PSEUDO_HEADERS.len() + contract::FACT_HEADERS.len();
+
+/// The request headers of the routing question `query`, as [`ask`] sends them: the
+/// pseudo-headers, then the facts not at their default value (fewer headers for the host
+/// to store and the module to parse, and the same query once decoded). The values are
+/// encoded into `buf`; the headers are the first `n` of the array returned with `n`.
+#[inline]
+pub fn request_headers<'b>(
+    query: &Query,
+    buf: &'b mut String,
+) -> ([(&'static str, &'b [u8]); MAX_REQUEST_HEADERS], usize) {
+    let (facts, n) = contract::encode_query_compact_into(query, buf);
+    let buf: &'b String = buf;
+    let mut headers = [("", &b""[..]); MAX_REQUEST_HEADERS];
+    headers[..PSEUDO_HEADERS.len()].copy_from_slice(&PSEUDO_HEADERS);
+    for (slot, (name, at)) in headers[PSEUDO_HEADERS.len()..].iter_mut().zip(&facts[..n]) {
+        *slot = (name, buf[at.clone()].as_bytes());
+    }
+    (headers, PSEUDO_HEADERS.len() + n)
+}
+
 /// One HTTP context through `plugin`; the decision headers it set, decoded.
 pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
     // Borrowed headers in, the outcome read in place: no copies on the way (the hot path
     // of every delivery; see BENCHMARKS.md, decision latency).
     let mut buf = String::with_capacity(160);
-    // Facts at their default value are left out: fewer headers for the host to store and
-    // the module to parse, and the same query once decoded.
-    let (facts, n) = contract::encode_query_compact_into(query, &mut buf);
-    let mut headers = [("", &b""[..]); PSEUDO_HEADERS.len() + contract::FACT_HEADERS.len()];
-    headers[..PSEUDO_HEADERS.len()].copy_from_slice(&PSEUDO_HEADERS);
-    for (slot, (name, at)) in headers[PSEUDO_HEADERS.len()..].iter_mut().zip(&facts[..n]) {
-        *slot = (name, buf[at.clone()].as_bytes());
-    }
+    let (headers, n) = request_headers(query, &mut buf);
     let request = HttpRequestRef {
-        headers: &headers[..PSEUDO_HEADERS.len() + n],
+        headers: &headers[..n],
         ..HttpRequestRef::default()
     };
     plugin

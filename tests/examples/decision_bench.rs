@@ -109,9 +109,7 @@ fn floor_module(plan: (usize, &Decision), verdict: (usize, &Decision)) -> String
 /// How many request headers `ask` sends for `q`: its facts (those not at their default
 /// value) and the pseudo-headers.
 fn request_header_count(q: &Query) -> usize {
-    let mut buf = String::new();
-    let (_, facts) = contract::encode_query_compact_into(q, &mut buf);
-    facts + altroute::policy_engine::PSEUDO_HEADERS.len()
+    altroute::policy_engine::request_headers(q, &mut String::new()).1
 }
 
 fn main() {

@@ -56,13 +56,8 @@ fn main() {
     );
     // The request headers the relay sends for this question (`policy_engine::ask`).
     let mut buf = String::new();
-    let (facts, n) = contract::encode_query_compact_into(&verdict, &mut buf);
-    let mut request: Vec<(&str, &[u8])> = altroute::policy_engine::PSEUDO_HEADERS.to_vec();
-    request.extend(
-        facts[..n]
-            .iter()
-            .map(|(name, at)| (*name, buf[at.clone()].as_bytes())),
-    );
+    let (headers, n) = altroute::policy_engine::request_headers(&verdict, &mut buf);
+    let request = &headers[..n];
     // The decision headers the standard module adds for it.
     let decision = decide(&compiled.policy, &verdict);
     let mut decided: Vec<(String, Vec<u8>)> = Vec::new();
@@ -85,7 +80,7 @@ fn main() {
             value.len()
         ));
     }
-    let mut whole: Vec<(&str, &[u8])> = request.clone();
+    let mut whole: Vec<(&str, &[u8])> = request.to_vec();
     whole.extend(decided.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
     let block = serialize(&whole);
     let block_at = 1024 + data.len();
@@ -140,7 +135,7 @@ fn main() {
     // The set-all row must leave exactly the map the add row leaves.
     let after = |p: &proxy_wasm_host::Plugin| {
         let req = HttpRequestRef {
-            headers: &request,
+            headers: request,
             ..HttpRequestRef::default()
         };
         p.http_request_with(req, |v| v.headers.to_vec())
@@ -155,7 +150,7 @@ fn main() {
     let mut p50 = vec![Vec::new(); rows.len()];
     for _ in 0..ROUNDS {
         for (i, ((_, with_headers, _), plugin)) in rows.iter().zip(&plugins).enumerate() {
-            let headers: &[(&str, &[u8])] = if *with_headers { &request } else { &[] };
+            let headers: &[(&str, &[u8])] = if *with_headers { request } else { &[] };
             let req = HttpRequestRef {
                 headers,
                 ..HttpRequestRef::default()
