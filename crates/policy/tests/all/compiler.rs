@@ -245,6 +245,33 @@ fn a_policy_loads_only_under_the_version_of_its_content() {
     assert!(content_changes > 0, "no fixture had a setting to change");
 }
 
+/// The loader reads the policy as UTF-8 text: bytes that are not UTF-8 anywhere (in a
+/// string or between values) are refused with where they are, and escapes in strings
+/// still read as the characters they stand for.
+#[test]
+fn a_policy_that_is_not_utf8_is_refused_and_escapes_still_read() {
+    use altroute_policy::Policy;
+    let compiled = compile(altroute_policy::fixtures::TABLE[0].1).expect("compiles");
+    let canonical = compiled.json.as_bytes();
+    let name_at = compiled.json.find("\"table-suite\"").expect("the name") + 1;
+    for at in [name_at, 1, canonical.len() - 1] {
+        let mut bad = canonical.to_vec();
+        bad.insert(at, 0xff);
+        let err = Policy::from_json(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("not UTF-8") && err.contains(&format!("index {at}")),
+            "byte 0xff at {at}: {err}"
+        );
+    }
+    // The same name spelled with escapes: same content, so same version, same name.
+    let escaped = compiled
+        .json
+        .replacen("\"table-suite\"", "\"t\\u0061ble-\\u0073uite\"", 1);
+    let loaded = Policy::from_json(escaped.as_bytes()).expect("escaped JSON loads");
+    assert_eq!(loaded.name, "table-suite");
+    assert_eq!(loaded.version, compiled.policy.version);
+}
+
 #[test]
 fn repeated_names_and_units_are_reported_at_the_repeat() {
     let src = r#"
