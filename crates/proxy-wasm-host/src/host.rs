@@ -101,7 +101,7 @@ pub(crate) struct HostInner {
     /// The hash of each module allocation loaded while it is alive: loading the same
     /// `Arc` again (a new policy for the same module, the relay's usual reload) finds its
     /// hash here instead of hashing the module again.
-    hashed: Mutex<Vec<(Weak<[u8]>, [u8; 32])>>,
+    hashed: Mutex<Vec<HashedModule>>,
     pub shared: Arc<HostShared>,
     stop: Arc<AtomicBool>,
     /// Epoch ticks that make up one deadline...
@@ -111,6 +111,9 @@ pub(crate) struct HostInner {
     /// Identifies the engine settings in artifact file names.
     engine_key: u64,
 }
+
+/// A module allocation and the BLAKE3 hash of its bytes.
+type HashedModule = (Weak<[u8]>, [u8; 32]);
 
 impl Drop for HostInner {
     fn drop(&mut self) {
@@ -426,7 +429,7 @@ mod tests {
     fn a_module_allocation_is_hashed_once_and_never_mistaken_for_another() {
         let host = Host::new(HostConfig::default()).expect("host");
         let inner = &host.inner;
-        let entries = || inner.hashed.lock().unwrap().len();
+        let entries = || inner.hashed.lock().expect("not poisoned").len();
 
         let a: Arc<[u8]> = vec![1u8; 4096].into();
         let hash_a = inner.hash_of(&a);
