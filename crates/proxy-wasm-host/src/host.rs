@@ -100,7 +100,8 @@ pub(crate) struct HostInner {
     prepared: Mutex<HashMap<[u8; 32], InstancePre<State>>>,
     /// The hash of each module allocation loaded while it is alive: loading the same
     /// `Arc` again (a new policy for the same module, the relay's usual reload) finds its
-    /// hash here instead of hashing the module again.
+    /// hash here instead of hashing the module again. An entry whose allocation was
+    /// dropped is removed at the next load (until then its `Weak` keeps the memory).
     hashed: Mutex<Vec<HashedModule>>,
     pub shared: Arc<HostShared>,
     stop: Arc<AtomicBool>,
