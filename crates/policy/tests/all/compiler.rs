@@ -272,6 +272,48 @@ fn a_policy_that_is_not_utf8_is_refused_and_escapes_still_read() {
     assert_eq!(loaded.version, compiled.policy.version);
 }
 
+/// The loader runs the embedded tests: a policy whose version matches its content but
+/// whose tests do not all pass is refused, and each failing test is named with what it
+/// expected and what was decided; the tests that pass are not reported.
+#[test]
+fn a_policy_whose_embedded_tests_fail_is_refused_with_each_failure() {
+    use altroute_policy::{Policy, Route};
+    let compiled = compile(altroute_policy::fixtures::TABLE[0].1).expect("compiles");
+    let mut policy = compiled.policy.clone();
+    let count = policy.tests.len();
+    // Two tests expect what their decision is not: one route, one rule.
+    let direct = policy
+        .tests
+        .iter()
+        .position(|t| t.expect.route == Some(Route::Direct))
+        .expect("a test expects a direct route");
+    policy.tests[direct].expect.route = Some(Route::Bounce);
+    let last = count - 1;
+    assert_ne!(last, direct);
+    policy.tests[last].expect.rule = Some("no-such-rule".into());
+    policy.version = String::new();
+    policy.version = policy.content_version();
+    let err = Policy::from_json(policy.to_json().as_bytes())
+        .unwrap_err()
+        .to_string();
+    let (a, b) = (&policy.tests[direct].name, &policy.tests[last].name);
+    assert!(
+        err.contains(&format!(
+            "test {a:?} failed: expected route bounce, got direct"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "test {b:?} failed: expected rule no-such-rule, got"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("failed:").count(), 2, "only the two: {err}");
+    // Unchanged, all of them pass.
+    assert!(Policy::from_json(compiled.json.as_bytes()).is_ok());
+}
+
 #[test]
 fn repeated_names_and_units_are_reported_at_the_repeat() {
     let src = r#"
