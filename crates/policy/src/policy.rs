@@ -168,12 +168,8 @@ impl Policy {
         }
         let mut problems = Vec::new();
         policy.check_references(&mut problems);
-        // The tests as `run_tests` runs them, with one decision written over from test to
-        // test and nothing kept: in the wasm module every plugin load runs them.
-        let mut decision = crate::Decision::fault("", "");
-        for test in &policy.tests {
-            crate::decide_into(&policy, &test.query, &mut decision);
-            let mismatches = compare(&test.expect, &decision);
+        // Only the failures are kept: in the wasm module every plugin load runs the tests.
+        policy.each_test(|test, _, mismatches| {
             if !mismatches.is_empty() {
                 problems.push(format!(
                     "test {:?} failed: {}",
@@ -181,7 +177,7 @@ impl Policy {
                     mismatches.join("; ")
                 ));
             }
-        }
+        });
         if problems.is_empty() {
             // The pattern index now, if the tests did not build it: a loaded policy's
             // first decision is as fast as the others.
@@ -225,17 +221,27 @@ impl Policy {
 
     /// Run the embedded tests.
     pub fn run_tests(&self) -> Vec<TestOutcome> {
-        self.tests
-            .iter()
-            .map(|t| {
-                let decision = crate::decide(self, &t.query);
-                TestOutcome {
-                    name: t.name.clone(),
-                    mismatches: compare(&t.expect, &decision),
-                    decision,
-                }
-            })
-            .collect()
+        let mut outcomes = Vec::with_capacity(self.tests.len());
+        self.each_test(|test, decision, mismatches| {
+            outcomes.push(TestOutcome {
+                name: test.name.clone(),
+                mismatches,
+                decision: decision.clone(),
+            });
+        });
+        outcomes
+    }
+
+    /// Each embedded test with the decision for its query and what differs from what it
+    /// expects (empty when it passed). One decision is written over from test to test
+    /// (`decide_into`, equal to `decide`'s), so a caller that keeps nothing allocates
+    /// little.
+    fn each_test(&self, mut f: impl FnMut(&PolicyTest, &crate::Decision, Vec<String>)) {
+        let mut decision = crate::Decision::fault("", "");
+        for test in &self.tests {
+            crate::decide_into(self, &test.query, &mut decision);
+            f(test, &decision, compare(&test.expect, &decision));
+        }
     }
 
     fn check_references(&self, problems: &mut Vec<String>) {
