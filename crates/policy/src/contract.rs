@@ -5,8 +5,10 @@
 //! (status [`DEFER_STATUS`] or [`BOUNCE_STATUS`], body = the SMTP reply) for a rejection.
 //!
 //! Values are ASCII. Free text (addresses, reasons, replies) is percent-encoded: every
-//! byte outside `!`..`~`, and `%` and `,` (the list separator), becomes `%XX`. So a value never holds CR, LF,
-//! NUL or a space, and decoding gives back exactly what was encoded.
+//! byte outside ` `..`~`, `%`, a space at either end of the value, and `,` in an item of
+//! a comma-separated list, becomes `%XX`. So a value never holds CR, LF or NUL, never
+//! starts or ends with a space (HTTP drops those), and decoding gives back exactly what
+//! was encoded.
 //!
 //! Every name and value used anywhere in altroute comes from this module.
 
@@ -94,7 +96,8 @@ pub enum ContractError {
     Invalid { name: &'static str, value: String },
 }
 
-/// Percent-encode free text for a header value.
+/// Percent-encode free text for a header value: every byte outside ` `..`~`, `%`, and a
+/// space at either end (HTTP drops the spaces around a header value) as `%XX`.
 pub fn encode_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     encode_text_into(s, &mut out);
@@ -102,18 +105,30 @@ pub fn encode_text(s: &str) -> String {
 }
 
 /// [`encode_text`], appended to `out`. Runs of bytes that need no escape are copied in
-/// one piece (most text is one run), not byte by byte.
+/// one piece (most text is one run, a reason included), not byte by byte.
 pub fn encode_text_into(s: &str, out: &mut String) {
+    encode_into(s, b'%', out);
+}
+
+/// [`encode_text_into`] for one item of a comma-separated list (a host's addresses): `,`
+/// is escaped as well.
+fn encode_item_into(s: &str, out: &mut String) {
+    encode_into(s, b',', out);
+}
+
+/// Escapes what [`encode_text`] escapes, and `also`.
+fn encode_into(s: &str, also: u8, out: &mut String) {
     let bytes = s.as_bytes();
-    if printable_without(bytes, b'%', b',') {
+    if plain_text(bytes, b'%', also) {
         out.push_str(s);
         return;
     }
     // At most three bytes out per byte in: no growth on the way.
     out.reserve(bytes.len() * 3);
+    let last = bytes.len() - 1;
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        if PLAIN[b as usize] {
+        if PLAIN[b as usize] && b != also && (b != b' ' || (i != 0 && i != last)) {
             continue;
         }
         if run < i {
@@ -132,23 +147,26 @@ pub fn encode_text_into(s: &str, out: &mut String) {
     }
 }
 
-/// Whether every byte is in `!`..`~` and is neither `x` nor `y`: eight bytes per step
-/// (SWAR), since every decision's text values (a verdict's reason is ~140 bytes) go
-/// through this check twice, in the module and in the relay (the byte-per-step loop was
-/// the top entry of the module's profile; the gain measured is small, see BENCHMARKS.md,
-/// decision latency). A crate for this
-/// would bring SIMD code per target; these four word tests are exact as booleans (Sean
+/// Whether `bytes` need no escape: every byte is in ` `..`~` and is neither `x` nor `y`,
+/// and there is no space at either end. Eight bytes per step (SWAR): every decision's
+/// text values go through this check twice, in the module and in the relay, and a reason
+/// (a sentence of about 140 bytes) that passes it is copied in one piece on both sides
+/// instead of byte by byte (BENCHMARKS.md, decision latency). A crate for this would
+/// bring SIMD code per target; these four word tests are exact as booleans (Sean
 /// Anderson's "bit twiddling hacks": `hasless`, `hasmore`, `haszero`), and a test
 /// compares them with the byte-per-step definition on every byte at every position.
-fn printable_without(bytes: &[u8], x: u8, y: u8) -> bool {
+fn plain_text(bytes: &[u8], x: u8, y: u8) -> bool {
     const ONES: u64 = u64::from_le_bytes([1; 8]);
     const HIGH: u64 = ONES * 0x80;
+    if bytes.first() == Some(&b' ') || bytes.last() == Some(&b' ') {
+        return false;
+    }
     let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
     let (words, rest) = bytes.as_chunks::<8>();
     for w in words {
         let w = u64::from_le_bytes(*w);
-        // A byte below `!` (0x21), a byte above `~` (0x7e), or `x` or `y`.
-        let below = w.wrapping_sub(ONES * 0x21) & !w & HIGH != 0;
+        // A byte below ` ` (0x20), a byte above `~` (0x7e), or `x` or `y`.
+        let below = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
         let above = (w.wrapping_add(ONES) | w) & HIGH != 0;
         if below
             || above
@@ -159,7 +177,7 @@ fn printable_without(bytes: &[u8], x: u8, y: u8) -> bool {
         }
     }
     rest.iter()
-        .all(|&b| (b'!'..=b'~').contains(&b) && b != x && b != y)
+        .all(|&b| (b' '..=b'~').contains(&b) && b != x && b != y)
 }
 
 /// `%00%01…%FF`: the escape of byte `b` is `ESCAPES[3 * b..3 * b + 3]`.
@@ -183,13 +201,14 @@ const ESCAPES: &str = {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// Bytes [`encode_text`] copies as they are: `!`..`~` except `%` and `,`. A table: one
-/// load per byte instead of three comparisons (this runs on every decision header).
+/// Bytes [`encode_text`] copies as they are (a space only inside the text): ` `..`~`
+/// except `%`. A table: one load per byte instead of three comparisons (this runs on
+/// every decision header).
 const PLAIN: [bool; 256] = {
     let mut t = [false; 256];
-    let mut b = b'!';
+    let mut b = b' ';
     while b <= b'~' {
-        t[b as usize] = b != b'%' && b != b',';
+        t[b as usize] = b != b'%';
         b += 1;
     }
     t
@@ -197,13 +216,17 @@ const PLAIN: [bool; 256] = {
 
 /// Decode a percent-encoded header value. `None` for bad escapes or non-UTF-8 results.
 pub fn decode_text(v: &[u8]) -> Option<String> {
-    // Most values (addresses, names, versions) have no escape: checked and copied in one
-    // piece.
-    if printable_without(v, b'%', b'%') {
+    // Most values (addresses, names, versions, reasons) have no escape: checked and
+    // copied in one piece.
+    if plain_text(v, b'%', b'%') {
         return String::from_utf8(v.to_vec()).ok();
     }
-    // Text with escapes (a reason has one per space) byte by byte into reserved room:
-    // cheaper than a copy per run between escapes.
+    // A space at either end is never written as it is (HTTP would have dropped it).
+    if v.first() == Some(&b' ') || v.last() == Some(&b' ') {
+        return None;
+    }
+    // Text with escapes byte by byte into reserved room: cheaper than a copy per run
+    // between escapes.
     let mut out = Vec::with_capacity(v.len());
     let mut i = 0;
     while let Some(&b) = v.get(i) {
@@ -211,7 +234,7 @@ pub fn decode_text(v: &[u8]) -> Option<String> {
             let (hi, lo) = (*v.get(i + 1)?, *v.get(i + 2)?);
             out.push(hex_val(hi)? << 4 | hex_val(lo)?);
             i += 3;
-        } else if (b'!'..=b'~').contains(&b) {
+        } else if (b' '..=b'~').contains(&b) {
             out.push(b);
             i += 1;
         } else {
@@ -226,7 +249,7 @@ pub fn decode_text(v: &[u8]) -> Option<String> {
 /// results, and `out` is then empty.
 pub fn decode_text_into(v: &[u8], out: &mut String) -> bool {
     out.clear();
-    if printable_without(v, b'%', b'%') {
+    if plain_text(v, b'%', b'%') {
         return match std::str::from_utf8(v) {
             Ok(s) => {
                 out.push_str(s);
@@ -419,7 +442,7 @@ pub fn for_each_decision_header(
                 if i > 0 {
                     b.push(',');
                 }
-                encode_text_into(a, b);
+                encode_item_into(a, b);
             }
         });
         emit(HOST_PORT, buf, &|b| push_decimal(host.port, b));
@@ -766,11 +789,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// The byte-at-a-time definition `encode_text_into` must match exactly.
-    fn reference(s: &str) -> String {
+    /// The byte-at-a-time definition `encode_text_into` (`also` = `%`) and
+    /// `encode_item_into` (`also` = `,`) must match exactly.
+    fn reference(s: &str, also: u8) -> String {
         let mut out = String::new();
-        for &b in s.as_bytes() {
-            if (b'!'..=b'~').contains(&b) && b != b'%' && b != b',' {
+        let last = s.len().saturating_sub(1);
+        for (i, &b) in s.as_bytes().iter().enumerate() {
+            let at_an_end = i == 0 || i == last;
+            if (b' '..=b'~').contains(&b) && b != b'%' && b != also && !(b == b' ' && at_an_end) {
                 out.push(b as char);
             } else {
                 out.push_str(&format!("%{b:02X}"));
@@ -830,8 +856,10 @@ mod tests {
     #[test]
     fn the_word_scan_matches_the_byte_scan_at_every_position() {
         let by_byte = |b: &[u8], x: u8, y: u8| {
-            b.iter()
-                .all(|&c| (b'!'..=b'~').contains(&c) && c != x && c != y)
+            b.first() != Some(&b' ')
+                && b.last() != Some(&b' ')
+                && b.iter()
+                    .all(|&c| (b' '..=b'~').contains(&c) && c != x && c != y)
         };
         // Every byte value at every position of plain words of several lengths (the
         // word loop, the tail, and both), with the two excluded bytes of each caller.
@@ -842,7 +870,7 @@ mod tests {
                     b[at] = v;
                     for (x, y) in [(b'%', b','), (b'%', b'%')] {
                         assert_eq!(
-                            super::printable_without(&b, x, y),
+                            super::plain_text(&b, x, y),
                             by_byte(&b, x, y),
                             "{b:?} without {x} {y}"
                         );
@@ -866,7 +894,7 @@ mod tests {
                 *c = near[(seed % near.len() as u64) as usize];
             }
             assert_eq!(
-                super::printable_without(&b, b'%', b','),
+                super::plain_text(&b, b'%', b','),
                 by_byte(&b, b'%', b','),
                 "{b:?}"
             );
@@ -881,17 +909,17 @@ mod tests {
         ] {
             let mut b = [b'z'; 8];
             b[3..5].copy_from_slice(&pair);
-            assert_eq!(
-                super::printable_without(&b, b'%', b','),
-                by_byte(&b, b'%', b',')
-            );
+            assert_eq!(super::plain_text(&b, b'%', b','), by_byte(&b, b'%', b','));
         }
     }
 
     #[test]
     fn decode_text_rejects_what_encode_text_never_writes() {
         let bad = [
-            &b"a b"[..],
+            &b" a"[..],
+            b"a ",
+            b" ",
+            b"%20 ",
             b"%",
             b"%4",
             b"%zz",
@@ -905,8 +933,17 @@ mod tests {
         }
         assert_eq!(decode_text(b"").as_deref(), Some(""));
         assert_eq!(decode_text(b"%41%2c%25").as_deref(), Some("A,%"));
+        // Inside the text a space and a comma may come as they are or escaped.
+        assert_eq!(decode_text(b"a b,c").as_deref(), Some("a b,c"));
+        assert_eq!(decode_text(b"a%20b%2Cc").as_deref(), Some("a b,c"));
         // Into a string that held text before: its old content never shows through.
-        let good = [&b""[..], b"%41%2c%25", b"%C3%A9t%C3%A9", b"plain"];
+        let good = [
+            &b""[..],
+            b"%41%2c%25",
+            b"%C3%A9t%C3%A9",
+            b"plain",
+            b"a b, c",
+        ];
         for v in bad.into_iter().chain(good) {
             let mut out = "left over from an earlier value".to_string();
             let ok = decode_text_into(v, &mut out);
@@ -935,7 +972,8 @@ mod tests {
                     out.push(u8::from_str_radix(hex, 16).ok()?);
                     i += 3;
                 }
-                b @ b'!'..=b'~' => {
+                b' ' if i == 0 || i == v.len() - 1 => return None,
+                b @ b' '..=b'~' => {
                     out.push(b);
                     i += 1;
                 }
@@ -984,12 +1022,23 @@ mod tests {
 
     #[test]
     fn encode_text_matches_the_byte_at_a_time_definition() {
+        let check = |s: &str| {
+            assert_eq!(encode_text(s), reference(s, b'%'), "{s:?}");
+            assert_eq!(decode_text(encode_text(s).as_bytes()).as_deref(), Some(s));
+            let mut item = String::new();
+            encode_item_into(s, &mut item);
+            assert_eq!(item, reference(s, b','), "{s:?}");
+            assert!(!item.contains(','), "{item:?}");
+            assert_eq!(decode_text(item.as_bytes()).as_deref(), Some(s));
+        };
         for s in [
             "",
             "plain",
             "a b",
             " lead",
             "trail ",
+            " ",
+            "  ",
             "%,%",
             "é",
             "xé",
@@ -997,9 +1046,34 @@ mod tests {
             "日本語 text, 100%",
             "a\r\nb\0c",
             "\u{10FFFF}",
+            "no STARTTLS does not meet TLS 1.2+ required, verify hostname; rerouted",
         ] {
-            assert_eq!(encode_text(s), reference(s), "{s:?}");
-            assert_eq!(decode_text(encode_text(s).as_bytes()).as_deref(), Some(s));
+            check(s);
+        }
+        // Every text of up to five chars over spaces, commas, escapes, plain bytes, a
+        // control byte and a two-byte char: spaces at the ends and inside, runs across the
+        // eight-byte steps of the plain check.
+        let alphabet = [" ", ",", "%", "a", "~", "\t", "é"];
+        let mut s = String::new();
+        for len in 0..=5u32 {
+            for n in 0..alphabet.len().pow(len) {
+                s.clear();
+                let mut n = n;
+                for _ in 0..len {
+                    s.push_str(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                check(&s);
+            }
+        }
+        for len in [7, 8, 9, 15, 16, 17] {
+            for at in 0..len {
+                for c in [" ", ",", "%", "\x7f"] {
+                    let mut s = "x".repeat(len);
+                    s.replace_range(at..at + 1, c);
+                    check(&s);
+                }
+            }
         }
     }
 }
