@@ -789,6 +789,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Calls `f` with every sequence of up to `max_len` items of `alphabet`.
+    fn every_sequence<T: Copy>(alphabet: &[T], max_len: u32, mut f: impl FnMut(&[T])) {
+        let mut seq = Vec::new();
+        for len in 0..=max_len {
+            for n in 0..alphabet.len().pow(len) {
+                seq.clear();
+                let mut n = n;
+                for _ in 0..len {
+                    seq.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                f(&seq);
+            }
+        }
+    }
+
     /// The byte-at-a-time definition `encode_text_into` (`also` = `%`) and
     /// `encode_item_into` (`also` = `,`) must match exactly.
     fn reference(s: &str, also: u8) -> String {
@@ -937,13 +953,7 @@ mod tests {
         assert_eq!(decode_text(b"a b,c").as_deref(), Some("a b,c"));
         assert_eq!(decode_text(b"a%20b%2Cc").as_deref(), Some("a b,c"));
         // Into a string that held text before: its old content never shows through.
-        let good = [
-            &b""[..],
-            b"%41%2c%25",
-            b"%C3%A9t%C3%A9",
-            b"plain",
-            b"a b, c",
-        ];
+        let good: [&[u8]; 5] = [b"", b"%41%2c%25", b"%C3%A9t%C3%A9", b"plain", b"a b, c"];
         for v in bad.into_iter().chain(good) {
             let mut out = "left over from an earlier value".to_string();
             let ok = decode_text_into(v, &mut out);
@@ -988,21 +998,11 @@ mod tests {
         // Every value of up to five bytes over an alphabet of plain bytes, escapes, hex
         // digits of both cases, bytes never written plain and half a UTF-8 sequence; then
         // longer values whose runs span the eight-byte steps.
-        let alphabet = b"%aFc0 \xc3\xa9";
-        let mut v = Vec::new();
         let mut checked = 0;
-        for len in 0..=5u32 {
-            for n in 0..alphabet.len().pow(len) {
-                v.clear();
-                let mut n = n;
-                for _ in 0..len {
-                    v.push(alphabet[n % alphabet.len()]);
-                    n /= alphabet.len();
-                }
-                assert_eq!(decode_text(&v), decode_reference(&v), "{v:?}");
-                checked += 1;
-            }
-        }
+        every_sequence(b"%aFc0 \xc3\xa9", 5, |v| {
+            assert_eq!(decode_text(v), decode_reference(v), "{v:?}");
+            checked += 1;
+        });
         assert!(checked > 20_000);
         for s in [
             "no STARTTLS does not meet TLS 1.2+ required, verify hostname; rerouted",
@@ -1053,19 +1053,9 @@ mod tests {
         // Every text of up to five chars over spaces, commas, escapes, plain bytes, a
         // control byte and a two-byte char: spaces at the ends and inside, runs across the
         // eight-byte steps of the plain check.
-        let alphabet = [" ", ",", "%", "a", "~", "\t", "é"];
-        let mut s = String::new();
-        for len in 0..=5u32 {
-            for n in 0..alphabet.len().pow(len) {
-                s.clear();
-                let mut n = n;
-                for _ in 0..len {
-                    s.push_str(alphabet[n % alphabet.len()]);
-                    n /= alphabet.len();
-                }
-                check(&s);
-            }
-        }
+        every_sequence(&[" ", ",", "%", "a", "~", "\t", "é"], 5, |parts| {
+            check(&parts.concat());
+        });
         for len in [7, 8, 9, 15, 16, 17] {
             for at in 0..len {
                 for c in [" ", ",", "%", "\x7f"] {
