@@ -94,10 +94,8 @@ pub(crate) struct HostInner {
     pub engine: Engine,
     linker: Linker<State>,
     pub config: HostConfig,
-    /// Compiled modules by BLAKE3 hash of their bytes...
-    modules: Mutex<HashMap<[u8; 32], Module>>,
-    /// ...and those of them that passed the checks, linked.
-    prepared: Mutex<HashMap<[u8; 32], InstancePre<State>>>,
+    /// Modules by BLAKE3 hash of their bytes: linked, or compiled and refused.
+    modules: Mutex<HashMap<[u8; 32], Prepared>>,
     /// The hash of each module allocation loaded while it is alive: loading the same
     /// `Arc` again (a new policy for the same module, the relay's usual reload) finds its
     /// hash here instead of hashing the module again. An entry whose allocation was
@@ -115,6 +113,14 @@ pub(crate) struct HostInner {
 
 /// A module allocation and the BLAKE3 hash of its bytes.
 type HashedModule = (Weak<[u8]>, [u8; 32]);
+
+/// A module in the host's memory: linked once it passed the checks; compiled only when it
+/// did not (loaded again, it is refused again without a compile).
+#[derive(Clone)]
+enum Prepared {
+    Linked(InstancePre<State>),
+    Refused(Module),
+}
 
 impl Drop for HostInner {
     fn drop(&mut self) {
@@ -174,7 +180,6 @@ impl Host {
                 linker,
                 config,
                 modules: Mutex::new(HashMap::new()),
-                prepared: Mutex::new(HashMap::new()),
                 hashed: Mutex::new(Vec::new()),
                 shared: Arc::new(HostShared::default()),
                 stop,
@@ -199,7 +204,8 @@ impl Host {
 }
 
 impl HostInner {
-    /// The BLAKE3 hash of `bytes`: 0.05–0.07 ms for the 460 KB policy module on this
+    /// The BLAKE3 hash of `bytes` (not SHA-256: for a 400 KB module SHA-256 took 0.3 ms
+    /// of the 1 ms a plugin may take to be ready): 0.05–0.07 ms for the 460 KB policy module on this
     /// machine, about a sixth of a reload on a running host (BENCHMARKS.md, decision
     /// latency), so an allocation already hashed is not hashed again. A live `Weak` at
     /// the same address is the same allocation, and its bytes cannot have changed:
@@ -222,22 +228,10 @@ impl HostInner {
         hash
     }
 
-    /// The module with this hash: from memory, from the on-disk artifact cache, or
-    /// compiled (and then stored in both).
+    /// The module with this hash from the on-disk artifact cache, or compiled (and then
+    /// stored there).
     fn compile(&self, hash: &[u8; 32], bytes: &[u8]) -> Result<Module, Error> {
-        // BLAKE3, not SHA-256: the key is computed on every load of new module bytes, and
-        // for a 400 KB module SHA-256 took 0.3 ms of the 1 ms a plugin may take to be
-        // ready (BENCHMARKS.md).
-        if let Some(m) = self
-            .modules
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(hash)
-        {
-            return Ok(m.clone());
-        }
-        // Compiling outside the lock: other loads and the request path are not blocked.
-        let module = match self.artifact_path(hash) {
+        Ok(match self.artifact_path(hash) {
             Some(path) => match self.load_artifact(&path) {
                 Some(m) => m,
                 None => {
@@ -247,12 +241,7 @@ impl HostInner {
                 }
             },
             None => self.compile_bytes(bytes)?,
-        };
-        self.modules
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(*hash, module.clone());
-        Ok(module)
+        })
     }
 
     fn compile_bytes(&self, bytes: &[u8]) -> Result<Module, Error> {
@@ -317,20 +306,28 @@ impl HostInner {
     /// content on this host.
     pub(crate) fn prepare(&self, bytes: &Arc<[u8]>) -> Result<InstancePre<State>, Error> {
         let hash = self.hash_of(bytes);
-        if let Some(pre) = self
-            .prepared
+        let known = self
+            .modules
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&hash)
-        {
-            return Ok(pre.clone());
-        }
-        let pre = self.link(self.compile(&hash, bytes)?)?;
-        self.prepared
+            .cloned();
+        let module = match known {
+            Some(Prepared::Linked(pre)) => return Ok(pre),
+            Some(Prepared::Refused(module)) => module,
+            // Compiling outside the lock: other loads and the request path are not blocked.
+            None => self.compile(&hash, bytes)?,
+        };
+        let linked = self.link(module.clone());
+        let prepared = match &linked {
+            Ok(pre) => Prepared::Linked(pre.clone()),
+            Err(_) => Prepared::Refused(module),
+        };
+        self.modules
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(hash, pre.clone());
-        Ok(pre)
+            .insert(hash, prepared);
+        linked
     }
 
     /// Checks what `module` imports and exports, and links it.
