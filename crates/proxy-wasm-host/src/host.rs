@@ -134,6 +134,14 @@ impl Host {
     pub fn new(config: HostConfig) -> Result<Host, Error> {
         let mut wc = Config::new();
         wc.epoch_interruption(true);
+        // No `.eh_frame` for the guest's code: registering it with the system unwinder is
+        // part of every artifact load, and without it a plugin was ready sooner (median of
+        // eight alternated runs of 60 loads each: 0.90 against 0.97 ms; BENCHMARKS.md,
+        // decision latency). Wasmtime's own traps and wasm backtraces do not use it (they
+        // walk frame pointers), and a panic in a host function is caught at the host
+        // call, so nothing unwinds through guest frames. What is lost: native backtraces
+        // (a debugger's, `perf --call-graph=dwarf`) stop at guest frames.
+        wc.native_unwind_info(false);
         // Profiling aid: with PROXY_WASM_PERFMAP set, Wasmtime writes /tmp/perf-<pid>.map
         // so that `perf report` names guest functions (how docs/proxy-wasm-host.md's
         // profile was taken). Off by default.
