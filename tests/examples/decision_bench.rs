@@ -20,7 +20,10 @@ const SAMPLES: usize = 50_000;
 const COLD_SAMPLES: usize = 2_000;
 const LARGE_SAMPLES: usize = 20_000;
 
-fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
+/// p50, p99 and p99.9.
+type Percentiles = (Duration, Duration, Duration);
+
+fn percentiles(mut v: Vec<Duration>) -> Percentiles {
     v.sort();
     let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
     (at(0.50), at(0.99), at(0.999))
@@ -286,10 +289,8 @@ fn main() {
         }
         (percentiles(a), percentiles(b))
     };
-    let ratio = |(a, b): (
-        (Duration, Duration, Duration),
-        (Duration, Duration, Duration),
-    )| { a.0.as_secs_f64() / b.0.as_secs_f64().max(1e-9) };
+    let ratio =
+        |(a, b): (Percentiles, Percentiles)| a.0.as_secs_f64() / b.0.as_secs_f64().max(1e-9);
     let first = ratio(in_turns(
         &|| {
             black_box(decide(&policy, black_box(&plan)));

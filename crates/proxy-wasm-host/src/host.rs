@@ -213,9 +213,9 @@ impl Host {
 
 impl HostInner {
     /// The BLAKE3 hash of `bytes` (not SHA-256: for a 400 KB module SHA-256 took 0.3 ms
-    /// of the 1 ms a plugin may take to be ready): 0.05–0.07 ms for the 460 KB policy module on this
-    /// machine, about a sixth of a reload on a running host (BENCHMARKS.md, decision
-    /// latency), so an allocation already hashed is not hashed again. A live `Weak` at
+    /// of the 1 ms a plugin may take to be ready): 0.05–0.07 ms for the 460 KB policy
+    /// module on this machine, about a sixth of a reload on a running host (BENCHMARKS.md,
+    /// decision latency), so an allocation already hashed is not hashed again. A live `Weak` at
     /// the same address is the same allocation, and its bytes cannot have changed:
     /// `Arc::get_mut` refuses while a `Weak` exists.
     fn hash_of(&self, bytes: &Arc<[u8]>) -> [u8; 32] {
