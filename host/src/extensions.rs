@@ -617,6 +617,15 @@ impl Extension {
                 return Step::Fault(why);
             }
         };
+        if outcome.reset {
+            // Envoy would reset the request: no answer, a fault like a trap.
+            let why = format!(
+                "extension {}: the module reset the request",
+                self.config.name
+            );
+            self.fault("reset", &why);
+            return Step::Fault(why);
+        }
         let mut out = decision_headers(&outcome.headers);
         // A refusal may carry its SMTP reply only as the local response body.
         if let Some(r) = &outcome.local_response

@@ -518,6 +518,10 @@ pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
     };
     plugin
         .http_request_with(request, |outcome| {
+            if outcome.reset {
+                // Envoy would reset the request: no decision, and the caller defers.
+                return Err("the module reset the request (no decision)".to_owned());
+            }
             let decision = contract::decode_decision(contract::lookup(outcome.headers));
             let mut decision = decision.map_err(|e| match outcome.local_response {
                 Some(r) => format!(

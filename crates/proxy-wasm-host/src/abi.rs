@@ -150,6 +150,8 @@ pub(crate) struct State {
     pub tick_period_ms: u32,
     pub close_downstream: bool,
     pub close_upstream: bool,
+    /// `proxy_close_stream` on the request or response of an HTTP context.
+    pub reset_stream: bool,
     pub effective_context: u32,
     /// Header entries of finished contexts, kept for reuse: filling a map (request
     /// headers in, headers the guest adds) then reuses their allocations instead of
@@ -188,6 +190,7 @@ impl State {
             tick_period_ms: 0,
             close_downstream: false,
             close_upstream: false,
+            reset_stream: false,
             effective_context: 0,
             spare: Vec::new(),
             map_bytes_known: [None; 4],
@@ -247,6 +250,7 @@ impl State {
         self.in_http = false;
         self.close_downstream = false;
         self.close_upstream = false;
+        self.reset_stream = false;
     }
 }
 
@@ -692,8 +696,12 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
             let r = range(data.len(), ptr, len as u32, "allocated block")?;
-            let buf = buffer(st, t).unwrap_or(&[]);
-            data[r].copy_from_slice(&buf[start..end]);
+            // The guest's allocator may have replaced the buffer (proxy_set_buffer_bytes
+            // needs no allocation): take it again, and refuse if the range is gone.
+            let Some(src) = buffer(st, t).and_then(|b| b.get(start..end)) else {
+                return Err(guest("buffer changed during allocation"));
+            };
+            data[r].copy_from_slice(src);
             put_ptr_size(data, ret_ptr, ptr, ret_size, len as u32)?;
             Ok(OK)
         },
@@ -1111,10 +1119,15 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_close_stream",
         |mut c: Caller<'_, State>, t: u32| -> u32 {
+            // As Envoy: the request (0) and response (1) are an HTTP context's, the
+            // downstream (2) and upstream (3) connections a stream context's; a type that
+            // does not apply to the current context does nothing.
             let st = c.data_mut();
             match t {
-                0 | 2 => st.close_downstream = true,
-                _ => st.close_upstream = true,
+                0 | 1 => st.reset_stream |= st.in_http,
+                2 => st.close_downstream |= !st.in_http,
+                3 => st.close_upstream |= !st.in_http,
+                _ => return BAD_ARGUMENT,
             }
             OK
         },

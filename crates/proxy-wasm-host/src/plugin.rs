@@ -125,6 +125,10 @@ pub struct HttpView<'a> {
     pub route_cache_cleared: bool,
     /// A header or body callback returned Pause without a local response.
     pub paused: bool,
+    /// The plugin reset the request (`proxy_close_stream` on the request or response, the
+    /// SDKs' `reset_http_request`): Envoy would reset the stream, so the request must not
+    /// be treated as allowed.
+    pub reset: bool,
 }
 
 impl<'a> HttpView<'a> {
@@ -145,6 +149,7 @@ impl<'a> HttpView<'a> {
             filter_state: self.filter_state.to_vec(),
             route_cache_cleared: self.route_cache_cleared,
             paused: self.paused,
+            reset: self.reset,
         }
     }
 }
@@ -165,6 +170,10 @@ pub struct HttpOutcome {
     /// A header or body callback returned Pause without a local response. Envoy would
     /// hold the request; here everything was already delivered, so it is only reported.
     pub paused: bool,
+    /// The plugin reset the request (`proxy_close_stream` on the request or response, the
+    /// SDKs' `reset_http_request`): Envoy would reset the stream, so the request must not
+    /// be treated as allowed.
+    pub reset: bool,
 }
 
 impl HttpOutcome {
@@ -454,6 +463,7 @@ impl Instance {
             filter_state: &st.filter_state,
             route_cache_cleared: st.route_cache_cleared,
             paused: paused && st.local_response.is_none(),
+            reset: st.reset_stream,
         }
     }
 

@@ -147,9 +147,15 @@ fn stream_counts_rewrites_and_sets_filter_state() {
 #[test]
 fn ticks_reach_the_root_context() {
     let host = host();
+    let loading = std::time::Instant::now();
     let plugin = testguest(&host, "tick");
     assert_eq!(plugin.tick_period(), Some(Duration::from_millis(1000)));
-    assert_eq!(plugin.tick().unwrap(), 0, "period not yet elapsed");
+    let early = plugin.tick().unwrap();
+    // Checked only when the machine did not pause this thread for the whole period (the
+    // period starts inside the load).
+    if loading.elapsed() < Duration::from_millis(1000) {
+        assert_eq!(early, 0, "period not yet elapsed");
+    }
     std::thread::sleep(Duration::from_millis(1100));
     let ticked = plugin.tick().unwrap();
     assert_eq!(ticked, 2, "both warm instances tick");
