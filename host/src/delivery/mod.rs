@@ -395,12 +395,15 @@ async fn schedule(
 /// Delivers the due recipients of one claimed message and records the results.
 async fn process(ctx: &Ctx, entry: QueueEntry) {
     let id = entry.id.clone();
-    let message = match ctx.spool.read_message(&id) {
-        Ok(m) => m,
+    // A message that cannot be read (a failed checksum, an I/O error) is deferred like a
+    // failed attempt, so that it waits for the retry schedule (released at once, it was
+    // claimed again at once, for ever) and, if it stays unreadable, expires with a DSN.
+    let (message, unreadable) = match ctx.spool.read_message(&id) {
+        Ok(m) => (m, None),
         Err(e) => {
             tracing::error!(queue_id = %id, error = %e, "cannot read queued message");
-            ctx.spool.release(&id);
-            return;
+            let reason = format!("451 4.3.0 the queued message cannot be read: {e}");
+            (Vec::new(), Some(reason))
         }
     };
     let now = ctx.spool.clock().now();
@@ -419,11 +422,22 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     for (domain, indices) in by_domain {
         // Every log line of the attempt carries the queue id and the domain (span fields).
         let span = tracing::info_span!("delivery", queue_id = %id, domain = %domain);
-        let outcomes = tracing::Instrument::instrument(
-            attempt::deliver_domain(ctx, &entry, &message, &domain, &indices),
-            span,
-        )
-        .await;
+        let outcomes = match &unreadable {
+            Some(reason) => indices
+                .iter()
+                .map(|&i| {
+                    let reason = reason.clone();
+                    (i, Outcome::Deferred { reason })
+                })
+                .collect(),
+            None => {
+                tracing::Instrument::instrument(
+                    attempt::deliver_domain(ctx, &entry, &message, &domain, &indices),
+                    span,
+                )
+                .await
+            }
+        };
         for (i, outcome) in outcomes {
             let rcpt = entry.envelope.rcpt_to.get(i).cloned().unwrap_or_default();
             let recorded = match &outcome {

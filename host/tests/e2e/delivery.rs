@@ -312,7 +312,9 @@ async fn safety_floor_holds_against_a_lying_module() {
         .await;
     let relay = Relay::start(
         &lab,
-        wat_engine(LIAR_WAT, lab.port, Duration::from_millis(100)),
+        // A deadline the liar never nears, even if the machine pauses it: the test is
+        // about its answer, not about a fault.
+        wat_engine(LIAR_WAT, lab.port, Duration::from_secs(2)),
     )
     .await;
     let id = relay
@@ -456,6 +458,70 @@ async fn mx_answering_4xx_is_retried_not_rerouted() {
         "retried at the MX"
     );
     assert!(lab.sinks[alt].messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_waits_for_its_retry_like_a_failed_attempt() {
+    let mut lab = Lab::new().await;
+    let mx = lab
+        .mx(
+            "busy.test",
+            "mx.busy.test",
+            Tls::Valid,
+            SinkMode::TempFail(FailAt::Rcpt),
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@busy.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    let next = states[0].due_at().unwrap();
+    // One byte of the stored body flipped on disk: its checksum no longer matches.
+    let path = relay.spool.message_path(&id);
+    let stored = std::fs::read(&path).unwrap();
+    let at = stored
+        .windows(17)
+        .position(|w| w == b"confidential body")
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(
+        &std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+        &[stored[at] ^ 0x20],
+        at as u64,
+    )
+    .unwrap();
+    let sessions_before = lab.sinks[mx].sessions().len();
+
+    relay.clock.set(next);
+    relay.delivery.kick();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay
+        .spool
+        .entry(&id)
+        .is_some_and(|e| e.recipients[0].attempts() < 2)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no second attempt recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match &relay.spool.entry(&id).unwrap().recipients[0] {
+        RecipientState::Deferred {
+            reason,
+            next_attempt,
+            ..
+        } => {
+            assert!(reason.starts_with("451 4.3.0"), "{reason}");
+            assert!(reason.contains("cannot be read"), "{reason}");
+            assert!(*next_attempt > next, "waits for the retry schedule");
+        }
+        other => panic!("expected deferred, got {other:?}"),
+    }
+    // Nothing went out for it, and the message is not claimed again before it is due.
+    assert_eq!(lab.sinks[mx].sessions().len(), sessions_before);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(relay.spool.entry(&id).unwrap().recipients[0].attempts(), 2);
 }
 
 const TRAP_WAT: &str = r#"(module
