@@ -590,6 +590,17 @@ impl SmtpClient {
     pub fn replies(&mut self, n: usize) -> Result<Vec<String>> {
         (0..n).map(|_| self.reply()).collect()
     }
+
+    /// Everything the peer sends until it closes the connection (a reset counts as a
+    /// close); an error if it is still open after the read timeout.
+    pub fn read_until_closed(&mut self) -> Result<Vec<u8>> {
+        let mut got = Vec::new();
+        match self.reader.read_to_end(&mut got) {
+            Ok(_) => Ok(got),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(got),
+            Err(e) => bail!("still open after {got:?}: {e}"),
+        }
+    }
 }
 
 /// A TCP connection from a chosen local address (std has no bind-before-connect).

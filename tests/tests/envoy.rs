@@ -411,6 +411,33 @@ fn smtp_edge_refuses_only_the_tls_required_recipient_under_pipelining() {
     assert_eq!(stat("altroute_smtp_rejected_requiretls_total"), Some(0));
 }
 
+/// RCPT pipelined after DATA: the first RCPT becomes NOOP, so the upstream refuses DATA
+/// and would read the second RCPT as a command. The module closes the session instead.
+#[test]
+fn smtp_edge_closes_a_session_that_sends_past_data_before_its_reply() {
+    let edge = edge(false);
+    let mut c = SmtpClient::connect(edge.listen, None).unwrap();
+    c.reply().unwrap();
+    c.send(b"EHLO client.example\r\n").unwrap();
+    c.reply().unwrap();
+    c.send(b"MAIL FROM:<alice@corp.example>\r\nRCPT TO:<bob@partner.example>\r\nDATA\r\nRCPT TO:<bob@partner.example>\r\n")
+        .unwrap();
+    let rest = c.read_until_closed().unwrap();
+    let commands = edge.direct.commands();
+    assert!(
+        !commands.iter().any(|c| c.starts_with("RCPT")),
+        "a RCPT reached the upstream: {commands:?}, client saw {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(edge.direct.messages().is_empty());
+    assert_eq!(
+        edge.envoy
+            .wait_stat("wasmcustom.altroute_smtp_sessions_closed_total", 1)
+            .unwrap(),
+        1
+    );
+}
+
 #[test]
 fn smtp_edge_pairs_replies_when_both_directions_are_split_byte_by_byte() {
     // The upstream writes its replies one byte at a time and the client sends one byte

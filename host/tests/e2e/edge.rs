@@ -408,6 +408,32 @@ fn pipelined_and_byte_by_byte_commands_pair_with_their_replies() {
     assert_eq!(relay.stop_and_spooled(), vec![carol.clone(), carol]);
 }
 
+/// RCPT pipelined after DATA (the first RCPT refused, so the relay refuses DATA and would
+/// read the second as a command): the edge module closes the session, nothing is spooled.
+#[test]
+fn a_client_sending_past_data_before_its_reply_is_closed() {
+    let mut relay = EdgeRelay::start(1, |_| String::new(), default_edge);
+    let mut c = Client::connect(relay.listen[0], None);
+    c.reply();
+    c.send(b"EHLO c\r\n", false);
+    c.reply();
+    c.send(
+        b"MAIL FROM:<alice@corp.example>\r\nRCPT TO:<bob@partner.example>\r\nDATA\r\nRCPT TO:<bob@partner.example>\r\nhello\r\n.\r\n",
+        false,
+    );
+    let (rest, _) = c.read_to_end();
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("250 2.0.0"),
+        "a message was accepted: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert_eq!(
+        relay.metric_reaching("altroute_edge_smtp_sessions_closed_total", 1.0),
+        Some(1.0)
+    );
+    assert_eq!(relay.stop_and_spooled(), Vec::<Vec<String>>::new());
+}
+
 #[test]
 fn connection_routing_picks_the_configured_upstream() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -143,6 +143,7 @@ pub(crate) struct StreamMetrics {
     encrypted: Option<u32>,
     overlong: Option<u32>,
     routed: Option<u32>,
+    closed: Option<u32>,
 }
 
 impl StreamMetrics {
@@ -160,6 +161,7 @@ impl StreamMetrics {
             encrypted: counter("altroute_smtp_starttls_sessions_total"),
             overlong: counter("altroute_smtp_overlong_lines_total"),
             routed: counter("altroute_connections_routed_total"),
+            closed: counter("altroute_smtp_sessions_closed_total"),
         }
     }
 
@@ -279,6 +281,24 @@ impl Connection {
         } else {
             session.server_bytes(&data, end)
         };
+        if let Some(why) = session.take_violation() {
+            // The follower can no longer tell commands from message data: nothing more
+            // goes upstream, and the connection is closed (the client sees it close; no
+            // mail of this transaction was accepted).
+            log(LogLevel::Warn, &format!("closing the SMTP session: {why}"));
+            StreamMetrics::add(self.metrics.closed, 1);
+            if let Err(e) = hostcalls::set_buffer(buffer, 0, data.len(), &[]) {
+                log(
+                    LogLevel::Error,
+                    &format!("dropping {buffer:?} failed: {e:?}"),
+                );
+            }
+            if let Err(e) = hostcalls::close_downstream() {
+                log(LogLevel::Error, &format!("closing failed: {e:?}"));
+            }
+            self.count();
+            return Action::Continue;
+        }
         // `None`: the bytes pass as they are (no copy, no write back).
         if let Some(out) = out
             && let Err(e) = hostcalls::set_buffer(buffer, 0, data.len(), &out)

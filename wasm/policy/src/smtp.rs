@@ -12,6 +12,18 @@
 //! the recipient and may retry, after STARTTLS or through another route.
 //!
 //! After a `220` reply to `STARTTLS` the session is opaque: bytes pass untouched.
+//!
+//! Where the server may read the same bytes as commands or as message data, the follower
+//! must never be the one that reads them as data, or a `RCPT` would pass unchecked:
+//! - After `DATA`, the client waits for the reply (RFC 2920, DATA ends a pipelined
+//!   group): the message follows a `354`, commands anything else. Bytes sent before the
+//!   reply are a protocol violation; they are dropped and the session is closed
+//!   ([`Session::take_violation`]), since what they are depends on a reply not yet seen.
+//! - `BDAT` data passes unread only when the server offered `CHUNKING` in its EHLO reply
+//!   (a server that offers it consumes the chunk even when it refuses the command,
+//!   RFC 3030); otherwise the server answers `BDAT` with an error and reads what follows
+//!   as commands, and so does the follower.
+//!
 //! Every buffer is bounded; an overlong line is forwarded as it comes and counted as one
 //! command or reply, which keeps the pairing.
 
@@ -49,10 +61,15 @@ enum Client {
     /// A message after `DATA`; `at` tracks the terminating `.` line: 0 mid-line,
     /// 1 at a line start, 2 after a `.` at a line start, 3 after `.\r`.
     Body { at: u8 },
+    /// `DATA` was sent: nothing may come until its reply.
+    AwaitData,
     /// The data of a `BDAT` chunk: that many bytes pass untouched.
     Chunk { remaining: u64 },
     /// `STARTTLS` was sent: bytes pass untouched until its reply.
     AwaitTls,
+    /// The session broke the protocol (see [`Session::take_violation`]): every byte from
+    /// the client is dropped.
+    Closed,
 }
 
 /// What happened during a call, for the metrics.
@@ -105,6 +122,11 @@ pub(crate) struct Session {
     requiretls: bool,
     /// The upstream offered STARTTLS in its EHLO reply.
     starttls_offered: bool,
+    /// The upstream offered CHUNKING in its reply to the last EHLO.
+    chunking_offered: bool,
+    /// The client broke the protocol in a way that leaves the follower unsure how the
+    /// server reads its bytes: the session must be closed.
+    violation: Option<&'static str>,
     events: Events,
 }
 
@@ -122,8 +144,16 @@ impl Session {
             sender: String::new(),
             requiretls: false,
             starttls_offered: false,
+            chunking_offered: false,
+            violation: None,
             events: Events::default(),
         }
+    }
+
+    /// Why the session must be closed, once: the client's bytes of that call and of any
+    /// later call are dropped (see the module's overview).
+    pub(crate) fn take_violation(&mut self) -> Option<&'static str> {
+        self.violation.take()
     }
 
     /// The session went through STARTTLS: nothing more to follow.
@@ -152,6 +182,16 @@ impl Session {
         let mut i = 0;
         while i < data.len() {
             match self.client {
+                Client::AwaitData | Client::Closed => {
+                    // Dropped: the server would read them as message or as commands
+                    // depending on the DATA reply. Nothing of this call goes upstream.
+                    if self.client == Client::AwaitData {
+                        self.violation = Some("data sent before the reply to DATA");
+                        self.client = Client::Closed;
+                    }
+                    self.client_line.clear();
+                    return Some(Vec::new());
+                }
                 Client::AwaitTls => {
                     out.pass(i, data.len());
                     i = data.len();
@@ -241,6 +281,8 @@ impl Session {
         let mut forward = true;
         let pending = if is(b"EHLO") || is(b"HELO") {
             self.reset_transaction();
+            // Known again from this EHLO's reply.
+            self.chunking_offered = false;
             Pending::Ehlo
         } else if is(b"RSET") {
             self.reset_transaction();
@@ -263,11 +305,10 @@ impl Session {
                 None => Pending::Other,
             }
         } else if is(b"DATA") {
-            // A client waits for 354 before the message; if the reply is not 354 the
-            // follower goes back to commands.
-            self.client = Client::Body { at: 1 };
+            // The message follows a 354; any other reply, and the follower reads commands.
+            self.client = Client::AwaitData;
             Pending::Data
-        } else if is(b"BDAT") {
+        } else if is(b"BDAT") && self.chunking_offered {
             let size = line[verb_end..]
                 .split(|b| *b == b' ')
                 .find(|p| !p.is_empty())
@@ -405,6 +446,8 @@ impl Session {
                         .unwrap_or_default();
                     if keyword.eq_ignore_ascii_case(b"STARTTLS") {
                         self.starttls_offered = true;
+                    } else if keyword.eq_ignore_ascii_case(b"CHUNKING") {
+                        self.chunking_offered = true;
                     }
                 }
                 match at {
@@ -432,13 +475,17 @@ impl Session {
                     self.opaque = true;
                     self.events.encrypted = true;
                     self.pending.clear();
-                } else {
+                } else if self.client == Client::AwaitTls {
                     self.client = Client::Command;
                 }
             }
             Pending::Data => {
-                if !positive(b"354") && matches!(self.client, Client::Body { .. }) {
-                    self.client = Client::Command;
+                if self.client == Client::AwaitData {
+                    self.client = if positive(b"354") {
+                        Client::Body { at: 1 }
+                    } else {
+                        Client::Command
+                    };
                 }
             }
             Pending::Ehlo => {}
@@ -772,5 +819,99 @@ mod tests {
         assert!(down.ends_with(
             b"500 long\r\n250 ok\r\n450 4.7.10 TLS required for <b@partner.example>\r\n"
         ));
+    }
+
+    /// Greeting and EHLO done; `ehlo` is the server's EHLO reply.
+    fn greeted(ehlo: &[u8]) -> Session {
+        let mut s = session();
+        assert_eq!(s.server_bytes(b"220 hi\r\n", false), None);
+        assert_eq!(s.client_bytes(b"EHLO c\r\n", false), None);
+        assert_eq!(s.server_bytes(ehlo, false), None);
+        s
+    }
+
+    #[test]
+    fn bytes_after_data_before_its_reply_close_the_session() {
+        // The bypass this closes: the first RCPT becomes NOOP, so the server refuses DATA
+        // (no valid recipients) and reads the second RCPT as a command. Whole, or split
+        // anywhere after DATA.
+        let attack: &[u8] = b"MAIL FROM:<a@corp.example>\r\nRCPT TO:<v@partner.example>\r\nDATA\r\nRCPT TO:<v@partner.example>\r\n";
+        let after_data = attack.windows(6).position(|w| w == b"DATA\r\n").unwrap() + 6;
+        for split in [attack.len(), after_data, after_data + 1, attack.len() - 1] {
+            let mut s = greeted(b"250 PIPELINING\r\n");
+            let (first, second) = attack.split_at(split);
+            let mut up = Vec::new();
+            let mut closed = false;
+            for part in [first, second] {
+                if part.is_empty() {
+                    continue;
+                }
+                let out = s.client_bytes(part, false);
+                up.extend(out.clone().unwrap_or_else(|| part.to_vec()));
+                if let Some(why) = s.take_violation() {
+                    assert!(why.contains("DATA"), "{why}");
+                    assert_eq!(out, Some(Vec::new()), "nothing of that read goes upstream");
+                    closed = true;
+                }
+            }
+            assert!(closed, "split at {split}");
+            assert!(
+                !up.windows(4).any(|w| w == b"RCPT"),
+                "split at {split}: {:?}",
+                String::from_utf8_lossy(&up)
+            );
+            // Whatever comes later is dropped too, and the violation is told once.
+            assert_eq!(s.client_bytes(b"QUIT\r\n", false), Some(Vec::new()));
+            assert_eq!(s.take_violation(), None);
+        }
+    }
+
+    #[test]
+    fn a_refused_data_leaves_the_follower_reading_commands() {
+        let mut s = greeted(b"250 PIPELINING\r\n");
+        assert_eq!(
+            s.client_bytes(
+                b"MAIL FROM:<a@corp.example>\r\nRCPT TO:<v@partner.example>\r\nDATA\r\n",
+                false
+            ),
+            Some(b"MAIL FROM:<a@corp.example>\r\nNOOP\r\nDATA\r\n".to_vec())
+        );
+        assert_eq!(
+            s.server_bytes(b"250 ok\r\n250 noop\r\n554 no valid recipients\r\n", false),
+            Some(
+                b"250 ok\r\n450 4.7.10 TLS required for <v@partner.example>\r\n554 no valid recipients\r\n"
+                    .to_vec()
+            )
+        );
+        assert_eq!(
+            s.client_bytes(b"RCPT TO:<v@partner.example>\r\n", false),
+            Some(b"NOOP\r\n".to_vec())
+        );
+        assert_eq!(s.take_violation(), None);
+    }
+
+    #[test]
+    fn bdat_data_passes_unread_only_when_the_server_offers_chunking() {
+        let chunk = b"BDAT 29\r\nRCPT TO:<v@partner.example>\r\n";
+        // Not offered: the server refuses BDAT and reads the "data" as commands; so does
+        // the follower.
+        let mut s = greeted(b"250-s\r\n250 PIPELINING\r\n");
+        assert_eq!(
+            s.client_bytes(chunk, false),
+            Some(b"BDAT 29\r\nNOOP\r\n".to_vec())
+        );
+        // Offered: the chunk is the message's, and the next command is checked again.
+        let mut s = greeted(b"250-s\r\n250-CHUNKING\r\n250 PIPELINING\r\n");
+        assert_eq!(s.client_bytes(chunk, false), None);
+        assert_eq!(
+            s.client_bytes(b"RCPT TO:<v@partner.example>\r\n", false),
+            Some(b"NOOP\r\n".to_vec())
+        );
+        // A new EHLO forgets the offer until its own reply says it again.
+        assert_eq!(s.client_bytes(b"EHLO again\r\n", false), None);
+        assert_eq!(
+            s.client_bytes(chunk, false),
+            Some(b"BDAT 29\r\nNOOP\r\n".to_vec())
+        );
     }
 }
