@@ -79,7 +79,10 @@ fn nothing_acknowledged_is_lost_across_20_kill_9() {
     stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         for h in handles {
-            let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
+            tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .expect("a submitter did not stop within 30 s")
+                .expect("a submitter panicked");
         }
     });
     assert!(relay.stop().success(), "{}", relay.log());

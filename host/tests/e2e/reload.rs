@@ -515,6 +515,11 @@ fn alternating_activations_under_load_lose_nothing() {
         let pause = if i < 20 { 100 } else { 1000 };
         std::thread::sleep(Duration::from_millis(pause));
     }
+    // What the test is about: swaps while mail is submitted and while it is delivered.
+    assert!(
+        under_load > 0 && delivering > 0,
+        "no activation under load: {under_load} while smtp-source ran, {delivering} while delivering"
+    );
     let output = source.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "smtp-source failed: {stderr}");
@@ -658,7 +663,23 @@ expect = { tls_required = true }
     assert!(reasons.contains("wrong on purpose"), "{status}");
     // Mail flowed on the old version: direct, decided by va.
     assert_eq!(recipients(&world.mx).len(), sent);
-    for l in decisions(&relay.log()) {
+    // A decision line is written once the delivery is over, which the sink can see first.
+    let rcpts = ["b1@reload.test", "b2@reload.test", "b3@reload.test"];
+    let logged = |lines: &[DecisionLine]| {
+        rcpts
+            .iter()
+            .all(|r| lines.iter().any(|l| l.recipient == *r))
+    };
+    let mut lines = decisions(&relay.log());
+    for _ in 0..100 {
+        if logged(&lines) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        lines = decisions(&relay.log());
+    }
+    assert!(logged(&lines), "a decision line is missing: {lines:?}");
+    for l in lines {
         assert_eq!(l.version, va, "{l:?}");
     }
     let audit = relay.audit_lines();
