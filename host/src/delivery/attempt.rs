@@ -393,7 +393,11 @@ async fn send_to(
 ) -> Vec<(usize, Outcome)> {
     let envelope = Envelope {
         mail_from: env.mail_from.clone(),
-        requiretls: env.requiretls,
+        // RFC 8689 §5: a DSN of REQUIRETLS mail (null sender) carries REQUIRETLS, but is
+        // not lost for a next hop that lacks the extension: it goes without the parameter,
+        // still only over TLS that meets the requirement (the safety floor).
+        requiretls: env.requiretls
+            && (!env.mail_from.is_empty() || session.client.capabilities().requiretls),
         body: if message.iter().any(|b| *b >= 0x80) {
             Body::EightBitMime
         } else {

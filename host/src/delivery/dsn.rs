@@ -125,6 +125,9 @@ pub fn build(
 
     let mut dsn_env = Envelope::new("", vec![envelope.mail_from.clone()]);
     dsn_env.received_from = Some(format!("dsn@{reporting_mta}"));
+    // RFC 8689 §5: the DSN of REQUIRETLS mail holds its header section, so it travels
+    // under the same requirement (and, as here always, with the headers only).
+    dsn_env.requiretls = envelope.requiretls;
     Some((dsn_env, body))
 }
 
@@ -210,5 +213,10 @@ mod tests {
         );
         let null = Envelope::new("", vec!["x@y".into()]);
         assert!(build("r", &null, original, &failures, 0, "x2").is_none());
+        // RFC 8689 §5: the DSN of REQUIRETLS mail requires TLS too.
+        assert!(!dsn_env.requiretls);
+        env.requiretls = true;
+        let (dsn_env, _) = build("r", &env, original, &failures, 0, "x3").unwrap();
+        assert!(dsn_env.requiretls);
     }
 }

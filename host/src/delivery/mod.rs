@@ -418,7 +418,11 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
             .unwrap_or_default();
         by_domain.entry(domain).or_default().push(i);
     }
-    let mut failures = Vec::new();
+    // Bounces and expiries are final: they are recorded only once the DSN that reports
+    // them is on disk, so that a failed store (a full disk) or a crash in between never
+    // leaves a final recipient whose sender was not told. The worst case is a second DSN
+    // (the recipient bounces again at its next attempt), never none.
+    let mut finals: Vec<Final> = Vec::new();
     for (domain, indices) in by_domain {
         // Every log line of the attempt carries the queue id and the domain (span fields).
         let span = tracing::info_span!("delivery", queue_id = %id, domain = %domain);
@@ -440,63 +444,145 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
         };
         for (i, outcome) in outcomes {
             let rcpt = entry.envelope.rcpt_to.get(i).cloned().unwrap_or_default();
-            let recorded = match &outcome {
+            let attempts = entry.recipients.get(i).map_or(0, |r| r.attempts());
+            let recorded = match outcome {
                 Outcome::Delivered { via, route } => {
-                    ctx.metrics.delivered(route);
-                    ctx.spool.delivered(&id, i, via).await.map(|_| ())
+                    ctx.metrics.delivered(&route);
+                    ctx.spool.delivered(&id, i, &via).await.map(|_| ())
                 }
                 Outcome::Deferred { reason } => {
                     ctx.metrics.deferrals.inc();
-                    match ctx.spool.defer(&id, i, reason).await {
-                        Ok(RecipientState::Expired { .. }) => {
-                            ctx.metrics.expirations.inc();
-                            failures.push(dsn::Failure {
-                                recipient: rcpt.clone(),
-                                reason: reason.clone(),
-                                expired: true,
-                            });
-                            Ok(())
+                    let schedule = ctx.spool.schedule();
+                    let now = ctx.spool.clock().now();
+                    if schedule
+                        .next_attempt(attempts + 1, entry.envelope.received_at, now)
+                        .is_none()
+                    {
+                        // Its queue lifetime is used up: it expires with the DSN.
+                        finals.push(Final::new(i, rcpt, reason, true, attempts));
+                        Ok(())
+                    } else {
+                        match ctx.spool.defer(&id, i, &reason).await {
+                            // The lifetime ran out between the check and the write.
+                            Ok(RecipientState::Expired { .. }) => {
+                                ctx.metrics.expirations.inc();
+                                let mut f = Final::new(i, rcpt.clone(), reason, true, attempts);
+                                f.recorded = true;
+                                finals.push(f);
+                                Ok(())
+                            }
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(e),
                         }
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(e),
                     }
                 }
                 Outcome::Bounced { reason } => {
                     ctx.metrics.bounces.inc();
-                    failures.push(dsn::Failure {
-                        recipient: rcpt.clone(),
-                        reason: reason.clone(),
-                        expired: false,
-                    });
-                    ctx.spool.bounce(&id, i, reason).await
+                    finals.push(Final::new(i, rcpt.clone(), reason, false, attempts));
+                    Ok(())
                 }
             };
             if let Err(e) = recorded {
+                let rcpt = entry.envelope.rcpt_to.get(i).cloned().unwrap_or_default();
                 tracing::error!(queue_id = %id, recipient = %rcpt, error = %e, "cannot record delivery result");
             }
         }
     }
-    if let Some((env, body)) = dsn::build(
-        &ctx.settings.hostname,
-        &entry.envelope,
-        &message,
-        &failures,
-        ctx.spool.clock().now(),
-        id.as_str(),
-    ) {
-        match ctx.spool.store(env, body).await {
-            Ok(dsn_id) => {
-                ctx.metrics.dsns.inc();
-                tracing::info!(queue_id = %id, dsn = %dsn_id, recipients = failures.len(), "DSN queued to the sender");
-            }
-            Err(e) => tracing::error!(queue_id = %id, error = %e, "cannot queue DSN"),
-        }
-    }
+    record_finals(ctx, &entry, &message, finals).await;
     ctx.spool.release(&id);
     if ctx.spool.entry(&id).is_some_and(|e| e.is_finished())
         && let Err(e) = ctx.spool.remove(&id).await
     {
         tracing::warn!(queue_id = %id, error = %e, "cannot remove finished message");
+    }
+}
+
+/// A recipient that bounced or expired in this run, waiting for its DSN.
+struct Final {
+    index: usize,
+    failure: dsn::Failure,
+    /// Attempts before this run.
+    attempts: u32,
+    /// Already recorded as final (it expired in [`Spool::defer`] itself).
+    recorded: bool,
+}
+
+impl Final {
+    fn new(index: usize, recipient: String, reason: String, expired: bool, attempts: u32) -> Final {
+        Final {
+            index,
+            failure: dsn::Failure {
+                recipient,
+                reason,
+                expired,
+            },
+            attempts,
+            recorded: false,
+        }
+    }
+}
+
+/// Queues the DSN for `finals`, then records them as bounced or expired. If the DSN
+/// cannot be queued, they are deferred instead (the reason says why) and fail again,
+/// with a new DSN, at their next attempt.
+async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Vec<Final>) {
+    if finals.is_empty() {
+        return;
+    }
+    let id = &entry.id;
+    let failures: Vec<dsn::Failure> = finals.iter().map(|f| f.failure.clone()).collect();
+    let built = dsn::build(
+        &ctx.settings.hostname,
+        &entry.envelope,
+        message,
+        &failures,
+        ctx.spool.clock().now(),
+        id.as_str(),
+    );
+    let stored = match built {
+        // The null sender gets no DSN (RFC 5321 §4.5.5): nothing to wait for.
+        None => Ok(None),
+        Some((env, body)) => ctx.spool.store(env, body).await.map(Some),
+    };
+    match stored {
+        Ok(dsn_id) => {
+            if let Some(dsn_id) = dsn_id {
+                ctx.metrics.dsns.inc();
+                tracing::info!(queue_id = %id, dsn = %dsn_id, recipients = failures.len(), "DSN queued to the sender");
+            }
+            for f in finals.into_iter().filter(|f| !f.recorded) {
+                let recorded = if f.failure.expired {
+                    ctx.metrics.expirations.inc();
+                    ctx.spool
+                        .defer(id, f.index, &f.failure.reason)
+                        .await
+                        .map(|_| ())
+                } else {
+                    ctx.spool.bounce(id, f.index, &f.failure.reason).await
+                };
+                if let Err(e) = recorded {
+                    tracing::error!(queue_id = %id, recipient = %f.failure.recipient, error = %e, "cannot record delivery result");
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(queue_id = %id, error = %e, "cannot queue DSN: the failed recipients stay deferred");
+            let now = ctx.spool.clock().now();
+            let retry = ctx.spool.schedule().delay(1).as_secs();
+            for f in finals {
+                let state = RecipientState::Deferred {
+                    next_attempt: now.saturating_add(retry),
+                    attempts: f.attempts.saturating_add(1),
+                    reason: format!(
+                        "{} (not final yet: the DSN could not be queued: {e})",
+                        f.failure.reason
+                    ),
+                };
+                if let Err(e) = ctx.spool.set_recipient(id, f.index, state).await {
+                    tracing::error!(queue_id = %id, recipient = %f.failure.recipient, error = %e, "cannot record delivery result");
+                }
+            }
+        }
     }
 }
 

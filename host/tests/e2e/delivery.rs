@@ -249,6 +249,37 @@ async fn requiretls_is_never_sent_in_clear_text() {
     assert_no_transaction(&lab.sinks[mx], "REQUIRETLS without alternate");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dsn_of_requiretls_mail_requires_tls_too() {
+    let mut lab = Lab::new().await;
+    lab.mx(
+        "refusing.test",
+        "mx.refusing.test",
+        Tls::Valid,
+        SinkMode::PermFail(FailAt::Rcpt),
+    )
+    .await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    relay
+        .send("alice@corp.test", &["bob@refusing.test"], true)
+        .await;
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(dsn[0].mail_from, "");
+    assert!(dsn[0].tls_version.is_some(), "the DSN went over TLS");
+    let mail: Vec<String> = commands(&lab.sinks[sender_mx])
+        .into_iter()
+        .filter(|c| c.starts_with("MAIL FROM:<>"))
+        .collect();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    assert!(mail[0].contains("REQUIRETLS"), "{mail:?}");
+}
+
 /// A module that answers every question with "direct, no TLS required": the relay's
 /// safety floor must still refuse to send REQUIRETLS mail in clear text.
 const LIAR_WAT: &str = r#"(module

@@ -1,7 +1,8 @@
 //! Disk full: the spool lives on a 2 MiB tmpfs. Once a filler file has taken all the
 //! space, every message gets a 4xx (`452 4.3.1`) and never a 250; after the filler is
 //! deleted (relay still running) messages are accepted again, and the spool holds exactly
-//! the acknowledged ones, intact. Needs root (mount).
+//! the acknowledged ones, intact. And a DSN that cannot be queued leaves its recipient
+//! deferred rather than final. Needs root (mount, chattr).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -139,4 +140,108 @@ fn disk_full_answers_4xx_then_recovers_without_restart() {
     assert_eq!(spool.recovery().corrupt_moved, 0);
     drop(spool);
     drop(relay);
+}
+
+/// `chattr +i` on a directory while it lives: nothing can be created in it (root
+/// included), while files already in it can still be written.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let out = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .output()
+            .expect("run chattr");
+        assert!(
+            out.status.success(),
+            "chattr +i failed (this test needs root and e2fsprogs): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// An expiry whose DSN cannot be queued (the spool cannot take a new message: its
+/// `tmp` directory is made immutable) is not made final: the recipient stays deferred
+/// and the message queued. Once the spool takes messages again, the next attempt expires
+/// it again, and this time the DSN goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dsn_that_cannot_be_queued_leaves_the_recipient_deferred() {
+    use altroute::policy_engine::PolicyEngine;
+    use altroute_lab::{FailAt, SinkMode};
+    use altroute_queue::RecipientState;
+
+    use crate::inproc::{Lab, Relay, Tls, WAIT, policy};
+
+    let mut lab = Lab::new().await;
+    lab.mx(
+        "busy.test",
+        "mx.busy.test",
+        Tls::Valid,
+        SinkMode::TempFail(FailAt::Rcpt),
+    )
+    .await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let engine = PolicyEngine::standard(&policy(lab.port, false, "")).unwrap();
+    let relay = Relay::start(&lab, engine).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@busy.test"], false)
+        .await;
+    relay.settled(&id).await.unwrap();
+    let deferred = |relay: &Relay| match &relay.spool.entry(&id).unwrap().recipients[0] {
+        RecipientState::Deferred {
+            reason, attempts, ..
+        } => (reason.clone(), *attempts),
+        other => panic!("expected deferred, got {other:?}"),
+    };
+    assert_eq!(deferred(&relay).1, 1);
+
+    // Past the queue lifetime (an hour in this harness), and no room for the DSN.
+    let frozen = Immutable::set(&relay.spool.root().join("tmp"));
+    relay
+        .clock
+        .advance(std::time::Duration::from_secs(2 * 3600));
+    relay.delivery.kick();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while deferred(&relay).1 < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no second attempt");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (reason, _) = deferred(&relay);
+    assert!(reason.contains("the DSN could not be queued"), "{reason}");
+    assert_eq!(relay.metrics.dsns.get(), 0);
+    assert_eq!(relay.metrics.expirations.get(), 0);
+    assert!(lab.sinks[sender_mx].messages().is_empty());
+
+    // Room again: the next attempt expires it, with its DSN.
+    drop(frozen);
+    let next = relay.spool.entry(&id).unwrap().recipients[0]
+        .due_at()
+        .unwrap();
+    relay.clock.set(next);
+    relay.delivery.kick();
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(dsn[0].rcpt_to, vec!["alice@corp.test".to_string()]);
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@busy.test"),
+        "{text}"
+    );
+    assert!(
+        relay.removed(&id).await,
+        "the expired message leaves the queue"
+    );
+    assert_eq!(relay.metrics.expirations.get(), 1);
 }
