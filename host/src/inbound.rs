@@ -101,6 +101,7 @@ impl Handler for Inbound {
         env.tls_required_no = has_tls_required_no(&message);
         env.received_from = Some(session.peer.ip().to_string());
         env.env_id = envelope.env_id.clone();
+        env.smtputf8 = envelope.smtputf8;
 
         let trace = received_field(&self.hostname, session, envelope);
         let mut stored = Vec::with_capacity(trace.len() + message.len());

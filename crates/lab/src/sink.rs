@@ -76,6 +76,8 @@ pub struct SinkConfig {
     /// Whether EHLO advertises REQUIRETLS (RFC 8689); only once TLS is active, as the
     /// RFC intends. Defaults to false.
     pub advertise_requiretls: bool,
+    /// Whether EHLO advertises SMTPUTF8 (RFC 6531). Defaults to false.
+    pub advertise_smtputf8: bool,
 }
 
 impl SinkConfig {
@@ -87,6 +89,7 @@ impl SinkConfig {
             starttls: None,
             mode: SinkMode::Accept,
             advertise_requiretls: false,
+            advertise_smtputf8: false,
         }
     }
 }
@@ -372,6 +375,9 @@ where
                 }
                 if config.advertise_requiretls && tls_active {
                     lines.push("REQUIRETLS".to_owned());
+                }
+                if config.advertise_smtputf8 {
+                    lines.push("SMTPUTF8".to_owned());
                 }
                 write_multiline(conn, 250, &lines).await?;
             }

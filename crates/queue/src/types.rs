@@ -27,6 +27,9 @@ pub struct Envelope {
     /// DSN envelope id (`MAIL FROM ... ENVID=`, RFC 3461).
     #[serde(default)]
     pub env_id: Option<String>,
+    /// `MAIL FROM ... SMTPUTF8` (RFC 6531).
+    #[serde(default)]
+    pub smtputf8: bool,
 }
 
 impl Envelope {
@@ -41,6 +44,7 @@ impl Envelope {
             received_from: None,
             received_at: 0,
             env_id: None,
+            smtputf8: false,
         }
     }
 }

@@ -403,7 +403,9 @@ async fn send_to(
         } else {
             Body::SevenBit
         },
-        smtputf8: false,
+        // Only when the sender asked for it and something in this transaction needs it
+        // (as Postfix: an all-ASCII message goes to any server).
+        smtputf8: env.smtputf8 && needs_smtputf8(&env.mail_from, &send, message),
         size: Some(message.len() as u64),
         env_id: env.env_id.clone(),
         rcpt_to: send
@@ -444,6 +446,13 @@ async fn send_to(
                     session.host
                 ),
             },
+            Err(altroute_smtp::Error::MissingExtension("SMTPUTF8")) => Outcome::Bounced {
+                // RFC 6531 §3.4: without the extension, the server cannot take it.
+                reason: format!(
+                    "550 5.6.7 SMTPUTF8 required but {} does not offer it",
+                    session.host
+                ),
+            },
             Err(e) => Outcome::Deferred {
                 reason: format!("451 4.4.2 {}: {e}", session.host),
             },
@@ -457,6 +466,18 @@ async fn send_to(
         out.push((r.index, outcome));
     }
     out
+}
+
+/// Whether a transaction needs SMTPUTF8: a non-ASCII address in its envelope, or
+/// non-ASCII bytes in the message's header section.
+fn needs_smtputf8(mail_from: &str, send: &[(Rcpt, Decision)], message: &[u8]) -> bool {
+    let header_end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(message.len());
+    !mail_from.is_ascii()
+        || send.iter().any(|(r, _)| !r.query.recipient.is_ascii())
+        || !message[..header_end].is_ascii()
 }
 
 fn reply_outcome(reply: &altroute_smtp::Reply) -> Outcome {

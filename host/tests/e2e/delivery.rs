@@ -280,6 +280,51 @@ async fn the_dsn_of_requiretls_mail_requires_tls_too() {
     assert!(mail[0].contains("REQUIRETLS"), "{mail:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtputf8_mail_keeps_its_flag_or_bounces_where_it_cannot_go() {
+    let mut lab = Lab::new().await;
+    lab.smtputf8 = true;
+    let utf8 = lab
+        .mx("utf8.test", "mx.utf8.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    lab.smtputf8 = false;
+    let ascii = lab
+        .mx("ascii.test", "mx.ascii.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let store = |to: &str| {
+        let mut env = altroute_queue::Envelope::new("alice@corp.test", vec![to.to_string()]);
+        env.smtputf8 = true;
+        let msg =
+            format!("From: <alice@corp.test>\r\nTo: <{to}>\r\nSubject: caf\u{e9}\r\n\r\nbody\r\n");
+        relay.spool.store(env, msg.into_bytes())
+    };
+    // A server that offers it gets the parameter.
+    let id = store("jos\u{e9}@utf8.test").await.unwrap();
+    let got = lab.sinks[utf8].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].rcpt_to, vec!["jos\u{e9}@utf8.test".to_string()]);
+    let mail: Vec<String> = commands(&lab.sinks[utf8])
+        .into_iter()
+        .filter(|c| c.starts_with("MAIL"))
+        .collect();
+    assert!(mail[0].ends_with(" SMTPUTF8"), "{mail:?}");
+    assert!(relay.removed(&id).await);
+    // One that does not: bounced as RFC 6531 says, never sent without it.
+    store("jos\u{e9}@ascii.test").await.unwrap();
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(text.contains("Status: 5.6.7"), "{text}");
+    assert!(text.contains("SMTPUTF8 required"), "{text}");
+    assert_eq!(relay.metrics.bounces.get(), 1);
+    assert_no_transaction(&lab.sinks[ascii], "SMTPUTF8 mail to a server without it");
+}
+
 /// A module that answers every question with "direct, no TLS required": the relay's
 /// safety floor must still refuse to send REQUIRETLS mail in clear text.
 const LIAR_WAT: &str = r#"(module

@@ -36,6 +36,8 @@ pub(crate) struct Lab {
     pub(crate) dns: DnsServer,
     pub(crate) port: u16,
     pub(crate) sinks: Vec<SmtpSink>,
+    /// Sinks started from now on offer SMTPUTF8.
+    pub(crate) smtputf8: bool,
 }
 
 impl Lab {
@@ -50,6 +52,7 @@ impl Lab {
             dns,
             port,
             sinks: Vec::new(),
+            smtputf8: false,
         }
     }
 
@@ -59,6 +62,7 @@ impl Lab {
         let mut config = SinkConfig::new(SocketAddr::new(ip.into(), self.port), name);
         config.mode = mode;
         config.advertise_requiretls = true;
+        config.advertise_smtputf8 = self.smtputf8;
         config.starttls = match tls {
             Tls::None => None,
             Tls::Valid => Some(self.ca.issue(&[name], Validity::Valid).unwrap()),
