@@ -3,8 +3,10 @@
 //! plan (engine) -> resolve -> connect (MX preference order; refused or timed out: next)
 //! -> EHLO -> STARTTLS with a recording verifier (a failed handshake: reconnect in clear
 //! text and report "offered, none") -> verdict (engine) per recipient -> safety floor ->
-//! send; or, in the same attempt, reroute to the alternate secure host and ask again with
-//! `hop = alternate`; or defer / bounce.
+//! send. A recipient this host refused for its TLS (or its missing REQUIRETLS) is asked
+//! again at the next host; once no host is left, its last verdict applies: in the same
+//! attempt, reroute to the alternate secure host and ask again with `hop = alternate`;
+//! or defer / bounce.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,7 +16,9 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use altroute_policy::{CertStatus, Decision, Hop, HostTarget, Query, Route, Starttls, TlsVersion};
+use altroute_policy::{
+    CertStatus, Decision, Hop, HostTarget, Query, ResultType, Route, Starttls, TlsVersion,
+};
 use altroute_queue::QueueEntry;
 use altroute_smtp::{Body, CertResult, Client, ClientConfig, Envelope, RecordingVerifier};
 
@@ -53,15 +57,32 @@ struct Rcpt {
     standard_plan: Decision,
 }
 
-/// An established SMTP session and what was observed on it.
-struct Session {
-    client: Client<TcpStream>,
+/// The host a session went to and what was observed there: the facts of its verdict.
+#[derive(Clone)]
+struct Peer {
     host: String,
     addr: SocketAddr,
     starttls: Starttls,
     tls: TlsVersion,
     cert: CertStatus,
+}
+
+/// An established SMTP session, holding its host's concurrency permit until dropped.
+struct Session {
+    client: Client<TcpStream>,
+    peer: Peer,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Why a host did not take a recipient, for a reason of its own: its TLS fell short of
+/// what the mail requires (the verdict says so), or it does not offer REQUIRETLS for
+/// REQUIRETLS mail. Another host of the same hop may do better (RFC 5321 §5.1: try the
+/// next MX); when none is left, the last refusal stands.
+struct Refusal {
+    verdict: Decision,
+    peer: Peer,
+    /// The host met the TLS requirement but does not offer REQUIRETLS (RFC 8689 §4.2.1).
+    no_requiretls: bool,
 }
 
 /// Plans, connects, asks verdicts and sends for `indices` (all at `domain`).
@@ -207,9 +228,12 @@ fn resolve_failed(ctx: &Ctx, rcpts: &[Rcpt], failure: ResolveFailure) -> Vec<(us
 type HopFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(usize, Outcome)>> + Send + 'a>>;
 
-/// Connects to the first reachable candidate for `hop`, asks a verdict per recipient and
-/// acts on it. From a direct or host hop, recipients whose verdict is `alternate` are
-/// taken to the alternate host in this same attempt.
+/// Tries the candidates of `hop` in order. At each host it connects to, it asks a verdict
+/// per recipient still waiting and acts on it; a recipient the host refused for a reason
+/// of its own (see [`Refusal`]) waits for the next host, and only when no host is left
+/// does its last refusal apply. From a direct or host hop, recipients whose verdict is
+/// `alternate` are taken to the alternate host in this same attempt, once every session
+/// of this hop is closed.
 fn run_hop<'a>(
     ctx: &'a Ctx,
     entry: &'a QueueEntry,
@@ -220,148 +244,53 @@ fn run_hop<'a>(
     rcpts: Vec<Rcpt>,
 ) -> HopFuture<'a> {
     Box::pin(async move {
-        let env = &entry.envelope;
-        let mut out = Vec::new();
-        let session = match connect_any(ctx, entry, &candidates, port, hop).await {
-            Ok(s) => s,
-            Err(why) => {
-                for r in &rcpts {
-                    tracing::info!(
-                        target: "altroute::decision",
-                        recipient = %r.query.recipient,
-                        policy_version = %r.plan.policy_version,
-                        rule = %r.plan.rule,
-                        hop = %hop,
-                        result = "connection-failed",
-                        reason = %why,
-                        "no next hop reachable: deferred"
-                    );
-                    let outcome = Outcome::Deferred {
-                        reason: format!("451 4.4.1 {why}"),
-                    };
-                    journal_failure(ctx, r, "connection-failed", &outcome);
-                    out.push((
-                        r.index,
-                        Outcome::Deferred {
-                            reason: format!("451 4.4.1 {why}"),
-                        },
-                    ));
-                }
-                return out;
+        let mut settled = Settled::default();
+        let mut errors = Vec::new();
+        // Recipients without a final outcome, each with the last host's refusal, if any.
+        let mut waiting: Vec<(Rcpt, Option<Refusal>)> =
+            rcpts.into_iter().map(|r| (r, None)).collect();
+        for (name, addr) in addresses(entry, &candidates, port, &mut errors) {
+            if waiting.is_empty() {
+                break;
             }
-        };
-        ctx.metrics.tls_result(observed_label(&session));
-        if hop == Hop::Direct
-            && let Some(r) = rcpts.first()
-        {
-            super::standards::record_session(
-                ctx,
-                &r.query.recipient,
-                r.query.mta_sts,
-                &session.host,
-                session.addr,
-                observed_label(&session),
-            );
-        }
-
-        let mut send: Vec<(Rcpt, Decision)> = Vec::new();
-        let mut reroute: BTreeMap<String, (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
-        for r in rcpts {
-            let q = r.query.clone().verdict(
-                hop,
-                &session.host,
-                session.starttls,
-                session.tls,
-                session.cert,
-            );
-            let answer = ctx.engine.answer_async(q).await;
-            let d = answer.decision.clone();
-            count_decision(ctx, "verdict", &d);
-            if d.proceeds_on(hop) {
-                // The safety floor: outside the module, whatever it said.
-                let floor = super::floor::Floor {
-                    query: &r.query,
-                    plan: &r.plan,
-                    standard_plan: &r.standard_plan,
-                    verdict: &d,
-                    standard_verdict: &answer.standard,
-                    tls: session.tls,
-                    cert: session.cert,
-                };
-                if let Err(why) = floor.check() {
-                    ctx.metrics.safety_floor_violations.inc();
-                    ctx.engine.floor_violation(&answer.by);
-                    tracing::error!(
-                        target: "altroute::decision",
-                        module = %answer.by,
-                        recipient = %r.query.recipient,
-                        policy_version = %d.policy_version,
-                        rule = %d.rule,
-                        route = %d.route,
-                        hop = %hop,
-                        mx = %session.host,
-                        tls = %session.tls,
-                        cert = %session.cert,
-                        result = %d.result,
-                        "safety floor violation: {why}; deferred"
-                    );
-                    log_decision(
-                        ctx,
-                        &r,
-                        &d,
-                        Some(hop),
-                        Some(&session),
-                        "deferred-safety-floor",
-                    );
-                    out.push((
-                        r.index,
-                        Outcome::Deferred {
-                            reason: format!("451 4.7.10 {why}"),
-                        },
-                    ));
+            let session = match connect(ctx, name, addr, hop).await {
+                Ok(s) => s,
+                Err(e) => {
+                    ctx.metrics.connection_failures.inc();
+                    tracing::debug!(host = %name, %addr, error = %e, "connection failed, trying the next host");
+                    errors.push(e);
                     continue;
                 }
-                send.push((r, d));
-                continue;
-            }
-            match (d.route, &d.host) {
-                (Route::Alternate, Some(target)) if hop != Hop::Alternate => {
-                    log_decision(ctx, &r, &d, Some(hop), Some(&session), "rerouted");
-                    reroute
-                        .entry(target.name.clone())
-                        .or_insert_with(|| (target.clone(), Vec::new()))
-                        .1
-                        .push(r);
-                }
-                (Route::Bounce, _) => {
-                    log_decision(ctx, &r, &d, Some(hop), Some(&session), "bounced");
-                    out.push((
-                        r.index,
-                        Outcome::Bounced {
-                            reason: reply_of(&d),
-                        },
-                    ));
-                }
-                _ => {
-                    log_decision(ctx, &r, &d, Some(hop), Some(&session), "deferred");
-                    out.push((
-                        r.index,
-                        Outcome::Deferred {
-                            reason: reply_of(&d),
-                        },
-                    ));
-                }
+            };
+            let rcpts = waiting
+                .drain(..)
+                .map(|(r, refusal)| {
+                    if let Some(f) = refusal {
+                        log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "next-host");
+                    }
+                    r
+                })
+                .collect();
+            waiting = at_host(ctx, entry, message, hop, session, rcpts, &mut settled)
+                .await
+                .into_iter()
+                .map(|(r, f)| (r, Some(f)))
+                .collect();
+        }
+
+        let why = if errors.is_empty() {
+            "no address to connect to".to_string()
+        } else {
+            errors.join("; ")
+        };
+        for (r, refusal) in waiting {
+            match refusal {
+                Some(f) => settled.refused(ctx, hop, r, f),
+                None => settled.unreachable(ctx, hop, &r, &why),
             }
         }
 
-        let mut session = session;
-        if !send.is_empty() {
-            out.extend(send_to(ctx, env, message, hop, &mut session, send).await);
-        }
-        let Session { client, .. } = session;
-        // Nothing else to say to this host: QUIT (errors only mean it hung up first).
-        let _ = client.quit().await;
-
+        let Settled { mut out, reroute } = settled;
         for (_, (target, rcpts)) in reroute {
             match ctx.resolver.host_target(&target).await {
                 Ok(candidates) => out.extend(
@@ -381,6 +310,213 @@ fn run_hop<'a>(
         }
         out
     })
+}
+
+/// What a hop has decided: final outcomes, and the recipients for the alternate host.
+#[derive(Default)]
+struct Settled {
+    out: Vec<(usize, Outcome)>,
+    reroute: BTreeMap<String, (HostTarget, Vec<Rcpt>)>,
+}
+
+impl Settled {
+    /// Acts on a verdict that does not send over this hop: the alternate route (from a
+    /// direct or host hop), bounce, or defer.
+    fn act(&mut self, ctx: &Ctx, hop: Hop, r: Rcpt, d: &Decision, peer: &Peer) {
+        match (d.route, &d.host) {
+            (Route::Alternate, Some(target)) if hop != Hop::Alternate => {
+                log_decision(ctx, &r, d, Some(hop), Some(peer), "rerouted");
+                self.reroute
+                    .entry(target.name.clone())
+                    .or_insert_with(|| (target.clone(), Vec::new()))
+                    .1
+                    .push(r);
+            }
+            (Route::Bounce, _) => {
+                log_decision(ctx, &r, d, Some(hop), Some(peer), "bounced");
+                self.out.push((
+                    r.index,
+                    Outcome::Bounced {
+                        reason: reply_of(d),
+                    },
+                ));
+            }
+            _ => {
+                log_decision(ctx, &r, d, Some(hop), Some(peer), "deferred");
+                self.out.push((
+                    r.index,
+                    Outcome::Deferred {
+                        reason: reply_of(d),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Acts on the last refusal of a recipient that no host of the hop took.
+    fn refused(&mut self, ctx: &Ctx, hop: Hop, r: Rcpt, f: Refusal) {
+        if !f.no_requiretls {
+            return self.act(ctx, hop, r, &f.verdict, &f.peer);
+        }
+        log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "bounced");
+        self.out.push((
+            r.index,
+            Outcome::Bounced {
+                reason: no_requiretls(&f.peer.host),
+            },
+        ));
+    }
+
+    /// Defers a recipient for which no host of the hop could be reached.
+    fn unreachable(&mut self, ctx: &Ctx, hop: Hop, r: &Rcpt, why: &str) {
+        tracing::info!(
+            target: "altroute::decision",
+            recipient = %r.query.recipient,
+            policy_version = %r.plan.policy_version,
+            rule = %r.plan.rule,
+            hop = %hop,
+            result = "connection-failed",
+            reason = %why,
+            "no next hop reachable: deferred"
+        );
+        let outcome = Outcome::Deferred {
+            reason: format!("451 4.4.1 {why}"),
+        };
+        journal_failure(ctx, r, "connection-failed", &outcome);
+        self.out.push((r.index, outcome));
+    }
+}
+
+/// Asks a verdict per recipient at the host of `session` and acts on it: sends what it
+/// lets through, settles what it decides for good, and returns the recipients this host
+/// refused for a reason of its own (they wait for the next host). Ends with QUIT, which
+/// releases the host's permit.
+async fn at_host(
+    ctx: &Ctx,
+    entry: &QueueEntry,
+    message: &[u8],
+    hop: Hop,
+    mut session: Session,
+    rcpts: Vec<Rcpt>,
+    settled: &mut Settled,
+) -> Vec<(Rcpt, Refusal)> {
+    let peer = session.peer.clone();
+    ctx.metrics.tls_result(observed_label(&peer));
+    if hop == Hop::Direct
+        && let Some(r) = rcpts.first()
+    {
+        super::standards::record_session(
+            ctx,
+            &r.query.recipient,
+            r.query.mta_sts,
+            &peer.host,
+            peer.addr,
+            observed_label(&peer),
+        );
+    }
+
+    let mut send: Vec<(Rcpt, Decision)> = Vec::new();
+    let mut refused = Vec::new();
+    for r in rcpts {
+        let q = r
+            .query
+            .clone()
+            .verdict(hop, &peer.host, peer.starttls, peer.tls, peer.cert);
+        let answer = ctx.engine.answer_async(q).await;
+        let d = answer.decision.clone();
+        count_decision(ctx, "verdict", &d);
+        if d.proceeds_on(hop) {
+            // The safety floor: outside the module, whatever it said.
+            let floor = super::floor::Floor {
+                query: &r.query,
+                plan: &r.plan,
+                standard_plan: &r.standard_plan,
+                verdict: &d,
+                standard_verdict: &answer.standard,
+                tls: peer.tls,
+                cert: peer.cert,
+            };
+            if let Err(why) = floor.check() {
+                ctx.metrics.safety_floor_violations.inc();
+                ctx.engine.floor_violation(&answer.by);
+                tracing::error!(
+                    target: "altroute::decision",
+                    module = %answer.by,
+                    recipient = %r.query.recipient,
+                    policy_version = %d.policy_version,
+                    rule = %d.rule,
+                    route = %d.route,
+                    hop = %hop,
+                    mx = %peer.host,
+                    tls = %peer.tls,
+                    cert = %peer.cert,
+                    result = %d.result,
+                    "safety floor violation: {why}; deferred"
+                );
+                log_decision(ctx, &r, &d, Some(hop), Some(&peer), "deferred-safety-floor");
+                settled.out.push((
+                    r.index,
+                    Outcome::Deferred {
+                        reason: format!("451 4.7.10 {why}"),
+                    },
+                ));
+                continue;
+            }
+            send.push((r, d));
+        } else if tls_refusal(&d) {
+            refused.push((
+                r,
+                Refusal {
+                    verdict: d,
+                    peer: peer.clone(),
+                    no_requiretls: false,
+                },
+            ));
+        } else {
+            settled.act(ctx, hop, r, &d, &peer);
+        }
+    }
+    // REQUIRETLS is a property of the whole envelope: this host takes all or none of it.
+    if entry.envelope.requiretls && !session.client.capabilities().requiretls {
+        refused.extend(send.drain(..).map(|(r, verdict)| {
+            (
+                r,
+                Refusal {
+                    verdict,
+                    peer: peer.clone(),
+                    no_requiretls: true,
+                },
+            )
+        }));
+    }
+    if !send.is_empty() {
+        let sent = send_to(ctx, &entry.envelope, message, hop, &mut session, send).await;
+        settled.out.extend(sent);
+    }
+    let Session { client, .. } = session;
+    // Nothing else to say to this host: QUIT (errors only mean it hung up first).
+    let _ = client.quit().await;
+    refused
+}
+
+/// Whether a verdict that does not send over this hop is about the TLS this host offered
+/// (so another host of the hop may meet the requirement), rather than a policy fault or
+/// a decision about the mail itself.
+fn tls_refusal(d: &Decision) -> bool {
+    matches!(
+        d.result,
+        ResultType::StarttlsNotSupported
+            | ResultType::CertificateHostMismatch
+            | ResultType::CertificateExpired
+            | ResultType::CertificateNotTrusted
+            | ResultType::ValidationFailure
+            | ResultType::TlsVersionTooLow
+    )
+}
+
+fn no_requiretls(host: &str) -> String {
+    // RFC 8689 §4.2.1: a hop that does not support REQUIRETLS cannot take it.
+    format!("550 5.7.30 REQUIRETLS support required but {host} does not offer it")
 }
 
 async fn send_to(
@@ -413,12 +549,8 @@ async fn send_to(
             .map(|(r, _)| r.query.recipient.clone())
             .collect(),
     };
-    let via = format!(
-        "{hop} {}[{}] tls={}",
-        session.host,
-        session.addr.ip(),
-        session.tls
-    );
+    let peer = &session.peer;
+    let via = format!("{hop} {}[{}] tls={}", peer.host, peer.addr.ip(), peer.tls);
     let result = session.client.send(&envelope, message).await;
     let mut out = Vec::new();
     for (i, (r, d)) in send.iter().enumerate() {
@@ -439,12 +571,9 @@ async fn send_to(
             }
             Err(altroute_smtp::Error::Permanent(reply)) => reply_outcome(reply),
             Err(altroute_smtp::Error::Transient(reply)) => reply_outcome(reply),
+            // `at_host` passed such a host by; this is only the client's own check.
             Err(altroute_smtp::Error::MissingExtension("REQUIRETLS")) => Outcome::Bounced {
-                // RFC 8689 §4.2.1: a hop that does not support REQUIRETLS cannot take it.
-                reason: format!(
-                    "550 5.7.30 REQUIRETLS support required but {} does not offer it",
-                    session.host
-                ),
+                reason: no_requiretls(&peer.host),
             },
             Err(altroute_smtp::Error::MissingExtension("SMTPUTF8")) => Outcome::Bounced {
                 // RFC 6531 §3.4: without the extension, the server cannot take it.
@@ -454,7 +583,7 @@ async fn send_to(
                 ),
             },
             Err(e) => Outcome::Deferred {
-                reason: format!("451 4.4.2 {}: {e}", session.host),
+                reason: format!("451 4.4.2 {}: {e}", peer.host),
             },
         };
         let label = match &outcome {
@@ -462,7 +591,7 @@ async fn send_to(
             Outcome::Deferred { .. } => "deferred",
             Outcome::Bounced { .. } => "bounced",
         };
-        log_decision(ctx, r, d, Some(hop), Some(session), label);
+        log_decision(ctx, r, d, Some(hop), Some(peer), label);
         out.push((r.index, outcome));
     }
     out
@@ -504,46 +633,43 @@ fn received_ip(received_from: Option<&str>) -> Option<IpAddr> {
     s.get(start + 1..end)?.parse().ok()
 }
 
-async fn connect_any(
-    ctx: &Ctx,
+/// Every address of `candidates` in order, with its host's name. An address the message
+/// came from is left out (and noted in `errors`): sending it back would be a mail loop.
+fn addresses<'c>(
     entry: &QueueEntry,
-    candidates: &[Candidate],
+    candidates: &'c [Candidate],
     port: u16,
-    hop: Hop,
-) -> Result<Session, String> {
+    errors: &mut Vec<String>,
+) -> Vec<(&'c str, SocketAddr)> {
     let from = received_ip(entry.envelope.received_from.as_deref());
-    let mut errors = Vec::new();
+    let mut out = Vec::new();
     for cand in candidates {
         for &ip in &cand.addrs {
-            let addr = SocketAddr::new(ip, port);
             if Some(ip) == from {
-                // Sending it back where it came from would be a mail loop.
                 errors.push(format!(
                     "{} [{ip}] is where the message came from (loop)",
                     cand.name
                 ));
-                continue;
-            }
-            let permit = match ctx.destination(&cand.name).acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => continue,
-            };
-            match open(ctx, &cand.name, addr).await {
-                Ok(client) => {
-                    return establish(ctx, client, &cand.name, addr, hop, permit).await;
-                }
-                Err(e) => {
-                    ctx.metrics.connection_failures.inc();
-                    tracing::debug!(host = %cand.name, %addr, error = %e, "connection failed, trying the next host");
-                    errors.push(format!("{} [{addr}]: {e}", cand.name));
-                }
+            } else {
+                out.push((cand.name.as_str(), SocketAddr::new(ip, port)));
             }
         }
     }
-    if errors.is_empty() {
-        errors.push("no address to connect to".to_string());
-    }
-    Err(errors.join("; "))
+    out
+}
+
+/// A permit for the host, then TCP, greeting, EHLO and STARTTLS at `addr`.
+async fn connect(ctx: &Ctx, name: &str, addr: SocketAddr, hop: Hop) -> Result<Session, String> {
+    let connected = async {
+        let permit = ctx
+            .destination(name)
+            .acquire_owned()
+            .await
+            .map_err(|_| "no connection slot".to_string())?;
+        let client = open(ctx, name, addr).await?;
+        establish(ctx, client, name, addr, hop, permit).await
+    };
+    connected.await.map_err(|e| format!("{name} [{addr}]: {e}"))
 }
 
 /// TCP connect (with the connect timeout), greeting and EHLO.
@@ -571,11 +697,13 @@ async fn establish(
 ) -> Result<Session, String> {
     let plain = |client, starttls, permit| Session {
         client,
-        host: name.to_string(),
-        addr,
-        starttls,
-        tls: TlsVersion::None,
-        cert: CertStatus::None,
+        peer: Peer {
+            host: name.to_string(),
+            addr,
+            starttls,
+            tls: TlsVersion::None,
+            cert: CertStatus::None,
+        },
         _permit: permit,
     };
     if !client.capabilities().starttls {
@@ -583,7 +711,7 @@ async fn establish(
     }
     let server_name = match ServerName::try_from(name.to_string()) {
         Ok(n) => n,
-        Err(e) => return Err(format!("{name} is not a valid TLS server name: {e}")),
+        Err(e) => return Err(format!("not a valid TLS server name: {e}")),
     };
     let attempt = async {
         let verifier = RecordingVerifier::new(ctx.roots.clone()).map_err(|e| e.to_string())?;
@@ -610,24 +738,28 @@ async fn establish(
             };
             Ok(Session {
                 client,
-                host: name.to_string(),
-                addr,
-                starttls: Starttls::Offered,
-                tls,
-                cert,
+                peer: Peer {
+                    host: name.to_string(),
+                    addr,
+                    starttls: Starttls::Offered,
+                    tls,
+                    cert,
+                },
                 _permit: permit,
             })
         }
         Err(e) => {
             tracing::info!(host = %name, %addr, %hop, error = %e, "STARTTLS failed; reconnecting without TLS for the verdict");
             drop(client);
-            let client = open(ctx, name, addr).await?;
+            let client = open(ctx, name, addr).await.map_err(|again| {
+                format!("STARTTLS failed ({e}); reconnecting without TLS: {again}")
+            })?;
             Ok(plain(client, Starttls::Offered, permit))
         }
     }
 }
 
-fn observed_label(s: &Session) -> &'static str {
+fn observed_label(s: &Peer) -> &'static str {
     match (s.starttls, s.tls, s.cert) {
         (Starttls::Absent, _, _) => "starttls-not-supported",
         (Starttls::Offered, TlsVersion::None, _) => "validation-failure",
@@ -682,7 +814,7 @@ fn log_decision(
     r: &Rcpt,
     d: &Decision,
     hop: Option<Hop>,
-    s: Option<&Session>,
+    s: Option<&Peer>,
     outcome: &str,
 ) {
     ctx.journal.push(super::DecisionRecord {

@@ -165,7 +165,8 @@ pub struct DecisionRecord {
     pub rule: String,
     /// The policy version that decided.
     pub policy_version: String,
-    /// What happened: delivered, deferred, bounced, rerouted.
+    /// What happened: delivered, deferred, bounced, rerouted, or next-host (this host
+    /// refused it for its TLS; the next one was asked).
     pub outcome: String,
 }
 

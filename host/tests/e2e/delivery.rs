@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use altroute::delivery::DeliveryMetrics;
 use altroute::policy_engine::{LoadedPolicy, PolicyEngine};
-use altroute_lab::{FailAt, SinkMode, SmtpSink, StripTlsProxy, free_port, loopback_ip};
+use altroute_lab::{
+    FailAt, SinkConfig, SinkMode, SmtpSink, StripTlsProxy, Validity, free_port, loopback_ip,
+};
 use altroute_queue::RecipientState;
 use proxy_wasm_host::HostConfig;
 
@@ -783,5 +785,213 @@ async fn relay_process_reroutes_through_the_alternate_route() {
     assert!(
         logged.contains("altroute::decision") && logged.contains("tls_compliance:partners"),
         "one structured line per decision: {logged}"
+    );
+}
+
+/// `domain MX 10 mx1.<domain>` (a sink with `first`) and `MX 20 mx2.<domain>` (valid
+/// TLS); returns both sinks.
+async fn two_mx(lab: &mut Lab, domain: &str, first: Tls, second: Tls) -> (usize, usize) {
+    let (mx1, mx2) = (format!("mx1.{domain}"), format!("mx2.{domain}"));
+    lab.dns.add_mx(domain, 10, &mx1).await.unwrap();
+    lab.dns.add_mx(domain, 20, &mx2).await.unwrap();
+    let first = lab.sink(&mx1, first, SinkMode::Accept).await.1;
+    let second = lab.sink(&mx2, second, SinkMode::Accept).await.1;
+    (first, second)
+}
+
+/// `domain MX pref name` with a sink that has valid TLS but does not offer REQUIRETLS.
+async fn mx_without_requiretls(lab: &mut Lab, domain: &str, pref: u16, name: &str) -> usize {
+    let ip = loopback_ip();
+    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), name);
+    config.starttls = Some(
+        lab.ca
+            .issue(&[name], Validity::Valid)
+            .unwrap()
+            .rustls_server_config()
+            .unwrap(),
+    );
+    config.advertise_requiretls = false;
+    lab.sinks.push(SmtpSink::start(config).await.unwrap());
+    lab.dns.add_a(name, ip).await.unwrap();
+    lab.dns.add_mx(domain, pref, name).await.unwrap();
+    lab.sinks.len() - 1
+}
+
+/// The journal's outcome of the verdict for `rcpt` at `host`, with its result type.
+fn outcome_at(relay: &Relay, rcpt: &str, host: &str) -> Option<(String, String)> {
+    relay
+        .delivery
+        .journal()
+        .records()
+        .into_iter()
+        .find(|r| r.recipient == rcpt && r.host == host)
+        .map(|r| (r.outcome, r.result))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_failure_at_the_first_mx_tries_the_next_mx() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    // (domain, the preferred MX's TLS, the result type it gets)
+    let cases = [
+        (
+            "nostarttls.strict.test",
+            Tls::None,
+            "starttls-not-supported",
+        ),
+        (
+            "untrusted.strict.test",
+            Tls::Untrusted,
+            "certificate-not-trusted",
+        ),
+        ("expired.strict.test", Tls::Expired, "certificate-expired"),
+        (
+            "wrongname.strict.test",
+            Tls::WrongName,
+            "certificate-host-mismatch",
+        ),
+    ];
+    let mut sinks = Vec::new();
+    for (domain, tls, _) in cases {
+        sinks.push(two_mx(&mut lab, domain, tls, Tls::Valid).await);
+    }
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let mut ids = Vec::new();
+    for (domain, _, _) in cases {
+        ids.push(
+            relay
+                .send("alice@corp.test", &[&format!("bob@{domain}")], false)
+                .await,
+        );
+    }
+    for (i, (domain, _, result)) in cases.iter().enumerate() {
+        let (first, second) = sinks[i];
+        let rcpt = format!("bob@{domain}");
+        let got = lab.sinks[second].wait_for_messages(1, WAIT).await.unwrap();
+        assert_eq!(got[0].rcpt_to, vec![rcpt.clone()], "{domain}");
+        assert_eq!(got[0].tls_version.as_deref(), Some("1.3"), "{domain}");
+        assert!(relay.removed(&ids[i]).await, "{domain}: delivered");
+        assert_no_transaction(&lab.sinks[first], domain);
+        assert!(
+            !lab.sinks[first].sessions().is_empty(),
+            "{domain}: the preferred MX was tried first"
+        );
+        assert_eq!(
+            outcome_at(&relay, &rcpt, &format!("mx1.{domain}")),
+            Some(("next-host".to_string(), result.to_string())),
+            "{domain}: the preferred MX's verdict is logged"
+        );
+        assert_eq!(
+            outcome_at(&relay, &rcpt, &format!("mx2.{domain}")),
+            Some(("delivered".to_string(), "success".to_string())),
+            "{domain}"
+        );
+    }
+    assert!(
+        lab.sinks[alt].messages().is_empty(),
+        "a backup MX with valid TLS comes before the alternate route"
+    );
+    assert_eq!(relay.metrics.safety_floor_violations.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mx_failing_tls_leaves_the_last_verdict() {
+    // With the alternate route: rerouted, after both MX hosts were tried.
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    let (first, second) = two_mx(&mut lab, "both.strict.test", Tls::None, Tls::Expired).await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@both.strict.test"], false)
+        .await;
+    let got = lab.sinks[alt].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert!(relay.removed(&id).await, "delivered");
+    assert_no_transaction(&lab.sinks[first], "MX without STARTTLS");
+    assert_no_transaction(&lab.sinks[second], "MX with an expired certificate");
+    let rcpt = "bob@both.strict.test";
+    assert_eq!(
+        outcome_at(&relay, rcpt, "mx1.both.strict.test"),
+        Some(("next-host".into(), "starttls-not-supported".into()))
+    );
+    assert_eq!(
+        outcome_at(&relay, rcpt, "mx2.both.strict.test"),
+        Some(("rerouted".into(), "certificate-expired".into()))
+    );
+
+    // Without it: deferred, with what the last MX showed.
+    let mut lab = Lab::new().await;
+    let (first, second) = two_mx(&mut lab, "both.strict.test", Tls::None, Tls::Expired).await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@both.strict.test"], false)
+        .await;
+    let states = relay.settled(&id).await.expect("deferred stays queued");
+    match &states[0] {
+        RecipientState::Deferred { reason, .. } => {
+            assert!(reason.starts_with("451 4.7.10"), "{reason}");
+            assert!(reason.contains("certificate-expired"), "{reason}");
+        }
+        other => panic!("expected deferred, got {other:?}"),
+    }
+    assert_no_transaction(&lab.sinks[first], "MX without STARTTLS");
+    assert_no_transaction(&lab.sinks[second], "MX with an expired certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requiretls_mail_tries_the_next_mx_that_offers_requiretls() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    // The preferred MX has valid TLS but no REQUIRETLS; the backup offers it.
+    let without = mx_without_requiretls(&mut lab, "two.open.test", 10, "mx1.two.open.test").await;
+    lab.dns
+        .add_mx("two.open.test", 20, "mx2.two.open.test")
+        .await
+        .unwrap();
+    let (_, with) = lab
+        .sink("mx2.two.open.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    // No MX offers it: bounced (RFC 8689 §4.2.1), after both were tried.
+    let none = [
+        mx_without_requiretls(&mut lab, "none.open.test", 10, "mx1.none.open.test").await,
+        mx_without_requiretls(&mut lab, "none.open.test", 20, "mx2.none.open.test").await,
+    ];
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+
+    relay
+        .send("alice@corp.test", &["bob@two.open.test"], true)
+        .await;
+    let got = lab.sinks[with].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].rcpt_to, vec!["bob@two.open.test".to_string()]);
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert_no_transaction(&lab.sinks[without], "MX without REQUIRETLS");
+    assert!(
+        commands(&lab.sinks[without]).contains(&"STARTTLS".to_string()),
+        "the preferred MX was tried first"
+    );
+
+    relay
+        .send("alice@corp.test", &["bob@none.open.test"], true)
+        .await;
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@none.open.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.7.30"), "{text}");
+    for sink in none {
+        assert_no_transaction(&lab.sinks[sink], "MX without REQUIRETLS");
+        assert!(!lab.sinks[sink].sessions().is_empty(), "every MX was tried");
+    }
+    assert!(
+        lab.sinks[alt].messages().is_empty(),
+        "a missing REQUIRETLS is not a reroute"
     );
 }
