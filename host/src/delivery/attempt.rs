@@ -477,7 +477,12 @@ async fn at_host(
         }
     }
     // REQUIRETLS is a property of the whole envelope: this host takes all or none of it.
-    if entry.envelope.requiretls && !session.client.capabilities().requiretls {
+    // Except a DSN (null sender): RFC 8689 §5 does not let it be lost for want of the
+    // extension; it goes without the parameter, over TLS meeting the requirement.
+    if entry.envelope.requiretls
+        && !entry.envelope.mail_from.is_empty()
+        && !session.client.capabilities().requiretls
+    {
         refused.extend(send.drain(..).map(|(r, verdict)| {
             (
                 r,
@@ -579,7 +584,7 @@ async fn send_to(
                 // RFC 6531 §3.4: without the extension, the server cannot take it.
                 reason: format!(
                     "550 5.6.7 SMTPUTF8 required but {} does not offer it",
-                    session.host
+                    peer.host
                 ),
             },
             Err(e) => Outcome::Deferred {

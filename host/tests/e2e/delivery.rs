@@ -280,6 +280,33 @@ async fn the_dsn_of_requiretls_mail_requires_tls_too() {
         .collect();
     assert_eq!(mail.len(), 1, "{mail:?}");
     assert!(mail[0].contains("REQUIRETLS"), "{mail:?}");
+
+    // A sender's MX without the extension still gets the DSN, over TLS, without the
+    // parameter: a bounce must not be lost for it (RFC 8689 §5).
+    let mut lab = Lab::new().await;
+    lab.mx(
+        "refusing.test",
+        "mx.refusing.test",
+        Tls::Valid,
+        SinkMode::PermFail(FailAt::Rcpt),
+    )
+    .await;
+    let sender_mx = mx_without_requiretls(&mut lab, "corp.test", 10, "mx.corp.test").await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    relay
+        .send("alice@corp.test", &["bob@refusing.test"], true)
+        .await;
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(dsn[0].mail_from, "");
+    assert!(dsn[0].tls_version.is_some(), "the DSN went over TLS");
+    let mail: Vec<String> = commands(&lab.sinks[sender_mx])
+        .into_iter()
+        .filter(|c| c.starts_with("MAIL FROM:<>"))
+        .collect();
+    assert!(!mail[0].contains("REQUIRETLS"), "{mail:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
