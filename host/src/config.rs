@@ -100,6 +100,10 @@ pub struct Server {
     pub tls_key: Option<PathBuf>,
     /// The TLS configuration built from `tls_cert`, `tls_key` and `relay.client_ca`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Trusted proxies (Envoy, HAProxy): a connection from one of these networks must start
+    /// with a PROXY protocol header (v1 or v2), whose source address becomes the client's
+    /// (`crate::proxy_protocol`). Defaults to empty: no PROXY protocol.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 /// `[relay]`.
@@ -217,6 +221,7 @@ struct RawServer {
     shutdown_grace_secs: Option<u64>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
+    proxy_protocol_from: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -314,6 +319,27 @@ impl Check<'_> {
                 None
             }
         }
+    }
+
+    /// A list of networks in CIDR notation (a bare address means that one host). A
+    /// catch-all network (`0.0.0.0/0`, `::/0`) is a problem: `catch_all` says why.
+    fn networks(&mut self, key: &str, list: &[String], catch_all: &str) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (i, n) in list.iter().enumerate() {
+            let parsed = n
+                .parse::<IpNet>()
+                .or_else(|_| n.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) if net.prefix_len() == 0 => {
+                    self.problem(format!("{key}: {net} {catch_all}"));
+                }
+                Ok(net) => out.push(net),
+                Err(_) => self.problem(format!(
+                    "{key}[{i}]: {n:?} is not a network in CIDR notation (e.g. \"192.0.2.0/24\")"
+                )),
+            }
+        }
+        out
     }
 
     fn positive(&mut self, key: &str, v: Option<u64>, default: u64) -> u64 {
@@ -422,32 +448,22 @@ impl Config {
             (None, Some(_)) => c.problem("server.tls_cert: needed with server.tls_key".to_owned()),
             _ => {}
         }
+        let proxy_protocol_from = c.networks(
+            "server.proxy_protocol_from",
+            s.proxy_protocol_from.as_deref().unwrap_or_default(),
+            "trusts every address: any client could claim any address, and relay",
+        );
 
         // [relay]
         let r = raw.relay;
         let nets_src = r
             .allow_networks
             .unwrap_or_else(|| vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()]);
-        let mut allow_networks = Vec::new();
-        for (i, n) in nets_src.iter().enumerate() {
-            // A bare address means that one host.
-            let parsed = n
-                .parse::<IpNet>()
-                .or_else(|_| n.parse::<IpAddr>().map(IpNet::from));
-            match parsed {
-                Ok(net) => allow_networks.push(net),
-                Err(_) => c.problem(format!(
-                    "relay.allow_networks[{i}]: {n:?} is not a network in CIDR notation (e.g. \"192.0.2.0/24\")"
-                )),
-            }
-        }
-        for net in &allow_networks {
-            if net.prefix_len() == 0 {
-                c.problem(format!(
-                    "relay.allow_networks: {net} allows every address: that is an open relay"
-                ));
-            }
-        }
+        let allow_networks = c.networks(
+            "relay.allow_networks",
+            &nets_src,
+            "allows every address: that is an open relay",
+        );
         let client_ca = c.file("relay.client_ca", r.client_ca.as_ref());
         let users_file = c.file("relay.users_file", r.users_file.as_ref());
         if s.tls_cert.is_none() {
@@ -575,6 +591,7 @@ impl Config {
                 tls_cert,
                 tls_key,
                 tls,
+                proxy_protocol_from,
             },
             relay: Relay {
                 allow_networks,
@@ -615,6 +632,35 @@ impl Config {
             mta_sts: raw.mta_sts.resolved(base),
             tlsrpt: raw.tlsrpt.resolved(base),
         })
+    }
+}
+
+impl Config {
+    /// Settings that are valid but probably not meant, one line each naming the keys; the
+    /// relay logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for proxy in &self.server.proxy_protocol_from {
+            let covered = self
+                .relay
+                .allow_networks
+                .iter()
+                .filter(|allowed| {
+                    allowed.contains(&proxy.network()) || proxy.contains(&allowed.network())
+                })
+                .map(ToString::to_string)
+                .collect::<Vec<_>>();
+            if !covered.is_empty() {
+                out.push(format!(
+                    "server.proxy_protocol_from: the trusted proxy {proxy} is in relay.allow_networks ({}): \
+                     a connection on which the proxy speaks for itself (PROXY UNKNOWN, v2 LOCAL, \
+                     e.g. a health check) keeps the proxy's address and may relay; every proxied \
+                     client is checked by its own address",
+                    covered.join(", ")
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -785,6 +831,51 @@ listen = "0.0.0.0:8025"
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(!all.contains("allow_networks[2]"), "{all}");
+    }
+
+    #[test]
+    fn proxy_protocol_from_is_checked_like_allow_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), "x").unwrap();
+        let c = parse("[policy]\nfile = \"p.toml\"\n", dir.path()).unwrap();
+        assert!(c.server.proxy_protocol_from.is_empty(), "off by default");
+        assert!(c.warnings().is_empty());
+
+        let src = r#"
+[server]
+proxy_protocol_from = ["127.0.0.1/32", "10.1.2.3", "10.0.0.0/33", "::/0", "envoy"]
+[policy]
+file = "p.toml"
+"#;
+        let all = parse(src, dir.path()).unwrap_err().join("\n");
+        for needle in [
+            "server.proxy_protocol_from[2]: \"10.0.0.0/33\" is not a network",
+            "server.proxy_protocol_from[4]: \"envoy\" is not a network",
+            "server.proxy_protocol_from: ::/0 trusts every address",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("proxy_protocol_from[0]"), "{all}");
+        assert!(!all.contains("proxy_protocol_from[1]"), "{all}");
+
+        // The default allow_networks (loopback) covers a co-located proxy: warned, not refused.
+        let src = "[server]\nproxy_protocol_from = [\"127.0.0.1\", \"10.1.2.3\"]\n[policy]\nfile = \"p.toml\"\n";
+        let c = parse(src, dir.path()).unwrap();
+        assert_eq!(
+            c.server.proxy_protocol_from,
+            vec![
+                "127.0.0.1/32".parse::<IpNet>().unwrap(),
+                "10.1.2.3/32".parse().unwrap()
+            ]
+        );
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("server.proxy_protocol_from: the trusted proxy 127.0.0.1/32 is in relay.allow_networks (127.0.0.0/8)"),
+            "{warnings:?}"
+        );
+        let src = "[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n[relay]\nallow_networks = [\"127.0.0.5/32\"]\n[policy]\nfile = \"p.toml\"\n";
+        assert!(parse(src, dir.path()).unwrap().warnings().is_empty());
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - `metrics`: the shared Prometheus registry.
 //! - `extensions`: sandboxed third-party policy extensions chained after the standard module.
 //! - `edge`: the policy module's SMTP stream face on inbound listeners (`[edge]`).
+//! - `proxy_protocol`: the PROXY protocol header of connections from trusted proxies
+//!   (`server.proxy_protocol_from`): the real client address behind Envoy or HAProxy.
 //!
 //! The binary (`src/main.rs`) only parses the command line and calls into this library.
 
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod mta_sts;
 pub mod policy_cmd;
 pub mod policy_engine;
+pub mod proxy_protocol;
 pub mod queue_cmd;
 pub mod reload;
 pub mod serve;

@@ -17,7 +17,8 @@
 //! `recipients_rejected_total{reason}`, `messages_rejected_total{reason}`,
 //! `spool_store_errors_total`, `spool_messages{state}`, `spool_recipients{state}`,
 //! `spool_bytes`, `spool_oldest_message_age_seconds`, `spool_fsyncs_total{kind}`,
-//! `spool_commit_batches_total`, `policy_info{version}`.
+//! `spool_commit_batches_total`, `policy_info{version}`,
+//! `smtp_proxy_protocol_errors_total{reason}`.
 //! Policy extensions register `extension_{decisions,faults,changes,floor_violations,
 //! cooldowns,skips}_total{extension[,kind]}` (`crate::extensions::ExtensionMetrics`).
 
@@ -52,6 +53,9 @@ pub struct Metrics {
     pub msg_rejected: Family<Labels, Counter>,
     /// Failed `Spool::store` calls.
     pub store_errors: Counter,
+    /// Connections from a trusted proxy closed for want of a valid PROXY header, by
+    /// reason (`invalid`, `timeout`, `closed`).
+    pub proxy_protocol_errors: Family<Labels, Counter>,
     spool_messages: Family<Labels, Gauge>,
     spool_recipients: Family<Labels, Gauge>,
     spool_bytes: Gauge,
@@ -91,6 +95,7 @@ impl Metrics {
             rcpt_rejected: Family::default(),
             msg_rejected: Family::default(),
             store_errors: Counter::default(),
+            proxy_protocol_errors: Family::default(),
             spool_messages: Family::default(),
             spool_recipients: Family::default(),
             spool_bytes: Gauge::default(),
@@ -134,6 +139,11 @@ impl Metrics {
             "spool_store_errors",
             "Spool store failures (answered 4xx)",
             m.store_errors.clone(),
+        );
+        r.register(
+            "smtp_proxy_protocol_errors",
+            "Connections from a trusted proxy closed without a valid PROXY header, by reason",
+            m.proxy_protocol_errors.clone(),
         );
         r.register(
             "spool_messages",
@@ -189,6 +199,13 @@ impl Metrics {
     /// Direct access to the registry, e.g. for sub-registries or collectors.
     pub fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
         f(&mut self.lock())
+    }
+
+    /// Count a connection from a trusted proxy closed without a valid PROXY header.
+    pub fn proxy_protocol_error(&self, reason: &str) {
+        self.proxy_protocol_errors
+            .get_or_create(&labels("reason", reason))
+            .inc();
     }
 
     /// Count a refused recipient.

@@ -8,13 +8,19 @@
 //! message that got a `250` was already durable (the spool syncs before `store` returns),
 //! and a session cut off at the deadline never got one for the message it was sending.
 //! [`command`] wraps it for the CLI: SIGTERM and SIGINT start the shutdown.
+//!
+//! A connection from a trusted proxy (`server.proxy_protocol_from`) first gives its PROXY
+//! header (`crate::proxy_protocol`), before the edge filter or the SMTP session sees a
+//! byte; its source address is the session's peer from then on.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use tokio::net::TcpListener;
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -25,6 +31,7 @@ use crate::admin::{self, AdminState, PolicyVersion};
 use crate::config::{Config, ConfigError};
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
+use crate::proxy_protocol::{self, Origin};
 
 /// Arguments of `altroute serve`.
 #[derive(Debug, clap::Args)]
@@ -126,6 +133,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
 
     let mut listeners = Vec::new();
     for addr in &config.server.listen {
@@ -245,17 +255,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let max_sessions = config.server.max_sessions;
     let sessions = Arc::new(Semaphore::new(max_sessions));
+    let proxies: Arc<[IpNet]> = config.server.proxy_protocol_from.clone().into();
+    if !proxies.is_empty() {
+        tracing::info!(from = ?proxies, "a PROXY protocol header is required from these proxies");
+    }
     for listener in listeners {
         let local = listener.local_addr().context("listener address")?;
         tracing::info!(%local, "accepting SMTP");
+        let front = Front {
+            smtp: smtp.clone(),
+            handler: handler.clone(),
+            metrics: metrics.clone(),
+            edge: edge.clone().filter(|e| e.guards(local)),
+            proxies: proxies.clone(),
+        };
         tasks.spawn(accept_loop(
             listener,
             sessions.clone(),
-            smtp.clone(),
-            handler.clone(),
-            metrics.clone(),
             stop_rx.clone(),
-            edge.clone().filter(|e| e.guards(local)),
+            front,
         ));
     }
 
@@ -291,14 +309,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    sessions: Arc<Semaphore>,
+/// What the sessions of one listener share.
+#[derive(Clone)]
+struct Front {
     smtp: Arc<ServerConfig>,
     handler: Arc<Inbound>,
     metrics: Arc<Metrics>,
-    stop: watch::Receiver<bool>,
+    /// The edge filter, when it guards this listener.
     edge: Option<Arc<crate::edge::Edge>>,
+    /// `server.proxy_protocol_from`.
+    proxies: Arc<[IpNet]>,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    sessions: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    front: Front,
 ) {
     let stop_fut = stopped(stop);
     tokio::pin!(stop_fut);
@@ -329,22 +356,56 @@ async fn accept_loop(
         };
         // Replies are written whole; Nagle would only delay them.
         let _ = stream.set_nodelay(true);
-        let (smtp, handler, metrics) = (smtp.clone(), handler.clone(), metrics.clone());
-        let edge = edge.clone();
+        let front = front.clone();
         tokio::spawn(async move {
-            metrics.sessions.inc();
-            metrics.sessions_active.inc();
-            let info = SessionInfo::new(peer, local);
-            if let Some(edge) = edge {
-                edge.handle(stream, info, smtp, handler).await;
-            } else {
-                match serve_session(stream, info, smtp, handler).await {
-                    Ok(end) => tracing::debug!(%peer, ?end, "session ended"),
-                    Err(e) => tracing::debug!(%peer, error = %e, "session failed"),
-                }
-            }
-            metrics.sessions_active.dec();
+            // The permit is held while the PROXY header is awaited too.
+            front.session(stream, peer, local).await;
             drop(permit);
         });
+    }
+}
+
+impl Front {
+    /// One accepted connection: the PROXY header if `peer` is a trusted proxy, then the
+    /// SMTP session (through the edge filter when it guards the listener).
+    async fn session(self, mut stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+        let peer = if proxy_protocol::trusted(&self.proxies, peer.ip()) {
+            match proxy_protocol::read_header(&mut stream, proxy_protocol::HEADER_TIMEOUT).await {
+                Ok(Origin::Client { source, .. }) => {
+                    tracing::debug!(proxy = %peer, client = %source, "PROXY header");
+                    source
+                }
+                Ok(Origin::Proxy) => {
+                    tracing::debug!(proxy = %peer, "PROXY header without a client address; the proxy's own is kept");
+                    peer
+                }
+                Err(e) => {
+                    self.metrics.proxy_protocol_error(e.reason());
+                    tracing::warn!(proxy = %peer, error = %e, "no valid PROXY header from a trusted proxy; connection closed");
+                    return;
+                }
+            }
+        } else {
+            peer
+        };
+        let Front {
+            smtp,
+            handler,
+            metrics,
+            edge,
+            ..
+        } = self;
+        metrics.sessions.inc();
+        metrics.sessions_active.inc();
+        let info = SessionInfo::new(peer, local);
+        if let Some(edge) = edge {
+            edge.handle(stream, info, smtp, handler).await;
+        } else {
+            match serve_session(stream, info, smtp, handler).await {
+                Ok(end) => tracing::debug!(%peer, ?end, "session ended"),
+                Err(e) => tracing::debug!(%peer, error = %e, "session failed"),
+            }
+        }
+        metrics.sessions_active.dec();
     }
 }

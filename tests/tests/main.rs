@@ -2,4 +2,5 @@
 
 mod envoy;
 mod extensions;
+mod proxy_protocol;
 mod wasm_table;

@@ -543,6 +543,86 @@ fn connection_routing_picks_the_configured_upstream() {
     relay.stop_and_spooled();
 }
 
+/// Behind a proxy (`server.proxy_protocol_from`), the PROXY header is read before the
+/// edge sees a byte, and the module's `source.address` is the client's from the header:
+/// a connection route by source IP picks its cluster, and the relay's own session behind
+/// the edge checks the client's address, not the proxy's.
+#[test]
+fn the_edge_sees_the_client_of_the_proxy_header() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink_a = rt
+        .block_on(SmtpSink::start(SinkConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            "sink-a",
+        )))
+        .unwrap();
+    let a = sink_a.addr();
+    let proxy = Ipv4Addr::new(127, 0, 0, 3);
+    let mut relay = EdgeRelay::start(
+        1,
+        |_| format!("proxy_protocol_from = [\"{proxy}/32\"]\n"),
+        |_, _| {
+            let compiled =
+                altroute_policy::compile(&std::fs::read_to_string(policy_file()).unwrap())
+                    .map_err(|_| "policy")
+                    .unwrap();
+            let config = format!(
+                r#"{{"policy": {}, "connection_routes": [{{"source_ip": "192.0.2.7", "cluster": "sink_a"}}]}}"#,
+                compiled.json
+            );
+            format!(
+                "[edge]\nconfiguration = '''{}'''\n[edge.clusters]\nsink_a = \"{a}\"\n",
+                config.replace('\n', " ")
+            )
+        },
+    );
+    let listen = relay.listen[0];
+    let proxied = |client: &str| {
+        let mut c = Client::connect(listen, Some(proxy));
+        c.send(
+            format!("PROXY TCP4 {client} {} 40000 25\r\n", listen.ip()).as_bytes(),
+            false,
+        );
+        c
+    };
+    // Routed by the client's address in the header.
+    assert!(proxied("192.0.2.7").reply().contains(" sink-a "));
+    // Another client goes to the relay's own server, which checks that client: outside
+    // allow_networks (loopback), although the proxy's address is loopback.
+    let mut c = proxied("192.0.2.8");
+    assert!(c.reply().contains(" relay.test "));
+    c.send(
+        b"HELO c\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<carol@random.example>\r\nQUIT\r\n",
+        false,
+    );
+    let r = c.replies(4);
+    assert!(r[2].starts_with("550 5.7.1"), "{r:?}");
+    // The proxy without a header: closed before the edge or the server saw a byte.
+    let mut c = Client::connect(listen, Some(proxy));
+    c.send(b"EHLO c\r\n", false);
+    let (got, _) = c.read_to_end();
+    assert!(got.is_empty(), "{got:?}");
+
+    let m = |n: &str| relay.metric_reaching(n, 1.0).unwrap_or(-1.0);
+    assert_eq!(
+        m("altroute_edge_connections_total{cluster=\"sink_a\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("altroute_edge_connections_total{cluster=\"inbound\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("altroute_smtp_proxy_protocol_errors_total{reason=\"invalid\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("altroute_recipients_rejected_total{reason=\"relay_denied\"}"),
+        1.0
+    );
+    relay.stop_and_spooled();
+}
+
 /// A proxy-wasm module that configures fine and traps (`unreachable`) on every new
 /// connection and every read: a module with a bug.
 const TRAPPING_MODULE: &str = r#"(module
