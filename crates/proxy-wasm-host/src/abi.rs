@@ -26,12 +26,28 @@ const MAX_SET_PROPERTIES: usize = 1024;
 /// Most shared data entries per host, and most queued items per queue.
 const MAX_SHARED_ENTRIES: usize = 100_000;
 const MAX_QUEUE_ITEMS: usize = 10_000;
+/// Most queues one VM id may register, and the longest queue name. Registering cannot
+/// fail in the SDKs (the Rust SDK panics on any status but OK), so going past these ends
+/// the call with `Error::Limit`; they are per VM id so that no plugin can use them up
+/// for another.
+const MAX_QUEUES_PER_VM: usize = 1024;
+const MAX_QUEUE_NAME_BYTES: usize = 1024;
+/// What a header or filter state entry costs the host besides its key and value bytes:
+/// the `(String, Vec<u8>)` in the map (48 bytes on 64-bit targets). Counted in the
+/// `max_map_bytes` limits so that entries with an empty key and value are not free.
+pub(crate) const ENTRY_OVERHEAD: usize = std::mem::size_of::<(String, Vec<u8>)>();
+/// The same for a shared data entry (its key with the VM id, value and CAS) and a queued
+/// item, counted in `max_shared_bytes` besides their bytes.
+const SHARED_ENTRY_OVERHEAD: usize =
+    std::mem::size_of::<SharedKey>() + std::mem::size_of::<(Vec<u8>, u32)>();
+const QUEUE_ITEM_OVERHEAD: usize = std::mem::size_of::<Vec<u8>>();
 /// Most spare header entries an instance keeps for reuse.
 const MAX_SPARE: usize = 256;
 
 /// Header map type numbers of the ABI.
 const MAP_RESPONSE_TRAILERS: u32 = 3;
-const MAP_HTTP_CALL_TRAILERS: u32 = 7;
+/// The highest log level of the ABI (critical).
+const LOG_CRITICAL: u32 = 5;
 
 pub(crate) type HeaderMap = Vec<(String, Vec<u8>)>;
 
@@ -39,10 +55,32 @@ pub(crate) type HeaderMap = Vec<(String, Vec<u8>)>;
 type SharedKey = (String, Vec<u8>);
 
 /// Host-wide state shared by all plugins: shared data and queues (namespaced by VM id).
-#[derive(Default)]
 pub(crate) struct HostShared {
-    data: Mutex<HashMap<SharedKey, (Vec<u8>, u32)>>,
-    queues: Mutex<Queues>,
+    store: Mutex<SharedStore>,
+    /// `HostConfig::max_shared_bytes`.
+    max_bytes: usize,
+}
+
+impl HostShared {
+    pub(crate) fn new(max_bytes: usize) -> HostShared {
+        HostShared {
+            store: Mutex::new(SharedStore::default()),
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct SharedStore {
+    data: HashMap<SharedKey, (Vec<u8>, u32)>,
+    queues: Queues,
+    /// What `data` and the queued items hold: their bytes plus the per-entry overheads.
+    /// Kept up to date by every set, enqueue and dequeue (never summed).
+    bytes: usize,
 }
 
 #[derive(Default)]
@@ -143,6 +181,9 @@ pub(crate) struct State {
     pub upstream: Vec<u8>,
     pub local_response: Option<LocalResponse>,
     pub filter_state: Vec<(String, Vec<u8>)>,
+    /// What `filter_state` holds (paths, values and [`ENTRY_OVERHEAD`] each), kept up to
+    /// date by each `set_envoy_filter_state`: capped at `max_map_bytes` per context.
+    pub filter_state_bytes: usize,
     pub route_cache_cleared: bool,
     pub set_properties: Vec<(Vec<u8>, Vec<u8>)>,
     pub conn: Option<ConnectionInfo>,
@@ -157,10 +198,10 @@ pub(crate) struct State {
     /// headers in, headers the guest adds) then reuses their allocations instead of
     /// allocating a key and a value per header on every request.
     pub spare: Vec<(String, Vec<u8>)>,
-    /// The byte size of each header map (keys and values) when known: set when the
-    /// embedder fills the request map, kept up to date by add and remove, summed again
-    /// after a replace or a set of all pairs, and forgotten (`None`) when the map is
-    /// recycled. A module adds its decision headers one by one; summing the whole map
+    /// The byte size of each header map (keys, values and [`ENTRY_OVERHEAD`] per entry)
+    /// when known: set when the embedder fills the request map, kept up to date by add
+    /// and remove, summed again after a replace or a set of all pairs, and forgotten
+    /// (`None`) when the map is recycled. A module adds its decision headers one by one; summing the whole map
     /// after each add cost more than the add itself. Debug builds check it against the
     /// full sum on every add.
     pub map_bytes_known: [Option<usize>; 4],
@@ -183,6 +224,7 @@ impl State {
             upstream: Vec::new(),
             local_response: None,
             filter_state: Vec::new(),
+            filter_state_bytes: 0,
             route_cache_cleared: false,
             set_properties: Vec::new(),
             conn: None,
@@ -244,6 +286,7 @@ impl State {
         self.upstream.clear();
         self.local_response = None;
         self.filter_state.clear();
+        self.filter_state_bytes = 0;
         self.route_cache_cleared = false;
         self.set_properties.clear();
         self.conn = None;
@@ -353,8 +396,13 @@ fn give(caller: &mut Caller<'_, State>, bytes: &[u8], ret_ptr: u32, ret_size: u3
     put_ptr_size(data, ret_ptr, ptr, ret_size, bytes.len() as u32)
 }
 
+/// What one header entry counts against `max_map_bytes`.
+pub(crate) fn entry_bytes(key: &str, value: &[u8]) -> usize {
+    key.len() + value.len() + ENTRY_OVERHEAD
+}
+
 fn map_bytes(map: &HeaderMap) -> usize {
-    map.iter().map(|(k, v)| k.len() + v.len()).sum()
+    map.iter().map(|(k, v)| entry_bytes(k, v)).sum()
 }
 
 /// Serialises a header map in the ABI wire format: u32 count, (u32 key len, u32 value
@@ -448,12 +496,14 @@ fn map_index(map_type: u32) -> Option<usize> {
     (map_type <= MAP_RESPONSE_TRAILERS).then_some(map_type as usize)
 }
 
-fn map_writable(map_type: u32) -> Res<Option<usize>> {
+/// The map a write goes to, if it exists: as in Envoy, the header maps exist only in an
+/// HTTP context (a root or stream context has none), and gRPC metadata and callout
+/// response maps never exist here (no callouts). A write to a map that does not exist is
+/// answered BAD_ARGUMENT, as Envoy does.
+fn map_writable(st: &State, map_type: u32) -> Option<usize> {
     match map_type {
-        0..=MAP_RESPONSE_TRAILERS => Ok(Some(map_type as usize)),
-        // gRPC metadata and callout response maps never exist here (no callouts).
-        4..=MAP_HTTP_CALL_TRAILERS => Ok(None),
-        _ => Ok(None),
+        0..=MAP_RESPONSE_TRAILERS if st.in_http => Some(map_type as usize),
+        _ => None,
     }
 }
 
@@ -622,6 +672,10 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: Caller<'_, State>, level: u32, ptr: u32, len: u32| -> Res<u32> {
+            // As Envoy: a level above critical is refused before the message is read.
+            if level > LOG_CRITICAL {
+                return Ok(BAD_ARGUMENT);
+            }
             let len = len.min(MAX_LOG_BYTES as u32);
             let msg = read(&mut c, ptr, len, "log message")?;
             let msg = String::from_utf8_lossy(&msg);
@@ -687,11 +741,16 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Ok(NOT_FOUND);
             };
             let start = start as usize;
-            if start >= buf.len() {
-                return Ok(NOT_FOUND);
-            }
             let end = start.saturating_add(max as usize).min(buf.len());
-            let len = end - start;
+            let len = end.saturating_sub(start);
+            if len == 0 {
+                // As Envoy: nothing to copy (an empty buffer, a start at or past its end,
+                // or max 0) is OK with a null pointer and size 0, and no allocation. The
+                // Rust SDK reads a null pointer as `None`.
+                let mem = memory(&mut c)?;
+                put_ptr_size(mem.data_mut(&mut c), ret_ptr, 0, ret_size, 0)?;
+                return Ok(OK);
+            }
             let ptr = alloc(&mut c, len)?;
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
@@ -752,10 +811,11 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: Caller<'_, State>, t: u32, ptr: u32, len: u32| -> Res<u32> {
-            let Some(i) = map_writable(t)? else {
+            let Some(i) = map_writable(c.data(), t) else {
                 return Ok(BAD_ARGUMENT);
             };
-            if len as usize > c.data().plugin.max_map_bytes.saturating_mul(2) {
+            let max = c.data().plugin.max_map_bytes;
+            if len as usize > max.saturating_mul(2) {
                 return Err(limit(format!("header map of {len} bytes")));
             }
             // Parsed in place from guest memory into recycled entries: a module that
@@ -766,12 +826,24 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let raw = &data[range(data.len(), ptr, len, "header map")?];
             st.recycle_map(i);
             let mut map = std::mem::take(&mut st.maps[i]);
+            // Counted while parsing, and no entry stored past the limit: a block of empty
+            // pairs (10 bytes each on the wire) must not make the host allocate an entry
+            // for each before the check.
+            let mut size = 0usize;
             let parsed = parse_map(raw, |key, value| {
-                let e = st.entry(key, value);
-                map.push(e);
+                size = size.saturating_add(key.len() + value.len() + ENTRY_OVERHEAD);
+                if size <= max {
+                    let e = st.entry(key, value);
+                    map.push(e);
+                }
             });
             st.maps[i] = map;
             parsed.map_err(guest)?;
+            if size > max {
+                return Err(limit(format!(
+                    "header map {i} of {size} bytes (limit {max} bytes)"
+                )));
+            }
             check_map_size(c.data_mut(), i)?;
             Ok(OK)
         },
@@ -819,8 +891,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: Caller<'_, State>, t: u32, kptr: u32, klen: u32| -> Res<u32> {
-            let Some(i) = map_writable(t)? else {
-                return Ok(OK);
+            let Some(i) = map_writable(c.data(), t) else {
+                return Ok(BAD_ARGUMENT);
             };
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
@@ -830,7 +902,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 if st.maps[i][n].0.as_bytes().eq_ignore_ascii_case(key) {
                     let gone = st.maps[i].remove(n);
                     if let Some(size) = &mut st.map_bytes_known[i] {
-                        *size -= gone.0.len() + gone.1.len();
+                        *size -= entry_bytes(&gone.0, &gone.1);
                     }
                     st.spare.push(gone);
                 } else {
@@ -850,7 +922,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          vptr: u32,
          vlen: u32|
          -> Res<u32> {
-            let Some(i) = map_writable(t)? else {
+            let Some(i) = map_writable(c.data(), t) else {
                 return Ok(BAD_ARGUMENT);
             };
             if (vlen as usize) > c.data().plugin.max_map_bytes {
@@ -898,7 +970,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          vptr: u32,
          vlen: u32|
          -> Res<u32> {
-            let Some(i) = map_writable(t)? else {
+            let Some(i) = map_writable(c.data(), t) else {
                 return Ok(BAD_ARGUMENT);
             };
             if (klen as usize).saturating_add(vlen as usize) > c.data().plugin.max_map_bytes {
@@ -912,7 +984,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let key = &data[range(data.len(), kptr, klen, "header name")?];
             let value = &data[range(data.len(), vptr, vlen, "header value")?];
             let e = st.entry(key, value);
-            let added = e.0.len() + e.1.len();
+            let added = entry_bytes(&e.0, &e.1);
             st.maps[i].push(e);
             check_map_size_after_add(c.data_mut(), i, added)?;
             Ok(OK)
@@ -972,8 +1044,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let key = read(&mut c, kptr, klen, "shared data key")?;
             let found = {
                 let p = &c.data().plugin;
-                let map = p.host.data.lock().unwrap_or_else(|e| e.into_inner());
-                map.get(&(p.vm_id.clone(), key)).cloned()
+                let store = p.host.lock();
+                store.data.get(&(p.vm_id.clone(), key)).cloned()
             };
             let Some((value, cas)) = found else {
                 return Ok(NOT_FOUND);
@@ -1000,22 +1072,37 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             let value = read(&mut c, vptr, vlen, "shared data value")?;
             let p = &c.data().plugin;
-            let mut map = p.host.data.lock().unwrap_or_else(|e| e.into_inner());
-            let len = map.len();
-            match map.get_mut(&(p.vm_id.clone(), key.clone())) {
+            let max = p.host.max_bytes;
+            let mut store = p.host.lock();
+            let SharedStore { data, bytes, .. } = &mut *store;
+            // The store is shared by every plugin on the host, so a full one is not this
+            // plugin's fault: the write is refused with CAS_MISMATCH, the one refusal the
+            // Rust SDK returns as an error instead of panicking (Envoy has no limit).
+            // A write that does not grow the store always goes through.
+            let full = |after: usize| after > max;
+            let key = (p.vm_id.clone(), key);
+            match data.get_mut(&key) {
                 Some(entry) => {
                     if cas != 0 && cas != entry.1 {
+                        return Ok(CAS_MISMATCH);
+                    }
+                    let after = *bytes - entry.0.len() + value.len();
+                    if value.len() > entry.0.len() && full(after) {
                         return Ok(CAS_MISMATCH);
                     }
                     // CAS values are never 0: 0 means "no CAS" in the ABI.
                     entry.1 = entry.1.wrapping_add(1).max(1);
                     entry.0 = value;
+                    *bytes = after;
                 }
                 None => {
-                    if len >= MAX_SHARED_ENTRIES {
-                        return Err(limit("shared data holds too many keys"));
+                    let after =
+                        *bytes + key.0.len() + key.1.len() + value.len() + SHARED_ENTRY_OVERHEAD;
+                    if data.len() >= MAX_SHARED_ENTRIES || full(after) {
+                        return Ok(CAS_MISMATCH);
                     }
-                    map.insert((p.vm_id.clone(), key), (value, 1));
+                    data.insert(key, (value, 1));
+                    *bytes = after;
                 }
             }
             Ok(OK)
@@ -1025,14 +1112,25 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_register_shared_queue",
         |mut c: Caller<'_, State>, nptr: u32, nlen: u32, ret: u32| -> Res<u32> {
+            if nlen as usize > MAX_QUEUE_NAME_BYTES {
+                return Err(limit(format!("queue name of {nlen} bytes")));
+            }
             let name = read(&mut c, nptr, nlen, "queue name")?;
             let id = {
                 let p = &c.data().plugin;
-                let mut q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let mut store = p.host.lock();
+                let q = &mut store.queues;
                 let key = (p.vm_id.clone(), name);
                 match q.by_name.get(&key) {
                     Some(&id) => id,
                     None => {
+                        // Counted per VM id: registering is rare (start, configure).
+                        let mine = q.by_name.keys().filter(|(vm, _)| *vm == key.0).count();
+                        if mine >= MAX_QUEUES_PER_VM {
+                            return Err(limit(format!(
+                                "more than {MAX_QUEUES_PER_VM} shared queues"
+                            )));
+                        }
                         q.next = q.next.wrapping_add(1).max(1);
                         let id = q.next;
                         q.by_name.insert(key, id);
@@ -1060,8 +1158,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let id = {
                 let p = &c.data().plugin;
                 let vm = if vm.is_empty() { p.vm_id.clone() } else { vm };
-                let q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
-                q.by_name.get(&(vm, name)).copied()
+                let store = p.host.lock();
+                store.queues.by_name.get(&(vm, name)).copied()
             };
             match id {
                 Some(id) => {
@@ -1076,17 +1174,32 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_enqueue_shared_queue",
         |mut c: Caller<'_, State>, id: u32, vptr: u32, vlen: u32| -> Res<u32> {
+            if vlen as usize > c.data().plugin.max_buffer_bytes {
+                return Err(limit(format!("queue item of {vlen} bytes")));
+            }
             let value = read(&mut c, vptr, vlen, "queue item")?;
             let p = &c.data().plugin;
-            let mut q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(items) = q.items.get_mut(&id) else {
+            let max = p.host.max_bytes;
+            let mut store = p.host.lock();
+            let SharedStore { queues, bytes, .. } = &mut *store;
+            let Some(items) = queues.items.get_mut(&id) else {
                 return Ok(NOT_FOUND);
             };
-            if items.len() >= MAX_QUEUE_ITEMS {
-                // The SDK accepts only OK or NOT_FOUND here: drop the oldest item.
-                items.pop_front();
+            // The SDK accepts only OK or NOT_FOUND here. A full queue (in items, or in the
+            // bytes the host's shared store may hold) drops its oldest items; an item that
+            // does not fit even in the emptied queue is dropped itself.
+            let cost = value.len() + QUEUE_ITEM_OVERHEAD;
+            while items.len() >= MAX_QUEUE_ITEMS || (*bytes + cost > max && !items.is_empty()) {
+                if let Some(old) = items.pop_front() {
+                    *bytes -= old.len() + QUEUE_ITEM_OVERHEAD;
+                }
+            }
+            if *bytes + cost > max {
+                tracing::debug!(plugin = %p.name, queue = id, "shared store full: queue item dropped");
+                return Ok(OK);
             }
             items.push_back(value);
+            *bytes += cost;
             Ok(OK)
         },
     )?;
@@ -1096,11 +1209,16 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, State>, id: u32, ret_ptr: u32, ret_size: u32| -> Res<u32> {
             let item = {
                 let p = &c.data().plugin;
-                let mut q = p.host.queues.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(items) = q.items.get_mut(&id) else {
+                let mut store = p.host.lock();
+                let SharedStore { queues, bytes, .. } = &mut *store;
+                let Some(items) = queues.items.get_mut(&id) else {
                     return Ok(NOT_FOUND);
                 };
-                items.pop_front()
+                let item = items.pop_front();
+                if let Some(item) = &item {
+                    *bytes -= item.len() + QUEUE_ITEM_OVERHEAD;
+                }
+                item
             };
             let Some(item) = item else { return Ok(EMPTY) };
             give(&mut c, &item, ret_ptr, ret_size)?;
@@ -1280,10 +1398,23 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     let Some((path, value)) = parse_filter_state_args(&args) else {
                         return Ok(BAD_ARGUMENT);
                     };
-                    let fs = &mut c.data_mut().filter_state;
-                    match fs.iter_mut().find(|(k, _)| *k == path) {
-                        Some(slot) => slot.1 = value,
-                        None => fs.push((path, value)),
+                    // All of one context's filter state counts against the limit, so that
+                    // many distinct paths cannot grow it without bound.
+                    let st = c.data_mut();
+                    let slot = st.filter_state.iter().position(|(k, _)| *k == path);
+                    let after = match slot {
+                        Some(i) => st.filter_state_bytes - st.filter_state[i].1.len() + value.len(),
+                        None => st.filter_state_bytes + entry_bytes(&path, &value),
+                    };
+                    if after > max {
+                        return Err(limit(format!(
+                            "filter state grew to {after} bytes (limit {max} bytes)"
+                        )));
+                    }
+                    st.filter_state_bytes = after;
+                    match slot {
+                        Some(i) => st.filter_state[i].1 = value,
+                        None => st.filter_state.push((path, value)),
                     }
                 }
                 Foreign::ClearRouteCache => c.data_mut().route_cache_cleared = true,

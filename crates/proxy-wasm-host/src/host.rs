@@ -55,11 +55,21 @@ pub struct HostConfig {
     /// Give modules that import WASI a locked-down preview1 (no files, sockets,
     /// environment). Defaults to false: such modules are refused at load.
     pub allow_wasi: bool,
-    /// Cap on one header map (sum of key and value lengths). Defaults to 1 MiB.
+    /// Cap on one header map, on the properties set in one context and on the filter
+    /// state (`set_envoy_filter_state`) of one context: the sum of key and value lengths,
+    /// plus 48 bytes per header or filter state entry for what the host keeps for it (so
+    /// that empty entries are not free). Defaults to 1 MiB.
     pub max_map_bytes: usize,
     /// Cap on one buffer the guest writes (body, stream data, local response, shared
-    /// data value). Defaults to 16 MiB.
+    /// data value, queue item). Defaults to 16 MiB.
     pub max_buffer_bytes: usize,
+    /// Cap on what shared data and shared queues hold, for all plugins on the host
+    /// together: keys, values and queued items, plus the host's own bytes per entry (80
+    /// per shared data entry, 24 per queued item). Past it, a `proxy_set_shared_data`
+    /// that would grow the store answers CAS_MISMATCH (the only refusal the Rust SDK does
+    /// not panic on) and a queue drops its oldest items, then the new one. Defaults to
+    /// 64 MiB.
+    pub max_shared_bytes: usize,
 }
 
 impl Default for HostConfig {
@@ -80,6 +90,7 @@ impl Default for HostConfig {
             allow_wasi: false,
             max_map_bytes: 1 << 20,
             max_buffer_bytes: 16 << 20,
+            max_shared_bytes: 64 << 20,
         }
     }
 }
@@ -182,6 +193,7 @@ impl Host {
                 })
                 .map_err(|e| Error::Engine(format!("epoch thread: {e}")))?;
         }
+        let shared = Arc::new(HostShared::new(config.max_shared_bytes));
         Ok(Host {
             inner: Arc::new(HostInner {
                 engine,
@@ -189,7 +201,7 @@ impl Host {
                 config,
                 modules: Mutex::new(HashMap::new()),
                 hashed: Mutex::new(Vec::new()),
-                shared: Arc::new(HostShared::default()),
+                shared,
                 stop,
                 deadline_ticks,
                 load_deadline_ticks,

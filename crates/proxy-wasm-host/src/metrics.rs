@@ -83,7 +83,9 @@ impl Registry {
 
     pub(crate) fn increment(&self, id: u32, offset: i64) -> u32 {
         self.with(id, |s| match s.kind {
-            MetricKind::Counter if offset < 0 => BAD_ARGUMENT,
+            // As Envoy: a counter takes only positive increments (the SDKs return
+            // BAD_ARGUMENT as an error).
+            MetricKind::Counter if offset <= 0 => BAD_ARGUMENT,
             MetricKind::Counter | MetricKind::Gauge => {
                 s.value.fetch_add(offset, Ordering::Relaxed);
                 OK

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{InstancePre, Store, Trap, TypedFunc, WasmParams, WasmResults};
 
-use crate::abi::{LocalResponse, PluginShared, State};
+use crate::abi::{self, LocalResponse, PluginShared, State};
 use crate::error::{Error, HostAbort};
 use crate::host::HostInner;
 use crate::metrics::{Metric, Registry};
@@ -423,7 +423,7 @@ impl Instance {
         let mut bytes = 0;
         for (k, v) in req.headers {
             let e = st.entry_str(k, v);
-            bytes += e.0.len() + e.1.len();
+            bytes += abi::entry_bytes(&e.0, &e.1);
             st.maps[0].push(e);
         }
         st.map_bytes_known[0] = Some(bytes);

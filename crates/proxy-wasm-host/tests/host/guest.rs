@@ -322,3 +322,38 @@ fn count_files(dir: &std::path::Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Empty data makes the test guest read an empty buffer (OK with a null pointer, as in
+/// Envoy) and increment a counter by 0 (BAD_ARGUMENT, as in Envoy): the Rust SDK takes
+/// both (`None`, `Err`) and the guest serves on.
+#[test]
+fn empty_data_and_zero_increments_pass_through_the_sdk() {
+    let host = host();
+    let plugin = host
+        .load(
+            PluginSpec::new(altroute_modules::TESTGUEST, "testguest.stream")
+                .name("testguest")
+                .plugin_config("edge"),
+        )
+        .unwrap();
+    let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
+    assert_eq!(stream.downstream(b"", false).unwrap().data, b"");
+    assert_eq!(stream.upstream(b"", false).unwrap().data, b"");
+    let down = stream.downstream(b"SECRET", true).unwrap();
+    assert_eq!(down.data, b"XXXXXX");
+    stream.close().unwrap();
+    let bytes = plugin
+        .metrics()
+        .into_iter()
+        .find(|m| m.name == "testguest.stream_bytes")
+        .unwrap();
+    assert_eq!(bytes.value, 6);
+
+    // An empty request body: read as nothing, replaced by nothing.
+    let plugin = testguest(&host, "cfg-E");
+    let mut req = request(&[(":path", "/upload")]);
+    req.body = Some(Vec::new());
+    let out = plugin.http_request(&req).unwrap();
+    assert_eq!(out.body.as_deref(), Some(&b""[..]));
+    assert_eq!(out.header("x-tg-config"), Some(&b"cfg-E"[..]));
+}

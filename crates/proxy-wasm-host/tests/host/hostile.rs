@@ -592,3 +592,400 @@ fn wasi_is_refused_by_default_and_locked_down_when_allowed() {
     // ENOSYS = 52 -> 52 % 10 = 2 -> "2".
     assert_eq!(out.header("2"), Some(&b"2"[..]));
 }
+
+/// Imports and data for `set_envoy_filter_state`: the name at 900, and at 1024 Envoy's
+/// `SetEnvoyFilterStateArguments` with the 4-byte path `path` (its last byte at 1029)
+/// and a 64 KiB value (the zeros that follow in memory): 65,546 bytes in all.
+const FILTER_STATE: &str = r#"(import "env" "proxy_call_foreign_function" (func $ffi (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (data (i32.const 900) "set_envoy_filter_state")
+    (data (i32.const 1024) "\0a\04path\12\80\80\04")"#;
+
+/// 20 calls of `set_envoy_filter_state` with a 64 KiB value, each to a new path when
+/// `distinct`, else all to the same path; traps on any status but OK.
+fn filter_state_calls(distinct: bool) -> String {
+    let path = if distinct {
+        "(i32.store8 (i32.const 1029) (i32.add (i32.const 65) (local.get $i)))"
+    } else {
+        ""
+    };
+    format!(
+        "(local $i i32) (loop $l {path}
+            (if (call $ffi (i32.const 900) (i32.const 22) (i32.const 1024) (i32.const 65546) (i32.const 100) (i32.const 104))
+                (then unreachable))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br_if $l (i32.lt_u (local.get $i) (i32.const 20))))"
+    )
+}
+
+#[test]
+fn filter_state_of_a_context_is_capped_across_paths() {
+    let host = host();
+    let good = testguest(&host, "good");
+    // 20 paths of 64 KiB each: past the 1 MiB limit of one context's filter state (each
+    // argument alone is well within it).
+    let many = filter_state_calls(true);
+    let plugin = load(
+        &host,
+        &[
+            ("EXTRA_IMPORT", FILTER_STATE),
+            ("HEADERS", &many),
+            ("PAGES", "2"),
+        ],
+    )
+    .unwrap();
+    assert_header_limit(&plugin);
+    assert_serves(&good);
+    // The same path set 20 times holds one value: within the limit.
+    let same = filter_state_calls(false);
+    let plugin = load(
+        &host,
+        &[
+            ("EXTRA_IMPORT", FILTER_STATE),
+            ("HEADERS", &same),
+            ("PAGES", "2"),
+        ],
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+        assert_eq!(out.filter_state.len(), 1);
+        assert_eq!(out.filter_state[0].0, "path");
+        assert_eq!(out.filter_state[0].1.len(), 65536);
+    }
+    // In a stream context the filter state lives as long as the stream: the limit holds
+    // across data events. Ten paths per event, named after the size of the data.
+    let ten = many.replace("(i32.const 20)", "(i32.const 10)").replace(
+        "(i32.add (i32.const 65) (local.get $i))",
+        "(i32.add (i32.add (i32.const 65) (local.get $i)) (i32.mul (local.get 1) (i32.const 10)))",
+    );
+    let plugin = load(
+        &host,
+        &[
+            ("EXTRA_IMPORT", FILTER_STATE),
+            ("DOWN", &ten),
+            ("PAGES", "2"),
+        ],
+    )
+    .unwrap();
+    let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
+    stream.downstream(b"a", false).unwrap();
+    assert_eq!(stream.filter_state().len(), 10);
+    // The same ten paths again: their values are replaced, nothing grows.
+    stream.downstream(b"b", false).unwrap();
+    assert_eq!(stream.filter_state().len(), 10);
+    // Ten more paths would hold 1.3 MiB.
+    let err = stream.downstream(b"cc", false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Limit {
+                callback: "proxy_on_downstream_data",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+}
+
+#[test]
+fn empty_header_entries_count_toward_the_map_limit() {
+    // A 64 KiB map: room for about 1,300 entries of 48 bytes. (Small, because debug
+    // builds check the remembered map size against a full sum at every add.)
+    let host = Host::new(HostConfig {
+        max_map_bytes: 64 << 10,
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let good = testguest(&host, "good");
+    // `n` headers with an empty name and value: no bytes of their own, but each one an
+    // entry the host keeps.
+    let adds = |n: u32| {
+        format!(
+            "(local $i i32) (loop $l
+                (if (call $add (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0))
+                    (then unreachable))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $l (i32.lt_u (local.get $i) (i32.const {n}))))"
+        )
+    };
+    // 1,000 fit.
+    let plugin = load(&host, &[("HEADERS", &adds(1_000))]).unwrap();
+    let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    assert_eq!(out.headers.len(), 1_001);
+    // 2,000 do not.
+    let plugin = load(&host, &[("HEADERS", &adds(2_000))]).unwrap();
+    assert_header_limit(&plugin);
+    assert_serves(&good);
+    // Nor do 2,000 empty pairs given at once (20 KB on the wire, within the size that
+    // `proxy_set_header_map_pairs` accepts): count 2,000, then zeros.
+    let set = "(i32.store (i32.const 8192) (i32.const 2000))
+        (if (call $set_pairs (i32.const 0) (i32.const 8192) (i32.const 20004)) (then unreachable))";
+    let plugin = load(&host, &[("HEADERS", set)]).unwrap();
+    assert_header_limit(&plugin);
+    assert_serves(&good);
+    // 1,000 do.
+    let set = set
+        .replace("(i32.const 2000)", "(i32.const 1000)")
+        .replace("(i32.const 20004)", "(i32.const 10004)");
+    let plugin = load(&host, &[("HEADERS", &set)]).unwrap();
+    let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    assert_eq!(out.headers.len(), 1_000);
+}
+
+#[test]
+fn header_writes_outside_an_http_context_are_bad_argument_as_in_envoy() {
+    let host = host();
+    let extra = r#"(import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+        (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+        (data (i32.const 0) "kv")"#;
+    // Every write to map `t` answers `status`; the module traps on any other answer.
+    let writes = |t: u32, status: u32| {
+        format!(
+            "(if (i32.ne (call $add (i32.const {t}) (i32.const 0) (i32.const 1) (i32.const 1) (i32.const 1)) (i32.const {status})) (then unreachable))
+             (if (i32.ne (call $replace (i32.const {t}) (i32.const 0) (i32.const 1) (i32.const 1) (i32.const 1)) (i32.const {status})) (then unreachable))
+             (if (i32.ne (call $remove (i32.const {t}) (i32.const 0) (i32.const 1)) (i32.const {status})) (then unreachable))
+             (if (i32.ne (call $set_pairs (i32.const {t}) (i32.const 0) (i32.const 0)) (i32.const {status})) (then unreachable))"
+        )
+    };
+    // A stream context and the root context (on_configure) have no header maps.
+    let (in_stream, in_root) = (writes(0, 2), writes(0, 2));
+    let plugin = load(
+        &host,
+        &[
+            ("EXTRA_IMPORT", extra),
+            ("DOWN", &in_stream),
+            ("CONFIGURE", &in_root),
+        ],
+    )
+    .unwrap();
+    let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
+    assert_eq!(stream.downstream(b"x", false).unwrap().data, b"x");
+    stream.close().unwrap();
+    // An HTTP context has the request map, not the callout or gRPC maps (5).
+    let in_http = writes(0, 0) + &writes(5, 2);
+    let plugin = load(&host, &[("EXTRA_IMPORT", extra), ("HEADERS", &in_http)]).unwrap();
+    let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    // The last write to map 0 set it to no pairs.
+    assert!(out.headers.is_empty(), "{:?}", out.headers);
+}
+
+#[test]
+fn a_full_shared_store_refuses_new_data_with_cas_mismatch_not_a_trap() {
+    let host = Host::new(HostConfig {
+        max_shared_bytes: 64 << 10,
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    // The test guest keeps a counter in shared data ("tg-counter", bumped with CAS).
+    let guest = testguest(&host, "good");
+    let shared = |plugin: &proxy_wasm_host::Plugin| {
+        let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+        String::from_utf8(out.header("x-tg-shared").unwrap().to_vec()).unwrap()
+    };
+    assert_eq!(shared(&guest), "1");
+    // Another plugin sets new keys (4 bytes, empty values) until the store refuses one
+    // with CAS_MISMATCH (8); any other answer, or no refusal at all, traps.
+    let fill = "(local $i i32) (local $s i32)
+        (block $full
+            (loop $l
+                (i32.store (i32.const 1024) (local.get $i))
+                (local.set $s (call $sset (i32.const 1024) (i32.const 4) (i32.const 2048) (i32.const 0) (i32.const 0)))
+                (br_if $full (i32.eq (local.get $s) (i32.const 8)))
+                (if (local.get $s) (then unreachable))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $l (i32.lt_u (local.get $i) (i32.const 100000))))
+            unreachable)
+        ;; Full: a write that does not grow the store still goes through...
+        (i32.store (i32.const 1024) (i32.const 0))
+        (if (call $sset (i32.const 1024) (i32.const 4) (i32.const 2048) (i32.const 0) (i32.const 0)) (then unreachable))
+        ;; ...one that grows it does not.
+        (if (i32.ne (call $sset (i32.const 1024) (i32.const 4) (i32.const 2048) (i32.const 1024) (i32.const 0)) (i32.const 8)) (then unreachable))";
+    let extra = r#"(import "env" "proxy_set_shared_data" (func $sset (param i32 i32 i32 i32 i32) (result i32)))"#;
+    let filler = load(&host, &[("EXTRA_IMPORT", extra), ("HEADERS", fill)]).unwrap();
+    filler.http_request(&request(&[(":path", "/")])).unwrap();
+    // The guest's own key is updated in place (same size): it goes on counting.
+    assert_eq!(shared(&guest), "2");
+    // A plugin with another VM id needs a new key: refused, and the Rust SDK hands the
+    // guest an error (it panics on anything but OK and CAS_MISMATCH); the guest serves.
+    let other = host
+        .load(
+            PluginSpec::new(altroute_modules::TESTGUEST, "testguest.http")
+                .name("other")
+                .plugin_config("other")
+                .version("other"),
+        )
+        .unwrap();
+    assert_eq!(shared(&other), "failed");
+    assert_serves(&other);
+}
+
+const QUEUES: &str = r#"(import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))
+    (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+    (import "env" "proxy_dequeue_shared_queue" (func $dequeue (param i32 i32 i32) (result i32)))
+    (data (i32.const 900) "qnf")"#;
+
+#[test]
+fn shared_queues_are_capped_in_number_item_size_and_bytes() {
+    // 1,025 queues for one VM id: one too many.
+    let register = "(local $i i32) (loop $l
+            (i32.store (i32.const 1024) (local.get $i))
+            (if (call $register (i32.const 1024) (i32.const 4) (i32.const 96)) (then unreachable))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br_if $l (i32.lt_u (local.get $i) (i32.const 1025))))";
+    let host = host();
+    let good = testguest(&host, "good");
+    let plugin = load(&host, &[("EXTRA_IMPORT", QUEUES), ("HEADERS", register)]).unwrap();
+    assert_header_limit(&plugin);
+    // 1,024 are allowed (registered again: the same queues, nothing new).
+    let plugin = load(
+        &host,
+        &[
+            ("EXTRA_IMPORT", QUEUES),
+            ("HEADERS", &register.replace("1025", "1024")),
+        ],
+    )
+    .unwrap();
+    plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    assert_serves(&good);
+
+    // An item larger than a buffer may be.
+    let host = Host::new(HostConfig {
+        max_buffer_bytes: 4096,
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let good = testguest(&host, "good");
+    let big =
+        "(if (call $register (i32.const 900) (i32.const 1) (i32.const 96)) (then unreachable))
+        (drop (call $enqueue (i32.load (i32.const 96)) (i32.const 8192) (i32.const 8192)))";
+    let plugin = load(&host, &[("EXTRA_IMPORT", QUEUES), ("HEADERS", big)]).unwrap();
+    assert_header_limit(&plugin);
+    assert_serves(&good);
+
+    // Queued items count in the shared store's bytes: 100 items of 1 KiB (numbered in
+    // their first 4 bytes) into a 16 KiB store keep the newest that fit. The module
+    // dequeues them all and reports how many (header "n") and the first one's number
+    // ("f"). Then an item larger than the whole store is dropped (OK, queue stays empty).
+    let host = Host::new(HostConfig {
+        max_shared_bytes: 16 << 10,
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let fill = "(local $i i32) (local $q i32) (local $s i32) (local $n i32) (local $first i32)
+        (if (call $register (i32.const 900) (i32.const 1) (i32.const 96)) (then unreachable))
+        (local.set $q (i32.load (i32.const 96)))
+        (loop $l
+            (i32.store (i32.const 1024) (local.get $i))
+            (if (call $enqueue (local.get $q) (i32.const 1024) (i32.const 1024)) (then unreachable))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br_if $l (i32.lt_u (local.get $i) (i32.const 100))))
+        (local.set $first (i32.const -1))
+        (block $empty (loop $d
+            (local.set $s (call $dequeue (local.get $q) (i32.const 100) (i32.const 104)))
+            (br_if $empty (i32.eq (local.get $s) (i32.const 7)))
+            (if (local.get $s) (then unreachable))
+            (if (i32.eq (local.get $first) (i32.const -1))
+                (then (local.set $first (i32.load (i32.load (i32.const 100))))))
+            (local.set $n (i32.add (local.get $n) (i32.const 1)))
+            (br $d)))
+        (if (call $enqueue (local.get $q) (i32.const 2048) (i32.const 32768)) (then unreachable))
+        (if (i32.ne (call $dequeue (local.get $q) (i32.const 100) (i32.const 104)) (i32.const 7)) (then unreachable))
+        (i32.store (i32.const 200) (local.get $n))
+        (i32.store (i32.const 204) (local.get $first))
+        (drop (call $add (i32.const 0) (i32.const 901) (i32.const 1) (i32.const 200) (i32.const 4)))
+        (drop (call $add (i32.const 0) (i32.const 902) (i32.const 1) (i32.const 204) (i32.const 4)))";
+    let plugin = load(
+        &host,
+        &[("EXTRA_IMPORT", QUEUES), ("HEADERS", fill), ("PAGES", "4")],
+    )
+    .unwrap();
+    let out = plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    let number = |name: &str| u32::from_le_bytes(out.header(name).unwrap().try_into().unwrap());
+    let (n, first) = (number("n"), number("f"));
+    assert!(n > 0 && n < 16, "{n} items kept in a 16 KiB store");
+    assert_eq!(first + n, 100, "the newest items are kept");
+}
+
+#[test]
+fn log_levels_above_critical_are_bad_argument() {
+    let host = host();
+    // Level 6 is refused before the message is read (as in Envoy: even a bad pointer
+    // gets BAD_ARGUMENT); critical (5) is logged.
+    let body = "(if (i32.ne (call $log (i32.const 6) (i32.const 0) (i32.const 1)) (i32.const 2)) (then unreachable))
+        (if (i32.ne (call $log (i32.const 7) (i32.const -16) (i32.const 100)) (i32.const 2)) (then unreachable))
+        (if (call $log (i32.const 5) (i32.const 0) (i32.const 1)) (then unreachable))";
+    let plugin = load(&host, &[("HEADERS", body)]).unwrap();
+    plugin.http_request(&request(&[(":path", "/")])).unwrap();
+}
+
+#[test]
+fn counters_take_only_positive_increments_as_in_envoy() {
+    let host = host();
+    let extra = r#"(import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+        (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+        (data (i32.const 900) "cg")"#;
+    // Counter "c": 0 and -1 are BAD_ARGUMENT (2), 3 is OK. Gauge "g": -2 is OK.
+    let body = "(if (call $define (i32.const 0) (i32.const 900) (i32.const 1) (i32.const 96)) (then unreachable))
+        (if (call $define (i32.const 1) (i32.const 901) (i32.const 1) (i32.const 92)) (then unreachable))
+        (if (i32.ne (call $inc (i32.load (i32.const 96)) (i64.const 0)) (i32.const 2)) (then unreachable))
+        (if (i32.ne (call $inc (i32.load (i32.const 96)) (i64.const -1)) (i32.const 2)) (then unreachable))
+        (if (call $inc (i32.load (i32.const 96)) (i64.const 3)) (then unreachable))
+        (if (call $inc (i32.load (i32.const 92)) (i64.const -2)) (then unreachable))";
+    let plugin = load(&host, &[("EXTRA_IMPORT", extra), ("HEADERS", body)]).unwrap();
+    plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    let metrics = plugin.metrics();
+    let value = |name: &str| metrics.iter().find(|m| m.name == name).unwrap().value;
+    assert_eq!((value("c"), value("g")), (3, -2));
+}
+
+#[test]
+fn nothing_to_read_from_a_buffer_is_ok_with_a_null_pointer() {
+    let host = host();
+    let extra = r#"(import "env" "proxy_get_buffer_bytes" (func $get (param i32 i32 i32 i32 i32) (result i32)))"#;
+    // Reads buffer `t` from `start`, at most `max`: must answer OK (0) and write pointer 0
+    // and size 0 over the 0xffffffff put in the return slots.
+    let empty = |t: u32, start: &str, max: &str| {
+        format!(
+            "(i32.store (i32.const 100) (i32.const -1)) (i32.store (i32.const 104) (i32.const -1))
+             (if (call $get (i32.const {t}) {start} {max} (i32.const 100) (i32.const 104)) (then unreachable))
+             (if (i32.or (i32.load (i32.const 100)) (i32.load (i32.const 104))) (then unreachable))"
+        )
+    };
+    // The data's size is parameter 1: from its end, past it, or with max 0. The
+    // allocator must not be called for nothing.
+    let down = [
+        empty(2, "(local.get 1)", "(i32.const 10)"),
+        empty(2, "(i32.add (local.get 1) (i32.const 5))", "(i32.const 10)"),
+        empty(2, "(i32.const 0)", "(i32.const 0)"),
+        // No plugin configuration: the Rust SDK asks with max = u32::MAX.
+        empty(7, "(i32.const 0)", "(i32.const -1)"),
+    ]
+    .concat();
+    let body = empty(0, "(i32.const 0)", "(local.get 1)");
+    let plugin = load(
+        &host,
+        &[
+            ("EXTRA_IMPORT", extra),
+            ("MALLOC", "unreachable"),
+            ("DOWN", &down),
+            ("BODY", &body),
+        ],
+    )
+    .unwrap();
+    let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
+    for data in [&b""[..], b"abc"] {
+        assert_eq!(stream.downstream(data, false).unwrap().data, data);
+    }
+    stream.close().unwrap();
+    let mut req = request(&[(":path", "/")]);
+    req.body = Some(Vec::new());
+    assert_eq!(
+        plugin.http_request(&req).unwrap().body.as_deref(),
+        Some(&b""[..])
+    );
+}
