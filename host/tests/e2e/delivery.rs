@@ -253,6 +253,18 @@ async fn requiretls_is_never_sent_in_clear_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dsn_of_requiretls_mail_requires_tls_too() {
+    // The sender's MX offers REQUIRETLS: the DSN carries the parameter.
+    let mail = dsn_of_requiretls_mail(true).await;
+    assert!(mail.contains("REQUIRETLS"), "{mail}");
+    // It does not: the DSN still goes, over TLS, without the parameter; a bounce must not
+    // be lost for it (RFC 8689 §5).
+    let mail = dsn_of_requiretls_mail(false).await;
+    assert!(!mail.contains("REQUIRETLS"), "{mail}");
+}
+
+/// REQUIRETLS mail bounced at RCPT; the DSN's MAIL command at the sender's MX (which
+/// offers REQUIRETLS or not), after checking that it came over TLS from the null sender.
+async fn dsn_of_requiretls_mail(sender_offers_requiretls: bool) -> String {
     let mut lab = Lab::new().await;
     lab.mx(
         "refusing.test",
@@ -261,9 +273,12 @@ async fn the_dsn_of_requiretls_mail_requires_tls_too() {
         SinkMode::PermFail(FailAt::Rcpt),
     )
     .await;
-    let sender_mx = lab
-        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
-        .await;
+    let sender_mx = if sender_offers_requiretls {
+        lab.mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+            .await
+    } else {
+        mx_without_requiretls(&mut lab, "corp.test", 10, "mx.corp.test").await
+    };
     let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
     relay
         .send("alice@corp.test", &["bob@refusing.test"], true)
@@ -274,39 +289,12 @@ async fn the_dsn_of_requiretls_mail_requires_tls_too() {
         .unwrap();
     assert_eq!(dsn[0].mail_from, "");
     assert!(dsn[0].tls_version.is_some(), "the DSN went over TLS");
-    let mail: Vec<String> = commands(&lab.sinks[sender_mx])
+    let mut mail: Vec<String> = commands(&lab.sinks[sender_mx])
         .into_iter()
         .filter(|c| c.starts_with("MAIL FROM:<>"))
         .collect();
     assert_eq!(mail.len(), 1, "{mail:?}");
-    assert!(mail[0].contains("REQUIRETLS"), "{mail:?}");
-
-    // A sender's MX without the extension still gets the DSN, over TLS, without the
-    // parameter: a bounce must not be lost for it (RFC 8689 §5).
-    let mut lab = Lab::new().await;
-    lab.mx(
-        "refusing.test",
-        "mx.refusing.test",
-        Tls::Valid,
-        SinkMode::PermFail(FailAt::Rcpt),
-    )
-    .await;
-    let sender_mx = mx_without_requiretls(&mut lab, "corp.test", 10, "mx.corp.test").await;
-    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
-    relay
-        .send("alice@corp.test", &["bob@refusing.test"], true)
-        .await;
-    let dsn = lab.sinks[sender_mx]
-        .wait_for_messages(1, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(dsn[0].mail_from, "");
-    assert!(dsn[0].tls_version.is_some(), "the DSN went over TLS");
-    let mail: Vec<String> = commands(&lab.sinks[sender_mx])
-        .into_iter()
-        .filter(|c| c.starts_with("MAIL FROM:<>"))
-        .collect();
-    assert!(!mail[0].contains("REQUIRETLS"), "{mail:?}");
+    mail.remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,17 +535,7 @@ async fn mx_answering_4xx_is_retried_not_rerouted() {
     );
     // Later it is retried (same MX, not the alternate).
     let sessions_before = lab.sinks[mx].sessions().len();
-    relay.clock.set(next);
-    relay.delivery.kick();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while relay
-        .spool
-        .entry(&id)
-        .is_some_and(|e| e.recipients[0].attempts() < 2)
-    {
-        assert!(tokio::time::Instant::now() < deadline, "no retry");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relay.attempt_at(&id, next, 2).await;
     assert!(
         lab.sinks[mx].sessions().len() > sessions_before,
         "retried at the MX"
@@ -597,20 +575,7 @@ async fn an_unreadable_message_waits_for_its_retry_like_a_failed_attempt() {
     .unwrap();
     let sessions_before = lab.sinks[mx].sessions().len();
 
-    relay.clock.set(next);
-    relay.delivery.kick();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while relay
-        .spool
-        .entry(&id)
-        .is_some_and(|e| e.recipients[0].attempts() < 2)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no second attempt recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    relay.attempt_at(&id, next, 2).await;
     match &relay.spool.entry(&id).unwrap().recipients[0] {
         RecipientState::Deferred {
             reason,
@@ -690,17 +655,7 @@ async fn a_trapping_or_looping_module_defers_and_the_relay_keeps_serving() {
         // The relay keeps serving: a retry runs (and defers again), nothing is ever sent
         // or bounced.
         let next = states[0].due_at().unwrap();
-        relay.clock.set(next);
-        relay.delivery.kick();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while relay
-            .spool
-            .entry(&id)
-            .is_some_and(|e| e.recipients[0].attempts() < 2)
-        {
-            assert!(tokio::time::Instant::now() < deadline, "{name}: no retry");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        relay.attempt_at(&id, next, 2).await;
         assert!(matches!(
             relay.spool.entry(&id).unwrap().recipients[0],
             RecipientState::Deferred { .. }

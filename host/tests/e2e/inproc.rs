@@ -185,6 +185,25 @@ impl Relay {
     pub(crate) async fn settled(&self, id: &MessageId) -> Option<Vec<RecipientState>> {
         settled(&self.spool, id).await
     }
+
+    /// Sets the clock to `at`, wakes the delivery and waits until the first recipient of
+    /// `id` has `attempts` attempts recorded; panics after the usual wait.
+    pub(crate) async fn attempt_at(&self, id: &MessageId, at: u64, attempts: u32) {
+        self.clock.set(at);
+        self.delivery.kick();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self
+            .spool
+            .entry(id)
+            .is_some_and(|e| e.recipients[0].attempts() < attempts)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "attempt {attempts} of {id} not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Waits until every recipient of `id` is out of `Pending`, and returns the states;

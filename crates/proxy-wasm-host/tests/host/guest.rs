@@ -112,13 +112,7 @@ fn configuration_rejected_by_on_configure_is_a_typed_error() {
 #[test]
 fn stream_counts_rewrites_and_sets_filter_state() {
     let host = host();
-    let plugin = host
-        .load(
-            PluginSpec::new(altroute_modules::TESTGUEST, "testguest.stream")
-                .name("testguest")
-                .plugin_config("edge"),
-        )
-        .unwrap();
+    let plugin = edge_guest(&host);
     let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
     assert_eq!(stream.new_connection_action(), Action::Continue);
     assert_eq!(
@@ -136,12 +130,7 @@ fn stream_counts_rewrites_and_sets_filter_state() {
     let plain = stream.downstream(b"QUIT\r\n", true).unwrap();
     assert_eq!(plain.data, b"QUIT\r\n");
     stream.close().unwrap();
-    let bytes = plugin
-        .metrics()
-        .into_iter()
-        .find(|m| m.name == "testguest.stream_bytes")
-        .unwrap();
-    assert_eq!(bytes.value, 19 + 17 + 6);
+    assert_eq!(stream_bytes(&plugin), 19 + 17 + 6);
 }
 
 #[test]
@@ -329,25 +318,14 @@ fn count_files(dir: &std::path::Path) -> usize {
 #[test]
 fn empty_data_and_zero_increments_pass_through_the_sdk() {
     let host = host();
-    let plugin = host
-        .load(
-            PluginSpec::new(altroute_modules::TESTGUEST, "testguest.stream")
-                .name("testguest")
-                .plugin_config("edge"),
-        )
-        .unwrap();
+    let plugin = edge_guest(&host);
     let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
     assert_eq!(stream.downstream(b"", false).unwrap().data, b"");
     assert_eq!(stream.upstream(b"", false).unwrap().data, b"");
     let down = stream.downstream(b"SECRET", true).unwrap();
     assert_eq!(down.data, b"XXXXXX");
     stream.close().unwrap();
-    let bytes = plugin
-        .metrics()
-        .into_iter()
-        .find(|m| m.name == "testguest.stream_bytes")
-        .unwrap();
-    assert_eq!(bytes.value, 6);
+    assert_eq!(stream_bytes(&plugin), 6);
 
     // An empty request body: read as nothing, replaced by nothing.
     let plugin = testguest(&host, "cfg-E");
@@ -356,4 +334,25 @@ fn empty_data_and_zero_increments_pass_through_the_sdk() {
     let out = plugin.http_request(&req).unwrap();
     assert_eq!(out.body.as_deref(), Some(&b""[..]));
     assert_eq!(out.header("x-tg-config"), Some(&b"cfg-E"[..]));
+}
+
+/// The test guest's stream root, configured as an edge filter (counts bytes, rewrites
+/// `SECRET`, sets filter state).
+fn edge_guest(host: &proxy_wasm_host::Host) -> Arc<proxy_wasm_host::Plugin> {
+    host.load(
+        PluginSpec::new(altroute_modules::TESTGUEST, "testguest.stream")
+            .name("testguest")
+            .plugin_config("edge"),
+    )
+    .unwrap()
+}
+
+/// The test guest's count of stream bytes seen.
+fn stream_bytes(plugin: &proxy_wasm_host::Plugin) -> i64 {
+    plugin
+        .metrics()
+        .into_iter()
+        .find(|m| m.name == "testguest.stream_bytes")
+        .unwrap()
+        .value
 }
