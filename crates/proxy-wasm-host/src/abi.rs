@@ -201,9 +201,9 @@ pub(crate) struct State {
     /// The byte size of each header map (keys, values and [`ENTRY_OVERHEAD`] per entry)
     /// when known: set when the embedder fills the request map, kept up to date by add
     /// and remove, summed again after a replace or a set of all pairs, and forgotten
-    /// (`None`) when the map is recycled. A module adds its decision headers one by one; summing the whole map
-    /// after each add cost more than the add itself. Debug builds check it against the
-    /// full sum on every add.
+    /// (`None`) when the map is recycled. A module adds its decision headers one by one;
+    /// summing the whole map after each add cost more than the add itself. Debug builds
+    /// check it against the full sum on every add.
     pub map_bytes_known: [Option<usize>; 4],
 }
 
