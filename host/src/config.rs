@@ -664,6 +664,16 @@ impl Config {
     }
 }
 
+/// Whether `ip` is in one of `networks`. An IPv4 client on a dual-stack socket shows up
+/// as `::ffff:a.b.c.d` and counts as IPv4.
+pub fn in_networks(networks: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    networks.iter().any(|n| n.contains(&ip))
+}
+
 /// Parse a users file: `user:sha256hex(password)` per line, `#` comments and blank lines
 /// ignored.
 fn read_users(path: &Path, c: &mut Check<'_>) -> Vec<(String, [u8; 32])> {

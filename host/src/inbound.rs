@@ -48,12 +48,7 @@ impl Inbound {
     }
 
     fn allowed_address(&self, ip: IpAddr) -> bool {
-        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        self.allow_networks.iter().any(|n| n.contains(&ip))
+        crate::config::in_networks(&self.allow_networks, ip)
     }
 }
 

@@ -117,11 +117,7 @@ impl HeaderError {
 /// trusted `networks`). An IPv4 peer on a dual-stack socket (`::ffff:a.b.c.d`) counts as
 /// IPv4.
 pub fn trusted(networks: &[IpNet], peer: IpAddr) -> bool {
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-        v4 => v4,
-    };
-    networks.iter().any(|n| n.contains(&peer))
+    crate::config::in_networks(networks, peer)
 }
 
 /// Reads one PROXY header (v1 or v2) from the start of `stream`, consuming exactly its

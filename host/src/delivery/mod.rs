@@ -444,7 +444,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
             }
         };
         for (i, outcome) in outcomes {
-            let rcpt = entry.envelope.rcpt_to.get(i).cloned().unwrap_or_default();
+            let rcpt = entry.envelope.rcpt_to.get(i).map_or("", String::as_str);
             let attempts = entry.recipients.get(i).map_or(0, |r| r.attempts());
             let recorded = match outcome {
                 Outcome::Delivered { via, route } => {
@@ -467,7 +467,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
                             // The lifetime ran out between the check and the write.
                             Ok(RecipientState::Expired { .. }) => {
                                 ctx.metrics.expirations.inc();
-                                let mut f = Final::new(i, rcpt.clone(), reason, true, attempts);
+                                let mut f = Final::new(i, rcpt, reason, true, attempts);
                                 f.recorded = true;
                                 finals.push(f);
                                 Ok(())
@@ -479,12 +479,11 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
                 }
                 Outcome::Bounced { reason } => {
                     ctx.metrics.bounces.inc();
-                    finals.push(Final::new(i, rcpt.clone(), reason, false, attempts));
+                    finals.push(Final::new(i, rcpt, reason, false, attempts));
                     Ok(())
                 }
             };
             if let Err(e) = recorded {
-                let rcpt = entry.envelope.rcpt_to.get(i).cloned().unwrap_or_default();
                 tracing::error!(queue_id = %id, recipient = %rcpt, error = %e, "cannot record delivery result");
             }
         }
@@ -509,11 +508,11 @@ struct Final {
 }
 
 impl Final {
-    fn new(index: usize, recipient: String, reason: String, expired: bool, attempts: u32) -> Final {
+    fn new(index: usize, recipient: &str, reason: String, expired: bool, attempts: u32) -> Final {
         Final {
             index,
             failure: dsn::Failure {
-                recipient,
+                recipient: recipient.to_owned(),
                 reason,
                 expired,
             },
