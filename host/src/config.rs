@@ -83,6 +83,9 @@ pub struct Server {
     pub max_message_size: usize,
     /// Recipients per message. Defaults to 100.
     pub max_recipients: usize,
+    /// `Received:` fields a message may already carry; more is refused as a mail loop
+    /// (`554 5.4.6`, as Postfix's `hopcount_limit`). Defaults to 50.
+    pub max_hops: usize,
     /// Wait for each command. Defaults to 300 s.
     pub command_timeout: Duration,
     /// Wait for each block of DATA. Defaults to 180 s.
@@ -148,6 +151,10 @@ pub struct Delivery {
     pub workers: usize,
     /// Concurrent connections per destination host. Defaults to 4.
     pub per_destination: usize,
+    /// Addresses tried per hop of a delivery attempt. Defaults to 5.
+    pub mx_address_limit: usize,
+    /// SMTP sessions per hop of a delivery attempt. Defaults to 2.
+    pub mx_session_limit: usize,
     /// Connect timeout. Defaults to 30 s.
     pub connect_timeout: Duration,
     /// First retry delay. Defaults to 300 s.
@@ -214,6 +221,7 @@ struct RawServer {
     listen: Option<Vec<String>>,
     max_message_size: Option<u64>,
     max_recipients: Option<u64>,
+    max_hops: Option<u64>,
     command_timeout_secs: Option<u64>,
     data_timeout_secs: Option<u64>,
     session_timeout_secs: Option<u64>,
@@ -248,6 +256,8 @@ struct RawDelivery {
     ca_file: Option<String>,
     workers: Option<u64>,
     per_destination: Option<u64>,
+    mx_address_limit: Option<u64>,
+    mx_session_limit: Option<u64>,
     connect_timeout_secs: Option<u64>,
     retry_initial_secs: Option<u64>,
     retry_max_secs: Option<u64>,
@@ -430,6 +440,7 @@ impl Config {
             35 * 1024 * 1024,
         ));
         let max_recipients = as_usize(c.positive("server.max_recipients", s.max_recipients, 100));
+        let max_hops = as_usize(c.positive("server.max_hops", s.max_hops, 50));
         let command_timeout =
             c.positive("server.command_timeout_secs", s.command_timeout_secs, 300);
         let data_timeout = c.positive("server.data_timeout_secs", s.data_timeout_secs, 180);
@@ -518,6 +529,10 @@ impl Config {
         let workers = as_usize(c.positive("delivery.workers", d.workers, 8));
         let per_destination =
             as_usize(c.positive("delivery.per_destination", d.per_destination, 4));
+        let mx_address_limit =
+            as_usize(c.positive("delivery.mx_address_limit", d.mx_address_limit, 5));
+        let mx_session_limit =
+            as_usize(c.positive("delivery.mx_session_limit", d.mx_session_limit, 2));
         let connect_timeout =
             c.positive("delivery.connect_timeout_secs", d.connect_timeout_secs, 30);
         let retry_initial = c.positive("delivery.retry_initial_secs", d.retry_initial_secs, 300);
@@ -583,6 +598,7 @@ impl Config {
                 listen,
                 max_message_size,
                 max_recipients,
+                max_hops,
                 command_timeout: Duration::from_secs(command_timeout),
                 data_timeout: Duration::from_secs(data_timeout),
                 session_timeout: Duration::from_secs(session_timeout),
@@ -608,6 +624,8 @@ impl Config {
                 ca_file,
                 workers,
                 per_destination,
+                mx_address_limit,
+                mx_session_limit,
                 connect_timeout: Duration::from_secs(connect_timeout),
                 retry_initial: Duration::from_secs(retry_initial),
                 retry_max: Duration::from_secs(retry_max),

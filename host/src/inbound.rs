@@ -6,6 +6,9 @@
 //! one), or it authenticated with SMTP AUTH over TLS against `relay.users_file`. Anyone
 //! else gets `550 5.7.1 Relaying denied` for every recipient: never an open relay.
 //!
+//! A message that already carries more `Received:` trace fields than `server.max_hops`
+//! (50) is refused with `554 5.4.6` (RFC 5321 §6.3: a mail loop).
+//!
 //! At the end of DATA the message gets a `Received:` trace field and is stored with
 //! [`Spool::store`]; the client gets `250` with the queue id only when the store returned
 //! `Ok` (the message is then on stable storage). Disk full answers
@@ -30,6 +33,7 @@ pub struct Inbound {
     allow_networks: Vec<IpNet>,
     client_certs: bool,
     users: Vec<(String, [u8; 32])>,
+    max_hops: usize,
     spool: Spool,
     metrics: Arc<Metrics>,
 }
@@ -42,6 +46,7 @@ impl Inbound {
             allow_networks: config.relay.allow_networks.clone(),
             client_certs: config.relay.client_ca.is_some(),
             users: config.relay.users.clone(),
+            max_hops: config.server.max_hops,
             spool,
             metrics,
         }
@@ -90,6 +95,16 @@ impl Handler for Inbound {
     }
 
     async fn data(&self, session: &SessionInfo, envelope: &Envelope, message: Vec<u8>) -> Reply {
+        let hops = received_count(&message);
+        if hops > self.max_hops {
+            self.metrics.reject_message("too_many_hops");
+            tracing::info!(peer = %session.peer, hops, "message refused: too many hops");
+            return Reply::new(
+                554,
+                (5, 4, 6),
+                format!("too many hops ({hops} Received: headers); mail loop?"),
+            );
+        }
         let mut env =
             altroute_queue::Envelope::new(envelope.mail_from.clone(), envelope.rcpt_to.clone());
         env.requiretls = envelope.requiretls;
@@ -161,6 +176,27 @@ pub fn has_tls_required_no(message: &[u8]) -> bool {
     current.is_some_and(|f| check(&f))
 }
 
+/// How many `Received:` fields the header section holds (continuation lines are part of
+/// their field; the name compares case-insensitively).
+pub fn received_count(message: &[u8]) -> usize {
+    let mut n = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if !line[0].is_ascii_whitespace()
+            && line[..colon].trim_ascii().eq_ignore_ascii_case(b"Received")
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// The `Received:` trace field (RFC 5321 section 4.4) we prepend, CRLF-terminated.
 fn received_field(hostname: &str, session: &SessionInfo, envelope: &Envelope) -> String {
     // RFC 3848 protocol names.
@@ -215,6 +251,30 @@ mod tests {
         for (msg, want) in cases {
             assert_eq!(
                 has_tls_required_no(msg),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(msg)
+            );
+        }
+    }
+
+    #[test]
+    fn received_fields() {
+        let cases: &[(&[u8], usize)] = &[
+            (
+                b"Received: a\r\n\tby b\r\nreceived :c\r\nSubject: x\r\n\r\n",
+                2,
+            ),
+            (
+                b"Subject: x\r\n Received: folded\r\nX-Received: no\r\n\r\n",
+                0,
+            ),
+            (b"Subject: x\r\n\r\nReceived: in the body\r\n", 0),
+            (b"Received: no body", 1),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(
+                received_count(msg),
                 *want,
                 "{:?}",
                 String::from_utf8_lossy(msg)

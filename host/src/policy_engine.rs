@@ -15,15 +15,22 @@
 //! [`Answer`] also keeps the standard module's decision (for the safety floor) and names
 //! the module that last changed the decision. The reloader swaps only the standard
 //! module's slot: extensions keep running across policy swaps.
+//!
+//! The one native reading of the policy is for the safety floor: [`Answer::policy_tls`],
+//! the TLS requirement that `altroute_policy::decide` gives for the question on the
+//! compiled policy the answering plugin was configured with (read from that plugin's own
+//! configuration, so it is always the same version as the module's answer). It never
+//! routes; it only keeps a custom or buggy `[policy].module` from lowering what the
+//! policy requires.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use proxy_wasm_host::{Host, HostConfig, HttpRequestRef, Plugin, PluginSpec, PolicySlot};
 
-use altroute_policy::{Decision, Policy, Query, contract};
+use altroute_policy::{Decision, Policy, Query, TlsRequirement, contract};
 
 use crate::extensions::{self, Extension, ExtensionConfig, ExtensionMetrics, Step};
 use crate::reload::{ShadowSlot, Target};
@@ -40,6 +47,11 @@ pub struct Answer {
     pub standard: Decision,
     /// The module that last changed the decision: [`STANDARD`] or an extension's name.
     pub by: String,
+    /// The TLS requirement of the compiled policy for this question, decided natively on
+    /// the policy the answering standard plugin was configured with (same version as
+    /// [`Answer::standard`]). The safety floor holds the chain to it, so a module cannot
+    /// lower what the policy requires. [`TlsRequirement::STRICT`] when it is unknown.
+    pub policy_tls: TlsRequirement,
 }
 
 /// The root id of the standard module's HTTP face.
@@ -160,6 +172,16 @@ pub struct PolicyEngine {
     /// Extensions, in configuration order.
     extensions: Vec<Extension>,
     extension_metrics: ExtensionMetrics,
+    /// The policy the active plugin was configured with, parsed once per plugin (see
+    /// [`Answer::policy_tls`]). Weak: it does not keep a swapped-out plugin alive, and
+    /// while it exists no other plugin can have the same address.
+    parsed: Mutex<Option<Parsed>>,
+}
+
+/// A plugin and the policy its configuration holds (`None`: not a policy).
+struct Parsed {
+    plugin: Weak<Plugin>,
+    policy: Option<Arc<Policy>>,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -228,6 +250,7 @@ impl PolicyEngine {
             decisions: AtomicU64::new(0),
             extensions: Vec::new(),
             extension_metrics: ExtensionMetrics::default(),
+            parsed: Mutex::new(None),
         })
     }
 
@@ -300,13 +323,14 @@ impl PolicyEngine {
     /// Asks one question of the whole chain: the final decision, the standard module's and
     /// who decided. Never fails.
     pub fn answer(&self, query: &Query) -> Answer {
-        let standard = self.decide_standard(query);
+        let (standard, policy_tls) = self.decide_standard(query);
         // A fault of the standard module is final: no extension may override it.
         if self.extensions.is_empty() || standard.rule == "fault" {
             return Answer {
                 decision: standard.clone(),
                 standard,
                 by: STANDARD.to_string(),
+                policy_tls,
             };
         }
         let mut headers: extensions::DecisionHeaders = contract::encode_decision(&standard)
@@ -340,6 +364,7 @@ impl PolicyEngine {
                         decision: d,
                         standard,
                         by: ext.name().to_string(),
+                        policy_tls,
                     };
                 }
             }
@@ -349,6 +374,7 @@ impl PolicyEngine {
                 decision: standard.clone(),
                 standard,
                 by: STANDARD.to_string(),
+                policy_tls,
             };
         };
         // Decoded once, at the end; a bad decision is the fault of the last module that
@@ -367,14 +393,20 @@ impl PolicyEngine {
             decision,
             standard,
             by: ext.name().to_string(),
+            policy_tls,
         }
     }
 
-    /// The standard module alone (plus the shadow comparison).
-    fn decide_standard(&self, query: &Query) -> Decision {
+    /// The standard module alone (plus the shadow comparison), and the policy's own TLS
+    /// requirement (see [`Answer::policy_tls`]), both from the same plugin snapshot.
+    fn decide_standard(&self, query: &Query) -> (Decision, TlsRequirement) {
         self.decisions.fetch_add(1, Ordering::Relaxed);
         // One snapshot for the whole question: a swap meanwhile does not mix versions.
         let plugin = self.slot.current();
+        let policy_tls = match self.policy_of(&plugin) {
+            Some(policy) => altroute_policy::decide(&policy, query).tls,
+            None => TlsRequirement::STRICT,
+        };
         let decision = match ask(&plugin, query) {
             Ok(d) => d,
             Err(why) => {
@@ -392,7 +424,37 @@ impl PolicyEngine {
         };
         // Shadow mode: the candidate sees the same question; its answer is only compared.
         self.shadow.observe(query, &decision);
-        decision
+        (decision, policy_tls)
+    }
+
+    /// The policy `plugin` was configured with (its plugin configuration is the compiled
+    /// policy's canonical JSON), parsed once per plugin. `None` if it does not parse,
+    /// which the loader and the reloader never let happen; the floor then assumes the
+    /// strictest requirement.
+    fn policy_of(&self, plugin: &Arc<Plugin>) -> Option<Arc<Policy>> {
+        let lock = || self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(parsed) = lock().as_ref()
+            && std::ptr::eq(parsed.plugin.as_ptr(), Arc::as_ptr(plugin))
+        {
+            return parsed.policy.clone();
+        }
+        // Parsed outside the lock: a swap costs the questions meanwhile nothing but this.
+        let policy = match Policy::from_json(plugin.plugin_config()) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::error!(
+                    policy_version = %plugin.version(),
+                    error = %e,
+                    "the policy module's configuration is not a policy: the safety floor requires verified TLS"
+                );
+                None
+            }
+        };
+        *lock() = Some(Parsed {
+            plugin: Arc::downgrade(plugin),
+            policy: policy.clone(),
+        });
+        policy
     }
 
     /// The module bytes the engine started with.
@@ -419,6 +481,7 @@ impl PolicyEngine {
                     decision: d.clone(),
                     standard: d,
                     by: STANDARD.to_string(),
+                    policy_tls: TlsRequirement::STRICT,
                 }
             }
         }

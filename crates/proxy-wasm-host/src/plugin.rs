@@ -725,6 +725,13 @@ impl Plugin {
         &self.version
     }
 
+    /// The plugin configuration from the [`PluginSpec`] (what `proxy_on_configure` read):
+    /// a host that must know what the module was configured with reads it here, from the
+    /// same snapshot that answers.
+    pub fn plugin_config(&self) -> &[u8] {
+        &self.inner.shared.plugin_config
+    }
+
     /// The plugin name (and VM id).
     pub fn name(&self) -> &str {
         &self.inner.shared.name

@@ -17,7 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use altroute_policy::{
-    CertStatus, Decision, Hop, HostTarget, Query, ResultType, Route, Starttls, TlsVersion,
+    CertStatus, Decision, Hop, HostTarget, Query, ResultType, Route, Starttls, TlsRequirement,
+    TlsVersion,
 };
 use altroute_queue::QueueEntry;
 use altroute_smtp::{Body, CertResult, Client, ClientConfig, Envelope, RecordingVerifier};
@@ -55,6 +56,8 @@ struct Rcpt {
     plan: Decision,
     /// The standard module's plan (the safety floor holds the chain to it).
     standard_plan: Decision,
+    /// The compiled policy's requirement for the plan (the safety floor holds to it too).
+    policy_plan: TlsRequirement,
 }
 
 /// The host a session went to and what was observed there: the facts of its verdict.
@@ -122,6 +125,7 @@ pub(crate) async fn deliver_domain(
             query,
             plan: plan.clone(),
             standard_plan: answer.standard,
+            policy_plan: answer.policy_tls,
         };
         match (plan.route, plan.host.clone()) {
             (Route::Direct, _) => direct.push(rcpt),
@@ -249,19 +253,35 @@ fn run_hop<'a>(
         // Recipients without a final outcome, each with the last host's refusal, if any.
         let mut waiting: Vec<(Rcpt, Option<Refusal>)> =
             rcpts.into_iter().map(|r| (r, None)).collect();
-        for (name, addr) in addresses(entry, &candidates, port, &mut errors) {
+        let (targets, looped) = addresses(ctx, entry, &candidates, port, &mut errors);
+        // A hostile domain with dozens of black-hole MX hosts must not hold a worker for
+        // hours: at most `mx_address_limit` addresses and `mx_session_limit` sessions per
+        // hop (as Postfix's smtp_mx_address_limit and smtp_mx_session_limit); the rest
+        // waits for the next attempt.
+        let address_limit = ctx.settings.mx_address_limit.max(1);
+        let session_limit = ctx.settings.mx_session_limit.max(1);
+        let mut left = targets.len().saturating_sub(address_limit);
+        let mut targets = targets.into_iter().take(address_limit);
+        let (mut sessions, mut unreachable) = (0, 0);
+        while let Some((name, addr)) = targets.next() {
             if waiting.is_empty() {
+                break;
+            }
+            if sessions >= session_limit {
+                left += 1 + targets.len();
                 break;
             }
             let session = match connect(ctx, name, addr, hop).await {
                 Ok(s) => s,
                 Err(e) => {
+                    unreachable += 1;
                     ctx.metrics.connection_failures.inc();
                     tracing::debug!(host = %name, %addr, error = %e, "connection failed, trying the next host");
                     errors.push(e);
                     continue;
                 }
             };
+            sessions += 1;
             let rcpts = waiting
                 .drain(..)
                 .map(|(r, refusal)| {
@@ -278,14 +298,24 @@ fn run_hop<'a>(
                 .collect();
         }
 
+        if left > 0 && !waiting.is_empty() {
+            errors.push(format!(
+                "{left} more address(es) left for the next attempt \
+                 (mx_address_limit {address_limit}, mx_session_limit {session_limit})"
+            ));
+        }
         let why = if errors.is_empty() {
             "no address to connect to".to_string()
         } else {
             errors.join("; ")
         };
+        // A host of the hop was not reached (or not tried) in this attempt: it may take
+        // the mail at the next one, so a refusal here bounces nothing.
+        let incomplete = left > 0 || unreachable > 0;
         for (r, refusal) in waiting {
             match refusal {
-                Some(f) => settled.refused(ctx, hop, r, f),
+                Some(f) => settled.refused(ctx, hop, r, f, incomplete),
+                None if looped => settled.looped(ctx, hop, &r),
                 None => settled.unreachable(ctx, hop, &r, &why),
             }
         }
@@ -353,18 +383,50 @@ impl Settled {
         }
     }
 
-    /// Acts on the last refusal of a recipient that no host of the hop took.
-    fn refused(&mut self, ctx: &Ctx, hop: Hop, r: Rcpt, f: Refusal) {
-        if !f.no_requiretls {
+    /// Acts on the last refusal of a recipient that no host of the hop took. When a host
+    /// of the hop was not reached in this attempt (`incomplete`), a bounce becomes a defer:
+    /// that host may take the mail at the next attempt.
+    fn refused(&mut self, ctx: &Ctx, hop: Hop, r: Rcpt, f: Refusal, incomplete: bool) {
+        let bounce = if f.no_requiretls {
+            no_requiretls(&f.peer.host)
+        } else if f.verdict.route == Route::Bounce {
+            reply_of(&f.verdict)
+        } else {
             return self.act(ctx, hop, r, &f.verdict, &f.peer);
-        }
-        log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "bounced");
-        self.out.push((
-            r.index,
-            Outcome::Bounced {
-                reason: no_requiretls(&f.peer.host),
-            },
-        ));
+        };
+        let outcome = if incomplete {
+            log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "deferred");
+            Outcome::Deferred {
+                reason: format!(
+                    "{}; another host was not reached in this attempt",
+                    temporary(&bounce)
+                ),
+            }
+        } else {
+            log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "bounced");
+            Outcome::Bounced { reason: bounce }
+        };
+        self.out.push((r.index, outcome));
+    }
+
+    /// Bounces a recipient whose every next-hop address is this relay (as Postfix: a
+    /// mail loop does not go away by waiting).
+    fn looped(&mut self, ctx: &Ctx, hop: Hop, r: &Rcpt) {
+        let domain = r.query.recipient.rsplit_once('@').map_or("", |(_, d)| d);
+        let reason = format!("554 5.4.6 mail for {domain} loops back to myself");
+        tracing::warn!(
+            target: "altroute::decision",
+            recipient = %r.query.recipient,
+            policy_version = %r.plan.policy_version,
+            rule = %r.plan.rule,
+            hop = %hop,
+            result = "mail-loop",
+            reason = %reason,
+            "every next hop is this relay: bounced"
+        );
+        let outcome = Outcome::Bounced { reason };
+        journal_failure(ctx, r, "mail-loop", &outcome);
+        self.out.push((r.index, outcome));
     }
 
     /// Defers a recipient for which no host of the hop could be reached.
@@ -433,6 +495,8 @@ async fn at_host(
                 standard_plan: &r.standard_plan,
                 verdict: &d,
                 standard_verdict: &answer.standard,
+                policy_plan: r.policy_plan,
+                policy_verdict: answer.policy_tls,
                 tls: peer.tls,
                 cert: peer.cert,
             };
@@ -517,6 +581,23 @@ fn tls_refusal(d: &Decision) -> bool {
             | ResultType::ValidationFailure
             | ResultType::TlsVersionTooLow
     )
+}
+
+/// A permanent reply (`550 5.7.30 text`) as the temporary one of the same kind
+/// (`450 4.7.30 text`); anything else behind `451 4.4.1`.
+fn temporary(reason: &str) -> String {
+    let mut parts = reason.splitn(3, ' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(code), Some(status), Some(text))
+            if code.len() == 3
+                && code.starts_with('5')
+                && code.bytes().all(|b| b.is_ascii_digit())
+                && status.starts_with("5.") =>
+        {
+            format!("4{} 4{} {text}", &code[1..], &status[1..])
+        }
+        _ => format!("451 4.4.1 {reason}"),
+    }
 }
 
 fn no_requiretls(host: &str) -> String {
@@ -638,29 +719,38 @@ fn received_ip(received_from: Option<&str>) -> Option<IpAddr> {
     s.get(start + 1..end)?.parse().ok()
 }
 
-/// Every address of `candidates` in order, with its host's name. An address the message
-/// came from is left out (and noted in `errors`): sending it back would be a mail loop.
+/// Every address of `candidates` in order, with its host's name, and whether every
+/// address there was is this relay's own. An address the message came from, or one this
+/// relay listens on (`DeliverySettings::listen`), is left out (and noted in `errors`):
+/// sending there would be a mail loop.
 fn addresses<'c>(
+    ctx: &Ctx,
     entry: &QueueEntry,
     candidates: &'c [Candidate],
     port: u16,
     errors: &mut Vec<String>,
-) -> Vec<(&'c str, SocketAddr)> {
+) -> (Vec<(&'c str, SocketAddr)>, bool) {
     let from = received_ip(entry.envelope.received_from.as_deref());
     let mut out = Vec::new();
+    let mut ours = 0;
     for cand in candidates {
         for &ip in &cand.addrs {
-            if Some(ip) == from {
+            let addr = SocketAddr::new(ip, port);
+            if ctx.settings.listen.contains(&addr) {
+                ours += 1;
+                errors.push(format!("{} [{addr}] is this relay (loop)", cand.name));
+            } else if Some(ip) == from {
                 errors.push(format!(
                     "{} [{ip}] is where the message came from (loop)",
                     cand.name
                 ));
             } else {
-                out.push((cand.name.as_str(), SocketAddr::new(ip, port)));
+                out.push((cand.name.as_str(), addr));
             }
         }
     }
-    out
+    let looped = out.is_empty() && ours > 0;
+    (out, looped)
 }
 
 /// A permit for the host, then TCP, greeting, EHLO and STARTTLS at `addr`.
@@ -855,4 +945,22 @@ fn log_decision(
         reason = %d.reason,
         "decision"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permanent_reply_made_temporary() {
+        let cases = [
+            ("550 5.7.30 no REQUIRETLS", "450 4.7.30 no REQUIRETLS"),
+            ("554 5.7.10 TLS required", "454 4.7.10 TLS required"),
+            ("TLS required", "451 4.4.1 TLS required"),
+            ("5xx 5.7.1 odd", "451 4.4.1 5xx 5.7.1 odd"),
+        ];
+        for (permanent, want) in cases {
+            assert_eq!(temporary(permanent), want);
+        }
+    }
 }

@@ -6,6 +6,10 @@
 //! - the **standard module's own** plan and verdict (so an extension that rewrites a
 //!   bounce or a defer of TLS-required mail into a delivery, or lowers the requirement,
 //!   gains nothing),
+//! - the **compiled policy's** requirement for the plan and the verdict questions, decided
+//!   natively by the relay on the policy the answering module was configured with
+//!   ([`crate::policy_engine::Answer::policy_tls`]; so a custom or buggy `[policy].module`
+//!   that lowers it gains nothing either),
 //! - REQUIRETLS (RFC 8689): TLS 1.2+, a trusted certificate naming the host,
 //! - MTA-STS enforce (RFC 8461) for the recipient domain, the same, unless the message
 //!   carries `TLS-Required: No` (RFC 8689 §5); then the standard module's decision, which
@@ -29,6 +33,10 @@ pub struct Floor<'a> {
     pub verdict: &'a Decision,
     /// The standard module's verdict.
     pub standard_verdict: &'a Decision,
+    /// The compiled policy's requirement for the plan question.
+    pub policy_plan: TlsRequirement,
+    /// The compiled policy's requirement for the verdict question.
+    pub policy_verdict: TlsRequirement,
     /// The negotiated TLS version of the connection.
     pub tls: TlsVersion,
     /// The certificate verdict of the connection.
@@ -44,7 +52,9 @@ impl Floor<'_> {
             .tls
             .max(self.plan.tls)
             .max(self.standard_plan.tls)
-            .max(self.standard_verdict.tls);
+            .max(self.standard_verdict.tls)
+            .max(self.policy_plan)
+            .max(self.policy_verdict);
         if q.requiretls {
             req = req.max(TlsRequirement::STRICT);
         }
@@ -104,6 +114,8 @@ mod tests {
             standard_plan: &std_plan,
             verdict: &open,
             standard_verdict: &std_v,
+            policy_plan: TlsRequirement::OPPORTUNISTIC,
+            policy_verdict: TlsRequirement::OPPORTUNISTIC,
             tls,
             cert,
         }

@@ -99,6 +99,15 @@ pub struct DeliverySettings {
     /// Where TLS results are recorded for reports (RFC 8460, `crate::tlsrpt`). Defaults
     /// to none (not recorded).
     pub tlsrpt_dir: Option<PathBuf>,
+    /// The relay's own SMTP listen addresses: a next-hop address equal to one of them is
+    /// never connected to (mail loop). Defaults to none.
+    pub listen: Vec<SocketAddr>,
+    /// Addresses tried per hop of an attempt (MX hosts' addresses in order); the rest
+    /// waits for the next attempt. Defaults to 5 (Postfix's `smtp_mx_address_limit`).
+    pub mx_address_limit: usize,
+    /// SMTP sessions (connections that got as far as EHLO) per hop of an attempt.
+    /// Defaults to 2 (Postfix's `smtp_mx_session_limit`).
+    pub mx_session_limit: usize,
 }
 
 impl Default for DeliverySettings {
@@ -116,6 +125,9 @@ impl Default for DeliverySettings {
             poll_interval: Duration::from_secs(1),
             mta_sts: None,
             tlsrpt_dir: None,
+            listen: Vec::new(),
+            mx_address_limit: 5,
+            mx_session_limit: 2,
         }
     }
 }
@@ -132,6 +144,8 @@ impl DeliverySettings {
             ca_file: d.ca_file.clone(),
             workers: d.workers,
             per_destination: d.per_destination,
+            mx_address_limit: d.mx_address_limit,
+            mx_session_limit: d.mx_session_limit,
             connect_timeout: d.connect_timeout,
             command_timeout: config.server.command_timeout,
             mta_sts: config.mta_sts.settings(&config.spool.dir),
@@ -139,6 +153,15 @@ impl DeliverySettings {
                 .tlsrpt
                 .settings(&config.spool.dir, &config.server.hostname)
                 .map(|t| t.dir),
+            // An unspecified address (0.0.0.0) matches no next hop; the hop count catches
+            // a loop through it (`server.max_hops`).
+            listen: config
+                .server
+                .listen
+                .iter()
+                .copied()
+                .filter(|a| !a.ip().is_unspecified())
+                .collect(),
             ..DeliverySettings::default()
         }
     }

@@ -123,7 +123,9 @@ impl Resolver {
         let mut out = Vec::new();
         let mut last_error = None;
         for (preference, name) in mx {
-            match self.addresses(&name).await {
+            // An MX names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric exchange is a
+            // name to look up, never an address literal.
+            match self.host_addresses(&name).await {
                 Ok(addrs) => out.push(Candidate {
                     name,
                     preference,
@@ -170,7 +172,8 @@ impl Resolver {
         }
     }
 
-    /// A/AAAA addresses of `host` (an IP literal resolves to itself).
+    /// A/AAAA addresses of `host` (an IP literal resolves to itself: for hosts the
+    /// policy names, not for MX exchanges, see [`Resolver::host_addresses`]).
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveFailure> {
         if let Ok(ip) = host
             .trim_matches(|c| c == '[' || c == ']')
@@ -178,6 +181,12 @@ impl Resolver {
         {
             return Ok(vec![ip]);
         }
+        self.host_addresses(host).await
+    }
+
+    /// A/AAAA addresses of the host name `host`, from DNS only (a name that looks like
+    /// an address too).
+    pub async fn host_addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveFailure> {
         match self.inner.lookup_ip(fqdn(host)).await {
             Ok(lookup) => {
                 let addrs: Vec<IpAddr> = lookup.iter().collect();

@@ -432,6 +432,98 @@ async fn safety_floor_holds_against_a_lying_module() {
     assert!(relay.removed(&id).await, "delivered and removed");
 }
 
+/// The policy requires verified TLS for `*.strict.test` (a `tls_compliance` rule; no
+/// REQUIRETLS, no MTA-STS): a `[policy].module` that answers "no TLS required" cannot lower
+/// that, because the floor reads the compiled policy itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_floor_holds_the_policy_tls_rule_against_a_lying_module() {
+    let mut lab = Lab::new().await;
+    let clear = lab
+        .mx(
+            "plain.strict.test",
+            "mx.plain.strict.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let verified = lab
+        .mx(
+            "good.strict.test",
+            "mx.good.strict.test",
+            Tls::Valid,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(&lab, wat_engine(LIAR_WAT, lab.port, Duration::from_secs(2))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@plain.strict.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    match &states[0] {
+        RecipientState::Deferred { reason, .. } => {
+            assert!(reason.starts_with("451 4.7.10"), "{reason}");
+            assert!(reason.contains("TLS required"), "{reason}");
+        }
+        other => panic!("expected deferred by the safety floor, got {other:?}"),
+    }
+    assert_no_transaction(
+        &lab.sinks[clear],
+        "lying module + policy rule requiring TLS",
+    );
+    assert_eq!(relay.metrics.safety_floor_violations.get(), 1);
+
+    // Over a connection that meets the policy's requirement, the liar's mail goes.
+    let id = relay
+        .send("alice@corp.test", &["carol@good.strict.test"], false)
+        .await;
+    let got = lab.sinks[verified]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert!(relay.removed(&id).await, "delivered and removed");
+    assert_eq!(relay.metrics.safety_floor_violations.get(), 1);
+}
+
+/// The policy's own reading by the floor agrees with the standard module: its deliveries
+/// (verified TLS where the policy requires it, clear text where it does not) go as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_floor_agrees_with_the_standard_module() {
+    let mut lab = Lab::new().await;
+    let verified = lab
+        .mx(
+            "good.strict.test",
+            "mx.good.strict.test",
+            Tls::Valid,
+            SinkMode::Accept,
+        )
+        .await;
+    let clear = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let strict = relay
+        .send("alice@corp.test", &["bob@good.strict.test"], false)
+        .await;
+    let open = relay
+        .send("alice@corp.test", &["carol@plain.open.test"], false)
+        .await;
+    let got = lab.sinks[verified]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    let got = lab.sinks[clear].wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(got[0].tls_version, None);
+    assert!(relay.removed(&strict).await && relay.removed(&open).await);
+    assert_eq!(relay.metrics.safety_floor_violations.get(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripped_starttls_is_never_clear_text() {
     let mut lab = Lab::new().await;
@@ -499,6 +591,230 @@ async fn first_mx_down_uses_the_second() {
         "a refused connection is not a reroute"
     );
     assert!(relay.metrics.connection_failures.get() >= 1);
+}
+
+/// An MX that is the relay itself (one of its listen addresses) is never connected to:
+/// with no other address left the mail bounces as a loop, at once, instead of going round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_pointing_at_the_relay_itself_bounces_as_a_loop() {
+    let mut lab = Lab::new().await;
+    // A real listener stands for the relay's own SMTP service.
+    let (own_ip, own) = lab
+        .sink("self.loop.test", Tls::None, SinkMode::Accept)
+        .await;
+    lab.dns
+        .add_mx("loop.open.test", 10, "self.loop.test")
+        .await
+        .unwrap();
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let port = lab.port;
+    let relay = Relay::start_with(&lab, standard(&policy(lab.port, true, "")), |s| {
+        s.listen = vec![SocketAddr::new(own_ip.into(), port)];
+    })
+    .await;
+    relay
+        .send("alice@corp.test", &["bob@loop.open.test"], false)
+        .await;
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@loop.open.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(
+        text.contains("mail for loop.open.test loops back to myself"),
+        "{text}"
+    );
+    assert_eq!(relay.metrics.bounces.get(), 1);
+    assert!(
+        lab.sinks[own].sessions().is_empty(),
+        "the relay never connects to itself"
+    );
+}
+
+/// An MX host that is the relay is skipped; the next MX takes the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_pointing_at_the_relay_itself_is_skipped_for_the_next_mx() {
+    let mut lab = Lab::new().await;
+    let (own_ip, own) = lab
+        .sink("self.loop.test", Tls::None, SinkMode::Accept)
+        .await;
+    lab.dns
+        .add_mx("backup.open.test", 10, "self.loop.test")
+        .await
+        .unwrap();
+    lab.dns
+        .add_mx("backup.open.test", 20, "mx2.backup.open.test")
+        .await
+        .unwrap();
+    let (_, other) = lab
+        .sink("mx2.backup.open.test", Tls::None, SinkMode::Accept)
+        .await;
+    let port = lab.port;
+    let relay = Relay::start_with(&lab, standard(&policy(lab.port, true, "")), |s| {
+        s.listen = vec![SocketAddr::new(own_ip.into(), port)];
+    })
+    .await;
+    let id = relay
+        .send("alice@corp.test", &["bob@backup.open.test"], false)
+        .await;
+    lab.sinks[other].wait_for_messages(1, WAIT).await.unwrap();
+    assert!(relay.removed(&id).await, "delivered and removed");
+    assert!(lab.sinks[own].sessions().is_empty());
+}
+
+/// An MX exchange names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric name without
+/// an A record is a host without an address (deferred), not the IP it spells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_mx_name_is_looked_up_not_used_as_an_address() {
+    let mut lab = Lab::new().await;
+    let ip = loopback_ip();
+    let config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "numeric");
+    lab.sinks.push(SmtpSink::start(config).await.unwrap());
+    let numeric = lab.sinks.len() - 1;
+    lab.dns
+        .add_mx("numeric.open.test", 10, &ip.to_string())
+        .await
+        .unwrap();
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@numeric.open.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    match &states[0] {
+        RecipientState::Deferred { reason, .. } => {
+            assert!(reason.starts_with("451 4.4.3"), "{reason}");
+            assert!(reason.contains(&ip.to_string()), "{reason}");
+        }
+        other => panic!("expected deferred (MX host without address), got {other:?}"),
+    }
+    assert!(
+        lab.sinks[numeric].sessions().is_empty(),
+        "nothing connects to the IP the MX name spells"
+    );
+}
+
+/// A domain with many black-hole MX hosts holds a worker for at most
+/// `mx_address_limit` (5) connection attempts per delivery attempt; the rest waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_tries_at_most_mx_address_limit_addresses() {
+    let lab = Lab::new().await;
+    for i in 0..8u16 {
+        // Each a fresh loopback address where nothing listens: connection refused.
+        let host = format!("hole{i}.many.open.test");
+        lab.dns
+            .add_mx("many.open.test", 10 + i, &host)
+            .await
+            .unwrap();
+        lab.dns.add_a(&host, loopback_ip()).await.unwrap();
+    }
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@many.open.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    match &states[0] {
+        RecipientState::Deferred { reason, .. } => {
+            assert!(reason.starts_with("451 4.4.1"), "{reason}");
+            assert!(reason.contains("hole4.many.open.test"), "{reason}");
+            assert!(!reason.contains("hole5.many.open.test"), "{reason}");
+            assert!(
+                reason.contains("3 more address(es) left for the next attempt"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected deferred, got {other:?}"),
+    }
+    assert_eq!(relay.metrics.connection_failures.get(), 5);
+}
+
+/// Hosts that take a session but not the mail (here: no STARTTLS for mail that requires
+/// TLS) are tried at most `mx_session_limit` (2) times per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_opens_at_most_mx_session_limit_sessions() {
+    let mut lab = Lab::new().await;
+    let mut sinks = Vec::new();
+    for i in 0..3u16 {
+        let host = format!("mx{i}.three.strict.test");
+        lab.dns
+            .add_mx("three.strict.test", 10 + i, &host)
+            .await
+            .unwrap();
+        sinks.push(lab.sink(&host, Tls::None, SinkMode::Accept).await.1);
+    }
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@three.strict.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    assert!(
+        matches!(&states[0], RecipientState::Deferred { .. }),
+        "{states:?}"
+    );
+    assert_eq!(lab.sinks[sinks[0]].sessions().len(), 1);
+    assert_eq!(lab.sinks[sinks[1]].sessions().len(), 1);
+    assert!(
+        lab.sinks[sinks[2]].sessions().is_empty(),
+        "the third host waits for the next attempt"
+    );
+}
+
+/// A refusal that would bounce (TLS required and unavailable with `on_tls_unavailable =
+/// "bounce"`; REQUIRETLS not offered) while another MX of the domain could not be reached
+/// in this attempt defers instead: that MX may take the mail at the next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_while_another_mx_was_unreachable_defers_not_bounces() {
+    let mut lab = Lab::new().await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    // Each domain: preference 10 where nothing listens, preference 20 a host that refuses.
+    for domain in ["half.strict.test", "half.open.test"] {
+        let down = format!("down.{domain}");
+        lab.dns.add_mx(domain, 10, &down).await.unwrap();
+        lab.dns.add_a(&down, loopback_ip()).await.unwrap();
+    }
+    let clear = lab
+        .sink("mx2.half.strict.test", Tls::None, SinkMode::Accept)
+        .await
+        .1;
+    lab.dns
+        .add_mx("half.strict.test", 20, "mx2.half.strict.test")
+        .await
+        .unwrap();
+    let without = mx_without_requiretls(&mut lab, "half.open.test", 20, "mx2.half.open.test").await;
+    let relay = Relay::start(
+        &lab,
+        standard(&policy(lab.port, false, "on_tls_unavailable = \"bounce\"")),
+    )
+    .await;
+    let tls_rule = relay
+        .send("alice@corp.test", &["bob@half.strict.test"], false)
+        .await;
+    let requiretls = relay
+        .send("alice@corp.test", &["carol@half.open.test"], true)
+        .await;
+    for (id, status) in [(tls_rule, "4.7.10"), (requiretls, "4.7.30")] {
+        let states = relay.settled(&id).await.unwrap();
+        match &states[0] {
+            RecipientState::Deferred { reason, .. } => {
+                assert!(reason.starts_with('4'), "{reason}");
+                assert!(reason.contains(status), "{reason}");
+                assert!(reason.contains("another host was not reached"), "{reason}");
+            }
+            other => panic!("expected deferred, got {other:?}"),
+        }
+    }
+    assert_eq!(relay.metrics.bounces.get(), 0);
+    assert!(lab.sinks[sender_mx].messages().is_empty(), "no DSN");
+    assert_no_transaction(&lab.sinks[clear], "MX without STARTTLS");
+    assert_no_transaction(&lab.sinks[without], "MX without REQUIRETLS");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

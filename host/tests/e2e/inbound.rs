@@ -458,6 +458,51 @@ fn tls_required_no_and_requiretls_reach_the_envelope() {
     assert_eq!(seen, 2);
 }
 
+/// A message that already went through more relays than `server.max_hops` (50) is a mail
+/// loop: refused at the end of DATA with `554 5.4.6`, nothing spooled. At the limit it goes.
+#[test]
+fn a_message_with_too_many_received_fields_is_refused_as_a_loop() {
+    let mut relay = Relay::start(RelayConfig::new());
+    let with_hops = |n: usize, id: &str| {
+        let mut m = String::new();
+        for i in 0..n {
+            m.push_str(&format!(
+                "Received: from hop{i}.test by hop{}.test;\r\n\tMon, 7 Dec 2026 00:00:00 +0000\r\n",
+                i + 1
+            ));
+        }
+        m.push_str(&format!(
+            "Message-ID: <{id}@t>\r\nSubject: hops\r\n\r\nReceived: body lines do not count\r\n"
+        ));
+        m.into_bytes()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = SmtpConn::connect(relay.config.smtp, None).await.unwrap();
+        let r = c
+            .send("a@x.test", &["b@y.test"], &with_hops(51, "looping"))
+            .await
+            .unwrap();
+        assert_eq!(r.0, 554, "{r:?}");
+        assert!(
+            r.1.contains("5.4.6 too many hops (51 Received: headers); mail loop?"),
+            "{r:?}"
+        );
+        let r = c
+            .send("a@x.test", &["b@y.test"], &with_hops(50, "at-limit"))
+            .await
+            .unwrap();
+        assert_eq!(r.0, 250, "{r:?}");
+    });
+    assert!(relay.stop().success());
+    let spool = relay.open_spool();
+    let ids: Vec<_> = spool_messages(&spool)
+        .iter()
+        .map(|(_, body)| message_id(strip_received(body)))
+        .collect();
+    assert_eq!(ids, vec![Some("<at-limit@t>".to_string())]);
+}
+
 #[test]
 fn bad_configuration_lists_every_problem_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();

@@ -104,6 +104,15 @@ pub(crate) struct Relay {
 
 impl Relay {
     pub(crate) async fn start(lab: &Lab, engine: PolicyEngine) -> Relay {
+        Relay::start_with(lab, engine, |_| {}).await
+    }
+
+    /// [`Relay::start`] with the lab's delivery settings changed by `adjust`.
+    pub(crate) async fn start_with(
+        lab: &Lab,
+        engine: PolicyEngine,
+        adjust: impl FnOnce(&mut DeliverySettings),
+    ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(ManualClock::new(START));
         let retry = RetrySchedule::new(
@@ -115,7 +124,7 @@ impl Relay {
         let spool = Spool::open(dir.path(), SpoolConfig::with_retry(retry), clock.clone()).unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, lab.ca.root_pem()).unwrap();
-        let settings = DeliverySettings {
+        let mut settings = DeliverySettings {
             hostname: "relay.lab.test".into(),
             helo: "relay.lab.test".into(),
             resolver: Some(lab.dns.addr()),
@@ -126,6 +135,7 @@ impl Relay {
             poll_interval: Duration::from_millis(100),
             ..DeliverySettings::default()
         };
+        adjust(&mut settings);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics = DeliveryMetrics::new();
         let engine = Arc::new(engine);

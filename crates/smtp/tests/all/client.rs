@@ -180,3 +180,52 @@ async fn recording_verifier_classifies() {
         assert_eq!(client.noop().await.unwrap().code, 250, "{what}");
     }
 }
+
+/// A server (or a man in the middle) that pipelines replies after the `220` to STARTTLS:
+/// bytes that arrived in clear text must not be read as the first replies under TLS
+/// (the client-side twin of CVE-2011-0411), so the client refuses the session.
+#[tokio::test]
+async fn a_reply_pipelined_after_the_starttls_220_is_refused() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        w.write_all(b"220 mx.test ESMTP\r\n").await.unwrap();
+        r.read_line(&mut line).await.unwrap();
+        w.write_all(b"250-mx.test\r\n250 STARTTLS\r\n")
+            .await
+            .unwrap();
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "STARTTLS\r\n");
+        w.write_all(b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n")
+            .await
+            .unwrap();
+        // Until the client hangs up.
+        let mut rest = String::new();
+        let _ = r.read_line(&mut rest).await;
+    });
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+        .await
+        .unwrap();
+    let pki = Pki::new("Test CA");
+    let verifier = RecordingVerifier::new(pki.roots()).unwrap();
+    let tls_config = Arc::new(verifier.client_config().unwrap());
+    let result = client
+        .starttls(tls_config, ServerName::try_from("mx.test").unwrap())
+        .await;
+    match result {
+        Err(Error::Protocol(why)) => assert!(why.contains("after STARTTLS"), "{why}"),
+        other => panic!(
+            "expected a protocol error, got {:?}",
+            other.map(|o| o.version)
+        ),
+    }
+    drop(client);
+    server.await.unwrap();
+}
