@@ -4,7 +4,8 @@
 //! and the admin endpoint, and serves until its `shutdown` future completes. A semaphore
 //! caps concurrent sessions (`server.max_sessions`): at the cap the accept loops wait and
 //! new clients queue in the kernel's backlog. Shutdown stops accepting at once, lets
-//! sessions in progress finish for up to `server.shutdown_grace`, then returns; every
+//! sessions and delivery attempts in progress finish for up to `server.shutdown_grace`
+//! (one deadline for both; attempts still running then are aborted), then returns; every
 //! message that got a `250` was already durable (the spool syncs before `store` returns),
 //! and a session cut off at the deadline never got one for the message it was sending.
 //! [`command`] wraps it for the CLI: SIGTERM and SIGINT start the shutdown.
@@ -283,21 +284,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = hup.await;
-    // DELIVERY: attempts in flight finish before the spool is closed.
-    if let Some(delivery) = delivery {
-        delivery.stopped().await;
-    }
-
+    // Sessions and delivery attempts in flight share one grace period: a delivery attempt
+    // can wait minutes for a slow MX (the command timeout, per reply), and the process
+    // must still exit within `shutdown_grace`. An attempt cut off records nothing more and
+    // is retried at the next start.
     let grace = config.server.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    let drain_delivery = async {
+        if let Some(delivery) = delivery
+            && !delivery.stopped_by(deadline).await
+        {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "delivery attempts still running after the grace period; aborted (retried at the next start)"
+            );
+        }
+    };
     let all = u32::try_from(max_sessions).unwrap_or(u32::MAX);
-    match tokio::time::timeout(grace, sessions.acquire_many(all)).await {
-        Ok(_) => tracing::info!("all sessions finished"),
-        Err(_) => tracing::warn!(
-            active = max_sessions - sessions.available_permits(),
-            grace_secs = grace.as_secs(),
-            "sessions still active after the grace period; closing them"
-        ),
-    }
+    let drain_sessions = async {
+        match tokio::time::timeout_at(deadline, sessions.acquire_many(all)).await {
+            Ok(_) => tracing::info!("all sessions finished"),
+            Err(_) => tracing::warn!(
+                active = max_sessions - sessions.available_permits(),
+                grace_secs = grace.as_secs(),
+                "sessions still active after the grace period; closing them"
+            ),
+        }
+    };
+    tokio::join!(drain_delivery, drain_sessions);
     // Every acknowledged message was synced before its 250; nothing else is buffered.
     let stats = spool.stats();
     tracing::info!(

@@ -78,6 +78,11 @@ pub struct SinkConfig {
     pub advertise_requiretls: bool,
     /// Whether EHLO advertises SMTPUTF8 (RFC 6531). Defaults to false.
     pub advertise_smtputf8: bool,
+    /// Whether the sink hangs up right after refusing a transaction at DATA (the `554`
+    /// to a DATA without an accepted recipient, or the [`SinkMode`] refusal after the
+    /// data), as some servers do after a permanent error: the client's RSET then meets
+    /// a closed connection. Defaults to false.
+    pub hang_up_after_refusal: bool,
 }
 
 impl SinkConfig {
@@ -90,6 +95,7 @@ impl SinkConfig {
             mode: SinkMode::Accept,
             advertise_requiretls: false,
             advertise_smtputf8: false,
+            hang_up_after_refusal: false,
         }
     }
 }
@@ -435,6 +441,9 @@ where
                 };
                 if envelope.rcpt_to.is_empty() {
                     write_reply(conn, "554 5.5.1 No valid recipients").await?;
+                    if config.hang_up_after_refusal {
+                        return Ok(Ended::Closed);
+                    }
                     continue;
                 }
                 write_reply(conn, "354 End data with <CR><LF>.<CR><LF>").await?;
@@ -445,6 +454,9 @@ where
                 envelope = Envelope::default();
                 if let Some(reply) = config.mode.failure(FailAt::Data) {
                     write_reply(conn, reply).await?;
+                    if config.hang_up_after_refusal {
+                        return Ok(Ended::Closed);
+                    }
                     continue;
                 }
                 let message = SinkMessage {

@@ -51,7 +51,10 @@
 //!   takes work with [`Spool::claim_due`], reads [`Spool::read_message`], records each
 //!   recipient with [`Spool::delivered`] / [`Spool::defer`] / [`Spool::bounce`] (or the
 //!   raw [`Spool::set_recipient`]), then [`Spool::release`]s the message; finished messages
-//!   ([`Spool::finished`]) are deleted with [`Spool::remove`] once any DSN is queued.
+//!   ([`Spool::finished`]) are deleted with [`Spool::remove`] once any DSN is queued
+//!   (delivery also sweeps them at start: a crash may come before the removal). A
+//!   message whose results could not be recorded can be held back in memory
+//!   ([`Spool::hold`]) so that it is not claimed again at once.
 //! * Operate (`altroute queue list|show|retry|bounce`): [`Spool::list`], [`Spool::entry`],
 //!   [`Spool::retry_now`], [`Spool::bounce_now`] with a [`Selector`], or [`Spool::claim`] one
 //!   message, [`Spool::bounce_open`] it and [`Spool::release`] it (what the relay's admin

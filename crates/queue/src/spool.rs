@@ -82,6 +82,16 @@ struct Slot {
     body_crc: u32,
     file: Arc<Mutex<MsgFile>>,
     in_flight: bool,
+    /// Not handed out by [`Spool::claim_due`] before this time (memory only, see
+    /// [`Spool::hold`]); 0 = no hold.
+    hold_until: Timestamp,
+}
+
+impl Slot {
+    /// When the message is next due for delivery, its hold included.
+    fn due(&self) -> Option<Timestamp> {
+        self.entry.next_due().map(|t| t.max(self.hold_until))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -325,7 +335,7 @@ impl Spool {
     pub fn due(&self, now: Timestamp) -> Vec<QueueEntry> {
         lock(&self.inner.index)
             .values()
-            .filter(|s| !s.in_flight && s.entry.next_due().is_some_and(|t| t <= now))
+            .filter(|s| !s.in_flight && s.due().is_some_and(|t| t <= now))
             .map(|s| s.entry.clone())
             .collect()
     }
@@ -340,7 +350,7 @@ impl Spool {
             if out.len() >= limit {
                 break;
             }
-            if !slot.in_flight && slot.entry.next_due().is_some_and(|t| t <= now) {
+            if !slot.in_flight && slot.due().is_some_and(|t| t <= now) {
                 slot.in_flight = true;
                 out.push(slot.entry.clone());
             }
@@ -375,6 +385,19 @@ impl Spool {
         }
     }
 
+    /// Keep message `id` from being claimed for delivery ([`due`](Self::due),
+    /// [`claim_due`](Self::claim_due), [`next_wakeup`](Self::next_wakeup)) before
+    /// `until`, whatever its recipients' due times say. For a message whose delivery
+    /// results could not be recorded: its recipients still look due on disk, and without
+    /// a hold it would be claimed and delivered again at once, in a loop. Memory only,
+    /// like the claim; a later hold replaces an earlier one, and
+    /// [`retry_now`](Self::retry_now) lifts it.
+    pub fn hold(&self, id: &MessageId, until: Timestamp) {
+        if let Some(slot) = lock(&self.inner.index).get_mut(id) {
+            slot.hold_until = until;
+        }
+    }
+
     /// Messages whose recipients are all final: remove them once any DSN is queued.
     pub fn finished(&self) -> Vec<MessageId> {
         lock(&self.inner.index)
@@ -390,7 +413,7 @@ impl Spool {
         lock(&self.inner.index)
             .values()
             .filter(|s| !s.in_flight)
-            .filter_map(|s| s.entry.next_due())
+            .filter_map(Slot::due)
             .min()
     }
 
@@ -543,6 +566,8 @@ impl Spool {
                 Err(Error::NotFound(_)) if *selector == Selector::All => {}
                 Err(e) => return Err(e),
             }
+            // The operator asked for an attempt now: that overrides a hold too.
+            self.hold(&id, 0);
         }
         self.inner.notify.notify_one();
         Ok(n)
@@ -720,6 +745,7 @@ impl Inner {
                 removed: false,
             })),
             in_flight: false,
+            hold_until: 0,
         };
         let (done, rx) = oneshot::channel();
         let op = Op::Link {
@@ -1074,6 +1100,7 @@ fn load(
             removed: false,
         })),
         in_flight: false,
+        hold_until: 0,
     };
     Ok(Ok((slot, torn)))
 }

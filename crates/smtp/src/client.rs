@@ -21,13 +21,17 @@ use crate::data::dot_stuff;
 use crate::reply::{Reply, ReplyReader};
 use crate::server::{Body, Envelope};
 
+/// Size of one write of the message data, each with its own timeout. 64 KiB.
+pub const BODY_CHUNK: usize = 64 * 1024;
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Name sent in EHLO/HELO.
     pub helo_name: String,
-    /// Wait for the greeting and for each reply to a command. Defaults to
-    /// 5 min (RFC 5321 4.5.3.2 gives 5 min for most commands).
+    /// Wait for the greeting and for each reply to a command, and for each write
+    /// (of a command, or of one [`BODY_CHUNK`] of the message). Defaults to 5 min
+    /// (RFC 5321 4.5.3.2 gives 5 min for most commands, 3 min per send of data).
     pub command_timeout: Duration,
     /// Wait for the reply after the end of data. Defaults to 10 min (RFC 5321
     /// 4.5.3.2.6).
@@ -400,7 +404,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
         };
         if !mail_reply.is_positive() {
             if data_reply.as_ref().is_some_and(|d| d.code == 354) {
-                self.abort_data().await?;
+                self.end_refused(true).await;
             }
             return Err(Error::from_reply(mail_reply));
         }
@@ -409,21 +413,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
         let any_rcpt = rcpt.iter().any(|(_, r)| r.is_positive());
         let data = match data_reply {
             Some(d) if d.code == 354 && any_rcpt => {
-                self.write(&dot_stuff(message)).await?;
+                self.write_data(&dot_stuff(message)).await?;
                 Some(self.read_reply(self.config.data_timeout).await?)
             }
             Some(d) if d.code == 354 => {
                 // A server that said 354 with no recipient: end the empty
                 // message and drop its reply.
-                self.abort_data().await?;
+                self.end_refused(true).await;
                 None
             }
             Some(d) => {
-                self.rset().await?;
+                self.end_refused(false).await;
                 if any_rcpt { Some(d) } else { None }
             }
             None => {
-                self.rset().await?;
+                self.end_refused(false).await;
                 None
             }
         };
@@ -432,6 +436,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
             rcpt,
             data,
         })
+    }
+
+    /// Ends a transaction the server refused (MAIL, every RCPT or DATA), ending an
+    /// unwanted message first when `abort_data`. The refusal is the answer: a server
+    /// that hangs up after it must not turn it into an I/O error (a permanent refusal
+    /// would become a retry). So a failure here only shuts the connection, and any
+    /// later command on it fails.
+    async fn end_refused(&mut self, abort_data: bool) {
+        let ended = if abort_data {
+            self.abort_data().await
+        } else {
+            self.rset().await
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "connection lost after a refused transaction");
+            let t = self.config.command_timeout;
+            let _ = tokio::time::timeout(t, self.stream.shutdown()).await;
+        }
     }
 
     async fn abort_data(&mut self) -> Result<(), Error> {
@@ -465,6 +487,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
         })
         .await
         .map_err(|_| Error::Timeout)??;
+        Ok(())
+    }
+
+    /// Writes the (dot-stuffed) message data in chunks of [`BODY_CHUNK`], each under
+    /// the command timeout: RFC 5321 §4.5.3.2.5 times each TCP send, not the whole
+    /// body, which over a slow link can take far longer than one timeout while the
+    /// server reads it steadily.
+    async fn write_data(&mut self, data: &[u8]) -> Result<(), Error> {
+        let t = self.config.command_timeout;
+        for chunk in data.chunks(BODY_CHUNK) {
+            tokio::time::timeout(t, self.stream.write_all(chunk))
+                .await
+                .map_err(|_| Error::Timeout)??;
+        }
+        tokio::time::timeout(t, self.stream.flush())
+            .await
+            .map_err(|_| Error::Timeout)??;
         Ok(())
     }
 

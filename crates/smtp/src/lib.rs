@@ -81,7 +81,7 @@ pub mod reply;
 pub mod server;
 pub mod verify;
 
-pub use client::{Capabilities, Client, ClientConfig, Delivery, TlsOutcome};
+pub use client::{BODY_CHUNK, Capabilities, Client, ClientConfig, Delivery, TlsOutcome};
 pub use command::{CommandLine, CommandReader, MAX_COMMAND_LINE};
 pub use data::{DataError, DataReader, MAX_TEXT_LINE, dot_stuff};
 pub use reply::{Reply, ReplyError, ReplyReader};

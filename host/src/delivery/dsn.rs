@@ -107,10 +107,9 @@ pub fn build(
             "Diagnostic-Code: smtp; {}\r\n",
             ascii_line(&f.reason)
         ));
+        // No `Will-Retry-Until`, even for an expiry: RFC 3464 §2.3.7 defines it for
+        // `Action: delayed` only, and these notices are all `failed`.
         m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
-        if f.expired {
-            m.push_str(&format!("Will-Retry-Until: {date}\r\n"));
-        }
     }
 
     // The original headers (RFC 3462 text/rfc822-headers).
@@ -218,5 +217,34 @@ mod tests {
         env.requiretls = true;
         let (dsn_env, _) = build("r", &env, original, &failures, 0, "x3").unwrap();
         assert!(dsn_env.requiretls);
+    }
+
+    /// An expiry is a failure like a bounce: `Action: failed` with its dates, and no
+    /// `Will-Retry-Until` (RFC 3464 §2.3.7: only for delayed notices).
+    #[test]
+    fn expired_recipient_is_failed_without_will_retry_until() {
+        let mut env = Envelope::new("alice@corp.example", vec!["bob@partner.example".into()]);
+        env.received_at = 1_700_000_000;
+        let failures = [Failure {
+            recipient: "bob@partner.example".into(),
+            reason: "451 4.4.1 no answer from the MX hosts".into(),
+            expired: true,
+        }];
+        let (_, dsn) = build(
+            "r",
+            &env,
+            b"Subject: hi\r\n\r\n",
+            &failures,
+            1_700_432_000,
+            "x4",
+        )
+        .unwrap();
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(text.contains("Action: failed\r\n"), "{text}");
+        assert!(
+            text.contains("Last-Attempt-Date: Sun, 19 Nov 2023 22:13:20 +0000\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("Will-Retry-Until"), "{text}");
     }
 }

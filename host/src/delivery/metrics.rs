@@ -36,6 +36,10 @@ pub struct DeliveryMetrics {
     pub safety_floor_violations: Counter,
     /// `altroute_connection_failures_total`.
     pub connection_failures: Counter,
+    /// `altroute_delivery_results_unrecorded_total`: recipient results (delivered,
+    /// deferred, bounced, expired) that could not be written to the spool; the message
+    /// is held back for a retry interval instead of being attempted again at once.
+    pub unrecorded: Counter,
 }
 
 impl DeliveryMetrics {
@@ -96,6 +100,11 @@ impl DeliveryMetrics {
             "connection_failures",
             "Outbound connection attempts that failed",
             self.connection_failures.clone(),
+        );
+        registry.register(
+            "delivery_results_unrecorded",
+            "Recipient delivery results that could not be written to the spool",
+            self.unrecorded.clone(),
         );
     }
 

@@ -6,7 +6,9 @@
 //!
 //! - A scheduler loop ([`start`]) wakes on [`Spool::changed`], at [`Spool::next_wakeup`]
 //!   (looked at at least every [`DeliverySettings::poll_interval`]) and when a worker ends;
-//!   it claims due messages ([`Spool::claim_due`]) up to the number of free workers.
+//!   it claims due messages ([`Spool::claim_due`]) up to the number of free workers. At
+//!   start and every minute it also removes finished messages left on disk
+//!   ([`Spool::finished`]: a crash before their removal, a removal that failed).
 //! - A worker groups the due recipients of a message by domain and runs one attempt per
 //!   domain (`attempt.rs`): plan through the engine, resolve (`resolve.rs`), connect to the
 //!   MX hosts in preference order, EHLO, STARTTLS with a recording verifier, verdict through
@@ -23,7 +25,7 @@
 //! `mod.rs` (settings, scheduler, per-message bookkeeping), `attempt.rs` (one domain's
 //! delivery attempt), `resolve.rs` (MX/A/AAAA), `dsn.rs` (RFC 3464), `metrics.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,7 +38,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use altroute_queue::{QueueEntry, RecipientState, Spool};
+use altroute_queue::{MessageId, QueueEntry, RecipientState, Spool};
 
 use crate::policy_engine::PolicyEngine;
 
@@ -88,7 +90,8 @@ pub struct DeliverySettings {
     /// TCP connect timeout. Defaults to 30 s.
     pub connect_timeout: Duration,
     /// Timeout of one SMTP command. Defaults to 5 min (RFC 5321 §4.5.3.2 allows more for
-    /// some commands; the client applies it to every reply).
+    /// some commands; the client applies it to every reply, and to each 64 KiB write of
+    /// the message data, RFC 5321 §4.5.3.2.5).
     pub command_timeout: Duration,
     /// Longest time the scheduler sleeps without looking at the queue. Defaults to 1 s,
     /// so that an injected clock that jumps forward is noticed.
@@ -239,6 +242,11 @@ pub(crate) struct Ctx {
     /// TLS results for reports (when enabled).
     pub tlsrpt: Option<Arc<crate::tlsrpt::Recorder>>,
     destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Recipients accepted by the next hop whose `Delivered` could not be written to the
+    /// spool (message, recipient index, the hop): on disk they are still open, so this
+    /// is what keeps this process from sending them again. Recorded at the message's next
+    /// attempt; lost in a restart, which at worst sends them once more.
+    unrecorded: Mutex<HashMap<MessageId, BTreeMap<usize, String>>>,
 }
 
 impl Ctx {
@@ -305,6 +313,25 @@ impl Delivery {
     pub async fn stopped(self) {
         let _ = self.task.await;
     }
+
+    /// Like [`stopped`](Self::stopped), but not past `deadline`: the attempts still
+    /// running then are aborted (an attempt waits up to the command timeout per reply,
+    /// minutes). An aborted attempt records nothing for the recipients it had not
+    /// recorded yet, so they are attempted again at the next start; one the next hop
+    /// accepted just before may then get a second copy (at least once, never lost).
+    /// Returns whether everything drained before the deadline.
+    pub async fn stopped_by(mut self, deadline: tokio::time::Instant) -> bool {
+        if tokio::time::timeout_at(deadline, &mut self.task)
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        // Dropping the scheduler drops its `JoinSet`, which aborts every attempt.
+        self.task.abort();
+        let _ = self.task.await;
+        false
+    }
 }
 
 /// Starts the scheduler and its workers on the current tokio runtime. They stop taking
@@ -341,6 +368,7 @@ pub fn start(
         roots,
         journal: journal.clone(),
         destinations: Mutex::new(HashMap::new()),
+        unrecorded: Mutex::new(HashMap::new()),
     });
     let kick = Arc::new(Notify::new());
     let task = tokio::spawn(schedule(ctx, kick.clone(), shutdown));
@@ -372,6 +400,9 @@ pub fn start_from_config(
     )
 }
 
+/// How often the scheduler removes finished messages still on disk. Defaults to 1 min.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
 async fn schedule(
     ctx: Arc<Ctx>,
     kick: Arc<Notify>,
@@ -380,7 +411,13 @@ async fn schedule(
     let workers = Arc::new(Semaphore::new(ctx.settings.workers.max(1)));
     let mut tasks = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    // At start: what a crash or a failed removal of the last run left behind.
+    let mut next_sweep = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= next_sweep {
+            sweep_finished(&ctx).await;
+            next_sweep = tokio::time::Instant::now() + SWEEP_INTERVAL;
+        }
         let now = ctx.spool.clock().now();
         let free = workers.available_permits();
         if free > 0 {
@@ -419,6 +456,9 @@ async fn schedule(
 /// Delivers the due recipients of one claimed message and records the results.
 async fn process(ctx: &Ctx, entry: QueueEntry) {
     let id = entry.id.clone();
+    // Results that could not be written to the spool (a full disk, an I/O error). Their
+    // recipients still look due on disk: the message is held back below.
+    let (sent, mut unrecorded) = record_sent(ctx, &entry).await;
     // A message that cannot be read (a failed checksum, an I/O error) is deferred like a
     // failed attempt, so that it waits for the retry schedule (released at once, it was
     // claimed again at once, for ever) and, if it stays unreadable, expires with a DSN.
@@ -433,6 +473,9 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     let now = ctx.spool.clock().now();
     let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for i in entry.due_recipients(now) {
+        if sent.contains(&i) {
+            continue;
+        }
         let Some(rcpt) = entry.envelope.rcpt_to.get(i) else {
             continue;
         };
@@ -472,7 +515,14 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
             let recorded = match outcome {
                 Outcome::Delivered { via, route } => {
                     ctx.metrics.delivered(&route);
-                    ctx.spool.delivered(&id, i, &via).await.map(|_| ())
+                    let recorded = ctx.spool.delivered(&id, i, &via).await;
+                    if recorded.is_err() {
+                        lock(&ctx.unrecorded)
+                            .entry(id.clone())
+                            .or_default()
+                            .insert(i, via);
+                    }
+                    recorded
                 }
                 Outcome::Deferred { reason } => {
                     ctx.metrics.deferrals.inc();
@@ -507,17 +557,107 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
                 }
             };
             if let Err(e) = recorded {
+                unrecorded += 1;
                 tracing::error!(queue_id = %id, recipient = %rcpt, error = %e, "cannot record delivery result");
             }
         }
     }
-    record_finals(ctx, &entry, &message, finals).await;
-    ctx.spool.release(&id);
-    if ctx.spool.entry(&id).is_some_and(|e| e.is_finished())
-        && let Err(e) = ctx.spool.remove(&id).await
-    {
-        tracing::warn!(queue_id = %id, error = %e, "cannot remove finished message");
+    unrecorded += record_finals(ctx, &entry, &message, finals).await;
+    if unrecorded > 0 {
+        // Released as it is, the message would be claimed again at once (its recipients
+        // are still due on disk) and attempted again in a tight loop, a delivered one
+        // sent again each time. It waits one retry interval instead; delivered
+        // recipients are kept in `Ctx::unrecorded` and not sent again meanwhile.
+        let wait = ctx.spool.schedule().delay(1);
+        let until = ctx.spool.clock().now().saturating_add(wait.as_secs());
+        ctx.spool.hold(&id, until);
+        ctx.metrics.unrecorded.inc_by(unrecorded);
+        tracing::warn!(
+            queue_id = %id,
+            results = unrecorded,
+            retry_in_secs = wait.as_secs(),
+            "delivery results not recorded; the message is held back until the next retry"
+        );
     }
+    // Removed while still claimed, so that the sweep ([`sweep_finished`]) cannot race it.
+    if ctx.spool.entry(&id).is_some_and(|e| e.is_finished()) {
+        remove_finished(ctx, &id).await;
+    }
+    ctx.spool.release(&id);
+}
+
+/// Records the recipients of `entry` that an earlier attempt of this process delivered
+/// but could not record (`Ctx::unrecorded`). Returns their indices, which must not be
+/// sent again, recorded now or not, and how many still could not be recorded.
+async fn record_sent(ctx: &Ctx, entry: &QueueEntry) -> (BTreeSet<usize>, u64) {
+    let Some(pending) = lock(&ctx.unrecorded).remove(&entry.id) else {
+        return (BTreeSet::new(), 0);
+    };
+    let sent: BTreeSet<usize> = pending.keys().copied().collect();
+    let mut left = BTreeMap::new();
+    for (i, via) in pending {
+        // Final meanwhile (an operator bounce): nothing left to record.
+        if entry.recipients.get(i).is_none_or(RecipientState::is_final) {
+            continue;
+        }
+        match ctx.spool.delivered(&entry.id, i, &via).await {
+            Ok(()) => {
+                tracing::info!(queue_id = %entry.id, recipient = i, via, "earlier delivery recorded");
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %entry.id, recipient = i, error = %e, "cannot record delivery result");
+                left.insert(i, via);
+            }
+        }
+    }
+    let failed = left.len() as u64;
+    if !left.is_empty() {
+        lock(&ctx.unrecorded).insert(entry.id.clone(), left);
+    }
+    (sent, failed)
+}
+
+/// Removes the finished messages still in the queue: a crash between the last final
+/// record and the removal, or a removal that failed, leaves them there, and nothing else
+/// would ever claim them (no recipient is due). Safe to remove: a recipient is recorded
+/// final only once its DSN is stored.
+async fn sweep_finished(ctx: &Ctx) {
+    let mut removed = 0;
+    for id in ctx.spool.finished() {
+        // Claimed, so that an operator action on the message cannot race the removal.
+        if ctx.spool.claim(&id).is_err() {
+            continue;
+        }
+        removed += u32::from(remove_finished(ctx, &id).await);
+        ctx.spool.release(&id);
+    }
+    if removed > 0 {
+        tracing::info!(
+            messages = removed,
+            "removed finished messages left in the queue"
+        );
+    }
+    // Marks of messages removed meanwhile (an operator bounce) are of no use any more.
+    lock(&ctx.unrecorded).retain(|id, _| ctx.spool.entry(id).is_some());
+}
+
+/// Removes a finished message (every recipient final, any DSN queued); false (logged)
+/// when it could not be.
+async fn remove_finished(ctx: &Ctx, id: &MessageId) -> bool {
+    match ctx.spool.remove(id).await {
+        Ok(()) => {
+            lock(&ctx.unrecorded).remove(id);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(queue_id = %id, error = %e, "cannot remove finished message");
+            false
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A recipient that bounced or expired in this run, waiting for its DSN.
@@ -547,10 +687,12 @@ impl Final {
 
 /// Queues the DSN for `finals`, then records them as bounced or expired. If the DSN
 /// cannot be queued, they are deferred instead (the reason says why) and fail again,
-/// with a new DSN, at their next attempt.
-async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Vec<Final>) {
+/// with a new DSN, at their next attempt. Returns how many results could not be
+/// recorded.
+async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Vec<Final>) -> u64 {
+    let mut unrecorded = 0;
     if finals.is_empty() {
-        return;
+        return unrecorded;
     }
     let id = &entry.id;
     let failures: Vec<dsn::Failure> = finals.iter().map(|f| f.failure.clone()).collect();
@@ -584,6 +726,7 @@ async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Ve
                     ctx.spool.bounce(id, f.index, &f.failure.reason).await
                 };
                 if let Err(e) = recorded {
+                    unrecorded += 1;
                     tracing::error!(queue_id = %id, recipient = %f.failure.recipient, error = %e, "cannot record delivery result");
                 }
             }
@@ -602,11 +745,13 @@ async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Ve
                     ),
                 };
                 if let Err(e) = ctx.spool.set_recipient(id, f.index, state).await {
+                    unrecorded += 1;
                     tracing::error!(queue_id = %id, recipient = %f.failure.recipient, error = %e, "cannot record delivery result");
                 }
             }
         }
     }
+    unrecorded
 }
 
 /// What [`operator_bounce`] did.
@@ -625,6 +770,10 @@ pub struct OperatorBounce {
 /// DSN (RFC 3464, the same path as delivery's bounces) and removes the finished message.
 /// The message is claimed for the whole operation, so a delivery attempt cannot race it:
 /// a message being delivered right now is [`altroute_queue::Error::InFlight`].
+///
+/// As in delivery, the DSN is stored before the bounces are recorded: if it cannot be
+/// (a full disk), nothing is bounced and the error is returned, so the operator can try
+/// again; a crash in between can at worst send a second DSN, never none.
 pub async fn operator_bounce(
     spool: &Spool,
     reporting_mta: &str,
@@ -634,8 +783,11 @@ pub async fn operator_bounce(
     let entry = spool.claim(id)?;
     let result = async {
         let message = spool.read_message(id)?;
-        let indices = spool.bounce_open(id, reason).await?;
-        let failures: Vec<dsn::Failure> = indices
+        // Claimed, so these are the recipients `bounce_open` will bounce.
+        let open: Vec<usize> = (0..entry.recipients.len())
+            .filter(|&i| !entry.recipients[i].is_final())
+            .collect();
+        let failures: Vec<dsn::Failure> = open
             .iter()
             .filter_map(|&i| entry.envelope.rcpt_to.get(i))
             .map(|rcpt| dsn::Failure {
@@ -655,6 +807,11 @@ pub async fn operator_bounce(
         ) {
             dsn_id = Some(spool.store(env, body).await?.to_string());
         }
+        let bounced = spool.bounce_open(id, reason).await?;
+        if bounced != open {
+            // Cannot happen while the message is claimed; worth a trace if it does.
+            tracing::warn!(queue_id = %id, ?open, ?bounced, "the recipients bounced are not those the DSN reports");
+        }
         tracing::info!(
             queue_id = %id,
             recipients = failures.len(),
@@ -669,11 +826,21 @@ pub async fn operator_bounce(
         })
     }
     .await;
+    let mut report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            spool.release(id);
+            return Err(e);
+        }
+    };
+    // Removed while still claimed, so that delivery's sweep of finished messages cannot
+    // race it.
+    let removed = if spool.entry(id).is_some_and(|e| e.is_finished()) {
+        spool.remove(id).await.map(|()| true)
+    } else {
+        Ok(false)
+    };
     spool.release(id);
-    let mut report = result?;
-    if spool.entry(id).is_some_and(|e| e.is_finished()) {
-        spool.remove(id).await?;
-        report.removed = true;
-    }
+    report.removed = removed?;
     Ok(report)
 }

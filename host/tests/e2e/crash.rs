@@ -3,6 +3,8 @@
 //! Message-ID acknowledged with 250 must be in the spool afterwards. Duplicates (a message
 //! stored but not acknowledged because the kill came between the fsync and the 250, then
 //! resent) are counted and printed, not failed: that is the at-least-once contract.
+//! And a message a crash left finished on disk (its recipients final, its file not
+//! removed yet) is removed when delivery starts again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -125,4 +127,54 @@ fn fastrand_ms(max: u64) -> u64 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     u64::from(nanos) % max
+}
+
+/// A crash after the last recipient of a message was recorded final but before the
+/// message file was removed leaves a finished message on disk, which no attempt ever
+/// claims again (nothing is due). Delivery removes it when it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_message_left_by_a_crash_is_removed_at_start() {
+    use altroute::policy_engine::PolicyEngine;
+    use altroute_queue::{Envelope, ManualClock, Spool};
+
+    use crate::inproc::{Lab, Relay, START, policy};
+
+    let lab = Lab::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (finished, open) = {
+        let clock = Arc::new(ManualClock::new(START));
+        let spool = Spool::open(dir.path(), Relay::spool_config(), clock).unwrap();
+        let msg = b"From: <alice@corp.test>\r\nSubject: left\r\n\r\nbody\r\n";
+        let rcpts = vec!["bob@ok.test".to_string(), "carol@gone.test".to_string()];
+        let finished = spool
+            .store(Envelope::new("alice@corp.test", rcpts), msg.to_vec())
+            .await
+            .unwrap();
+        // What an attempt records right before it removes the message; the crash comes
+        // in between.
+        spool.delivered(&finished, 0, "mx.ok.test").await.unwrap();
+        spool
+            .bounce(&finished, 1, "550 5.1.1 no such user")
+            .await
+            .unwrap();
+        // And one that is not finished, which must stay.
+        let open = spool
+            .store(
+                Envelope::new("alice@corp.test", vec!["dan@later.test".into()]),
+                msg.to_vec(),
+            )
+            .await
+            .unwrap();
+        spool.defer(&open, 0, "451 4.3.0 later").await.unwrap();
+        (finished, open)
+    };
+
+    let engine = PolicyEngine::standard(&policy(lab.port, false, "")).unwrap();
+    let relay = Relay::start_in(&lab, engine, dir, async |_| {}).await;
+    assert!(
+        relay.removed(&finished).await,
+        "the finished message stays in the queue"
+    );
+    assert!(!relay.spool.message_path(&finished).exists());
+    assert!(relay.spool.entry(&open).is_some());
 }

@@ -1006,54 +1006,9 @@ async fn relay_process_reroutes_through_the_alternate_route() {
         )
         .await;
     let dir = tempfile::tempdir().unwrap();
-    let policy_path = dir.path().join("policy.toml");
-    std::fs::write(&policy_path, policy(lab.port, true, "")).unwrap();
-    let ca_path = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, lab.ca.root_pem()).unwrap();
-    let ip = loopback_ip();
-    let smtp = SocketAddr::new(ip.into(), free_port(ip).unwrap());
-    let admin = SocketAddr::new(ip.into(), free_port(ip).unwrap());
-    let config = format!(
-        "[server]\nhostname = \"relay.lab.test\"\nlisten = [\"{smtp}\"]\n\
-         [relay]\nallow_networks = [\"127.0.0.0/8\"]\n\
-         [spool]\ndir = {spool:?}\n\
-         [delivery]\nresolver = \"{dns}\"\nsmtp_port = {port}\nca_file = {ca:?}\nconnect_timeout_secs = 5\n\
-         [policy]\nfile = {policy:?}\n\
-         [admin]\nlisten = \"{admin}\"\n",
-        spool = dir.path().join("spool").display().to_string(),
-        dns = lab.dns.addr(),
-        port = lab.port,
-        ca = ca_path.display().to_string(),
-        policy = policy_path.display().to_string(),
-    );
-    let config_path = dir.path().join("altroute.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_altroute"))
-        .args(["serve", "-c"])
-        .arg(&config_path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("relay.log")).unwrap())
-        .spawn()
-        .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(&mut child);
-    let log = || std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let stream = loop {
-        match tokio::net::TcpStream::connect(smtp).await {
-            Ok(s) => break s,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("relay did not come up: {e}\n{}", log()),
-        }
-    };
+    let process = RelayProcess::start(&lab, dir.path(), "");
+    let log = || process.log();
+    let stream = process.connect().await;
     let mut client =
         altroute_smtp::Client::connect(stream, altroute_smtp::ClientConfig::new("sender.test"))
             .await
@@ -1084,6 +1039,81 @@ async fn relay_process_reroutes_through_the_alternate_route() {
         logged.contains("altroute::decision") && logged.contains("tls_compliance:partners"),
         "one structured line per decision: {logged}"
     );
+}
+
+/// The relay binary (`altroute serve`) delivering into the lab, its spool and log in
+/// `dir`; killed on drop.
+struct RelayProcess {
+    child: Option<std::process::Child>,
+    smtp: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl RelayProcess {
+    /// `server_extra`: more lines for `[server]`.
+    fn start(lab: &Lab, dir: &std::path::Path, server_extra: &str) -> RelayProcess {
+        let policy_path = dir.join("policy.toml");
+        std::fs::write(&policy_path, policy(lab.port, true, "")).unwrap();
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, lab.ca.root_pem()).unwrap();
+        let ip = loopback_ip();
+        let smtp = SocketAddr::new(ip.into(), free_port(ip).unwrap());
+        let admin = SocketAddr::new(ip.into(), free_port(ip).unwrap());
+        let config = format!(
+            "[server]\nhostname = \"relay.lab.test\"\nlisten = [\"{smtp}\"]\n{server_extra}\n\
+             [relay]\nallow_networks = [\"127.0.0.0/8\"]\n\
+             [spool]\ndir = {spool:?}\n\
+             [delivery]\nresolver = \"{dns}\"\nsmtp_port = {port}\nca_file = {ca:?}\nconnect_timeout_secs = 5\n\
+             [policy]\nfile = {policy:?}\n\
+             [admin]\nlisten = \"{admin}\"\n",
+            spool = dir.join("spool").display().to_string(),
+            dns = lab.dns.addr(),
+            port = lab.port,
+            ca = ca_path.display().to_string(),
+            policy = policy_path.display().to_string(),
+        );
+        let config_path = dir.join("altroute.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_altroute"))
+            .args(["serve", "-c"])
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("relay.log")).unwrap())
+            .spawn()
+            .unwrap();
+        RelayProcess {
+            child: Some(child),
+            smtp,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default()
+    }
+
+    /// A connection to the relay's SMTP port, once it is up.
+    async fn connect(&self) -> tokio::net::TcpStream {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::net::TcpStream::connect(self.smtp).await {
+                Ok(s) => return s,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("relay did not come up: {e}\n{}", self.log()),
+            }
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// `domain MX 10 mx1.<domain>` (a sink with `first`) and `MX 20 mx2.<domain>` (valid
@@ -1292,4 +1322,146 @@ async fn requiretls_mail_tries_the_next_mx_that_offers_requiretls() {
         lab.sinks[alt].messages().is_empty(),
         "a missing REQUIRETLS is not a reroute"
     );
+}
+
+/// A server that refuses every recipient and hangs up after its `554` to DATA: the
+/// client's RSET meets a closed connection, which must not turn the `550` into an I/O
+/// error and a retry. The recipient bounces, with the server's reply, and the sender
+/// gets the DSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_followed_by_a_hang_up_still_bounces() {
+    let mut lab = Lab::new().await;
+    let name = "mx.gone.test";
+    let ip = loopback_ip();
+    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), name);
+    config.starttls = Some(
+        lab.ca
+            .issue(&[name], Validity::Valid)
+            .unwrap()
+            .rustls_server_config()
+            .unwrap(),
+    );
+    config.mode = SinkMode::PermFail(FailAt::Rcpt);
+    config.hang_up_after_refusal = true;
+    lab.sinks.push(SmtpSink::start(config).await.unwrap());
+    let mx = lab.sinks.len() - 1;
+    lab.dns.add_a(name, ip).await.unwrap();
+    lab.dns.add_mx("gone.test", 10, name).await.unwrap();
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@gone.test"], false)
+        .await;
+    // Bounced, then removed: either may be seen here; a deferral is the defect.
+    let states = relay.settled(&id).await;
+    assert!(
+        states
+            .as_ref()
+            .is_none_or(|s| matches!(s[0], RecipientState::Bounced { .. })),
+        "bounced, not {states:?}"
+    );
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@gone.test")
+            && text.contains("Diagnostic-Code: smtp; 550 5.7.1"),
+        "{text}"
+    );
+    assert!(relay.removed(&id).await);
+    assert_eq!(relay.metrics.deferrals.get(), 0);
+    assert_eq!(relay.metrics.bounces.get(), 1);
+    // The sink did hang up after the refusal.
+    let cmds = commands(&lab.sinks[mx]);
+    assert_eq!(cmds.last().map(String::as_str), Some("DATA"), "{cmds:?}");
+}
+
+/// Shutdown does not wait for a delivery attempt beyond `server.shutdown_grace_secs`:
+/// an MX that accepts the connection and never greets would hold the attempt for the
+/// command timeout (an hour here). SIGTERM ends the process within the grace period
+/// (exit 0); the cut-off attempt recorded nothing, so the message is still queued for
+/// the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_a_slow_delivery_attempt_off_at_the_grace_period() {
+    let lab = Lab::new().await;
+    // A tarpit MX: accepts, says nothing, tells the test when the relay is connected.
+    let ip = loopback_ip();
+    let tarpit = tokio::net::TcpListener::bind((ip, lab.port)).await.unwrap();
+    let (connected, mut attempt) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = tarpit.accept().await {
+            held.push(s);
+            let _ = connected.try_send(());
+        }
+    });
+    lab.dns
+        .add_mx("slow.test", 10, "mx.slow.test")
+        .await
+        .unwrap();
+    lab.dns.add_a("mx.slow.test", ip).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = RelayProcess::start(
+        &lab,
+        dir.path(),
+        "command_timeout_secs = 3600\nshutdown_grace_secs = 1",
+    );
+    let stream = process.connect().await;
+    let mut client =
+        altroute_smtp::Client::connect(stream, altroute_smtp::ClientConfig::new("sender.test"))
+            .await
+            .unwrap();
+    let env = altroute_smtp::Envelope {
+        mail_from: "alice@corp.test".into(),
+        rcpt_to: vec!["bob@slow.test".into()],
+        ..Default::default()
+    };
+    let d = client.send(&env, b"Subject: slow\r\n\r\nbody\r\n").await;
+    assert_eq!(d.unwrap().delivered(), vec!["bob@slow.test"]);
+    let _ = client.quit().await;
+    tokio::time::timeout(WAIT, attempt.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery attempt at the tarpit\n{}", process.log()));
+
+    let mut child = process.child.take().unwrap();
+    crate::support::signal(child.id(), "TERM");
+    let exited = tokio::task::spawn_blocking(move || {
+        // Far more than the grace period, far less than the command timeout.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    let log = process.log();
+    let status =
+        exited.unwrap_or_else(|| panic!("still running long after the grace period\n{log}"));
+    assert!(status.success(), "exit {status}\n{log}");
+    assert!(
+        log.contains("delivery attempts still running after the grace period"),
+        "{log}"
+    );
+
+    let spool = crate::support::open_spool(&dir.path().join("spool"));
+    let queued = spool.list();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(
+        queued[0].envelope.rcpt_to,
+        vec!["bob@slow.test".to_string()]
+    );
+    assert!(matches!(queued[0].recipients[0], RecipientState::Pending));
 }

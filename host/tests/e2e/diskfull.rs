@@ -238,3 +238,143 @@ async fn a_dsn_that_cannot_be_queued_leaves_the_recipient_deferred() {
     );
     assert_eq!(relay.metrics.expirations.get(), 1);
 }
+
+/// A delivery whose result cannot be written (the message file is immutable: every
+/// state record fails, as on a full disk) is sent once. The message is held back for a
+/// retry interval instead of being claimed again at once (it was re-sent in a tight
+/// loop); at its next attempt the recipient is not sent again, only its record is tried
+/// again; once the spool can write, the delivery is recorded and the message leaves the
+/// queue. One copy reaches the sink in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_cannot_be_recorded_is_not_sent_again() {
+    use altroute::policy_engine::PolicyEngine;
+    use altroute_lab::SinkMode;
+    use altroute_queue::{Envelope, RecipientState};
+
+    use crate::inproc::{Lab, Relay, START, Tls, WAIT, policy};
+
+    let mut lab = Lab::new().await;
+    let sink = lab
+        .mx("dup.test", "mx.dup.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let engine = PolicyEngine::standard(&policy(lab.port, false, "")).unwrap();
+    let mut queued = None;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start_in(&lab, engine, dir, async |spool| {
+        let env = Envelope::new("alice@corp.test", vec!["bob@dup.test".into()]);
+        let msg = b"From: <alice@corp.test>\r\nSubject: once\r\n\r\nbody\r\n".to_vec();
+        let id = spool.store(env, msg).await.unwrap();
+        let frozen = Immutable::set(&spool.message_path(&id));
+        queued = Some((id, frozen));
+    })
+    .await;
+    let (id, frozen) = queued.unwrap();
+    let unrecorded = async |n: u64| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while relay.metrics.unrecorded.get() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "result {n} of {id} not reported as unrecorded"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+
+    lab.sinks[sink].wait_for_messages(1, WAIT).await.unwrap();
+    unrecorded(1).await;
+    assert!(matches!(
+        relay.spool.entry(&id).unwrap().recipients[0],
+        RecipientState::Pending
+    ));
+    // Held back for the first retry interval (a minute in this harness).
+    assert!(relay.spool.due(START).is_empty());
+    assert_eq!(relay.spool.next_wakeup(), Some(START + 60));
+
+    // The next attempt only tries to record the delivery again: no second session.
+    relay.clock.set(START + 60);
+    relay.delivery.kick();
+    unrecorded(2).await;
+    assert_eq!(lab.sinks[sink].sessions().len(), 1);
+    assert!(relay.spool.due(START + 60).is_empty());
+
+    // The spool can write again: the delivery is recorded, the message removed.
+    drop(frozen);
+    relay.clock.set(START + 120);
+    relay.delivery.kick();
+    assert!(
+        relay.removed(&id).await,
+        "the delivered message leaves the queue"
+    );
+    assert_eq!(lab.sinks[sink].sessions().len(), 1);
+    assert_eq!(lab.sinks[sink].messages().len(), 1);
+    assert_eq!(relay.metrics.unrecorded.get(), 2);
+}
+
+/// `queue bounce` stores the DSN before it records the bounce: when the DSN cannot be
+/// stored (the spool's `tmp` directory is made immutable), the operator gets the error
+/// and the recipient stays open, rather than final with a DSN that never existed. Once
+/// the spool takes messages again, the same command bounces it and the sender gets the DSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_bounce_whose_dsn_cannot_be_stored_bounces_nothing() {
+    use altroute::delivery;
+    use altroute::policy_engine::PolicyEngine;
+    use altroute_lab::{FailAt, SinkMode};
+    use altroute_queue::RecipientState;
+
+    use crate::inproc::{Lab, Relay, Tls, WAIT, policy};
+
+    let mut lab = Lab::new().await;
+    lab.mx(
+        "busy.test",
+        "mx.busy.test",
+        Tls::Valid,
+        SinkMode::TempFail(FailAt::Rcpt),
+    )
+    .await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let engine = PolicyEngine::standard(&policy(lab.port, false, "")).unwrap();
+    let relay = Relay::start(&lab, engine).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@busy.test"], false)
+        .await;
+    relay.settled(&id).await.unwrap();
+    // The attempt lets go of the message right after recording the deferral; the clock
+    // stands still, so nothing claims it again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay.spool.is_in_flight(&id) {
+        assert!(tokio::time::Instant::now() < deadline, "{id} stays claimed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let reason = "550 5.0.0 bounced by the operator";
+
+    let frozen = Immutable::set(&relay.spool.root().join("tmp"));
+    let err = delivery::operator_bounce(&relay.spool, "relay.lab.test", &id, reason)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("writing message"), "{err}");
+    let state = relay.spool.entry(&id).unwrap().recipients[0].clone();
+    assert!(
+        matches!(state, RecipientState::Deferred { .. }),
+        "a bounce without its DSN must not be recorded: {state:?}"
+    );
+    assert!(!relay.spool.is_in_flight(&id));
+
+    drop(frozen);
+    let report = delivery::operator_bounce(&relay.spool, "relay.lab.test", &id, reason)
+        .await
+        .unwrap();
+    assert_eq!(report.bounced, vec!["bob@busy.test".to_string()]);
+    assert!(report.dsn.is_some() && report.removed, "{report:?}");
+    let dsn = lab.sinks[sender_mx]
+        .wait_for_messages(1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(dsn[0].rcpt_to, vec!["alice@corp.test".to_string()]);
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@busy.test") && text.contains(reason),
+        "{text}"
+    );
+}

@@ -114,14 +114,43 @@ impl Relay {
         adjust: impl FnOnce(&mut DeliverySettings),
     ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(ManualClock::new(START));
-        let retry = RetrySchedule::new(
+        Relay::start_in_with(lab, engine, dir, async |_| {}, adjust).await
+    }
+
+    /// The spool configuration of the harness: retries after 1 min doubling to 10 min,
+    /// a queue lifetime of one hour.
+    pub(crate) fn spool_config() -> SpoolConfig {
+        SpoolConfig::with_retry(RetrySchedule::new(
             Duration::from_secs(60),
             2,
             Duration::from_secs(600),
             Duration::from_secs(3600),
-        );
-        let spool = Spool::open(dir.path(), SpoolConfig::with_retry(retry), clock.clone()).unwrap();
+        ))
+    }
+
+    /// Like [`start`](Self::start), over the spool in `dir` (which may hold one from an
+    /// earlier run, see [`spool_config`](Self::spool_config)), once `prepare` has run on
+    /// the opened spool: what it queues is there before delivery starts.
+    pub(crate) async fn start_in(
+        lab: &Lab,
+        engine: PolicyEngine,
+        dir: tempfile::TempDir,
+        prepare: impl AsyncFnOnce(&Spool),
+    ) -> Relay {
+        Relay::start_in_with(lab, engine, dir, prepare, |_| {}).await
+    }
+
+    /// [`start_in`](Self::start_in) with the delivery settings changed by `adjust`.
+    async fn start_in_with(
+        lab: &Lab,
+        engine: PolicyEngine,
+        dir: tempfile::TempDir,
+        prepare: impl AsyncFnOnce(&Spool),
+        adjust: impl FnOnce(&mut DeliverySettings),
+    ) -> Relay {
+        let clock = Arc::new(ManualClock::new(START));
+        let spool = Spool::open(dir.path(), Relay::spool_config(), clock.clone()).unwrap();
+        prepare(&spool).await;
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, lab.ca.root_pem()).unwrap();
         let mut settings = DeliverySettings {

@@ -1,6 +1,7 @@
 //! Operator actions (`altroute queue bounce`): a claimed message is not handed to
 //! delivery, a message in flight cannot be claimed, and `bounce_open` names exactly the
 //! recipients it bounced.
+//! A hold (results that could not be recorded) keeps a due message from being claimed.
 
 use std::sync::Arc;
 
@@ -63,4 +64,32 @@ async fn claim_bounce_release() {
         spool.bounce_open(&unknown, "x").await,
         Err(Error::NotFound(_))
     ));
+}
+
+/// A held message is not due before the end of its hold, whatever its recipients say,
+/// and the scheduler's wake-up time follows the hold; `retry_now` lifts it.
+#[tokio::test]
+async fn a_hold_keeps_a_due_message_from_being_claimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let spool = open(dir.path(), &clock);
+    let id = spool.store(envelope(1), message("held", 10)).await.unwrap();
+    assert_eq!(spool.next_wakeup(), Some(0));
+
+    spool.hold(&id, T0 + 300);
+    assert!(spool.due(T0).is_empty());
+    assert!(spool.claim_due(T0 + 299, 10).is_empty());
+    assert_eq!(spool.next_wakeup(), Some(T0 + 300));
+    assert_eq!(spool.claim_due(T0 + 300, 10)[0].id, id);
+    spool.release(&id);
+
+    spool.hold(&id, T0 + 600);
+    assert_eq!(
+        spool
+            .retry_now(&altroute_queue::Selector::All)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(spool.due(T0)[0].id, id);
 }

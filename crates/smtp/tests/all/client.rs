@@ -229,3 +229,61 @@ async fn a_reply_pipelined_after_the_starttls_220_is_refused() {
     drop(client);
     server.await.unwrap();
 }
+
+/// RFC 5321 §4.5.3.2.5: the timeout applies to each send of the message data, not to
+/// the whole of it. A 1 MiB message to a server that reads 64 KiB every 600 ms takes
+/// about 10 s, ten times the 1 s command timeout, and still goes through, as each
+/// chunk is taken in time. Time is paused (virtual), so the test neither waits nor
+/// depends on the machine's speed.
+#[tokio::test(start_paused = true)]
+async fn a_message_longer_than_one_timeout_goes_to_a_steady_slow_reader() {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    let (client_io, server_io) = tokio::io::duplex(altroute_smtp::BODY_CHUNK);
+    let server = tokio::spawn(async move {
+        let mut conn = BufReader::new(server_io);
+        conn.write_all(b"220 mx.test ESMTP\r\n").await.unwrap();
+        // EHLO, MAIL, RCPT, DATA, one at a time (no PIPELINING).
+        for reply in ["250 mx.test\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n"] {
+            let mut line = String::new();
+            conn.read_line(&mut line).await.unwrap();
+            conn.write_all(reply.as_bytes()).await.unwrap();
+        }
+        let mut data = Vec::new();
+        let mut buf = vec![0u8; altroute_smtp::BODY_CHUNK];
+        while !data.ends_with(b"\r\n.\r\n") {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "client hung up after {} bytes", data.len());
+            data.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"250 queued\r\n").await.unwrap();
+        data
+    });
+
+    let mut config = ClientConfig::new("relay.test");
+    config.command_timeout = Duration::from_secs(1);
+    let mut client = Client::connect(client_io, config).await.unwrap();
+    let line = [b'x'; 1022];
+    let mut message = Vec::new();
+    while message.len() < 1024 * 1024 {
+        message.extend_from_slice(&line);
+        message.extend_from_slice(b"\r\n");
+    }
+    let started = tokio::time::Instant::now();
+    let delivery = client
+        .send(&envelope(&["a@dst.test"]), &message)
+        .await
+        .unwrap();
+    assert_eq!(delivery.data.map(|r| r.code), Some(250));
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "the reader was not slow: {:?}",
+        started.elapsed()
+    );
+    let received = server.await.unwrap();
+    assert_eq!(&received[..message.len()], &message[..]);
+    assert_eq!(&received[message.len()..], b".\r\n");
+}
