@@ -43,8 +43,9 @@ use altroute_queue::{MessageId, QueueEntry, RecipientState, Selector, Spool};
 use crate::metrics::Metrics;
 use crate::reload::{ApiRequest, Reloader, handle_api, is_api_path};
 
-/// Largest request body (a candidate policy): 4 MiB.
-const MAX_BODY: usize = 4 << 20;
+/// Largest request body (a candidate policy): 64 MiB, room for the largest policies
+/// docs/policy.md speaks of (10 MB of compiled JSON) several times over.
+const MAX_BODY: usize = 64 << 20;
 
 /// Reports the active policy version (the policy engine's, or the compiled file's).
 pub type PolicyVersion = Arc<dyn Fn() -> String + Send + Sync>;
@@ -143,12 +144,28 @@ async fn route(
             .map(str::to_string)
     };
     let (authorization, who) = (header("authorization"), header("x-altroute-who"));
+    let too_large = || {
+        let error = format!(
+            "request body larger than {} MiB, the admin API's limit",
+            MAX_BODY >> 20
+        );
+        let body = serde_json::json!({ "error": error }).to_string() + "\n";
+        text(StatusCode::PAYLOAD_TOO_LARGE, "application/json", body)
+    };
+    // Refused before reading it when the length is declared.
+    if header("content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY as u64)
+    {
+        return too_large();
+    }
     let limited = http_body_util::Limited::new(body, MAX_BODY);
     let body = match http_body_util::BodyExt::collect(limited).await {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
         Err(e) => {
             return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::BAD_REQUEST,
                 "application/json",
                 serde_json::json!({ "error": format!("request body: {e}") }).to_string() + "\n",
             );
@@ -353,8 +370,7 @@ async fn handle_queue(
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(crate::reload::bearer_token);
     match (&state.token, write) {
         (None, true) => {
             return json_error(

@@ -43,21 +43,44 @@ use altroute_policy::Policy;
 /// `prev_hash` of the first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// A problem with the audit log: `line` is 1-based (0: the file as a whole).
+/// A problem with the audit log at `path`: `line` is 1-based (0: the file as a whole).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("audit log line {line}: {what}")]
+#[error("audit log {}{}: {what}", path.display(), LineNo(*line))]
 pub struct AuditError {
+    /// The file.
+    pub path: PathBuf,
     /// The first line that is wrong (0: the file itself could not be read or written).
     pub line: usize,
     /// What is wrong with it.
     pub what: String,
 }
 
+/// `, line N`, or nothing for line 0 (the file as a whole).
+struct LineNo(usize);
+
+impl std::fmt::Display for LineNo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, ", line {n}"),
+        }
+    }
+}
+
 impl AuditError {
     fn file(path: &Path, e: &std::io::Error) -> AuditError {
         AuditError {
+            path: path.to_path_buf(),
             line: 0,
-            what: format!("{}: {e}", path.display()),
+            what: e.to_string(),
+        }
+    }
+
+    fn line(path: &Path, line: usize, what: impl Into<String>) -> AuditError {
+        AuditError {
+            path: path.to_path_buf(),
+            line,
+            what: what.into(),
         }
     }
 }
@@ -65,10 +88,11 @@ impl AuditError {
 /// One event to record. `seq`, `time` and the hashes are filled in by [`AuditLog::append`].
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// `admin:<identity>`, `file watch`, `sighup`, `cli` or `startup`.
+    /// `admin:<identity>`, `file watch`, `sighup`, `cli`, `startup` or `audit`.
     pub who: String,
     /// `activate`, `reject`, `rollback`, `shadow-start`, `shadow-stop`, `shadow-reject`,
-    /// `start`.
+    /// `start`; `repair` (who: `audit`) when [`AuditLog::open`] cut off a torn line,
+    /// `continue` (who: `audit`) when [`AuditLog::append`] found the file moved away.
     pub action: String,
     /// The version serving before the event.
     pub old_version: Option<String>,
@@ -120,6 +144,9 @@ pub struct Appended {
     pub seq: u64,
     /// The line's hash.
     pub hash: String,
+    /// Set when the file had been moved, deleted, replaced or truncated: what happened. A
+    /// `continue` line was written at the path first (see [`AuditLog::append`]).
+    pub reopened: Option<String>,
 }
 
 /// The audit log, open for appending. Not shared: wrap it in a mutex.
@@ -129,41 +156,60 @@ pub struct AuditLog {
     file: File,
     seq: u64,
     last_hash: String,
+    /// The file's length after our last write: a shorter file was truncated under us.
+    len: u64,
 }
 
 impl AuditLog {
     /// Opens (creating it and its directory if needed) the log at `path` and continues its
     /// chain from the last line. A log whose chain is broken is still appended to (the
     /// break stays visible to [`verify`]); a last line that is not JSON is an error.
+    ///
+    /// Bytes after the last newline are a write that never completed (a crash, a full
+    /// disk): every line is one write followed by an fsync before the change is reported,
+    /// so no change was acknowledged with them. They are cut off (with a warning) and a
+    /// `repair` line records where and how many bytes.
     pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
             std::fs::create_dir_all(parent).map_err(|e| AuditError::file(parent, &e))?;
         }
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        let mut bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(AuditError::file(path, &e)),
         };
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let torn = bytes.len() - complete;
+        if torn > 0 {
+            let cut = |e: std::io::Error| AuditError::file(path, &e);
+            let f = OpenOptions::new().write(true).open(path).map_err(cut)?;
+            f.set_len(complete as u64)
+                .and_then(|()| f.sync_all())
+                .map_err(cut)?;
+            bytes.truncate(complete);
+            tracing::warn!(
+                path = %path.display(),
+                offset = complete,
+                bytes = torn,
+                "audit log: cut off a torn last line (an interrupted write)"
+            );
+        }
         let (mut seq, mut last_hash) = (0, GENESIS.to_string());
-        let lines: Vec<&str> = text.lines().collect();
-        if let Some((index, last)) = lines.iter().enumerate().rev().find(|(_, l)| !l.is_empty()) {
-            let value: Value = serde_json::from_str(last).map_err(|e| AuditError {
-                line: index + 1,
-                what: format!("not JSON: {e}"),
-            })?;
-            seq = value.get("seq").and_then(Value::as_u64).ok_or(AuditError {
-                line: index + 1,
-                what: "no seq".into(),
-            })?;
+        let pieces: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+        if let Some((index, last)) = pieces.iter().enumerate().rev().find(|(_, l)| !l.is_empty()) {
+            let bad = |what: String| AuditError::line(path, index + 1, what);
+            let value: Value =
+                serde_json::from_slice(last).map_err(|e| bad(format!("not JSON: {e}")))?;
+            seq = value
+                .get("seq")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad("no seq".into()))?;
             last_hash = value
                 .get("hash")
                 .and_then(Value::as_str)
-                .ok_or(AuditError {
-                    line: index + 1,
-                    what: "no hash".into(),
-                })?
+                .ok_or_else(|| bad("no hash".into()))?
                 .to_string();
         }
         let file = OpenOptions::new()
@@ -182,12 +228,24 @@ impl AuditLog {
         {
             let _ = dir.sync_all();
         }
-        Ok(AuditLog {
+        let len = file
+            .metadata()
+            .map_err(|e| AuditError::file(path, &e))?
+            .len();
+        let mut log = AuditLog {
             path: path.to_path_buf(),
             file,
             seq,
             last_hash,
-        })
+            len,
+        };
+        if torn > 0 {
+            log.write_line(
+                Entry::new("audit", "repair")
+                    .summary(json!({ "torn_line": { "offset": complete, "bytes": torn } })),
+            )?;
+        }
+        Ok(log)
     }
 
     /// The log's path.
@@ -200,8 +258,85 @@ impl AuditLog {
         (self.seq, &self.last_hash)
     }
 
-    /// Appends one line and fsyncs it.
+    /// Appends one line and fsyncs it; logs the new head (seq and hash) at info level, so
+    /// that it can be kept elsewhere.
+    ///
+    /// First it checks that the path still names the open file with all it held. If the
+    /// file was moved away (logrotate), deleted, replaced or truncated, the line would go
+    /// where nobody looks: instead the file at the path is opened (created if need be) and
+    /// the chain continues there from the last head, the first line being a `continue`
+    /// (who: `audit`) whose `prev_hash` and `seq` follow the last line written before.
+    /// [`Appended::reopened`] says what happened; a warning is logged.
     pub fn append(&mut self, entry: Entry) -> Result<Appended, AuditError> {
+        let reopened = self.follow_path()?;
+        if let Some(why) = &reopened {
+            let (seq, hash) = (self.seq, self.last_hash.clone());
+            self.write_line(Entry::new("audit", "continue").summary(json!({
+                "why": why,
+                "continues": { "seq": seq, "hash": hash },
+            })))?;
+        }
+        let mut appended = self.write_line(entry)?;
+        appended.reopened = reopened;
+        Ok(appended)
+    }
+
+    /// `None` if the path still names the open file, at least as long as we left it;
+    /// otherwise opens the file at the path and says what had happened.
+    fn follow_path(&mut self) -> Result<Option<String>, AuditError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let open = self
+            .file
+            .metadata()
+            .map_err(|e| AuditError::file(&self.path, &e))?;
+        let why = match std::fs::metadata(&self.path) {
+            Ok(m) if m.dev() == open.dev() && m.ino() == open.ino() => {
+                if open.len() >= self.len {
+                    return Ok(None);
+                }
+                format!(
+                    "the file was truncated to {} bytes (after seq {} it held {})",
+                    open.len(),
+                    self.seq,
+                    self.len
+                )
+            }
+            Ok(_) => "the path names another file (the log was moved away or replaced)".into(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                "the file was moved away or deleted".into()
+            }
+            Err(e) => return Err(AuditError::file(&self.path, &e)),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| AuditError::file(&self.path, &e))?;
+        if let Some(parent) = self.path.parent()
+            && let Ok(dir) = File::open(if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            })
+        {
+            let _ = dir.sync_all();
+        }
+        self.len = file
+            .metadata()
+            .map_err(|e| AuditError::file(&self.path, &e))?
+            .len();
+        self.file = file;
+        tracing::warn!(
+            path = %self.path.display(),
+            seq = self.seq,
+            hash = %self.last_hash,
+            "audit log: {why}; the chain continues in the file at the path"
+        );
+        Ok(Some(why))
+    }
+
+    /// Writes one line to the open file and fsyncs it.
+    fn write_line(&mut self, entry: Entry) -> Result<Appended, AuditError> {
         let seq = self.seq + 1;
         let mut line = json!({
             "seq": seq,
@@ -220,27 +355,80 @@ impl AuditLog {
         }
         let mut text = canonical(&line);
         text.push('\n');
-        let err = |e: std::io::Error| AuditError {
-            line: usize::try_from(seq).unwrap_or(usize::MAX),
-            what: format!("{}: {e}", self.path.display()),
-        };
+        let line_no = usize::try_from(seq).unwrap_or(usize::MAX);
+        let before = self
+            .file
+            .metadata()
+            .map_err(|e| AuditError::line(&self.path, line_no, e.to_string()))?
+            .len();
         // One write call per line: O_APPEND keeps a line in one piece.
-        self.file.write_all(text.as_bytes()).map_err(err)?;
-        self.file.sync_data().map_err(err)?;
+        let written = self
+            .file
+            .write_all(text.as_bytes())
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // A line that is not acknowledged must not stay, not even in part: the next
+            // line would follow a torn one, and `verify` would call that tampering.
+            let undone = self
+                .file
+                .set_len(before)
+                .and_then(|()| self.file.sync_data());
+            let what = match undone {
+                Ok(()) => format!("{e} (nothing written)"),
+                Err(u) => format!("{e}; cutting the partial line off failed too: {u}"),
+            };
+            return Err(AuditError::line(&self.path, line_no, what));
+        }
         self.seq = seq;
         self.last_hash = hash.clone();
-        Ok(Appended { seq, hash })
+        self.len = before + text.len() as u64;
+        tracing::info!(
+            path = %self.path.display(),
+            seq,
+            hash = %hash,
+            action = %entry_action(&line),
+            "audit log head"
+        );
+        Ok(Appended {
+            seq,
+            hash,
+            reopened: None,
+        })
     }
+}
+
+fn entry_action(line: &Value) -> &str {
+    line.get("action").and_then(Value::as_str).unwrap_or("")
+}
+
+/// What [`verify_chain`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The number of entries.
+    pub entries: usize,
+    /// When the file starts with a `continue` line (the log was rotated or deleted under
+    /// the relay): the seq and hash of the last line before, in the earlier file.
+    pub continues: Option<(u64, String)>,
 }
 
 /// Checks the whole chain of the log at `path`; returns the number of entries.
 ///
 /// Detects a changed line (its hash no longer matches), a removed, reordered or inserted
-/// line (`prev_hash` or `seq` no longer follow). Each error names the first bad line.
+/// line (`prev_hash` or `seq` no longer follow), a line not in canonical form. Each error
+/// names the first bad line. See [`verify_chain`].
 pub fn verify(path: &Path) -> Result<usize, AuditError> {
+    verify_chain(path).map(|c| c.entries)
+}
+
+/// [`verify`], also saying what an earlier file the log continues: only the first line
+/// may be a `continue` (who: `audit`), whose `prev_hash` and `seq` follow the earlier
+/// file's last line instead of [`GENESIS`] and 1.
+pub fn verify_chain(path: &Path) -> Result<Chain, AuditError> {
     let text = std::fs::read_to_string(path).map_err(|e| AuditError::file(path, &e))?;
     let mut prev = GENESIS.to_string();
     let mut count = 0usize;
+    let mut next_seq = 1u64;
+    let mut continues = None;
     for (index, line) in text.split('\n').enumerate() {
         let number = index + 1;
         if line.is_empty() {
@@ -248,14 +436,18 @@ pub fn verify(path: &Path) -> Result<usize, AuditError> {
             if index + 1 == text.split('\n').count() {
                 break;
             }
-            return Err(AuditError {
-                line: number,
-                what: "empty line".into(),
-            });
+            return Err(AuditError::line(path, number, "empty line"));
         }
-        let bad = |what: String| AuditError { line: number, what };
+        let bad = |what: String| AuditError::line(path, number, what);
         let mut value: Value =
             serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        // What was hashed is the canonical form; any other spelling of it (a key twice,
+        // of which the parser keeps one) could show a reader something else.
+        if canonical(&value) != line {
+            return Err(bad(
+                "not in canonical form (compact, keys sorted, each key once)".into(),
+            ));
+        }
         let Value::Object(map) = &mut value else {
             return Err(bad("not a JSON object".into()));
         };
@@ -268,6 +460,19 @@ pub fn verify(path: &Path) -> Result<usize, AuditError> {
                 "content changed: hash is {hash}, the content hashes to {computed}"
             )));
         }
+        if count == 0
+            && map.get("action").and_then(Value::as_str) == Some("continue")
+            && map.get("who").and_then(Value::as_str) == Some("audit")
+            && let (Some(p), Some(s)) = (
+                map.get("prev_hash").and_then(Value::as_str),
+                map.get("seq").and_then(Value::as_u64),
+            )
+            && s > 1
+        {
+            prev = p.to_string();
+            next_seq = s;
+            continues = Some((s - 1, prev.clone()));
+        }
         match map.get("prev_hash").and_then(Value::as_str) {
             Some(p) if p == prev => {}
             Some(p) => {
@@ -278,7 +483,7 @@ pub fn verify(path: &Path) -> Result<usize, AuditError> {
             }
             None => return Err(bad("no prev_hash".into())),
         }
-        let expected_seq = u64::try_from(count + 1).unwrap_or(u64::MAX);
+        let expected_seq = next_seq;
         match map.get("seq").and_then(Value::as_u64) {
             Some(s) if s == expected_seq => {}
             other => {
@@ -289,19 +494,41 @@ pub fn verify(path: &Path) -> Result<usize, AuditError> {
         }
         prev = hash;
         count += 1;
+        next_seq += 1;
     }
-    Ok(count)
+    Ok(Chain {
+        entries: count,
+        continues,
+    })
 }
 
-/// `altroute audit verify FILE`: prints the result; returns the exit code (0 ok, 1 broken).
+/// `altroute audit verify FILE`: prints the result; returns the exit code (0 ok, 1 broken,
+/// 2 the file cannot be read).
 pub fn verify_command(path: &Path) -> i32 {
-    match verify(path) {
-        Ok(n) => {
-            println!("ok: {n} entries, chain intact");
+    match verify_chain(path) {
+        Ok(Chain {
+            entries,
+            continues: None,
+        }) => {
+            println!("ok: {entries} entries, chain intact");
             0
         }
+        Ok(Chain {
+            entries,
+            continues: Some((seq, hash)),
+        }) => {
+            println!(
+                "ok: {entries} entries, chain intact, continuing an earlier file after seq \
+                 {seq} (hash {hash})"
+            );
+            0
+        }
+        Err(e) if e.line == 0 => {
+            eprintln!("altroute: cannot read {}: {}", path.display(), e.what);
+            2
+        }
         Err(e) => {
-            println!("broken: {}: {e}", path.display());
+            println!("broken: {e}");
             1
         }
     }
@@ -311,7 +538,7 @@ pub fn verify_command(path: &Path) -> i32 {
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain of an audit log: prints "ok: N entries, chain intact" or the
-    /// first broken line (exit status 1).
+    /// first broken line (exit status 1); exit status 2 if it cannot be read.
     Verify {
         /// The audit log (JSON lines).
         file: PathBuf,
@@ -614,6 +841,89 @@ mod tests {
     }
 
     #[test]
+    fn a_line_not_in_canonical_form_is_refused() {
+        let (_dir, path) = log_with(3);
+        let ls = lines(&path);
+        // A duplicate key: the parser keeps the last one, which the hash covers; a reader
+        // (or grep) sees the first.
+        let mut dup = ls.clone();
+        dup[1] = ls[1].replace(r#""who":"#, r#""who":"admin:mallory","who":"#);
+        assert_ne!(dup[1], ls[1]);
+        write_lines(&path, &dup);
+        let e = verify(&path).unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.what.contains("canonical form"), "{e}");
+        // Whitespace is not canonical either.
+        let mut spaced = ls.clone();
+        spaced[2] = ls[2].replacen(',', ", ", 1);
+        write_lines(&path, &spaced);
+        assert_eq!(verify(&path).unwrap_err().line, 3);
+        write_lines(&path, &ls);
+        assert_eq!(verify(&path).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_moved_deleted_or_truncated_log_continues_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.append(Entry::new("startup", "start")).unwrap();
+        let a = log.append(Entry::new("cli", "activate")).unwrap();
+        assert_eq!(a.reopened, None);
+
+        // logrotate: mv, no signal to the relay.
+        std::fs::rename(&path, &rotated).unwrap();
+        let b = log.append(Entry::new("cli", "rollback")).unwrap();
+        assert_eq!(b.seq, 4, "seq 3 is the continue line");
+        assert!(b.reopened.unwrap().contains("moved away"));
+        assert_eq!(
+            verify(&rotated).unwrap(),
+            2,
+            "the rotated file is left as it was"
+        );
+        let ls = lines(&path);
+        let first: Value = serde_json::from_str(&ls[0]).unwrap();
+        assert_eq!(first["action"], "continue");
+        assert_eq!(first["prev_hash"], a.hash.as_str());
+        assert_eq!(
+            first["summary"]["continues"],
+            json!({"seq": 2, "hash": a.hash})
+        );
+        let chain = verify_chain(&path).unwrap();
+        assert_eq!(chain.entries, 2);
+        assert_eq!(chain.continues, Some((2, a.hash.clone())));
+
+        // rm: the same.
+        std::fs::remove_file(&path).unwrap();
+        let c = log.append(Entry::new("cli", "activate")).unwrap();
+        assert_eq!(c.seq, 6);
+        assert!(c.reopened.is_some());
+        assert_eq!(verify_chain(&path).unwrap().continues, Some((4, b.hash)));
+
+        // copytruncate: the same file, emptied.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let d = log.append(Entry::new("cli", "activate")).unwrap();
+        assert!(d.reopened.unwrap().contains("truncated"));
+        assert_eq!(verify_chain(&path).unwrap().continues, Some((6, c.hash)));
+        let e = log.append(Entry::new("cli", "activate")).unwrap();
+        assert_eq!(e.reopened, None);
+        assert_eq!(verify(&path).unwrap(), 3);
+
+        // A continue line anywhere but first is a break like any other.
+        let mut ls = lines(&path);
+        let mut old = lines(&rotated);
+        old.append(&mut ls);
+        write_lines(&path, &old);
+        assert_eq!(verify(&path).unwrap_err().line, 3);
+    }
+
+    #[test]
     fn garbage_is_reported_with_its_line() {
         let (_dir, path) = log_with(2);
         let mut text = std::fs::read_to_string(&path).unwrap();
@@ -621,7 +931,97 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let e = verify(&path).unwrap_err();
         assert_eq!(e.line, 3);
-        assert!(AuditLog::open(&path).is_err());
+        let e = AuditLog::open(&path).unwrap_err();
+        assert_eq!(e.line, 3);
+        let shown = e.to_string();
+        assert!(shown.contains(&path.display().to_string()), "{shown}");
+        assert!(shown.contains("line 3: not JSON"), "{shown}");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_the_chain_continues() {
+        let (_dir, path) = log_with(2);
+        let intact = std::fs::read(&path).unwrap();
+        // An interrupted write: part of a line, ending inside a two-byte UTF-8 character.
+        let mut torn = intact.clone();
+        torn.extend_from_slice(b"{\"action\":\"activate\",\"who\":\"admin:jos\xc3");
+        std::fs::write(&path, &torn).unwrap();
+
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!(log.head().0, 3, "the repair line follows line 2");
+        let ls = lines(&path);
+        assert_eq!(ls.len(), 3);
+        assert!(std::fs::read(&path).unwrap().starts_with(&intact));
+        let repair: Value = serde_json::from_str(&ls[2]).unwrap();
+        assert_eq!(repair["action"], "repair");
+        assert_eq!(repair["who"], "audit");
+        assert_eq!(
+            repair["summary"]["torn_line"],
+            json!({ "offset": intact.len(), "bytes": torn.len() - intact.len() })
+        );
+        log.append(Entry::new("startup", "start")).unwrap();
+        assert_eq!(verify(&path).unwrap(), 4);
+    }
+
+    /// A tmpfs mounted for a test, unmounted on drop. Needs root.
+    struct Tmpfs {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("mnt");
+            std::fs::create_dir(&path).unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "mounting a tmpfs failed (this test needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Tmpfs { path, _dir: dir }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(&self.path)
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_failed_append_leaves_the_file_as_it_was() {
+        let fs = Tmpfs::mount("1m");
+        let path = fs.path.join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        // Lines longer than a page: on a full disk the kernel still fills the rest of the
+        // file's last page (a short write) before it says ENOSPC, leaving a torn line.
+        let big = || Entry::new("cli", "activate").summary(json!({ "pad": "x".repeat(6000) }));
+        log.append(big()).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        assert_ne!(before.len() % 4096, 0, "the last page must have room left");
+
+        let filler = fs.path.join("filler");
+        let mut f = File::create(&filler).unwrap();
+        let chunk = vec![0x5a_u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        drop(f);
+
+        let e = log.append(big()).unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), before, "no torn line left");
+        assert_eq!(log.head().0, 1);
+
+        std::fs::remove_file(&filler).unwrap();
+        assert_eq!(log.append(big()).unwrap().seq, 2);
+        assert_eq!(verify(&path).unwrap(), 2);
     }
 
     #[test]

@@ -21,8 +21,9 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    /// The file could not be read. (The cause is the error's source, not repeated in
+    /// its message: `{:#}` and anyhow's chain print it once.)
+    #[error("cannot read {path}")]
     Read {
         /// The configuration file.
         path: PathBuf,
@@ -397,24 +398,16 @@ impl Config {
     /// Validate configuration text; `base` resolves relative paths. Returns every problem.
     pub fn parse(src: &str, path: &Path, base: &Path) -> Result<Config, Vec<String>> {
         let mut problems = Vec::new();
-        let mut unknown = Vec::new();
-        let raw: Option<RawFile> = match toml::Deserializer::parse(src) {
-            Ok(de) => match serde_ignored::deserialize(de, |p| unknown.push(p.to_string())) {
-                Ok(raw) => Some(raw),
-                Err(e) => {
-                    problems.push(e.to_string().trim().replace('\n', "\n    "));
-                    None
-                }
-            },
-            Err(e) => {
-                problems.push(e.to_string().trim().replace('\n', "\n    "));
-                None
-            }
-        };
-        for key in unknown {
+        // Every value of the wrong type, not only the first; the checks below then run on
+        // the rest (a value set aside falls back to its default).
+        let shape = altroute_policy::toml_errors::deserialize::<RawFile>(src);
+        for e in &shape.errors {
+            problems.push(e.to_string().trim().replace('\n', "\n    "));
+        }
+        for key in &shape.unknown {
             problems.push(format!("{key}: unknown key"));
         }
-        let Some(raw) = raw else {
+        let Some(raw) = shape.value else {
             return Err(problems);
         };
         let mut c = Check { base, problems };
@@ -904,6 +897,21 @@ file = "p.toml"
         );
         let src = "[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n[relay]\nallow_networks = [\"127.0.0.5/32\"]\n[policy]\nfile = \"p.toml\"\n";
         assert!(parse(src, dir.path()).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn every_value_of_the_wrong_type_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = "[server]\nmax_sessions = \"many\"\nlisen = 3\n[spool]\ndir = 5\n";
+        let all = parse(src, dir.path()).unwrap_err().join("\n");
+        for needle in [
+            "line 2, column 16",
+            "line 5, column 7",
+            "server.lisen: unknown key",
+            "policy.file: required",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
     }
 
     #[test]

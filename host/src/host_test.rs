@@ -206,8 +206,7 @@ pub fn run(command: HostCommand) -> Result<i32> {
 }
 
 fn test_command(args: HostTestArgs) -> Result<i32> {
-    let config = Config::load(&args.config)
-        .with_context(|| format!("reading the configuration {}", args.config.display()))?;
+    let config = Config::load(&args.config)?;
     let policy = crate::policy_cmd::load_policy(&config.policy.file)?;
     let engine = PolicyEngine::from_config(&config.policy).context("loading the policy module")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -216,9 +215,9 @@ fn test_command(args: HostTestArgs) -> Result<i32> {
         .context("starting the tokio runtime")?;
     let report = runtime.block_on(test(&args, &config, &policy, &engine))?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        crate::outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        print_text(&report);
+        print_text(&report)?;
     }
     Ok(if report.problems.is_empty() { 0 } else { 1 })
 }
@@ -710,31 +709,31 @@ fn name_matches(san: &str, host: &str) -> bool {
     san == host
 }
 
-fn print_text(r: &Report) {
+fn print_text(r: &Report) -> std::io::Result<()> {
     let time = |ts: i64| crate::queue_cmd::utc(u64::try_from(ts).unwrap_or(0));
-    println!("target:     {} ({:?}), port {}", r.target, r.kind, r.port);
+    crate::outln!("target:     {} ({:?}), port {}", r.target, r.kind, r.port)?;
     for c in &r.candidates {
-        println!(
+        crate::outln!(
             "candidate:  {} (preference {}) {}",
             c.name,
             c.preference,
             c.addresses.join(", ")
-        );
+        )?;
     }
     for e in &r.connect_errors {
-        println!("connect:    failed: {e}");
+        crate::outln!("connect:    failed: {e}")?;
     }
     if let (Some(host), Some(addr)) = (&r.host, &r.address) {
-        println!("connected:  {host} [{addr}]");
+        crate::outln!("connected:  {host} [{addr}]")?;
     }
     if let Some(g) = &r.greeting {
-        println!("greeting:   {g}");
+        crate::outln!("greeting:   {g}")?;
     }
     if let Some(s) = &r.starttls {
-        println!("STARTTLS:   {s}");
+        crate::outln!("STARTTLS:   {s}")?;
     }
     if let Some(m) = &r.mta_sts {
-        println!(
+        crate::outln!(
             "MTA-STS:    {}{}{}",
             m.mode,
             if m.mx.is_empty() {
@@ -747,19 +746,19 @@ fn print_text(r: &Report) {
                 Some(false) => ", connected host NOT allowed",
                 None => "",
             }
-        );
+        )?;
         if let Some(f) = &m.failure {
-            println!("            fetch failed: {f}");
+            crate::outln!("            fetch failed: {f}")?;
         }
     }
     if let Some(t) = &r.tls {
         match &t.error {
-            Some(e) => println!("TLS:        handshake failed: {e}"),
-            None => println!(
+            Some(e) => crate::outln!("TLS:        handshake failed: {e}")?,
+            None => crate::outln!(
                 "TLS:        version {}, cipher {}",
                 t.version,
                 t.cipher.as_deref().unwrap_or("-")
-            ),
+            )?,
         }
     }
     if let Some(c) = &r.certificate {
@@ -768,33 +767,36 @@ fn print_text(r: &Report) {
             Some(false) => "no",
             None => "unknown",
         };
-        println!(
+        crate::outln!(
             "certificate: {} (trusted: {trusted}, expired: {}, host name matches: {}, days left: {})",
             c.verdict,
             if c.expired { "yes" } else { "no" },
             if c.hostname_match { "yes" } else { "no" },
             c.days_left.map_or("-".to_string(), |d| d.to_string()),
-        );
+        )?;
         for (i, cert) in c.chain.iter().enumerate() {
-            println!("  [{i}] subject:   {}", cert.subject);
-            println!("      issuer:    {}", cert.issuer);
+            crate::outln!("  [{i}] subject:   {}", cert.subject)?;
+            crate::outln!("      issuer:    {}", cert.issuer)?;
             if !cert.sans.is_empty() {
-                println!("      SANs:      {}", cert.sans.join(", "));
+                crate::outln!("      SANs:      {}", cert.sans.join(", "))?;
             }
-            println!(
+            crate::outln!(
                 "      validity:  {} .. {}",
                 time(cert.not_before),
                 time(cert.not_after)
-            );
+            )?;
         }
     }
     if let Some(p) = &r.policy {
-        println!(
+        crate::outln!(
             "policy:     version {} for {} -> {} (hop {})",
-            p.version, p.sender, p.recipient, p.hop
-        );
+            p.version,
+            p.sender,
+            p.recipient,
+            p.hop
+        )?;
         if let Some(plan) = &p.plan {
-            println!(
+            crate::outln!(
                 "  plan:     route {}{} (rule {}), TLS required {} (verify {}, min {})",
                 plan.route,
                 plan.host
@@ -805,10 +807,10 @@ fn print_text(r: &Report) {
                 plan.tls.required,
                 plan.tls.verify,
                 plan.tls.min
-            );
+            )?;
         }
         match &p.verdict {
-            Some(v) => println!(
+            Some(v) => crate::outln!(
                 "  verdict:  route {}{} (rule {}, result {}): {}",
                 v.route,
                 v.host
@@ -818,30 +820,30 @@ fn print_text(r: &Report) {
                 v.rule,
                 v.result,
                 v.reason
-            ),
-            None => println!("  verdict:  -"),
+            )?,
+            None => crate::outln!("  verdict:  -")?,
         }
         if let (Some(req), Some(met)) = (p.host_requirement, p.host_requirement_met) {
-            println!(
+            crate::outln!(
                 "  host requires TLS {} (verify {}, min {}): {}",
                 req.required,
                 req.verify,
                 req.min,
                 if met { "met" } else { "NOT met" }
-            );
+            )?;
         }
-        println!(
+        crate::outln!(
             "  delivers over this connection: {}",
             if p.delivers_here { "yes" } else { "no" }
-        );
+        )?;
     }
     for w in &r.warnings {
-        println!("warning:    {w}");
+        crate::outln!("warning:    {w}")?;
     }
     for p in &r.problems {
-        println!("problem:    {p}");
+        crate::outln!("problem:    {p}")?;
     }
-    println!("status:     {}", r.status);
+    crate::outln!("status:     {}", r.status)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! - `metrics`: the shared Prometheus registry.
 //! - `extensions`: sandboxed third-party policy extensions chained after the standard module.
 //! - `edge`: the policy module's SMTP stream face on inbound listeners (`[edge]`).
+//! - `output`: [`outln!`], the commands' `println!` that survives `| head`.
 //! - `proxy_protocol`: the PROXY protocol header of connections from trusted proxies
 //!   (`server.proxy_protocol_from`): the real client address behind Envoy or HAProxy.
 //!
@@ -30,6 +31,7 @@ pub mod host_test;
 pub mod inbound;
 pub mod metrics;
 pub mod mta_sts;
+pub mod output;
 pub mod policy_cmd;
 pub mod policy_engine;
 pub mod proxy_protocol;

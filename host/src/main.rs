@@ -1,5 +1,6 @@
 //! The `altroute` command: parses the command line and hands over to the library.
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -39,7 +40,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Colours only for a person at a terminal: a log file, journald or a pipe gets plain
+    // `key=value` fields that grep finds. NO_COLOR (https://no-color.org) turns them off.
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
+        .with_ansi(ansi)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // The demo's DNS server (hickory_server) logs every query at info: only
@@ -61,6 +67,8 @@ fn main() -> ExitCode {
     match result {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        // The reader of our output went away (`| head`): it has what it wanted.
+        Err(e) if altroute::output::stdout_closed(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("altroute: {e:#}");
             ExitCode::from(2)

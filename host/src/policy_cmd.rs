@@ -21,9 +21,9 @@ pub enum PolicyCommand {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Check a policy and list every problem with its location.
+    /// Check a policy (TOML, or compiled JSON) and list every problem with its location.
     Check { file: PathBuf },
-    /// Run the policy's embedded tests, one line per test.
+    /// Run the policy's embedded tests (TOML, or compiled JSON), one line per test.
     Test { file: PathBuf },
     /// Explain the decision for one query: the decision and the chain of rules behind it.
     Explain(ExplainArgs),
@@ -101,7 +101,7 @@ pub fn run(cmd: PolicyCommand) -> Result<i32> {
                                 out.display()
                             );
                         }
-                        None => println!("{}", c.json),
+                        None => crate::outln!("{}", c.json)?,
                     }
                     Ok(0)
                 }
@@ -110,46 +110,59 @@ pub fn run(cmd: PolicyCommand) -> Result<i32> {
         }
         PolicyCommand::Check { file } => {
             let src = read(&file)?;
-            match compile(&src) {
-                Ok(c) => {
-                    println!(
-                        "{}: ok, policy {:?} version {} ({} hosts, {} rules, {} routes, {} tests)",
-                        file.display(),
-                        c.policy.name,
-                        c.policy.version,
-                        c.policy.hosts.len(),
-                        c.policy.compliance.len(),
-                        c.policy.routes.len(),
-                        c.policy.tests.len()
-                    );
-                    Ok(0)
+            let policy = if is_json(&src) {
+                match Policy::from_json(src.as_bytes()) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(report_json(&file, e)),
                 }
-                Err(diags) => Ok(report(&file, &diags)),
-            }
+            } else {
+                match compile(&src) {
+                    Ok(c) => c.policy,
+                    Err(diags) => return Ok(report(&file, &diags)),
+                }
+            };
+            crate::outln!(
+                "{}: ok, policy {:?} version {} ({} hosts, {} rules, {} routes, {} tests)",
+                file.display(),
+                policy.name,
+                policy.version,
+                policy.hosts.len(),
+                policy.compliance.len(),
+                policy.routes.len(),
+                policy.tests.len()
+            )?;
+            Ok(0)
         }
         PolicyCommand::Test { file } => {
             let src = read(&file)?;
-            let compiled = match compile_without_tests(&src) {
-                Ok(c) => c,
-                Err(diags) => return Ok(report(&file, &diags)),
+            let policy = if is_json(&src) {
+                match Policy::from_json_without_tests(src.as_bytes()) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(report_json(&file, e)),
+                }
+            } else {
+                match compile_without_tests(&src) {
+                    Ok(c) => c.policy,
+                    Err(diags) => return Ok(report(&file, &diags)),
+                }
             };
-            let outcomes = compiled.policy.run_tests();
+            let outcomes = policy.run_tests();
             let mut failed = 0;
             for o in &outcomes {
                 if o.passed() {
-                    println!("pass  {}", o.name);
+                    crate::outln!("pass  {}", o.name)?;
                 } else {
                     failed += 1;
-                    println!("FAIL  {}: {}", o.name, o.mismatches.join("; "));
+                    crate::outln!("FAIL  {}: {}", o.name, o.mismatches.join("; "))?;
                 }
             }
-            println!(
+            crate::outln!(
                 "{} tests, {} passed, {} failed (policy version {})",
                 outcomes.len(),
                 outcomes.len() - failed,
                 failed,
-                compiled.policy.version
-            );
+                policy.version
+            )?;
             Ok(if failed == 0 { 0 } else { 1 })
         }
         PolicyCommand::Explain(args) => explain_cmd(args),
@@ -195,8 +208,8 @@ fn explain_cmd(args: ExplainArgs) -> Result<i32> {
         bail!("a query needs a recipient address (--recipient user@domain)");
     }
     let (d, trace) = explain(&policy, &q);
-    println!("policy   {} ({})", policy.name, policy.version);
-    println!(
+    crate::outln!("policy   {} ({})", policy.name, policy.version)?;
+    crate::outln!(
         "query    {} {} -> {}{}",
         q.phase,
         if q.sender.is_empty() { "<>" } else { &q.sender },
@@ -209,23 +222,29 @@ fn explain_cmd(args: ExplainArgs) -> Result<i32> {
         } else {
             String::new()
         }
-    );
-    println!("because");
+    )?;
+    crate::outln!("because")?;
     for (i, step) in trace.iter().enumerate() {
-        println!("  {}. {step}", i + 1);
+        crate::outln!("  {}. {step}", i + 1)?;
     }
-    println!("decision");
+    crate::outln!("decision")?;
     for (name, value) in contract::encode_decision(&d) {
         let shown = contract::decode_text(value.as_bytes()).unwrap_or(value);
-        println!("  {name}: {shown}");
+        crate::outln!("  {name}: {shown}")?;
     }
     Ok(0)
+}
+
+/// Whether a policy file's text is compiled JSON (it starts with `{`) rather than TOML:
+/// the rule of every command that reads a policy, of the relay and of its reloader.
+fn is_json(src: &str) -> bool {
+    src.trim_start().starts_with('{')
 }
 
 /// Load a policy from TOML (compiled here) or from compiled JSON.
 pub fn load_policy(file: &Path) -> Result<Policy> {
     let src = read(file)?;
-    if src.trim_start().starts_with('{') {
+    if is_json(&src) {
         return Policy::from_json(src.as_bytes())
             .with_context(|| format!("{} is not a valid compiled policy", file.display()));
     }
@@ -240,6 +259,24 @@ pub fn load_policy(file: &Path) -> Result<Policy> {
 
 fn read(file: &Path) -> Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+}
+
+/// Like [`report`], for compiled JSON.
+fn report_json(file: &Path, e: altroute_policy::Error) -> i32 {
+    let problems = match e {
+        altroute_policy::Error::Invalid(list) => list,
+        other => vec![other.to_string()],
+    };
+    for p in &problems {
+        eprintln!("{}: {p}", file.display());
+    }
+    eprintln!(
+        "{}: {} problem{} found",
+        file.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    1
 }
 
 fn report(file: &Path, diags: &[altroute_policy::Diagnostic]) -> i32 {

@@ -79,8 +79,8 @@ fn endpoint(args: &QueueArgs) -> Result<AdminArgs> {
             token: args.token.clone().or(env_token),
         });
     }
-    let config = Config::load(&args.config)
-        .with_context(|| format!("reading {} for [admin]", args.config.display()))?;
+    let config =
+        Config::load(&args.config).context("no --admin given: [admin] of the configuration")?;
     Ok(AdminArgs {
         admin: format!("http://{}", config.admin.listen),
         token: args.token.clone().or(env_token).or(config.admin.token),
@@ -89,17 +89,15 @@ fn endpoint(args: &QueueArgs) -> Result<AdminArgs> {
 
 /// Runs the command; returns the exit code (see the module docs).
 pub fn run(args: QueueArgs) -> Result<i32> {
-    let target = endpoint(&args)?;
-    let (method, path) = match &args.command {
-        QueueCommand::List => ("GET", "/queue".to_string()),
-        QueueCommand::Show { id } => ("GET", format!("/queue/{}", path_segment(id)?)),
-        QueueCommand::Retry { all: true, .. } => ("POST", "/queue/retry".to_string()),
-        QueueCommand::Retry { id, .. } => {
-            let id = id.as_deref().unwrap_or_default();
-            ("POST", format!("/queue/{}/retry", path_segment(id)?))
+    let (method, path) = match request_line(&args.command) {
+        Ok(r) => r,
+        // Refused like an unknown id: exit code 1.
+        Err(invalid) => {
+            eprintln!("altroute: {invalid}");
+            return Ok(1);
         }
-        QueueCommand::Bounce { id } => ("POST", format!("/queue/{}/bounce", path_segment(id)?)),
     };
+    let target = endpoint(&args)?;
     let (status, body) = admin_request(&target, method, &path, b"")?;
     let value: Value = serde_json::from_str(body.trim())
         .with_context(|| format!("the admin endpoint answered {status} with non-JSON: {body}"))?;
@@ -107,7 +105,7 @@ pub fn run(args: QueueArgs) -> Result<i32> {
         bail!("the relay failed: {}", error_text(&value));
     }
     if args.json {
-        println!("{value}");
+        crate::outln!("{value}")?;
     }
     if status != 200 {
         if !args.json {
@@ -117,20 +115,34 @@ pub fn run(args: QueueArgs) -> Result<i32> {
     }
     if !args.json {
         match &args.command {
-            QueueCommand::List => print_list(&value),
-            QueueCommand::Show { .. } => print_show(&value),
-            QueueCommand::Retry { .. } => print_retry(&value),
-            QueueCommand::Bounce { .. } => print_bounce(&value),
+            QueueCommand::List => print_list(&value)?,
+            QueueCommand::Show { .. } => print_show(&value)?,
+            QueueCommand::Retry { .. } => print_retry(&value)?,
+            QueueCommand::Bounce { .. } => print_bounce(&value)?,
         }
     }
     Ok(0)
 }
 
+/// The method and path of `command`; `Err` for an id that is not one.
+fn request_line(command: &QueueCommand) -> std::result::Result<(&'static str, String), String> {
+    Ok(match command {
+        QueueCommand::List => ("GET", "/queue".to_string()),
+        QueueCommand::Show { id } => ("GET", format!("/queue/{}", path_segment(id)?)),
+        QueueCommand::Retry { all: true, .. } => ("POST", "/queue/retry".to_string()),
+        QueueCommand::Retry { id, .. } => {
+            let id = id.as_deref().unwrap_or_default();
+            ("POST", format!("/queue/{}/retry", path_segment(id)?))
+        }
+        QueueCommand::Bounce { id } => ("POST", format!("/queue/{}/bounce", path_segment(id)?)),
+    })
+}
+
 /// Ids are lowercase hex; anything else would change the request path, so refuse it here
 /// (the relay would answer 400 for a well-formed path with a bad id).
-fn path_segment(id: &str) -> Result<&str> {
+fn path_segment(id: &str) -> std::result::Result<&str, String> {
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        bail!("invalid queue id {id:?}");
+        return Err(format!("invalid queue id {id:?}"));
     }
     Ok(id)
 }
@@ -172,20 +184,23 @@ pub fn utc(ts: u64) -> String {
     )
 }
 
-fn print_list(v: &Value) {
+fn print_list(v: &Value) -> std::io::Result<()> {
     let empty = Vec::new();
     let messages = v
         .get("messages")
         .and_then(Value::as_array)
         .unwrap_or(&empty);
     if messages.is_empty() {
-        println!("queue is empty");
-        return;
+        return crate::outln!("queue is empty");
     }
-    println!(
+    crate::outln!(
         "{:<23}  {:<9} {:>8}  {:<20}  {:>8}  SENDER (RECIPIENTS OPEN/ALL)",
-        "ID", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "SIZE"
-    );
+        "ID",
+        "STATE",
+        "ATTEMPTS",
+        "NEXT ATTEMPT",
+        "SIZE"
+    )?;
     for m in messages {
         let state = if m.get("in_flight").and_then(Value::as_bool) == Some(true) {
             "active"
@@ -196,7 +211,7 @@ fn print_list(v: &Value) {
             "" => "<>",
             other => other,
         };
-        println!(
+        crate::outln!(
             "{:<23}  {:<9} {:>8}  {:<20}  {:>8}  {} ({}/{})",
             s(m, "id"),
             state,
@@ -206,72 +221,73 @@ fn print_list(v: &Value) {
             sender,
             n(m, "open_recipients"),
             n(m, "recipients"),
-        );
+        )?;
         if let Some(err) = m.get("last_error").and_then(Value::as_str) {
-            println!("{:<23}  last error: {err}", "");
+            crate::outln!("{:<23}  last error: {err}", "")?;
         }
     }
-    println!("{} message(s)", messages.len());
+    crate::outln!("{} message(s)", messages.len())
 }
 
-fn print_show(v: &Value) {
+fn print_show(v: &Value) -> std::io::Result<()> {
     let sender = match s(v, "sender") {
         "" => "<>",
         other => other,
     };
-    println!("id:           {}", s(v, "id"));
-    println!("sender:       {sender}");
-    println!("message-id:   {}", s(v, "message_id"));
-    println!("size:         {} bytes", n(v, "size"));
-    println!("received:     {}", t(v, "received_at"));
-    println!("expires:      {}", t(v, "expires_at"));
-    println!("state:        {}", s(v, "state"));
-    println!(
+    crate::outln!("id:           {}", s(v, "id"))?;
+    crate::outln!("sender:       {sender}")?;
+    crate::outln!("message-id:   {}", s(v, "message_id"))?;
+    crate::outln!("size:         {} bytes", n(v, "size"))?;
+    crate::outln!("received:     {}", t(v, "received_at"))?;
+    crate::outln!("expires:      {}", t(v, "expires_at"))?;
+    crate::outln!("state:        {}", s(v, "state"))?;
+    crate::outln!(
         "in flight:    {}",
         v.get("in_flight").and_then(Value::as_bool) == Some(true)
-    );
-    println!(
+    )?;
+    crate::outln!(
         "requiretls:   {}",
         v.get("requiretls").and_then(Value::as_bool) == Some(true)
-    );
-    println!("next attempt: {}", t(v, "next_attempt"));
-    println!("recipients:");
+    )?;
+    crate::outln!("next attempt: {}", t(v, "next_attempt"))?;
+    crate::outln!("recipients:")?;
     let empty = Vec::new();
     for r in v
         .get("recipients")
         .and_then(Value::as_array)
         .unwrap_or(&empty)
     {
-        println!(
+        crate::outln!(
             "  {}  {}  attempts={}  next={}",
             s(r, "address"),
             s(r, "state"),
             n(r, "attempts"),
             t(r, "next_attempt")
-        );
+        )?;
         if let Some(via) = r.get("via").and_then(Value::as_str) {
-            println!("    via: {via}");
+            crate::outln!("    via: {via}")?;
         }
         if let Some(err) = r.get("last_error").and_then(Value::as_str) {
-            println!("    last error: {err}");
+            crate::outln!("    last error: {err}")?;
         }
     }
+    Ok(())
 }
 
-fn print_retry(v: &Value) {
+fn print_retry(v: &Value) -> std::io::Result<()> {
     match v.get("id").and_then(Value::as_str) {
-        Some(id) => println!("{id}: {} recipient(s) due now", n(v, "retried")),
-        None => println!("{} recipient(s) due now", n(v, "retried")),
+        Some(id) => crate::outln!("{id}: {} recipient(s) due now", n(v, "retried")),
+        None => crate::outln!("{} recipient(s) due now", n(v, "retried")),
     }
 }
 
-fn print_bounce(v: &Value) {
+fn print_bounce(v: &Value) -> std::io::Result<()> {
     let bounced: Vec<&str> = v
         .get("bounced")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    println!(
+    crate::outln!(
         "{}: bounced {} recipient(s){}",
         s(v, "id"),
         bounced.len(),
@@ -280,14 +296,15 @@ fn print_bounce(v: &Value) {
         } else {
             format!(": {}", bounced.join(", "))
         }
-    );
+    )?;
     match v.get("dsn").and_then(Value::as_str) {
-        Some(dsn) => println!("DSN to the sender queued as {dsn}"),
-        None => println!("no DSN (null sender or nothing to bounce)"),
+        Some(dsn) => crate::outln!("DSN to the sender queued as {dsn}")?,
+        None => crate::outln!("no DSN (null sender or nothing to bounce)")?,
     }
     if v.get("removed").and_then(Value::as_bool) == Some(true) {
-        println!("message removed from the queue");
+        crate::outln!("message removed from the queue")?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -661,7 +661,16 @@ impl Reloader {
 
     fn audit(&self, state: &mut State, entry: Entry) {
         match state.audit.append(entry) {
-            Ok(_) => state.audit_error = None,
+            // A rotated or deleted file is not an error of this write, but an operator
+            // should see it (it is logged as a warning too).
+            Ok(a) => {
+                state.audit_error = a.reopened.map(|why| {
+                    format!(
+                        "audit log {}: {why}; the chain continues there with a \"continue\" line",
+                        state.audit.path().display()
+                    )
+                });
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot write the audit log");
                 state.audit_error = Some(e.to_string());
@@ -771,15 +780,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The `new_version` of the audit log's last line, if any.
+/// The version that was serving at the end of the audit log: the `new_version` of its
+/// last `start`, `activate` or `rollback` line. Other lines name a version that never
+/// served (a refused candidate, a shadow) or none.
 fn last_new_version(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
-    let last = text.lines().rev().find(|l| !l.is_empty())?;
-    let value: Value = serde_json::from_str(last).ok()?;
-    value
-        .get("new_version")
-        .and_then(Value::as_str)
-        .map(str::to_string)
+    text.lines().rev().find_map(|line| {
+        let value: Value = serde_json::from_str(line).ok()?;
+        let action = value.get("action").and_then(Value::as_str)?;
+        if !matches!(action, "start" | "activate" | "rollback") {
+            return None;
+        }
+        value
+            .get("new_version")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1155,22 +1171,23 @@ pub fn watch(
     })
 }
 
-/// Reloads from `sources` on every SIGHUP (who: `sighup`) until `shutdown` completes.
-/// Unlike the watcher, SIGHUP re-applies the files even if they did not change since the
-/// last look (e.g. after an admin API change, SIGHUP returns to the files).
+/// Reloads from `sources` on every SIGHUP that `hup` receives (who: `sighup`) until
+/// `shutdown` completes. Unlike the watcher, SIGHUP re-applies the files even if they did
+/// not change since the last look (e.g. after an admin API change, SIGHUP returns to the
+/// files). Create `hup` early: a SIGHUP it received before this runs is applied at once.
 pub async fn sighup(
     reloader: Arc<Reloader>,
     sources: Sources,
+    mut hup: tokio::signal::unix::Signal,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+) {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => return,
             got = hup.recv() => {
                 if got.is_none() {
-                    return Ok(());
+                    return;
                 }
                 tracing::info!("SIGHUP: reloading the policy files");
                 let reloader = reloader.clone();
@@ -1266,10 +1283,7 @@ pub fn handle_api(reloader: &Reloader, token: Option<&str>, req: ApiRequest<'_>)
             "policy changes through the admin API are disabled: set [admin].token",
         );
     };
-    let given = req
-        .authorization
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .map(str::trim);
+    let given = req.authorization.and_then(bearer_token);
     if !given.is_some_and(|g| same_secret(g, expected)) {
         return ApiResponse::error(401, "a valid bearer token is required");
     }
@@ -1312,6 +1326,15 @@ fn who_of(header: Option<&str>) -> Who {
         "" => Who::Admin("anonymous".into()),
         _ => Who::Admin(id),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 7235 §2.1: `bearer`, `BEARER` too).
+pub(crate) fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Compares secrets without stopping at the first difference.
@@ -1769,6 +1792,66 @@ expect = { tls_required = true }
         assert_eq!(lines[2]["summary"]["differences"], 2);
     }
 
+    #[test]
+    fn restart_names_the_version_that_served_last_as_old() {
+        let (dir, slots, reloader) = setup(&policy("a", &["partner.example"], ""));
+        let b = policy("b", &["partner.example", "other.example"], "");
+        let vb = reloader
+            .apply(&Who::Cli, Candidate::policy(b))
+            .unwrap()
+            .new_version;
+        // Lines after the activation that name versions which never served.
+        let c = policy("c", &["partner.example", "shadowed.example"], "");
+        let vc = reloader
+            .start_shadow(&Who::Cli, Candidate::policy(c.clone()))
+            .unwrap();
+        reloader.stop_shadow(&Who::Cli).unwrap();
+        let failing = policy(
+            "d",
+            &["partner.example"],
+            r#"
+[[tests]]
+name = "wrong on purpose"
+query = { phase = "plan", sender = "a@corp.example", recipient = "b@partner.example" }
+expect = { route = "alternate" }
+"#,
+        );
+        assert!(
+            reloader
+                .apply(&Who::Cli, Candidate::policy(failing))
+                .is_err()
+        );
+        drop(reloader);
+
+        let (policy_c, _) = prepare(c.as_bytes()).unwrap();
+        let _restarted = Reloader::new(
+            slots.clone(),
+            policy_c,
+            altroute_modules::POLICY.into(),
+            ReloadSettings::new(dir.path().join("audit/audit.jsonl")),
+        )
+        .unwrap();
+        let lines = audit_lines(&dir);
+        let actions: Vec<&str> = lines
+            .iter()
+            .map(|l| l["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "start",
+                "activate",
+                "shadow-start",
+                "shadow-stop",
+                "reject",
+                "start"
+            ]
+        );
+        let start = lines.last().unwrap();
+        assert_eq!(start["old_version"], vb.as_str(), "{start}");
+        assert_eq!(start["new_version"], vc.as_str(), "{start}");
+    }
+
     /// Waits (bounded, so a broken watcher fails instead of hanging) until `f` holds.
     fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1871,7 +1954,9 @@ expect = { tls_required = true }
         let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["version"], v["active"]["version"]);
 
-        let r = handle_api(&reloader, Some("s3cret"), req("POST", "/policy", tok, b));
+        // The scheme is case-insensitive.
+        let lower = Some("bearer s3cret");
+        let r = handle_api(&reloader, Some("s3cret"), req("POST", "/policy", lower, b));
         assert_eq!(r.status, 200, "{}", r.body);
         let r = handle_api(
             &reloader,
@@ -1917,8 +2002,7 @@ expect = { tls_required = true }
         std::fs::write(&file, policy("b", &["partner.example", "b.example"], "")).unwrap();
         let (expected, _) = prepare(&std::fs::read(&file).unwrap()).unwrap();
         // Our own handler first: from here on SIGHUP cannot kill the test process.
-        let _guard =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(sighup(
             reloader.clone(),
@@ -1926,6 +2010,7 @@ expect = { tls_required = true }
                 policy: file.clone(),
                 module: None,
             },
+            hup,
             async {
                 let _ = stopped.await;
             },
@@ -1942,7 +2027,7 @@ expect = { tls_required = true }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _ = stop.send(());
-        task.await.unwrap().unwrap();
+        task.await.unwrap();
         let lines = audit_lines(&dir);
         assert_eq!(lines[1]["who"], "sighup");
         assert_eq!(lines[1]["action"], "activate");

@@ -45,6 +45,21 @@ pub struct ServeArgs {
 /// `altroute serve`: load the configuration (listing every problem and returning exit
 /// code 1 if there are any), then run until SIGTERM or SIGINT. Returns the exit code.
 pub fn command(args: ServeArgs) -> Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("altroute")
+        .build()
+        .context("starting the tokio runtime")?;
+    // First thing: starting takes seconds (spool recovery, compiling the module), and
+    // until a process listens for them SIGHUP and SIGTERM end it. From here on they wait
+    // in these streams: a SIGHUP is applied once the reloader is ready, a SIGTERM stops
+    // the relay as soon as it serves.
+    let (hup, shutdown) = {
+        let _runtime = runtime.enter();
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listening for SIGHUP")?;
+        (hup, shutdown_signal())
+    };
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e @ ConfigError::Invalid { .. }) => {
@@ -53,37 +68,32 @@ pub fn command(args: ServeArgs) -> Result<i32> {
         }
         Err(e) => return Err(e.into()),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("altroute")
-        .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(run(config, shutdown_signal()))?;
+    runtime.block_on(run_with_hup(config, shutdown, hup))?;
     Ok(0)
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+/// Listens for SIGTERM and SIGINT from the call on (inside a tokio runtime); the future
+/// completes on the first one.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    async fn first(signal: std::io::Result<tokio::signal::unix::Signal>, name: &str) {
+        match signal {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                tracing::error!(error = %e, "cannot listen for {name}");
                 std::future::pending::<()>().await;
             }
         }
-    };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM received, shutting down"),
-        r = tokio::signal::ctrl_c() => match r {
-            Ok(()) => tracing::info!("SIGINT received, shutting down"),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGINT");
-                std::future::pending::<()>().await;
-            }
-        },
+    }
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        tokio::select! {
+            _ = first(term, "SIGTERM") => tracing::info!("SIGTERM received, shutting down"),
+            _ = first(int, "SIGINT") => tracing::info!("SIGINT received, shutting down"),
+        }
     }
 }
 
@@ -106,8 +116,21 @@ pub fn smtp_config(config: &Config) -> ServerConfig {
     smtp
 }
 
-/// Run the relay until `shutdown` completes, then drain (see the module docs).
+/// Run the relay until `shutdown` completes, then drain (see the module docs). SIGHUP
+/// reloads the policy files.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    run_with_hup(config, shutdown, hup).await
+}
+
+/// [`run`], reloading on each SIGHUP that `hup` receives: created early (see [`command`]),
+/// it keeps one that came while the relay was starting, applied once it is ready.
+pub async fn run_with_hup(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    hup: tokio::signal::unix::Signal,
+) -> Result<()> {
     let retry = RetrySchedule::new(
         config.delivery.retry_initial,
         2,
@@ -201,6 +224,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let hup = tokio::spawn(crate::reload::sighup(
         reloader.clone(),
         sources,
+        hup,
         stopped(stop_rx.clone()),
     ));
     let delivery = if config.delivery.enabled {

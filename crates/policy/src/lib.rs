@@ -19,6 +19,7 @@
 //!
 //! - `types`: the closed vocabularies (route, TLS version, certificate status, ...).
 //! - `source`: the TOML schema. `policy`: the compiled form and the compiler.
+//!   `toml_errors`: every shape error of a TOML document, not just the first.
 //! - `decide`: the decision. `contract`: the header contract. `pattern`: address patterns.
 //! - `sdk` (feature `guest`): helpers for third-party extension modules (docs/extensions.md).
 //!
@@ -59,6 +60,7 @@ mod query;
 #[cfg(feature = "guest")]
 pub mod sdk;
 pub mod source;
+pub mod toml_errors;
 pub mod types;
 
 pub use decide::{compliance_rule, decide, decide_into, explain, org_unit_of, static_route};

@@ -147,6 +147,16 @@ impl Policy {
     /// check it: format, version hash, references, the alternate route's TLS, and the
     /// embedded tests.
     pub fn from_json(json: &[u8]) -> Result<Policy, Error> {
+        Policy::from_json_inner(json, true)
+    }
+
+    /// [`Policy::from_json`] without running the embedded tests (to report each one, as
+    /// `altroute policy test` does, with [`Policy::run_tests`]).
+    pub fn from_json_without_tests(json: &[u8]) -> Result<Policy, Error> {
+        Policy::from_json_inner(json, false)
+    }
+
+    fn from_json_inner(json: &[u8], run_tests: bool) -> Result<Policy, Error> {
         // One UTF-8 check of the whole text, then `from_str`: `from_slice` checks each
         // string again as it reads it, and in the wasm module (where every plugin load
         // parses the policy) that took 5% of a load (BENCHMARKS.md, decision latency).
@@ -169,15 +179,17 @@ impl Policy {
         let mut problems = Vec::new();
         policy.check_references(&mut problems);
         // Only the failures are kept: in the wasm module every plugin load runs the tests.
-        policy.each_test(|test, _, mismatches| {
-            if !mismatches.is_empty() {
-                problems.push(format!(
-                    "test {:?} failed: {}",
-                    test.name,
-                    mismatches.join("; ")
-                ));
-            }
-        });
+        if run_tests {
+            policy.each_test(|test, _, mismatches| {
+                if !mismatches.is_empty() {
+                    problems.push(format!(
+                        "test {:?} failed: {}",
+                        test.name,
+                        mismatches.join("; ")
+                    ));
+                }
+            });
+        }
         if problems.is_empty() {
             // The pattern index now, if the tests did not build it: a loaded policy's
             // first decision is as fast as the others.
@@ -334,25 +346,30 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
     let lines = LineIndex::new(toml_src);
     let mut diags = Vec::new();
 
-    let mut unknown = Vec::new();
-    let de = match toml::de::Deserializer::parse(toml_src) {
-        Ok(de) => de,
-        Err(e) => return Err(vec![toml_error(&lines, &e)]),
+    // Every value of the wrong type at once; the checks below need the whole shape right.
+    let shape = crate::toml_errors::deserialize::<SourcePolicy>(toml_src);
+    diags.extend(shape.errors.iter().map(|e| toml_error(&lines, e)));
+    // Parsed again with spans, only to place unknown keys (it parsed once already).
+    let doc = if shape.unknown.is_empty() {
+        None
+    } else {
+        toml::de::DeTable::parse(&shape.text).ok()
     };
-    let source: SourcePolicy =
-        match serde_ignored::deserialize(de, |path| unknown.push(path.to_string())) {
-            Ok(s) => s,
-            Err(e) => return Err(vec![toml_error(&lines, &e)]),
-        };
-    for path in unknown {
+    for path in &shape.unknown {
         // `Spanned` wrappers show up as a private segment in the path; drop it.
         let path = path.replace(".$__serde_spanned_private_value", "");
         let key = path.rsplit('.').next().unwrap_or(&path).to_string();
         diags.push(Diagnostic {
-            location: lines.locate_key(&key).unwrap_or_else(|| path.clone()),
+            location: doc
+                .as_ref()
+                .and_then(|doc| lines.locate_key(doc.get_ref(), &path))
+                .unwrap_or_else(|| path.clone()),
             message: format!("unknown field `{key}` (at {path})"),
         });
     }
+    let Some(source) = shape.value.filter(|_| shape.errors.is_empty()) else {
+        return Err(diags);
+    };
 
     // Hosts.
     let mut hosts = BTreeMap::new();
@@ -797,14 +814,28 @@ impl<'a> LineIndex<'a> {
         format!("line {}, {what}", self.line_of(offset))
     }
 
-    /// The line of the first `key = ...` assignment, for unknown keys.
-    fn locate_key(&self, key: &str) -> Option<String> {
-        self.src.lines().enumerate().find_map(|(i, line)| {
-            let t = line.trim_start();
-            let rest = t.strip_prefix(key)?;
-            rest.trim_start()
-                .starts_with('=')
-                .then(|| format!("line {}", i + 1))
-        })
+    /// The line of the key at `path` in `doc` (the source parsed with spans), for unknown
+    /// keys. `path` is serde_ignored's: keys and array indexes joined by `.`, such as
+    /// `hosts.1.priority`; `None` if it does not lead to a key (a key with a `.` in it).
+    fn locate_key(&self, doc: &toml::de::DeTable<'_>, path: &str) -> Option<String> {
+        use toml::de::DeValue;
+        let mut table = doc;
+        let mut segments = path.split('.');
+        loop {
+            let (key, value) = table.get_key_value(segments.next()?)?;
+            let mut value = value.get_ref();
+            while let DeValue::Array(items) = value {
+                let index: usize = segments.clone().next()?.parse().ok()?;
+                segments.next();
+                value = items.get(index)?.get_ref();
+            }
+            match value {
+                DeValue::Table(t) if segments.clone().next().is_some() => table = t,
+                _ if segments.next().is_none() => {
+                    return Some(format!("line {}", self.line_of(key.span().start)));
+                }
+                _ => return None,
+            }
+        }
     }
 }

@@ -9,6 +9,9 @@
 mod policy_cli;
 mod support;
 
+mod admin;
+mod audit;
+mod cli;
 mod crash;
 mod delivery;
 mod demo;
@@ -21,4 +24,5 @@ mod inproc;
 mod mta_sts;
 mod queue;
 mod reload;
+mod startup;
 mod tlsrpt;

@@ -115,3 +115,40 @@ fn compile_then_explain_from_json() {
         "{out}"
     );
 }
+
+#[test]
+fn check_and_test_read_compiled_json_like_serve_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("policy.json");
+    let src = examples().join("hosted-suite.toml");
+    let (code, _, err) = altroute(&[
+        "policy",
+        "compile",
+        src.to_str().expect("utf-8"),
+        "-o",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let json = json.to_str().expect("utf-8");
+
+    let (code, out, err) = altroute(&["policy", "check", json]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(": ok, policy \"hosted-suite\" version sha256:"),
+        "{out}"
+    );
+
+    let (code, out, err) = altroute(&["policy", "test", json]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("6 tests, 6 passed, 0 failed"), "{out}");
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"format\": 1}").expect("write");
+    let bad = bad.to_str().expect("utf-8");
+    for cmd in ["check", "test"] {
+        let (code, out, err) = altroute(&["policy", cmd, bad]);
+        assert_eq!(code, 1, "{cmd}: {out}{err}");
+        assert!(err.contains("compiled policy is not valid"), "{cmd}: {err}");
+        assert!(err.contains("1 problem found"), "{cmd}: {err}");
+    }
+}

@@ -45,6 +45,8 @@ pub struct RelayConfig {
     /// Extra lines for `[server]`, `[relay]`.
     pub server_extra: String,
     pub relay_extra: String,
+    /// Extra lines for `[admin]`.
+    pub admin_extra: String,
 }
 
 impl RelayConfig {
@@ -60,6 +62,7 @@ impl RelayConfig {
             spool_dir: None,
             server_extra: String::new(),
             relay_extra: String::new(),
+            admin_extra: String::new(),
         }
     }
 
@@ -91,7 +94,12 @@ impl RelayConfig {
             policy_file().display().to_string()
         )
         .unwrap();
-        writeln!(s, "[admin]\nlisten = \"{}\"", self.admin).unwrap();
+        writeln!(
+            s,
+            "[admin]\nlisten = \"{}\"\n{}",
+            self.admin, self.admin_extra
+        )
+        .unwrap();
         s
     }
 }
@@ -108,6 +116,14 @@ pub struct Relay {
 impl Relay {
     /// Write the configuration and start the relay; panics if it does not come up.
     pub fn start(config: RelayConfig) -> Relay {
+        let mut relay = Relay::spawn(config);
+        relay.wait_ready();
+        relay
+    }
+
+    /// Write the configuration and start the relay without waiting for it to serve
+    /// (see [`Relay::wait_ready`]).
+    pub fn spawn(config: RelayConfig) -> Relay {
         let dir = tempfile::tempdir().expect("tempdir");
         let spool_dir = config
             .spool_dir
@@ -122,12 +138,17 @@ impl Relay {
             config_path,
             child: None,
         };
-        relay.restart();
+        relay.spawn_process();
         relay
     }
 
     /// (Re)start the process on the same configuration and spool.
     pub fn restart(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         assert!(self.child.is_none(), "relay already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -139,16 +160,19 @@ impl Relay {
             .arg("-c")
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            // Whether the log has colours is the binary's decision (stderr is a file).
+            .env_remove("NO_COLOR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn altroute");
         self.child = Some(child);
-        self.wait_ready();
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the relay greets on its SMTP port; panics if it exits or takes over a
+    /// minute.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self

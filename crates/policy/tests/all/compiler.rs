@@ -371,3 +371,104 @@ fn a_policy_of_twenty_thousand_rules_compiles() {
         ["line 60004, tls_compliance[20000] \"r7\": rule name \"r7\" is used twice"]
     );
 }
+
+#[test]
+fn unknown_keys_are_placed_in_their_own_table() {
+    let src = r#"[[hosts]]
+name = "a"
+address = "a.example.net"
+
+[[hosts]]
+name = "b"
+priority = 1
+address = "b.example.net"
+
+[[hosts]]
+name = "c"
+address = "c.example.net"
+priority = 2
+
+[[tls_compliance]]
+name = "partners"
+domains = ["partner.example"]
+priority = 3
+
+[policy]
+name = "x"
+tests_note = { priority = 4 }
+"#;
+    let errs = errors(src);
+    let find = |at: &str| errs.iter().any(|e| e.starts_with(at));
+    assert!(
+        find("line 7: unknown field `priority` (at hosts.1.priority)"),
+        "{errs:#?}"
+    );
+    assert!(
+        find("line 13: unknown field `priority` (at hosts.2.priority)"),
+        "{errs:#?}"
+    );
+    assert!(
+        find("line 18: unknown field `priority` (at tls_compliance.0.priority)"),
+        "{errs:#?}"
+    );
+    assert!(
+        find("line 22: unknown field `tests_note` (at policy.tests_note)"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn every_value_of_the_wrong_type_is_reported_at_once() {
+    let src = r#"[policy]
+name = 12
+
+[[hosts]]
+name = "gw"
+address = "gw.example.net"
+port = "twenty-five"
+colour = "blue"
+
+[[tls_compliance]]
+name = "partners"
+domains = "partner.example"
+"#;
+    let errs = errors(src);
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert!(
+        errs.iter().any(|e| e.starts_with("line 2, column 8")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.starts_with("line 7, column 8")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.starts_with("line 12, column 11")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("line 8: unknown field `colour`")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn a_required_value_of_the_wrong_type_is_not_also_missing() {
+    let src = r#"[[hosts]]
+name = 7
+address = "gw.example.net"
+
+[[hosts]]
+name = "b"
+address = 9
+"#;
+    let errs = errors(src);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].starts_with("line 2"), "{errs:#?}");
+    assert!(errs[1].starts_with("line 7"), "{errs:#?}");
+    assert!(
+        !errs.iter().any(|e| e.contains("missing field")),
+        "{errs:#?}"
+    );
+}

@@ -1,0 +1,141 @@
+//! The policy audit log as an operator meets it: a torn line left by a crash or a full
+//! disk, `altroute audit verify` on good, bad and missing files, and a log moved away
+//! under the running relay.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::{Relay, RelayConfig};
+
+/// `altroute audit verify FILE`: (exit code, stdout, stderr).
+fn verify(path: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_torn_last_line_does_not_stop_the_relay() {
+    let mut relay = Relay::start(RelayConfig::new());
+    relay.stop();
+    let audit = relay.spool_dir.join("audit.jsonl");
+    // What a crash or a full disk in the middle of a write leaves behind.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .unwrap();
+    f.write_all(br#"{"action":"activate","hash":"5d0c"#)
+        .unwrap();
+    drop(f);
+
+    relay.restart();
+    relay.stop();
+    let ls = lines(&audit);
+    let actions: Vec<&str> = ls.iter().map(|l| l["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["start", "repair", "start"]);
+    let (code, out, err) = verify(&audit);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: 3 entries, chain intact"), "{out}");
+    assert!(
+        relay.log().contains("cut off a torn last line"),
+        "{}",
+        relay.log()
+    );
+}
+
+#[test]
+fn a_log_moved_away_under_the_relay_continues_at_its_path() {
+    const TOKEN: &str = "audit-e2e-token";
+    let mut config = RelayConfig::new();
+    config.admin_extra = format!("token = {TOKEN:?}");
+    let mut relay = Relay::start(config);
+    let audit = relay.spool_dir.join("audit.jsonl");
+    let rotated = relay.spool_dir.join("audit.jsonl.1");
+    let start = lines(&audit);
+    assert_eq!(start.len(), 1);
+    let head = start[0]["hash"].as_str().unwrap().to_string();
+    // The head is logged, so that it can be kept elsewhere.
+    assert!(
+        relay.log().contains(&format!(
+            "audit log head path={} seq=1 hash={head}",
+            audit.display()
+        )),
+        "{}",
+        relay.log()
+    );
+
+    // logrotate without telling the relay.
+    std::fs::rename(&audit, &rotated).unwrap();
+    let policy = std::fs::read_to_string(crate::support::policy_file())
+        .unwrap()
+        .replacen("name = \"hosted-suite\"", "name = \"hosted-suite-2\"", 1);
+    assert!(policy.contains("hosted-suite-2"));
+    let (status, body) = post(relay.config.admin, "/policy", TOKEN, policy.as_bytes());
+    assert!(status.contains(" 200 "), "{status} {body}");
+
+    let (_, body) = relay.admin_get("/policy");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let error = v["audit"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("moved away"), "{body}");
+    assert_eq!(v["audit"]["seq"], 3, "{body}");
+
+    let (code, out, err) = verify(&rotated);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: 1 entries, chain intact"), "{out}");
+    let (code, out, err) = verify(&audit);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "ok: 2 entries, chain intact, continuing an earlier file after seq 1 (hash {head})"
+        )),
+        "{out}"
+    );
+    let now = lines(&audit);
+    assert_eq!(now[0]["action"], "continue");
+    assert_eq!(now[1]["action"], "activate");
+    assert!(
+        relay
+            .log()
+            .contains("the chain continues in the file at the path")
+    );
+    relay.stop();
+}
+
+/// HTTP POST with the token; returns (status line, body).
+fn post(admin: std::net::SocketAddr, path: &str, token: &str, body: &[u8]) -> (String, String) {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
