@@ -12,7 +12,7 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
-use crate::pattern::Pattern;
+use crate::pattern::{Pattern, canonical, trim_root};
 use crate::policy::{Policy, Rule};
 use crate::types::Direction;
 
@@ -89,7 +89,8 @@ impl Table {
     }
 
     /// Calls `found` with every pattern of org unit `unit` that matches `address`, whose
-    /// domain is `domain` (as [`Pattern::matches_split`] does), in no particular order.
+    /// domain is `domain` (as [`Pattern::matches_split`] does, on the [`canonical`]
+    /// address), in no particular order.
     pub(crate) fn matching<'t>(
         &'t self,
         unit: &str,
@@ -100,6 +101,8 @@ impl Table {
         let Ok(u) = self.units.binary_search_by(|(u, _)| cmp_unit(u, unit)) else {
             return;
         };
+        let address = canonical(address);
+        let (address, domain) = (address.as_ref(), trim_root(domain));
         let [addresses, domains, subdomains] = self.units[u].1.clone();
         let mut each = |range: Range<usize>, needle: &str| {
             if !range.is_empty() {

@@ -1,5 +1,7 @@
 //! Address patterns: an exact address, an exact domain, or `*.` subdomains.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// What a TLS compliance rule, a static route or an org unit's sender list matches.
@@ -14,9 +16,15 @@ pub enum Pattern {
 }
 
 impl Pattern {
-    /// Parse a pattern as admins write it. Lower-cases it.
+    /// Parse a pattern as admins write it. Lower-cases it, and writes a quoted local part
+    /// without its quotes (`"ceo"@x.example` is `ceo@x.example`, see [`canonical`]).
     pub fn parse(s: &str) -> Result<Pattern, String> {
         let s = s.trim().to_ascii_lowercase();
+        let s = if s.starts_with('"') {
+            canonical(&s).into_owned()
+        } else {
+            s
+        };
         if let Some(rest) = s.strip_prefix("*.") {
             check_domain(rest)?;
             return Ok(Pattern::Subdomains(rest.to_string()));
@@ -58,8 +66,11 @@ impl Pattern {
     }
 
     /// [`Pattern::matches`] with `domain` = `domain_of(address)` already found (a
-    /// decision matches one address against many patterns).
+    /// decision matches one address against many patterns). Both are taken as
+    /// [`canonical`] writes them.
     pub fn matches_split(&self, address: &str, domain: &str) -> bool {
+        let address = canonical(address);
+        let (address, domain) = (address.as_ref(), trim_root(domain));
         match self {
             Pattern::Address(a) => a.eq_ignore_ascii_case(address),
             Pattern::Domain(d) => d.eq_ignore_ascii_case(domain),
@@ -81,6 +92,51 @@ pub fn domain_of(address: &str) -> &str {
         Some(at) => &address[at + 1..],
         None => address,
     }
+}
+
+/// `domain` without the trailing dot of a fully qualified name: `partner.example.` is
+/// `partner.example` (one dot only; `a..` stays malformed and matches nothing).
+pub fn trim_root(domain: &str) -> &str {
+    match domain.strip_suffix('.') {
+        Some(d) if !d.is_empty() && !d.ends_with('.') => d,
+        _ => domain,
+    }
+}
+
+/// An envelope address as patterns see it: the domain without a trailing dot
+/// ([`trim_root`]), and a quoted local part without its quotes and backslashes
+/// (`"ceo"@partner.example` is the mailbox `ceo@partner.example`, RFC 5321 §4.1.2).
+/// Otherwise a rule could be escaped by spelling its address another way. Borrows
+/// unless there was a quote to remove.
+pub fn canonical(address: &str) -> Cow<'_, str> {
+    let at = address.bytes().rposition(|b| b == b'@');
+    let trimmed = match at {
+        // `@` is ASCII: the byte after it starts a char.
+        Some(at) => {
+            let domain = &address[at + 1..];
+            &address[..address.len() - (domain.len() - trim_root(domain).len())]
+        }
+        None => trim_root(address),
+    };
+    let Some(at) = at else {
+        return Cow::Borrowed(trimmed);
+    };
+    let local = &trimmed[..at];
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return Cow::Borrowed(trimmed);
+    };
+    let mut out = String::with_capacity(trimmed.len());
+    let mut escaped = false;
+    for c in inner.chars() {
+        if c == '\\' && !escaped {
+            escaped = true;
+        } else {
+            out.push(c);
+            escaped = false;
+        }
+    }
+    out.push_str(&trimmed[at..]);
+    Cow::Owned(out)
 }
 
 impl std::fmt::Display for Pattern {

@@ -589,6 +589,9 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
     for (i, spec) in source.routes.iter().enumerate() {
         let r = spec.get_ref();
         let at = lines.at(spec.span().start, &format!("routes[{i}] {:?}", r.name));
+        if r.name.trim().is_empty() {
+            diags.push(diag(&at, "a route needs a name"));
+        }
         if !route_names.insert(r.name.as_str()) {
             diags.push(diag(&at, &format!("route name {:?} is used twice", r.name)));
         }
@@ -632,18 +635,41 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
         });
     }
 
-    let tests = source
-        .tests
-        .iter()
-        .map(|t| {
-            let t = t.get_ref();
-            PolicyTest {
-                name: t.name.clone(),
-                query: t.query.clone(),
-                expect: t.expect.clone(),
-            }
-        })
-        .collect();
+    // Tests: each must be able to fail, and ask what the relay can ask.
+    let mut tests = Vec::new();
+    let mut test_names: BTreeSet<&str> = BTreeSet::new();
+    for (i, spec) in source.tests.iter().enumerate() {
+        let t = spec.get_ref();
+        let at = lines.at(spec.span().start, &format!("tests[{i}] {:?}", t.name));
+        if t.name.trim().is_empty() {
+            diags.push(diag(&at, "a test needs a name"));
+        }
+        if !test_names.insert(t.name.as_str()) {
+            diags.push(diag(&at, &format!("test name {:?} is used twice", t.name)));
+        }
+        if t.expect == Expect::default() {
+            diags.push(diag(
+                &at,
+                "a test needs at least one expectation (route, rule, host, tls_required or \
+                 result): without one it cannot fail",
+            ));
+        }
+        // What the header contract refuses (`contract::decode_query`) is never asked.
+        if !t.query.recipient.contains('@') {
+            diags.push(diag(
+                &at,
+                &format!(
+                    "the query's recipient {:?} is not an address (user@domain)",
+                    t.query.recipient
+                ),
+            ));
+        }
+        tests.push(PolicyTest {
+            name: t.name.clone(),
+            query: t.query.clone(),
+            expect: t.expect.clone(),
+        });
+    }
 
     let mut policy = Policy {
         format: FORMAT,
@@ -825,7 +851,11 @@ impl<'a> LineIndex<'a> {
             let (key, value) = table.get_key_value(segments.next()?)?;
             let mut value = value.get_ref();
             while let DeValue::Array(items) = value {
-                let index: usize = segments.clone().next()?.parse().ok()?;
+                // The path may end at an array of tables itself (a misspelt `[[section]]`).
+                let Some(next) = segments.clone().next() else {
+                    break;
+                };
+                let index: usize = next.parse().ok()?;
                 segments.next();
                 value = items.get(index)?.get_ref();
             }

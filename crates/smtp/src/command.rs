@@ -125,6 +125,18 @@ pub fn parse_command(line: &[u8]) -> Result<Request<String>, smtp_proto::Error> 
     {
         from.size = usize::MAX;
     }
+    // smtp-proto parses `<postmaster>` (RFC 5321 4.1.1.3: the one forward
+    // path without a domain, which must be accepted) as an empty address.
+    if let Request::Rcpt { to } = &mut req
+        && to.address.is_empty()
+        && let Some(path) = line
+            .iter()
+            .position(|b| *b == b'<')
+            .and_then(|open| line.get(open + 1..open + 12))
+            .filter(|p| p.eq_ignore_ascii_case(b"postmaster>"))
+    {
+        to.address = String::from_utf8_lossy(path.get(..10).unwrap_or(b"postmaster")).into_owned();
+    }
     Ok(req)
 }
 

@@ -86,7 +86,8 @@ pub use command::{CommandLine, CommandReader, MAX_COMMAND_LINE};
 pub use data::{DataError, DataReader, MAX_TEXT_LINE, dot_stuff};
 pub use reply::{Reply, ReplyError, ReplyReader};
 pub use server::{
-    Body, Envelope, Handler, ServerConfig, SessionEnd, SessionInfo, TlsInfo, serve_session,
+    Body, Envelope, Handler, MAX_ERRORS, ServerConfig, SessionEnd, SessionInfo, TlsInfo,
+    serve_session,
 };
 pub use verify::{CertResult, RecordingVerifier};
 

@@ -104,7 +104,14 @@ pub enum SessionEnd {
     Disconnected,
     /// A command, data or session timeout fired; `421 4.4.2` was sent.
     Timeout,
+    /// The client made more than [`MAX_ERRORS`] errors; `421 4.7.0` was sent.
+    TooManyErrors,
 }
+
+/// Errors a session may make (unknown or unimplemented commands, syntax
+/// errors, over-long lines, failed AUTH) before it is closed with
+/// `421 4.7.0`. Postfix's `smtpd_hard_error_limit` has the same default.
+pub const MAX_ERRORS: u32 = 20;
 
 /// The embedder's side of a server session.
 ///
@@ -225,6 +232,8 @@ where
         handler,
         envelope: None,
         deadline,
+        errors: 0,
+        esmtp: false,
     };
     let mut conn = Conn::new(stream);
     conn.push(&Reply::new(
@@ -364,6 +373,10 @@ struct Session<H> {
     handler: Arc<H>,
     envelope: Option<Envelope>,
     deadline: Instant,
+    /// Errors so far (see [`MAX_ERRORS`]); not reset by STARTTLS.
+    errors: u32,
+    /// The last greeting was EHLO, not HELO.
+    esmtp: bool,
 }
 
 impl<H: Handler> Session<H> {
@@ -405,9 +418,24 @@ impl<H: Handler> Session<H> {
         conn: &mut Conn<T>,
     ) -> Result<Step, Error> {
         loop {
+            if self.errors > MAX_ERRORS {
+                conn.push(&Reply::new(
+                    421,
+                    (4, 7, 0),
+                    format!(
+                        "{} Too many errors, closing connection",
+                        self.config.hostname
+                    ),
+                ));
+                // Best effort: the peer may be gone.
+                let _ = conn.flush().await;
+                let _ = conn.stream.shutdown().await;
+                return Ok(Step::End(SessionEnd::TooManyErrors));
+            }
             let line = match self.next_line(conn).await? {
                 Next::Line(CommandLine::Line(line)) => line,
                 Next::Line(CommandLine::TooLong) => {
+                    self.errors += 1;
                     conn.push(&Reply::new(500, (5, 5, 6), "Line too long"));
                     continue;
                 }
@@ -416,6 +444,7 @@ impl<H: Handler> Session<H> {
             let request = match parse_command(&line) {
                 Ok(r) => r,
                 Err(e) => {
+                    self.errors += 1;
                     conn.push(&parse_error_reply(&e));
                     continue;
                 }
@@ -423,11 +452,13 @@ impl<H: Handler> Session<H> {
             match request {
                 Request::Ehlo { host } => {
                     self.envelope = None;
+                    self.esmtp = true;
                     self.info.helo = Some(host);
                     conn.push(&self.ehlo_reply());
                 }
                 Request::Helo { host } => {
                     self.envelope = None;
+                    self.esmtp = false;
                     self.info.helo = Some(host);
                     conn.push(&Reply {
                         code: 250,
@@ -436,7 +467,7 @@ impl<H: Handler> Session<H> {
                     });
                 }
                 Request::Mail { from } => {
-                    let reply = self.mail(from).await;
+                    let reply = self.mail(from, &line).await;
                     conn.push(&reply);
                 }
                 Request::Rcpt { to } => {
@@ -488,9 +519,19 @@ impl<H: Handler> Session<H> {
                     let _ = conn.stream.shutdown().await;
                     return Ok(Step::End(SessionEnd::Quit));
                 }
-                // Known commands we do not offer (EXPN, ETRN, BDAT, LHLO,
+                // CHUNKING is not offered, so BDAT is a command we do not know,
+                // and whatever follows it is read as commands, as by any server
+                // without CHUNKING (RFC 3030 §2). The SMTP edge filter in front
+                // of this port (wasm/policy/src/smtp.rs) reads them the same way
+                // and checks each one; a server that skipped `chunk_size` octets
+                // would desynchronise from it, and a command the filter rewrote
+                // to a shorter one would shift where the server resumes reading.
+                // Known commands we do not offer (BDAT, EXPN, ETRN, LHLO,
                 // ATRN, BURL).
-                _ => conn.push(&Reply::new(502, (5, 5, 1), "Command not implemented")),
+                _ => {
+                    self.errors += 1;
+                    conn.push(&Reply::new(502, (5, 5, 1), "Command not implemented"));
+                }
             }
         }
     }
@@ -526,12 +567,28 @@ impl<H: Handler> Session<H> {
         }
     }
 
-    async fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Reply {
+    async fn mail(&mut self, from: smtp_proto::MailFrom<String>, line: &[u8]) -> Reply {
         if self.info.helo.is_none() {
             return Reply::new(503, (5, 5, 1), "Send EHLO or HELO first");
         }
         if self.envelope.is_some() {
             return Reply::new(503, (5, 5, 1), "Nested MAIL command");
+        }
+        let params = mail_params(line);
+        if !self.esmtp && !params.is_empty() {
+            // RFC 5321 4.1.1.11: parameters only for extensions offered in
+            // the EHLO reply, and HELO offers none.
+            return Reply::new(555, (5, 5, 4), "MAIL parameters need EHLO");
+        }
+        if let Some(dup) = duplicate(&params) {
+            return Reply::new(
+                501,
+                (5, 5, 4),
+                format!("Duplicate parameter {}", String::from_utf8_lossy(dup)),
+            );
+        }
+        if !from.address.is_empty() && !valid_mailbox(&from.address) {
+            return Reply::new(501, (5, 1, 7), "Bad sender address syntax");
         }
         let f = from.flags;
         if f & smtp_proto::MAIL_BODY_BINARYMIME != 0
@@ -594,6 +651,11 @@ impl<H: Handler> Session<H> {
         }
         if !envelope.smtputf8 && !address.is_ascii() {
             return Reply::new(553, (5, 6, 7), "Non-ASCII address requires SMTPUTF8");
+        }
+        // RFC 5321 4.1.1.3: the forward path is never null; "postmaster"
+        // alone is the only mailbox without a domain.
+        if !valid_mailbox(&address) && !address.eq_ignore_ascii_case("postmaster") {
+            return Reply::new(501, (5, 1, 3), "Bad recipient address syntax");
         }
         if !self.handler.may_relay(&self.info) {
             return Reply::new(550, (5, 7, 1), "Relaying denied");
@@ -767,11 +829,14 @@ impl<H: Handler> Session<H> {
                 self.info.auth = Some(identity);
                 conn.push(&Reply::new(235, (2, 7, 0), "Authentication successful"));
             }
-            None => conn.push(&Reply::new(
-                535,
-                (5, 7, 8),
-                "Authentication credentials invalid",
-            )),
+            None => {
+                self.errors += 1;
+                conn.push(&Reply::new(
+                    535,
+                    (5, 7, 8),
+                    "Authentication credentials invalid",
+                ));
+            }
         }
         Ok(None)
     }
@@ -790,4 +855,70 @@ fn parse_error_reply(e: &smtp_proto::Error) -> Reply {
         }
         _ => Reply::new(501, (5, 5, 4), "Syntax error"),
     }
+}
+
+/// The ESMTP parameters of a MAIL line: the words after the closing `>` of
+/// the reverse path (quoted local parts may contain `>`).
+fn mail_params(line: &[u8]) -> Vec<&[u8]> {
+    let Some(open) = line.iter().position(|b| *b == b'<') else {
+        return Vec::new();
+    };
+    let (mut quoted, mut escaped) = (false, false);
+    let mut close = None;
+    for (i, &b) in line.iter().enumerate().skip(open + 1) {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => {
+                close = Some(i);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let rest = close.and_then(|c| line.get(c + 1..)).unwrap_or(&[]);
+    rest.split(|b| *b == b' ' || *b == b'\t')
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// The first parameter keyword given twice (RFC 5321 4.1.2 allows each
+/// once), compared without case and without its `=value`.
+fn duplicate<'a>(params: &[&'a [u8]]) -> Option<&'a [u8]> {
+    let key = |p: &'a [u8]| p.split(|b| *b == b'=').next().unwrap_or(p);
+    params.iter().enumerate().find_map(|(i, p)| {
+        let k = key(p);
+        params
+            .get(..i)
+            .unwrap_or(&[])
+            .iter()
+            .any(|q| key(q).eq_ignore_ascii_case(k))
+            .then_some(k)
+    })
+}
+
+/// `local@domain` within RFC 5321 4.5.3.1 limits (local part 64 octets,
+/// domain 255), with a non-empty local part and a domain of LDH labels (any
+/// non-ASCII octet is allowed for SMTPUTF8) or an address literal. The
+/// local part's syntax was checked by the parser.
+fn valid_mailbox(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return false;
+    };
+    if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.len() > 255 {
+        return false;
+    }
+    if domain.starts_with('[') {
+        return domain.ends_with(']');
+    }
+    domain.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || !b.is_ascii())
+    })
 }

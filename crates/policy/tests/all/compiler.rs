@@ -454,6 +454,59 @@ domains = "partner.example"
 }
 
 #[test]
+fn routes_and_tests_need_names_and_tests_must_be_able_to_fail() {
+    let errs = errors(
+        r#"
+[[hosts]]
+name = "gw"
+address = "gw.example"
+
+[[routes]]
+name = ""
+domains = ["a.example"]
+host = "gw"
+
+[[tests]]
+name = "t"
+query = { recipient = "bob@a.example" }
+expect = { route = "host" }
+
+[[tests]]
+name = "t"
+query = { recipient = "bob@a.example" }
+expect = { route = "host" }
+
+[[tests]]
+name = "nothing checked"
+query = { recipient = "bob@a.example" }
+expect = {}
+
+[[tests]]
+name = "no address"
+query = { recipient = "a.example" }
+expect = { route = "direct" }
+"#,
+    );
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert!(
+        errs[0].contains("line 6") && errs[0].contains("a route needs a name"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].contains("line 16") && errs[1].contains("test name \"t\" is used twice"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].contains("line 21") && errs[2].contains("cannot fail"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].contains("line 26") && errs[3].contains("not an address"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
 fn a_required_value_of_the_wrong_type_is_not_also_missing() {
     let src = r#"[[hosts]]
 name = 7
@@ -469,6 +522,25 @@ address = 9
     assert!(errs[1].starts_with("line 7"), "{errs:#?}");
     assert!(
         !errs.iter().any(|e| e.contains("missing field")),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn a_misspelt_section_is_reported_with_its_line() {
+    let errs = errors(
+        r#"
+[policy]
+name = "x"
+
+[[tls_complance]]
+name = "partners"
+domains = ["partner.example"]
+"#,
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("line 5") && errs[0].contains("unknown field `tls_complance`"),
         "{errs:#?}"
     );
 }

@@ -2,6 +2,7 @@
 //! invariants as properties.
 #![allow(clippy::unwrap_used)]
 
+mod addresses;
 mod compiler;
 mod examples;
 mod properties;

@@ -304,3 +304,89 @@ async fn timeouts() {
         );
     }
 }
+
+/// CHUNKING is not offered; a client sending BDAT anyway gets 502 after its
+/// chunk, and the chunk's bytes are never run as commands.
+/// Without CHUNKING offered, BDAT is an unknown command (counted as an error) and the
+/// bytes after it are commands, as the SMTP edge filter in front of this port reads them.
+#[tokio::test]
+async fn bdat_without_chunking_is_refused_and_what_follows_is_commands() {
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    raw.cmd("EHLO client.test", "250").await;
+    raw.cmd("MAIL FROM:<a@src.test>", "250 2.1.0").await;
+    raw.send(b"BDAT 12 LAST\r\nRSET\r\nNOOP\r\n").await;
+    assert!(raw.reply().await.starts_with("502 5.5.1"));
+    assert!(raw.reply().await.starts_with("250 2.0.0"));
+    assert!(raw.reply().await.starts_with("250 2.0.0"));
+    // RSET ran: a new transaction may start.
+    raw.cmd("MAIL FROM:<a@src.test>", "250 2.1.0").await;
+    raw.cmd("BDAT 0 LAST", "502 5.5.1").await;
+    raw.cmd("QUIT", "221").await;
+    raw.expect_eof().await;
+}
+
+#[tokio::test]
+async fn too_many_errors_close_the_session() {
+    let mut srv = spawn_server(config(), Memory::new(true)).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    raw.cmd("EHLO client.test", "250").await;
+    let mut flood = Vec::new();
+    for _ in 0..=altroute_smtp::MAX_ERRORS {
+        flood.extend_from_slice(b"FOO\r\n");
+    }
+    flood.extend_from_slice(b"NOOP\r\n");
+    raw.send(&flood).await;
+    for _ in 0..=altroute_smtp::MAX_ERRORS {
+        let r = raw.reply().await;
+        assert!(r.starts_with("500 5.5.2"), "{r}");
+    }
+    let r = raw.reply().await;
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    raw.expect_eof().await;
+    assert!(matches!(
+        srv.ends.recv().await,
+        Some(Ok(SessionEnd::TooManyErrors))
+    ));
+}
+
+#[tokio::test]
+async fn envelope_address_and_parameter_checks() {
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    for (line, expect) in [
+        ("HELO client.test", "250"),
+        // HELO offers no extensions, so no parameters.
+        ("MAIL FROM:<a@src.test> SIZE=10", "555 5.5.4"),
+        ("EHLO client.test", "250"),
+        ("MAIL FROM:<a@src.test> SIZE=10 size=20", "501 5.5.4"),
+        (
+            "MAIL FROM:<a@src.test> BODY=8BITMIME BODY=7BIT",
+            "501 5.5.4",
+        ),
+        ("MAIL FROM:<a@>", "501 5.1.7"),
+        ("MAIL FROM:<\"a>b\"@src.test> SIZE=10", "250 2.1.0"),
+        ("RCPT TO:<>", "501 5.1.3"),
+        ("RCPT TO:<b@>", "501 5.1.3"),
+        ("RCPT TO:<b@-dst.test>", "501 5.1.3"),
+        (
+            &format!("RCPT TO:<{}@dst.test>", "b".repeat(65)),
+            "501 5.1.3",
+        ),
+        ("RCPT TO:<Postmaster>", "250 2.1.5"),
+        ("RCPT TO:<@relay.test:c@dst.test>", "250 2.1.5"),
+        ("DATA", "354"),
+        ("hi\r\n.", "250"),
+        ("QUIT", "221"),
+    ] {
+        raw.cmd(line, expect).await;
+    }
+    let stored = handler.messages();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].envelope.rcpt_to,
+        vec!["Postmaster".to_string(), "c@dst.test".to_string()]
+    );
+}
