@@ -107,7 +107,7 @@ pub(crate) async fn deliver_domain(
         let Some(recipient) = env.rcpt_to.get(index) else {
             continue;
         };
-        let mut query = Query::plan(&env.mail_from, recipient);
+        let mut query = Query::plan(&ascii_address(&env.mail_from), &ascii_address(recipient));
         query.requiretls = env.requiretls;
         query.tls_required_no = env.tls_required_no;
         query.mta_sts = sts.fact();
@@ -947,9 +947,42 @@ fn log_decision(
     );
 }
 
+/// `address` with its domain as an A-label (UTS 46, RFC 5891): policy patterns are
+/// ASCII, so `bob@bücher.example` must be asked as `bob@xn--bcher-kva.example`, the
+/// domain it is delivered to, or it would escape every rule written for that domain. A
+/// domain that is not a valid IDN stays as it is: it cannot be resolved either.
+pub(crate) fn ascii_address(address: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return Cow::Borrowed(address);
+    };
+    if domain.is_ascii() {
+        return Cow::Borrowed(address);
+    }
+    match idna::domain_to_ascii(domain) {
+        Ok(ascii) => Cow::Owned(format!("{local}@{ascii}")),
+        Err(_) => Cow::Borrowed(address),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_domains_are_asked_as_a_labels() {
+        let cases = [
+            ("bob@bücher.example", "bob@xn--bcher-kva.example"),
+            ("bob@BÜCHER.example", "bob@xn--bcher-kva.example"),
+            ("jörg@bücher.example", "jörg@xn--bcher-kva.example"),
+            ("bob@partner.example", "bob@partner.example"),
+            ("", ""),
+            ("postmaster", "postmaster"),
+        ];
+        for (address, want) in cases {
+            assert_eq!(ascii_address(address), want, "{address}");
+        }
+    }
 
     #[test]
     fn a_permanent_reply_made_temporary() {

@@ -342,6 +342,41 @@ async fn smtputf8_mail_keeps_its_flag_or_bounces_where_it_cannot_go() {
     assert_no_transaction(&lab.sinks[ascii], "SMTPUTF8 mail to a server without it");
 }
 
+/// Policy patterns are written as A-labels. A recipient at the same domain written in
+/// UTF-8 (SMTPUTF8 mail) is asked of the policy as its A-label, so the rule holds: the
+/// MX without STARTTLS gets nothing, the alternate secure route takes the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_utf8_recipient_domain_is_held_to_the_rule_for_its_a_label() {
+    let mut lab = Lab::new().await;
+    lab.smtputf8 = true;
+    let clear = lab
+        .mx(
+            "xn--bcher-kva.test",
+            "mx.xn--bcher-kva.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let (_, alt) = lab.sink("alt.lab.test", Tls::Valid, SinkMode::Accept).await;
+    let rule = "\n[[tls_compliance]]\nname = \"idn-partner\"\ndomains = [\"xn--bcher-kva.test\"]\n";
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, rule))).await;
+    let mut env =
+        altroute_queue::Envelope::new("alice@corp.test", vec!["bob@b\u{fc}cher.test".to_string()]);
+    env.smtputf8 = true;
+    let msg = "From: <alice@corp.test>\r\nTo: <bob@b\u{fc}cher.test>\r\nSubject: x\r\n\r\nbody\r\n";
+    let id = relay
+        .spool
+        .store(env, msg.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let got = lab.sinks[alt].wait_for_messages(1, WAIT).await.unwrap();
+    // The same mailbox, its domain written as the A-label it was resolved and asked as.
+    assert_eq!(got[0].rcpt_to, vec!["bob@xn--bcher-kva.test".to_string()]);
+    assert_eq!(got[0].tls_version.as_deref(), Some("1.3"));
+    assert!(relay.removed(&id).await, "delivered and removed");
+    assert_no_transaction(&lab.sinks[clear], "UTF-8 domain of a TLS rule");
+}
+
 /// A module that answers every question with "direct, no TLS required": the relay's
 /// safety floor must still refuse to send REQUIRETLS mail in clear text.
 const LIAR_WAT: &str = r#"(module
