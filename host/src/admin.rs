@@ -431,9 +431,12 @@ async fn handle_queue(
             Err(e) => queue_error(&e),
         },
         (Some(id), Some(_)) => {
-            let reason = format!("550 5.0.0 bounced by the mail system administrator ({who})");
-            match crate::delivery::operator_bounce(spool, &state.hostname, &id, &reason).await {
+            // The reason goes to the sender (the DSN) and so, perhaps, outside: it does
+            // not name the operator, the log line below does.
+            let reason = "550 5.0.0 bounced by the mail system administrator";
+            match crate::delivery::operator_bounce(spool, &state.hostname, &id, reason).await {
                 Ok(report) => {
+                    tracing::info!(queue_id = %id, %who, "bounce requested by the operator");
                     let mut v = serde_json::to_value(&report).unwrap_or_default();
                     if let serde_json::Value::Object(map) = &mut v {
                         map.insert("id".into(), serde_json::json!(id.as_str()));

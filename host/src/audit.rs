@@ -963,43 +963,10 @@ mod tests {
         assert_eq!(verify(&path).unwrap(), 4);
     }
 
-    /// A tmpfs mounted for a test, unmounted on drop. Needs root.
-    struct Tmpfs {
-        path: PathBuf,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Tmpfs {
-        fn mount(size: &str) -> Tmpfs {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("mnt");
-            std::fs::create_dir(&path).unwrap();
-            let out = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "mounting a tmpfs failed (this test needs root): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Tmpfs { path, _dir: dir }
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg(&self.path)
-                .status();
-        }
-    }
-
     #[test]
     fn a_failed_append_leaves_the_file_as_it_was() {
-        let fs = Tmpfs::mount("1m");
-        let path = fs.path.join("audit.jsonl");
+        let fs = altroute_lab::Tmpfs::mount("1m");
+        let path = fs.path().join("audit.jsonl");
         let mut log = AuditLog::open(&path).unwrap();
         // Lines longer than a page: on a full disk the kernel still fills the rest of the
         // file's last page (a short write) before it says ENOSPC, leaving a torn line.
@@ -1008,11 +975,7 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
         assert_ne!(before.len() % 4096, 0, "the last page must have room left");
 
-        let filler = fs.path.join("filler");
-        let mut f = File::create(&filler).unwrap();
-        let chunk = vec![0x5a_u8; 64 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-        drop(f);
+        let filler = fs.fill();
 
         let e = log.append(big()).unwrap_err();
         assert_eq!(e.line, 2, "{e}");

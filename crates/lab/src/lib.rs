@@ -52,12 +52,14 @@ pub mod dns;
 pub mod https;
 pub mod sink;
 pub mod strip;
+pub mod tmpfs;
 
 pub use ca::{Issued, TestCa, Validity};
 pub use dns::DnsServer;
 pub use https::{HttpRequest, HttpResponse, HttpsServer};
 pub use sink::{FailAt, SinkConfig, SinkMessage, SinkMode, SinkSession, SinkTls, SmtpSink};
 pub use strip::StripTlsProxy;
+pub use tmpfs::Tmpfs;
 
 /// Everything that can go wrong in the lab.
 #[derive(Debug, thiserror::Error)]

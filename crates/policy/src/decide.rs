@@ -82,8 +82,10 @@ pub fn org_unit_of<'p>(policy: &'p Policy, sender: &str) -> &'p str {
 
 /// The TLS compliance rule that applies to `query` when the sender is in org unit `unit`:
 /// a rule of that unit or of its nearest ancestor with a match; within a unit, the one
-/// with the most specific matching pattern (of equally specific ones, the last listed).
-/// Returns the rule, its pattern that matched and the unit it belongs to.
+/// with the most specific matching pattern (of equally specific ones, the last listed),
+/// except that when a recipient rule and a sender rule both match and one requires
+/// strictly more TLS, that one applies. Returns the rule, its pattern that matched and
+/// the unit it belongs to.
 pub fn compliance_rule<'p>(
     policy: &'p Policy,
     unit: &'p str,
@@ -93,13 +95,32 @@ pub fn compliance_rule<'p>(
     let (rcpt, from) = (query.recipient.as_str(), query.sender.as_str());
     let (rcpt_domain, from_domain) = (domain_of(rcpt), domain_of(from));
     let (at, r, p) = nearest_unit_match(unit, |at, best| {
-        let mut consider = |e: &Entry| {
-            keep_last_most_specific(best, &policy.compliance[e.owner].patterns, e);
-        };
         // Outbound rules (and those for both ways) match the recipient, inbound ones the
-        // sender.
-        tables.to.matching(at, rcpt, rcpt_domain, &mut consider);
-        tables.from.matching(at, from, from_domain, &mut consider);
+        // sender: the most specific of each side first.
+        let (mut to, mut from_side) = (None, None);
+        tables.to.matching(at, rcpt, rcpt_domain, |e| {
+            keep_last_most_specific(&mut to, &policy.compliance[e.owner].patterns, e);
+        });
+        tables.from.matching(at, from, from_domain, |e| {
+            keep_last_most_specific(&mut from_side, &policy.compliance[e.owner].patterns, e);
+        });
+        *best = match (to, from_side) {
+            // How specific a sender pattern is says nothing against a recipient pattern.
+            // When the two sides ask for different TLS, the stricter rule applies: a
+            // rule for one side never lowers what the other side's rule requires (a
+            // sender exemption does not undo a recipient's requirement, nor the other way).
+            (Some(t), Some(f)) => {
+                let (rt, rf) = (policy.compliance[t.1].tls, policy.compliance[f.1].tls);
+                match (rt.covers(rf), rf.covers(rt)) {
+                    (true, false) => Some(t),
+                    (false, true) => Some(f),
+                    // The same requirement, or neither stricter in every respect: the
+                    // more specific pattern (of equals, the last listed).
+                    _ => Some(t.max(f)),
+                }
+            }
+            (t, f) => t.or(f),
+        };
     })?;
     let rule = &policy.compliance[r];
     Some((rule, &rule.patterns[p], at))

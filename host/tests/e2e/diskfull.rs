@@ -4,57 +4,12 @@
 //! the acknowledged ones, intact. And a DSN that cannot be queued leaves its recipient
 //! deferred rather than final. Needs root (mount, chattr).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use altroute_lab::Tmpfs;
+
 use crate::support::{Relay, RelayConfig, SmtpConn, message_id, spool_messages, strip_received};
-
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Tmpfs {
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mnt");
-        std::fs::create_dir(&path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs failed (this test needs root / CAP_SYS_ADMIN): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs { path, _dir: dir }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
-}
-
-/// Fill the filesystem of `dir` with one file until the kernel says ENOSPC.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0x5a_u8; 64 * 1024];
-    loop {
-        match f.write_all(&chunk) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(28) => break,
-            Err(e) => panic!("filling the tmpfs: {e}"),
-        }
-    }
-    path
-}
 
 fn message(n: u32) -> Vec<u8> {
     format!(
@@ -68,7 +23,7 @@ fn message(n: u32) -> Vec<u8> {
 fn disk_full_answers_4xx_then_recovers_without_restart() {
     let fs = Tmpfs::mount("2m");
     let mut config = RelayConfig::new();
-    config.spool_dir = Some(fs.path.join("spool"));
+    config.spool_dir = Some(fs.path().join("spool"));
     let mut relay = Relay::start(config);
     let addr = relay.config.smtp;
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -83,7 +38,7 @@ fn disk_full_answers_4xx_then_recovers_without_restart() {
         assert_eq!(r.0, 250, "{r:?}");
         acked.push(message(0));
 
-        let filler = fill(&fs.path);
+        let filler = fs.fill();
         for n in 1..=5 {
             let r = c
                 .send("a@x.test", &["b@y.test"], &message(n))
@@ -178,7 +133,7 @@ async fn a_dsn_that_cannot_be_queued_leaves_the_recipient_deferred() {
     use altroute_lab::{FailAt, SinkMode};
     use altroute_queue::RecipientState;
 
-    use crate::inproc::{Lab, Relay, Tls, WAIT, policy};
+    use crate::inproc::{Lab, Relay, Tls, dsn_for, policy};
 
     let mut lab = Lab::new().await;
     lab.mx(
@@ -222,16 +177,7 @@ async fn a_dsn_that_cannot_be_queued_leaves_the_recipient_deferred() {
         .unwrap();
     relay.clock.set(next);
     relay.delivery.kick();
-    let dsn = lab.sinks[sender_mx]
-        .wait_for_messages(1, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(dsn[0].rcpt_to, vec!["alice@corp.test".to_string()]);
-    let text = String::from_utf8_lossy(&dsn[0].data);
-    assert!(
-        text.contains("Final-Recipient: rfc822; bob@busy.test"),
-        "{text}"
-    );
+    dsn_for(&lab.sinks[sender_mx], "alice@corp.test", "bob@busy.test").await;
     assert!(
         relay.removed(&id).await,
         "the expired message leaves the queue"
@@ -321,7 +267,7 @@ async fn an_operator_bounce_whose_dsn_cannot_be_stored_bounces_nothing() {
     use altroute_lab::{FailAt, SinkMode};
     use altroute_queue::RecipientState;
 
-    use crate::inproc::{Lab, Relay, Tls, WAIT, policy};
+    use crate::inproc::{Lab, Relay, Tls, WAIT, dsn_for, policy};
 
     let mut lab = Lab::new().await;
     lab.mx(
@@ -367,14 +313,6 @@ async fn an_operator_bounce_whose_dsn_cannot_be_stored_bounces_nothing() {
         .unwrap();
     assert_eq!(report.bounced, vec!["bob@busy.test".to_string()]);
     assert!(report.dsn.is_some() && report.removed, "{report:?}");
-    let dsn = lab.sinks[sender_mx]
-        .wait_for_messages(1, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(dsn[0].rcpt_to, vec!["alice@corp.test".to_string()]);
-    let text = String::from_utf8_lossy(&dsn[0].data);
-    assert!(
-        text.contains("Final-Recipient: rfc822; bob@busy.test") && text.contains(reason),
-        "{text}"
-    );
+    let text = dsn_for(&lab.sinks[sender_mx], "alice@corp.test", "bob@busy.test").await;
+    assert!(text.contains(reason), "{text}");
 }

@@ -321,3 +321,17 @@ domains = ["*.lax.test"]
 "#
     )
 }
+
+/// The DSN that reached `sink` (the MX of `sender`) first, checked to go from the null
+/// sender to `sender` and to report on `recipient`: its text.
+pub(crate) async fn dsn_for(sink: &SmtpSink, sender: &str, recipient: &str) -> String {
+    let dsn = sink.wait_for_messages(1, WAIT).await.unwrap();
+    assert_eq!(dsn[0].mail_from, "", "a DSN has the null sender");
+    assert_eq!(dsn[0].rcpt_to, vec![sender.to_string()]);
+    let text = String::from_utf8_lossy(&dsn[0].data).into_owned();
+    assert!(
+        text.contains(&format!("Final-Recipient: rfc822; {recipient}")),
+        "{text}"
+    );
+    text
+}

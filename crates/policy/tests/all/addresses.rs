@@ -90,3 +90,69 @@ fn a_quoted_local_part_is_the_same_mailbox() {
         "b\"ob@partner.example"
     );
 }
+
+/// A sender rule and a recipient rule of the same unit: how specific a sender pattern is
+/// says nothing against a recipient pattern, so the one that requires more TLS applies.
+/// A sender exemption does not lower a recipient's requirement, nor the other way round.
+#[test]
+fn a_rule_for_one_side_never_lowers_the_other_sides_requirement() {
+    let policy = compile(
+        r#"
+[[tls_compliance]]
+name = "bank"
+domains = ["bank.example"]
+require_ca_signed = true
+validate_hostname = true
+
+[[tls_compliance]]
+name = "internal-exempt"
+direction = "inbound"
+domains = ["corp.example"]
+require_tls = false
+
+[[tls_compliance]]
+name = "from-partner"
+direction = "inbound"
+domains = ["partner.example"]
+
+[[tls_compliance]]
+name = "to-legacy"
+domains = ["legacy.example"]
+require_tls = false
+"#,
+    )
+    .unwrap()
+    .policy;
+    for (from, to, rule, required) in [
+        // Same-length patterns on both sides: the exemption used to win as the last listed.
+        (
+            "a@corp.example",
+            "b@bank.example",
+            "tls_compliance:bank",
+            true,
+        ),
+        (
+            "a@partner.example",
+            "b@legacy.example",
+            "tls_compliance:from-partner",
+            true,
+        ),
+        // One side only: that side's rule, as before.
+        (
+            "a@corp.example",
+            "b@other.example",
+            "tls_compliance:internal-exempt",
+            false,
+        ),
+        (
+            "a@other.example",
+            "b@bank.example",
+            "tls_compliance:bank",
+            true,
+        ),
+    ] {
+        let d = decide(&policy, &Query::plan(from, to));
+        assert_eq!(d.rule, rule, "{from} -> {to}: {d:?}");
+        assert_eq!(d.tls.required, required, "{from} -> {to}: {d:?}");
+    }
+}

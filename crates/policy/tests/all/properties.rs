@@ -137,25 +137,50 @@ fn org_unit_by_scan<'p>(policy: &'p Policy, sender: &str) -> &'p str {
 }
 
 /// The compliance rule by matching every pattern of every rule in order, unit by unit up
-/// the tree: the most specific match, the last of equals.
+/// the tree: the most specific match, the last of equals, per side (recipient, sender);
+/// when both sides match, the stricter of the two if one is.
 fn rule_by_scan<'p>(
     policy: &'p Policy,
     unit: &'p str,
     q: &Query,
 ) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
     for at in altroute_policy::ancestors(unit) {
-        let best = policy
-            .compliance
-            .iter()
-            .filter(|r| r.org_unit == at)
-            .flat_map(|r| r.patterns.iter().map(move |p| (r, p)))
-            .filter(|(r, p)| match r.direction {
-                Direction::Outbound => p.matches(&q.recipient),
-                Direction::Inbound => p.matches(&q.sender),
-                Direction::Both => p.matches(&q.recipient) || p.matches(&q.sender),
-            })
-            .max_by_key(|(_, p)| p.specificity());
-        if let Some((r, p)) = best {
+        // The most specific match of one side, the last of equals, with its place.
+        let side = |outbound: bool| {
+            policy
+                .compliance
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.org_unit == at)
+                .flat_map(|(i, r)| {
+                    r.patterns
+                        .iter()
+                        .enumerate()
+                        .map(move |(j, p)| (i, j, r, p))
+                })
+                .filter(|(_, _, r, p)| match (r.direction, outbound) {
+                    (Direction::Outbound | Direction::Both, true) => p.matches(&q.recipient),
+                    (Direction::Inbound | Direction::Both, false) => p.matches(&q.sender),
+                    _ => false,
+                })
+                .max_by_key(|(i, j, _, p)| (p.specificity(), *i, *j))
+        };
+        // Both sides matched: the stricter rule if one is, else the more specific.
+        let best = match (side(true), side(false)) {
+            (Some(t), Some(f)) => match (t.2.tls.covers(f.2.tls), f.2.tls.covers(t.2.tls)) {
+                (true, false) => Some(t),
+                (false, true) => Some(f),
+                _ => Some(
+                    if (t.3.specificity(), t.0, t.1) >= (f.3.specificity(), f.0, f.1) {
+                        t
+                    } else {
+                        f
+                    },
+                ),
+            },
+            (t, f) => t.or(f),
+        };
+        if let Some((_, _, r, p)) = best {
             return Some((r, p, at));
         }
     }
