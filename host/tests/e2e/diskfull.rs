@@ -123,17 +123,19 @@ impl Drop for Immutable {
     }
 }
 
-/// An expiry whose DSN cannot be queued (the spool cannot take a new message: its
-/// `tmp` directory is made immutable) is not made final: the recipient stays deferred
-/// and the message queued. Once the spool takes messages again, the next attempt expires
-/// it again, and this time the DSN goes out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dsn_that_cannot_be_queued_leaves_the_recipient_deferred() {
+/// A relay in the in-process harness with one message from alice@corp.test to
+/// bob@busy.test, whose MX answers 4xx to RCPT: the first attempt has deferred it. Also
+/// the lab and the index of the sender's MX, where DSNs arrive.
+async fn deferred_at_a_busy_mx() -> (
+    crate::inproc::Lab,
+    usize,
+    crate::inproc::Relay,
+    altroute_queue::MessageId,
+) {
     use altroute::policy_engine::PolicyEngine;
     use altroute_lab::{FailAt, SinkMode};
-    use altroute_queue::RecipientState;
 
-    use crate::inproc::{Lab, Relay, Tls, dsn_for, policy};
+    use crate::inproc::{Lab, Relay, Tls, policy};
 
     let mut lab = Lab::new().await;
     lab.mx(
@@ -152,6 +154,20 @@ async fn a_dsn_that_cannot_be_queued_leaves_the_recipient_deferred() {
         .send("alice@corp.test", &["bob@busy.test"], false)
         .await;
     relay.settled(&id).await.unwrap();
+    (lab, sender_mx, relay, id)
+}
+
+/// An expiry whose DSN cannot be queued (the spool cannot take a new message: its
+/// `tmp` directory is made immutable) is not made final: the recipient stays deferred
+/// and the message queued. Once the spool takes messages again, the next attempt expires
+/// it again, and this time the DSN goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dsn_that_cannot_be_queued_leaves_the_recipient_deferred() {
+    use altroute_queue::RecipientState;
+
+    use crate::inproc::{Relay, dsn_for};
+
+    let (lab, sender_mx, relay, id) = deferred_at_a_busy_mx().await;
     let deferred = |relay: &Relay| match &relay.spool.entry(&id).unwrap().recipients[0] {
         RecipientState::Deferred {
             reason, attempts, ..
@@ -263,29 +279,11 @@ async fn a_delivery_that_cannot_be_recorded_is_not_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_bounce_whose_dsn_cannot_be_stored_bounces_nothing() {
     use altroute::delivery;
-    use altroute::policy_engine::PolicyEngine;
-    use altroute_lab::{FailAt, SinkMode};
     use altroute_queue::RecipientState;
 
-    use crate::inproc::{Lab, Relay, Tls, WAIT, dsn_for, policy};
+    use crate::inproc::{WAIT, dsn_for};
 
-    let mut lab = Lab::new().await;
-    lab.mx(
-        "busy.test",
-        "mx.busy.test",
-        Tls::Valid,
-        SinkMode::TempFail(FailAt::Rcpt),
-    )
-    .await;
-    let sender_mx = lab
-        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
-        .await;
-    let engine = PolicyEngine::standard(&policy(lab.port, false, "")).unwrap();
-    let relay = Relay::start(&lab, engine).await;
-    let id = relay
-        .send("alice@corp.test", &["bob@busy.test"], false)
-        .await;
-    relay.settled(&id).await.unwrap();
+    let (lab, sender_mx, relay, id) = deferred_at_a_busy_mx().await;
     // The attempt lets go of the message right after recording the deferral; the clock
     // stands still, so nothing claims it again.
     let deadline = tokio::time::Instant::now() + WAIT;
