@@ -35,6 +35,8 @@ pub enum Outcome {
         via: String,
         /// The route it took (`direct`, `host`, `alternate`).
         route: String,
+        /// Already written to the spool, right after the transaction (see `at_host`).
+        recorded: bool,
     },
     /// Try again later.
     Deferred {
@@ -559,7 +561,16 @@ async fn at_host(
         }));
     }
     if !send.is_empty() {
-        let sent = send_to(ctx, &entry.envelope, message, hop, &mut session, send).await;
+        let mut sent = send_to(ctx, &entry.envelope, message, hop, &mut session, send).await;
+        // Recorded now, not when the whole domain's attempt ends: that may be minutes
+        // later (other hosts of the hop, the alternate route), and an attempt cut off
+        // meanwhile (a crash, the shutdown deadline) would send these recipients again.
+        // A write that fails here is tried again by the caller (`process`).
+        for (index, outcome) in &mut sent {
+            if let Outcome::Delivered { via, recorded, .. } = outcome {
+                *recorded = ctx.spool.delivered(&entry.id, *index, via).await.is_ok();
+            }
+        }
         settled.out.extend(sent);
     }
     let Session { client, .. } = session;
@@ -648,6 +659,7 @@ async fn send_to(
                     (Some(_), Some(data)) if data.is_positive() => Outcome::Delivered {
                         via: via.clone(),
                         route: d.route.to_string(),
+                        recorded: false,
                     },
                     (Some(_), Some(data)) => reply_outcome(data),
                     _ => Outcome::Deferred {

@@ -513,7 +513,15 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
             let rcpt = entry.envelope.rcpt_to.get(i).map_or("", String::as_str);
             let attempts = entry.recipients.get(i).map_or(0, |r| r.attempts());
             let recorded = match outcome {
-                Outcome::Delivered { via, route } => {
+                Outcome::Delivered {
+                    recorded: true,
+                    route,
+                    ..
+                } => {
+                    ctx.metrics.delivered(&route);
+                    Ok(())
+                }
+                Outcome::Delivered { via, route, .. } => {
                     ctx.metrics.delivered(&route);
                     let recorded = ctx.spool.delivered(&id, i, &via).await;
                     if recorded.is_err() {

@@ -1486,3 +1486,61 @@ async fn shutdown_cuts_a_slow_delivery_attempt_off_at_the_grace_period() {
     );
     assert!(matches!(queued[0].recipients[0], RecipientState::Pending));
 }
+
+/// A recipient the first MX accepted is recorded delivered right after that transaction,
+/// not when the whole attempt for its domain ends: here the attempt goes on to a second
+/// MX (for a recipient the first one's clear text cannot take) that never greets, for
+/// as long as the command timeout (an hour). Cut off there (a crash, the shutdown
+/// deadline), an attempt used to leave the accepted recipient open, to be sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_accepted_at_one_mx_is_recorded_before_the_next_mx_is_tried() {
+    let mut lab = Lab::new().await;
+    let (_, clear) = lab
+        .sink("mx1.mixed.test", Tls::None, SinkMode::Accept)
+        .await;
+    lab.dns
+        .add_mx("mixed.test", 10, "mx1.mixed.test")
+        .await
+        .unwrap();
+    // A tarpit second MX: accepts, says nothing, tells the test when the relay is there.
+    let ip = loopback_ip();
+    let tarpit = tokio::net::TcpListener::bind((ip, lab.port)).await.unwrap();
+    let (connected, mut at_tarpit) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = tarpit.accept().await {
+            held.push(s);
+            let _ = connected.try_send(());
+        }
+    });
+    lab.dns.add_a("mx2.mixed.test", ip).await.unwrap();
+    lab.dns
+        .add_mx("mixed.test", 20, "mx2.mixed.test")
+        .await
+        .unwrap();
+    let rule = "\n[[tls_compliance]]\nname = \"vip\"\naddresses = [\"vip@mixed.test\"]\n";
+    let relay = Relay::start_with(&lab, standard(&policy(lab.port, false, rule)), |s| {
+        s.command_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let id = relay
+        .send(
+            "alice@corp.test",
+            &["bob@mixed.test", "vip@mixed.test"],
+            false,
+        )
+        .await;
+    tokio::time::timeout(WAIT, at_tarpit.recv())
+        .await
+        .expect("the attempt reaches the second MX")
+        .unwrap();
+    let got = lab.sinks[clear].messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpt_to, vec!["bob@mixed.test".to_string()]);
+    let states = relay.spool.entry(&id).unwrap().recipients;
+    assert!(
+        matches!(states[0], RecipientState::Delivered { .. }),
+        "recorded while the attempt is still at the second MX: {states:?}"
+    );
+    assert!(states[1].due_at().is_some(), "{states:?}");
+}
