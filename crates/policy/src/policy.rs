@@ -524,6 +524,14 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
         if r.domains.is_empty() && r.addresses.is_empty() {
             diags.push(diag(&at, "a rule needs at least one domain or address"));
         }
+        if !r.require_tls && (r.require_ca_signed || r.validate_hostname) {
+            // An exemption that looks like a requirement: say which one it is.
+            diags.push(diag(
+                &at,
+                "require_ca_signed and validate_hostname need require_tls = true \
+                 (require_tls = false exempts the rule's mail from TLS altogether)",
+            ));
+        }
         if r.require_tls && r.validate_hostname && !r.require_ca_signed {
             diags.push(diag(
                 &at,

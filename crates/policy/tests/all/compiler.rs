@@ -544,3 +544,23 @@ domains = ["partner.example"]
         "{errs:#?}"
     );
 }
+
+/// `require_tls = false` exempts a rule's mail from TLS: certificate options next to it
+/// read like a requirement that would not hold, so they are refused, as on hosts.
+#[test]
+fn an_exemption_with_certificate_options_is_refused() {
+    let errs = errors(
+        r#"
+[[tls_compliance]]
+name = "legacy"
+domains = ["legacy.example"]
+require_tls = false
+require_ca_signed = true
+"#,
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].contains("line 2") && errs[0].contains("need require_tls = true"),
+        "{errs:#?}"
+    );
+}
