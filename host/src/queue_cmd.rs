@@ -40,6 +40,10 @@ pub struct QueueArgs {
     /// configuration's.
     #[arg(long, global = true)]
     token: Option<String>,
+    /// Who you are, for the relay's log of retries and bounces (`cli:<who>`). Defaults
+    /// to $SUDO_USER, else $USER.
+    #[arg(long, global = true)]
+    who: Option<String>,
     /// Print the endpoint's JSON answer instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -77,6 +81,7 @@ fn endpoint(args: &QueueArgs) -> Result<AdminArgs> {
         return Ok(AdminArgs {
             admin: admin.clone(),
             token: args.token.clone().or(env_token),
+            who: args.who.clone(),
         });
     }
     let config =
@@ -84,6 +89,7 @@ fn endpoint(args: &QueueArgs) -> Result<AdminArgs> {
     Ok(AdminArgs {
         admin: format!("http://{}", config.admin.listen),
         token: args.token.clone().or(env_token).or(config.admin.token),
+        who: args.who.clone(),
     })
 }
 

@@ -85,8 +85,11 @@ pub enum Who {
     FileWatch,
     /// SIGHUP.
     Sighup,
-    /// The command line.
+    /// The command line, without a name (a program calling the reloader itself).
     Cli,
+    /// The command line (`altroute policy`, `altroute queue`), run by this user
+    /// (`--who`, else `$SUDO_USER` or `$USER`).
+    CliUser(String),
     /// The relay starting.
     Startup,
 }
@@ -98,6 +101,7 @@ impl std::fmt::Display for Who {
             Who::FileWatch => f.write_str("file watch"),
             Who::Sighup => f.write_str("sighup"),
             Who::Cli => f.write_str("cli"),
+            Who::CliUser(user) => write!(f, "cli:{user}"),
             Who::Startup => f.write_str("startup"),
         }
     }
@@ -1311,8 +1315,9 @@ pub fn handle_api(reloader: &Reloader, token: Option<&str>, req: ApiRequest<'_>)
     })
 }
 
-/// `x-altroute-who`: `cli` from `altroute policy`, else an admin identity (printable,
-/// at most 64 characters; `anonymous` when missing).
+/// `x-altroute-who`: `cli` or `cli:<user>` from `altroute policy` / `altroute queue`,
+/// else an admin identity (printable, at most 64 characters; `anonymous` when missing).
+/// Self-asserted, like any name a caller gives: the token is what authenticates.
 fn who_of(header: Option<&str>) -> Who {
     let id: String = header
         .unwrap_or("")
@@ -1324,7 +1329,10 @@ fn who_of(header: Option<&str>) -> Who {
     match id.as_str() {
         "cli" => Who::Cli,
         "" => Who::Admin("anonymous".into()),
-        _ => Who::Admin(id),
+        _ => match id.strip_prefix("cli:") {
+            Some(user) if !user.trim().is_empty() => Who::CliUser(user.trim().to_string()),
+            _ => Who::Admin(id),
+        },
     }
 }
 
@@ -1355,9 +1363,27 @@ pub struct AdminArgs {
     /// Bearer token ([admin].token). Defaults to $ALTROUTE_ADMIN_TOKEN.
     #[arg(long)]
     pub token: Option<String>,
+    /// Who you are, for the audit log and the relay's log (`cli:<who>`). Defaults to
+    /// $SUDO_USER, else $USER.
+    #[arg(long)]
+    pub who: Option<String>,
 }
 
 impl AdminArgs {
+    /// The `x-altroute-who` value: `cli:<who>`, or `cli` when no name is known.
+    fn who_header(&self) -> String {
+        let name = self.who.clone().or_else(|| {
+            ["SUDO_USER", "USER"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok().filter(|u| !u.trim().is_empty()))
+        });
+        // One header line: no control characters (a CR or LF would end it).
+        match name.map(|n| n.chars().filter(|c| !c.is_control()).collect::<String>()) {
+            Some(n) if !n.trim().is_empty() => format!("cli:{}", n.trim()),
+            _ => "cli".to_string(),
+        }
+    }
+
     fn token(&self) -> Option<String> {
         self.token
             .clone()
@@ -1402,8 +1428,9 @@ pub fn admin_request(
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\
-         Content-Length: {}\r\nx-altroute-who: cli\r\n",
-        body.len()
+         Content-Length: {}\r\nx-altroute-who: {}\r\n",
+        body.len(),
+        args.who_header()
     );
     if let Some(token) = args.token() {
         head.push_str(&format!("Authorization: Bearer {token}\r\n"));
@@ -1532,6 +1559,22 @@ expect = {{ route = "alternate", host = "secure-relay" }}
             mx: "mx.x".into(),
             ..plan(rcpt)
         }
+    }
+
+    #[test]
+    fn the_cli_names_its_user() {
+        assert_eq!(who_of(Some("cli:carol")).to_string(), "cli:carol");
+        assert_eq!(who_of(Some("cli")).to_string(), "cli");
+        assert_eq!(who_of(Some("cli:")).to_string(), "admin:cli:");
+        assert_eq!(who_of(Some("alice")).to_string(), "admin:alice");
+        assert_eq!(who_of(None).to_string(), "admin:anonymous");
+        let args = |who: Option<&str>| AdminArgs {
+            admin: String::new(),
+            token: None,
+            who: who.map(str::to_string),
+        };
+        assert_eq!(args(Some("carol")).who_header(), "cli:carol");
+        assert_eq!(args(Some("ca\r\nrol")).who_header(), "cli:carol");
     }
 
     #[test]

@@ -821,6 +821,8 @@ fn rollback_and_audit_verify() {
                 &format!("http://{}", relay.admin),
                 "--token",
                 TOKEN,
+                "--who",
+                "carol",
             ])
             .output()
             .unwrap();
@@ -850,8 +852,8 @@ fn rollback_and_audit_verify() {
             ("start", "startup"),
             ("activate", "admin:alice"),
             ("rollback", "admin:bob"),
-            ("activate", "cli"),
-            ("rollback", "cli")
+            ("activate", "cli:carol"),
+            ("rollback", "cli:carol")
         ]
     );
     assert_eq!(audit[1]["summary"]["rules"]["changed"][0], "strict");
