@@ -25,7 +25,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use proxy_wasm_host::{Host, HostConfig, HttpRequestRef, Plugin, PluginSpec, PolicySlot};
@@ -175,7 +175,8 @@ pub struct PolicyEngine {
     /// The policy the active plugin was configured with, parsed once per plugin (see
     /// [`Answer::policy_tls`]). Weak: it does not keep a swapped-out plugin alive, and
     /// while it exists no other plugin can have the same address.
-    parsed: Mutex<Option<Parsed>>,
+    /// Read on every question, written once per plugin: lock-free for the readers.
+    parsed: arc_swap::ArcSwapOption<Parsed>,
 }
 
 /// A plugin and the policy its configuration holds (`None`: not a policy).
@@ -250,7 +251,7 @@ impl PolicyEngine {
             decisions: AtomicU64::new(0),
             extensions: Vec::new(),
             extension_metrics: ExtensionMetrics::default(),
-            parsed: Mutex::new(None),
+            parsed: arc_swap::ArcSwapOption::empty(),
         })
     }
 
@@ -432,13 +433,11 @@ impl PolicyEngine {
     /// which the loader and the reloader never let happen; the floor then assumes the
     /// strictest requirement.
     fn policy_of(&self, plugin: &Arc<Plugin>) -> Option<Arc<Policy>> {
-        let lock = || self.parsed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(parsed) = lock().as_ref()
+        if let Some(parsed) = self.parsed.load().as_ref()
             && std::ptr::eq(parsed.plugin.as_ptr(), Arc::as_ptr(plugin))
         {
             return parsed.policy.clone();
         }
-        // Parsed outside the lock: a swap costs the questions meanwhile nothing but this.
         let policy = match Policy::from_json(plugin.plugin_config()) {
             Ok(p) => Some(Arc::new(p)),
             Err(e) => {
@@ -450,10 +449,10 @@ impl PolicyEngine {
                 None
             }
         };
-        *lock() = Some(Parsed {
+        self.parsed.store(Some(Arc::new(Parsed {
             plugin: Arc::downgrade(plugin),
             policy: policy.clone(),
-        });
+        })));
         policy
     }
 

@@ -4,24 +4,14 @@
 
 use std::io::Write as _;
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{Relay, RelayConfig};
+use crate::support::{Relay, RelayConfig, altroute};
 
 /// `altroute audit verify FILE`: (exit code, stdout, stderr).
 fn verify(path: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
-        .args(["audit", "verify"])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    altroute(&["audit", "verify", path.to_str().expect("utf-8")])
 }
 
 fn lines(path: &Path) -> Vec<Value> {

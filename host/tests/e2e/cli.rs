@@ -4,17 +4,7 @@
 use std::io::Read as _;
 use std::process::{Command, Stdio};
 
-fn altroute(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
-        .args(args)
-        .output()
-        .expect("running altroute");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::altroute;
 
 #[test]
 fn an_unreadable_configuration_is_reported_once() {

@@ -1,21 +1,24 @@
 //! `altroute policy check | test | compile | explain` as an admin runs them.
 
-use std::process::Command;
-
-fn altroute(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
-        .args(args)
-        .output()
-        .expect("running altroute");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::altroute;
 
 fn examples() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policies")
+}
+
+/// `altroute policy compile` of the hosted-suite example into `dir`: the JSON file.
+fn compiled_example(dir: &std::path::Path) -> std::path::PathBuf {
+    let json = dir.join("policy.json");
+    let src = examples().join("hosted-suite.toml");
+    let (code, _, err) = altroute(&[
+        "policy",
+        "compile",
+        src.to_str().expect("utf-8"),
+        "-o",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    json
 }
 
 #[test]
@@ -83,16 +86,7 @@ fn test_prints_pass_and_fail_per_test() {
 #[test]
 fn compile_then_explain_from_json() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("policy.json");
-    let src = examples().join("hosted-suite.toml");
-    let (code, _, err) = altroute(&[
-        "policy",
-        "compile",
-        src.to_str().expect("utf-8"),
-        "-o",
-        json.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let json = compiled_example(dir.path());
     let (code, out, err) = altroute(&[
         "policy",
         "explain",
@@ -119,16 +113,7 @@ fn compile_then_explain_from_json() {
 #[test]
 fn check_and_test_read_compiled_json_like_serve_does() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("policy.json");
-    let src = examples().join("hosted-suite.toml");
-    let (code, _, err) = altroute(&[
-        "policy",
-        "compile",
-        src.to_str().expect("utf-8"),
-        "-o",
-        json.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let json = compiled_example(dir.path());
     let json = json.to_str().expect("utf-8");
 
     let (code, out, err) = altroute(&["policy", "check", json]);

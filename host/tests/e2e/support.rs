@@ -18,6 +18,19 @@ use std::time::{Duration, Instant};
 
 use altroute_queue::{ManualClock, MessageId, Spool, SpoolConfig};
 
+/// Runs the `altroute` binary with `args`: (exit code, stdout, stderr).
+pub fn altroute(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
+        .args(args)
+        .output()
+        .expect("running altroute");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The example policy every relay in these tests loads.
 pub fn policy_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/hosted-suite.toml")
