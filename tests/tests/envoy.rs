@@ -263,7 +263,7 @@ name = "edge"
 
 [[tls_compliance]]
 name = "partners"
-domains = ["partner.example"]
+domains = ["partner.example", "xn--prtner-bua.example"]
 "#;
 
 const PARTNERS_V2: &str = r#"
@@ -516,6 +516,133 @@ fn rcpt_reply(port: u16, rcpt: &str) -> String {
     )
     .unwrap();
     c.replies(4).unwrap().swap_remove(2)
+}
+
+/// A recipient domain written in Unicode (SMTPUTF8) is held to the rule for its A-label
+/// in Envoy as in the relay: the SMTP edge refuses it in a clear-text session, and the
+/// HTTP face decides it as native `decide()` does. Before, `bob@pärtner.example` passed
+/// the rule for `xn--prtner-bua.example` at the edge.
+#[test]
+fn a_unicode_recipient_domain_is_held_to_the_rule_for_its_a_label() {
+    let edge = edge(false);
+    for rcpt in [
+        "bob@pärtner.example",
+        "bob@PÄRTNER.example.",
+        "bob@xn--prtner-bua.example",
+    ] {
+        let reply = rcpt_reply(edge.listen, rcpt);
+        assert!(
+            reply.starts_with("450 4.7.10 TLS required for <"),
+            "{rcpt}: {reply}"
+        );
+    }
+    assert!(rcpt_reply(edge.listen, "bob@partner-ä.example").starts_with("250 "));
+    assert!(
+        edge.direct
+            .commands()
+            .iter()
+            .all(|c| !c.contains("rtner.example")),
+        "a refused recipient reached the upstream: {:?}",
+        edge.direct.commands()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let policy = compile(PARTNERS_V1).unwrap().policy;
+    let (envoy, port) = http_envoy(dir.path(), PARTNERS_V1);
+    for rcpt in [
+        "bob@pärtner.example",
+        "bob@PÄRTNER.example.",
+        "bob@partner-ä.example",
+    ] {
+        let q = Query::plan("alice@corp.example", rcpt);
+        envoy_decides_as_natively(&envoy, port, &policy, &q, rcpt);
+        let required = decide(&policy, &q).tls.required;
+        assert_eq!(required, !rcpt.contains('-'), "{rcpt}");
+    }
+}
+
+/// RCPT commands spelled as servers read them but not as `RCPT TO:<addr>` are checked or
+/// refused at the Envoy edge, never forwarded unchecked: a tab or two spaces between the
+/// words, a quoted local part with a `>` in it, a line padded past the follower's 4 KiB
+/// (Postfix would read its first 2048 bytes as a RCPT), and an argument that is no
+/// `TO:`. Before, each of them reached the upstream in clear text.
+#[test]
+fn smtp_edge_checks_every_spelling_of_rcpt_and_forwards_none_it_cannot_read() {
+    let edge = edge(false);
+    let padded = format!("RCPT TO:<bob@partner.example>{}", " ".repeat(5000));
+    let cases: [(&str, &str); 5] = [
+        (
+            "RCPT\tTO:<bob@partner.example>",
+            "450 4.7.10 TLS required for <bob@partner.example>",
+        ),
+        (
+            "RCPT  TO: <bob@partner.example>",
+            "450 4.7.10 TLS required for <bob@partner.example>",
+        ),
+        (
+            "RCPT TO:<\"a>b\"@partner.example>",
+            "450 4.7.10 TLS required for <\"a>b\"@partner.example>",
+        ),
+        (&padded, "500 5.5.6 Line too long"),
+        (
+            "RCPT <bob@partner.example>",
+            "501 5.5.4 Syntax: RCPT TO:<address>",
+        ),
+    ];
+    for (rcpt, want) in cases {
+        let mut c = SmtpClient::connect(edge.listen, None).unwrap();
+        c.reply().unwrap();
+        c.send(format!("HELO c\r\nMAIL FROM:<a@corp.example>\r\n{rcpt}\r\nQUIT\r\n").as_bytes())
+            .unwrap();
+        let replies = c.replies(4).unwrap();
+        assert_eq!(
+            replies[2],
+            format!("{want}\r\n"),
+            "{}",
+            &rcpt[..40.min(rcpt.len())]
+        );
+        assert!(replies[3].starts_with("221"), "{replies:?}");
+    }
+    let commands = edge.direct.commands();
+    assert!(
+        commands.iter().all(|c| !c.contains("partner.example")),
+        "a RCPT reached the upstream unchecked: {commands:?}"
+    );
+    assert_eq!(
+        commands.iter().filter(|c| c.starts_with("NOOP")).count(),
+        5,
+        "{commands:?}"
+    );
+
+    // Postfix's smtp-sink takes `RCPT\tTO:` as a RCPT (250 2.1.5): through the edge, the
+    // message reaches it for the opportunistic recipient only.
+    let dir = tempfile::tempdir().unwrap();
+    let sink = PostfixSink::start(dir.path()).unwrap();
+    let (_envoy, listen, ..) = start_edge(dir.path(), sink.port, sink.port);
+    let mut c = SmtpClient::connect(listen, None).unwrap();
+    c.reply().unwrap();
+    c.send(b"HELO c\r\nMAIL FROM:<a@corp.example>\r\nRCPT\tTO:<bob@partner.example>\r\nRCPT\tTO:<carol@random.example>\r\nDATA\r\n")
+        .unwrap();
+    let replies = c.replies(5).unwrap();
+    assert_eq!(
+        replies[2], "450 4.7.10 TLS required for <bob@partner.example>\r\n",
+        "{replies:?}"
+    );
+    assert!(
+        replies[3].starts_with("250 ") && replies[4].starts_with("354"),
+        "{replies:?}"
+    );
+    c.send(b"Subject: tab\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+        .unwrap();
+    let replies = c.replies(2).unwrap();
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    let messages = sink.messages().unwrap();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(
+        dumped_recipients(&messages[0]),
+        vec!["carol@random.example".to_string()],
+        "smtp-sink got the message for the opportunistic recipient only"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! [`CertStatus::HostnameMismatch`]).
 
 use crate::index::Entry;
-use crate::pattern::{Pattern, domain_of};
+use crate::pattern::{Canonical, Pattern};
 use crate::policy::{Host, Policy, Rule, StaticRoute, ancestors};
 use crate::query::{Decision, HostTarget, Query, TlsRequirement};
 use crate::types::{
@@ -67,9 +67,14 @@ pub fn explain(policy: &Policy, query: &Query) -> (Decision, Vec<String>) {
 /// The org unit a sender belongs to: the unit whose sender pattern matches most
 /// specifically (of equally specific ones, the first listed), or `/`.
 pub fn org_unit_of<'p>(policy: &'p Policy, sender: &str) -> &'p str {
+    unit_of(policy, &Canonical::new(sender))
+}
+
+/// [`org_unit_of`] for a sender already in canonical form.
+fn unit_of<'p>(policy: &'p Policy, sender: &Canonical<'_>) -> &'p str {
     let tables = policy.patterns.get(policy);
     let mut best: Option<((u8, usize), (usize, usize))> = None;
-    tables.senders.matching("", sender, domain_of(sender), |e| {
+    tables.senders.matching("", sender, |e| {
         let unit = &policy.org_units[e.owner];
         let specificity = unit.senders[e.pattern].specificity();
         let at = (e.owner, e.pattern);
@@ -91,17 +96,29 @@ pub fn compliance_rule<'p>(
     unit: &'p str,
     query: &Query,
 ) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
+    let (rcpt, from) = (
+        Canonical::new(&query.recipient),
+        Canonical::new(&query.sender),
+    );
+    rule_for(policy, unit, &rcpt, &from)
+}
+
+/// [`compliance_rule`] for a recipient and a sender already in canonical form.
+fn rule_for<'p>(
+    policy: &'p Policy,
+    unit: &'p str,
+    rcpt: &Canonical<'_>,
+    from: &Canonical<'_>,
+) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
     let tables = policy.patterns.get(policy);
-    let (rcpt, from) = (query.recipient.as_str(), query.sender.as_str());
-    let (rcpt_domain, from_domain) = (domain_of(rcpt), domain_of(from));
     let (at, r, p) = nearest_unit_match(unit, |at, best| {
         // Outbound rules (and those for both ways) match the recipient, inbound ones the
         // sender: the most specific of each side first.
         let (mut to, mut from_side) = (None, None);
-        tables.to.matching(at, rcpt, rcpt_domain, |e| {
+        tables.to.matching(at, rcpt, |e| {
             keep_last_most_specific(&mut to, &policy.compliance[e.owner].patterns, e);
         });
-        tables.from.matching(at, from, from_domain, |e| {
+        tables.from.matching(at, from, |e| {
             keep_last_most_specific(&mut from_side, &policy.compliance[e.owner].patterns, e);
         });
         *best = match (to, from_side) {
@@ -136,10 +153,19 @@ pub fn static_route<'p>(
     unit: &'p str,
     recipient: &str,
 ) -> Option<(&'p StaticRoute, &'p Pattern, &'p str)> {
+    route_for(policy, unit, &Canonical::new(recipient))
+}
+
+/// [`static_route`] for a recipient already in canonical form.
+fn route_for<'p>(
+    policy: &'p Policy,
+    unit: &'p str,
+    recipient: &Canonical<'_>,
+) -> Option<(&'p StaticRoute, &'p Pattern, &'p str)> {
     let tables = policy.patterns.get(policy);
-    let domain = domain_of(recipient);
+    let domain = recipient.domain_only();
     let (at, r, p) = nearest_unit_match(unit, |at, best| {
-        tables.routes.matching(at, domain, domain, |e| {
+        tables.routes.matching(at, &domain, |e| {
             keep_last_most_specific(best, &policy.routes[e.owner].patterns, e);
         });
     })?;
@@ -191,11 +217,13 @@ impl<'a> Decider<'a> {
     fn run(mut self) {
         let q = self.query;
         let policy = self.policy;
-        let unit = org_unit_of(policy, &q.sender);
+        // Each address in the form patterns see, once for every table.
+        let (from, rcpt) = (Canonical::new(&q.sender), Canonical::new(&q.recipient));
+        let unit = unit_of(policy, &from);
         self.note(|| format!("sender {:?} belongs to org unit {unit}", q.sender));
 
-        let (req, req_rule) = self.requirement(unit);
-        let route = self.route(unit);
+        let (req, req_rule) = self.requirement(unit, &rcpt, &from);
+        let route = self.route(unit, &rcpt);
 
         match q.phase {
             Phase::Plan => self.plan(req, req_rule, route),
@@ -204,10 +232,15 @@ impl<'a> Decider<'a> {
     }
 
     /// The TLS the mail itself requires, and the rule that set it.
-    fn requirement(&mut self, unit: &'a str) -> (TlsRequirement, RuleId<'a>) {
+    fn requirement(
+        &mut self,
+        unit: &'a str,
+        rcpt: &Canonical<'_>,
+        from: &Canonical<'_>,
+    ) -> (TlsRequirement, RuleId<'a>) {
         let q = self.query;
         let policy = self.policy;
-        let (mut req, mut rule) = match compliance_rule(policy, unit, q) {
+        let (mut req, mut rule) = match rule_for(policy, unit, rcpt, from) {
             Some((r, p, at)) => {
                 self.note(|| {
                     format!(
@@ -255,8 +288,8 @@ impl<'a> Decider<'a> {
         (req, rule)
     }
 
-    fn route(&mut self, unit: &'a str) -> Option<&'a StaticRoute> {
-        match static_route(self.policy, unit, &self.query.recipient) {
+    fn route(&mut self, unit: &'a str, rcpt: &Canonical<'_>) -> Option<&'a StaticRoute> {
+        match route_for(self.policy, unit, rcpt) {
             Some((r, p, at)) => {
                 self.note(|| {
                     format!(

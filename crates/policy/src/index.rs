@@ -12,7 +12,7 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
-use crate::pattern::{Pattern, canonical, trim_root};
+use crate::pattern::{Canonical, Pattern};
 use crate::policy::{Policy, Rule};
 use crate::types::Direction;
 
@@ -88,21 +88,18 @@ impl Table {
         }
     }
 
-    /// Calls `found` with every pattern of org unit `unit` that matches `address`, whose
-    /// domain is `domain` (as [`Pattern::matches_split`] does, on the [`canonical`]
-    /// address), in no particular order.
+    /// Calls `found` with every pattern of org unit `unit` that matches `address` (as
+    /// [`Pattern::matches`] does), in no particular order.
     pub(crate) fn matching<'t>(
         &'t self,
         unit: &str,
-        address: &str,
-        domain: &str,
+        address: &Canonical<'_>,
         mut found: impl FnMut(&'t Entry),
     ) {
         let Ok(u) = self.units.binary_search_by(|(u, _)| cmp_unit(u, unit)) else {
             return;
         };
-        let address = canonical(address);
-        let (address, domain) = (address.as_ref(), trim_root(domain));
+        let (address, domain) = (address.address(), address.domain());
         let [addresses, domains, subdomains] = self.units[u].1.clone();
         let mut each = |range: Range<usize>, needle: &str| {
             if !range.is_empty() {

@@ -16,12 +16,23 @@ pub enum Pattern {
 }
 
 impl Pattern {
-    /// Parse a pattern as admins write it. Lower-cases it, and writes a quoted local part
-    /// without its quotes (`"ceo"@x.example` is `ceo@x.example`, see [`canonical`]).
+    /// Parse a pattern as admins write it. Lower-cases it, writes a quoted local part
+    /// without its quotes (`"ceo"@x.example` is `ceo@x.example`) and a Unicode domain as
+    /// its A-label (`bücher.example` is `xn--bcher-kva.example`), see [`canonical`].
     pub fn parse(s: &str) -> Result<Pattern, String> {
         let s = s.trim().to_ascii_lowercase();
-        let s = if s.starts_with('"') {
-            canonical(&s).into_owned()
+        // A quoted local part loses its quotes; a domain written in Unicode
+        // (`bücher.example`) is kept as its A-label, the form questions are matched in.
+        let s = if s.starts_with('"') || !s.is_ascii() {
+            let (wild, rest) = match s.strip_prefix("*.") {
+                Some(rest) => ("*.", rest),
+                None => ("", s.as_str()),
+            };
+            let domain = domain_of(rest);
+            if !domain.is_ascii() && idna::domain_to_ascii(domain).is_err() {
+                return Err(format!("`{s}`: not a valid internationalised domain name"));
+            }
+            format!("{wild}{}", canonical(rest))
         } else {
             s
         };
@@ -69,8 +80,8 @@ impl Pattern {
     /// decision matches one address against many patterns). Both are taken as
     /// [`canonical`] writes them.
     pub fn matches_split(&self, address: &str, domain: &str) -> bool {
-        let address = canonical(address);
-        let (address, domain) = (address.as_ref(), trim_root(domain));
+        let (address, domain) = (canonical(address), canonical_domain(domain));
+        let (address, domain) = (address.as_ref(), domain.as_ref());
         match self {
             Pattern::Address(a) => a.eq_ignore_ascii_case(address),
             Pattern::Domain(d) => d.eq_ignore_ascii_case(domain),
@@ -103,40 +114,115 @@ pub fn trim_root(domain: &str) -> &str {
     }
 }
 
-/// An envelope address as patterns see it: the domain without a trailing dot
-/// ([`trim_root`]), and a quoted local part without its quotes and backslashes
-/// (`"ceo"@partner.example` is the mailbox `ceo@partner.example`, RFC 5321 §4.1.2).
-/// Otherwise a rule could be escaped by spelling its address another way. Borrows
-/// unless there was a quote to remove.
+/// A domain as patterns see it: without a trailing dot ([`trim_root`]), and, when it is
+/// written in Unicode (an SMTPUTF8 address: `bücher.example`), as its A-label
+/// (`xn--bcher-kva.example`, UTS 46 as the `idna` crate maps it, which also folds case).
+/// Patterns are stored in that form, and the A-label is the domain mail to it is
+/// resolved and delivered to, so a rule cannot be escaped by writing its domain in
+/// Unicode. A Unicode name that is not a valid IDN stays as it is: it matches no
+/// pattern, and it cannot be resolved either. Borrows unless there was Unicode.
+pub fn canonical_domain(domain: &str) -> Cow<'_, str> {
+    let domain = trim_root(domain);
+    if domain.is_ascii() {
+        return Cow::Borrowed(domain);
+    }
+    match idna::domain_to_ascii(domain) {
+        Ok(ascii) => Cow::Owned(ascii),
+        Err(_) => Cow::Borrowed(domain),
+    }
+}
+
+/// An envelope address as patterns see it: the domain as [`canonical_domain`] writes it,
+/// and a quoted local part without its quotes and backslashes (`"ceo"@partner.example`
+/// is the mailbox `ceo@partner.example`, RFC 5321 §4.1.2). Otherwise a rule could be
+/// escaped by spelling its address another way. Borrows unless there was a quote to
+/// remove or a Unicode domain to convert. A source route (`@relay.example:bob@x.example`,
+/// RFC 5321 §4.1.1.3, which servers ignore or strip, as Postfix does) is left out: the
+/// mailbox is `bob@x.example`.
 pub fn canonical(address: &str) -> Cow<'_, str> {
-    let at = address.bytes().rposition(|b| b == b'@');
-    let trimmed = match at {
-        // `@` is ASCII: the byte after it starts a char.
-        Some(at) => {
-            let domain = &address[at + 1..];
-            &address[..address.len() - (domain.len() - trim_root(domain).len())]
+    let address = without_source_route(address);
+    let Some(at) = address.bytes().rposition(|b| b == b'@') else {
+        return canonical_domain(address);
+    };
+    // `@` is ASCII: the bytes around it start chars.
+    let (local, domain) = (&address[..at], canonical_domain(&address[at + 1..]));
+    let inner = local.strip_prefix('"').and_then(|l| l.strip_suffix('"'));
+    let unquoted = match inner {
+        None => Cow::Borrowed(local),
+        Some(inner) => {
+            let mut out = String::with_capacity(inner.len());
+            let mut escaped = false;
+            for c in inner.chars() {
+                if c == '\\' && !escaped {
+                    escaped = true;
+                } else {
+                    out.push(c);
+                    escaped = false;
+                }
+            }
+            Cow::Owned(out)
         }
-        None => trim_root(address),
     };
-    let Some(at) = at else {
-        return Cow::Borrowed(trimmed);
-    };
-    let local = &trimmed[..at];
-    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
-        return Cow::Borrowed(trimmed);
-    };
-    let mut out = String::with_capacity(trimmed.len());
-    let mut escaped = false;
-    for c in inner.chars() {
-        if c == '\\' && !escaped {
-            escaped = true;
-        } else {
-            out.push(c);
-            escaped = false;
+    match (unquoted, domain) {
+        // The common case: nothing to change but perhaps the trailing dot.
+        (Cow::Borrowed(_), Cow::Borrowed(d)) => Cow::Borrowed(&address[..at + 1 + d.len()]),
+        (local, domain) => Cow::Owned(format!("{local}@{domain}")),
+    }
+}
+
+/// `address` without a leading source route (`@a.example,@b.example:`), if it has one.
+/// A route's domains may be address literals (`@[IPv6:::1]:`), whose colons are inside
+/// brackets.
+fn without_source_route(address: &str) -> &str {
+    if !address.starts_with('@') {
+        return address;
+    }
+    let mut in_literal = false;
+    for (i, b) in address.bytes().enumerate() {
+        match b {
+            b'[' => in_literal = true,
+            b']' => in_literal = false,
+            // `:` is ASCII: the byte after it starts a char.
+            b':' if !in_literal => return &address[i + 1..],
+            _ => {}
         }
     }
-    out.push_str(&trimmed[at..]);
-    Cow::Owned(out)
+    address
+}
+
+/// An envelope address (or a bare domain) in the form patterns are matched against
+/// ([`canonical`]), with its domain found once: a question matches each of its two
+/// addresses against several tables, and converts each only once.
+#[derive(Debug, Clone)]
+pub struct Canonical<'a> {
+    address: Cow<'a, str>,
+    domain_at: usize,
+}
+
+impl<'a> Canonical<'a> {
+    pub fn new(address: &'a str) -> Canonical<'a> {
+        let address = canonical(address);
+        let domain_at = address.len() - domain_of(&address).len();
+        Canonical { address, domain_at }
+    }
+
+    /// The whole address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The domain part (everything after the last `@`), or the whole string.
+    pub fn domain(&self) -> &str {
+        &self.address[self.domain_at..]
+    }
+
+    /// The domain alone, as a bare domain (what static routes match).
+    pub fn domain_only(&self) -> Canonical<'_> {
+        Canonical {
+            address: Cow::Borrowed(self.domain()),
+            domain_at: 0,
+        }
+    }
 }
 
 impl std::fmt::Display for Pattern {

@@ -16,6 +16,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use altroute_policy::pattern::canonical_domain;
 use altroute_policy::{
     CertStatus, Decision, Hop, HostTarget, Query, ResultType, Route, Starttls, TlsRequirement,
     TlsVersion,
@@ -959,21 +960,19 @@ fn log_decision(
     );
 }
 
-/// `address` with its domain as an A-label (UTS 46, RFC 5891): policy patterns are
-/// ASCII, so `bob@bücher.example` must be asked as `bob@xn--bcher-kva.example`, the
-/// domain it is delivered to, or it would escape every rule written for that domain. A
-/// domain that is not a valid IDN stays as it is: it cannot be resolved either.
+/// `address` with its domain as an A-label (UTS 46, RFC 5891), the domain it is delivered
+/// to: `bob@bücher.example` is asked as `bob@xn--bcher-kva.example`. The standard
+/// module's `decide()` matches it so anyway ([`canonical_domain`]); asking in that form
+/// also holds a custom `[policy].module` that compares bytes to the rules written for the
+/// domain. A domain that is not a valid IDN stays as it is: it cannot be resolved either.
 pub(crate) fn ascii_address(address: &str) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
-    let Some((local, domain)) = address.rsplit_once('@') else {
-        return Cow::Borrowed(address);
-    };
-    if domain.is_ascii() {
-        return Cow::Borrowed(address);
-    }
-    match idna::domain_to_ascii(domain) {
-        Ok(ascii) => Cow::Owned(format!("{local}@{ascii}")),
-        Err(_) => Cow::Borrowed(address),
+    match address.rsplit_once('@') {
+        Some((local, domain)) if !domain.is_ascii() => match canonical_domain(domain) {
+            Cow::Owned(ascii) => Cow::Owned(format!("{local}@{ascii}")),
+            Cow::Borrowed(_) => Cow::Borrowed(address),
+        },
+        _ => Cow::Borrowed(address),
     }
 }
 

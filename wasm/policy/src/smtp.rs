@@ -24,8 +24,15 @@
 //!   RFC 3030); otherwise the server answers `BDAT` with an error and reads what follows
 //!   as commands, and so does the follower.
 //!
-//! Every buffer is bounded; an overlong line is forwarded as it comes and counted as one
-//! command or reply, which keeps the pairing.
+//! Every buffer is bounded. An overlong reply line is forwarded as it comes and counted as
+//! one reply. An overlong command line is not forwarded at all (a server that reads only
+//! its start could take an unchecked `RCPT`): a `NOOP` goes in its place and the client
+//! gets `500 5.5.6 Line too long`, which keeps the pairing.
+//!
+//! Commands are split into words at any white space, as servers split them, so
+//! `RCPT\tTO:<a>` is checked like `RCPT TO:<a>`. A `MAIL` or `RCPT` whose argument is not
+//! of the form `FROM:` / `TO:` is not forwarded either: a `NOOP` goes in its place and the
+//! client gets the server's syntax reply (`501 5.5.4 Syntax: RCPT TO:<address>`).
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -35,6 +42,12 @@ use policy::{Policy, Query, decide};
 /// The longest command or reply line held while waiting for its end (RFC 5321 allows
 /// 512 octets for commands and replies; EHLO keywords can be longer). Defaults to 4 KiB.
 const MAX_LINE: usize = 4096;
+
+/// The reply to a command line longer than [`MAX_LINE`] (as the relay's own server says it).
+const LINE_TOO_LONG: &str = "500 5.5.6 Line too long\r\n";
+/// The replies to a `MAIL` or `RCPT` whose argument is not `FROM:` / `TO:` (Postfix's).
+const MAIL_SYNTAX: &str = "501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
+const RCPT_SYNTAX: &str = "501 5.5.4 Syntax: RCPT TO:<address>\r\n";
 
 /// The longest address echoed back in a reply.
 const MAX_ECHOED_ADDRESS: usize = 256;
@@ -81,7 +94,7 @@ pub(crate) struct Events {
     pub refused: [u32; REASON_KINDS.len()],
     /// STARTTLS succeeded: the session became opaque.
     pub encrypted: bool,
-    /// Lines too long to hold, forwarded as they came.
+    /// Lines too long to hold: commands refused, replies forwarded as they came.
     pub overlong: u32,
 }
 
@@ -110,7 +123,7 @@ pub(crate) struct Session {
     client: Client,
     /// A client command line without its end yet.
     client_line: Vec<u8>,
-    /// An overlong client line is being forwarded up to its end.
+    /// An overlong client line is being dropped up to its end.
     client_skipping: bool,
     /// A server reply line without its end yet.
     server_line: Vec<u8>,
@@ -228,10 +241,19 @@ impl Session {
                         Some(n) => {
                             let line_start = i;
                             i += n + 1;
-                            if self.client_skipping {
-                                out.pass(line_start, i);
+                            let overlong = self.client_line.len() + n > MAX_LINE;
+                            if self.client_skipping || overlong {
+                                // The end of an overlong line: none of it went upstream.
+                                // A NOOP takes its place, and its reply is the refusal.
+                                if !self.client_skipping {
+                                    self.events.overlong += 1;
+                                }
+                                self.client_line.clear();
+                                out.drop_bytes();
+                                out.push(b"NOOP\r\n");
                                 self.client_skipping = false;
-                                self.pending.push_back(Pending::Other);
+                                self.pending
+                                    .push_back(Pending::Refused(LINE_TOO_LONG.to_owned()));
                             } else if self.client_line.is_empty() {
                                 self.command(&rest[..n], Some(line_start), &mut out);
                             } else {
@@ -246,11 +268,13 @@ impl Session {
                         None => {
                             i = data.len();
                             if self.client_skipping {
-                                out.pass(i - rest.len(), i);
+                                out.drop_bytes();
                             } else if self.client_line.len() + rest.len() > MAX_LINE {
-                                out.push(&self.client_line);
+                                // Not forwarded: a server that reads only the start of a
+                                // long line (Postfix keeps its first 2048 bytes) would
+                                // take a `RCPT` this follower did not check.
                                 self.client_line.clear();
-                                out.pass(i - rest.len(), i);
+                                out.drop_bytes();
                                 self.client_skipping = true;
                                 self.events.overlong += 1;
                             } else {
@@ -275,11 +299,48 @@ impl Session {
     /// where the line starts in the current input when it lies there whole.
     fn command(&mut self, raw: &[u8], at: Option<usize>, out: &mut Out<'_>) {
         let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let verb_end = line.iter().position(|b| *b == b' ').unwrap_or(line.len());
+        // Servers split a command into words at any white space (Postfix: spaces, tabs,
+        // CR, VT, FF), so `RCPT\tTO:<a>` and `RCPT  TO:<a>` are a RCPT too.
+        let verb_end = line.iter().position(|b| is_space(*b)).unwrap_or(line.len());
         let verb = &line[..verb_end];
         let is = |v: &[u8]| verb.eq_ignore_ascii_case(v);
         let mut forward = true;
-        let pending = if is(b"EHLO") || is(b"HELO") {
+        let pending = if is(b"MAIL") || is(b"RCPT") {
+            let (keyword, syntax) = if is(b"MAIL") {
+                (&b"FROM"[..], MAIL_SYNTAX)
+            } else {
+                (&b"TO"[..], RCPT_SYNTAX)
+            };
+            match argument(&line[verb_end..], keyword) {
+                None => {
+                    // Not a form this follower can check, so not forwarded: what a
+                    // server makes of it could be a recipient nobody asked the policy
+                    // about. The client gets the syntax reply the server would give.
+                    out.push(b"NOOP\r\n");
+                    forward = false;
+                    Pending::Refused(syntax.to_owned())
+                }
+                Some(arg) if is(b"MAIL") => {
+                    let (addr, params) = address(arg);
+                    self.sender = addr;
+                    self.requiretls = params
+                        .split(|b| is_space(*b))
+                        .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
+                    Pending::Other
+                }
+                Some(arg) => {
+                    let (recipient, _) = address(arg);
+                    match self.refusal(&recipient) {
+                        Some(reply) => {
+                            out.push(b"NOOP\r\n");
+                            forward = false;
+                            Pending::Refused(reply)
+                        }
+                        None => Pending::Other,
+                    }
+                }
+            }
+        } else if is(b"EHLO") || is(b"HELO") {
             self.reset_transaction();
             // Known again from this EHLO's reply.
             self.chunking_offered = false;
@@ -287,30 +348,13 @@ impl Session {
         } else if is(b"RSET") {
             self.reset_transaction();
             Pending::Other
-        } else if is(b"MAIL") && starts_with_ci(line, b"MAIL FROM:") {
-            let (addr, params) = address(&line[10..]);
-            self.sender = addr;
-            self.requiretls = params
-                .split(|b| *b == b' ')
-                .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
-            Pending::Other
-        } else if is(b"RCPT") && starts_with_ci(line, b"RCPT TO:") {
-            let (recipient, _) = address(&line[8..]);
-            match self.refusal(&recipient) {
-                Some(reply) => {
-                    out.push(b"NOOP\r\n");
-                    forward = false;
-                    Pending::Refused(reply)
-                }
-                None => Pending::Other,
-            }
         } else if is(b"DATA") {
             // The message follows a 354; any other reply, and the follower reads commands.
             self.client = Client::AwaitData;
             Pending::Data
         } else if is(b"BDAT") && self.chunking_offered {
             let size = line[verb_end..]
-                .split(|b| *b == b' ')
+                .split(|b| is_space(*b))
                 .find(|p| !p.is_empty())
                 .and_then(|p| std::str::from_utf8(p).ok())
                 .and_then(|s| s.parse::<u64>().ok());
@@ -606,21 +650,43 @@ fn is_last_line(line: &[u8]) -> bool {
     line.get(3) != Some(&b'-')
 }
 
-fn starts_with_ci(line: &[u8], prefix: &[u8]) -> bool {
-    line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+/// White space between the words of a command, as servers split them (Postfix's
+/// `ISSPACE`: space, tab, LF, VT, FF, CR).
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// The argument of `MAIL FROM:` or `RCPT TO:` after the verb: `rest` is what follows the
+/// verb, `keyword` is `FROM` or `TO`. White space is allowed around the keyword and the
+/// colon, a superset of what servers take. `None` when `rest` is not of that form.
+fn argument<'l>(rest: &'l [u8], keyword: &[u8]) -> Option<&'l [u8]> {
+    let rest = trim_start(rest);
+    let after = rest.get(keyword.len()..)?;
+    if !rest[..keyword.len()].eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    trim_start(after).strip_prefix(b":").map(trim_start)
+}
+
+fn trim_start(bytes: &[u8]) -> &[u8] {
+    let n = bytes
+        .iter()
+        .position(|b| !is_space(*b))
+        .unwrap_or(bytes.len());
+    &bytes[n..]
 }
 
 /// The address of a `MAIL FROM:` or `RCPT TO:` argument and the parameters after it.
 /// `<a@b> X=1` gives (`a@b`, `X=1`); a missing `<` takes the first word.
 fn address(arg: &[u8]) -> (String, &[u8]) {
-    let arg = arg.trim_ascii_start();
+    let arg = trim_start(arg);
     let (addr, params) = match arg.strip_prefix(b"<") {
-        Some(inner) => match inner.iter().position(|b| *b == b'>') {
+        Some(inner) => match closing_bracket(inner) {
             Some(n) => (&inner[..n], &inner[n + 1..]),
             None => (inner, &b""[..]),
         },
         None => {
-            let n = arg.iter().position(|b| *b == b' ').unwrap_or(arg.len());
+            let n = arg.iter().position(|b| is_space(*b)).unwrap_or(arg.len());
             (&arg[..n], &arg[n..])
         }
     };
@@ -628,6 +694,22 @@ fn address(arg: &[u8]) -> (String, &[u8]) {
         String::from_utf8_lossy(addr).trim().to_ascii_lowercase(),
         params.trim_ascii(),
     )
+}
+
+/// Where the `>` closing an address is: not one inside a quoted local part
+/// (`<"a>b"@x.example>`), nor one escaped with a backslash there.
+fn closing_bracket(inner: &[u8]) -> Option<usize> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &b) in inner.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The reason kind of a refusal, from the rule that required TLS. Bounded set: these are
@@ -702,6 +784,35 @@ mod tests {
             );
             let e = s.take_events();
             assert_eq!((e.checked, e.refused), (2, [1, 0, 0, 0, 0, 0]));
+        }
+    }
+
+    /// A recipient domain written in Unicode (SMTPUTF8) is held to the rule for its
+    /// A-label. Before, `RCPT TO:<b@bücher.example>` passed the edge in clear text.
+    #[test]
+    fn a_unicode_recipient_domain_is_held_to_the_rule_for_its_a_label() {
+        let compiled = policy::compile(
+            r#"
+            [[tls_compliance]]
+            name = "books"
+            domains = ["xn--bcher-kva.example"]
+            "#,
+        )
+        .unwrap();
+        let client = "EHLO c\r\nMAIL FROM:<a@corp.example> SMTPUTF8\r\nRCPT TO:<b@BÜCHER.example>\r\nRCPT TO:<c@other.example>\r\nDATA\r\n";
+        for step in [1, 3, 1000] {
+            let mut s = Session::new(Rc::new(compiled.policy.clone()));
+            let (up, down) = run(&mut s, client.as_bytes(), SERVER, step);
+            assert_eq!(
+                String::from_utf8(up).unwrap(),
+                "EHLO c\r\nMAIL FROM:<a@corp.example> SMTPUTF8\r\nNOOP\r\nRCPT TO:<c@other.example>\r\nDATA\r\n",
+                "step {step}"
+            );
+            assert_eq!(
+                String::from_utf8(down).unwrap(),
+                "220 hi\r\n250-s\r\n250 PIPELINING\r\n250 ok\r\n450 4.7.10 TLS required for <b@bÜcher.example>\r\n250 rcpt\r\n354 go\r\n",
+                "step {step}"
+            );
         }
     }
 
@@ -800,25 +911,95 @@ mod tests {
         }
     }
 
+    /// An overlong command line is not forwarded, not even its start: a server that reads
+    /// only the start of a long line (Postfix keeps 2048 bytes and discards the rest)
+    /// would take a `RCPT` padded past 4 KiB that this follower never checked. A `NOOP`
+    /// goes in its place, and the client gets `500 5.5.6`. Before, the line was forwarded.
     #[test]
-    fn overlong_lines_keep_pairing() {
-        let mut s = session();
-        let mut client = b"EHLO c\r\nX".to_vec();
-        client.extend(std::iter::repeat_n(b'a', 10_000));
-        client.extend(b"\r\nMAIL FROM:<>\r\nRCPT TO:<b@partner.example>\r\n");
-        let (up, down) = run(
-            &mut s,
-            &client,
-            b"220 hi\r\n250 e\r\n500 long\r\n250 ok\r\n250 noop\r\n",
-            100,
-        );
+    fn overlong_command_lines_are_refused_not_forwarded() {
+        for step in [1, 100, 100_000] {
+            let mut s = session();
+            let mut client = b"EHLO c\r\nRCPT TO:<b@partner.example>".to_vec();
+            client.extend(std::iter::repeat_n(b' ', 10_000));
+            client.extend(b"\r\nMAIL FROM:<>\r\nRCPT TO:<b@partner.example>\r\n");
+            let (up, down) = run(
+                &mut s,
+                &client,
+                b"220 hi\r\n250 e\r\n250 noop\r\n250 ok\r\n250 noop\r\n",
+                step,
+            );
+            assert_eq!(
+                String::from_utf8(up).unwrap(),
+                "EHLO c\r\nNOOP\r\nMAIL FROM:<>\r\nNOOP\r\n",
+                "step {step}"
+            );
+            assert_eq!(
+                String::from_utf8(down).unwrap(),
+                "220 hi\r\n250 e\r\n500 5.5.6 Line too long\r\n250 ok\r\n450 4.7.10 TLS required for <b@partner.example>\r\n",
+                "step {step}"
+            );
+            assert_eq!(s.take_events().overlong, 1);
+        }
+    }
+
+    /// Servers split commands at any white space, and read a quoted local part whole: each
+    /// of these is a RCPT for a mailbox at partner.example to Postfix, and is checked. A
+    /// MAIL or RCPT the follower cannot read is refused, not forwarded. Before, all of
+    /// these went upstream unchecked.
+    #[test]
+    fn every_spelling_of_rcpt_is_checked_and_the_unreadable_ones_refused() {
+        let checked: [&[u8]; 6] = [
+            b"RCPT\tTO:<b@partner.example>",
+            b"RCPT  TO:<b@partner.example>",
+            b"rcpt to : <b@partner.example>",
+            b"RCPT TO:\t<b@partner.example> NOTIFY=NEVER",
+            b"RCPT TO:b@partner.example\tNOTIFY=NEVER",
+            b"RCPT TO:<\"a>b\\\"\"@partner.example>",
+        ];
+        for rcpt in checked {
+            let mut s = greeted(b"250 ok\r\n");
+            let mut line = rcpt.to_vec();
+            line.extend(b"\r\n");
+            assert_eq!(
+                s.client_bytes(&line, false).as_deref(),
+                Some(&b"NOOP\r\n"[..]),
+                "{}",
+                String::from_utf8_lossy(rcpt)
+            );
+            let reply = s.server_bytes(b"250 noop\r\n", false).unwrap();
+            assert!(
+                reply.starts_with(b"450 4.7.10 TLS required for <"),
+                "{}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+        let refused: [(&[u8], &str); 4] = [
+            (b"RCPT <b@partner.example>", RCPT_SYNTAX),
+            (b"RCPT TO<b@partner.example>", RCPT_SYNTAX),
+            (b"RCPT", RCPT_SYNTAX),
+            (b"MAIL FRM:<a@corp.example>", MAIL_SYNTAX),
+        ];
+        for (command, reply) in refused {
+            let mut s = greeted(b"250 ok\r\n");
+            let mut line = command.to_vec();
+            line.extend(b"\r\n");
+            assert_eq!(
+                s.client_bytes(&line, false).as_deref(),
+                Some(&b"NOOP\r\n"[..])
+            );
+            assert_eq!(
+                s.server_bytes(b"250 noop\r\n", false).as_deref(),
+                Some(reply.as_bytes())
+            );
+        }
+        // MAIL with a tab: its REQUIRETLS parameter is read too.
+        let mut s = greeted(b"250 ok\r\n");
         assert_eq!(
-            up.len(),
-            client.len() - "RCPT TO:<b@partner.example>".len() + 4
+            s.client_bytes(b"MAIL\tFROM:<a@corp.example>\tREQUIRETLS\r\n", false),
+            None
         );
-        assert!(down.ends_with(
-            b"500 long\r\n250 ok\r\n450 4.7.10 TLS required for <b@partner.example>\r\n"
-        ));
+        assert!(s.requiretls);
+        assert_eq!(s.sender, "a@corp.example");
     }
 
     /// Greeting and EHLO done; `ehlo` is the server's EHLO reply.

@@ -91,6 +91,116 @@ fn a_quoted_local_part_is_the_same_mailbox() {
     );
 }
 
+/// A source route (`<@relay.example:ceo@other.example>`, RFC 5321 §4.1.1.3) names the
+/// same mailbox: servers ignore the route (Postfix strips it), so the address rule for
+/// `ceo@other.example` holds. Before, only the domain's rules could match it.
+#[test]
+fn a_source_route_does_not_hide_the_mailbox() {
+    let policy = policy();
+    for rcpt in [
+        "@relay.example:ceo@other.example",
+        "@a.example,@b.example:CEO@Other.Example.",
+        "@[IPv6:::1],@[127.0.0.1]:ceo@other.example",
+        "@relay.example:\"ceo\"@other.example",
+    ] {
+        let d = decide(&policy, &Query::plan("alice@corp.example", rcpt));
+        assert_eq!(d.rule, "tls_compliance:ceo", "{rcpt}: {d:?}");
+    }
+    assert_eq!(
+        canonical("@relay.example:bob@partner.example."),
+        "bob@partner.example"
+    );
+    // Only a leading route: an `@` and `:` elsewhere are the local part's business.
+    assert_eq!(
+        canonical("\"a:b@c\"@partner.example"),
+        "a:b@c@partner.example"
+    );
+    assert_eq!(
+        org_unit_of(&policy, "@gw.example:alice@finance.corp.example"),
+        "/finance"
+    );
+}
+
+/// A domain written in Unicode (SMTPUTF8 mail, or an HTTP question from another host of
+/// the module) is matched as its A-label, the form patterns are stored in and the domain
+/// the mail is delivered to. Before, `bob@bücher.example` passed the rule for
+/// `xn--bcher-kva.example` as opportunistic mail, at the Envoy edge too.
+#[test]
+fn a_unicode_domain_is_matched_as_its_a_label() {
+    let policy = compile(
+        r#"
+[[hosts]]
+name = "gw"
+address = "gw.example.net"
+
+[[org_units]]
+path = "/finance"
+senders = ["xn--finanz--g1a.example"]
+
+[[tls_compliance]]
+name = "books"
+domains = ["xn--bcher-kva.example", "*.xn--bnk-qla.example"]
+
+[[tls_compliance]]
+name = "one"
+addresses = ["jörg@xn--lieferant--z5a.example"]
+
+[[routes]]
+name = "written-in-unicode"
+domains = ["straße.example"]
+host = "gw"
+"#,
+    )
+    .unwrap()
+    .policy;
+    for (rcpt, rule) in [
+        ("bob@bücher.example", "tls_compliance:books"),
+        ("bob@BÜCHER.Example.", "tls_compliance:books"),
+        ("bob@xn--bcher-kva.example", "tls_compliance:books"),
+        ("bob@mail.bänk.example", "tls_compliance:books"),
+        ("jörg@lieferant-ä.example", "tls_compliance:one"),
+        ("\"jörg\"@LIEFERANT-Ä.example", "tls_compliance:one"),
+    ] {
+        let d = decide(&policy, &Query::plan("alice@corp.example", rcpt));
+        assert!(d.tls.required, "{rcpt}: {d:?}");
+        assert_eq!(d.rule, rule, "{rcpt}");
+    }
+    // A route written in Unicode in the source is stored as its A-label and matches both.
+    for rcpt in ["bob@straße.example", "bob@xn--strae-oqa.example"] {
+        let d = decide(&policy, &Query::plan("alice@corp.example", rcpt));
+        assert_eq!(d.route, Route::Host, "{rcpt}: {d:?}");
+        assert_eq!(d.rule, "route:written-in-unicode", "{rcpt}");
+    }
+    assert_eq!(org_unit_of(&policy, "anna@finanz-ö.example"), "/finance");
+    assert_eq!(
+        org_unit_of(&policy, "anna@xn--finanz--g1a.example"),
+        "/finance"
+    );
+    // Other domains stay other domains.
+    let d = decide(
+        &policy,
+        &Query::plan("alice@corp.example", "bob@bucher.example"),
+    );
+    assert!(!d.tls.required, "{d:?}");
+    // A name that is no valid IDN matches nothing, and is refused in a policy.
+    let d = decide(
+        &policy,
+        &Query::plan("alice@corp.example", "bob@bü\u{200b}-.example"),
+    );
+    assert!(!d.tls.required, "{d:?}");
+    assert_eq!(
+        canonical("bob@BÜCHER.example."),
+        "bob@xn--bcher-kva.example"
+    );
+    assert_eq!(
+        Pattern::parse("*.Bücher.example"),
+        Ok(Pattern::Subdomains("xn--bcher-kva.example".to_string()))
+    );
+    assert!(Pattern::parse("xn--bcher-kva.example").is_ok());
+    let err = Pattern::parse("a\u{0}b.example").unwrap_err();
+    assert!(err.contains("only letters"), "{err}");
+}
+
 /// A sender rule and a recipient rule of the same unit: how specific a sender pattern is
 /// says nothing against a recipient pattern, so the one that requires more TLS applies.
 /// A sender exemption does not lower a recipient's requirement, nor the other way round.
