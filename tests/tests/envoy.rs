@@ -645,6 +645,33 @@ fn smtp_edge_checks_every_spelling_of_rcpt_and_forwards_none_it_cannot_read() {
     );
 }
 
+/// Commands pipelined after `STARTTLS`, before its reply: Postfix's smtp-sink refuses
+/// STARTTLS (`500 5.5.1`) and then takes them as commands in clear text, so they were an
+/// unchecked RCPT. The edge drops them and closes the session: smtp-sink gets no RCPT.
+#[test]
+fn smtp_edge_closes_a_session_that_pipelines_past_starttls() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = PostfixSink::start(dir.path()).unwrap();
+    let (envoy, listen, ..) = start_edge(dir.path(), sink.port, sink.port);
+    let mut c = SmtpClient::connect(listen, None).unwrap();
+    c.reply().unwrap();
+    c.send(b"EHLO client.example\r\n").unwrap();
+    c.reply().unwrap();
+    c.send(
+        b"STARTTLS\r\nMAIL FROM:<alice@corp.example>\r\nRCPT TO:<bob@partner.example>\r\nDATA\r\n",
+    )
+    .unwrap();
+    let rest = String::from_utf8_lossy(&c.read_until_closed().unwrap()).into_owned();
+    assert!(!rest.contains("2.1.5"), "a RCPT was accepted: {rest:?}");
+    assert!(sink.messages().unwrap().is_empty());
+    assert_eq!(
+        envoy
+            .wait_stat("wasmcustom.altroute_smtp_sessions_closed_total", 1)
+            .unwrap(),
+        1
+    );
+}
+
 #[test]
 fn ecds_reload_applies_a_new_policy_to_new_connections() {
     let mut edge = edge(false);

@@ -11,7 +11,9 @@
 //! `450 4.7.10 TLS required for <addr>` going back. 450 rather than 530: the client keeps
 //! the recipient and may retry, after STARTTLS or through another route.
 //!
-//! After a `220` reply to `STARTTLS` the session is opaque: bytes pass untouched.
+//! After a `220` reply to `STARTTLS` the session is opaque: bytes pass untouched. Bytes
+//! sent after `STARTTLS` before its reply close the session, as after `DATA` (below): a
+//! server that refuses STARTTLS reads them as commands in clear text.
 //!
 //! Where the server may read the same bytes as commands or as message data, the follower
 //! must never be the one that reads them as data, or a `RCPT` would pass unchecked:
@@ -78,7 +80,8 @@ enum Client {
     AwaitData,
     /// The data of a `BDAT` chunk: that many bytes pass untouched.
     Chunk { remaining: u64 },
-    /// `STARTTLS` was sent: bytes pass untouched until its reply.
+    /// `STARTTLS` was sent: nothing may come until its reply (after a `220` the session
+    /// is opaque; after a refusal, commands follow).
     AwaitTls,
     /// The session broke the protocol (see [`Session::take_violation`]): every byte from
     /// the client is dropped.
@@ -195,19 +198,23 @@ impl Session {
         let mut i = 0;
         while i < data.len() {
             match self.client {
-                Client::AwaitData | Client::Closed => {
+                Client::AwaitData | Client::AwaitTls | Client::Closed => {
                     // Dropped: the server would read them as message or as commands
-                    // depending on the DATA reply. Nothing of this call goes upstream.
-                    if self.client == Client::AwaitData {
-                        self.violation = Some("data sent before the reply to DATA");
-                        self.client = Client::Closed;
+                    // depending on the DATA reply, or as a TLS handshake or as commands
+                    // depending on the STARTTLS reply (a server that refuses STARTTLS
+                    // reads on in clear text). Nothing of this call goes upstream.
+                    match self.client {
+                        Client::AwaitData => {
+                            self.violation = Some("data sent before the reply to DATA");
+                        }
+                        Client::AwaitTls => {
+                            self.violation = Some("data sent before the reply to STARTTLS");
+                        }
+                        _ => {}
                     }
+                    self.client = Client::Closed;
                     self.client_line.clear();
                     return Some(Vec::new());
-                }
-                Client::AwaitTls => {
-                    out.pass(i, data.len());
-                    i = data.len();
                 }
                 Client::Chunk { remaining } => {
                     let left = data.len() - i;
@@ -820,17 +827,51 @@ mod tests {
     fn body_is_not_parsed_and_starttls_goes_opaque() {
         let mut s = session();
         let (_, _) = run(&mut s, CLIENT, SERVER, 1000);
-        let body = b"RCPT TO:<x@partner.example>\r\n.\r\nSTARTTLS\r\n\x16\x03\x01";
+        let body = b"RCPT TO:<x@partner.example>\r\n.\r\nSTARTTLS\r\n";
         assert_eq!(s.client_bytes(body, false), None, "unchanged");
         assert_eq!(
             s.server_bytes(b"250 queued\r\n220 go ahead\r\n", false),
             None
         );
         assert!(s.is_opaque());
+        assert_eq!(s.client_bytes(b"\x16\x03\x01", false), None);
         assert_eq!(
             s.client_bytes(b"RCPT TO:<x@partner.example>\r\n", false),
             None
         );
+    }
+
+    /// Bytes sent after `STARTTLS` before its reply: a server that refuses STARTTLS (not
+    /// offered, or 454) reads them as commands in clear text, so they would have been an
+    /// unchecked RCPT. They are dropped and the session is closed, as after DATA. Before,
+    /// they passed unparsed.
+    #[test]
+    fn commands_pipelined_after_starttls_close_the_session() {
+        for split in [false, true] {
+            let mut s = greeted(b"250 ok\r\n");
+            let pipelined: &[u8] =
+                b"STARTTLS\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<b@partner.example>\r\n";
+            let up = if split {
+                assert_eq!(s.client_bytes(&pipelined[..10], false), None);
+                s.client_bytes(&pipelined[10..], false)
+            } else {
+                s.client_bytes(pipelined, false)
+            };
+            assert_eq!(up, Some(Vec::new()), "nothing more goes upstream");
+            assert_eq!(
+                s.take_violation(),
+                Some("data sent before the reply to STARTTLS")
+            );
+            // The server refuses STARTTLS: the follower reads no command after it.
+            assert_eq!(
+                s.server_bytes(b"454 4.7.0 TLS not available\r\n", false),
+                None
+            );
+            assert_eq!(
+                s.client_bytes(b"RCPT TO:<b@partner.example>\r\n", false),
+                Some(Vec::new())
+            );
+        }
     }
 
     #[test]
