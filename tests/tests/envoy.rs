@@ -237,11 +237,26 @@ fn http_face_routes_to_the_chosen_pool_and_rejects_with_the_smtp_reply() {
     // Missing facts: a fault, deferred (never routed).
     let r = http_request(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/", &[]).unwrap();
     assert_eq!(u32::from(r.status), contract::DEFER_STATUS, "{r:?}");
+    // A fact given twice, an opportunistic recipient then a TLS-required one: the module
+    // does not guess which the upstream would act on. Deferred, no pool reached. Before,
+    // the first copy was decided (direct, opportunistic) and both went upstream.
+    let mut headers =
+        contract::encode_query(&Query::plan("alice@corp.example", "x@random.example"));
+    headers.push((contract::RECIPIENT, "bob@partner.example".to_string()));
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let r = http_request(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "/", &pairs).unwrap();
+    assert_eq!(u32::from(r.status), contract::DEFER_STATUS, "{r:?}");
+    assert_eq!(r.header(contract::ROUTE), Some("defer"));
+    assert!(
+        r.header(contract::REASON)
+            .is_some_and(|reason| reason.contains("given more than once")),
+        "{r:?}"
+    );
     assert_eq!(
         envoy
             .stat("wasmcustom.altroute_policy_faults_total")
             .unwrap(),
-        Some(1)
+        Some(2)
     );
 }
 

@@ -94,6 +94,10 @@ pub enum ContractError {
     Missing(&'static str),
     #[error("header {name} has an invalid value {value:?}")]
     Invalid { name: &'static str, value: String },
+    /// A fact given twice: which one a decision is about would be a guess, and whoever
+    /// acts on the request (an upstream behind Envoy's HTTP face) might take the other.
+    #[error("header {0} is given more than once")]
+    Repeated(&'static str),
 }
 
 /// Percent-encode free text for a header value: every byte outside ` `..`~`, `%`, and a
@@ -379,6 +383,9 @@ pub fn decode_query<'a>(get: impl Source<'a>) -> Result<Query, ContractError> {
 /// allocating (the wasm module does, on every routing question). On an error `q` holds
 /// part of the facts and must not be used.
 pub fn decode_query_into<'a>(get: impl Source<'a>, q: &mut Query) -> Result<(), ContractError> {
+    if let Some(name) = get.repeated_fact() {
+        return Err(ContractError::Repeated(name));
+    }
     let d = Query::default();
     q.phase = token(&get, at::PHASE)?.ok_or(ContractError::Missing(PHASE))?;
     if !text_into(&get, at::RECIPIENT, &mut q.recipient)? {
@@ -588,6 +595,11 @@ pub trait Source<'a> {
     /// The value of the contract header `name`, whose index in [`FACT_HEADERS`] then
     /// [`DECISION_HEADERS`] is `slot`.
     fn value(&self, slot: usize, name: &'static str) -> Option<&'a [u8]>;
+
+    /// A fact header given more than once, if any (the facts are then refused).
+    fn repeated_fact(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl<'a, F: Fn(&str) -> Option<&'a [u8]>> Source<'a> for F {
@@ -601,6 +613,8 @@ impl<'a, F: Fn(&str) -> Option<&'a [u8]>> Source<'a> for F {
 pub struct Index<'a, K, V> {
     pairs: &'a [(K, V)],
     slots: [Option<&'a [u8]>; SLOTS],
+    /// The slot of the first fact header seen twice.
+    repeated: Option<usize>,
 }
 
 impl<'a, K: AsRef<[u8]>, V: AsRef<[u8]>> Index<'a, K, V> {
@@ -633,6 +647,10 @@ impl<'a, K, V> Source<'a> for Index<'a, K, V> {
     fn value(&self, slot: usize, _name: &'static str) -> Option<&'a [u8]> {
         self.slots[slot]
     }
+
+    fn repeated_fact(&self) -> Option<&'static str> {
+        self.repeated.map(slot_name)
+    }
 }
 
 /// A borrowed index reads the same (the module decodes from an index it keeps).
@@ -640,20 +658,32 @@ impl<'a, K, V> Source<'a> for &Index<'a, K, V> {
     fn value(&self, slot: usize, name: &'static str) -> Option<&'a [u8]> {
         (**self).value(slot, name)
     }
+
+    fn repeated_fact(&self) -> Option<&'static str> {
+        (**self).repeated_fact()
+    }
 }
 
 /// Index a list of header pairs for the decoders ([`Index::get`] for any other name).
-/// Of repeated names, the first counts.
+/// Of repeated names, the first counts; a repeated fact header makes the facts invalid
+/// ([`ContractError::Repeated`]).
 pub fn lookup<'a, K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &'a [(K, V)]) -> Index<'a, K, V> {
     let mut slots: [Option<&'a [u8]>; SLOTS] = [None; SLOTS];
+    let mut repeated = None;
     for (k, v) in pairs {
-        if let Some(i) = slot_of(k.as_ref())
-            && slots[i].is_none()
-        {
-            slots[i] = Some(v.as_ref());
+        if let Some(i) = slot_of(k.as_ref()) {
+            if slots[i].is_none() {
+                slots[i] = Some(v.as_ref());
+            } else if i < FACT_HEADERS.len() {
+                repeated = repeated.or(Some(i));
+            }
         }
     }
-    Index { pairs, slots }
+    Index {
+        pairs,
+        slots,
+        repeated,
+    }
 }
 
 /// A contract header: its slot (see [`Source::value`]) and name.

@@ -433,6 +433,39 @@ proptest! {
     }
 }
 
+/// A fact given twice is refused, whichever the copies say and in whatever case the name
+/// is written: a decision about one copy could be acted on with the other. A decision
+/// header given twice in a request is no fact (the module replaces those).
+#[test]
+fn a_repeated_fact_is_refused() {
+    let base = [
+        ("x-altroute-phase", "plan"),
+        ("x-altroute-sender", "a@corp.example"),
+        ("x-altroute-recipient", "bob@random.example"),
+    ];
+    for (name, value) in [
+        ("x-altroute-recipient", "bob@partner.example"),
+        ("X-Altroute-Recipient", "bob@random.example"),
+        ("x-altroute-sender", "x@corp.example"),
+        ("x-altroute-phase", "plan"),
+    ] {
+        let mut pairs = base.to_vec();
+        pairs.push((name, value));
+        let want = contract::ContractError::Repeated(
+            contract::FACT_HEADERS
+                .into_iter()
+                .find(|n| n.eq_ignore_ascii_case(name))
+                .unwrap(),
+        );
+        assert_eq!(decode_query(lookup(&pairs)), Err(want.clone()), "{name}");
+        let mut q = Query::plan("a@b", "c@d");
+        assert_eq!(decode_query_into(lookup(&pairs), &mut q), Err(want));
+    }
+    let mut pairs = base.to_vec();
+    pairs.extend([("x-altroute-route", "direct"), ("x-altroute-route", "host")]);
+    assert!(decode_query(lookup(&pairs)).is_ok());
+}
+
 #[test]
 fn garbage_facts_are_errors_not_panics() {
     for pairs in [
