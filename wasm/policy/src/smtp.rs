@@ -21,10 +21,12 @@
 //!   group): the message follows a `354`, commands anything else. Bytes sent before the
 //!   reply are a protocol violation; they are dropped and the session is closed
 //!   ([`Session::take_violation`]), since what they are depends on a reply not yet seen.
-//! - `BDAT` data passes unread only when the server offered `CHUNKING` in its EHLO reply
-//!   (a server that offers it consumes the chunk even when it refuses the command,
-//!   RFC 3030); otherwise the server answers `BDAT` with an error and reads what follows
-//!   as commands, and so does the follower.
+//! - `BDAT` goes upstream only when the server offered `CHUNKING` in its last EHLO reply
+//!   and the size is plain digits; its data then passes unread (a server that offers it
+//!   consumes the chunk even when it refuses the command, RFC 3030). Otherwise a `NOOP`
+//!   goes in its place and both sides read what follows as commands: a server may take a
+//!   chunk it did not offer (Postfix does after HELO).
+//! - A message ends at a `.` line however many CRs precede its LF, as Postfix reads it.
 //!
 //! Every buffer is bounded. An overlong reply line is forwarded as it comes and counted as
 //! one reply. An overlong command line is not forwarded at all (a server that reads only
@@ -34,7 +36,9 @@
 //! Commands are split into words at any white space, as servers split them, so
 //! `RCPT\tTO:<a>` is checked like `RCPT TO:<a>`. A `MAIL` or `RCPT` whose argument is not
 //! of the form `FROM:` / `TO:` is not forwarded either: a `NOOP` goes in its place and the
-//! client gets the server's syntax reply (`501 5.5.4 Syntax: RCPT TO:<address>`).
+//! client gets the server's syntax reply (`501 5.5.4 Syntax: RCPT TO:<address>`). Nor is
+//! an address that is not a plain mailbox ([`is_mailbox`]): a server could read it as
+//! another mailbox than the one the policy was asked about (`501 5.1.3`).
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -50,6 +54,12 @@ const LINE_TOO_LONG: &str = "500 5.5.6 Line too long\r\n";
 /// The replies to a `MAIL` or `RCPT` whose argument is not `FROM:` / `TO:` (Postfix's).
 const MAIL_SYNTAX: &str = "501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 const RCPT_SYNTAX: &str = "501 5.5.4 Syntax: RCPT TO:<address>\r\n";
+/// The replies to an address that is not a plain mailbox ([`is_mailbox`]; Postfix's words).
+const BAD_SENDER: &str = "501 5.1.7 Bad sender address syntax\r\n";
+const BAD_RECIPIENT: &str = "501 5.1.3 Bad recipient address syntax\r\n";
+/// The replies to a `BDAT` that is not forwarded.
+const BDAT_NOT_OFFERED: &str = "503 5.5.1 CHUNKING was not offered: use DATA\r\n";
+const BDAT_SYNTAX: &str = "501 5.5.4 Syntax: BDAT count [LAST]\r\n";
 
 /// The longest address echoed back in a reply.
 const MAX_ECHOED_ADDRESS: usize = 256;
@@ -74,7 +84,7 @@ enum Client {
     /// Command lines.
     Command,
     /// A message after `DATA`; `at` tracks the terminating `.` line: 0 mid-line,
-    /// 1 at a line start, 2 after a `.` at a line start, 3 after `.\r`.
+    /// 1 at a line start, 2 after a `.` at a line start, 3 after `.` and one or more CRs.
     Body { at: u8 },
     /// `DATA` was sent: nothing may come until its reply.
     AwaitData,
@@ -295,7 +305,8 @@ impl Session {
             }
         }
         if end && !self.client_line.is_empty() {
-            out.push(&self.client_line);
+            // A command without its line end at the end of the stream: servers do not run
+            // it, and it is not forwarded unread.
             self.client_line.clear();
         }
         out.finish()
@@ -329,14 +340,32 @@ impl Session {
                 }
                 Some(arg) if is(b"MAIL") => {
                     let (addr, params) = address(arg);
-                    self.sender = addr;
-                    self.requiretls = params
-                        .split(|b| is_space(*b))
-                        .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
-                    Pending::Other
+                    if addr.is_empty() || is_mailbox(addr.as_bytes()) {
+                        self.sender = addr;
+                        self.requiretls = params
+                            .split(|b| is_space(*b))
+                            .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
+                        Pending::Other
+                    } else {
+                        // Which mailbox a server makes of it (comments, routing through
+                        // `%` or `!`) the policy cannot know, and the sender picks rules.
+                        out.push(b"NOOP\r\n");
+                        forward = false;
+                        Pending::Refused(BAD_SENDER.to_owned())
+                    }
                 }
                 Some(arg) => {
                     let (recipient, _) = address(arg);
+                    if !(is_mailbox(recipient.as_bytes())
+                        || recipient.eq_ignore_ascii_case("postmaster"))
+                    {
+                        // Postfix delivers `<bob@(c)partner.example>` and
+                        // `<bob%partner.example@localhost>` to bob@partner.example.
+                        out.push(b"NOOP\r\n");
+                        self.pending
+                            .push_back(Pending::Refused(BAD_RECIPIENT.to_owned()));
+                        return;
+                    }
                     match self.refusal(&recipient) {
                         Some(reply) => {
                             out.push(b"NOOP\r\n");
@@ -359,18 +388,32 @@ impl Session {
             // The message follows a 354; any other reply, and the follower reads commands.
             self.client = Client::AwaitData;
             Pending::Data
-        } else if is(b"BDAT") && self.chunking_offered {
-            let size = line[verb_end..]
-                .split(|b| is_space(*b))
-                .find(|p| !p.is_empty())
-                .and_then(|p| std::str::from_utf8(p).ok())
-                .and_then(|s| s.parse::<u64>().ok());
-            if let Some(remaining) = size
-                && remaining > 0
-            {
-                self.client = Client::Chunk { remaining };
+        } else if is(b"BDAT") {
+            // A server may take a chunk even when this follower did not see it offer
+            // CHUNKING (Postfix does after HELO), and its end could cut through a line
+            // that the follower would read whole: a `BDAT` goes upstream only when
+            // CHUNKING was offered and its size is plain digits. Otherwise a NOOP goes in
+            // its place, and both sides read what follows as commands.
+            match (self.chunking_offered, chunk_size(&line[verb_end..])) {
+                (true, Some(size)) => {
+                    if size > 0 {
+                        self.client = Client::Chunk { remaining: size };
+                    }
+                    Pending::Other
+                }
+                (offered, _) => {
+                    out.push(b"NOOP\r\n");
+                    forward = false;
+                    Pending::Refused(
+                        if offered {
+                            BDAT_SYNTAX
+                        } else {
+                            BDAT_NOT_OFFERED
+                        }
+                        .to_owned(),
+                    )
+                }
             }
-            Pending::Other
         } else if is(b"STARTTLS") {
             self.client = Client::AwaitTls;
             Pending::StartTls
@@ -568,7 +611,8 @@ fn scan_body(data: &[u8], mut at: u8) -> (usize, Option<u8>) {
                 (2 | 3, b'\n') => return (i, None),
                 (_, b'\n') => 1,
                 (1, b'.') => 2,
-                (2, b'\r') => 3,
+                // Postfix strips every CR before the LF: `.\r\r\n` ends the data too.
+                (2 | 3, b'\r') => 3,
                 _ => 0,
             };
         }
@@ -697,10 +741,137 @@ fn address(arg: &[u8]) -> (String, &[u8]) {
             (&arg[..n], &arg[n..])
         }
     };
+    // Not trimmed: white space inside the brackets is no mailbox ([`is_mailbox`]).
     (
-        String::from_utf8_lossy(addr).trim().to_ascii_lowercase(),
+        String::from_utf8_lossy(addr).to_ascii_lowercase(),
         params.trim_ascii(),
     )
+}
+
+/// The size of a `BDAT` (what follows the verb): `count [LAST]`, the count in plain digits.
+fn chunk_size(rest: &[u8]) -> Option<u64> {
+    let mut words = rest.split(|b| is_space(*b)).filter(|w| !w.is_empty());
+    let count = words.next()?;
+    match words.next() {
+        None => {}
+        Some(last) if last.eq_ignore_ascii_case(b"LAST") => {}
+        Some(_) => return None,
+    }
+    if words.next().is_some() || !count.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(count).ok()?.parse().ok()
+}
+
+/// Whether `addr` (what was between `<` and `>`) is a mailbox as RFC 5321 §4.1.2 writes
+/// it, with nothing a server could read as another mailbox: an optional source route
+/// (`@a.example,@b.example:`), a local part that is a dot-string or a quoted string, `@`,
+/// and a domain (labels, UTF-8 allowed, an optional final dot) or an address literal.
+/// Refused besides: a local part that holds `@`, `%` or `!` (unquoted), since servers
+/// route through those (Postfix delivers `bob%partner.example@localhost` and
+/// `partner.example!bob@localhost` to bob@partner.example). Comments, white space and
+/// backslashes outside a quoted string fail the grammar.
+fn is_mailbox(addr: &[u8]) -> bool {
+    let mut rest = addr;
+    if rest.first() == Some(&b'@') {
+        loop {
+            let Some(after) = rest.strip_prefix(b"@") else {
+                return false;
+            };
+            let n = domain_len(after);
+            if n == 0 {
+                return false;
+            }
+            rest = &after[n..];
+            match rest.first() {
+                Some(b',') => rest = &rest[1..],
+                Some(b':') => {
+                    rest = &rest[1..];
+                    break;
+                }
+                _ => return false,
+            }
+        }
+    }
+    let local_len = if rest.first() == Some(&b'"') {
+        match quoted_len(rest) {
+            Some(n) => n,
+            None => return false,
+        }
+    } else {
+        let n = rest.iter().position(|b| *b == b'@').unwrap_or(rest.len());
+        let local = &rest[..n];
+        let atext =
+            |b: &u8| b.is_ascii_alphanumeric() || b"#$&'*+-/=?^_`{|}~".contains(b) || *b >= 0x80;
+        if local.is_empty()
+            || !local
+                .split(|b| *b == b'.')
+                .all(|atom| !atom.is_empty() && atom.iter().all(atext))
+        {
+            return false;
+        }
+        n
+    };
+    let Some(domain) = rest[local_len..].strip_prefix(b"@") else {
+        return false;
+    };
+    let domain = domain.strip_suffix(b".").unwrap_or(domain);
+    !domain.is_empty() && domain_len(domain) == domain.len()
+}
+
+/// How many bytes at the start of `s` are a domain (labels of letters, digits, `-`, `_`
+/// or UTF-8, joined by single dots) or an address literal (`[…]`); 0 if none.
+fn domain_len(s: &[u8]) -> usize {
+    if s.first() == Some(&b'[') {
+        return match s.iter().position(|b| *b == b']') {
+            Some(end)
+                if s[1..end]
+                    .iter()
+                    .all(|b| (0x21..=0x7e).contains(b) && *b != b'[' && *b != b'\\')
+                    && end > 1 =>
+            {
+                end + 1
+            }
+            _ => 0,
+        };
+    }
+    let label = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_' || *b >= 0x80;
+    let mut n = 0;
+    loop {
+        let len = s[n..].iter().take_while(|b| label(b)).count();
+        if len == 0 {
+            return 0;
+        }
+        n += len;
+        match (s.get(n), s.get(n + 1)) {
+            (Some(b'.'), Some(next)) if label(next) => n += 1,
+            _ => return n,
+        }
+    }
+}
+
+/// The length of the quoted string at the start of `s` (quotes included), if it is one
+/// whose content has no `@`, `%` or `!` (servers read `"bob@partner.example"@localhost`
+/// as bob@partner.example).
+fn quoted_len(s: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(&b) = s.get(i) {
+        match b {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                let escaped = *s.get(i + 1)?;
+                if !(0x20..=0x7e).contains(&escaped) || b"@%!".contains(&escaped) {
+                    return None;
+                }
+                i += 2;
+            }
+            b'@' | b'%' | b'!' => return None,
+            0x20..=0x7e => i += 1,
+            _ if b >= 0x80 => i += 1,
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// Where the `>` closing an address is: not one inside a quoted local part
@@ -841,6 +1012,148 @@ mod tests {
         );
     }
 
+    /// Addresses a server could read as another mailbox than the one the policy would be
+    /// asked about are refused with Postfix's `501 5.1.3`, never forwarded: Postfix 3.7
+    /// with its defaults delivered each of the first eleven to bob@partner.example
+    /// (comments, white space and a backslash in the domain; `%` and `!` routing and a
+    /// quoted `@` through a domain local to it). Plain mailboxes in every form RFC 5321
+    /// allows are still decided.
+    #[test]
+    fn addresses_a_server_reads_otherwise_are_refused() {
+        let refused: [&[u8]; 16] = [
+            b"<bob@(c)partner.example>",
+            b"<bob@partner.example(c)>",
+            b"<bob@partner.example (c)>",
+            b"<bob@ partner.example>",
+            b"<bob@\tpartner.example>",
+            b"<bob@partner . example>",
+            b"<bob@partner\\.example>",
+            b"<bob%partner.example@localhost>",
+            b"<partner.example!bob@localhost>",
+            b"<\"bob@partner.example\"@localhost>",
+            b"<bob@partner.example@localhost>",
+            b"<bob(c)@partner.example>",
+            b"<bob>",
+            b"<>",
+            b"<bob@partner..example>",
+            b"<@:bob@partner.example>",
+        ];
+        for a in refused {
+            let mut s = greeted(b"250 ok\r\n");
+            let mut line = b"RCPT TO:".to_vec();
+            line.extend(a);
+            line.extend(b"\r\n");
+            assert_eq!(
+                s.client_bytes(&line, false).as_deref(),
+                Some(&b"NOOP\r\n"[..]),
+                "{}",
+                String::from_utf8_lossy(a)
+            );
+            assert_eq!(
+                s.server_bytes(b"250 noop\r\n", false).as_deref(),
+                Some(BAD_RECIPIENT.as_bytes()),
+                "{}",
+                String::from_utf8_lossy(a)
+            );
+        }
+        // Decided: required TLS for partner.example, whatever the form.
+        let decided: [&[u8]; 8] = [
+            b"<bob@partner.example>",
+            b"<Bob.Smith+tag@Partner.Example.>",
+            b"<\"bob smith\"@partner.example>",
+            b"<@relay.example,@[127.0.0.1]:bob@partner.example>",
+            b"<j\xc3\xb6rg@partner.example>",
+            b"<bob@mail.partner.example>",
+            b"bob@partner.example",
+            b"<o'brien@partner.example> NOTIFY=NEVER",
+        ];
+        for a in decided {
+            let compiled = policy::compile(
+                "[[tls_compliance]]\nname = \"p\"\ndomains = [\"partner.example\", \"*.partner.example\"]\n",
+            )
+            .unwrap();
+            let mut s = Session::new(Rc::new(compiled.policy));
+            assert_eq!(s.server_bytes(b"220 hi\r\n", false), None);
+            let mut line = b"RCPT TO:".to_vec();
+            line.extend(a);
+            line.extend(b"\r\n");
+            assert_eq!(
+                s.client_bytes(&line, false).as_deref(),
+                Some(&b"NOOP\r\n"[..]),
+                "{}",
+                String::from_utf8_lossy(a)
+            );
+            let reply = s.server_bytes(b"250 noop\r\n", false).unwrap();
+            assert!(
+                reply.starts_with(b"450 4.7.10"),
+                "{}",
+                String::from_utf8_lossy(a)
+            );
+        }
+        // Passed: other domains, an address literal, postmaster.
+        for a in [
+            &b"<bob@other.example>"[..],
+            b"<bob@[192.0.2.1]>",
+            b"<Postmaster>",
+        ] {
+            let mut s = greeted(b"250 ok\r\n");
+            let mut line = b"RCPT TO:".to_vec();
+            line.extend(a);
+            line.extend(b"\r\n");
+            assert_eq!(
+                s.client_bytes(&line, false),
+                None,
+                "{}",
+                String::from_utf8_lossy(a)
+            );
+        }
+        // A sender the policy cannot read is refused too (it picks the org unit's rules);
+        // the null sender is not.
+        let mut s = greeted(b"250 ok\r\n");
+        assert_eq!(
+            s.client_bytes(b"MAIL FROM:<a@(c)corp.example>\r\n", false)
+                .as_deref(),
+            Some(&b"NOOP\r\n"[..])
+        );
+        assert_eq!(
+            s.server_bytes(b"250 noop\r\n", false).as_deref(),
+            Some(BAD_SENDER.as_bytes())
+        );
+        assert_eq!(s.client_bytes(b"MAIL FROM:<>\r\n", false), None);
+    }
+
+    /// A command without its line end when the client closes is not forwarded: servers do
+    /// not run it, and the follower did not read it. Before, it went upstream raw.
+    #[test]
+    fn a_partial_command_at_the_end_is_dropped() {
+        let mut s = greeted(b"250 ok\r\n");
+        let bytes: &[u8] = b"MAIL FROM:<a@corp.example>\r\nRCPT TO:<bob@partner.example>";
+        assert_eq!(
+            s.client_bytes(bytes, true).as_deref(),
+            Some(&b"MAIL FROM:<a@corp.example>\r\n"[..])
+        );
+    }
+
+    /// `.\r\r\n` ends the data for Postfix (it strips every CR before the LF), so it does
+    /// for the follower: the next transaction is read as commands and its TLS-required
+    /// RCPT refused. Before, the follower stayed in the message and Postfix delivered it.
+    #[test]
+    fn a_dot_line_with_two_crs_ends_the_message() {
+        let mut s = session();
+        let (_, _) = run(&mut s, CLIENT, SERVER, 1000);
+        let up = s
+            .client_bytes(
+                b"Subject: t\r\n\r\nx\r\n.\r\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<bob@partner.example>\r\n",
+                false,
+            )
+            .unwrap();
+        assert!(
+            up.ends_with(b"MAIL FROM:<a@corp.example>\r\nNOOP\r\n"),
+            "{}",
+            String::from_utf8_lossy(&up)
+        );
+    }
+
     /// Bytes sent after `STARTTLS` before its reply: a server that refuses STARTTLS (not
     /// offered, or 454) reads them as commands in clear text, so they would have been an
     /// unchecked RCPT. They are dropped and the session is closed, as after DATA. Before,
@@ -912,8 +1225,13 @@ mod tests {
         assert_eq!(scan_body(b"x\r\n.\r\nQUIT", 0), (6, None));
         assert_eq!(scan_body(b".\n", 1), (2, None));
         assert_eq!(scan_body(b"..\r\n", 1), (4, Some(1)));
-        assert_eq!(scan_body(b"\r\n", 3), (2, Some(1)));
+        assert_eq!(scan_body(b"\r\n", 3), (2, None));
         assert_eq!(scan_body(b"\n", 3), (1, None));
+        // Postfix strips every CR before the LF: `.\r\r\n` ends the data for it, so it
+        // must for the follower (which read the next transaction as message before).
+        assert_eq!(scan_body(b"x\r\n.\r\r\nMAIL", 0), (7, None));
+        assert_eq!(scan_body(b"x\r\n.\r\r\r\n", 0), (8, None));
+        assert_eq!(scan_body(b"x\r\n.\rx\r\n", 0), (8, Some(1)));
     }
 
     /// The byte-at-a-time state machine `scan_body` must agree with.
@@ -923,7 +1241,8 @@ mod tests {
                 (2 | 3, b'\n') => return (i + 1, None),
                 (_, b'\n') => 1,
                 (1, b'.') => 2,
-                (2, b'\r') => 3,
+                // Postfix strips every CR before the LF: `.\r\r\n` ends the data too.
+                (2 | 3, b'\r') => 3,
                 _ => 0,
             };
         }
@@ -1115,12 +1434,18 @@ mod tests {
     #[test]
     fn bdat_data_passes_unread_only_when_the_server_offers_chunking() {
         let chunk = b"BDAT 29\r\nRCPT TO:<v@partner.example>\r\n";
-        // Not offered: the server refuses BDAT and reads the "data" as commands; so does
-        // the follower.
+        // Not offered: the BDAT does not go upstream (a server may take the chunk all the
+        // same: Postfix does after HELO), so both sides read the "data" as commands.
         let mut s = greeted(b"250-s\r\n250 PIPELINING\r\n");
         assert_eq!(
             s.client_bytes(chunk, false),
-            Some(b"BDAT 29\r\nNOOP\r\n".to_vec())
+            Some(b"NOOP\r\nNOOP\r\n".to_vec())
+        );
+        assert_eq!(
+            s.server_bytes(b"250 noop\r\n250 noop\r\n", false).as_deref(),
+            Some(
+                &b"503 5.5.1 CHUNKING was not offered: use DATA\r\n450 4.7.10 TLS required for <v@partner.example>\r\n"[..]
+            )
         );
         // Offered: the chunk is the message's, and the next command is checked again.
         let mut s = greeted(b"250-s\r\n250-CHUNKING\r\n250 PIPELINING\r\n");
@@ -1129,11 +1454,39 @@ mod tests {
             s.client_bytes(b"RCPT TO:<v@partner.example>\r\n", false),
             Some(b"NOOP\r\n".to_vec())
         );
+        // The replies to the chunk and to the refused RCPT.
+        assert!(
+            s.server_bytes(b"250 chunk\r\n250 noop\r\n", false)
+                .is_some()
+        );
+        // A size that is not plain digits is refused, and what follows read as commands.
+        for bad in [
+            &b"BDAT +29\r\n"[..],
+            b"BDAT 29 junk\r\n",
+            b"BDAT\r\n",
+            b"BDAT 29 LAST x\r\n",
+        ] {
+            let mut line = bad.to_vec();
+            line.extend(b"RCPT TO:<v@partner.example>\r\n");
+            assert_eq!(
+                s.client_bytes(&line, false),
+                Some(b"NOOP\r\nNOOP\r\n".to_vec()),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+            assert_eq!(
+                s.server_bytes(b"250 noop\r\n250 noop\r\n", false).as_deref(),
+                Some(
+                    &b"501 5.5.4 Syntax: BDAT count [LAST]\r\n450 4.7.10 TLS required for <v@partner.example>\r\n"[..]
+                )
+            );
+        }
+        assert_eq!(s.client_bytes(b"BDAT 0 LAST\r\n", false), None);
         // A new EHLO forgets the offer until its own reply says it again.
         assert_eq!(s.client_bytes(b"EHLO again\r\n", false), None);
         assert_eq!(
             s.client_bytes(chunk, false),
-            Some(b"BDAT 29\r\nNOOP\r\n".to_vec())
+            Some(b"NOOP\r\nNOOP\r\n".to_vec())
         );
     }
 }
