@@ -28,10 +28,11 @@
 //!   chunk it did not offer (Postfix does after HELO).
 //! - A message ends at a `.` line however many CRs precede its LF, as Postfix reads it.
 //!
-//! Every buffer is bounded. An overlong reply line is forwarded as it comes and counted as
-//! one reply. An overlong command line is not forwarded at all (a server that reads only
-//! its start could take an unchecked `RCPT`): a `NOOP` goes in its place and the client
-//! gets `500 5.5.6 Line too long`, which keeps the pairing.
+//! Every buffer is bounded. A reply line over 4 KiB is forwarded as it comes and counted as
+//! one reply. A command line over 1000 bytes ([`MAX_COMMAND_LINE`]) is not forwarded at
+//! all (a server that runs only its start could take an unchecked `RCPT`): a `NOOP` goes
+//! in its place and the client gets `500 5.5.6 Line too long`, which keeps the pairing.
+//! Nor is a command line with a NUL byte.
 //!
 //! Commands are split into words at any white space, as servers split them, so
 //! `RCPT\tTO:<a>` is checked like `RCPT TO:<a>`. A `MAIL` or `RCPT` whose argument is not
@@ -45,12 +46,23 @@ use std::rc::Rc;
 
 use policy::{Policy, Query, decide};
 
-/// The longest command or reply line held while waiting for its end (RFC 5321 allows
-/// 512 octets for commands and replies; EHLO keywords can be longer). Defaults to 4 KiB.
+/// The longest reply line held while waiting for its end (RFC 5321 allows 512 octets for
+/// replies; EHLO keywords can be longer). Commands: [`MAX_COMMAND_LINE`].
 const MAX_LINE: usize = 4096;
 
-/// The reply to a command line longer than [`MAX_LINE`] (as the relay's own server says it).
+/// The longest command line forwarded, counted with its line end. It must not be more than
+/// the upstream reads whole: a server that cuts a long command and runs its start (Postfix
+/// runs the first `line_length_limit` = 2048 bytes and discards the rest) would take a
+/// `RCPT` or a `BDAT` size other than the one checked here. RFC 5321 allows 512 octets,
+/// more with extensions' parameters; 1000 leaves room for those and stays well under
+/// Postfix's limit (a deployment requirement: docs/envoy.md).
+const MAX_COMMAND_LINE: usize = 1000;
+
+/// The reply to a command line longer than [`MAX_COMMAND_LINE`] (as the relay's own
+/// server says it).
 const LINE_TOO_LONG: &str = "500 5.5.6 Line too long\r\n";
+/// The reply to a command line with a NUL byte in it.
+const NUL_IN_COMMAND: &str = "500 5.5.2 Command contains a NUL byte\r\n";
 /// The replies to a `MAIL` or `RCPT` whose argument is not `FROM:` / `TO:` (Postfix's).
 const MAIL_SYNTAX: &str = "501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 const RCPT_SYNTAX: &str = "501 5.5.4 Syntax: RCPT TO:<address>\r\n";
@@ -258,7 +270,7 @@ impl Session {
                         Some(n) => {
                             let line_start = i;
                             i += n + 1;
-                            let overlong = self.client_line.len() + n > MAX_LINE;
+                            let overlong = self.client_line.len() + n + 1 > MAX_COMMAND_LINE;
                             if self.client_skipping || overlong {
                                 // The end of an overlong line: none of it went upstream.
                                 // A NOOP takes its place, and its reply is the refusal.
@@ -286,7 +298,7 @@ impl Session {
                             i = data.len();
                             if self.client_skipping {
                                 out.drop_bytes();
-                            } else if self.client_line.len() + rest.len() > MAX_LINE {
+                            } else if self.client_line.len() + rest.len() >= MAX_COMMAND_LINE {
                                 // Not forwarded: a server that reads only the start of a
                                 // long line (Postfix keeps its first 2048 bytes) would
                                 // take a `RCPT` this follower did not check.
@@ -317,6 +329,14 @@ impl Session {
     /// where the line starts in the current input when it lies there whole.
     fn command(&mut self, raw: &[u8], at: Option<usize>, out: &mut Out<'_>) {
         let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if memchr::memchr(0, line).is_some() {
+            // Servers stop reading a line at a NUL, or refuse it; which word it cuts, the
+            // follower cannot tell (`RCPT\0TO:<a>` is no RCPT to it). Not forwarded.
+            out.push(b"NOOP\r\n");
+            self.pending
+                .push_back(Pending::Refused(NUL_IN_COMMAND.to_owned()));
+            return;
+        }
         // Servers split a command into words at any white space (Postfix: spaces, tabs,
         // CR, VT, FF), so `RCPT\tTO:<a>` and `RCPT  TO:<a>` are a RCPT too.
         let verb_end = line.iter().position(|b| is_space(*b)).unwrap_or(line.len());
@@ -1300,6 +1320,62 @@ mod tests {
             );
             assert_eq!(s.take_events().overlong, 1);
         }
+    }
+
+    /// Postfix runs the first 2048 bytes of a longer command and discards the rest: a RCPT
+    /// padded to 2049–4096 bytes was decided here on its whole address
+    /// (`b2@partner.example.evil.example`, opportunistic) and delivered by Postfix to
+    /// b2@partner.example; a padded BDAT size (`10000` read as `10`) let the follower
+    /// take the next transaction for chunk data. Command lines over 1000 bytes are now
+    /// refused, and so are NUL bytes in a command.
+    #[test]
+    fn commands_longer_than_a_server_reads_whole_are_not_forwarded() {
+        for pad in [2021, 2022, 2500, 1000 - 8 - 26] {
+            let mut s = greeted(b"250 ok\r\n");
+            let mut line = b"RCPT TO:".to_vec();
+            line.extend(std::iter::repeat_n(b' ', pad));
+            line.extend(b"b2@partner.example.evil.example\r\n");
+            assert_eq!(
+                s.client_bytes(&line, false).as_deref(),
+                Some(&b"NOOP\r\n"[..]),
+                "pad {pad}"
+            );
+            assert_eq!(
+                s.server_bytes(b"250 noop\r\n", false).as_deref(),
+                Some(LINE_TOO_LONG.as_bytes()),
+                "pad {pad}"
+            );
+        }
+        // 1000 bytes with the line end still go.
+        let mut s = greeted(b"250 ok\r\n");
+        let mut line = b"RCPT TO:<b@other.example>".to_vec();
+        line.extend(std::iter::repeat_n(b' ', 1000 - line.len() - 2));
+        line.extend(b"\r\n");
+        assert_eq!(line.len(), 1000);
+        assert_eq!(s.client_bytes(&line, false), None);
+
+        let mut s = greeted(b"250-s\r\n250-CHUNKING\r\n250 PIPELINING\r\n");
+        let mut line = b"BDAT".to_vec();
+        line.extend(std::iter::repeat_n(b' ', 2042));
+        line.extend(b"10000\r\n");
+        line.extend(b"0123456789RSET\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<bob@partner.example>\r\nBDAT 7 LAST\r\nhello\r\n");
+        let up = s.client_bytes(&line, false).unwrap_or_else(|| line.clone());
+        assert!(
+            !up.windows(25).any(|w| w == b"RCPT TO:<bob@partner.exam"),
+            "{}",
+            String::from_utf8_lossy(&up)
+        );
+
+        let mut s = greeted(b"250 ok\r\n");
+        assert_eq!(
+            s.client_bytes(b"RCPT\0TO:<n1@partner.example>\r\n", false)
+                .as_deref(),
+            Some(&b"NOOP\r\n"[..])
+        );
+        assert_eq!(
+            s.server_bytes(b"250 noop\r\n", false).as_deref(),
+            Some(NUL_IN_COMMAND.as_bytes())
+        );
     }
 
     /// Servers split commands at any white space, and read a quoted local part whole: each
