@@ -252,11 +252,18 @@ fn http_face_routes_to_the_chosen_pool_and_rejects_with_the_smtp_reply() {
             .is_some_and(|reason| reason.contains("given more than once")),
         "{r:?}"
     );
+    // A recipient an MTA would read as another mailbox (a comment in the domain: Postfix
+    // delivers it to bob@partner.example): refused as a fact, deferred. Before, it was
+    // decided as written, opportunistic, and routed to the direct pool.
+    let q = Query::plan("alice@corp.example", "bob@(c)partner.example");
+    let r = ask(port, &q);
+    assert_eq!(u32::from(r.status), contract::DEFER_STATUS, "{r:?}");
+    assert_eq!(r.header(contract::RULE), Some("fault"));
     assert_eq!(
         envoy
             .stat("wasmcustom.altroute_policy_faults_total")
             .unwrap(),
-        Some(2)
+        Some(3)
     );
 }
 

@@ -391,7 +391,7 @@ pub fn decode_query_into<'a>(get: impl Source<'a>, q: &mut Query) -> Result<(), 
     if !text_into(&get, at::RECIPIENT, &mut q.recipient)? {
         return Err(ContractError::Missing(RECIPIENT));
     }
-    if !q.recipient.contains('@') {
+    if !q.recipient.contains('@') || !crate::pattern::is_plain_address(&q.recipient) {
         return Err(ContractError::Invalid {
             name: RECIPIENT,
             value: q.recipient.clone(),
@@ -399,6 +399,12 @@ pub fn decode_query_into<'a>(get: impl Source<'a>, q: &mut Query) -> Result<(), 
     }
     if !text_into(&get, at::SENDER, &mut q.sender)? {
         q.sender.clear();
+    }
+    if !q.sender.is_empty() && !crate::pattern::is_plain_address(&q.sender) {
+        return Err(ContractError::Invalid {
+            name: SENDER,
+            value: q.sender.clone(),
+        });
     }
     q.requiretls = yes_no_header(&get, at::REQUIRETLS)?.unwrap_or(d.requiretls);
     q.tls_required_no = yes_no_header(&get, at::TLS_REQUIRED_NO)?.unwrap_or(d.tls_required_no);

@@ -190,6 +190,33 @@ fn without_source_route(address: &str) -> &str {
     address
 }
 
+/// Whether `address` can be only the mailbox it is matched as: no control character
+/// anywhere, and a domain (after the last `@`, or the whole text) made of labels (letters,
+/// digits, `-`, `_`, UTF-8) joined by single dots, with an optional final dot, or an
+/// address literal (`[192.0.2.1]`). A question with anything else is refused (a fault,
+/// deferred): a program that hands `bob@(c)partner.example` or `bob@partner .example` to
+/// an MTA gets mail to bob@partner.example, which the policy would not have been asked
+/// about. Addresses a relay takes in SMTP always pass.
+pub fn is_plain_address(address: &str) -> bool {
+    if address.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return false;
+    }
+    let domain = domain_of(address);
+    if let Some(literal) = domain.strip_prefix('[') {
+        return literal.strip_suffix(']').is_some_and(|inner| {
+            !inner.is_empty() && inner.bytes().all(|b| b > b' ' && !b"[]\\".contains(&b))
+        });
+    }
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    !domain.is_empty()
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
+        })
+}
+
 /// An envelope address (or a bare domain) in the form patterns are matched against
 /// ([`canonical`]), with its domain found once: a question matches each of its two
 /// addresses against several tables, and converts each only once.
