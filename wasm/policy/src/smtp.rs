@@ -1060,21 +1060,8 @@ mod tests {
         ];
         for a in refused {
             let mut s = greeted(b"250 ok\r\n");
-            let mut line = b"RCPT TO:".to_vec();
-            line.extend(a);
-            line.extend(b"\r\n");
-            assert_eq!(
-                s.client_bytes(&line, false).as_deref(),
-                Some(&b"NOOP\r\n"[..]),
-                "{}",
-                String::from_utf8_lossy(a)
-            );
-            assert_eq!(
-                s.server_bytes(b"250 noop\r\n", false).as_deref(),
-                Some(BAD_RECIPIENT.as_bytes()),
-                "{}",
-                String::from_utf8_lossy(a)
-            );
+            let reply = replaced(&mut s, &[&b"RCPT TO:"[..], a].concat());
+            assert_eq!(reply, BAD_RECIPIENT, "{}", String::from_utf8_lossy(a));
         }
         // Decided: required TLS for partner.example, whatever the form.
         let decided: [&[u8]; 8] = [
@@ -1094,21 +1081,8 @@ mod tests {
             .unwrap();
             let mut s = Session::new(Rc::new(compiled.policy));
             assert_eq!(s.server_bytes(b"220 hi\r\n", false), None);
-            let mut line = b"RCPT TO:".to_vec();
-            line.extend(a);
-            line.extend(b"\r\n");
-            assert_eq!(
-                s.client_bytes(&line, false).as_deref(),
-                Some(&b"NOOP\r\n"[..]),
-                "{}",
-                String::from_utf8_lossy(a)
-            );
-            let reply = s.server_bytes(b"250 noop\r\n", false).unwrap();
-            assert!(
-                reply.starts_with(b"450 4.7.10"),
-                "{}",
-                String::from_utf8_lossy(a)
-            );
+            let reply = replaced(&mut s, &[&b"RCPT TO:"[..], a].concat());
+            assert!(reply.starts_with("450 4.7.10"), "{reply}");
         }
         // Passed: other domains, an address literal, postmaster.
         for a in [
@@ -1131,13 +1105,8 @@ mod tests {
         // the null sender is not.
         let mut s = greeted(b"250 ok\r\n");
         assert_eq!(
-            s.client_bytes(b"MAIL FROM:<a@(c)corp.example>\r\n", false)
-                .as_deref(),
-            Some(&b"NOOP\r\n"[..])
-        );
-        assert_eq!(
-            s.server_bytes(b"250 noop\r\n", false).as_deref(),
-            Some(BAD_SENDER.as_bytes())
+            replaced(&mut s, b"MAIL FROM:<a@(c)corp.example>"),
+            BAD_SENDER
         );
         assert_eq!(s.client_bytes(b"MAIL FROM:<>\r\n", false), None);
     }
@@ -1334,17 +1303,8 @@ mod tests {
             let mut s = greeted(b"250 ok\r\n");
             let mut line = b"RCPT TO:".to_vec();
             line.extend(std::iter::repeat_n(b' ', pad));
-            line.extend(b"b2@partner.example.evil.example\r\n");
-            assert_eq!(
-                s.client_bytes(&line, false).as_deref(),
-                Some(&b"NOOP\r\n"[..]),
-                "pad {pad}"
-            );
-            assert_eq!(
-                s.server_bytes(b"250 noop\r\n", false).as_deref(),
-                Some(LINE_TOO_LONG.as_bytes()),
-                "pad {pad}"
-            );
+            line.extend(b"b2@partner.example.evil.example");
+            assert_eq!(replaced(&mut s, &line), LINE_TOO_LONG, "pad {pad}");
         }
         // 1000 bytes with the line end still go.
         let mut s = greeted(b"250 ok\r\n");
@@ -1368,13 +1328,8 @@ mod tests {
 
         let mut s = greeted(b"250 ok\r\n");
         assert_eq!(
-            s.client_bytes(b"RCPT\0TO:<n1@partner.example>\r\n", false)
-                .as_deref(),
-            Some(&b"NOOP\r\n"[..])
-        );
-        assert_eq!(
-            s.server_bytes(b"250 noop\r\n", false).as_deref(),
-            Some(NUL_IN_COMMAND.as_bytes())
+            replaced(&mut s, b"RCPT\0TO:<n1@partner.example>"),
+            NUL_IN_COMMAND
         );
     }
 
@@ -1394,19 +1349,10 @@ mod tests {
         ];
         for rcpt in checked {
             let mut s = greeted(b"250 ok\r\n");
-            let mut line = rcpt.to_vec();
-            line.extend(b"\r\n");
-            assert_eq!(
-                s.client_bytes(&line, false).as_deref(),
-                Some(&b"NOOP\r\n"[..]),
-                "{}",
-                String::from_utf8_lossy(rcpt)
-            );
-            let reply = s.server_bytes(b"250 noop\r\n", false).unwrap();
+            let reply = replaced(&mut s, rcpt);
             assert!(
-                reply.starts_with(b"450 4.7.10 TLS required for <"),
-                "{}",
-                String::from_utf8_lossy(&reply)
+                reply.starts_with("450 4.7.10 TLS required for <"),
+                "{reply}"
             );
         }
         let refused: [(&[u8], &str); 4] = [
@@ -1417,16 +1363,7 @@ mod tests {
         ];
         for (command, reply) in refused {
             let mut s = greeted(b"250 ok\r\n");
-            let mut line = command.to_vec();
-            line.extend(b"\r\n");
-            assert_eq!(
-                s.client_bytes(&line, false).as_deref(),
-                Some(&b"NOOP\r\n"[..])
-            );
-            assert_eq!(
-                s.server_bytes(b"250 noop\r\n", false).as_deref(),
-                Some(reply.as_bytes())
-            );
+            assert_eq!(replaced(&mut s, command), reply);
         }
         // MAIL with a tab: its REQUIRETLS parameter is read too.
         let mut s = greeted(b"250 ok\r\n");
@@ -1436,6 +1373,21 @@ mod tests {
         );
         assert!(s.requiretls);
         assert_eq!(s.sender, "a@corp.example");
+    }
+
+    /// Sends the command line `command` (CRLF added), which must go upstream as a `NOOP`
+    /// alone, and returns what the client gets for the NOOP's `250`.
+    fn replaced(s: &mut Session, command: &[u8]) -> String {
+        let mut line = command.to_vec();
+        line.extend(b"\r\n");
+        let what = String::from_utf8_lossy(command);
+        assert_eq!(
+            s.client_bytes(&line, false).as_deref(),
+            Some(&b"NOOP\r\n"[..]),
+            "{what}"
+        );
+        let reply = s.server_bytes(b"250 noop\r\n", false).expect("rewritten");
+        String::from_utf8(reply).expect("text")
     }
 
     /// Greeting and EHLO done; `ehlo` is the server's EHLO reply.
