@@ -354,8 +354,11 @@ impl std::fmt::Debug for Edge {
 /// Why a connection through the filter ended early.
 #[derive(Debug)]
 enum Ended {
-    /// The module failed (trap, deadline, limit) or asked to close: fail closed.
+    /// The module failed (trap, deadline, limit): fail closed.
     Module(String),
+    /// The module closed the connection on purpose (a protocol violation it refuses to
+    /// follow, e.g. bytes sent after DATA before its reply). Not a fault.
+    Closed,
     /// A socket error; the connection is over.
     Io,
 }
@@ -549,6 +552,9 @@ impl Edge {
         };
         match result {
             Ok(()) | Err(Ended::Io) => {}
+            // The module says why in its own log line and metric
+            // (`altroute_smtp_sessions_closed_total`); its instance is sound.
+            Err(Ended::Closed) => tracing::info!(%peer, "the edge module closed the connection"),
             Err(Ended::Module(e)) => {
                 self.fault("data");
                 tracing::warn!(%peer, error = %e, "edge filter failed; connection closed");
@@ -680,7 +686,7 @@ where
         }
         .map_err(|e| Ended::Module(e.to_string()))?;
         if out.close_downstream || out.close_upstream {
-            return Err(Ended::Module("the module closed the connection".to_owned()));
+            return Err(Ended::Closed);
         }
         if out.action == Action::Pause && !end {
             held = out.data;

@@ -431,6 +431,19 @@ fn a_client_sending_past_data_before_its_reply_is_closed() {
         relay.metric_reaching("altroute_edge_smtp_sessions_closed_total", 1.0),
         Some(1.0)
     );
+    // Closing on a violation is the module doing its job, not a filter fault (it was
+    // counted as one, and logged as "edge filter failed").
+    assert_eq!(
+        relay
+            .metric("altroute_edge_filter_faults_total{stage=\"data\"}")
+            .unwrap_or(0.0),
+        0.0
+    );
+    assert!(
+        !relay.log().contains("edge filter failed"),
+        "{}",
+        relay.log()
+    );
     assert_eq!(relay.stop_and_spooled(), Vec::<Vec<String>>::new());
 }
 

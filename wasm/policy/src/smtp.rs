@@ -27,6 +27,8 @@
 //!   goes in its place and both sides read what follows as commands: a server may take a
 //!   chunk it did not offer (Postfix does after HELO).
 //! - A message ends at a `.` line however many CRs precede its LF, as Postfix reads it.
+//!   A `.` line that servers read differently (after a bare CR, with a bare CR, or longer
+//!   than a server reads whole) closes the session ([`body_step`]).
 //!
 //! Every buffer is bounded. A reply line over 4 KiB is forwarded as it comes and counted as
 //! one reply. A command line over 1000 bytes ([`MAX_COMMAND_LINE`]) is not forwarded at
@@ -95,8 +97,8 @@ enum Pending {
 enum Client {
     /// Command lines.
     Command,
-    /// A message after `DATA`; `at` tracks the terminating `.` line: 0 mid-line,
-    /// 1 at a line start, 2 after a `.` at a line start, 3 after `.` and one or more CRs.
+    /// A message after `DATA`; `at` tracks the terminating `.` line ([`MID`], [`LINE`],
+    /// [`DOT`], [`DOT_CR`], [`CR`], [`CR_DOT`]).
     Body { at: u8 },
     /// `DATA` was sent: nothing may come until its reply.
     AwaitData,
@@ -150,6 +152,8 @@ pub(crate) struct Session {
     client_line: Vec<u8>,
     /// An overlong client line is being dropped up to its end.
     client_skipping: bool,
+    /// CRs after a line-start `.` in a message, so far ([`body_step`]).
+    dot_crs: usize,
     /// A server reply line without its end yet.
     server_line: Vec<u8>,
     /// An overlong server line is being passed (or dropped) up to its end; holds whether
@@ -176,6 +180,7 @@ impl Session {
             client: Client::Command,
             client_line: Vec::new(),
             client_skipping: false,
+            dot_crs: 0,
             server_line: Vec::new(),
             server_skipping: None,
             pending: VecDeque::from([Pending::Greeting]),
@@ -252,7 +257,15 @@ impl Session {
                 }
                 Client::Body { at } => {
                     // Bytes of a message pass as they are; only the end is looked for.
-                    let (n, ended) = scan_body(&data[i..], at);
+                    let (n, ended) = scan_body(&data[i..], at, &mut self.dot_crs);
+                    if ended == Some(SMUGGLED) {
+                        // What follows is message to one server and commands to another:
+                        // as after DATA, nothing of this call goes upstream.
+                        self.violation = Some("a '.' line that servers read differently");
+                        self.client = Client::Closed;
+                        self.client_line.clear();
+                        return Some(Vec::new());
+                    }
                     out.pass(i, i + n);
                     i += n;
                     match ended {
@@ -596,7 +609,10 @@ impl Session {
             Pending::Data => {
                 if self.client == Client::AwaitData {
                     self.client = if positive(b"354") {
-                        Client::Body { at: 1 }
+                        {
+                            self.dot_crs = 0;
+                            Client::Body { at: LINE }
+                        }
                     } else {
                         Client::Command
                     };
@@ -608,46 +624,93 @@ impl Session {
     }
 }
 
-/// Scans message bytes for the end of data (`CRLF . CRLF`, or a bare LF for CRLF) from
-/// the line state `at` (see [`Client::Body`]). Returns how many bytes belong to the
-/// message and `None` when the end was found (the count then includes it), or the state
-/// to carry into the next read.
+/// States of [`scan_body`] (see [`Client::Body`]).
+const MID: u8 = 0;
+/// At a line start (after an LF).
+const LINE: u8 = 1;
+/// After a `.` at a line start.
+const DOT: u8 = 2;
+/// After a `.` at a line start and one or more CRs.
+const DOT_CR: u8 = 3;
+/// After a CR that is no part of a `.` line (a CR of a CRLF, or a bare one).
+const CR: u8 = 4;
+/// After a `.` that follows a bare CR.
+const CR_DOT: u8 = 5;
+/// Not a state: the message holds a `.` line that a server could take for its end when
+/// the follower does not, or the reverse ([`scan_body`]); the session is closed.
+const SMUGGLED: u8 = 6;
+
+/// One step of the body's state machine over byte `b` from state `at`; `crs` counts the
+/// CRs after a line-start `.`. `None`: the end of data.
+fn body_step(at: u8, b: u8, crs: &mut usize) -> Option<u8> {
+    let next = match (at, b) {
+        (DOT | DOT_CR, b'\n') => return None,
+        // Postfix strips every CR before the LF: `.\r\r\n` ends the data too, but only
+        // while the line fits in what it reads whole (a `.` and 2048 CRs do not).
+        (DOT | DOT_CR, b'\r') if *crs + 3 > MAX_COMMAND_LINE => SMUGGLED,
+        (DOT | DOT_CR, b'\r') => {
+            *crs += 1;
+            return Some(DOT_CR);
+        }
+        // `.\rX`, `\r.\r`, `\r.\n`: a `.` line to a server that ends lines at a bare
+        // CR (SMTP smuggling); none of these is in a well-formed message.
+        (DOT_CR, _) | (CR_DOT, b'\r' | b'\n') => SMUGGLED,
+        (_, b'\n') => LINE,
+        (_, b'\r') => CR,
+        (LINE, b'.') => DOT,
+        (CR, b'.') => CR_DOT,
+        _ => MID,
+    };
+    *crs = 0;
+    Some(next)
+}
+
+/// Scans message bytes for the end of data (`CRLF . CRLF`, or a bare LF for CRLF, and any
+/// number of CRs before the LF) from the line state `at` (see [`Client::Body`]). Returns
+/// how many bytes belong to the message and `None` when the end was found (the count then
+/// includes it), or the state to carry into the next read, or [`SMUGGLED`].
 ///
-/// Mid-line (state 0), the only way towards the end is a dot right after an LF (state
-/// 2), so the scan jumps from dot to dot with `memchr` (word at a time, or SIMD when the
+/// Mid-line (state [`MID`]), the only ways towards the end are a dot right after an LF or
+/// a CR, so the scan jumps from dot to dot with `memchr` (word at a time, or SIMD when the
 /// module is built with `simd128`) rather than stopping at every line: a message body is
 /// most of the bytes this filter sees, and base64 (attachments) has no dot at all. Only
-/// the bytes after a line-start dot, or at the start of a read that continues a line end,
-/// go through the state machine one by one.
-fn scan_body(data: &[u8], mut at: u8) -> (usize, Option<u8>) {
+/// the bytes after a dot that follows a line end, or at the start of a read that continues
+/// a line end, go through the state machine one by one.
+fn scan_body(data: &[u8], mut at: u8, crs: &mut usize) -> (usize, Option<u8>) {
     let mut i = 0;
     loop {
-        while at != 0 {
+        while at != MID {
             let Some(&b) = data.get(i) else {
                 return (i, Some(at));
             };
             i += 1;
-            at = match (at, b) {
-                (2 | 3, b'\n') => return (i, None),
-                (_, b'\n') => 1,
-                (1, b'.') => 2,
-                // Postfix strips every CR before the LF: `.\r\r\n` ends the data too.
-                (2 | 3, b'\r') => 3,
-                _ => 0,
-            };
+            match body_step(at, b, crs) {
+                None => return (i, None),
+                Some(SMUGGLED) => return (i, Some(SMUGGLED)),
+                Some(next) => at = next,
+            }
         }
-        // State 0 at `i`: the byte before `i`, if any, is not an LF.
+        // State MID at `i`: the byte before `i`, if any, is neither an LF nor a CR.
         match memchr::memchr(b'.', &data[i..]) {
             Some(n) => {
                 let dot = i + n;
                 i = dot + 1;
-                if n > 0 && data[dot - 1] == b'\n' {
-                    at = 2;
-                }
+                *crs = 0;
+                at = match data[..dot].last() {
+                    Some(b'\n') if n > 0 => DOT,
+                    Some(b'\r') if n > 0 => CR_DOT,
+                    _ => MID,
+                };
             }
-            // No dot ahead: the state at the end is "line start" if the last byte is an
-            // LF, else "mid-line".
-            None => return (data.len(), Some(u8::from(data.last() == Some(&b'\n')))),
+            // No dot ahead: the state at the end follows the last byte.
+            None => {
+                let end = match data.last() {
+                    Some(b'\n') => LINE,
+                    Some(b'\r') => CR,
+                    _ => MID,
+                };
+                return (data.len(), Some(end));
+            }
         }
     }
 }
@@ -1210,30 +1273,55 @@ mod tests {
 
     #[test]
     fn body_scan_finds_the_end_only_at_a_line_start() {
-        assert_eq!(scan_body(b"x.\r\n", 0), (4, Some(1)));
-        assert_eq!(scan_body(b"x\r\n.\r\nQUIT", 0), (6, None));
-        assert_eq!(scan_body(b".\n", 1), (2, None));
-        assert_eq!(scan_body(b"..\r\n", 1), (4, Some(1)));
-        assert_eq!(scan_body(b"\r\n", 3), (2, None));
-        assert_eq!(scan_body(b"\n", 3), (1, None));
+        let scan = |data: &[u8], at| scan_body(data, at, &mut 0);
+        assert_eq!(scan(b"x.\r\n", MID), (4, Some(LINE)));
+        assert_eq!(scan(b"x\r\n.\r\nQUIT", MID), (6, None));
+        assert_eq!(scan(b".\n", LINE), (2, None));
+        assert_eq!(scan(b"..\r\n", LINE), (4, Some(LINE)));
+        assert_eq!(scan(b"\r\n", DOT_CR), (2, None));
+        assert_eq!(scan(b"\n", DOT_CR), (1, None));
+        assert_eq!(scan(b"x\r", MID), (2, Some(CR)));
         // Postfix strips every CR before the LF: `.\r\r\n` ends the data for it, so it
         // must for the follower (which read the next transaction as message before).
-        assert_eq!(scan_body(b"x\r\n.\r\r\nMAIL", 0), (7, None));
-        assert_eq!(scan_body(b"x\r\n.\r\r\r\n", 0), (8, None));
-        assert_eq!(scan_body(b"x\r\n.\rx\r\n", 0), (8, Some(1)));
+        assert_eq!(scan(b"x\r\n.\r\r\nMAIL", MID), (7, None));
+        assert_eq!(scan(b"x\r\n.\r\r\r\n", MID), (8, None));
+        // A `.` line to a server that ends lines at a bare CR: the session is closed.
+        assert_eq!(scan(b"x\r\n.\rx\r\n", MID).1, Some(SMUGGLED));
+        assert_eq!(scan(b"x\r.\r\nMAIL", MID).1, Some(SMUGGLED));
+        assert_eq!(scan(b"x\r.\n", MID).1, Some(SMUGGLED));
+        assert_eq!(scan(b".\r\n", CR).1, Some(SMUGGLED));
+        assert_eq!(scan(b"x\r.x\r\n", MID), (6, Some(LINE)));
+        // A `.` and more CRs than a server reads whole (Postfix: 2048) does not end the
+        // message for Postfix: the session is closed at 1000.
+        // A `.` line of 1000 bytes with its LF ends the message; one of 1001 does not.
+        let mut long = b"\r\n.".to_vec();
+        long.extend(std::iter::repeat_n(b'\r', 998));
+        long.push(b'\n');
+        assert_eq!(scan(&long, MID), (long.len(), None));
+        let mut longer = b"\r\n.".to_vec();
+        longer.extend(std::iter::repeat_n(b'\r', 999));
+        longer.push(b'\n');
+        assert_eq!(scan(&longer, MID).1, Some(SMUGGLED));
+        // The count carries across reads.
+        let mut crs = 0;
+        assert_eq!(
+            scan_body(&longer[..500], MID, &mut crs),
+            (500, Some(DOT_CR))
+        );
+        assert_eq!(
+            scan_body(&longer[500..], DOT_CR, &mut crs).1,
+            Some(SMUGGLED)
+        );
     }
 
     /// The byte-at-a-time state machine `scan_body` must agree with.
-    fn scan_body_reference(data: &[u8], mut at: u8) -> (usize, Option<u8>) {
+    fn scan_body_reference(data: &[u8], mut at: u8, crs: &mut usize) -> (usize, Option<u8>) {
         for (i, &b) in data.iter().enumerate() {
-            at = match (at, b) {
-                (2 | 3, b'\n') => return (i + 1, None),
-                (_, b'\n') => 1,
-                (1, b'.') => 2,
-                // Postfix strips every CR before the LF: `.\r\r\n` ends the data too.
-                (2 | 3, b'\r') => 3,
-                _ => 0,
-            };
+            match body_step(at, b, crs) {
+                None => return (i + 1, None),
+                Some(SMUGGLED) => return (i + 1, Some(SMUGGLED)),
+                Some(next) => at = next,
+            }
         }
         (data.len(), Some(at))
     }
@@ -1241,22 +1329,60 @@ mod tests {
     #[test]
     fn body_scan_matches_the_state_machine_on_every_short_input() {
         // Every string of up to 8 bytes over the bytes that matter (and one that does
-        // not), from every state: 4 x (4^0 + ... + 4^8) cases.
+        // not), from every state and from a CR count at the limit: 6 x 2 x (4^0 + ... +
+        // 4^8) cases.
         let alphabet = [b'\r', b'\n', b'.', b'x'];
         for len in 0..=8u32 {
             for code in 0..4usize.pow(len) {
                 let data: Vec<u8> = (0..len)
                     .map(|k| alphabet[code / 4usize.pow(k) % 4])
                     .collect();
-                for at in 0..4 {
-                    assert_eq!(
-                        scan_body(&data, at),
-                        scan_body_reference(&data, at),
-                        "{:?} from state {at}",
-                        String::from_utf8_lossy(&data)
-                    );
+                for at in [MID, LINE, DOT, DOT_CR, CR, CR_DOT] {
+                    for start in [0, MAX_COMMAND_LINE - 4] {
+                        let (mut fast, mut slow) = (start, start);
+                        assert_eq!(
+                            scan_body(&data, at, &mut fast),
+                            scan_body_reference(&data, at, &mut slow),
+                            "{:?} from state {at}, {start} CRs",
+                            String::from_utf8_lossy(&data)
+                        );
+                    }
                 }
             }
+        }
+    }
+
+    /// A message line of a `.` after a bare CR, or of a `.` and a bare CR, or of a `.`
+    /// and too many CRs, ends the message for some servers and not for others (SMTP
+    /// smuggling): the session is closed. Before, a `.` and 2048 CRs ended it for the
+    /// follower and not for Postfix, which then took a BDAT's "chunk" as commands and
+    /// delivered to bob@partner.example.
+    #[test]
+    fn dot_lines_servers_read_differently_close_the_session() {
+        let mut two_thousand = b".".to_vec();
+        two_thousand.extend(std::iter::repeat_n(b'\r', 2048));
+        two_thousand.push(b'\n');
+        for end in [&b"\r.\r\n"[..], b"\r.\r", b"\n.\rX", &two_thousand] {
+            let mut s = greeted(b"250-s\r\n250 CHUNKING\r\n");
+            let setup = b"MAIL FROM:<a@corp.example>\r\nRCPT TO:<carol@random.example>\r\nDATA\r\n";
+            assert_eq!(s.client_bytes(setup, false), None);
+            assert_eq!(
+                s.server_bytes(b"250 ok\r\n250 ok\r\n354 go\r\n", false),
+                None
+            );
+            let mut attack = b"Subject: t\r\n\r\nhi\r\n".to_vec();
+            attack.extend(end);
+            attack.extend(b"BDAT 68\r\n.\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<bob@partner.example>\r\nDATA\r\n");
+            assert_eq!(
+                s.client_bytes(&attack, false),
+                Some(Vec::new()),
+                "{:?}",
+                String::from_utf8_lossy(end)
+            );
+            assert_eq!(
+                s.take_violation(),
+                Some("a '.' line that servers read differently")
+            );
         }
     }
 
