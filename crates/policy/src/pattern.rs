@@ -174,20 +174,26 @@ pub fn canonical(address: &str) -> Cow<'_, str> {
 /// A route's domains may be address literals (`@[IPv6:::1]:`), whose colons are inside
 /// brackets.
 fn without_source_route(address: &str) -> &str {
+    split_source_route(address).map_or(address, |(_, mailbox)| mailbox)
+}
+
+/// `address` split into its source route (`@a.example,@b.example`, without the `:`) and
+/// the mailbox after it; `None` when it has no complete route.
+pub fn split_source_route(address: &str) -> Option<(&str, &str)> {
     if !address.starts_with('@') {
-        return address;
+        return None;
     }
     let mut in_literal = false;
     for (i, b) in address.bytes().enumerate() {
         match b {
             b'[' => in_literal = true,
             b']' => in_literal = false,
-            // `:` is ASCII: the byte after it starts a char.
-            b':' if !in_literal => return &address[i + 1..],
+            // `:` is ASCII: the bytes around it start chars.
+            b':' if !in_literal => return Some((&address[..i], &address[i + 1..])),
             _ => {}
         }
     }
-    address
+    None
 }
 
 /// Whether `address` can be only the mailbox it is matched as: no control character
@@ -201,10 +207,18 @@ pub fn is_plain_address(address: &str) -> bool {
     if address.bytes().any(|b| b < 0x20 || b == 0x7f) {
         return false;
     }
-    let domain = domain_of(address);
+    is_plain_domain(domain_of(address))
+}
+
+/// Whether `domain` is labels (letters, digits, `-`, `_`, UTF-8) joined by single dots,
+/// with an optional final dot, or an address literal of printable ASCII (`[192.0.2.1]`).
+pub fn is_plain_domain(domain: &str) -> bool {
     if let Some(literal) = domain.strip_prefix('[') {
         return literal.strip_suffix(']').is_some_and(|inner| {
-            !inner.is_empty() && inner.bytes().all(|b| b > b' ' && !b"[]\\".contains(&b))
+            !inner.is_empty()
+                && inner
+                    .bytes()
+                    .all(|b| (0x21..=0x7e).contains(&b) && !b"[]\\".contains(&b))
         });
     }
     let domain = domain.strip_suffix('.').unwrap_or(domain);

@@ -46,6 +46,7 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+use policy::pattern::{is_plain_domain, split_source_route};
 use policy::{Policy, Query, decide};
 
 /// The longest reply line held while waiting for its end (RFC 5321 allows 512 octets for
@@ -373,7 +374,7 @@ impl Session {
                 }
                 Some(arg) if is(b"MAIL") => {
                     let (addr, params) = address(arg);
-                    if addr.is_empty() || is_mailbox(addr.as_bytes()) {
+                    if addr.is_empty() || is_mailbox(&addr) {
                         self.sender = addr;
                         self.requiretls = params
                             .split(|b| is_space(*b))
@@ -389,9 +390,7 @@ impl Session {
                 }
                 Some(arg) => {
                     let (recipient, _) = address(arg);
-                    if !(is_mailbox(recipient.as_bytes())
-                        || recipient.eq_ignore_ascii_case("postmaster"))
-                    {
+                    if !(is_mailbox(&recipient) || recipient.eq_ignore_ascii_case("postmaster")) {
                         // Postfix delivers `<bob@(c)partner.example>` and
                         // `<bob%partner.example@localhost>` to bob@partner.example.
                         out.push(b"NOOP\r\n");
@@ -854,40 +853,34 @@ fn chunk_size(rest: &[u8]) -> Option<u64> {
 /// route through those (Postfix delivers `bob%partner.example@localhost` and
 /// `partner.example!bob@localhost` to bob@partner.example). Comments, white space and
 /// backslashes outside a quoted string fail the grammar.
-fn is_mailbox(addr: &[u8]) -> bool {
-    let mut rest = addr;
-    if rest.first() == Some(&b'@') {
-        loop {
-            let Some(after) = rest.strip_prefix(b"@") else {
-                return false;
+fn is_mailbox(addr: &str) -> bool {
+    let rest = match split_source_route(addr) {
+        // Each hop of a route is `@domain`, without a final dot.
+        Some((route, mailbox)) => {
+            let hop_ok = |hop: &str| {
+                hop.strip_prefix('@')
+                    .is_some_and(|d| !d.ends_with('.') && is_plain_domain(d))
             };
-            let n = domain_len(after);
-            if n == 0 {
+            if !route.split(',').all(hop_ok) {
                 return false;
             }
-            rest = &after[n..];
-            match rest.first() {
-                Some(b',') => rest = &rest[1..],
-                Some(b':') => {
-                    rest = &rest[1..];
-                    break;
-                }
-                _ => return false,
-            }
+            mailbox
         }
-    }
-    let local_len = if rest.first() == Some(&b'"') {
-        match quoted_len(rest) {
+        None if addr.starts_with('@') => return false,
+        None => addr,
+    };
+    let bytes = rest.as_bytes();
+    let local_len = if bytes.first() == Some(&b'"') {
+        match quoted_len(bytes) {
             Some(n) => n,
             None => return false,
         }
     } else {
-        let n = rest.iter().position(|b| *b == b'@').unwrap_or(rest.len());
-        let local = &rest[..n];
+        let n = bytes.iter().position(|b| *b == b'@').unwrap_or(bytes.len());
         let atext =
             |b: &u8| b.is_ascii_alphanumeric() || b"#$&'*+-/=?^_`{|}~".contains(b) || *b >= 0x80;
-        if local.is_empty()
-            || !local
+        if n == 0
+            || !bytes[..n]
                 .split(|b| *b == b'.')
                 .all(|atom| !atom.is_empty() && atom.iter().all(atext))
         {
@@ -895,42 +888,10 @@ fn is_mailbox(addr: &[u8]) -> bool {
         }
         n
     };
-    let Some(domain) = rest[local_len..].strip_prefix(b"@") else {
-        return false;
-    };
-    let domain = domain.strip_suffix(b".").unwrap_or(domain);
-    !domain.is_empty() && domain_len(domain) == domain.len()
-}
-
-/// How many bytes at the start of `s` are a domain (labels of letters, digits, `-`, `_`
-/// or UTF-8, joined by single dots) or an address literal (`[…]`); 0 if none.
-fn domain_len(s: &[u8]) -> usize {
-    if s.first() == Some(&b'[') {
-        return match s.iter().position(|b| *b == b']') {
-            Some(end)
-                if s[1..end]
-                    .iter()
-                    .all(|b| (0x21..=0x7e).contains(b) && *b != b'[' && *b != b'\\')
-                    && end > 1 =>
-            {
-                end + 1
-            }
-            _ => 0,
-        };
-    }
-    let label = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_' || *b >= 0x80;
-    let mut n = 0;
-    loop {
-        let len = s[n..].iter().take_while(|b| label(b)).count();
-        if len == 0 {
-            return 0;
-        }
-        n += len;
-        match (s.get(n), s.get(n + 1)) {
-            (Some(b'.'), Some(next)) if label(next) => n += 1,
-            _ => return n,
-        }
-    }
+    // The local part ends at a quote or before an `@`: ASCII, a char boundary.
+    rest[local_len..]
+        .strip_prefix('@')
+        .is_some_and(is_plain_domain)
 }
 
 /// The length of the quoted string at the start of `s` (quotes included), if it is one
