@@ -214,7 +214,10 @@ fn received_field(hostname: &str, session: &SessionInfo, envelope: &Envelope) ->
         .filter(|c| c.is_ascii_graphic())
         .collect();
     let rcpt = match envelope.rcpt_to.as_slice() {
-        [one] => format!("\r\n\tfor <{one}>"),
+        [one] => format!(
+            "\r\n\tfor <{}>",
+            altroute_smtp::address::for_header(one)
+        ),
         _ => String::new(),
     };
     format!(

@@ -476,7 +476,9 @@ impl MtaSts {
     /// the domain publishes a policy that is not cached; refreshes in the background when
     /// the cached one's id changed or half its lifetime is gone.
     pub async fn lookup(self: &Arc<Self>, domain: &str, now: u64) -> StsLookup {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        // The caller gives the A-label; a Unicode name is converted here too, so that no
+        // spelling of a domain can skip its policy.
+        let domain = altroute_policy::pattern::canonical_domain(domain).to_ascii_lowercase();
         if !is_host_name(&domain) {
             // Not a DNS host name (an address literal, or bytes that could escape the
             // cache directory): no policy can apply.

@@ -336,13 +336,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
     /// dot-stuffed here. A refused MAIL is an error; per-recipient and data
     /// replies are in the [`Delivery`].
     pub async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Delivery, Error> {
-        // An address with CR/LF would inject commands.
-        let bad = |s: &str| s.bytes().any(|b| b == b'\r' || b == b'\n');
-        if bad(&envelope.mail_from)
-            || envelope.rcpt_to.iter().any(|r| bad(r))
-            || envelope.env_id.as_deref().is_some_and(bad)
+        // A control character would inject commands (CR, LF) or change the mailbox; a
+        // local part that is not a dot-atom is quoted, or the next hop reads it as
+        // another path (`crate::address`).
+        fn wire(a: &str) -> Result<std::borrow::Cow<'_, str>, Error> {
+            crate::address::to_wire(a)
+                .ok_or_else(|| Error::Protocol("a control character in the envelope".into()))
+        }
+        let mail_from = wire(&envelope.mail_from)?;
+        let rcpt_to = envelope
+            .rcpt_to
+            .iter()
+            .map(|r| wire(r))
+            .collect::<Result<Vec<_>, Error>>()?;
+        if envelope
+            .env_id
+            .as_deref()
+            .is_some_and(|id| id.bytes().any(crate::address::is_control))
         {
-            return Err(Error::Protocol("CR or LF in envelope".into()));
+            return Err(Error::Protocol("a control character in the envelope".into()));
         }
         if envelope.requiretls && !(self.tls && self.caps.requiretls) {
             return Err(Error::MissingExtension("REQUIRETLS"));
@@ -350,11 +362,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
         if envelope.smtputf8 && !self.caps.smtputf8 {
             return Err(Error::MissingExtension("SMTPUTF8"));
         }
-        let mut mail = format!("MAIL FROM:<{}>", envelope.mail_from);
+        // RFC 6152 §3: 8-bit data goes only to a server that offers 8BITMIME, unless
+        // converted to 7 bits, which this client does not do (the caller bounces with
+        // 5.6.3). A message declared 8BITMIME whose bytes are all ASCII is 7-bit data.
+        let eight_bit = !message.is_ascii();
+        if eight_bit && !self.caps.eight_bit_mime {
+            return Err(Error::MissingExtension("8BITMIME"));
+        }
+        let mut mail = format!("MAIL FROM:<{mail_from}>");
         if self.caps.size.is_some() {
             mail.push_str(&format!(" SIZE={}", message.len()));
         }
-        if envelope.body == Body::EightBitMime && self.caps.eight_bit_mime {
+        if (envelope.body == Body::EightBitMime || eight_bit) && self.caps.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
         }
         if envelope.smtputf8 {
@@ -364,11 +383,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
             mail.push_str(" REQUIRETLS");
         }
         if let (Some(id), true) = (&envelope.env_id, self.caps.dsn) {
-            mail.push_str(&format!(" ENVID={id}"));
+            mail.push_str(&format!(" ENVID={}", crate::address::xtext(id)));
         }
         mail.push_str("\r\n");
-        let rcpts: Vec<String> = envelope
-            .rcpt_to
+        let rcpts: Vec<String> = rcpt_to
             .iter()
             .map(|r| format!("RCPT TO:<{r}>\r\n"))
             .collect();

@@ -125,17 +125,30 @@ pub fn parse_command(line: &[u8]) -> Result<Request<String>, smtp_proto::Error> 
     {
         from.size = usize::MAX;
     }
-    // smtp-proto parses `<postmaster>` (RFC 5321 4.1.1.3: the one forward
-    // path without a domain, which must be accepted) as an empty address.
-    if let Request::Rcpt { to } = &mut req
-        && to.address.is_empty()
-        && let Some(path) = line
-            .iter()
+    // smtp-proto parses `<postmaster>` as an empty address, the null path. As a forward
+    // path it is the one mailbox without a domain, which must be accepted (RFC 5321
+    // 4.1.1.3); as a reverse path it is no mailbox at all (4.1.2 wants a domain), and
+    // taken for `<>` it sent mail out from the null sender, whose bounces are dropped.
+    // So it is given back as written, and the server refuses it in MAIL.
+    let postmaster = || {
+        line.iter()
             .position(|b| *b == b'<')
             .and_then(|open| line.get(open + 1..open + 12))
             .filter(|p| p.eq_ignore_ascii_case(b"postmaster>"))
-    {
-        to.address = String::from_utf8_lossy(path.get(..10).unwrap_or(b"postmaster")).into_owned();
+            .map(|path| String::from_utf8_lossy(&path[..10]).into_owned())
+    };
+    match &mut req {
+        Request::Rcpt { to } if to.address.is_empty() => {
+            if let Some(p) = postmaster() {
+                to.address = p;
+            }
+        }
+        Request::Mail { from } if from.address.is_empty() => {
+            if let Some(p) = postmaster() {
+                from.address = p;
+            }
+        }
+        _ => {}
     }
     Ok(req)
 }

@@ -74,6 +74,7 @@
 //! # }
 //! ```
 
+pub mod address;
 pub mod client;
 pub mod command;
 pub mod data;

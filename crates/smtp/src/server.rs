@@ -466,6 +466,19 @@ impl<H: Handler> Session<H> {
                         text: vec![self.config.hostname.clone()],
                     });
                 }
+                // smtp-proto lets control characters through inside quotes and drops
+                // CRs there: `"x\r.\r"@d` would be kept as `x.@d`, another mailbox.
+                // No mailbox or parameter may hold one (RFC 5321 4.1.2).
+                Request::Mail { .. } | Request::Rcpt { .. }
+                    if line.iter().any(|&b| crate::address::is_control(b)) =>
+                {
+                    self.errors += 1;
+                    conn.push(&Reply::new(
+                        501,
+                        (5, 5, 4),
+                        "Control characters are not allowed in MAIL or RCPT",
+                    ));
+                }
                 Request::Mail { from } => {
                     let reply = self.mail(from, &line).await;
                     conn.push(&reply);
@@ -899,9 +912,12 @@ fn duplicate<'a>(params: &[&'a [u8]]) -> Option<&'a [u8]> {
 }
 
 /// `local@domain` within RFC 5321 4.5.3.1 limits (local part 64 octets,
-/// domain 255), with a non-empty local part and a domain of LDH labels (any
-/// non-ASCII octet is allowed for SMTPUTF8) or an address literal. The
-/// local part's syntax was checked by the parser.
+/// domain 255), with a non-empty local part and a domain of LDH labels or an IP
+/// address literal ([`crate::address::is_ip_literal`]). A domain with non-ASCII
+/// octets (SMTPUTF8) must be a valid IDN (UTS 46): the relay delivers to its A-label,
+/// and a name with no A-label could be neither resolved nor held to a rule. The local
+/// part's syntax was checked by the parser; the client quotes it again when it is not
+/// a dot-atom ([`crate::address::to_wire`]).
 fn valid_mailbox(address: &str) -> bool {
     let Some((local, domain)) = address.rsplit_once('@') else {
         return false;
@@ -910,7 +926,10 @@ fn valid_mailbox(address: &str) -> bool {
         return false;
     }
     if domain.starts_with('[') {
-        return domain.ends_with(']');
+        return crate::address::is_ip_literal(domain);
+    }
+    if !domain.is_ascii() && idna::domain_to_ascii(domain).is_err() {
+        return false;
     }
     domain.split('.').all(|label| {
         !label.is_empty()

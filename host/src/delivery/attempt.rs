@@ -681,6 +681,13 @@ async fn send_to(
                     peer.host
                 ),
             },
+            Err(altroute_smtp::Error::MissingExtension("8BITMIME")) => Outcome::Bounced {
+                // RFC 6152 §3: deliver converted or return; the relay does not convert.
+                reason: format!(
+                    "554 5.6.3 the message has 8-bit data but {} does not offer 8BITMIME",
+                    peer.host
+                ),
+            },
             Err(e) => Outcome::Deferred {
                 reason: format!("451 4.4.2 {}: {e}", peer.host),
             },

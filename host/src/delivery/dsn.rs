@@ -4,6 +4,7 @@
 //! that itself has the null sender (no DSN for a DSN, RFC 3461 §6.2).
 
 use altroute_queue::{Envelope, Timestamp};
+use altroute_smtp::address::for_header;
 
 /// One recipient that failed for good.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +59,7 @@ pub fn build(
     m.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n"
     ));
-    m.push_str(&format!("To: <{}>\r\n", envelope.mail_from));
+    m.push_str(&format!("To: <{}>\r\n", for_header(&envelope.mail_from)));
     m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
     m.push_str(&format!("Date: {date}\r\n"));
     m.push_str(&format!("Message-ID: <{unique}.dsn@{reporting_mta}>\r\n"));
@@ -82,7 +83,11 @@ pub fn build(
         } else {
             f.reason.clone()
         };
-        m.push_str(&format!("<{}>: {}\r\n", f.recipient, ascii_line(&why)));
+        m.push_str(&format!(
+            "<{}>: {}\r\n",
+            for_header(&f.recipient),
+            ascii_line(&why)
+        ));
     }
 
     // Machine-readable part.
@@ -100,7 +105,10 @@ pub fn build(
     }
     for f in failures {
         m.push_str("\r\n");
-        m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", f.recipient));
+        m.push_str(&format!(
+            "Final-Recipient: rfc822; {}\r\n",
+            for_header(&f.recipient)
+        ));
         m.push_str("Action: failed\r\n");
         m.push_str(&format!("Status: {}\r\n", f.status()));
         m.push_str(&format!(

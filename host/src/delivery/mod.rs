@@ -38,6 +38,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+use altroute_policy::pattern::canonical_domain;
 use altroute_queue::{MessageId, QueueEntry, RecipientState, Spool};
 
 use crate::policy_engine::PolicyEngine;
@@ -479,9 +480,14 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
         let Some(rcpt) = entry.envelope.rcpt_to.get(i) else {
             continue;
         };
+        // The domain as it is delivered to: its A-label (UTS 46), lower-cased, without a
+        // root dot. Every step of the attempt (MTA-STS, MX lookup, host names, TLS
+        // reports) takes this one spelling: `bob@bücher.example` or a full-width dot
+        // (`sts。example`) once skipped the MTA-STS lookup, which took only ASCII, while
+        // the resolver converted the name and found the real MX.
         let domain = rcpt
             .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
+            .map(|(_, d)| canonical_domain(d).to_ascii_lowercase())
             .unwrap_or_default();
         by_domain.entry(domain).or_default().push(i);
     }
@@ -499,6 +505,18 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
                 .map(|&i| {
                     let reason = reason.clone();
                     (i, Outcome::Deferred { reason })
+                })
+                .collect(),
+            // Not a valid IDN (the server refuses such domains; this is mail spooled
+            // before it did): it has no A-label to look up, now or later.
+            None if !domain.is_ascii() => indices
+                .iter()
+                .map(|&i| {
+                    let reason = format!(
+                        "550 5.1.2 {}: not a valid internationalized domain name",
+                        altroute_smtp::address::for_header(&domain)
+                    );
+                    (i, Outcome::Bounced { reason })
                 })
                 .collect(),
             None => {

@@ -320,6 +320,61 @@ async fn enforce_needs_verified_tls_else_the_alternate_route() {
     }
 }
 
+/// An MTA-STS domain written in Unicode is still that domain: `bücher` is
+/// `xn--bcher-kva`, and a full-width dot or full-width letters (UTS 46 maps them) spell
+/// an ASCII name. The lookup once took only ASCII names, so these went out in clear text
+/// to the MX that the resolver (which converts) found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_holds_for_every_spelling_of_the_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = World::new().await;
+    let alt = w.sink("alt.lab.test", Tls::Valid).await;
+    let mut mx = Vec::new();
+    for domain in ["sts.enforce.test", "xn--bcher-kva.enforce.test"] {
+        let host = format!("mx.{domain}");
+        // STARTTLS stripped, as by an attacker on the path.
+        mx.push(w.mx(domain, 10, &host, Tls::None).await);
+        w.sts(
+            domain,
+            "1",
+            HttpResponse::text(&sts_policy("enforce", &[&host])),
+            None,
+        )
+        .await;
+    }
+    let relay = Relay::start(&w, dir.path(), &dir.path().join("cache")).await;
+    let rcpts = [
+        "u1@sts\u{3002}enforce.test",
+        "u2@\u{ff53}\u{ff54}\u{ff53}.enforce.test",
+        "u3@b\u{fc}cher.enforce.test",
+        "u4@B\u{dc}CHER.enforce.test",
+    ];
+    for rcpt in rcpts {
+        let mut env = Envelope::new("alice@corp.test", vec![rcpt.to_string()]);
+        env.smtputf8 = true;
+        let msg = format!("From: <alice@corp.test>\r\nSubject: sts\r\n\r\nfor {rcpt}\r\n");
+        let id = relay.spool.store(env, msg.into_bytes()).await.unwrap();
+        assert_eq!(relay.settled(&id).await, None, "{rcpt}: delivered");
+    }
+    for (i, sink) in mx.iter().enumerate() {
+        assert_no_mail(&w.sinks[*sink], &format!("MX {i}"));
+    }
+    let at_alt = w.sinks[alt].messages();
+    assert_eq!(at_alt.len(), rcpts.len(), "all four at the alternate host");
+    for m in &at_alt {
+        assert!(m.tls_version.is_some(), "over TLS: {:?}", m.rcpt_to);
+    }
+    let rerouted: Vec<_> = relay
+        .delivery
+        .journal()
+        .records()
+        .into_iter()
+        .filter(|r| r.outcome == "rerouted")
+        .collect();
+    assert_eq!(rerouted.len(), rcpts.len(), "{rerouted:?}");
+    assert!(rerouted.iter().all(|r| r.rule == "standard:mta-sts"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testing_is_delivered_as_usual_and_reported() {
     let dir = tempfile::tempdir().unwrap();

@@ -287,3 +287,102 @@ async fn a_message_longer_than_one_timeout_goes_to_a_steady_slow_reader() {
     assert_eq!(&received[..message.len()], &message[..]);
     assert_eq!(&received[message.len()..], b".\r\n");
 }
+
+/// The server keeps a quoted local part unquoted (`"john smith"@x` as `john smith@x`);
+/// the client must quote it again, or the next hop reads another path. Sent raw,
+/// `v@a.test> ORCPT=rfc822;x@b.test` was read as the recipient `v@a.test`, one the
+/// relay had never accepted nor decided on. Round trip through our own server: each
+/// mailbox arrives as the same mailbox.
+#[tokio::test]
+async fn mailboxes_that_are_not_dot_atoms_go_out_quoted() {
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let stream = TcpStream::connect(srv.addr).await.unwrap();
+    let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+        .await
+        .unwrap();
+    let rcpts = [
+        "v@a.test> ORCPT=rfc822;x@b.test",
+        "john smith@b.test",
+        "c\"d@b.test",
+        "e\\f@b.test",
+        "plain.dot-atom+tag@b.test",
+    ];
+    let mut env = envelope(&rcpts);
+    env.mail_from = "ceo@bank.test> ENVID=x@corp.test".into();
+    let delivery = client.send(&env, b"hi\r\n").await.unwrap();
+    assert_eq!(delivery.delivered(), rcpts.to_vec());
+    let stored = handler.messages();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].envelope.rcpt_to, rcpts.to_vec());
+    assert_eq!(stored[0].envelope.mail_from, env.mail_from);
+
+    // A control character cannot be written in any quoting: nothing is sent.
+    let env = envelope(&["x\r.\r@b.test"]);
+    assert!(matches!(
+        client.send(&env, b"hi\r\n").await,
+        Err(Error::Protocol(_))
+    ));
+    assert_eq!(client.noop().await.unwrap().code, 250);
+    assert_eq!(handler.messages().len(), 1);
+}
+
+/// RFC 6152 §3: 8-bit data only to a server that offers 8BITMIME (the client does not
+/// convert; the relay bounces with 5.6.3). ASCII data declared 8BITMIME may go.
+#[tokio::test]
+async fn eight_bit_data_needs_8bitmime() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 mx.test ESMTP\r\n").await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap() == 0 {
+                break;
+            }
+            let reply: &[u8] = match line.get(..4).map(str::to_ascii_uppercase).as_deref() {
+                Some("EHLO") => b"250-mx.test\r\n250 SIZE 1000\r\n",
+                Some("DATA") => b"354 go on\r\n",
+                Some("QUIT") => b"221 bye\r\n",
+                _ if line == ".\r\n" => b"250 queued\r\n",
+                _ => b"250 ok\r\n",
+            };
+            seen.push(line);
+            w.write_all(reply).await.unwrap();
+        }
+        seen
+    });
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+        .await
+        .unwrap();
+    assert!(!client.capabilities().eight_bit_mime);
+    let mut env = envelope(&["a@dst.test"]);
+    env.body = Body::EightBitMime;
+    assert!(matches!(
+        client.send(&env, "caf\u{e9}\r\n".as_bytes()).await,
+        Err(Error::MissingExtension("8BITMIME"))
+    ));
+    // Undeclared 8-bit data is 8-bit data too.
+    env.body = Body::SevenBit;
+    assert!(matches!(
+        client.send(&env, b"\xff\r\n").await,
+        Err(Error::MissingExtension("8BITMIME"))
+    ));
+    env.body = Body::EightBitMime;
+    let d = client.send(&env, b"plain\r\n").await.unwrap();
+    assert_eq!(d.delivered(), vec!["a@dst.test"]);
+    client.quit().await.unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(
+        seen.iter().filter(|l| l.starts_with("MAIL")).count(),
+        1,
+        "{seen:?}"
+    );
+    assert!(seen.contains(&"plain\r\n".to_string()), "{seen:?}");
+}

@@ -367,6 +367,13 @@ async fn envelope_address_and_parameter_checks() {
             "501 5.5.4",
         ),
         ("MAIL FROM:<a@>", "501 5.1.7"),
+        // smtp-proto reads `<postmaster>` as the null path; as a sender it is no
+        // mailbox (it went out as `<>`, whose bounces are dropped).
+        ("MAIL FROM:<postmaster>", "501 5.1.7"),
+        ("MAIL FROM:<PostMaster>", "501 5.1.7"),
+        // Control characters: smtp-proto dropped a CR inside quotes (`"x\r.\r"` was
+        // kept as `x.`, another mailbox) and let a TAB through.
+        ("MAIL FROM:<\"a\tb\"@src.test>", "501 5.5.4"),
         ("MAIL FROM:<\"a>b\"@src.test> SIZE=10", "250 2.1.0"),
         ("RCPT TO:<>", "501 5.1.3"),
         ("RCPT TO:<b@>", "501 5.1.3"),
@@ -376,6 +383,14 @@ async fn envelope_address_and_parameter_checks() {
             "501 5.1.3",
         ),
         ("RCPT TO:<Postmaster>", "250 2.1.5"),
+        ("RCPT TO:<\"x\r.\r\"@dst.test>", "501 5.5.4"),
+        ("RCPT TO:<\"x\0\"@dst.test>", "501 5.5.4"),
+        ("RCPT TO:<c@dst.test> NOTIFY=NEVER\x7f", "501 5.5.4"),
+        // smtp-proto takes no address literal; were it to, only IP literals would
+        // pass (`address::is_ip_literal`): a general one can hold `>`.
+        ("RCPT TO:<c@[tag:x]>", "501 5.1.3"),
+        ("RCPT TO:<c@[192.0.2.1]>", "501 5.1.3"),
+        ("RCPT TO:<\"john smith\"@dst.test>", "250 2.1.5"),
         ("RCPT TO:<@relay.test:c@dst.test>", "250 2.1.5"),
         ("DATA", "354"),
         ("hi\r\n.", "250"),
@@ -387,6 +402,29 @@ async fn envelope_address_and_parameter_checks() {
     assert_eq!(stored.len(), 1);
     assert_eq!(
         stored[0].envelope.rcpt_to,
-        vec!["Postmaster".to_string(), "c@dst.test".to_string()]
+        ["Postmaster", "john smith@dst.test", "c@dst.test"]
     );
+}
+
+/// A domain in Unicode (SMTPUTF8) is taken only if it has an A-label (UTS 46): the relay
+/// delivers to that, and holds it to the rules written for it.
+#[tokio::test]
+async fn a_unicode_domain_must_be_a_valid_idn() {
+    let mut c = config();
+    c.smtputf8 = true;
+    let handler = Memory::new(true);
+    let srv = spawn_server(c, handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    for (line, expect) in [
+        ("EHLO client.test", "250"),
+        ("MAIL FROM:<a@src.test> SMTPUTF8", "250 2.1.0"),
+        ("RCPT TO:<b@b\u{fc}cher.test>", "250 2.1.5"),
+        ("RCPT TO:<b@sts\u{3002}dst.test>", "250 2.1.5"),
+        // U+0378 is unassigned: UTS 46 disallows it.
+        ("RCPT TO:<b@a\u{378}.test>", "501 5.1.3"),
+        ("RSET", "250"),
+        ("QUIT", "221"),
+    ] {
+        raw.cmd(line, expect).await;
+    }
 }
