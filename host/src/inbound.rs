@@ -57,6 +57,16 @@ impl Inbound {
     }
 }
 
+/// The reply to an address [`askable`] refuses.
+const NOT_ASKABLE: &str =
+    "Address not relayed: a local part with @, % or ! is read as another mailbox";
+
+/// Whether the policy can be asked about `address` as the relay asks
+/// ([`crate::delivery::question_address`]).
+fn askable(address: &str) -> bool {
+    altroute_policy::pattern::is_mailbox(&crate::delivery::question_address(address))
+}
+
 impl Handler for Inbound {
     fn may_relay(&self, session: &SessionInfo) -> bool {
         let by_cert = self.client_certs
@@ -70,6 +80,28 @@ impl Handler for Inbound {
             tracing::info!(peer = %session.peer, "relaying denied");
         }
         allowed
+    }
+
+    /// Only a sender the policy can be asked about (see [`rcpt_to`](Self::rcpt_to)).
+    async fn mail_from(&self, _session: &SessionInfo, envelope: &Envelope) -> Reply {
+        if !envelope.mail_from.is_empty() && !askable(&envelope.mail_from) {
+            return Reply::new(501, (5, 1, 7), NOT_ASKABLE);
+        }
+        Reply::new(250, (2, 1, 0), "Sender OK")
+    }
+
+    /// Only a recipient the policy can be asked about: a plain RFC 5321 mailbox whose
+    /// local part holds no `@`, `%` or `!` ([`altroute_policy::pattern::is_mailbox`]). A
+    /// next hop may read such a local part as another mailbox (Postfix delivers
+    /// `bob%partner.example@localhost` to bob@partner.example), and the contract refuses
+    /// it as a fact, so the mail could only be deferred until it expired. The SMTP edge
+    /// filter refuses the same addresses.
+    async fn rcpt_to(&self, _session: &SessionInfo, _envelope: &Envelope, rcpt: &str) -> Reply {
+        if !rcpt.eq_ignore_ascii_case("postmaster") && !askable(rcpt) {
+            self.metrics.reject_rcpt("bad_address");
+            return Reply::new(501, (5, 1, 3), NOT_ASKABLE);
+        }
+        Reply::new(250, (2, 1, 5), "Recipient OK")
     }
 
     async fn authenticate(
@@ -214,10 +246,7 @@ fn received_field(hostname: &str, session: &SessionInfo, envelope: &Envelope) ->
         .filter(|c| c.is_ascii_graphic())
         .collect();
     let rcpt = match envelope.rcpt_to.as_slice() {
-        [one] => format!(
-            "\r\n\tfor <{}>",
-            altroute_smtp::address::for_header(one)
-        ),
+        [one] => format!("\r\n\tfor <{}>", altroute_smtp::address::for_header(one)),
         _ => String::new(),
     };
     format!(

@@ -131,6 +131,26 @@ pub fn move_into_place(path: &Path, content: &str) -> Result<()> {
     Ok(())
 }
 
+/// Lay out `dir` as the kubelet lays out a mounted ConfigMap and publish `content` as
+/// version `version` of `file`: the data goes in `dir/..{version}/file`, `dir/..data`
+/// is a symlink to that directory, swapped atomically (a new symlink renamed over it),
+/// and `dir/file` is a symlink to `..data/file`. The file's own path is never renamed
+/// over, which is what a watch of the path alone misses.
+pub fn configmap_update(dir: &Path, file: &str, version: &str, content: &str) -> Result<()> {
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data)?;
+    std::fs::write(data.join(file), content)?;
+    let link = dir.join(file);
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(format!("..data/{file}"), &link)?;
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    Ok(())
+}
+
 /// A running Envoy, killed on drop.
 pub struct Envoy {
     child: Child,

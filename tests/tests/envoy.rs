@@ -17,8 +17,9 @@ use altroute_policy::{
     CertStatus, Hop, Policy, Query, Route, Starttls, TlsVersion, compile, decide,
 };
 use altroute_tests::envoy::{
-    EchoPool, Envoy, PostfixSink, SmtpClient, SmtpServer, dumped_recipients, free_port,
-    http_request, move_into_place, render, swaks, template, write_module, write_trapping_module,
+    EchoPool, Envoy, PostfixSink, SmtpClient, SmtpServer, configmap_update, dumped_recipients,
+    free_port, http_request, move_into_place, render, swaks, template, write_module,
+    write_trapping_module,
 };
 
 /// Start Envoy with `deploy/envoy/http.yaml` and three echo pools; the policy is `toml`.
@@ -327,9 +328,14 @@ fn start_edge(
         .display()
         .to_string();
     let (listen, alternate_listen) = (free_port(), free_port());
-    let ecds = dir.join("altroute-smtp.ecds.yaml");
-    move_into_place(
-        &ecds,
+    // Laid out as a mounted ConfigMap: updates are either renamed over the path or
+    // published by a `..data` swap (`configmap_update`).
+    let cm = dir.join("cm");
+    let ecds = cm.join("altroute-smtp.ecds.yaml");
+    configmap_update(
+        &cm,
+        "altroute-smtp.ecds.yaml",
+        "v1",
         &ecds_file(&module, "1", &stream_config(PARTNERS_V1, alternate_listen)),
     )
     .unwrap();
@@ -341,6 +347,7 @@ fn start_edge(
             ("DIRECT_PORT", &direct_port.to_string()),
             ("ALTERNATE_PORT", &alternate_port.to_string()),
             ("ECDS_PATH", &ecds.display().to_string()),
+            ("ECDS_DIR", &cm.display().to_string()),
         ],
     );
     let envoy = Envoy::start(&config, dir).unwrap();
@@ -744,6 +751,23 @@ fn ecds_reload_applies_a_new_policy_to_new_connections() {
         rcpt_reply(edge.listen, "x@flip.example"),
         "450 4.7.10 TLS required for <x@flip.example>\r\n"
     );
+
+    // A Kubernetes ConfigMap update: the kubelet swaps the `..data` symlink and never
+    // renames anything over the file's path. Version 4 goes back to v1's policy (flip
+    // opportunistic). Without `watched_directory` Envoy never saw such a swap.
+    let cm = edge.ecds.parent().unwrap().to_path_buf();
+    std::fs::remove_file(&edge.ecds).unwrap();
+    let v4 = stream_config(PARTNERS_V1, edge.alternate_listen);
+    configmap_update(
+        &cm,
+        "altroute-smtp.ecds.yaml",
+        "v4",
+        &ecds_file(&edge.module, "4", &v4),
+    )
+    .unwrap();
+    edge.envoy.wait_stat(updates, 3).unwrap();
+    assert!(rcpt_reply(edge.listen, "x@flip.example").starts_with("250 "));
+    assert_eq!(edge.envoy.pid(), pid);
 }
 
 /// swaks (Debian) -> Envoy with the module -> Postfix's smtp-sink: one message to a

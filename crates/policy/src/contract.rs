@@ -391,7 +391,7 @@ pub fn decode_query_into<'a>(get: impl Source<'a>, q: &mut Query) -> Result<(), 
     if !text_into(&get, at::RECIPIENT, &mut q.recipient)? {
         return Err(ContractError::Missing(RECIPIENT));
     }
-    if !q.recipient.contains('@') || !crate::pattern::is_plain_address(&q.recipient) {
+    if !crate::pattern::is_mailbox(&q.recipient) {
         return Err(ContractError::Invalid {
             name: RECIPIENT,
             value: q.recipient.clone(),
@@ -400,7 +400,7 @@ pub fn decode_query_into<'a>(get: impl Source<'a>, q: &mut Query) -> Result<(), 
     if !text_into(&get, at::SENDER, &mut q.sender)? {
         q.sender.clear();
     }
-    if !q.sender.is_empty() && !crate::pattern::is_plain_address(&q.sender) {
+    if !q.sender.is_empty() && !crate::pattern::is_mailbox(&q.sender) {
         return Err(ContractError::Invalid {
             name: SENDER,
             value: q.sender.clone(),

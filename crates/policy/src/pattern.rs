@@ -196,18 +196,84 @@ pub fn split_source_route(address: &str) -> Option<(&str, &str)> {
     None
 }
 
-/// Whether `address` can be only the mailbox it is matched as: no control character
-/// anywhere, and a domain (after the last `@`, or the whole text) made of labels (letters,
-/// digits, `-`, `_`, UTF-8) joined by single dots, with an optional final dot, or an
-/// address literal (`[192.0.2.1]`). A question with anything else is refused (a fault,
-/// deferred): a program that hands `bob@(c)partner.example` or `bob@partner .example` to
-/// an MTA gets mail to bob@partner.example, which the policy would not have been asked
-/// about. Addresses a relay takes in SMTP always pass.
-pub fn is_plain_address(address: &str) -> bool {
-    if address.bytes().any(|b| b < 0x20 || b == 0x7f) {
-        return false;
+/// Whether a fact's address (a question's sender or recipient) or an address an SMTP
+/// follower reads can be only the mailbox it is matched as. A question with anything else
+/// is refused (a fault, deferred): a program that hands `bob@(c)partner.example`, or
+/// `bob@partner.example, x@random.example` (two recipients in one value, as an HTTP
+/// server joins a repeated header), to an MTA gets mail to bob@partner.example, which the
+/// policy would not have been asked about.
+///
+/// Whether `addr` (what was between `<` and `>`) is a mailbox as RFC 5321 §4.1.2 writes
+/// it, with nothing a server could read as another mailbox: an optional source route
+/// (`@a.example,@b.example:`), a local part that is a dot-string or a quoted string, `@`,
+/// and a domain (labels, UTF-8 allowed, an optional final dot) or an address literal.
+/// Refused besides: a local part that holds `@`, `%` or `!` (unquoted), since servers
+/// route through those (Postfix delivers `bob%partner.example@localhost` and
+/// `partner.example!bob@localhost` to bob@partner.example). Comments, white space and
+/// backslashes outside a quoted string fail the grammar.
+pub fn is_mailbox(addr: &str) -> bool {
+    let rest = match split_source_route(addr) {
+        // Each hop of a route is `@domain`, without a final dot.
+        Some((route, mailbox)) => {
+            let hop_ok = |hop: &str| {
+                hop.strip_prefix('@')
+                    .is_some_and(|d| !d.ends_with('.') && is_plain_domain(d))
+            };
+            if !route.split(',').all(hop_ok) {
+                return false;
+            }
+            mailbox
+        }
+        None if addr.starts_with('@') => return false,
+        None => addr,
+    };
+    let bytes = rest.as_bytes();
+    let local_len = if bytes.first() == Some(&b'"') {
+        match quoted_len(bytes) {
+            Some(n) => n,
+            None => return false,
+        }
+    } else {
+        let n = bytes.iter().position(|b| *b == b'@').unwrap_or(bytes.len());
+        let atext =
+            |b: &u8| b.is_ascii_alphanumeric() || b"#$&'*+-/=?^_`{|}~".contains(b) || *b >= 0x80;
+        if n == 0
+            || !bytes[..n]
+                .split(|b| *b == b'.')
+                .all(|atom| !atom.is_empty() && atom.iter().all(atext))
+        {
+            return false;
+        }
+        n
+    };
+    // The local part ends at a quote or before an `@`: ASCII, a char boundary.
+    rest[local_len..]
+        .strip_prefix('@')
+        .is_some_and(is_plain_domain)
+}
+
+/// The length of the quoted string at the start of `s` (quotes included), if it is one
+/// whose content has no `@`, `%` or `!` (servers read `"bob@partner.example"@localhost`
+/// as bob@partner.example).
+fn quoted_len(s: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(&b) = s.get(i) {
+        match b {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                let escaped = *s.get(i + 1)?;
+                if !(0x20..=0x7e).contains(&escaped) || b"@%!".contains(&escaped) {
+                    return None;
+                }
+                i += 2;
+            }
+            b'@' | b'%' | b'!' => return None,
+            0x20..=0x7e => i += 1,
+            _ if b >= 0x80 => i += 1,
+            _ => return None,
+        }
     }
-    is_plain_domain(domain_of(address))
+    None
 }
 
 /// Whether `domain` is labels (letters, digits, `-`, `_`, UTF-8) joined by single dots,

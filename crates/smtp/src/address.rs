@@ -141,7 +141,12 @@ mod tests {
         for (address, want) in cases {
             assert_eq!(to_wire(address).as_deref(), Some(want), "{address:?}");
         }
-        for bad in ["a\rb@x.example", "a\tb@x.example", "a\0@x.example", "a\x7f@x"] {
+        for bad in [
+            "a\rb@x.example",
+            "a\tb@x.example",
+            "a\0@x.example",
+            "a\x7f@x",
+        ] {
             assert_eq!(to_wire(bad), None, "{bad:?}");
         }
         assert_eq!(for_header("a\rb@x.example"), "a?b@x.example");

@@ -354,7 +354,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
             .as_deref()
             .is_some_and(|id| id.bytes().any(crate::address::is_control))
         {
-            return Err(Error::Protocol("a control character in the envelope".into()));
+            return Err(Error::Protocol(
+                "a control character in the envelope".into(),
+            ));
         }
         if envelope.requiretls && !(self.tls && self.caps.requiretls) {
             return Err(Error::MissingExtension("REQUIRETLS"));

@@ -110,7 +110,10 @@ pub(crate) async fn deliver_domain(
         let Some(recipient) = env.rcpt_to.get(index) else {
             continue;
         };
-        let mut query = Query::plan(&ascii_address(&env.mail_from), &ascii_address(recipient));
+        let mut query = Query::plan(
+            &question_address(&env.mail_from),
+            &question_address(recipient),
+        );
         query.requiretls = env.requiretls;
         query.tls_required_no = env.tls_required_no;
         query.mta_sts = sts.fact();
@@ -642,9 +645,14 @@ async fn send_to(
         smtputf8: env.smtputf8 && needs_smtputf8(&env.mail_from, &send, message),
         size: Some(message.len() as u64),
         env_id: env.env_id.clone(),
+        // As stored, with the domain the question named: the query's form is quoted.
         rcpt_to: send
             .iter()
-            .map(|(r, _)| r.query.recipient.clone())
+            .map(|(r, _)| {
+                env.rcpt_to
+                    .get(r.index)
+                    .map_or_else(String::new, |a| delivery_address(a).into_owned())
+            })
             .collect(),
     };
     let peer = &session.peer;
@@ -967,12 +975,28 @@ fn log_decision(
     );
 }
 
-/// `address` with its domain as an A-label (UTS 46, RFC 5891), the domain it is delivered
-/// to: `bob@bücher.example` is asked as `bob@xn--bcher-kva.example`. The standard
-/// module's `decide()` matches it so anyway ([`canonical_domain`]); asking in that form
-/// also holds a custom `[policy].module` that compares bytes to the rules written for the
-/// domain. A domain that is not a valid IDN stays as it is: it cannot be resolved either.
-pub(crate) fn ascii_address(address: &str) -> std::borrow::Cow<'_, str> {
+/// `address` as the relay asks the policy about it: its domain as an A-label (UTS 46,
+/// RFC 5891), the domain it is delivered to (`bob@bücher.example` is asked as
+/// `bob@xn--bcher-kva.example`), and its local part as it goes on the wire, quoted when
+/// it is not a dot-atom (`"john smith"@x.example`; the envelope keeps it unquoted). The
+/// standard module's `decide()` matches a Unicode domain so anyway ([`canonical_domain`]);
+/// asking in that form also holds a custom `[policy].module` that compares bytes to the
+/// rules written for the domain. The contract takes only such mailboxes
+/// ([`altroute_policy::pattern::is_mailbox`]), and the relay's SMTP server refuses others
+/// ([`crate::inbound`]). A domain that is not a valid IDN stays as it is: it cannot be
+/// resolved either.
+pub(crate) fn question_address(address: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let ascii = delivery_address(address);
+    match altroute_smtp::address::to_wire(&ascii) {
+        Some(Cow::Owned(quoted)) => Cow::Owned(quoted),
+        _ => ascii,
+    }
+}
+
+/// `address` with its domain as an A-label and its local part as the envelope keeps it
+/// (unquoted: the SMTP client quotes it on the wire).
+fn delivery_address(address: &str) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
     match address.rsplit_once('@') {
         Some((local, domain)) if !domain.is_ascii() => match canonical_domain(domain) {
@@ -988,7 +1012,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn utf8_domains_are_asked_as_a_labels() {
+    fn questions_ask_about_a_labels_and_quoted_local_parts() {
         let cases = [
             ("bob@bücher.example", "bob@xn--bcher-kva.example"),
             ("bob@BÜCHER.example", "bob@xn--bcher-kva.example"),
@@ -996,9 +1020,14 @@ mod tests {
             ("bob@partner.example", "bob@partner.example"),
             ("", ""),
             ("postmaster", "postmaster"),
+            (
+                "john smith@b\u{fc}cher.example",
+                "\"john smith\"@xn--bcher-kva.example",
+            ),
+            ("a>b@partner.example", "\"a>b\"@partner.example"),
         ];
         for (address, want) in cases {
-            assert_eq!(ascii_address(address), want, "{address}");
+            assert_eq!(question_address(address), want, "{address}");
         }
     }
 

@@ -51,6 +51,7 @@ pub mod resolve;
 mod standards;
 
 pub use attempt::Outcome;
+pub(crate) use attempt::question_address;
 pub use metrics::DeliveryMetrics;
 pub use resolve::{Candidate, ResolveFailure, Resolver};
 

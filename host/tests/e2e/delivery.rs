@@ -1544,3 +1544,43 @@ async fn a_recipient_accepted_at_one_mx_is_recorded_before_the_next_mx_is_tried(
     );
     assert!(states[1].due_at().is_some(), "{states:?}");
 }
+
+/// The envelope keeps a quoted local part unquoted (`"a>b c"@x` as `a>b c@x`); the relay
+/// must quote it again on the wire. Written raw, `"v@a.test> ORCPT=rfc822;x"@b.test` was
+/// read by the next hop as a recipient at `a.test`, which the relay had never accepted
+/// nor decided on (an audit delivered it so through Postfix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quoted_local_part_goes_out_quoted() {
+    let mut lab = Lab::new().await;
+    let mx = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let id = relay
+        .send("john smith@corp.test", &["a>b c@plain.open.test"], false)
+        .await;
+    assert_eq!(relay.settled(&id).await, None, "delivered");
+    let commands: Vec<String> = lab.sinks[mx]
+        .sessions()
+        .into_iter()
+        .flat_map(|s| s.commands)
+        .collect();
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.starts_with("MAIL FROM:<\"john smith\"@corp.test>")),
+        "{commands:?}"
+    );
+    assert!(
+        commands.contains(&"RCPT TO:<\"a>b c\"@plain.open.test>".to_string()),
+        "{commands:?}"
+    );
+    // (The lab sink's own reading of the path stops at the first `>`: the command line
+    // above is what a server gets.)
+    assert_eq!(lab.sinks[mx].messages().len(), 1);
+}

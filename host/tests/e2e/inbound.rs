@@ -272,6 +272,55 @@ fn rcpt_replies(relay: &Relay, bind: IpAddr) -> Vec<(u16, String)> {
     })
 }
 
+/// Addresses a next hop reads as another mailbox are refused at RCPT and MAIL, not
+/// queued: a quoted `@` (which once went out unquoted and reached `victim@sink.test`), `%`
+/// and `!` routing, control characters (smtp-proto dropped a CR inside quotes: another
+/// mailbox), and `<postmaster>` as a sender (read as the null sender, whose bounces are
+/// dropped). A quoted local part with only space and specials is a mailbox like any.
+#[test]
+fn addresses_read_as_another_mailbox_are_refused() {
+    let mut relay = Relay::start(RelayConfig::new());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let replies = rt.block_on(async {
+        let mut c = SmtpConn::connect(relay.config.smtp, None).await.unwrap();
+        let mut out = Vec::new();
+        for line in [
+            "MAIL FROM:<postmaster>",
+            "MAIL FROM:<\"ceo@bank.test> ENVID=x\"@corp.test>",
+            "MAIL FROM:<a@x.test>",
+            "RCPT TO:<\"victim@sink.test> ORCPT=rfc822;x\"@pf.test>",
+            "RCPT TO:<bob%partner.test@y.test>",
+            "RCPT TO:<partner.test!bob@y.test>",
+            "RCPT TO:<\"x\r.\r\"@y.test>",
+            "RCPT TO:<\"john smith\"@y.test>",
+            "DATA",
+        ] {
+            out.push((line, c.cmd(line).await.unwrap()));
+        }
+        out
+    });
+    let want = [
+        "501 5.1.7",
+        "501 5.1.7",
+        "250",
+        "501 5.1.3",
+        "501 5.1.3",
+        "501 5.1.3",
+        "501 5.5.4",
+        "250",
+        "354",
+    ];
+    for ((line, (_, text)), want) in replies.iter().zip(want) {
+        assert!(text.starts_with(want), "{line:?}: {text:?}, want {want}");
+    }
+    let (_, metrics) = relay.admin_get("/metrics");
+    assert!(
+        metrics.contains("altroute_recipients_rejected_total{reason=\"bad_address\"} 3"),
+        "{metrics}"
+    );
+    assert!(relay.stop().success());
+}
+
 #[test]
 fn clients_outside_allow_networks_cannot_relay() {
     let mut config = RelayConfig::new();

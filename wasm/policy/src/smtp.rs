@@ -30,7 +30,11 @@
 //!   A `.` line that servers read differently (after a bare CR, with a bare CR, or longer
 //!   than a server reads whole) closes the session ([`body_step`]).
 //!
-//! Every buffer is bounded. A reply line over 4 KiB is forwarded as it comes and counted as
+//! Every buffer is bounded. A client with more than [`MAX_PENDING`] commands waiting for
+//! their replies (one who writes without reading: each bare LF is a command) is a
+//! violation and closes the session, or the queue of pending commands would grow until
+//! the VM ran out of memory and took every session of its worker down with it.
+//! A reply line over 4 KiB is forwarded as it comes and counted as
 //! one reply. A command line over 1000 bytes ([`MAX_COMMAND_LINE`]) is not forwarded at
 //! all (a server that runs only its start could take an unchecked `RCPT`): a `NOOP` goes
 //! in its place and the client gets `500 5.5.6 Line too long`, which keeps the pairing.
@@ -46,7 +50,7 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use policy::pattern::{is_plain_domain, split_source_route};
+use policy::pattern::is_mailbox;
 use policy::{Policy, Query, decide};
 
 /// The longest reply line held while waiting for its end (RFC 5321 allows 512 octets for
@@ -60,6 +64,11 @@ const MAX_LINE: usize = 4096;
 /// more with extensions' parameters; 1000 leaves room for those and stays well under
 /// Postfix's limit (a deployment requirement: docs/envoy.md).
 const MAX_COMMAND_LINE: usize = 1000;
+
+/// Most commands a client may have waiting for their replies. A pipelining client waits
+/// for the replies at DATA (RFC 2920), so a group is its MAIL, its RCPTs and DATA: this
+/// leaves room for ten times the 100 recipients RFC 5321 §4.5.3.1.8 asks servers to take.
+const MAX_PENDING: usize = 1000;
 
 /// The reply to a command line longer than [`MAX_COMMAND_LINE`] (as the relay's own
 /// server says it).
@@ -225,6 +234,12 @@ impl Session {
         let mut out = Out::new(data);
         let mut i = 0;
         while i < data.len() {
+            if self.pending.len() > MAX_PENDING {
+                self.violation = Some("too many commands waiting for their replies");
+                self.client = Client::Closed;
+                self.client_line.clear();
+                return Some(Vec::new());
+            }
             match self.client {
                 Client::AwaitData | Client::AwaitTls | Client::Closed => {
                     // Dropped: the server would read them as message or as commands
@@ -845,79 +860,6 @@ fn chunk_size(rest: &[u8]) -> Option<u64> {
     std::str::from_utf8(count).ok()?.parse().ok()
 }
 
-/// Whether `addr` (what was between `<` and `>`) is a mailbox as RFC 5321 §4.1.2 writes
-/// it, with nothing a server could read as another mailbox: an optional source route
-/// (`@a.example,@b.example:`), a local part that is a dot-string or a quoted string, `@`,
-/// and a domain (labels, UTF-8 allowed, an optional final dot) or an address literal.
-/// Refused besides: a local part that holds `@`, `%` or `!` (unquoted), since servers
-/// route through those (Postfix delivers `bob%partner.example@localhost` and
-/// `partner.example!bob@localhost` to bob@partner.example). Comments, white space and
-/// backslashes outside a quoted string fail the grammar.
-fn is_mailbox(addr: &str) -> bool {
-    let rest = match split_source_route(addr) {
-        // Each hop of a route is `@domain`, without a final dot.
-        Some((route, mailbox)) => {
-            let hop_ok = |hop: &str| {
-                hop.strip_prefix('@')
-                    .is_some_and(|d| !d.ends_with('.') && is_plain_domain(d))
-            };
-            if !route.split(',').all(hop_ok) {
-                return false;
-            }
-            mailbox
-        }
-        None if addr.starts_with('@') => return false,
-        None => addr,
-    };
-    let bytes = rest.as_bytes();
-    let local_len = if bytes.first() == Some(&b'"') {
-        match quoted_len(bytes) {
-            Some(n) => n,
-            None => return false,
-        }
-    } else {
-        let n = bytes.iter().position(|b| *b == b'@').unwrap_or(bytes.len());
-        let atext =
-            |b: &u8| b.is_ascii_alphanumeric() || b"#$&'*+-/=?^_`{|}~".contains(b) || *b >= 0x80;
-        if n == 0
-            || !bytes[..n]
-                .split(|b| *b == b'.')
-                .all(|atom| !atom.is_empty() && atom.iter().all(atext))
-        {
-            return false;
-        }
-        n
-    };
-    // The local part ends at a quote or before an `@`: ASCII, a char boundary.
-    rest[local_len..]
-        .strip_prefix('@')
-        .is_some_and(is_plain_domain)
-}
-
-/// The length of the quoted string at the start of `s` (quotes included), if it is one
-/// whose content has no `@`, `%` or `!` (servers read `"bob@partner.example"@localhost`
-/// as bob@partner.example).
-fn quoted_len(s: &[u8]) -> Option<usize> {
-    let mut i = 1;
-    while let Some(&b) = s.get(i) {
-        match b {
-            b'"' => return Some(i + 1),
-            b'\\' => {
-                let escaped = *s.get(i + 1)?;
-                if !(0x20..=0x7e).contains(&escaped) || b"@%!".contains(&escaped) {
-                    return None;
-                }
-                i += 2;
-            }
-            b'@' | b'%' | b'!' => return None,
-            0x20..=0x7e => i += 1,
-            _ if b >= 0x80 => i += 1,
-            _ => return None,
-        }
-    }
-    None
-}
-
 /// Where the `>` closing an address is: not one inside a quoted local part
 /// (`<"a>b"@x.example>`), nor one escaped with a backslash there.
 fn closing_bracket(inner: &[u8]) -> Option<usize> {
@@ -1520,6 +1462,42 @@ mod tests {
             assert_eq!(s.client_bytes(b"QUIT\r\n", false), Some(Vec::new()));
             assert_eq!(s.take_violation(), None);
         }
+    }
+
+    #[test]
+    fn a_client_that_writes_without_reading_is_closed() {
+        // Each bare LF is a command with a reply to wait for; the queue of them grew
+        // until the VM ran out of memory (an audit took every worker's VM down so).
+        let mut s = greeted(b"250 PIPELINING\r\n");
+        let empty = "\r\n".repeat(MAX_PENDING - 1);
+        assert_eq!(s.client_bytes(empty.as_bytes(), false), None);
+        assert_eq!(s.take_violation(), None);
+        assert_eq!(s.client_bytes(b"\r\n\r\n\r\n", false), Some(Vec::new()));
+        assert_eq!(
+            s.take_violation(),
+            Some("too many commands waiting for their replies")
+        );
+        assert_eq!(s.client_bytes(b"QUIT\r\n", false), Some(Vec::new()));
+
+        // A large pipelined group whose replies come is not: the queue drains.
+        let mut s = greeted(b"250 PIPELINING\r\n");
+        let mut group = b"MAIL FROM:<a@corp.example>\r\n".to_vec();
+        for i in 0..MAX_PENDING - 10 {
+            group.extend_from_slice(format!("RCPT TO:<r{i}@random.example>\r\n").as_bytes());
+        }
+        group.extend_from_slice(b"DATA\r\n");
+        assert_eq!(s.client_bytes(&group, false), None);
+        let replies = "250 ok\r\n".repeat(MAX_PENDING - 9) + "354 go\r\n";
+        assert_eq!(s.server_bytes(replies.as_bytes(), false), None);
+        assert_eq!(s.client_bytes(b"hi\r\n.\r\n", false), None);
+        assert_eq!(s.server_bytes(b"250 queued\r\n", false), None);
+        for _ in 0..3 {
+            let batch = "NOOP\r\n".repeat(MAX_PENDING / 2);
+            assert_eq!(s.client_bytes(batch.as_bytes(), false), None);
+            let replies = "250 ok\r\n".repeat(MAX_PENDING / 2);
+            assert_eq!(s.server_bytes(replies.as_bytes(), false), None);
+        }
+        assert_eq!(s.take_violation(), None);
     }
 
     #[test]
