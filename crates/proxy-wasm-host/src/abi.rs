@@ -6,6 +6,7 @@
 //! taken again after each allocation.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -43,6 +44,12 @@ const SHARED_ENTRY_OVERHEAD: usize =
 const QUEUE_ITEM_OVERHEAD: usize = std::mem::size_of::<Vec<u8>>();
 /// Most spare header entries an instance keeps for reuse.
 const MAX_SPARE: usize = 256;
+/// Largest allocation (key and value capacity) a spare entry may keep: a header map's
+/// limit counts lengths, and a guest that set 256 values to 900 KB and then to "" had the
+/// host keep 230 MB per instance for reuse.
+const MAX_SPARE_ENTRY: usize = 4096;
+/// What a buffer (request body, stream data) keeps of its allocation between contexts.
+const KEEP_BUFFER: usize = 64 << 10;
 
 /// Header map type numbers of the ABI.
 const MAP_RESPONSE_TRAILERS: u32 = 3;
@@ -169,6 +176,11 @@ impl ResourceLimiter for Limiter {
 /// Per-instance state (the wasmtime store data).
 pub(crate) struct State {
     pub plugin: Arc<PluginShared>,
+    /// The host's count of epoch ticks ([`crate::host::HostInner::epoch`])...
+    pub epoch: Arc<AtomicU64>,
+    /// ...and the tick at which the running call is over its deadline (set with the
+    /// store's own epoch deadline).
+    pub deadline_epoch: u64,
     pub memory: Option<Memory>,
     /// The guest allocator. Host functions take it out for the call (they cannot borrow
     /// it from the store while calling it) and put it back.
@@ -208,9 +220,16 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn new(plugin: Arc<PluginShared>, memory_cap: usize, table_cap: usize) -> State {
+    pub(crate) fn new(
+        plugin: Arc<PluginShared>,
+        epoch: Arc<AtomicU64>,
+        memory_cap: usize,
+        table_cap: usize,
+    ) -> State {
         State {
             plugin,
+            epoch,
+            deadline_epoch: u64::MAX,
             memory: None,
             alloc: None,
             limiter: Limiter {
@@ -265,15 +284,37 @@ impl State {
         (k, v)
     }
 
-    /// Empties map `i`, keeping its entries for reuse.
+    /// Keeps a header entry for reuse, unless there are enough or it holds a large
+    /// allocation ([`MAX_SPARE`], [`MAX_SPARE_ENTRY`]): what the host keeps for a guest
+    /// stays bounded whatever the guest did with its maps.
+    pub(crate) fn keep_spare(&mut self, e: (String, Vec<u8>)) {
+        if self.spare.len() < MAX_SPARE && e.0.capacity() + e.1.capacity() <= MAX_SPARE_ENTRY {
+            self.spare.push(e);
+        }
+    }
+
+    /// Empties map `i`, keeping its entries for reuse ([`State::keep_spare`]).
     pub(crate) fn recycle_map(&mut self, i: usize) {
-        // Bounded: a guest that once built a huge map does not pin it forever.
-        let room = MAX_SPARE.saturating_sub(self.spare.len());
-        let map = &mut self.maps[i];
-        let keep = map.len().min(room);
-        self.spare.extend(map.drain(..keep));
-        map.clear();
+        let mut map = std::mem::take(&mut self.maps[i]);
+        for e in map.drain(..) {
+            self.keep_spare(e);
+        }
+        // The map's own allocation: a guest that once built a huge map does not pin it.
+        if map.capacity() <= MAX_SPARE {
+            self.maps[i] = map;
+        }
         self.map_bytes_known[i] = None;
+    }
+
+    /// Arms the deadline of a call: `ticks` epoch ticks from now, as
+    /// `Store::set_epoch_deadline` counts them.
+    pub(crate) fn arm(&mut self, ticks: u64) {
+        self.deadline_epoch = self.epoch.load(Ordering::Relaxed).saturating_add(ticks);
+    }
+
+    /// Whether the running call is past its deadline.
+    pub(crate) fn over_deadline(&self) -> bool {
+        self.epoch.load(Ordering::Relaxed) >= self.deadline_epoch
     }
 
     /// Forgets everything about the previous context; keeps the allocations for reuse.
@@ -281,9 +322,14 @@ impl State {
         for i in 0..self.maps.len() {
             self.recycle_map(i);
         }
-        self.request_body.clear();
-        self.downstream.clear();
-        self.upstream.clear();
+        for buf in [
+            &mut self.request_body,
+            &mut self.downstream,
+            &mut self.upstream,
+        ] {
+            buf.clear();
+            buf.shrink_to(KEEP_BUFFER);
+        }
         self.local_response = None;
         self.filter_state.clear();
         self.filter_state_bytes = 0;
@@ -307,7 +353,15 @@ fn limit(msg: impl Into<String>) -> wasmtime::Error {
     wasmtime::Error::new(HostAbort::Limit(msg.into()))
 }
 
+/// The guest's memory, for a host function about to read or write it. Every host call
+/// that moves bytes comes through here, so this is where the call's deadline is checked:
+/// Wasmtime checks it only in guest code, and a module that calls an expensive host
+/// function thousands of times without a loop (8 MiB buffers, each about a millisecond)
+/// once ran for minutes on a 20 ms deadline.
 fn memory(caller: &mut Caller<'_, State>) -> Res<Memory> {
+    if caller.data().over_deadline() {
+        return Err(wasmtime::Error::new(HostAbort::Deadline));
+    }
     if let Some(m) = caller.data().memory {
         return Ok(m);
     }
@@ -897,18 +951,15 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
             let key = &data[range(data.len(), kptr, klen, "header name")?];
-            let mut n = 0;
-            while n < st.maps[i].len() {
-                if st.maps[i][n].0.as_bytes().eq_ignore_ascii_case(key) {
-                    let gone = st.maps[i].remove(n);
-                    if let Some(size) = &mut st.map_bytes_known[i] {
-                        *size -= entry_bytes(&gone.0, &gone.1);
-                    }
-                    st.spare.push(gone);
-                } else {
-                    n += 1;
+            // In one pass (removing one by one was quadratic in the duplicates).
+            let mut map = std::mem::take(&mut st.maps[i]);
+            for gone in map.extract_if(.., |(k, _)| k.as_bytes().eq_ignore_ascii_case(key)) {
+                if let Some(size) = &mut st.map_bytes_known[i] {
+                    *size -= entry_bytes(&gone.0, &gone.1);
                 }
+                st.keep_spare(gone);
             }
+            st.maps[i] = map;
             Ok(OK)
         },
     )?;
@@ -938,18 +989,20 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
             {
                 Some(pos) => {
-                    let map = &mut st.maps[i];
-                    map[pos].1.clear();
-                    map[pos].1.extend_from_slice(value);
-                    let mut n = pos + 1;
-                    while n < map.len() {
-                        if map[n].0.as_bytes().eq_ignore_ascii_case(key) {
-                            let gone = map.remove(n);
-                            st.spare.push(gone);
-                        } else {
-                            n += 1;
-                        }
+                    let mut map = std::mem::take(&mut st.maps[i]);
+                    let v = &mut map[pos].1;
+                    v.clear();
+                    v.extend_from_slice(value);
+                    // A small value in place of a large one gives the room back.
+                    if v.capacity() > MAX_SPARE_ENTRY.max(2 * v.len()) {
+                        v.shrink_to_fit();
                     }
+                    for gone in
+                        map.extract_if(pos + 1.., |(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
+                    {
+                        st.keep_spare(gone);
+                    }
+                    st.maps[i] = map;
                 }
                 None => {
                     let e = st.entry(key, value);
@@ -1474,6 +1527,55 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn state() -> State {
+        let plugin = Arc::new(PluginShared {
+            name: "t".into(),
+            root_id: String::new(),
+            vm_id: String::new(),
+            plugin_config: Vec::new(),
+            vm_config: Vec::new(),
+            metrics: Default::default(),
+            provider: None,
+            host: Arc::new(HostShared::new(1 << 20)),
+            max_map_bytes: 1 << 20,
+            max_buffer_bytes: 16 << 20,
+        });
+        State::new(plugin, Arc::new(AtomicU64::new(0)), 64 << 20, 10_000)
+    }
+
+    /// What the host keeps of a guest's maps and buffers between contexts is bounded
+    /// whatever the guest did: an audit's module made one instance hold 950 MB through
+    /// spare header entries (large values set, then emptied or removed).
+    #[test]
+    fn what_the_host_keeps_for_reuse_is_bounded() {
+        let mut st = state();
+        for round in 0..3 {
+            for i in 0..1000 {
+                let big = vec![b'x'; 900_000];
+                let mut e = st.entry(format!("h{i}").as_bytes(), &big);
+                e.1.clear();
+                if i % 2 == 0 {
+                    st.maps[0].push(e);
+                } else {
+                    st.keep_spare(e);
+                }
+                let small = st.entry(b"s", b"v");
+                st.maps[1].push(small);
+            }
+            st.request_body.resize(8 << 20, 0);
+            st.downstream.resize(8 << 20, 0);
+            st.reset_context();
+            let kept: usize = st.spare.iter().map(|(k, v)| k.capacity() + v.capacity()).sum();
+            assert!(st.spare.len() <= MAX_SPARE, "round {round}");
+            assert!(kept <= MAX_SPARE * MAX_SPARE_ENTRY, "round {round}: {kept}");
+            assert!(st.maps.iter().all(|m| m.is_empty() && m.capacity() <= MAX_SPARE));
+            assert!(st.request_body.capacity() <= KEEP_BUFFER);
+            assert!(st.downstream.capacity() <= KEEP_BUFFER);
+        }
+        // Small entries are still reused.
+        assert!(!st.spare.is_empty());
+    }
 
     #[test]
     fn map_wire_format_round_trips() {

@@ -94,4 +94,7 @@ pub(crate) enum HostAbort {
     Guest(String),
     #[error("guest called proc_exit({0})")]
     Exit(i32),
+    /// A host function found the call past its deadline.
+    #[error("deadline")]
+    Deadline,
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -114,6 +114,11 @@ pub(crate) struct HostInner {
     hashed: Mutex<Vec<HashedModule>>,
     pub shared: Arc<HostShared>,
     stop: Arc<AtomicBool>,
+    /// The engine's epoch as the ticker thread counts it. Wasmtime checks a deadline only
+    /// in guest code (at function entry and loop back-edges); host functions compare
+    /// this with the call's deadline ([`crate::abi::State::over_deadline`]), so a module
+    /// that spends its time in host calls without a loop is stopped too.
+    pub epoch: Arc<AtomicU64>,
     /// Epoch ticks that make up one deadline...
     pub deadline_ticks: u64,
     /// ...and the load deadline.
@@ -180,15 +185,18 @@ impl Host {
             ticks(config.load_deadline.max(config.deadline)),
         );
         let stop = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(AtomicU64::new(0));
         {
             let engine = engine.clone();
             let stop = stop.clone();
+            let epoch = epoch.clone();
             std::thread::Builder::new()
                 .name("proxy-wasm-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(tick);
                         engine.increment_epoch();
+                        epoch.fetch_add(1, Ordering::Relaxed);
                     }
                 })
                 .map_err(|e| Error::Engine(format!("epoch thread: {e}")))?;
@@ -203,6 +211,7 @@ impl Host {
                 hashed: Mutex::new(Vec::new()),
                 shared,
                 stop,
+                epoch,
                 deadline_ticks,
                 load_deadline_ticks,
                 engine_key,

@@ -268,6 +268,7 @@ fn classify(e: wasmtime::Error, callback: &'static str, st: &State) -> Error {
                 callback,
                 message: abort.to_string(),
             },
+            HostAbort::Deadline => Error::Deadline { callback },
         };
     }
     match e.downcast_ref::<Trap>() {
@@ -293,6 +294,9 @@ impl Instance {
                 callback: name,
                 limit: st.limiter.memory_cap,
             }),
+            // Over its deadline in its last host calls, with no guest code after them to
+            // trap: the call ran too long all the same.
+            Ok(_) if st.over_deadline() => Err(Error::Deadline { callback: name }),
             Ok(v) => Ok(v),
             Err(e) => Err(classify(e, name, st)),
         }
@@ -306,12 +310,18 @@ impl Instance {
         let cfg = &host.config;
         let mut store = Store::new(
             &host.engine,
-            State::new(shared.clone(), cfg.memory_limit, cfg.table_limit),
+            State::new(
+                shared.clone(),
+                host.epoch.clone(),
+                cfg.memory_limit,
+                cfg.table_limit,
+            ),
         );
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         // Making the instance ready has its own budget; each request arms the call deadline.
         store.set_epoch_deadline(host.load_deadline_ticks);
+        store.data_mut().arm(host.load_deadline_ticks);
         let instance = match pre.instantiate(&mut store) {
             Ok(i) => i,
             Err(e) => return Err(classify(e, "instantiate", store.data())),
@@ -395,6 +405,7 @@ impl Instance {
 
     fn arm(&mut self) {
         self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().arm(self.deadline_ticks);
     }
 
     /// on_done, on_log, on_delete: the end of a context, in Envoy's order.

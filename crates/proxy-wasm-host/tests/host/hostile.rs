@@ -150,6 +150,66 @@ fn infinite_loop_is_stopped_by_the_deadline() {
     refused_at_configure(&host, &[("CONFIGURE", "(loop $l (br $l))")], &good);
 }
 
+/// Thousands of expensive host calls with no loop between them (each replaces the request
+/// body with 8 MiB of guest memory, about a millisecond). Wasmtime checks a deadline only
+/// in guest code, at function entry and loop back-edges: without the host's own check
+/// such a module ran for minutes on a 20 ms deadline and returned as if nothing was
+/// wrong. Here, in a callback with guest code after the calls, in one without (no
+/// `on_done`/`on_log`/`on_delete` run after them), and at load.
+#[test]
+fn host_calls_without_a_loop_are_stopped_by_the_deadline() {
+    let host = Host::new(HostConfig {
+        deadline: std::time::Duration::from_millis(200),
+        load_deadline: std::time::Duration::from_millis(200),
+        warm_instances: 1,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let good = testguest(&host, "good");
+    // 3000 calls: three seconds or more if nothing stops them.
+    let calls = "(drop (call $set_buffer (i32.const 0) (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 8388608)))\n".repeat(3000);
+    let import = r#"(import "env" "proxy_set_buffer_bytes" (func $set_buffer (param i32 i32 i32 i32 i32) (result i32)))"#;
+    let with = |slot: &'static str| {
+        [
+            ("EXTRA_IMPORT", import),
+            ("PAGES", "129"),
+            (slot, calls.as_str()),
+        ]
+    };
+    let body: &[(&str, &str)] = &with("HEADERS");
+    let plugin = load(&host, body).unwrap();
+    let err = plugin
+        .http_request(&proxy_wasm_host::HttpRequest {
+            body: Some(b"x".to_vec()),
+            ..request(&[(":path", "/")])
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Deadline {
+                callback: "proxy_on_request_headers"
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+    // The last guest code to run is the stream callback itself, which ends with the calls.
+    let plugin = load(&host, &with("NEWCONN")).unwrap();
+    let err = plugin.stream(ConnectionInfo::default()).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::Deadline {
+                callback: "proxy_on_new_connection"
+            }
+        ),
+        "{err}"
+    );
+    assert_serves(&good);
+    refused_at_configure(&host, &with("CONFIGURE"), &good);
+}
+
 /// Loading `overrides` on `host` fails with a deadline in `on_configure`, and `good`
 /// still serves.
 fn refused_at_configure(host: &Host, overrides: &[(&str, &str)], good: &proxy_wasm_host::Plugin) {
