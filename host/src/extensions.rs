@@ -109,6 +109,7 @@ pub struct RawExtension {
     max_consecutive_faults: Option<u32>,
     cooldown_secs: Option<u64>,
     on_fault: Option<OnFault>,
+    may_bounce: Option<bool>,
 }
 
 /// Where an extension's module comes from.
@@ -149,6 +150,11 @@ pub struct ExtensionConfig {
     pub cooldown: Duration,
     /// What a cool-down does to recipients in scope. Defaults to [`OnFault::Defer`].
     pub on_fault: OnFault,
+    /// Whether the extension may bounce mail that the standard module did not bounce.
+    /// Defaults to `false`: such a bounce is deferred instead (a bounce is final, and the
+    /// policy promises that mail it holds back for TLS is deferred, never bounced, unless
+    /// it says so itself).
+    pub may_bounce: bool,
 }
 
 impl ExtensionConfig {
@@ -167,6 +173,7 @@ impl ExtensionConfig {
             max_consecutive_faults: DEFAULT_MAX_CONSECUTIVE_FAULTS,
             cooldown: DEFAULT_COOLDOWN,
             on_fault: OnFault::Defer,
+            may_bounce: false,
         }
     }
 
@@ -345,6 +352,7 @@ pub fn check(
             max_consecutive_faults: u32::try_from(max_faults).unwrap_or(u32::MAX),
             cooldown: Duration::from_secs(cooldown_secs),
             on_fault: r.on_fault.unwrap_or(OnFault::Defer),
+            may_bounce: r.may_bounce.unwrap_or(false),
         });
     }
     out
@@ -513,7 +521,12 @@ impl Extension {
         })
     }
 
-    /// The extension's name.
+    /// Counts a safety floor violation of this extension.
+    pub fn floor_violation(&self) {
+        self.metrics.floor_violation(&self.config.name);
+    }
+
+    /// The extension's name (its `[[extension]]` name).
     pub fn name(&self) -> &str {
         &self.config.name
     }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use proxy_wasm_host::{Host, HostConfig, HttpRequestRef, Plugin, PluginSpec, PolicySlot};
 
-use altroute_policy::{Decision, Policy, Query, TlsRequirement, contract};
+use altroute_policy::{Decision, Policy, Query, Route, TlsRequirement, contract};
 
 use crate::extensions::{self, Extension, ExtensionConfig, ExtensionMetrics, Step};
 use crate::reload::{ShadowSlot, Target};
@@ -52,6 +52,37 @@ pub struct Answer {
     /// [`Answer::standard`]). The safety floor holds the chain to it, so a module cannot
     /// lower what the policy requires. [`TlsRequirement::STRICT`] when it is unknown.
     pub policy_tls: TlsRequirement,
+}
+
+/// An extension's decision as the relay records and acts on it. It names the policy
+/// version that was asked (an extension cannot claim another), and a rule that names the
+/// extension (`extension:NAME`, or `extension:NAME:RULE` when it wrote another): an
+/// audit's extension logged its bounces as `tls_compliance:partners` of a forged version.
+/// A bounce stands only where the standard module bounced too or the extension is
+/// configured with `may_bounce = true`; otherwise it is deferred, logged and counted as a
+/// floor violation.
+fn attributed(mut d: Decision, standard: &Decision, ext: &Extension) -> Decision {
+    let name = ext.name();
+    d.policy_version.clone_from(&standard.policy_version);
+    let own = format!("extension:{name}");
+    if d.rule != own && !d.rule.starts_with(&format!("{own}:")) {
+        d.rule = format!("{own}:{}", d.rule);
+    }
+    if d.route == Route::Bounce && standard.route != Route::Bounce && !ext.config().may_bounce {
+        tracing::warn!(
+            target: "altroute::decision",
+            extension = %name,
+            rule = %d.rule,
+            "an extension without may_bounce bounced mail the policy did not: deferred"
+        );
+        ext.floor_violation();
+        d.route = Route::Defer;
+        d.reply = Some(format!(
+            "451 4.7.0 held back: extension {name} would bounce this mail and may not"
+        ));
+        d.reason = format!("{} (bounce turned into a defer)", d.reason);
+    }
+    d
 }
 
 /// The root id of the standard module's HTTP face.
@@ -381,7 +412,7 @@ impl PolicyEngine {
         // Decoded once, at the end; a bad decision is the fault of the last module that
         // changed it.
         let decision = match contract::decode_decision(contract::lookup(&headers)) {
-            Ok(d) => d,
+            Ok(d) => attributed(d, &standard, ext),
             Err(e) => {
                 let why = format!("extension {} left no valid decision: {e}", ext.name());
                 ext.fault("bad-decision", &why);

@@ -1566,10 +1566,18 @@ mod tests {
             st.request_body.resize(8 << 20, 0);
             st.downstream.resize(8 << 20, 0);
             st.reset_context();
-            let kept: usize = st.spare.iter().map(|(k, v)| k.capacity() + v.capacity()).sum();
+            let kept: usize = st
+                .spare
+                .iter()
+                .map(|(k, v)| k.capacity() + v.capacity())
+                .sum();
             assert!(st.spare.len() <= MAX_SPARE, "round {round}");
             assert!(kept <= MAX_SPARE * MAX_SPARE_ENTRY, "round {round}: {kept}");
-            assert!(st.maps.iter().all(|m| m.is_empty() && m.capacity() <= MAX_SPARE));
+            assert!(
+                st.maps
+                    .iter()
+                    .all(|m| m.is_empty() && m.capacity() <= MAX_SPARE)
+            );
             assert!(st.request_body.capacity() <= KEEP_BUFFER);
             assert!(st.downstream.capacity() <= KEEP_BUFFER);
         }

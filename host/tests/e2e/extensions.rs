@@ -319,6 +319,12 @@ const TEMPLATE: &str = r#"(module
   (data (i32.const 210) "none")
   (data (i32.const 250) "x-altroute-rule")
   (data (i32.const 270) "liar")
+  (data (i32.const 300) "bounce")
+  (data (i32.const 310) "x-altroute-reply")
+  (data (i32.const 330) "550 5.7.1 refused")
+  (data (i32.const 350) "x-altroute-policy-version")
+  (data (i32.const 380) "sha256:0000000000000000")
+  (data (i32.const 410) "tls_compliance:partners")
   (data (i32.const 1024) "flood flood flood flood flood flood flood flood flood flood flood flood")
   (global $heap (mut i32) (i32.const 8192))
   (func (export "malloc") (param $n i32) (result i32) (local $p i32)
@@ -342,6 +348,11 @@ const LIE: &str = "(drop (call $replace (i32.const 0) (i32.const 100) (i32.const
     (drop (call $replace (i32.const 0) (i32.const 140) (i32.const 23) (i32.const 170) (i32.const 2)))
     (drop (call $replace (i32.const 0) (i32.const 180) (i32.const 21) (i32.const 210) (i32.const 4)))
     (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 15) (i32.const 270) (i32.const 4)))";
+/// A bounce, under the policy's name: a forged rule and policy version.
+const BOUNCE: &str = "(drop (call $replace (i32.const 0) (i32.const 100) (i32.const 16) (i32.const 300) (i32.const 6)))
+    (drop (call $replace (i32.const 0) (i32.const 310) (i32.const 16) (i32.const 330) (i32.const 17)))
+    (drop (call $replace (i32.const 0) (i32.const 350) (i32.const 25) (i32.const 380) (i32.const 23)))
+    (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 15) (i32.const 410) (i32.const 23)))";
 /// 2,000 log lines per question, at error level, then no change.
 const FLOOD: &str = "(local.set $i (i32.const 0))
     (block $done (loop $l
@@ -767,4 +778,55 @@ async fn the_c_extension_holds_listed_domains() {
         )])
         .unwrap_err();
     assert!(err.to_string().contains("hold-list"), "{err}");
+}
+
+/// An extension that bounces mail the policy only defers (TLS required, no alternate
+/// route), naming the policy's rule and a version of its own: deferred instead, counted,
+/// and recorded under the extension's name and the real version. With `may_bounce` the
+/// bounce stands (still under the extension's name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_may_not_bounce_what_the_policy_defers_nor_forge_its_rule() {
+    for may_bounce in [false, true] {
+        let mut lab = Lab::new().await;
+        let mx = lab
+            .mx(
+                "plain.strict.test",
+                "mx.plain.strict.test",
+                Tls::None,
+                SinkMode::Accept,
+            )
+            .await;
+        let mut evil = hostile("evil", &[("HEADERS", BOUNCE)], &["plain.strict.test"]);
+        evil.deadline = Duration::from_secs(2);
+        evil.may_bounce = may_bounce;
+        let relay = Relay::start(&lab, engine(&lab, false, &[evil])).await;
+        let id = relay
+            .send("alice@corp.test", &["bob@plain.strict.test"], false)
+            .await;
+        let states = relay.settled(&id).await;
+        let plan = relay
+            .delivery
+            .journal()
+            .records()
+            .into_iter()
+            .find(|r| r.recipient == "bob@plain.strict.test")
+            .expect("a decision record");
+        assert_eq!(plan.rule, "extension:evil:tls_compliance:partners");
+        assert_eq!(plan.policy_version, relay.engine.version(), "{plan:?}");
+        assert_ne!(plan.policy_version, "sha256:0000000000000000");
+        let violations = ExtensionMetrics::get(&relay.ext().floor_violations, "evil", None);
+        if may_bounce {
+            assert!(states.is_none(), "bounced and removed: {states:?}");
+            assert_eq!(plan.route, "bounce");
+            assert_eq!(violations, 0);
+        } else {
+            let reason = deferred_reason(&states);
+            assert!(
+                reason.starts_with("451 4.7.0 held back: extension evil"),
+                "{reason}"
+            );
+            assert_eq!(violations, 1);
+        }
+        assert!(lab.sinks[mx].messages().is_empty());
+    }
 }
