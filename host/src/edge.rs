@@ -81,6 +81,11 @@ const TCP_PROXY_CLUSTER: &str = "envoy.tcp_proxy.cluster";
 /// Bytes read from one side per filter call. 16 KiB, Envoy's default read size.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Most bytes a module may hold back (answering Pause) in one direction: as Envoy's
+/// default `per_connection_buffer_limit_bytes`. Past it the session ends as a filter
+/// failure; a module that paused for ever once made the relay buffer what the client sent.
+const MAX_HELD: usize = 1 << 20;
+
 /// Buffer of the in-process pipe to the relay's SMTP server. 64 KiB.
 const PIPE_BYTES: usize = 64 * 1024;
 
@@ -690,6 +695,11 @@ where
         }
         if out.action == Action::Pause && !end {
             held = out.data;
+            if held.len() > MAX_HELD {
+                return Err(Ended::Module(format!(
+                    "the module held back more than {MAX_HELD} bytes"
+                )));
+            }
             continue;
         }
         held.clear();

@@ -39,6 +39,9 @@
 //! | command / data / session timeout | `421 4.4.2`, then close |
 //! | out of sequence | `503 5.5.1`; unknown `500 5.5.2`; bad syntax `501 5.5.4` |
 //! | REQUIRETLS without TLS | `530 5.7.10`; AUTH without TLS `538 5.7.11` |
+//! | control character in `MAIL`/`RCPT` | `501 5.5.4` |
+//! | `MAIL FROM:<postmaster>`, bad sender | `501 5.1.7` |
+//! | domain in Unicode without an A-label, address literal | `501 5.1.3` |
 //!
 //! Bytes pipelined after `STARTTLS` are discarded and HELO, AUTH and the
 //! envelope are forgotten once TLS is up. Default timeouts: 5 min per command,

@@ -751,6 +751,69 @@ fn a_module_trapping_on_client_data_closes_the_session() {
     assert!(relay.stop_and_spooled().is_empty());
 }
 
+/// Pauses on every client read: asks the host to hold the bytes back for ever.
+const PAUSING_MODULE: &str = r#"(module
+  (memory (export "memory") 2)
+  (global $top (mut i32) (i32.const 4096))
+  (func (export "malloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $top))
+    (global.set $top (i32.add (global.get $top) (i32.add (local.get $n) (i32.const 8))))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32)))"#;
+
+/// A module that holds the client's bytes back for ever (Pause on every read) does not
+/// make the relay buffer without end: past 1 MiB the session ends as a filter failure.
+#[test]
+fn a_module_that_never_lets_bytes_go_is_cut_off() {
+    let mut relay = EdgeRelay::start(
+        1,
+        |_| String::new(),
+        |_, dir| {
+            let path: PathBuf = dir.join("pause.wasm");
+            std::fs::write(&path, wat::parse_str(PAUSING_MODULE).unwrap()).unwrap();
+            format!(
+                "[edge]\nmodule = {:?}\nconfiguration = \"{{}}\"\n",
+                path.display().to_string()
+            )
+        },
+    );
+    let mut c = Client::connect(relay.listen[0], None);
+    assert!(c.reply().contains(" relay.test "));
+    // 2 MiB of one endless line; the relay must stop reading and close.
+    c.writer
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let chunk = vec![b'x'; 64 << 10];
+    let mut sent = 0;
+    while sent < (2 << 20) {
+        if std::io::Write::write_all(&mut c.writer, &chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let (got, _) = c.read_to_end();
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(
+        relay.metric_reaching("altroute_edge_filter_faults_total{stage=\"data\"}", 1.0),
+        Some(1.0)
+    );
+    assert!(
+        relay.log().contains("held back more than"),
+        "{}",
+        relay.log()
+    );
+    assert!(relay.stop_and_spooled().is_empty());
+}
+
 #[test]
 fn the_edge_follows_a_policy_hot_reload() {
     const TOKEN: &str = "edge-reload-token";
