@@ -54,35 +54,78 @@ pub struct Answer {
     pub policy_tls: TlsRequirement,
 }
 
-/// An extension's decision as the relay records and acts on it. It names the policy
-/// version that was asked (an extension cannot claim another), and a rule that names the
-/// extension (`extension:NAME`, or `extension:NAME:RULE` when it wrote another): an
-/// audit's extension logged its bounces as `tls_compliance:partners` of a forged version.
-/// A bounce stands only where the standard module bounced too or the extension is
-/// configured with `may_bounce = true`; otherwise it is deferred, logged and counted as a
-/// floor violation.
-fn attributed(mut d: Decision, standard: &Decision, ext: &Extension) -> Decision {
+/// An extension's changed decision headers `h` (the decision before it: `prev`), as the
+/// relay passes them on, records and acts on them. Checked after each extension that
+/// changes something, with that extension's own settings, so that a later extension's
+/// change cannot carry an earlier one's decision through under its name:
+/// - the policy version is the one that was asked (an extension cannot claim another);
+/// - the rule names the extension (`extension:NAME`, or `extension:NAME:RULE` for
+///   whatever else it holds): an audit's extension logged its bounces as
+///   `tls_compliance:partners` of a forged version;
+/// - a bounce this extension made stands only where the standard module bounced too or
+///   the extension has `may_bounce = true`; otherwise it becomes a defer, logged and
+///   counted as a floor violation.
+fn police(
+    h: &mut extensions::DecisionHeaders,
+    prev: &extensions::DecisionHeaders,
+    standard: &Decision,
+    ext: &Extension,
+) {
     let name = ext.name();
-    d.policy_version.clone_from(&standard.policy_version);
-    let own = format!("extension:{name}");
-    if d.rule != own && !d.rule.starts_with(&format!("{own}:")) {
-        d.rule = format!("{own}:{}", d.rule);
+    let get = |hs: &extensions::DecisionHeaders, k: &str| {
+        hs.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    fn set(h: &mut extensions::DecisionHeaders, k: &str, v: Vec<u8>) {
+        match h.iter_mut().find(|(n, _)| n == k) {
+            Some(e) => e.1 = v,
+            None => {
+                h.push((k.to_string(), v));
+                h.sort();
+            }
+        }
     }
-    if d.route == Route::Bounce && standard.route != Route::Bounce && !ext.config().may_bounce {
+    set(
+        h,
+        contract::POLICY_VERSION,
+        contract::encode_text(&standard.policy_version).into_bytes(),
+    );
+    let bounced = get(h, contract::ROUTE) == b"bounce" && get(prev, contract::ROUTE) != b"bounce";
+    if bounced && standard.route != Route::Bounce && !ext.config().may_bounce {
         tracing::warn!(
             target: "altroute::decision",
             extension = %name,
-            rule = %d.rule,
             "an extension without may_bounce bounced mail the policy did not: deferred"
         );
         ext.floor_violation();
-        d.route = Route::Defer;
-        d.reply = Some(format!(
-            "451 4.7.0 held back: extension {name} would bounce this mail and may not"
-        ));
-        d.reason = format!("{} (bounce turned into a defer)", d.reason);
+        set(h, contract::ROUTE, b"defer".to_vec());
+        let reply =
+            format!("451 4.7.0 held back: extension {name} would bounce this mail and may not");
+        set(
+            h,
+            contract::REPLY,
+            contract::encode_text(&reply).into_bytes(),
+        );
+        let reason = format!(
+            "extension {name} bounced mail the policy did not bounce; deferred (may_bounce = false)"
+        );
+        set(
+            h,
+            contract::REASON,
+            contract::encode_text(&reason).into_bytes(),
+        );
     }
-    d
+    let rule = get(h, contract::RULE);
+    let own = format!("extension:{name}");
+    if !(rule == own.as_bytes() || rule.starts_with(format!("{own}:").as_bytes())) {
+        // The prefix needs no escaping (a name is letters, digits, `-`, `_`, `.`), so it
+        // goes in front of the value as encoded.
+        let mut v = format!("{own}:").into_bytes();
+        v.extend_from_slice(&rule);
+        set(h, contract::RULE, v);
+    }
 }
 
 /// The root id of the standard module's HTTP face.
@@ -377,7 +420,8 @@ impl PolicyEngine {
         for ext in &self.extensions {
             match ext.step(query, &facts, &headers) {
                 Step::Unchanged | Step::Skipped => {}
-                Step::Changed(h) => {
+                Step::Changed(mut h) => {
+                    police(&mut h, &headers, &standard, ext);
                     headers = h;
                     by = Some(ext);
                 }
@@ -412,7 +456,7 @@ impl PolicyEngine {
         // Decoded once, at the end; a bad decision is the fault of the last module that
         // changed it.
         let decision = match contract::decode_decision(contract::lookup(&headers)) {
-            Ok(d) => attributed(d, &standard, ext),
+            Ok(d) => d,
             Err(e) => {
                 let why = format!("extension {} left no valid decision: {e}", ext.name());
                 ext.fault("bad-decision", &why);

@@ -415,11 +415,19 @@ impl Settled {
         self.out.push((r.index, outcome));
     }
 
-    /// Bounces a recipient whose every next-hop address is this relay (as Postfix: a
-    /// mail loop does not go away by waiting).
+    /// Bounces a recipient whose every next-hop address is this relay, when the domain's
+    /// MX hosts say so (as Postfix: a mail loop does not go away by waiting). A host or
+    /// alternate route that points back is a decision of a module (an extension may name
+    /// any host) or a configuration to fix: deferred, so that no module can bounce mail
+    /// by routing it to the relay (an audit's extension did, DSN and all).
     fn looped(&mut self, ctx: &Ctx, hop: Hop, r: &Rcpt) {
         let domain = r.query.recipient.rsplit_once('@').map_or("", |(_, d)| d);
-        let reason = format!("554 5.4.6 mail for {domain} loops back to myself");
+        let reason = match hop {
+            Hop::Direct => format!("554 5.4.6 mail for {domain} loops back to myself"),
+            Hop::Host | Hop::Alternate => {
+                format!("451 4.4.6 the {hop} next hop for {domain} is this relay")
+            }
+        };
         tracing::warn!(
             target: "altroute::decision",
             recipient = %r.query.recipient,
@@ -428,9 +436,13 @@ impl Settled {
             hop = %hop,
             result = "mail-loop",
             reason = %reason,
-            "every next hop is this relay: bounced"
+            "every next hop is this relay"
         );
-        let outcome = Outcome::Bounced { reason };
+        let outcome = if reason.starts_with('5') {
+            Outcome::Bounced { reason }
+        } else {
+            Outcome::Deferred { reason }
+        };
         journal_failure(ctx, r, "mail-loop", &outcome);
         self.out.push((r.index, outcome));
     }

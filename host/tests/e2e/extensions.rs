@@ -325,6 +325,8 @@ const TEMPLATE: &str = r#"(module
   (data (i32.const 350) "x-altroute-policy-version")
   (data (i32.const 380) "sha256:0000000000000000")
   (data (i32.const 410) "tls_compliance:partners")
+  (data (i32.const 440) "x-altroute-reason")
+  (data (i32.const 460) "checked by tagger")
   (data (i32.const 1024) "flood flood flood flood flood flood flood flood flood flood flood flood")
   (global $heap (mut i32) (i32.const 8192))
   (func (export "malloc") (param $n i32) (result i32) (local $p i32)
@@ -353,6 +355,8 @@ const BOUNCE: &str = "(drop (call $replace (i32.const 0) (i32.const 100) (i32.co
     (drop (call $replace (i32.const 0) (i32.const 310) (i32.const 16) (i32.const 330) (i32.const 17)))
     (drop (call $replace (i32.const 0) (i32.const 350) (i32.const 25) (i32.const 380) (i32.const 23)))
     (drop (call $replace (i32.const 0) (i32.const 250) (i32.const 15) (i32.const 410) (i32.const 23)))";
+/// Changes only the reason.
+const TAG: &str = "(drop (call $replace (i32.const 0) (i32.const 440) (i32.const 17) (i32.const 460) (i32.const 17)))";
 /// 2,000 log lines per question, at error level, then no change.
 const FLOOD: &str = "(local.set $i (i32.const 0))
     (block $done (loop $l
@@ -786,7 +790,9 @@ async fn the_c_extension_holds_listed_domains() {
 /// bounce stands (still under the extension's name).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extension_may_not_bounce_what_the_policy_defers_nor_forge_its_rule() {
-    for may_bounce in [false, true] {
+    // (may_bounce of `evil`, a second extension after it that may bounce and changes
+    // only the reason: the first one's bounce must not pass under its name)
+    for (may_bounce, tagger) in [(false, false), (true, false), (false, true)] {
         let mut lab = Lab::new().await;
         let mx = lab
             .mx(
@@ -799,7 +805,14 @@ async fn an_extension_may_not_bounce_what_the_policy_defers_nor_forge_its_rule()
         let mut evil = hostile("evil", &[("HEADERS", BOUNCE)], &["plain.strict.test"]);
         evil.deadline = Duration::from_secs(2);
         evil.may_bounce = may_bounce;
-        let relay = Relay::start(&lab, engine(&lab, false, &[evil])).await;
+        let mut chain = vec![evil];
+        if tagger {
+            let mut t = hostile("tagger", &[("HEADERS", TAG)], &[]);
+            t.deadline = Duration::from_secs(2);
+            t.may_bounce = true;
+            chain.push(t);
+        }
+        let relay = Relay::start(&lab, engine(&lab, false, &chain)).await;
         let id = relay
             .send("alice@corp.test", &["bob@plain.strict.test"], false)
             .await;
@@ -811,7 +824,12 @@ async fn an_extension_may_not_bounce_what_the_policy_defers_nor_forge_its_rule()
             .into_iter()
             .find(|r| r.recipient == "bob@plain.strict.test")
             .expect("a decision record");
-        assert_eq!(plan.rule, "extension:evil:tls_compliance:partners");
+        let rule = if tagger {
+            "extension:tagger:extension:evil:tls_compliance:partners"
+        } else {
+            "extension:evil:tls_compliance:partners"
+        };
+        assert_eq!(plan.rule, rule);
         assert_eq!(plan.policy_version, relay.engine.version(), "{plan:?}");
         assert_ne!(plan.policy_version, "sha256:0000000000000000");
         let violations = ExtensionMetrics::get(&relay.ext().floor_violations, "evil", None);
@@ -829,4 +847,74 @@ async fn an_extension_may_not_bounce_what_the_policy_defers_nor_forge_its_rule()
         }
         assert!(lab.sinks[mx].messages().is_empty());
     }
+}
+
+/// An extension (without `may_bounce`) that routes mail to the relay itself: a loop, but
+/// one a module made, so it is deferred, not bounced. It once bounced the mail as
+/// `554 5.4.6`, and the DSN to the sender, routed the same way, bounced too: the message
+/// was gone and nobody told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_cannot_bounce_mail_by_routing_it_to_the_relay() {
+    let mut lab = Lab::new().await;
+    let (own_ip, own) = lab
+        .sink("self.loop.test", Tls::None, SinkMode::Accept)
+        .await;
+    let port = lab.port;
+    let headers = [
+        ("x-altroute-route", "host".to_string()),
+        ("x-altroute-host", "loop.invalid".to_string()),
+        ("x-altroute-host-addresses", own_ip.to_string()),
+        ("x-altroute-host-port", port.to_string()),
+    ];
+    let mut data = String::new();
+    let mut calls = String::new();
+    let mut at = 100;
+    for (k, v) in &headers {
+        data.push_str(&format!("(data (i32.const {at}) \"{k}{v}\")\n"));
+        calls.push_str(&format!(
+            "(drop (call $replace (i32.const 0) (i32.const {at}) (i32.const {}) (i32.const {}) (i32.const {})))\n",
+            k.len(),
+            at + k.len(),
+            v.len()
+        ));
+        at += 100;
+    }
+    let wat = format!(
+        r#"(module
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  {data}
+  (global $heap (mut i32) (i32.const 8192))
+  (func (export "malloc") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "_initialize"))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {calls} (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32)))"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loop.wasm");
+    std::fs::write(&path, wat::parse_str(&wat).unwrap()).unwrap();
+    let mut ext = ExtensionConfig::new("looper", ModuleSource::File(path), "");
+    ext.deadline = Duration::from_secs(2);
+    let relay = Relay::start_with(&lab, engine(&lab, false, &[ext]), |s| {
+        s.listen = vec![std::net::SocketAddr::new(own_ip.into(), port)];
+    })
+    .await;
+    let id = relay
+        .send("alice@corp.test", &["bob@plain.open.test"], false)
+        .await;
+    let reason = deferred_reason(&relay.settled(&id).await);
+    assert!(
+        reason.starts_with("451 4.4.6 the host next hop for plain.open.test is this relay"),
+        "{reason}"
+    );
+    assert_eq!(relay.metrics.bounces.get(), 0);
+    assert!(lab.sinks[own].sessions().is_empty());
 }
