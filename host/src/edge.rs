@@ -315,11 +315,45 @@ fn exposition_name(name: &str, kind: MetricKind) -> String {
     format!("edge_{clean}")
 }
 
+/// The HELP line of a module's metric: its own spelling, printable ASCII only.
+/// prometheus-client writes HELP as it is, and an audit's metric name with line breaks
+/// added samples of its own (a forged `altroute_safety_floor_violations_total`).
+fn help_text(name: &str) -> String {
+    let shown: String = name
+        .chars()
+        .take(MAX_NAME)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect();
+    format!("Defined by the edge module as {shown}")
+}
+
+/// The relay's own `edge_*` families: a module's metric of the same exposition name is
+/// not shown (two families of one name make the whole scrape unparseable).
+const RESERVED: &[&str] = &[
+    "edge_connections",
+    "edge_filter_faults",
+    "edge_upstream_failures",
+];
+
+/// Most module metrics shown, and the longest name: a module defines what it likes.
+const MAX_SHOWN: usize = 1000;
+const MAX_NAME: usize = 200;
+
 impl Collector for ModuleMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut seen = std::collections::HashSet::new();
         for m in self.0.load().metrics() {
             let name = exposition_name(&m.name, m.kind);
-            let help = format!("Defined by the edge module as {}", m.name);
+            // Distinct module names can fold into one exposition name (`a.b`, `a_b`); a
+            // name is shown once, and never one of the relay's.
+            if name.len() > MAX_NAME
+                || seen.len() >= MAX_SHOWN
+                || RESERVED.contains(&name.as_str())
+                || !seen.insert(name.clone())
+            {
+                continue;
+            }
+            let help = help_text(&m.name);
             match m.kind {
                 MetricKind::Counter => {
                     let c = ConstCounter::new(u64::try_from(m.value).unwrap_or(0));
@@ -443,7 +477,11 @@ impl Edge {
     }
 
     fn swap(&self, configuration: Vec<u8>, version: &str) {
-        match self.host.load(self.spec(configuration).version(version)) {
+        let loaded = self
+            .host
+            .load(self.spec(configuration).version(version))
+            .and_then(|p| p.prove_instances().map(|()| p));
+        match loaded {
             Ok(plugin) => {
                 self.plugin.store(plugin);
                 tracing::info!(%version, "edge filter: now on the new policy");
@@ -781,5 +819,18 @@ mod tests {
             exposition_name("wasm.x-y", MetricKind::Gauge),
             "edge_wasm_x_y"
         );
+    }
+
+    #[test]
+    fn a_module_metric_name_cannot_write_lines_of_its_own() {
+        let help = help_text("pwn\n# TYPE altroute_safety_floor_violations counter\nx 0");
+        assert!(!help.contains('\n'), "{help}");
+        assert_eq!(
+            help,
+            "Defined by the edge module as pwn?#?TYPE?altroute_safety_floor_violations?counter?x?0"
+        );
+        // A module's `connections` would be the relay's own family: not shown.
+        let name = exposition_name("connections", MetricKind::Counter);
+        assert!(RESERVED.contains(&name.as_str()), "{name}");
     }
 }

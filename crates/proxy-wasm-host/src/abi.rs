@@ -51,6 +51,27 @@ const MAX_SPARE_ENTRY: usize = 4096;
 /// What a buffer (request body, stream data) keeps of its allocation between contexts.
 const KEEP_BUFFER: usize = 64 << 10;
 
+/// Most bytes of guest log lines per context (a request, a stream, or the load).
+const MAX_LOG_PER_CONTEXT: usize = 256 << 10;
+
+/// A guest's log line with its control characters escaped (`\n` as `\u{a}`): a line
+/// break in a message made a line of its own in the relay's log, and an audit's module
+/// forged an `altroute::decision` line so.
+fn printable(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Header map type numbers of the ABI.
 const MAP_RESPONSE_TRAILERS: u32 = 3;
 /// The highest log level of the ABI (critical).
@@ -181,6 +202,8 @@ pub(crate) struct State {
     /// ...and the tick at which the running call is over its deadline (set with the
     /// store's own epoch deadline).
     pub deadline_epoch: u64,
+    /// Bytes of log lines in the current context ([`MAX_LOG_PER_CONTEXT`]).
+    pub log_bytes: usize,
     pub memory: Option<Memory>,
     /// The guest allocator. Host functions take it out for the call (they cannot borrow
     /// it from the store while calling it) and put it back.
@@ -230,6 +253,7 @@ impl State {
             plugin,
             epoch,
             deadline_epoch: u64::MAX,
+            log_bytes: 0,
             memory: None,
             alloc: None,
             limiter: Limiter {
@@ -331,6 +355,7 @@ impl State {
             buf.shrink_to(KEEP_BUFFER);
         }
         self.local_response = None;
+        self.log_bytes = 0;
         self.filter_state.clear();
         self.filter_state_bytes = 0;
         self.route_cache_cleared = false;
@@ -731,8 +756,24 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Ok(BAD_ARGUMENT);
             }
             let len = len.min(MAX_LOG_BYTES as u32);
+            // A budget per context: past it lines are dropped (one warning says so). An
+            // audit's extension wrote 3.7 MB of log per question, each call within its
+            // deadline.
+            let st = c.data_mut();
+            if st.log_bytes >= MAX_LOG_PER_CONTEXT {
+                return Ok(OK);
+            }
+            st.log_bytes += len as usize;
+            if st.log_bytes >= MAX_LOG_PER_CONTEXT {
+                tracing::warn!(
+                    target: "proxy_wasm_guest",
+                    plugin = st.plugin.name.as_str(),
+                    "over {MAX_LOG_PER_CONTEXT} bytes of log in one context: further lines dropped"
+                );
+            }
             let msg = read(&mut c, ptr, len, "log message")?;
             let msg = String::from_utf8_lossy(&msg);
+            let msg = printable(&msg);
             let plugin = c.data().plugin.name.as_str();
             match level {
                 0 => tracing::trace!(target: "proxy_wasm_guest", plugin, "{msg}"),
@@ -1583,6 +1624,15 @@ mod tests {
         }
         // Small entries are still reused.
         assert!(!st.spare.is_empty());
+    }
+
+    #[test]
+    fn guest_log_lines_stay_one_line() {
+        assert_eq!(printable("plain text"), "plain text");
+        assert_eq!(
+            printable("a\n2026-12-07T07:00:00Z  INFO altroute::decision: x\r\u{1b}[2J"),
+            "a\\u{a}2026-12-07T07:00:00Z  INFO altroute::decision: x\\u{d}\\u{1b}[2J"
+        );
     }
 
     #[test]

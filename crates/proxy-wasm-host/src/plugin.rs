@@ -731,6 +731,38 @@ impl Plugin {
         Ok(plugin)
     }
 
+    /// Makes the plugin's warm instances (`warm_instances`, at least 2) now, on this
+    /// thread, and fails if one does not configure. A plugin is ready after its first
+    /// instance ([`Host::load`](crate::Host::load)); a candidate about to replace a
+    /// serving plugin ([`crate::PolicySlot::try_swap`]) must also show that it
+    /// configures again: a module whose `on_configure` succeeded once only (it kept a
+    /// mark in shared data) passed the gate, and every instance rebuilt after a fault then
+    /// failed, deferring all mail.
+    pub fn prove_instances(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        let want = inner
+            .host
+            .config
+            .warm_instances
+            .clamp(2, inner.host.config.max_instances.max(2));
+        loop {
+            {
+                let mut pool = inner.lock();
+                if pool.live >= want {
+                    return Ok(());
+                }
+                pool.live += 1;
+            }
+            match inner.build() {
+                Ok(inst) => inner.put(inst),
+                Err(e) => {
+                    inner.lock().live -= 1;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     /// The version label from the [`PluginSpec`].
     pub fn version(&self) -> &str {
         &self.version

@@ -32,7 +32,8 @@ impl PolicySlot {
     }
 
     /// Loads `spec` off the hot path (compile, instantiate, configure: `on_configure` must
-    /// return true), runs `self_test` on the candidate, then swaps it in. Returns the
+    /// return true, for each warm instance: [`Plugin::prove_instances`]), runs
+    /// `self_test` on the candidate, then swaps it in. Returns the
     /// previous plugin. On failure the active plugin keeps serving and every reason is
     /// returned.
     pub fn try_swap(
@@ -45,6 +46,9 @@ impl PolicySlot {
         let candidate = host
             .load(spec)
             .map_err(|e| vec![format!("candidate {version}: {e}")])?;
+        candidate
+            .prove_instances()
+            .map_err(|e| vec![format!("candidate {version}: another instance: {e}")])?;
         self_test(&candidate).map_err(|reasons| {
             if reasons.is_empty() {
                 vec![format!(

@@ -1049,3 +1049,35 @@ fn nothing_to_read_from_a_buffer_is_ok_with_a_null_pointer() {
         Some(&b""[..])
     );
 }
+
+/// A candidate whose `on_configure` succeeds once only (it leaves a mark in shared data
+/// and refuses when it finds one) is refused by the swap gate, which configures every
+/// warm instance: it once passed on its first instance, and every instance rebuilt after
+/// a fault failed to configure, so all mail was deferred with nothing reported.
+#[test]
+fn a_candidate_that_configures_only_once_is_refused() {
+    let host = host();
+    let slot = proxy_wasm_host::PolicySlot::new(testguest(&host, "v1"));
+    let once = [
+        (
+            "EXTRA_IMPORT",
+            r#"(import "env" "proxy_get_shared_data" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+               (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+               (data (i32.const 2000) "once")"#,
+        ),
+        (
+            "CONFIGURE",
+            "(if (i32.eqz (call $get (i32.const 2000) (i32.const 4) (i32.const 2100) (i32.const 2104) (i32.const 2108)))
+               (then (return (i32.const 0))))
+             (drop (call $set (i32.const 2000) (i32.const 4) (i32.const 2000) (i32.const 4) (i32.const 0)))",
+        ),
+    ];
+    let spec = PluginSpec::new(module(&once), "once").version("once");
+    let reasons = slot.try_swap(&host, spec, |_| Ok(())).unwrap_err();
+    assert!(
+        reasons.iter().any(|r| r.contains("another instance")),
+        "{reasons:?}"
+    );
+    assert_eq!(slot.version(), "v1");
+    assert_serves(&slot.current());
+}
