@@ -163,11 +163,26 @@ pub fn canonical(address: &str) -> Cow<'_, str> {
             Cow::Owned(out)
         }
     };
-    match (unquoted, domain) {
+    let local = fold_local(unquoted);
+    match (local, domain) {
         // The common case: nothing to change but perhaps the trailing dot.
         (Cow::Borrowed(_), Cow::Borrowed(d)) => Cow::Borrowed(&address[..at + 1 + d.len()]),
         (local, domain) => Cow::Owned(format!("{local}@{domain}")),
     }
+}
+
+/// A local part in Unicode, case-folded (full folding, as ICU's default that Postfix
+/// uses for SMTPUTF8 addresses): `JÖRG` is `jörg`, and `ſales` (U+017F) and `Kim`
+/// (U+212A, the Kelvin sign) are `sales` and `kim`. An ASCII local part is left as it is
+/// (patterns compare ASCII letters without case). Otherwise a rule for `sales@x.example`
+/// was escaped by `ſales@x.example`, which Postfix delivered to sales. Folding is done
+/// with ICU4X's `icu_casemap` (compiled data), not by hand.
+fn fold_local(local: Cow<'_, str>) -> Cow<'_, str> {
+    if local.is_ascii() {
+        return local;
+    }
+    let folded = icu_casemap::CaseMapper::new().fold_string(&local);
+    Cow::Owned(folded.into_owned())
 }
 
 /// `address` without a leading source route (`@a.example,@b.example:`), if it has one.

@@ -266,3 +266,40 @@ require_tls = false
         assert_eq!(d.tls.required, required, "{from} -> {to}: {d:?}");
     }
 }
+
+/// A local part in Unicode is matched case-folded, as Postfix (SMTPUTF8) folds it when it
+/// delivers: `JÖRG@…` is jörg's mailbox, and `ſales` (U+017F) and `Kim` (U+212A) fold to
+/// the ASCII `sales` and `kim`. These spellings escaped address rules, and Postfix
+/// delivered them to the ruled mailboxes in clear text.
+#[test]
+fn a_unicode_local_part_is_matched_case_folded() {
+    let policy = compile(
+        r#"
+[[tls_compliance]]
+name = "people"
+addresses = ["jörg@pf.example", "sales@pf.example", "kim@pf.example", "strasse@pf.example", "ÉCOLE@pf.example"]
+"#,
+    )
+    .unwrap()
+    .policy;
+    for rcpt in [
+        "jörg@pf.example",
+        "JÖRG@pf.example",
+        "Jörg@PF.example",
+        "\"JÖRG\"@pf.example",
+        "\u{17f}ales@pf.example",
+        "\u{212a}im@pf.example",
+        "STRASSE@pf.example",
+        "stra\u{df}e@pf.example",
+        "école@pf.example",
+        "SALES@pf.example",
+    ] {
+        let d = decide(&policy, &Query::plan("alice@corp.example", rcpt));
+        assert!(d.tls.required, "{rcpt}: {d:?}");
+        assert_eq!(d.rule, "tls_compliance:people", "{rcpt}");
+    }
+    for other in ["jorg@pf.example", "sale@pf.example", "k@pf.example"] {
+        let d = decide(&policy, &Query::plan("alice@corp.example", other));
+        assert_eq!(d.rule, "default", "{other}");
+    }
+}
