@@ -127,7 +127,12 @@ pub fn canonical_domain(domain: &str) -> Cow<'_, str> {
         return Cow::Borrowed(domain);
     }
     match idna::domain_to_ascii(domain) {
-        Ok(ascii) => Cow::Owned(ascii),
+        // UTS 46 maps a final `。`, `．` or `｡` to `.`: the root dot, trimmed after the
+        // mapping too (`tls.example。` once matched no rule of `tls.example`).
+        Ok(ascii) => match trim_root(&ascii) {
+            trimmed if trimmed.len() < ascii.len() => Cow::Owned(trimmed.to_string()),
+            _ => Cow::Owned(ascii),
+        },
         Err(_) => Cow::Borrowed(domain),
     }
 }

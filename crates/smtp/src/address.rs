@@ -116,6 +116,8 @@ mod tests {
         assert_eq!(xtext("a+b=c"), "a+2Bb+3Dc");
         assert_eq!(xtext("x SIZE=1"), "x+20SIZE+3D1");
         assert_eq!(xtext("é"), "+C3+A9");
+        // Any byte can go: an ENVID of `ab+0D+0AX` decodes to a CR LF, and goes back so.
+        assert_eq!(xtext("ab\r\nX"), "ab+0D+0AX");
     }
 
     #[test]

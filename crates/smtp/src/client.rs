@@ -349,15 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
             .iter()
             .map(|r| wire(r))
             .collect::<Result<Vec<_>, Error>>()?;
-        if envelope
-            .env_id
-            .as_deref()
-            .is_some_and(|id| id.bytes().any(crate::address::is_control))
-        {
-            return Err(Error::Protocol(
-                "a control character in the envelope".into(),
-            ));
-        }
+        // An ENVID may hold any byte: it goes as xtext (`crate::address::xtext`).
         if envelope.requiretls && !(self.tls && self.caps.requiretls) {
             return Err(Error::MissingExtension("REQUIRETLS"));
         }

@@ -158,6 +158,10 @@ host = "gw"
         ("bob@BÜCHER.Example.", "tls_compliance:books"),
         ("bob@xn--bcher-kva.example", "tls_compliance:books"),
         ("bob@mail.bänk.example", "tls_compliance:books"),
+        // A final full-width or ideographic full stop is the root dot (UTS 46).
+        ("bob@xn--bcher-kva.example\u{3002}", "tls_compliance:books"),
+        ("bob@b\u{fc}cher.example\u{ff0e}", "tls_compliance:books"),
+        ("bob@xn--bcher-kva.example\u{ff61}", "tls_compliance:books"),
         ("jörg@lieferant-ä.example", "tls_compliance:one"),
         ("\"jörg\"@LIEFERANT-Ä.example", "tls_compliance:one"),
     ] {
