@@ -70,6 +70,11 @@ const MAX_COMMAND_LINE: usize = 1000;
 /// leaves room for ten times the 100 recipients RFC 5321 §4.5.3.1.8 asks servers to take.
 const MAX_PENDING: usize = 1000;
 
+/// Most senders a `RCPT` is checked against while `MAIL`, `RSET` or `EHLO` commands
+/// wait for their replies ([`Session::senders`]); more, and the `RCPT` is refused. A
+/// pipelining client sends one `MAIL` per group.
+const MAX_SENDERS: usize = 4;
+
 /// The reply to a command line longer than [`MAX_COMMAND_LINE`] (as the relay's own
 /// server says it).
 const LINE_TOO_LONG: &str = "500 5.5.6 Line too long\r\n";
@@ -93,7 +98,19 @@ const MAX_ECHOED_ADDRESS: usize = 256;
 enum Pending {
     /// The server's greeting (no command).
     Greeting,
+    /// `EHLO`/`HELO`: a positive reply ends any transaction.
     Ehlo,
+    /// A `MAIL` the follower checked: its sender is the transaction's only once the server
+    /// accepted it (a server refuses a nested `MAIL` and keeps the first sender).
+    Mail {
+        sender: String,
+        requiretls: bool,
+    },
+    /// `RSET`: a positive reply ends any transaction.
+    Reset,
+    /// The end of a message (the `.` after `DATA`, or `BDAT … LAST`): whatever the reply,
+    /// the transaction is over.
+    EndOfData,
     StartTls,
     Data,
     /// A `RCPT` replaced by `NOOP`: its reply is replaced by this line.
@@ -170,6 +187,8 @@ pub(crate) struct Session {
     /// it is the reply's last line.
     server_skipping: Option<bool>,
     pending: VecDeque<Pending>,
+    /// The transaction the server holds: a `MAIL` it accepted, until its end.
+    in_transaction: bool,
     sender: String,
     requiretls: bool,
     /// The upstream offered STARTTLS in its EHLO reply.
@@ -194,6 +213,7 @@ impl Session {
             server_line: Vec::new(),
             server_skipping: None,
             pending: VecDeque::from([Pending::Greeting]),
+            in_transaction: false,
             sender: String::new(),
             requiretls: false,
             starttls_offered: false,
@@ -287,7 +307,7 @@ impl Session {
                     match ended {
                         None => {
                             // The reply to the end of data is the DATA command's second reply.
-                            self.pending.push_back(Pending::Other);
+                            self.pending.push_back(Pending::EndOfData);
                             self.client = Client::Command;
                         }
                         Some(at) => self.client = Client::Body { at },
@@ -390,11 +410,14 @@ impl Session {
                 Some(arg) if is(b"MAIL") => {
                     let (addr, params) = address(arg);
                     if addr.is_empty() || is_mailbox(&addr) {
-                        self.sender = addr;
-                        self.requiretls = params
-                            .split(|b| is_space(*b))
-                            .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS"));
-                        Pending::Other
+                        // The transaction's sender once the server says so (see
+                        // `reply_done`); until then RCPTs are checked against both.
+                        Pending::Mail {
+                            sender: addr,
+                            requiretls: params
+                                .split(|b| is_space(*b))
+                                .any(|p| p.eq_ignore_ascii_case(b"REQUIRETLS")),
+                        }
                     } else {
                         // Which mailbox a server makes of it (comments, routing through
                         // `%` or `!`) the policy cannot know, and the sender picks rules.
@@ -424,13 +447,11 @@ impl Session {
                 }
             }
         } else if is(b"EHLO") || is(b"HELO") {
-            self.reset_transaction();
             // Known again from this EHLO's reply.
             self.chunking_offered = false;
             Pending::Ehlo
         } else if is(b"RSET") {
-            self.reset_transaction();
-            Pending::Other
+            Pending::Reset
         } else if is(b"DATA") {
             // The message follows a 354; any other reply, and the follower reads commands.
             self.client = Client::AwaitData;
@@ -446,7 +467,14 @@ impl Session {
                     if size > 0 {
                         self.client = Client::Chunk { remaining: size };
                     }
-                    Pending::Other
+                    let last = line[verb_end..]
+                        .split(|b| is_space(*b))
+                        .any(|w| w.eq_ignore_ascii_case(b"LAST"));
+                    if last {
+                        Pending::EndOfData
+                    } else {
+                        Pending::Other
+                    }
                 }
                 (offered, _) => {
                     out.push(b"NOOP\r\n");
@@ -483,23 +511,79 @@ impl Session {
     fn reset_transaction(&mut self) {
         self.sender.clear();
         self.requiretls = false;
+        self.in_transaction = false;
     }
 
-    /// The reply that refuses `recipient`, when the policy requires TLS for it.
+    /// The senders a `RCPT` sent now may be read under: the transaction's, and those of
+    /// the `MAIL`, `RSET`, `EHLO` and end of data still waiting for their replies, each of
+    /// which the server may accept or refuse. `None` in the list is no transaction (the
+    /// server refuses the `RCPT`); more than [`MAX_SENDERS`] is `None` altogether.
+    fn senders(&self) -> Option<Vec<Option<(&str, bool)>>> {
+        let mut states: Vec<Option<(&str, bool)>> = vec![
+            self.in_transaction
+                .then_some((self.sender.as_str(), self.requiretls)),
+        ];
+        for p in &self.pending {
+            match p {
+                Pending::Mail { sender, requiretls } => {
+                    states.push(Some((sender.as_str(), *requiretls)));
+                }
+                Pending::Reset | Pending::Ehlo => states.push(None),
+                Pending::EndOfData => {
+                    states.clear();
+                    states.push(None);
+                }
+                _ => continue,
+            }
+            states.dedup();
+            states.sort();
+            states.dedup();
+            if states.len() > MAX_SENDERS {
+                return None;
+            }
+        }
+        Some(states)
+    }
+
+    /// The reply that refuses `recipient`, when the policy requires TLS for it under any
+    /// sender the server may hold when it reads the `RCPT` ([`Session::senders`]). A
+    /// refused `MAIL` (a nested one, say) once changed the sender the follower checked
+    /// against while the server kept the first, whose rules then went unchecked.
     fn refusal(&mut self, recipient: &str) -> Option<String> {
         if !recipient.contains('@') {
             // Not an address the policy can judge (postmaster, garbage): the server judges.
             return None;
         }
-        let mut query = Query::plan(&self.sender, recipient);
-        query.requiretls = self.requiretls;
-        let decision = decide(&self.policy, &query);
         self.events.checked += 1;
-        if !decision.tls.required {
-            return None;
-        }
-        self.events.refuse(reason_kind(&decision.rule));
         let shown: String = recipient.chars().take(MAX_ECHOED_ADDRESS).collect();
+        let Some(states) = self.senders() else {
+            self.events.refuse("other");
+            return Some(format!(
+                "450 4.7.10 TLS required for <{shown}>: too many unanswered MAIL, RSET or EHLO commands\r\n"
+            ));
+        };
+        let mut asked = false;
+        let mut refused = None;
+        for (sender, requiretls) in states.iter().flatten().copied() {
+            asked = true;
+            let mut query = Query::plan(sender, recipient);
+            query.requiretls = requiretls;
+            let decision = decide(&self.policy, &query);
+            if decision.tls.required {
+                refused = Some(decision.rule);
+                break;
+            }
+        }
+        if !asked {
+            // No transaction whatever the replies: the server refuses the RCPT; asked as
+            // before, with the null sender.
+            let decision = decide(&self.policy, &Query::plan("", recipient));
+            if decision.tls.required {
+                refused = Some(decision.rule);
+            }
+        }
+        let rule = refused?;
+        self.events.refuse(reason_kind(&rule));
         Some(format!("450 4.7.10 TLS required for <{shown}>\r\n"))
     }
 
@@ -632,7 +716,19 @@ impl Session {
                     };
                 }
             }
-            Pending::Ehlo => {}
+            Pending::Mail { sender, requiretls } => {
+                if line.first() == Some(&b'2') {
+                    self.sender = sender;
+                    self.requiretls = requiretls;
+                    self.in_transaction = true;
+                }
+            }
+            Pending::Ehlo | Pending::Reset => {
+                if line.first() == Some(&b'2') {
+                    self.reset_transaction();
+                }
+            }
+            Pending::EndOfData => self.reset_transaction(),
             Pending::Greeting | Pending::Other => {}
         }
     }
@@ -1400,8 +1496,134 @@ mod tests {
             s.client_bytes(b"MAIL\tFROM:<a@corp.example>\tREQUIRETLS\r\n", false),
             None
         );
+        assert_eq!(s.server_bytes(b"250 ok\r\n", false), None);
         assert!(s.requiretls);
         assert_eq!(s.sender, "a@corp.example");
+    }
+
+    /// A policy whose rules depend on the sender.
+    fn sender_rules() -> Session {
+        let compiled = policy::compile(
+            r#"
+            [[org_units]]
+            path = "/finance"
+            senders = ["cfo@corp.example"]
+
+            [[tls_compliance]]
+            name = "supplier-inbound"
+            direction = "inbound"
+            domains = ["supplier.example"]
+
+            [[tls_compliance]]
+            name = "finance-strict"
+            org_unit = "/finance"
+            domains = ["audit.example"]
+            "#,
+        )
+        .unwrap();
+        let mut s = Session::new(Rc::new(compiled.policy));
+        assert_eq!(s.server_bytes(b"220 hi\r\n", false), None);
+        assert_eq!(s.client_bytes(b"EHLO c\r\n", false), None);
+        assert_eq!(s.server_bytes(b"250 PIPELINING\r\n", false), None);
+        s
+    }
+
+    /// The sender is the transaction's once the server accepted its MAIL, and a refused
+    /// MAIL, EHLO or RSET leaves the transaction as it was. The follower once took the
+    /// sender at command time: after `MAIL FROM:<orders@supplier.example>` (250), a nested
+    /// `MAIL FROM:<a@corp.example>` (503: Postfix keeps the first) made it check the next
+    /// RCPT against a@corp.example, and Postfix delivered in clear text mail from
+    /// supplier.example, which the policy requires TLS for. So did an `EHLO` without a
+    /// name (501) and an `RSET x` (501) after a finance sender's MAIL.
+    #[test]
+    fn a_refused_mail_ehlo_or_rset_does_not_change_the_sender() {
+        let refused = |rcpt: &str| format!("450 4.7.10 TLS required for <{rcpt}>\r\n");
+        for (first, second, reply, rcpt) in [
+            (
+                "MAIL FROM:<orders@supplier.example>",
+                "MAIL FROM:<a@corp.example>",
+                "503 5.5.1 Error: nested MAIL command",
+                "x@random.example",
+            ),
+            (
+                "MAIL FROM:<cfo@corp.example>",
+                "EHLO",
+                "501 Syntax: EHLO hostname",
+                "x@audit.example",
+            ),
+            (
+                "MAIL FROM:<cfo@corp.example>",
+                "RSET x",
+                "501 5.5.4 Syntax: RSET",
+                "x@audit.example",
+            ),
+        ] {
+            // One by one, each reply read before the next command.
+            let mut s = sender_rules();
+            let line = |c: &str| format!("{c}\r\n").into_bytes();
+            assert_eq!(s.client_bytes(&line(first), false), None);
+            assert_eq!(s.server_bytes(b"250 2.1.0 Ok\r\n", false), None);
+            assert_eq!(s.client_bytes(&line(second), false), None);
+            assert_eq!(s.server_bytes(&line(reply), false), None);
+            assert_eq!(
+                replaced(&mut s, format!("RCPT TO:<{rcpt}>").as_bytes()),
+                refused(rcpt),
+                "{second}"
+            );
+            // Pipelined: the RCPT is checked against both senders while the replies wait.
+            let mut s = sender_rules();
+            let group = [
+                line(first),
+                line(second),
+                line(&format!("RCPT TO:<{rcpt}>")),
+            ]
+            .concat();
+            let up = s.client_bytes(&group, false).unwrap();
+            assert!(
+                up.ends_with(b"NOOP\r\n"),
+                "{}",
+                String::from_utf8_lossy(&up)
+            );
+        }
+        // Accepted, the second MAIL or RSET does change the transaction.
+        let mut s = sender_rules();
+        assert_eq!(
+            s.client_bytes(b"MAIL FROM:<orders@supplier.example>\r\n", false),
+            None
+        );
+        assert_eq!(s.server_bytes(b"250 ok\r\n", false), None);
+        assert_eq!(s.client_bytes(b"RSET\r\n", false), None);
+        assert_eq!(s.server_bytes(b"250 ok\r\n", false), None);
+        assert_eq!(
+            s.client_bytes(b"MAIL FROM:<a@corp.example>\r\n", false),
+            None
+        );
+        assert_eq!(s.server_bytes(b"250 ok\r\n", false), None);
+        assert_eq!(
+            s.client_bytes(b"RCPT TO:<x@random.example>\r\n", false),
+            None
+        );
+        // A whole pipelined transaction from one sender is checked as before.
+        let mut s = sender_rules();
+        let group = b"MAIL FROM:<a@corp.example>\r\nRCPT TO:<x@random.example>\r\nRCPT TO:<y@audit.example>\r\nDATA\r\n";
+        assert_eq!(s.client_bytes(group, false), None);
+        // After the end of a message its sender is gone, whatever the reply.
+        assert_eq!(
+            s.server_bytes(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n", false),
+            None
+        );
+        assert_eq!(s.client_bytes(b"hi\r\n.\r\n", false), None);
+        assert_eq!(s.server_bytes(b"451 try later\r\n", false), None);
+        assert!(!s.in_transaction);
+        // Too many senders waiting: refused.
+        let mut s = sender_rules();
+        let mut group = Vec::new();
+        for i in 0..=MAX_SENDERS {
+            group.extend(format!("MAIL FROM:<s{i}@corp.example>\r\n").into_bytes());
+        }
+        group.extend(b"RCPT TO:<x@random.example>\r\n");
+        let up = s.client_bytes(&group, false).unwrap();
+        assert!(up.ends_with(b"NOOP\r\n"));
     }
 
     /// Sends the command line `command` (CRLF added), which must go upstream as a `NOOP`
