@@ -636,9 +636,12 @@ fn the_edge_sees_the_client_of_the_proxy_header() {
     relay.stop_and_spooled();
 }
 
-/// A proxy-wasm module that configures fine and traps (`unreachable`) on every new
-/// connection and every read: a module with a bug.
-const TRAPPING_MODULE: &str = r#"(module
+/// A proxy-wasm stream module whose `proxy_on_new_connection`, `proxy_on_downstream_data`
+/// and `proxy_on_upstream_data` bodies are given (each leaves an i32: 0 continue, 1
+/// pause, or traps); everything else is a well-behaved minimum.
+fn stream_module((new_connection, downstream, upstream): (&str, &str, &str)) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
   (memory (export "memory") 2)
   (global $top (mut i32) (i32.const 4096))
   (func (export "malloc") (param $n i32) (result i32)
@@ -650,11 +653,18 @@ const TRAPPING_MODULE: &str = r#"(module
   (func (export "proxy_on_context_create") (param i32 i32))
   (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_new_connection") (param i32) (result i32) unreachable)
-  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) unreachable)
-  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) unreachable)
+  (func (export "proxy_on_new_connection") (param i32) (result i32) {new_connection})
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) {downstream})
+  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) {upstream})
   (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_delete") (param i32)))"#;
+  (func (export "proxy_on_delete") (param i32)))"#
+    ))
+    .unwrap()
+}
+
+/// A proxy-wasm module that configures fine and traps (`unreachable`) on every new
+/// connection and every read: a module with a bug.
+const TRAPPING_MODULE: (&str, &str, &str) = ("unreachable", "unreachable", "unreachable");
 
 #[test]
 fn a_trapping_module_fails_closed() {
@@ -663,7 +673,7 @@ fn a_trapping_module_fails_closed() {
         |_| String::new(),
         |_, dir| {
             let path: PathBuf = dir.join("trap.wasm");
-            std::fs::write(&path, wat::parse_str(TRAPPING_MODULE).unwrap()).unwrap();
+            std::fs::write(&path, stream_module(TRAPPING_MODULE)).unwrap();
             format!(
                 "[edge]\nmodule = {:?}\nconfiguration = \"{{}}\"\n",
                 path.display().to_string()
@@ -697,23 +707,8 @@ fn a_trapping_module_fails_closed() {
 }
 
 /// Lets connections and server bytes through, traps on the first client bytes.
-const TRAPPING_ON_DATA_MODULE: &str = r#"(module
-  (memory (export "memory") 2)
-  (global $top (mut i32) (i32.const 4096))
-  (func (export "malloc") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $top))
-    (global.set $top (i32.add (global.get $top) (i32.add (local.get $n) (i32.const 8))))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 0))
-  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) unreachable)
-  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
-  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_delete") (param i32)))"#;
+const TRAPPING_ON_DATA_MODULE: (&str, &str, &str) =
+    ("(i32.const 0)", "unreachable", "(i32.const 0)");
 
 #[test]
 fn a_module_trapping_on_client_data_closes_the_session() {
@@ -722,7 +717,7 @@ fn a_module_trapping_on_client_data_closes_the_session() {
         |_| String::new(),
         |_, dir| {
             let path: PathBuf = dir.join("trap-data.wasm");
-            std::fs::write(&path, wat::parse_str(TRAPPING_ON_DATA_MODULE).unwrap()).unwrap();
+            std::fs::write(&path, stream_module(TRAPPING_ON_DATA_MODULE)).unwrap();
             format!(
                 "[edge]\nmodule = {:?}\nconfiguration = \"{{}}\"\n",
                 path.display().to_string()
@@ -752,23 +747,7 @@ fn a_module_trapping_on_client_data_closes_the_session() {
 }
 
 /// Pauses on every client read: asks the host to hold the bytes back for ever.
-const PAUSING_MODULE: &str = r#"(module
-  (memory (export "memory") 2)
-  (global $top (mut i32) (i32.const 4096))
-  (func (export "malloc") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $top))
-    (global.set $top (i32.add (global.get $top) (i32.add (local.get $n) (i32.const 8))))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 0))
-  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
-  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_delete") (param i32)))"#;
+const PAUSING_MODULE: (&str, &str, &str) = ("(i32.const 0)", "(i32.const 1)", "(i32.const 0)");
 
 /// A module that holds the client's bytes back for ever (Pause on every read) does not
 /// make the relay buffer without end: past 1 MiB the session ends as a filter failure.
@@ -779,7 +758,7 @@ fn a_module_that_never_lets_bytes_go_is_cut_off() {
         |_| String::new(),
         |_, dir| {
             let path: PathBuf = dir.join("pause.wasm");
-            std::fs::write(&path, wat::parse_str(PAUSING_MODULE).unwrap()).unwrap();
+            std::fs::write(&path, stream_module(PAUSING_MODULE)).unwrap();
             format!(
                 "[edge]\nmodule = {:?}\nconfiguration = \"{{}}\"\n",
                 path.display().to_string()
