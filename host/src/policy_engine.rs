@@ -72,12 +72,11 @@ fn police(
     ext: &Extension,
 ) {
     let name = ext.name();
-    let get = |hs: &extensions::DecisionHeaders, k: &str| {
+    fn get<'h>(hs: &'h extensions::DecisionHeaders, k: &str) -> &'h [u8] {
         hs.iter()
             .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+            .map_or(&[][..], |(_, v)| v.as_slice())
+    }
     fn set(h: &mut extensions::DecisionHeaders, k: &str, v: Vec<u8>) {
         match h.iter_mut().find(|(n, _)| n == k) {
             Some(e) => e.1 = v,
@@ -117,7 +116,7 @@ fn police(
             contract::encode_text(&reason).into_bytes(),
         );
     }
-    let rule = get(h, contract::RULE);
+    let rule = get(h, contract::RULE).to_vec();
     let own = format!("extension:{name}");
     if !(rule == own.as_bytes() || rule.starts_with(format!("{own}:").as_bytes())) {
         // The prefix needs no escaping (a name is letters, digits, `-`, `_`, `.`), so it

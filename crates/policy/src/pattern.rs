@@ -186,8 +186,12 @@ fn fold_local(local: Cow<'_, str>) -> Cow<'_, str> {
     if local.is_ascii() {
         return local;
     }
-    let folded = icu_casemap::CaseMapper::new().fold_string(&local);
-    Cow::Owned(folded.into_owned())
+    // Already folded (`jörg`): kept as it is, without a copy.
+    match icu_casemap::CaseMapper::new().fold_string(&local) {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(folded) => Some(folded),
+    }
+    .map_or(local, Cow::Owned)
 }
 
 /// `address` without a leading source route (`@a.example,@b.example:`), if it has one.

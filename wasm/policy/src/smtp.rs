@@ -535,7 +535,6 @@ impl Session {
                 }
                 _ => continue,
             }
-            states.dedup();
             states.sort();
             states.dedup();
             if states.len() > MAX_SENDERS {
@@ -562,27 +561,18 @@ impl Session {
                 "450 4.7.10 TLS required for <{shown}>: too many unanswered MAIL, RSET or EHLO commands\r\n"
             ));
         };
-        let mut asked = false;
-        let mut refused = None;
-        for (sender, requiretls) in states.iter().flatten().copied() {
-            asked = true;
+        let mut senders: Vec<(&str, bool)> = states.into_iter().flatten().collect();
+        if senders.is_empty() {
+            // No transaction whatever the replies: the server refuses the RCPT; asked as
+            // before, with the null sender.
+            senders.push(("", false));
+        }
+        let rule = senders.into_iter().find_map(|(sender, requiretls)| {
             let mut query = Query::plan(sender, recipient);
             query.requiretls = requiretls;
             let decision = decide(&self.policy, &query);
-            if decision.tls.required {
-                refused = Some(decision.rule);
-                break;
-            }
-        }
-        if !asked {
-            // No transaction whatever the replies: the server refuses the RCPT; asked as
-            // before, with the null sender.
-            let decision = decide(&self.policy, &Query::plan("", recipient));
-            if decision.tls.required {
-                refused = Some(decision.rule);
-            }
-        }
-        let rule = refused?;
+            decision.tls.required.then_some(decision.rule)
+        })?;
         self.events.refuse(reason_kind(&rule));
         Some(format!("450 4.7.10 TLS required for <{shown}>\r\n"))
     }
