@@ -599,6 +599,9 @@ pub fn summarize(old: &Policy, new: &Policy) -> Value {
     if old.tls_required_no != new.tls_required_no {
         settings.push("tls_required_no");
     }
+    if old.recipient_delimiter != new.recipient_delimiter {
+        settings.push("recipient_delimiter");
+    }
     if !settings.is_empty() {
         out.insert("settings".into(), json!(settings));
     }

@@ -12,7 +12,7 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
-use crate::pattern::{Canonical, Pattern};
+use crate::pattern::{Canonical, Pattern, base_mailbox};
 use crate::policy::{Policy, Rule};
 use crate::types::Direction;
 
@@ -44,11 +44,17 @@ pub(crate) struct Table {
     units: Vec<(Box<str>, [Range<usize>; 3])>,
     /// Sorted by org unit, kind, then key (shorter keys first, see [`cmp_lower`]).
     entries: Vec<Entry>,
+    /// The policy's recipient delimiter: address patterns also match the address without
+    /// its extension ([`base_mailbox`]).
+    delimiter: Box<str>,
 }
 
 impl Table {
     /// `items`: (org unit, owner, pattern's place, pattern) for every pattern.
-    fn build<'p>(items: impl Iterator<Item = (&'p str, usize, usize, &'p Pattern)>) -> Table {
+    fn build<'p>(
+        delimiter: &str,
+        items: impl Iterator<Item = (&'p str, usize, usize, &'p Pattern)>,
+    ) -> Table {
         let mut sorted: Vec<(&str, Kind, Entry)> = items
             .map(|(unit, owner, at, p)| {
                 let (kind, text) = match p {
@@ -85,11 +91,13 @@ impl Table {
         Table {
             units,
             entries: sorted.into_iter().map(|(_, _, e)| e).collect(),
+            delimiter: delimiter.into(),
         }
     }
 
     /// Calls `found` with every pattern of org unit `unit` that matches `address` (as
-    /// [`Pattern::matches`] does), in no particular order.
+    /// [`Pattern::matches_mailbox`] does with the policy's delimiter), in no particular
+    /// order.
     pub(crate) fn matching<'t>(
         &'t self,
         unit: &str,
@@ -108,7 +116,13 @@ impl Table {
                     .for_each(&mut found);
             }
         };
-        each(addresses, address);
+        if !addresses.is_empty() {
+            if let Some(base) = base_mailbox(address, domain, &self.delimiter) {
+                // A more specific pattern for the whole address wins (it is longer).
+                each(addresses.clone(), &base);
+            }
+            each(addresses, address);
+        }
         each(domains, domain);
         if subdomains.is_empty() {
             return;
@@ -204,19 +218,25 @@ impl Tables {
         Tables {
             to: rules(policy, Direction::Outbound),
             from: rules(policy, Direction::Inbound),
-            routes: Table::build(policy.routes.iter().enumerate().flat_map(|(r, route)| {
-                route
-                    .patterns
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, p)| (route.org_unit.as_str(), r, i, p))
-            })),
-            senders: Table::build(policy.org_units.iter().enumerate().flat_map(|(u, unit)| {
-                unit.senders
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, p)| ("", u, i, p))
-            })),
+            routes: Table::build(
+                &policy.recipient_delimiter,
+                policy.routes.iter().enumerate().flat_map(|(r, route)| {
+                    route
+                        .patterns
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, p)| (route.org_unit.as_str(), r, i, p))
+                }),
+            ),
+            senders: Table::build(
+                &policy.recipient_delimiter,
+                policy.org_units.iter().enumerate().flat_map(|(u, unit)| {
+                    unit.senders
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, p)| ("", u, i, p))
+                }),
+            ),
             #[cfg(debug_assertions)]
             counts: counts(policy),
         }
@@ -227,6 +247,7 @@ impl Tables {
 fn rules(policy: &Policy, side: Direction) -> Table {
     let applies = move |rule: &&Rule| rule.direction == side || rule.direction == Direction::Both;
     Table::build(
+        &policy.recipient_delimiter,
         policy
             .compliance
             .iter()

@@ -76,6 +76,18 @@ impl Pattern {
         self.matches_split(address, domain_of(address))
     }
 
+    /// [`Pattern::matches`], where a next hop strips a recipient delimiter: an address
+    /// pattern `bob@x` also matches `bob+news@x` when `delimiter` has `+` (see
+    /// [`base_mailbox`]).
+    pub fn matches_mailbox(&self, address: &str, delimiter: &str) -> bool {
+        self.matches(address)
+            || matches!(self, Pattern::Address(_)) && {
+                let address = Canonical::new(address);
+                base_mailbox(address.address(), address.domain(), delimiter)
+                    .is_some_and(|base| self.matches(&base))
+            }
+    }
+
     /// [`Pattern::matches`] with `domain` = `domain_of(address)` already found (a
     /// decision matches one address against many patterns). Both are taken as
     /// [`canonical`] writes them.
@@ -92,6 +104,23 @@ impl Pattern {
             }
         }
     }
+}
+
+/// The mailbox a next hop delivers `address` to when it strips a recipient delimiter, as
+/// Postfix's `recipient_delimiter` does: the local part up to the first of the `delimiter`
+/// characters (`bob+news@x` is `bob@x`). `None` when the local part has no delimiter after
+/// its first character, or `delimiter` is empty. `address` and `domain` (its domain part)
+/// as [`canonical`] writes them.
+pub fn base_mailbox(address: &str, domain: &str, delimiter: &str) -> Option<String> {
+    if delimiter.is_empty() || address.len() <= domain.len() {
+        return None;
+    }
+    let local = &address[..address.len() - domain.len() - 1];
+    // The delimiters are ASCII, so the cut is at a char boundary.
+    let cut = local
+        .bytes()
+        .position(|b| delimiter.as_bytes().contains(&b))?;
+    (cut > 0).then(|| format!("{}@{domain}", &local[..cut]))
 }
 
 /// The domain part of an address (everything after the last `@`), or the whole string.

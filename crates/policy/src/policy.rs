@@ -28,6 +28,12 @@ pub struct Policy {
     pub on_tls_unavailable: OnTlsUnavailable,
     pub mta_sts: bool,
     pub tls_required_no: TlsRequiredNo,
+    /// The characters that end a mailbox's own local part, as a next hop's recipient
+    /// delimiter (Postfix's `recipient_delimiter`): an address pattern `bob@x` also matches
+    /// `bob+news@x`. Empty (and left out of the JSON, so that policies compiled before
+    /// this field keep their version): none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recipient_delimiter: String,
     pub hosts: BTreeMap<String, Host>,
     /// The alternate secure route's host, when enabled.
     pub alternate: Option<String>,
@@ -177,6 +183,9 @@ impl Policy {
             )]));
         }
         let mut problems = Vec::new();
+        if let Err(e) = check_delimiter(&policy.recipient_delimiter) {
+            problems.push(e);
+        }
         policy.check_references(&mut problems);
         // Only the failures are kept: in the wasm module every plugin load runs the tests.
         if run_tests {
@@ -370,6 +379,10 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
     let Some(source) = shape.value.filter(|_| shape.errors.is_empty()) else {
         return Err(diags);
     };
+
+    if let Err(e) = check_delimiter(&source.policy.recipient_delimiter) {
+        diags.push(diag("policy.recipient_delimiter", &e));
+    }
 
     // Hosts.
     let mut hosts = BTreeMap::new();
@@ -686,6 +699,7 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
         on_tls_unavailable: source.policy.on_tls_unavailable,
         mta_sts: source.standards.mta_sts,
         tls_required_no: source.standards.tls_required_no,
+        recipient_delimiter: source.policy.recipient_delimiter.clone(),
         hosts,
         alternate,
         org_units,
@@ -754,6 +768,31 @@ pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
         };
         Some(cur)
     })
+}
+
+/// A recipient delimiter: up to 8 distinct characters of RFC 5321's `atext` that are
+/// neither letters nor digits (`+`, `-`, `=`, ...), or none.
+fn check_delimiter(d: &str) -> Result<(), String> {
+    const MAX: usize = 8;
+    let allowed = |b: u8| b"!#$%&'*+-/=?^_`{|}~".contains(&b);
+    let mut seen = Vec::new();
+    for c in d.chars() {
+        if !c.is_ascii() || !allowed(c as u8) {
+            return Err(format!(
+                "recipient_delimiter {d:?}: {c:?} cannot be a delimiter (use characters among                  ! # $ % & ' * + - / = ? ^ _ ` {{ | }} ~)"
+            ));
+        }
+        if seen.contains(&c) {
+            return Err(format!("recipient_delimiter {d:?}: {c:?} is given twice"));
+        }
+        seen.push(c);
+    }
+    if seen.len() > MAX {
+        return Err(format!(
+            "recipient_delimiter {d:?}: at most {MAX} characters"
+        ));
+    }
+    Ok(())
 }
 
 fn check_unit_path(path: &str) -> Result<(), String> {

@@ -31,6 +31,9 @@ pub struct PolicySection {
     pub name: String,
     /// TLS required, unavailable, and no alternate secure route. Defaults to `defer`.
     pub on_tls_unavailable: OnTlsUnavailable,
+    /// The next hops' recipient delimiter characters (`bob+news@x` is bob's mailbox).
+    /// Defaults to `+`; `""` for none.
+    pub recipient_delimiter: String,
 }
 
 impl Default for PolicySection {
@@ -38,6 +41,7 @@ impl Default for PolicySection {
         PolicySection {
             name: "unnamed".to_string(),
             on_tls_unavailable: OnTlsUnavailable::Defer,
+            recipient_delimiter: "+".to_string(),
         }
     }
 }

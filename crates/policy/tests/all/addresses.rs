@@ -307,3 +307,99 @@ addresses = ["jörg@pf.example", "sales@pf.example", "kim@pf.example", "strasse@
         assert_eq!(d.rule, "default", "{other}");
     }
 }
+
+/// A `+tag` does not escape an address rule: Postfix with `recipient_delimiter = +`
+/// delivers `ceo+news@x` to ceo's mailbox, so the policy matches it as `ceo@x` (the
+/// policy's `recipient_delimiter`, `+` unless set). A rule for the tagged form itself is
+/// more specific and wins.
+#[test]
+fn a_recipient_delimiter_does_not_escape_an_address_rule() {
+    const RULES: &str = r#"
+[[org_units]]
+path = "/board"
+senders = ["chair@corp.example"]
+
+[[tls_compliance]]
+name = "ceo"
+addresses = ["ceo@pf.example"]
+require_ca_signed = true
+
+[[tls_compliance]]
+name = "list"
+addresses = ["ceo+list@pf.example"]
+require_tls = false
+"#;
+    let policy = compile(RULES).unwrap().policy;
+    assert_eq!(policy.recipient_delimiter, "+");
+    for rcpt in [
+        "ceo@pf.example",
+        "ceo+news@pf.example",
+        "CEO+News@PF.example",
+        "\"ceo+x\"@pf.example",
+        "ceo+@pf.example",
+        "ceo+a+b@pf.example",
+        "ceo+listing@pf.example",
+    ] {
+        let d = decide(&policy, &Query::plan("alice@corp.example", rcpt));
+        assert!(d.tls.required, "{rcpt}: {d:?}");
+        assert_eq!(d.rule, "tls_compliance:ceo", "{rcpt}");
+    }
+    let d = decide(
+        &policy,
+        &Query::plan("alice@corp.example", "ceo+list@pf.example"),
+    );
+    assert_eq!(d.rule, "tls_compliance:list", "{d:?}");
+    for other in ["+ceo@pf.example", "ceo-news@pf.example", "ceox@pf.example"] {
+        let d = decide(&policy, &Query::plan("alice@corp.example", other));
+        assert_eq!(d.rule, "default", "{other}");
+    }
+    // Senders too: a tag does not move a sender out of its org unit.
+    assert_eq!(org_unit_of(&policy, "chair+x@corp.example"), "/board");
+
+    // Several delimiters, as Postfix allows: the first of any of them ends the mailbox.
+    let dashes = compile(&format!("[policy]\nrecipient_delimiter = \"+-\"\n{RULES}"))
+        .unwrap()
+        .policy;
+    for rcpt in ["ceo-news@pf.example", "ceo-a+b@pf.example"] {
+        let d = decide(&dashes, &Query::plan("alice@corp.example", rcpt));
+        assert_eq!(d.rule, "tls_compliance:ceo", "{rcpt}");
+    }
+    // None: the tagged address is another mailbox.
+    let none = compile(&format!("[policy]\nrecipient_delimiter = \"\"\n{RULES}"))
+        .unwrap()
+        .policy;
+    let d = decide(
+        &none,
+        &Query::plan("alice@corp.example", "ceo+news@pf.example"),
+    );
+    assert_eq!(d.rule, "default", "{d:?}");
+    assert!(
+        !none.to_json().contains("recipient_delimiter"),
+        "{}",
+        none.to_json()
+    );
+    // Round trip through the canonical JSON, as the module loads it.
+    let loaded = Policy::from_json(dashes.to_json().as_bytes()).unwrap();
+    assert_eq!(loaded.recipient_delimiter, "+-");
+    assert_eq!(loaded.version, dashes.version);
+}
+
+#[test]
+fn a_recipient_delimiter_is_punctuation_of_a_local_part() {
+    for bad in ["@", ".", "a", "+ ", "\"", "++", "é", "+-=/!#$%&"] {
+        let err = compile(&format!("[policy]\nrecipient_delimiter = {bad:?}\n"))
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} compiled"));
+        assert!(
+            err.iter()
+                .any(|d| d.location == "policy.recipient_delimiter"),
+            "{bad:?}: {err:?}"
+        );
+    }
+    // A hand-made compiled policy (what a module is configured with) is checked too.
+    let mut policy = compile("").unwrap().policy;
+    policy.recipient_delimiter = "@".to_string();
+    policy.version = policy.content_version();
+    let err = Policy::from_json(policy.to_json().as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("recipient_delimiter"), "{err}");
+}

@@ -39,7 +39,7 @@ fn pattern() -> impl Strategy<Value = Pattern> {
     (
         0..3u8,
         proptest::sample::select(DOMAINS),
-        proptest::sample::select(&["ann", "bob"][..]),
+        proptest::sample::select(&["ann", "bob", "bob+x"][..]),
     )
         .prop_map(|(kind, d, user)| match kind {
             0 => Pattern::Domain(d.to_string()),
@@ -81,6 +81,7 @@ prop_compose! {
         on_unavailable in token::<OnTlsUnavailable>(),
         mta_sts in any::<bool>(),
         tls_required_no in token::<TlsRequiredNo>(),
+        recipient_delimiter in proptest::sample::select(&["", "+", "+-"][..]),
     ) -> Policy {
         let hosts: BTreeMap<String, Host> = hosts.into_iter().enumerate().map(|(i, h)| (format!("h{i}"), h)).collect();
         let n = hosts.len();
@@ -91,6 +92,7 @@ prop_compose! {
             on_tls_unavailable: on_unavailable,
             mta_sts,
             tls_required_no,
+            recipient_delimiter: recipient_delimiter.to_string(),
             alternate: alternate.map(|i| format!("h{}", i % n)),
             hosts,
             org_units: units.into_iter().map(|(path, senders)| OrgUnit { path: path.to_string(), senders }).collect(),
@@ -112,7 +114,7 @@ prop_compose! {
 
 fn address() -> impl Strategy<Value = String> {
     (
-        proptest::sample::select(&["ann", "bob", "eve"][..]),
+        proptest::sample::select(&["ann", "bob", "eve", "bob+x", "bob+y", "bob-x+y", "+bob"][..]),
         proptest::sample::select(DOMAINS),
     )
         .prop_map(|(u, d)| format!("{u}@{d}"))
@@ -135,7 +137,9 @@ fn org_unit_by_scan<'p>(policy: &'p Policy, sender: &str) -> &'p str {
     let mut best: Option<(&Pattern, &str)> = None;
     for unit in &policy.org_units {
         for p in &unit.senders {
-            if p.matches(sender) && best.is_none_or(|(b, _)| p.specificity() > b.specificity()) {
+            if p.matches_mailbox(sender, &policy.recipient_delimiter)
+                && best.is_none_or(|(b, _)| p.specificity() > b.specificity())
+            {
                 best = Some((p, unit.path.as_str()));
             }
         }
@@ -166,8 +170,12 @@ fn rule_by_scan<'p>(
                         .map(move |(j, p)| (i, j, r, p))
                 })
                 .filter(|(_, _, r, p)| match (r.direction, outbound) {
-                    (Direction::Outbound | Direction::Both, true) => p.matches(&q.recipient),
-                    (Direction::Inbound | Direction::Both, false) => p.matches(&q.sender),
+                    (Direction::Outbound | Direction::Both, true) => {
+                        p.matches_mailbox(&q.recipient, &policy.recipient_delimiter)
+                    }
+                    (Direction::Inbound | Direction::Both, false) => {
+                        p.matches_mailbox(&q.sender, &policy.recipient_delimiter)
+                    }
                     _ => false,
                 })
                 .max_by_key(|(i, j, _, p)| (p.specificity(), *i, *j))
