@@ -47,6 +47,10 @@ pub struct Answer {
     pub standard: Decision,
     /// The module that last changed the decision: [`STANDARD`] or an extension's name.
     pub by: String,
+    /// Whether that module may make mail bounce: the standard module may, an extension
+    /// only with `may_bounce = true`. The relay holds to it when the module chose the next
+    /// hop: a permanent refusal there is a deferral unless its chooser may bounce.
+    pub may_bounce: bool,
     /// The TLS requirement of the compiled policy for this question, decided natively on
     /// the policy the answering standard plugin was configured with (same version as
     /// [`Answer::standard`]). The safety floor holds the chain to it, so a module cannot
@@ -404,6 +408,7 @@ impl PolicyEngine {
                 decision: standard.clone(),
                 standard,
                 by: STANDARD.to_string(),
+                may_bounce: true,
                 policy_tls,
             };
         }
@@ -439,6 +444,7 @@ impl PolicyEngine {
                         decision: d,
                         standard,
                         by: ext.name().to_string(),
+                        may_bounce: ext.config().may_bounce,
                         policy_tls,
                     };
                 }
@@ -449,6 +455,7 @@ impl PolicyEngine {
                 decision: standard.clone(),
                 standard,
                 by: STANDARD.to_string(),
+                may_bounce: true,
                 policy_tls,
             };
         };
@@ -468,6 +475,7 @@ impl PolicyEngine {
             decision,
             standard,
             by: ext.name().to_string(),
+            may_bounce: ext.config().may_bounce,
             policy_tls,
         }
     }
@@ -554,6 +562,7 @@ impl PolicyEngine {
                     decision: d.clone(),
                     standard: d,
                     by: STANDARD.to_string(),
+                    may_bounce: true,
                     policy_tls: TlsRequirement::STRICT,
                 }
             }

@@ -26,6 +26,7 @@ use altroute_smtp::{Body, CertResult, Client, ClientConfig, Envelope, RecordingV
 
 use super::Ctx;
 use super::resolve::{Candidate, ResolveFailure};
+use crate::policy_engine::{Answer, STANDARD};
 
 /// What happened to one recipient in this attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +62,50 @@ struct Rcpt {
     standard_plan: Decision,
     /// The compiled policy's requirement for the plan (the safety floor holds to it too).
     policy_plan: TlsRequirement,
+    /// The module whose plan this is: [`STANDARD`] or an extension (logged with every
+    /// decision about the recipient, so that a hop an extension chose is on record even
+    /// when the verdict there is the standard module's).
+    plan_by: String,
+    /// The extension that chose the current next hop (a host or the alternate route the
+    /// standard module did not choose) and may not bounce mail: a permanent refusal at
+    /// that hop is a deferral ([`Rcpt::hold`]).
+    hop_by: Option<String>,
+}
+
+impl Rcpt {
+    /// `outcome`, or its temporary form when the next hop was chosen by an extension that
+    /// may not bounce mail: such an extension could otherwise bounce any mail by routing
+    /// it to a host that refuses it (an audit's extension did).
+    fn hold(&self, outcome: Outcome) -> Outcome {
+        match (outcome, &self.hop_by) {
+            (Outcome::Bounced { reason }, Some(name)) => {
+                tracing::warn!(
+                    target: "altroute::decision",
+                    extension = %name,
+                    recipient = %self.query.recipient,
+                    reason = %reason,
+                    "permanent failure at a next hop an extension without may_bounce chose: deferred"
+                );
+                Outcome::Deferred {
+                    reason: format!(
+                        "{}; the next hop was chosen by extension {name}, which may not bounce mail",
+                        temporary(&reason)
+                    ),
+                }
+            }
+            (outcome, _) => outcome,
+        }
+    }
+}
+
+/// The extension that chose the next hop of `answer` (see [`Rcpt::hop_by`]), if one did
+/// and may not bounce mail.
+fn hop_chooser(answer: &Answer) -> Option<String> {
+    let d = &answer.decision;
+    let chose = answer.by != STANDARD
+        && matches!(d.route, Route::Host | Route::Alternate)
+        && (d.route, &d.host) != (answer.standard.route, &answer.standard.host);
+    (chose && !answer.may_bounce).then(|| answer.by.clone())
 }
 
 /// The host a session went to and what was observed there: the facts of its verdict.
@@ -89,6 +134,8 @@ struct Refusal {
     peer: Peer,
     /// The host met the TLS requirement but does not offer REQUIRETLS (RFC 8689 §4.2.1).
     no_requiretls: bool,
+    /// The extension that chose the verdict's alternate host ([`hop_chooser`]).
+    chooser: Option<String>,
 }
 
 /// Plans, connects, asks verdicts and sends for `indices` (all at `domain`).
@@ -124,6 +171,7 @@ pub(crate) async fn deliver_domain(
             .unwrap_or(0)
             .saturating_add(1);
         let answer = ctx.engine.answer_async(query.clone()).await;
+        let hop_by = hop_chooser(&answer);
         let plan = answer.decision;
         count_decision(ctx, "plan", &plan);
         let rcpt = Rcpt {
@@ -132,6 +180,8 @@ pub(crate) async fn deliver_domain(
             plan: plan.clone(),
             standard_plan: answer.standard,
             policy_plan: answer.policy_tls,
+            plan_by: answer.by,
+            hop_by,
         };
         match (plan.route, plan.host.clone()) {
             (Route::Direct, _) => direct.push(rcpt),
@@ -218,6 +268,7 @@ fn resolve_failed(ctx: &Ctx, rcpts: &[Rcpt], failure: ResolveFailure) -> Vec<(us
                     reason: format!("451 4.4.3 {why}"),
                 },
             };
+            let outcome = r.hold(outcome);
             tracing::info!(
                 target: "altroute::decision",
                 recipient = %r.query.recipient,
@@ -358,10 +409,21 @@ struct Settled {
 impl Settled {
     /// Acts on a verdict that does not send over this hop: the alternate route (from a
     /// direct or host hop), bounce, or defer.
-    fn act(&mut self, ctx: &Ctx, hop: Hop, r: Rcpt, d: &Decision, peer: &Peer) {
+    /// `chooser`: the extension that chose the alternate host, if one did and may not
+    /// bounce mail ([`hop_chooser`]).
+    fn act(
+        &mut self,
+        ctx: &Ctx,
+        hop: Hop,
+        mut r: Rcpt,
+        d: &Decision,
+        peer: &Peer,
+        chooser: Option<String>,
+    ) {
         match (d.route, &d.host) {
             (Route::Alternate, Some(target)) if hop != Hop::Alternate => {
                 log_decision(ctx, &r, d, Some(hop), Some(peer), "rerouted");
+                r.hop_by = chooser;
                 self.reroute
                     .entry(target.name.clone())
                     .or_insert_with(|| (target.clone(), Vec::new()))
@@ -369,13 +431,18 @@ impl Settled {
                     .push(r);
             }
             (Route::Bounce, _) => {
-                log_decision(ctx, &r, d, Some(hop), Some(peer), "bounced");
-                self.out.push((
-                    r.index,
-                    Outcome::Bounced {
-                        reason: reply_of(d),
-                    },
-                ));
+                // At a hop an extension chose, the policy's own bounce (TLS required
+                // and unavailable there, say) is the extension's doing.
+                let outcome = r.hold(Outcome::Bounced {
+                    reason: reply_of(d),
+                });
+                let label = if matches!(outcome, Outcome::Bounced { .. }) {
+                    "bounced"
+                } else {
+                    "deferred"
+                };
+                log_decision(ctx, &r, d, Some(hop), Some(peer), label);
+                self.out.push((r.index, outcome));
             }
             _ => {
                 log_decision(ctx, &r, d, Some(hop), Some(peer), "deferred");
@@ -398,7 +465,7 @@ impl Settled {
         } else if f.verdict.route == Route::Bounce {
             reply_of(&f.verdict)
         } else {
-            return self.act(ctx, hop, r, &f.verdict, &f.peer);
+            return self.act(ctx, hop, r, &f.verdict, &f.peer, f.chooser);
         };
         let outcome = if incomplete {
             log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "deferred");
@@ -409,8 +476,14 @@ impl Settled {
                 ),
             }
         } else {
-            log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "bounced");
-            Outcome::Bounced { reason: bounce }
+            let outcome = r.hold(Outcome::Bounced { reason: bounce });
+            let label = if matches!(outcome, Outcome::Bounced { .. }) {
+                "bounced"
+            } else {
+                "deferred"
+            };
+            log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), label);
+            outcome
         };
         self.out.push((r.index, outcome));
     }
@@ -504,6 +577,7 @@ async fn at_host(
             .verdict(hop, &peer.host, peer.starttls, peer.tls, peer.cert);
         let answer = ctx.engine.answer_async(q).await;
         let d = answer.decision.clone();
+        let chooser = hop_chooser(&answer);
         count_decision(ctx, "verdict", &d);
         if d.proceeds_on(hop) {
             // The safety floor: outside the module, whatever it said.
@@ -520,10 +594,17 @@ async fn at_host(
             };
             if let Err(why) = floor.check() {
                 ctx.metrics.safety_floor_violations.inc();
-                ctx.engine.floor_violation(&answer.by);
+                // The standard module's verdict at a hop an extension planned: the
+                // extension's doing.
+                let culprit = if answer.by == STANDARD {
+                    &r.plan_by
+                } else {
+                    &answer.by
+                };
+                ctx.engine.floor_violation(culprit);
                 tracing::error!(
                     target: "altroute::decision",
-                    module = %answer.by,
+                    module = %culprit,
                     recipient = %r.query.recipient,
                     policy_version = %d.policy_version,
                     rule = %d.rule,
@@ -552,10 +633,11 @@ async fn at_host(
                     verdict: d,
                     peer: peer.clone(),
                     no_requiretls: false,
+                    chooser,
                 },
             ));
         } else {
-            settled.act(ctx, hop, r, &d, &peer);
+            settled.act(ctx, hop, r, &d, &peer, chooser);
         }
     }
     // REQUIRETLS is a property of the whole envelope: this host takes all or none of it.
@@ -572,6 +654,7 @@ async fn at_host(
                     verdict,
                     peer: peer.clone(),
                     no_requiretls: true,
+                    chooser: None,
                 },
             )
         }));
@@ -712,6 +795,7 @@ async fn send_to(
                 reason: format!("451 4.4.2 {}: {e}", peer.host),
             },
         };
+        let outcome = r.hold(outcome);
         let label = match &outcome {
             Outcome::Delivered { .. } => "delivered",
             Outcome::Deferred { .. } => "deferred",
@@ -770,13 +854,14 @@ fn addresses<'c>(
     port: u16,
     errors: &mut Vec<String>,
 ) -> (Vec<(&'c str, SocketAddr)>, bool) {
-    let from = received_ip(entry.envelope.received_from.as_deref());
+    let from = received_ip(entry.envelope.received_from.as_deref()).map(|ip| destination_ip(ip));
     let mut out = Vec::new();
     let mut ours = 0;
     for cand in candidates {
         for &ip in &cand.addrs {
             let addr = SocketAddr::new(ip, port);
-            if ctx.settings.listen.contains(&addr) {
+            let ip = destination_ip(ip);
+            if is_listening_at(&ctx.settings.listen, ip, port) {
                 ours += 1;
                 errors.push(format!("{} [{addr}] is this relay (loop)", cand.name));
             } else if Some(ip) == from {
@@ -791,6 +876,36 @@ fn addresses<'c>(
     }
     let looped = out.is_empty() && ours > 0;
     (out, looped)
+}
+
+/// The address a connection to `ip` reaches: an IPv4-mapped IPv6 address is the IPv4
+/// address, and an unspecified one (`0.0.0.0`, `::`) is this machine's loopback, as Linux
+/// connects it. An audit's extension looped mail through `::ffff:` spellings of the
+/// relay's own address.
+fn destination_ip(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    }
+}
+
+/// Whether this relay listens where a connection to `ip`:`port` (as [`destination_ip`]
+/// gives it) arrives: a listener on that address, or a wildcard listener (`0.0.0.0`,
+/// `::`) on that port when `ip` is one of this machine's addresses.
+fn is_listening_at(listen: &[SocketAddr], ip: IpAddr, port: u16) -> bool {
+    listen.iter().any(|l| {
+        l.port() == port
+            && (destination_ip(l.ip()) == ip || l.ip().is_unspecified() && is_local_ip(ip))
+    })
+}
+
+/// Whether `ip` is an address of this machine: a loopback address, or one a socket can
+/// be bound to (the kernel refuses addresses of other machines with EADDRNOTAVAIL). A
+/// bind of UDP port 0 sends nothing and needs no privilege; it avoids a crate that lists
+/// the interfaces, whose answer could be stale anyway.
+fn is_local_ip(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// A permit for the host, then TCP, greeting, EHLO and STARTTLS at `addr`.
@@ -940,6 +1055,7 @@ fn journal_failure(ctx: &Ctx, r: &Rcpt, result: &str, outcome: &Outcome) {
         rule: r.plan.rule.clone(),
         policy_version: r.plan.policy_version.clone(),
         outcome: label.to_string(),
+        planned_by: r.plan_by.clone(),
     });
 }
 
@@ -969,12 +1085,15 @@ fn log_decision(
         rule: d.rule.clone(),
         policy_version: d.policy_version.clone(),
         outcome: outcome.to_string(),
+        planned_by: r.plan_by.clone(),
     });
     tracing::info!(
         target: "altroute::decision",
         recipient = %r.query.recipient,
         policy_version = %d.policy_version,
         rule = %d.rule,
+        planned_by = %r.plan_by,
+        plan_rule = %r.plan.rule,
         route = %d.route,
         hop = %hop.map(|h| h.to_string()).unwrap_or_else(|| "-".to_string()),
         mx = %s.map(|s| s.host.as_str()).unwrap_or("-"),

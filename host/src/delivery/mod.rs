@@ -196,6 +196,10 @@ pub struct DecisionRecord {
     /// What happened: delivered, deferred, bounced, rerouted, or next-host (this host
     /// refused it for its TLS; the next one was asked).
     pub outcome: String,
+    /// The module whose plan this recipient follows: `standard` or an extension's name
+    /// (an extension may choose the hop and leave the verdict there to the standard
+    /// module, whose rule is then the one above).
+    pub planned_by: String,
 }
 
 /// The most recent decisions, in order (bounded: oldest dropped first).

@@ -849,27 +849,17 @@ async fn an_extension_may_not_bounce_what_the_policy_defers_nor_forge_its_rule()
     }
 }
 
-/// An extension (without `may_bounce`) that routes mail to the relay itself: a loop, but
-/// one a module made, so it is deferred, not bounced. It once bounced the mail as
-/// `554 5.4.6`, and the DSN to the sender, routed the same way, bounced too: the message
-/// was gone and nobody told.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_extension_cannot_bounce_mail_by_routing_it_to_the_relay() {
-    let mut lab = Lab::new().await;
-    let (own_ip, own) = lab
-        .sink("self.loop.test", Tls::None, SinkMode::Accept)
-        .await;
-    let port = lab.port;
-    let headers = [
-        ("x-altroute-route", "host".to_string()),
-        ("x-altroute-host", "loop.invalid".to_string()),
-        ("x-altroute-host-addresses", own_ip.to_string()),
-        ("x-altroute-host-port", port.to_string()),
-    ];
+/// A WAT extension that sets `headers` on every question (both phases), so it chooses
+/// the next hop and leaves the verdict there to the standard module.
+fn routing_extension(
+    dir: &std::path::Path,
+    name: &str,
+    headers: &[(&str, String)],
+) -> ExtensionConfig {
     let mut data = String::new();
     let mut calls = String::new();
     let mut at = 100;
-    for (k, v) in &headers {
+    for (k, v) in headers {
         data.push_str(&format!("(data (i32.const {at}) \"{k}{v}\")\n"));
         calls.push_str(&format!(
             "(drop (call $replace (i32.const 0) (i32.const {at}) (i32.const {}) (i32.const {}) (i32.const {})))\n",
@@ -898,23 +888,117 @@ async fn an_extension_cannot_bounce_mail_by_routing_it_to_the_relay() {
   (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
   (func (export "proxy_on_delete") (param i32)))"#
     );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("loop.wasm");
+    let path = dir.join(format!("{name}.wasm"));
     std::fs::write(&path, wat::parse_str(&wat).unwrap()).unwrap();
-    let mut ext = ExtensionConfig::new("looper", ModuleSource::File(path), "");
+    let mut ext = ExtensionConfig::new(name, ModuleSource::File(path), "");
     ext.deadline = Duration::from_secs(2);
-    let relay = Relay::start_with(&lab, engine(&lab, false, &[ext]), |s| {
-        s.listen = vec![std::net::SocketAddr::new(own_ip.into(), port)];
-    })
-    .await;
-    let id = relay
-        .send("alice@corp.test", &["bob@plain.open.test"], false)
+    ext
+}
+
+/// The decision headers of a `host` route to `address`:`port`.
+fn host_route(address: &str, port: u16) -> [(&'static str, String); 4] {
+    [
+        ("x-altroute-route", "host".to_string()),
+        ("x-altroute-host", "chosen.invalid".to_string()),
+        ("x-altroute-host-addresses", address.to_string()),
+        ("x-altroute-host-port", port.to_string()),
+    ]
+}
+
+/// An extension (without `may_bounce`) that routes mail to the relay itself: a loop, but
+/// one a module made, so it is deferred, not bounced. It once bounced the mail as
+/// `554 5.4.6`, and the DSN to the sender, routed the same way, bounced too: the message
+/// was gone and nobody told. A later audit's extension looped it again (50 hops, then a
+/// bounce) by writing the relay's address IPv4-mapped (`::ffff:…`), or any local address
+/// when the relay listens on `0.0.0.0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_cannot_bounce_mail_by_routing_it_to_the_relay() {
+    let mut lab = Lab::new().await;
+    let (own_ip, own) = lab
+        .sink("self.loop.test", Tls::None, SinkMode::Accept)
         .await;
-    let reason = deferred_reason(&relay.settled(&id).await);
-    assert!(
-        reason.starts_with("451 4.4.6 the host next hop for plain.open.test is this relay"),
-        "{reason}"
-    );
-    assert_eq!(relay.metrics.bounces.get(), 0);
+    let port = lab.port;
+    let dir = tempfile::tempdir().unwrap();
+    let any = std::net::Ipv4Addr::UNSPECIFIED;
+    for (address, listen) in [
+        (own_ip.to_string(), own_ip),
+        (format!("::ffff:{own_ip}"), own_ip),
+        (own_ip.to_string(), any),
+        ("0.0.0.0".to_string(), any),
+    ] {
+        let ext = routing_extension(dir.path(), "looper", &host_route(&address, port));
+        let relay = Relay::start_with(&lab, engine(&lab, false, &[ext]), |s| {
+            s.listen = vec![std::net::SocketAddr::new(listen.into(), port)];
+        })
+        .await;
+        let id = relay
+            .send("alice@corp.test", &["bob@plain.open.test"], false)
+            .await;
+        let reason = deferred_reason(&relay.settled(&id).await);
+        assert!(
+            reason.starts_with("451 4.4.6 the host next hop for plain.open.test is this relay"),
+            "{address} with the relay on {listen}: {reason}"
+        );
+        assert_eq!(relay.metrics.bounces.get(), 0);
+    }
     assert!(lab.sinks[own].sessions().is_empty());
+}
+
+/// An extension without `may_bounce` cannot bounce mail by routing it to a host that
+/// refuses it: an audit's extension sent mail to a server answering `550` to every RCPT,
+/// and the relay bounced it, DSN and all. A permanent refusal at a hop an extension chose
+/// is a deferral (the queue's lifetime still ends it), and the decision record names the
+/// extension as the planner, even though the verdict at that hop was the standard
+/// module's. With `may_bounce` the refusal stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_cannot_bounce_mail_by_choosing_a_host_that_refuses_it() {
+    let mut lab = Lab::new().await;
+    let (refuser_ip, refuser) = lab
+        .sink(
+            "refuser.lab.test",
+            Tls::None,
+            SinkMode::PermFail(altroute_lab::FailAt::Rcpt),
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    for may_bounce in [false, true] {
+        let mut ext = routing_extension(
+            dir.path(),
+            "chooser",
+            &host_route(&refuser_ip.to_string(), lab.port),
+        );
+        ext.may_bounce = may_bounce;
+        // Not the DSN's recipient: the DSN goes where the policy sends it.
+        ext.recipients = vec![Pattern::parse("plain.open.test").unwrap()];
+        let relay = Relay::start(&lab, engine(&lab, false, &[ext])).await;
+        let id = relay
+            .send("alice@corp.test", &["bob@plain.open.test"], false)
+            .await;
+        let states = relay.settled(&id).await;
+        let record = relay
+            .delivery
+            .journal()
+            .records()
+            .into_iter()
+            .find(|r| r.recipient == "bob@plain.open.test" && r.hop == "host")
+            .expect("a decision record at the chosen host");
+        assert_eq!(record.planned_by, "chooser", "{record:?}");
+        if may_bounce {
+            assert!(states.is_none(), "bounced and removed: {states:?}");
+            assert_eq!(record.outcome, "bounced", "{record:?}");
+            assert_eq!(relay.metrics.bounces.get(), 1);
+        } else {
+            let reason = deferred_reason(&states);
+            assert!(
+                reason.starts_with("450 4.7.1 ")
+                    && reason.ends_with(
+                        "; the next hop was chosen by extension chooser, which may not bounce mail"
+                    ),
+                "{reason}"
+            );
+            assert_eq!(record.outcome, "deferred", "{record:?}");
+            assert_eq!(relay.metrics.bounces.get(), 0);
+        }
+    }
+    assert_eq!(lab.sinks[refuser].sessions().len(), 2);
 }
