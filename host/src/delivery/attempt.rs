@@ -854,7 +854,7 @@ fn addresses<'c>(
     port: u16,
     errors: &mut Vec<String>,
 ) -> (Vec<(&'c str, SocketAddr)>, bool) {
-    let from = received_ip(entry.envelope.received_from.as_deref()).map(|ip| destination_ip(ip));
+    let from = received_ip(entry.envelope.received_from.as_deref()).map(destination_ip);
     let mut out = Vec::new();
     let mut ours = 0;
     for cand in candidates {
