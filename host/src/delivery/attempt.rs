@@ -820,7 +820,8 @@ fn needs_smtputf8(mail_from: &str, send: &[(Rcpt, Decision)], message: &[u8]) ->
 }
 
 fn reply_outcome(reply: &altroute_smtp::Reply) -> Outcome {
-    let reason = reply.to_string().trim().to_string();
+    // One line of bounded length: it is kept in the queue and goes into DSNs.
+    let reason = super::dsn::brief(reply.to_string().trim());
     if reply.is_permanent() {
         Outcome::Bounced { reason }
     } else {

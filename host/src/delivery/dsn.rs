@@ -54,6 +54,13 @@ pub fn build(
         return None;
     }
     let boundary = format!("altroute-dsn-{unique}");
+    let headers = header_section(original);
+    // RFC 6533: a report with UTF-8 in its addresses or returned headers is a
+    // `message/global-delivery-status` with `message/global-headers`, and goes with
+    // SMTPUTF8 (a next hop without it cannot take it, RFC 6531 §3.4).
+    let utf8 = !envelope.mail_from.is_ascii()
+        || failures.iter().any(|f| !f.recipient.is_ascii())
+        || !headers.is_ascii();
     let date = rfc5322_date(now);
     let mut m = String::new();
     m.push_str(&format!(
@@ -73,7 +80,11 @@ pub fn build(
 
     // Human-readable part.
     m.push_str(&format!("\r\n--{boundary}\r\n"));
-    m.push_str("Content-Type: text/plain; charset=us-ascii\r\n\r\n");
+    m.push_str(if utf8 {
+        "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+    } else {
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+    });
     m.push_str(&format!(
         "This is the mail system at {reporting_mta}.\r\n\r\nYour message could not be delivered to the following recipients:\r\n\r\n"
     ));
@@ -86,16 +97,20 @@ pub fn build(
         m.push_str(&format!(
             "<{}>: {}\r\n",
             for_header(&f.recipient),
-            ascii_line(&why)
+            brief(&why)
         ));
     }
 
     // Machine-readable part.
     m.push_str(&format!("\r\n--{boundary}\r\n"));
-    m.push_str("Content-Type: message/delivery-status\r\n\r\n");
+    m.push_str(if utf8 {
+        "Content-Type: message/global-delivery-status\r\n\r\n"
+    } else {
+        "Content-Type: message/delivery-status\r\n\r\n"
+    });
     m.push_str(&format!("Reporting-MTA: dns; {reporting_mta}\r\n"));
     if let Some(id) = &envelope.env_id {
-        m.push_str(&format!("Original-Envelope-Id: {}\r\n", ascii_line(id)));
+        m.push_str(&format!("Original-Envelope-Id: {}\r\n", brief(id)));
     }
     if envelope.received_at > 0 {
         m.push_str(&format!(
@@ -111,10 +126,7 @@ pub fn build(
         ));
         m.push_str("Action: failed\r\n");
         m.push_str(&format!("Status: {}\r\n", f.status()));
-        m.push_str(&format!(
-            "Diagnostic-Code: smtp; {}\r\n",
-            ascii_line(&f.reason)
-        ));
+        m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", brief(&f.reason)));
         // No `Will-Retry-Until`, even for an expiry: RFC 3464 §2.3.7 defines it for
         // `Action: delayed` only, and these notices are all `failed`.
         m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
@@ -122,12 +134,13 @@ pub fn build(
 
     // The original headers (RFC 3462 text/rfc822-headers).
     m.push_str(&format!("\r\n--{boundary}\r\n"));
-    m.push_str("Content-Type: text/rfc822-headers\r\n\r\n");
-    let headers_end = find(original, b"\r\n\r\n")
-        .map(|i| i + 2)
-        .unwrap_or(original.len());
+    m.push_str(if utf8 {
+        "Content-Type: message/global-headers\r\n\r\n"
+    } else {
+        "Content-Type: text/rfc822-headers\r\n\r\n"
+    });
     let mut body = m.into_bytes();
-    body.extend_from_slice(original.get(..headers_end).unwrap_or(original));
+    body.extend_from_slice(headers);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
 
     let mut dsn_env = Envelope::new("", vec![envelope.mail_from.clone()]);
@@ -135,24 +148,65 @@ pub fn build(
     // RFC 8689 §5: the DSN of REQUIRETLS mail holds its header section, so it travels
     // under the same requirement (and, as here always, with the headers only).
     dsn_env.requiretls = envelope.requiretls;
+    // Sent with SMTPUTF8 only where it needs it (`attempt::send_to`).
+    dsn_env.smtputf8 = utf8;
     Some((dsn_env, body))
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// At most this much of the original header section goes back (Postfix's
+/// `header_size_limit` is 100 KiB, its whole bounce 50 KB).
+pub const MAX_RETURNED_HEADERS: usize = 64 * 1024;
+
+/// At most this many bytes of a reason (a reply, a policy's text) per line of a DSN.
+pub const MAX_REASON: usize = 512;
+
+/// The header section of `original` as it goes back in a DSN: its lines from the first,
+/// as long as each is a header field (`name:`) or the continuation of one, up to the
+/// empty line, and at most [`MAX_RETURNED_HEADERS`] (whole lines). A message without an
+/// empty line once went back whole, body and all; a hostile one can make its "header
+/// section" any size.
+fn header_section(original: &[u8]) -> &[u8] {
+    let mut end = 0;
+    let mut rest = original;
+    while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        let line = &rest[..nl + 1];
+        let text = line.strip_suffix(b"\r\n").unwrap_or(line);
+        let field = text.iter().position(|&b| b == b':').is_some_and(|colon| {
+            colon > 0 && text[..colon].iter().all(|&b| (33..=126).contains(&b))
+        });
+        let continuation = end > 0 && matches!(text.first(), Some(b' ' | b'\t'));
+        if !(field || continuation) || end + line.len() > MAX_RETURNED_HEADERS {
+            break;
+        }
+        end += line.len();
+        rest = &rest[nl + 1..];
+    }
+    &original[..end]
 }
 
-/// A reason as one printable ASCII line (header fields must not break).
-fn ascii_line(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                ' '
-            }
-        })
-        .collect()
+/// A reason as one printable ASCII line (header fields must not break) of at most
+/// [`MAX_REASON`] bytes: a next hop's reply may have 128 lines of 4 KiB, and a DSN once
+/// carried it twice per recipient (100 MB for 100 recipients), with lines no next hop
+/// takes.
+pub fn brief(s: &str) -> String {
+    let printable = |c: char| {
+        if c.is_ascii_graphic() || c == ' ' {
+            c
+        } else {
+            ' '
+        }
+    };
+    if s.len() <= MAX_REASON {
+        return s.chars().map(printable).collect();
+    }
+    // Cut at a char boundary, leaving room for the mark.
+    let mut cut = MAX_REASON - 3;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut out: String = s[..cut].chars().map(printable).collect();
+    out.push_str("...");
+    out
 }
 
 /// `Tue, 01 Jul 2025 10:00:00 +0000` for a Unix time (UTC).
@@ -254,5 +308,72 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("Will-Retry-Until"), "{text}");
+    }
+
+    /// What an audit's hostile peers made of DSNs: a 128-line reply of 4 KiB lines per
+    /// recipient (100 MB for 100 recipients, lines of 60 KB that next hops refuse), and a
+    /// message without an empty line returned whole. Each reason is one short line, and
+    /// only header lines go back, at most 64 KiB of them.
+    #[test]
+    fn hostile_replies_and_messages_give_a_bounded_dsn() {
+        let env = Envelope::new("alice@corp.example", vec![]);
+        let huge = format!("550 5.1.1 {}", "L".repeat(4096).repeat(128));
+        let failures: Vec<Failure> = (0..100)
+            .map(|i| Failure {
+                recipient: format!("r{i}@huge.example"),
+                reason: huge.clone(),
+                expired: false,
+            })
+            .collect();
+        let mut original = b"Subject: hi\r\nX-Folded: a\r\n b\r\n".to_vec();
+        for _ in 0..5000 {
+            original.extend_from_slice(&[b'B'; 900]);
+            original.extend_from_slice(b"\r\n");
+        }
+        let (_, dsn) = build("r", &env, &original, &failures, 0, "x5").unwrap();
+        assert!(dsn.len() < 200 * 1024, "{} bytes", dsn.len());
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(text.lines().all(|l| l.len() <= 998), "a line over 998");
+        assert!(text.contains("Status: 5.1.1\r\n"));
+        assert!(text.contains("X-Folded: a\r\n b\r\n"), "{text}");
+        assert!(!text.contains("BBBB"), "a body line went back");
+
+        // A header section of many real fields: whole lines up to 64 KiB.
+        let mut big = Vec::new();
+        for i in 0..10_000 {
+            big.extend_from_slice(format!("X-H{i}: {}\r\n", "v".repeat(40)).as_bytes());
+        }
+        big.extend_from_slice(b"\r\nbody\r\n");
+        let returned = header_section(&big);
+        assert!(returned.len() <= MAX_RETURNED_HEADERS && returned.len() > 60_000);
+        assert!(returned.ends_with(b"\r\n"));
+        assert_eq!(header_section(b"no header\r\n\r\n"), b"");
+        assert_eq!(header_section(b" leading: space\r\n"), b"");
+        assert_eq!(brief("550 5.7.1 a\r\n\tb"), "550 5.7.1 a   b");
+    }
+
+    /// The DSN of mail from a UTF-8 sender (SMTPUTF8) carries UTF-8 addresses: RFC 6533's
+    /// types, sent with SMTPUTF8. It once went without, and a next hop refused it.
+    #[test]
+    fn a_dsn_with_utf8_addresses_is_a_global_report_sent_with_smtputf8() {
+        let env = Envelope::new("jörg@corp.example", vec![]);
+        let failures = [Failure {
+            recipient: "bob@partner.example".into(),
+            reason: "550 5.1.1 no".into(),
+            expired: false,
+        }];
+        let (dsn_env, dsn) = build("r", &env, b"Subject: x\r\n\r\n", &failures, 0, "x6").unwrap();
+        assert!(dsn_env.smtputf8);
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(text.contains("Content-Type: message/global-delivery-status\r\n"));
+        assert!(text.contains("Content-Type: message/global-headers\r\n"));
+        let ascii = Envelope::new("alice@corp.example", vec![]);
+        let (dsn_env, dsn) = build("r", &ascii, b"Subject: x\r\n\r\n", &failures, 0, "x7").unwrap();
+        assert!(!dsn_env.smtputf8);
+        assert!(
+            String::from_utf8(dsn)
+                .unwrap()
+                .contains("message/delivery-status")
+        );
     }
 }
