@@ -382,14 +382,34 @@ pub fn parse_txt(records: &[String]) -> Option<Vec<String>> {
     })?;
     let uris: Vec<String> = rua
         .split(',')
-        .map(|u| u.trim().to_string())
-        .filter(|u| {
-            let lower = u.to_ascii_lowercase();
-            (lower.starts_with("mailto:") && u.len() > 7 && u.contains('@'))
-                || lower.starts_with("https://")
-        })
+        .filter_map(|u| usable_rua(u.trim()))
         .collect();
     (!uris.is_empty()).then_some(uris)
+}
+
+/// A reporting URI as the relay uses it, or `None`. The TXT record is anyone's text (an
+/// audit's domain published CR LF in it, forging log lines and writing headers and a
+/// body into the report message), so:
+/// - `mailto:` (RFC 6068): the address, percent-decoded, without `?…`, must be one plain
+///   ASCII mailbox (`pattern::is_mailbox`); it comes back as `mailto:ADDRESS`;
+/// - `https://`: printable ASCII without spaces, at most 2048 bytes.
+fn usable_rua(uri: &str) -> Option<String> {
+    let scheme = uri.get(..8).map(str::to_ascii_lowercase);
+    if scheme.as_deref() == Some("https://") {
+        return (uri.len() <= 2048 && uri.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| uri.to_string());
+    }
+    let rest = uri
+        .get(7..)
+        .filter(|_| uri[..7].eq_ignore_ascii_case("mailto:"))?;
+    let encoded = rest.split('?').next().unwrap_or(rest);
+    let address = percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()?;
+    (address.is_ascii()
+        && address.bytes().all(|b| b.is_ascii_graphic())
+        && altroute_policy::pattern::is_mailbox(&address))
+    .then(|| format!("mailto:{address}"))
 }
 
 /// One report made by [`generate`].
@@ -459,11 +479,11 @@ pub async fn generate(
                 .get(7..)
                 .filter(|_| uri[..7].eq_ignore_ascii_case("mailto:"))
             else {
-                tracing::warn!(%domain, rua = %uri, "HTTPS report submission is not implemented; report kept on disk");
+                tracing::warn!(%domain, rua = ?uri, "HTTPS report submission is not implemented; report kept on disk");
                 continue;
             };
-            // A mailto URI may carry ?subject=…; only the address matters here.
-            let addr = addr.split('?').next().unwrap_or(addr).to_string();
+            // `parse_txt` kept only `mailto:` and one plain mailbox.
+            let addr = addr.to_string();
             if let (true, Some(spool)) = (settings.submit, spool) {
                 let now = spool.clock().now();
                 let (env, msg) = report_message(settings, &domain, &addr, start, &report, now)?;
@@ -737,6 +757,28 @@ mod tests {
         assert_eq!(
             parse_txt(&s(&["v=spf1 -all", "v=TLSRPTv1; rua=mailto:a@x"])),
             Some(vec!["mailto:a@x".to_string()])
+        );
+    }
+
+    /// A TXT record is anyone's text: an audit's domain published CR LF in its rua and
+    /// forged log lines, and wrote headers and a body into the report message.
+    #[test]
+    fn hostile_reporting_uris_are_not_used() {
+        let s = |v: &str| vec![v.to_string()];
+        for bad in [
+            "v=TLSRPTv1; rua=mailto:rep@ok.test>\r\nX-Injected: yes",
+            "v=TLSRPTv1; rua=mailto:rep@ok.test%3E%0D%0AX-Injected:%20yes",
+            "v=TLSRPTv1; rua=mailto:a%40b@ok.test",
+            "v=TLSRPTv1; rua=mailto:",
+            "v=TLSRPTv1; rua=mailto:r\u{e9}p@ok.test",
+            "v=TLSRPTv1; rua=https://r.ok.test/\n2026 INFO forged",
+            "v=TLSRPTv1; rua=https://r.ok.test/ x",
+        ] {
+            assert_eq!(parse_txt(&s(bad)), None, "{bad:?}");
+        }
+        assert_eq!(
+            parse_txt(&s("v=TLSRPTv1; rua=MAILTO:tls%2Brpt@ok.test?subject=hi")),
+            Some(vec!["mailto:tls+rpt@ok.test".to_string()])
         );
     }
 
