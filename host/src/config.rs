@@ -123,6 +123,10 @@ pub struct Relay {
     pub users_file: Option<PathBuf>,
     /// The users read from `users_file`: (user, SHA-256 of the password).
     pub users: Vec<(String, [u8; 32])>,
+    /// Where mail to `postmaster` (RFC 5321 §4.5.1, the only mailbox without a domain)
+    /// goes: the relay has no mailboxes of its own. Without it, `RCPT TO:<postmaster>` is
+    /// refused (`550 5.1.1`) rather than accepted and never delivered.
+    pub postmaster: Option<String>,
 }
 
 /// `[spool]`.
@@ -239,6 +243,7 @@ struct RawRelay {
     allow_networks: Option<Vec<String>>,
     client_ca: Option<String>,
     users_file: Option<String>,
+    postmaster: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -469,6 +474,14 @@ impl Config {
             "allows every address: that is an open relay",
         );
         let client_ca = c.file("relay.client_ca", r.client_ca.as_ref());
+        let postmaster = r.postmaster.clone();
+        if let Some(p) = &postmaster
+            && !(p.is_ascii() && altroute_policy::pattern::is_mailbox(p))
+        {
+            c.problem(format!(
+                "relay.postmaster: {p:?} is not a plain ASCII mailbox (user@domain)"
+            ));
+        }
         let users_file = c.file("relay.users_file", r.users_file.as_ref());
         if s.tls_cert.is_none() {
             if r.client_ca.is_some() {
@@ -607,6 +620,7 @@ impl Config {
                 client_ca,
                 users_file,
                 users,
+                postmaster,
             },
             spool: SpoolSection { dir: spool_dir },
             delivery: Delivery {
@@ -830,6 +844,7 @@ tls_cert = "missing.pem"
 [relay]
 allow_networks = ["10.0.0.0/33", "0.0.0.0/0", "::1"]
 users_file = "users"
+postmaster = "postmaster"
 [spool]
 dri = "/x"
 [admin]
@@ -846,6 +861,7 @@ listen = "0.0.0.0:8025"
             "relay.allow_networks[0]",
             "open relay",
             "relay.users_file",
+            "relay.postmaster",
             "policy.file: required",
             "admin.listen",
         ] {

@@ -34,6 +34,8 @@ pub struct Inbound {
     client_certs: bool,
     users: Vec<(String, [u8; 32])>,
     max_hops: usize,
+    /// `relay.postmaster`: where mail to `postmaster` goes.
+    postmaster: Option<String>,
     spool: Spool,
     metrics: Arc<Metrics>,
 }
@@ -47,6 +49,7 @@ impl Inbound {
             client_certs: config.relay.client_ca.is_some(),
             users: config.relay.users.clone(),
             max_hops: config.server.max_hops,
+            postmaster: config.relay.postmaster.clone(),
             spool,
             metrics,
         }
@@ -96,8 +99,23 @@ impl Handler for Inbound {
     /// `bob%partner.example@localhost` to bob@partner.example), and the contract refuses
     /// it as a fact, so the mail could only be deferred until it expired. The SMTP edge
     /// filter refuses the same addresses.
+    ///
+    /// `postmaster` (no domain) is taken only when `relay.postmaster` names where it goes
+    /// (it is stored as that address): the relay has no mailboxes, and an audit's message
+    /// to it was accepted, then deferred for the whole queue lifetime.
     async fn rcpt_to(&self, _session: &SessionInfo, _envelope: &Envelope, rcpt: &str) -> Reply {
-        if !rcpt.eq_ignore_ascii_case("postmaster") && !askable(rcpt) {
+        if rcpt.eq_ignore_ascii_case("postmaster") {
+            if self.postmaster.is_none() {
+                self.metrics.reject_rcpt("no_postmaster");
+                return Reply::new(
+                    550,
+                    (5, 1, 1),
+                    "No postmaster mailbox here: this relay has no mailboxes of its own",
+                );
+            }
+            return Reply::new(250, (2, 1, 5), "Recipient OK");
+        }
+        if !askable(rcpt) {
             self.metrics.reject_rcpt("bad_address");
             return Reply::new(501, (5, 1, 3), NOT_ASKABLE);
         }
@@ -137,8 +155,16 @@ impl Handler for Inbound {
                 format!("too many hops ({hops} Received: headers); mail loop?"),
             );
         }
-        let mut env =
-            altroute_queue::Envelope::new(envelope.mail_from.clone(), envelope.rcpt_to.clone());
+        // `postmaster` is accepted only with `relay.postmaster` set (see `rcpt_to`).
+        let rcpt_to = envelope
+            .rcpt_to
+            .iter()
+            .map(|r| match &self.postmaster {
+                Some(p) if r.eq_ignore_ascii_case("postmaster") => p.clone(),
+                _ => r.clone(),
+            })
+            .collect();
+        let mut env = altroute_queue::Envelope::new(envelope.mail_from.clone(), rcpt_to);
         env.requiretls = envelope.requiretls;
         env.tls_required_no = has_tls_required_no(&message);
         env.received_from = Some(session.peer.ip().to_string());

@@ -321,6 +321,48 @@ fn addresses_read_as_another_mailbox_are_refused() {
     assert!(relay.stop().success());
 }
 
+/// `RCPT TO:<postmaster>` (RFC 5321 §4.5.1): the relay has no mailboxes, so it takes it
+/// only when `relay.postmaster` says where it goes, and stores it as that address. An
+/// audit's message to it was accepted, then deferred as a policy fault for the whole
+/// queue lifetime.
+#[test]
+fn postmaster_goes_where_the_configuration_says_or_is_refused() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut bare = Relay::start(RelayConfig::new());
+    let replies = rt.block_on(async {
+        let mut c = SmtpConn::connect(bare.config.smtp, None).await.unwrap();
+        let mut out = vec![c.cmd("MAIL FROM:<a@x.test>").await.unwrap()];
+        out.push(c.cmd("RCPT TO:<Postmaster>").await.unwrap());
+        out
+    });
+    assert!(replies[1].1.starts_with("550 5.1.1"), "{replies:?}");
+    let (_, metrics) = bare.admin_get("/metrics");
+    assert!(
+        metrics.contains("altroute_recipients_rejected_total{reason=\"no_postmaster\"} 1"),
+        "{metrics}"
+    );
+    assert!(bare.stop().success());
+
+    let mut config = RelayConfig::new();
+    config.relay_extra = "postmaster = \"ops@corp.test\"\n".into();
+    let mut relay = Relay::start(config);
+    rt.block_on(async {
+        let mut c = SmtpConn::connect(relay.config.smtp, None).await.unwrap();
+        let msg = b"Subject: abuse report\r\nMessage-ID: <pm@t>\r\n\r\nhi\r\n";
+        let r = c
+            .send("a@x.test", &["postmaster", "b@y.test"], msg)
+            .await
+            .unwrap();
+        assert_eq!(r.0, 250, "{r:?}");
+    });
+    assert!(relay.stop().success());
+    let spool = relay.open_spool();
+    let stored = spool_messages(&spool);
+    assert_eq!(stored.len(), 1);
+    let e = spool.entry(&stored[0].0).unwrap();
+    assert_eq!(e.envelope.rcpt_to, vec!["ops@corp.test", "b@y.test"]);
+}
+
 #[test]
 fn clients_outside_allow_networks_cannot_relay() {
     let mut config = RelayConfig::new();
