@@ -170,6 +170,10 @@ impl Handler for Inbound {
         env.received_from = Some(session.peer.ip().to_string());
         env.env_id = envelope.env_id.clone();
         env.smtputf8 = envelope.smtputf8;
+        env.ret = envelope.ret;
+        if envelope.rcpt_dsn.iter().any(|d| !d.is_empty()) {
+            env.dsn = envelope.rcpt_dsn.clone();
+        }
 
         let trace = received_field(&self.hostname, session, envelope);
         let mut stored = Vec::with_capacity(trace.len() + message.len());

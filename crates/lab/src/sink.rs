@@ -78,6 +78,9 @@ pub struct SinkConfig {
     pub advertise_requiretls: bool,
     /// Whether EHLO advertises SMTPUTF8 (RFC 6531). Defaults to false.
     pub advertise_smtputf8: bool,
+    /// Whether EHLO advertises DSN (RFC 3461; the parameters are only recorded, in
+    /// [`SinkSession::commands`]). Defaults to false.
+    pub advertise_dsn: bool,
     /// Whether the sink hangs up right after refusing a transaction at DATA (the `554`
     /// to a DATA without an accepted recipient, or the [`SinkMode`] refusal after the
     /// data), as some servers do after a permanent error: the client's RSET then meets
@@ -95,6 +98,7 @@ impl SinkConfig {
             mode: SinkMode::Accept,
             advertise_requiretls: false,
             advertise_smtputf8: false,
+            advertise_dsn: false,
             hang_up_after_refusal: false,
         }
     }
@@ -384,6 +388,9 @@ where
                 }
                 if config.advertise_smtputf8 {
                     lines.push("SMTPUTF8".to_owned());
+                }
+                if config.advertise_dsn {
+                    lines.push("DSN".to_owned());
                 }
                 write_multiline(conn, 250, &lines).await?;
             }

@@ -30,9 +30,21 @@ pub struct Envelope {
     /// `MAIL FROM ... SMTPUTF8` (RFC 6531).
     #[serde(default)]
     pub smtputf8: bool,
+    /// DSN `RET=` (RFC 3461).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<altroute_smtp::dsn::Ret>,
+    /// The DSN parameters (`NOTIFY`, `ORCPT`) of each of `rcpt_to` (same order), or
+    /// empty: none given. Missing entries are "none given".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dsn: Vec<altroute_smtp::dsn::RcptDsn>,
 }
 
 impl Envelope {
+    /// The DSN parameters of recipient `index` (none given when absent).
+    pub fn dsn_of(&self, index: usize) -> altroute_smtp::dsn::RcptDsn {
+        self.dsn.get(index).cloned().unwrap_or_default()
+    }
+
     /// An envelope with the given sender and recipients and every other field at its
     /// default (no REQUIRETLS, received now).
     pub fn new(mail_from: impl Into<String>, rcpt_to: Vec<String>) -> Self {
@@ -45,6 +57,8 @@ impl Envelope {
             received_at: 0,
             env_id: None,
             smtputf8: false,
+            ret: None,
+            dsn: Vec::new(),
         }
     }
 }

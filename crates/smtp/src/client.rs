@@ -376,13 +376,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
         if envelope.requiretls {
             mail.push_str(" REQUIRETLS");
         }
+        // The DSN parameters only to a server that offers DSN (RFC 3461 §4); the caller
+        // reports `relayed` where the sender asked for success notices.
         if let (Some(id), true) = (&envelope.env_id, self.caps.dsn) {
             mail.push_str(&format!(" ENVID={}", crate::address::xtext(id)));
+        }
+        if let (Some(ret), true) = (envelope.ret, self.caps.dsn) {
+            mail.push_str(&format!(" RET={}", ret.as_str()));
         }
         mail.push_str("\r\n");
         let rcpts: Vec<String> = rcpt_to
             .iter()
-            .map(|r| format!("RCPT TO:<{r}>\r\n"))
+            .enumerate()
+            .map(|(i, r)| {
+                let mut line = format!("RCPT TO:<{r}>");
+                if let (Some(dsn), true) = (envelope.rcpt_dsn.get(i), self.caps.dsn) {
+                    if let Some(notify) = dsn.notify.to_param() {
+                        line.push_str(&format!(" NOTIFY={notify}"));
+                    }
+                    if let Some(orcpt) = &dsn.orcpt {
+                        line.push_str(&format!(" ORCPT=rfc822;{}", crate::address::xtext(orcpt)));
+                    }
+                }
+                line.push_str("\r\n");
+                line
+            })
             .collect();
         let t = self.config.command_timeout;
         let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {

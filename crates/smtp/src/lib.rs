@@ -81,6 +81,7 @@ pub mod address;
 pub mod client;
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod reply;
 pub mod server;
 pub mod verify;

@@ -90,8 +90,13 @@ pub struct Envelope {
     pub size: Option<u64>,
     /// DSN `ENVID=`.
     pub env_id: Option<String>,
+    /// DSN `RET=`.
+    pub ret: Option<crate::dsn::Ret>,
     /// Accepted recipients, in order.
     pub rcpt_to: Vec<String>,
+    /// The DSN parameters of each of `rcpt_to` (same order), or empty: none given. A
+    /// client may leave it empty or shorter.
+    pub rcpt_dsn: Vec<crate::dsn::RcptDsn>,
 }
 
 /// How a session ended (errors aside).
@@ -484,7 +489,7 @@ impl<H: Handler> Session<H> {
                     conn.push(&reply);
                 }
                 Request::Rcpt { to } => {
-                    let reply = self.rcpt(to.address).await;
+                    let reply = self.rcpt(to).await;
                     conn.push(&reply);
                 }
                 Request::Data => {
@@ -559,6 +564,7 @@ impl<H: Handler> Session<H> {
             "8BITMIME".into(),
             format!("SIZE {}", c.max_message_size),
             "ENHANCEDSTATUSCODES".into(),
+            "DSN".into(),
         ]);
         if c.smtputf8 {
             text.push("SMTPUTF8".into());
@@ -604,6 +610,9 @@ impl<H: Handler> Session<H> {
             return Reply::new(501, (5, 1, 7), "Bad sender address syntax");
         }
         let f = from.flags;
+        if f & smtp_proto::MAIL_RET_FULL != 0 && f & smtp_proto::MAIL_RET_HDRS != 0 {
+            return Reply::new(501, (5, 5, 4), "Duplicate parameter RET");
+        }
         if f & smtp_proto::MAIL_BODY_BINARYMIME != 0
             || from.trans_id.is_some()
             || from.mtrk.is_some()
@@ -646,7 +655,15 @@ impl<H: Handler> Session<H> {
             smtputf8,
             size,
             env_id: from.env_id,
+            ret: if f & smtp_proto::MAIL_RET_FULL != 0 {
+                Some(crate::dsn::Ret::Full)
+            } else if f & smtp_proto::MAIL_RET_HDRS != 0 {
+                Some(crate::dsn::Ret::Hdrs)
+            } else {
+                None
+            },
             rcpt_to: Vec::new(),
+            rcpt_dsn: Vec::new(),
         };
         let reply = self.handler.mail_from(&self.info, &envelope).await;
         if reply.is_positive() {
@@ -655,9 +672,33 @@ impl<H: Handler> Session<H> {
         reply
     }
 
-    async fn rcpt(&mut self, address: String) -> Reply {
+    async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Reply {
         let Some(envelope) = self.envelope.as_ref() else {
             return Reply::new(503, (5, 5, 1), "Need MAIL command first");
+        };
+        let address = to.address;
+        // RFC 3461 §4: NOTIFY and ORCPT; anything else this server does not offer.
+        if to.rrvs != 0 || to.flags & smtp_proto::RCPT_CONNEG != 0 {
+            return Reply::new(555, (5, 5, 4), "Unsupported RCPT parameter");
+        }
+        let Some(notify) = crate::dsn::Notify::from_flags(to.flags) else {
+            return Reply::new(501, (5, 5, 4), "NOTIFY=NEVER cannot be combined");
+        };
+        // The original recipient goes into DSNs and on to DSN next hops: one line.
+        if to
+            .orcpt
+            .as_ref()
+            .is_some_and(|o| o.bytes().any(crate::address::is_control))
+        {
+            return Reply::new(
+                501,
+                (5, 5, 4),
+                "Control characters are not allowed in ORCPT",
+            );
+        }
+        let dsn = crate::dsn::RcptDsn {
+            notify,
+            orcpt: to.orcpt,
         };
         if envelope.rcpt_to.len() >= self.config.max_recipients {
             return Reply::new(452, (4, 5, 3), "Too many recipients");
@@ -678,6 +719,7 @@ impl<H: Handler> Session<H> {
             && let Some(envelope) = self.envelope.as_mut()
         {
             envelope.rcpt_to.push(address);
+            envelope.rcpt_dsn.push(dsn);
         }
         reply
     }

@@ -39,6 +39,9 @@ pub enum Outcome {
         route: String,
         /// Already written to the spool, right after the transaction (see `at_host`).
         recorded: bool,
+        /// The next hop does not offer DSN (RFC 3461 §6.2.2): where the sender asked for
+        /// success notices, the relay sends one (`Action: relayed`).
+        relayed: bool,
     },
     /// Try again later.
     Deferred {
@@ -740,6 +743,8 @@ async fn send_to(
         smtputf8: env.smtputf8 && needs_smtputf8(&env.mail_from, &send, message),
         size: Some(message.len() as u64),
         env_id: env.env_id.clone(),
+        ret: env.ret,
+        rcpt_dsn: send.iter().map(|(r, _)| env.dsn_of(r.index)).collect(),
         // As stored, with the domain the question named: the query's form is quoted.
         rcpt_to: send
             .iter()
@@ -764,6 +769,7 @@ async fn send_to(
                         via: via.clone(),
                         route: d.route.to_string(),
                         recorded: false,
+                        relayed: !session.client.capabilities().dsn,
                     },
                     (Some(_), Some(data)) => reply_outcome(data),
                     _ => Outcome::Deferred {

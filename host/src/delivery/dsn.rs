@@ -9,6 +9,8 @@ use altroute_smtp::address::for_header;
 /// One recipient that failed for good.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
+    /// Its place in the envelope (for its DSN parameters: `NOTIFY`, `ORCPT`).
+    pub index: usize,
     /// The recipient address.
     pub recipient: String,
     /// The last reply or reason (an SMTP reply when there was one).
@@ -40,8 +42,22 @@ impl Failure {
     }
 }
 
+/// One recipient handed to a next hop that does not offer DSN, whose sender asked for
+/// success notices (`NOTIFY=SUCCESS`): RFC 3461 §6.2.2's `relayed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    /// Its place in the envelope.
+    pub index: usize,
+    /// The recipient address.
+    pub recipient: String,
+    /// The next hop that took it (host, address, TLS).
+    pub via: String,
+}
+
 /// Builds the DSN for `failures` of the message (`envelope`, `original`) and its
-/// envelope, or `None` when the message had the null sender.
+/// envelope, or `None` when there is nothing to send: the message had the null sender,
+/// or no failed recipient asked for failure notices (`NOTIFY=NEVER`, or `NOTIFY`
+/// without `FAILURE`).
 pub fn build(
     reporting_mta: &str,
     envelope: &Envelope,
@@ -50,26 +66,138 @@ pub fn build(
     now: Timestamp,
     unique: &str,
 ) -> Option<(Envelope, Vec<u8>)> {
-    if envelope.mail_from.is_empty() || failures.is_empty() {
+    let entries: Vec<Entry> = failures
+        .iter()
+        .filter(|f| envelope.dsn_of(f.index).notify.on_failure())
+        .map(|f| Entry {
+            index: f.index,
+            recipient: &f.recipient,
+            action: "failed",
+            status: f.status(),
+            human: if f.expired {
+                format!("gave up after the queue lifetime; last error: {}", f.reason)
+            } else {
+                f.reason.clone()
+            },
+            diagnostic: Some(&f.reason),
+        })
+        .collect();
+    compose(
+        reporting_mta,
+        envelope,
+        original,
+        &entries,
+        Kind::Failure,
+        now,
+        unique,
+    )
+}
+
+/// Builds the success notice (`Action: relayed`) for `relayed` recipients that asked
+/// for one, or `None` (null sender, nobody asked).
+pub fn build_relayed(
+    reporting_mta: &str,
+    envelope: &Envelope,
+    original: &[u8],
+    relayed: &[Relayed],
+    now: Timestamp,
+    unique: &str,
+) -> Option<(Envelope, Vec<u8>)> {
+    let entries: Vec<Entry> = relayed
+        .iter()
+        .filter(|r| envelope.dsn_of(r.index).notify.on_success())
+        .map(|r| Entry {
+            index: r.index,
+            recipient: &r.recipient,
+            action: "relayed",
+            status: "2.0.0".to_string(),
+            human: format!(
+                "relayed to {}, which does not report delivery (no DSN support)",
+                r.via
+            ),
+            diagnostic: None,
+        })
+        .collect();
+    compose(
+        reporting_mta,
+        envelope,
+        original,
+        &entries,
+        Kind::Relayed,
+        now,
+        unique,
+    )
+}
+
+/// One recipient's lines in a report.
+struct Entry<'a> {
+    index: usize,
+    recipient: &'a str,
+    action: &'static str,
+    status: String,
+    human: String,
+    diagnostic: Option<&'a str>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Failure,
+    Relayed,
+}
+
+/// At most this big a message goes back whole with `RET=FULL` (Postfix's
+/// `bounce_size_limit` is 50 KB); a bigger one, its headers only.
+pub const MAX_RETURNED_MESSAGE: usize = 64 * 1024;
+
+fn compose(
+    reporting_mta: &str,
+    envelope: &Envelope,
+    original: &[u8],
+    entries: &[Entry],
+    kind: Kind,
+    now: Timestamp,
+    unique: &str,
+) -> Option<(Envelope, Vec<u8>)> {
+    if envelope.mail_from.is_empty() || entries.is_empty() {
         return None;
     }
     let boundary = format!("altroute-dsn-{unique}");
     let headers = header_section(original);
-    // RFC 6533: a report with UTF-8 in its addresses or returned headers is a
-    // `message/global-delivery-status` with `message/global-headers`, and goes with
-    // SMTPUTF8 (a next hop without it cannot take it, RFC 6531 §3.4).
+    // RET=FULL (RFC 3461 §4.3): the whole message, when it is small enough; otherwise,
+    // and by default, its headers.
+    let full = envelope.ret == Some(altroute_smtp::dsn::Ret::Full)
+        && original.len() <= MAX_RETURNED_MESSAGE;
+    let returned = if full { original } else { headers };
+    // RFC 6533: a report with UTF-8 in its addresses or returned text is a
+    // `message/global-delivery-status` with `message/global-headers` (or
+    // `message/global`), and goes with SMTPUTF8 (a next hop without it cannot take it,
+    // RFC 6531 §3.4).
     let utf8 = !envelope.mail_from.is_ascii()
-        || failures.iter().any(|f| !f.recipient.is_ascii())
-        || !headers.is_ascii();
+        || entries.iter().any(|e| !e.recipient.is_ascii())
+        || entries.iter().any(|e| {
+            envelope
+                .dsn_of(e.index)
+                .orcpt
+                .is_some_and(|o| !o.is_ascii())
+        })
+        || !headers.is_ascii()
+        || full && !original.is_ascii();
     let date = rfc5322_date(now);
     let mut m = String::new();
     m.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n"
     ));
     m.push_str(&format!("To: <{}>\r\n", for_header(&envelope.mail_from)));
-    m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    m.push_str(match kind {
+        Kind::Failure => "Subject: Undelivered Mail Returned to Sender\r\n",
+        Kind::Relayed => "Subject: Successful Mail Delivery Report\r\n",
+    });
     m.push_str(&format!("Date: {date}\r\n"));
-    m.push_str(&format!("Message-ID: <{unique}.dsn@{reporting_mta}>\r\n"));
+    let tag = match kind {
+        Kind::Failure => "dsn",
+        Kind::Relayed => "relayed",
+    };
+    m.push_str(&format!("Message-ID: <{unique}.{tag}@{reporting_mta}>\r\n"));
     m.push_str("Auto-Submitted: auto-replied\r\n");
     m.push_str("MIME-Version: 1.0\r\n");
     m.push_str(&format!(
@@ -86,18 +214,17 @@ pub fn build(
         "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
     });
     m.push_str(&format!(
-        "This is the mail system at {reporting_mta}.\r\n\r\nYour message could not be delivered to the following recipients:\r\n\r\n"
+        "This is the mail system at {reporting_mta}.\r\n\r\n"
     ));
-    for f in failures {
-        let why = if f.expired {
-            format!("gave up after the queue lifetime; last error: {}", f.reason)
-        } else {
-            f.reason.clone()
-        };
+    m.push_str(match kind {
+        Kind::Failure => "Your message could not be delivered to the following recipients:\r\n\r\n",
+        Kind::Relayed => "Your message was handed on for the following recipients, as you asked to be told:\r\n\r\n",
+    });
+    for e in entries {
         m.push_str(&format!(
             "<{}>: {}\r\n",
-            for_header(&f.recipient),
-            brief(&why)
+            for_header(e.recipient),
+            brief(&e.human)
         ));
     }
 
@@ -118,29 +245,41 @@ pub fn build(
             rfc5322_date(envelope.received_at)
         ));
     }
-    for f in failures {
+    for e in entries {
         m.push_str("\r\n");
+        if let Some(orcpt) = envelope.dsn_of(e.index).orcpt {
+            m.push_str(&format!(
+                "Original-Recipient: rfc822; {}\r\n",
+                for_header(&orcpt)
+            ));
+        }
         m.push_str(&format!(
             "Final-Recipient: rfc822; {}\r\n",
-            for_header(&f.recipient)
+            for_header(e.recipient)
         ));
-        m.push_str("Action: failed\r\n");
-        m.push_str(&format!("Status: {}\r\n", f.status()));
-        m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", brief(&f.reason)));
+        m.push_str(&format!("Action: {}\r\n", e.action));
+        m.push_str(&format!("Status: {}\r\n", e.status));
+        if let Some(d) = e.diagnostic {
+            m.push_str(&format!("Diagnostic-Code: smtp; {}\r\n", brief(d)));
+        }
         // No `Will-Retry-Until`, even for an expiry: RFC 3464 §2.3.7 defines it for
-        // `Action: delayed` only, and these notices are all `failed`.
+        // `Action: delayed` only, and these notices are `failed` or `relayed`.
         m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
     }
 
-    // The original headers (RFC 3462 text/rfc822-headers).
+    // The original message or its headers (RFC 3462 text/rfc822-headers).
     m.push_str(&format!("\r\n--{boundary}\r\n"));
-    m.push_str(if utf8 {
-        "Content-Type: message/global-headers\r\n\r\n"
-    } else {
-        "Content-Type: text/rfc822-headers\r\n\r\n"
+    m.push_str(match (full, utf8) {
+        (true, true) => "Content-Type: message/global\r\n\r\n",
+        (true, false) => "Content-Type: message/rfc822\r\n\r\n",
+        (false, true) => "Content-Type: message/global-headers\r\n\r\n",
+        (false, false) => "Content-Type: text/rfc822-headers\r\n\r\n",
     });
     let mut body = m.into_bytes();
-    body.extend_from_slice(headers);
+    body.extend_from_slice(returned);
+    if !returned.ends_with(b"\r\n") && !returned.is_empty() {
+        body.extend_from_slice(b"\r\n");
+    }
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
 
     let mut dsn_env = Envelope::new("", vec![envelope.mail_from.clone()]);
@@ -247,6 +386,7 @@ mod tests {
         let mut env = Envelope::new("alice@corp.example", vec!["bob@partner.example".into()]);
         env.received_at = 1_700_000_000;
         let failures = [Failure {
+            index: 0,
             recipient: "bob@partner.example".into(),
             reason: "550 5.7.10 TLS required for this recipient but unavailable".into(),
             expired: false,
@@ -288,6 +428,7 @@ mod tests {
         let mut env = Envelope::new("alice@corp.example", vec!["bob@partner.example".into()]);
         env.received_at = 1_700_000_000;
         let failures = [Failure {
+            index: 0,
             recipient: "bob@partner.example".into(),
             reason: "451 4.4.1 no answer from the MX hosts".into(),
             expired: true,
@@ -320,6 +461,7 @@ mod tests {
         let huge = format!("550 5.1.1 {}", "L".repeat(4096).repeat(128));
         let failures: Vec<Failure> = (0..100)
             .map(|i| Failure {
+                index: i,
                 recipient: format!("r{i}@huge.example"),
                 reason: huge.clone(),
                 expired: false,
@@ -358,6 +500,7 @@ mod tests {
     fn a_dsn_with_utf8_addresses_is_a_global_report_sent_with_smtputf8() {
         let env = Envelope::new("jörg@corp.example", vec![]);
         let failures = [Failure {
+            index: 0,
             recipient: "bob@partner.example".into(),
             reason: "550 5.1.1 no".into(),
             expired: false,

@@ -501,6 +501,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     // leaves a final recipient whose sender was not told. The worst case is a second DSN
     // (the recipient bounces again at its next attempt), never none.
     let mut finals: Vec<Final> = Vec::new();
+    let mut relayed: Vec<dsn::Relayed> = Vec::new();
     for (domain, indices) in by_domain {
         // Every log line of the attempt carries the queue id and the domain (span fields).
         let span = tracing::info_span!("delivery", queue_id = %id, domain = %domain);
@@ -535,6 +536,17 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
         for (i, outcome) in outcomes {
             let rcpt = entry.envelope.rcpt_to.get(i).map_or("", String::as_str);
             let attempts = entry.recipients.get(i).map_or(0, |r| r.attempts());
+            if let Outcome::Delivered {
+                via, relayed: true, ..
+            } = &outcome
+                && entry.envelope.dsn_of(i).notify.on_success()
+            {
+                relayed.push(dsn::Relayed {
+                    index: i,
+                    recipient: rcpt.to_owned(),
+                    via: via.clone(),
+                });
+            }
             let recorded = match outcome {
                 Outcome::Delivered {
                     recorded: true,
@@ -594,6 +606,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
         }
     }
     unrecorded += record_finals(ctx, &entry, &message, finals).await;
+    report_relayed(ctx, &entry, &message, &relayed).await;
     if unrecorded > 0 {
         // Released as it is, the message would be claimed again at once (its recipients
         // are still due on disk) and attempted again in a tight loop, a delivered one
@@ -706,12 +719,39 @@ impl Final {
         Final {
             index,
             failure: dsn::Failure {
+                index,
                 recipient: recipient.to_owned(),
                 reason,
                 expired,
             },
             attempts,
             recorded: false,
+        }
+    }
+}
+
+/// Queues the success notice (`Action: relayed`) for recipients handed to next hops
+/// without DSN whose sender asked for one (`NOTIFY=SUCCESS`). Best effort: the
+/// deliveries are recorded whatever happens here, and a notice that cannot be queued is
+/// logged.
+async fn report_relayed(ctx: &Ctx, entry: &QueueEntry, message: &[u8], relayed: &[dsn::Relayed]) {
+    let Some((env, body)) = dsn::build_relayed(
+        &ctx.settings.hostname,
+        &entry.envelope,
+        message,
+        relayed,
+        ctx.spool.clock().now(),
+        entry.id.as_str(),
+    ) else {
+        return;
+    };
+    match ctx.spool.store(env, body).await {
+        Ok(dsn_id) => {
+            ctx.metrics.dsns.inc();
+            tracing::info!(queue_id = %entry.id, dsn = %dsn_id, recipients = relayed.len(), "success notice (relayed) queued to the sender");
+        }
+        Err(e) => {
+            tracing::error!(queue_id = %entry.id, error = %e, "cannot queue the success notice (relayed)");
         }
     }
 }
@@ -820,8 +860,9 @@ pub async fn operator_bounce(
             .collect();
         let failures: Vec<dsn::Failure> = open
             .iter()
-            .filter_map(|&i| entry.envelope.rcpt_to.get(i))
-            .map(|rcpt| dsn::Failure {
+            .filter_map(|&i| entry.envelope.rcpt_to.get(i).map(|r| (i, r)))
+            .map(|(index, rcpt)| dsn::Failure {
+                index,
                 recipient: rcpt.clone(),
                 reason: reason.to_string(),
                 expired: false,

@@ -208,6 +208,141 @@ async fn without_alternate_route_tls_failure_defers_or_bounces_with_dsn() {
     assert_eq!(relay.metrics.bounces.get(), 1);
 }
 
+/// The DSN extension (RFC 3461) end to end: `NOTIFY=NEVER` gets no failure notice (an
+/// audit saw one sent anyway: the parameters were accepted and dropped), a recipient
+/// without `NOTIFY` gets one, `RET=FULL` returns the message, `ORCPT` comes back as
+/// `Original-Recipient`. A next hop that offers DSN gets the parameters and reports
+/// itself; for one that does not, the relay sends `Action: relayed` where `NOTIFY=SUCCESS`
+/// asked for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_parameters_are_honoured_and_passed_on() {
+    use altroute_smtp::dsn::{Notify, RcptDsn, Ret};
+    let mut lab = Lab::new().await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let refuser = lab
+        .mx(
+            "refuse.test",
+            "mx.refuse.test",
+            Tls::None,
+            SinkMode::PermFail(FailAt::Rcpt),
+        )
+        .await;
+    let plain = lab
+        .mx("plain.test", "mx.plain.test", Tls::None, SinkMode::Accept)
+        .await;
+    lab.dsn = true;
+    let reporting = lab
+        .mx("dsn.test", "mx.dsn.test", Tls::None, SinkMode::Accept)
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+
+    let rcpts = [
+        "a@refuse.test",
+        "b@refuse.test",
+        "c@plain.test",
+        "d@dsn.test",
+    ];
+    let mut env = altroute_queue::Envelope::new(
+        "alice@corp.test",
+        rcpts.iter().map(|r| r.to_string()).collect(),
+    );
+    env.ret = Some(Ret::Full);
+    env.env_id = Some("env-1".into());
+    let success = Notify {
+        success: true,
+        ..Notify::default()
+    };
+    env.dsn = vec![
+        RcptDsn {
+            notify: Notify {
+                never: true,
+                ..Notify::default()
+            },
+            orcpt: None,
+        },
+        RcptDsn::default(),
+        RcptDsn {
+            notify: success,
+            orcpt: Some("C@Orig.test".into()),
+        },
+        RcptDsn {
+            notify: Notify {
+                success: true,
+                failure: true,
+                ..Notify::default()
+            },
+            orcpt: Some("d+x@orig.test".into()),
+        },
+    ];
+    let msg = b"From: <alice@corp.test>\r\nSubject: dsn\r\n\r\nconfidential body\r\n";
+    let id = relay.spool.store(env, msg.to_vec()).await.unwrap();
+    assert!(relay.removed(&id).await, "every recipient final");
+
+    let notices = lab.sinks[sender_mx]
+        .wait_for_messages(2, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(notices.len(), 2, "one failure notice, one success notice");
+    let texts: Vec<String> = notices
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    let failed = texts
+        .iter()
+        .find(|t| t.contains("Action: failed"))
+        .expect("a failure notice");
+    assert!(
+        failed.contains("Final-Recipient: rfc822; b@refuse.test"),
+        "{failed}"
+    );
+    assert!(!failed.contains("a@refuse.test"), "NOTIFY=NEVER: {failed}");
+    assert!(failed.contains("Original-Envelope-Id: env-1"), "{failed}");
+    assert!(failed.contains("Content-Type: message/rfc822"), "{failed}");
+    assert!(failed.contains("confidential body"), "RET=FULL: {failed}");
+    let relayed = texts
+        .iter()
+        .find(|t| t.contains("Action: relayed"))
+        .expect("a relayed notice");
+    assert!(
+        relayed.contains(
+            "Original-Recipient: rfc822; C@Orig.test\r\nFinal-Recipient: rfc822; c@plain.test"
+        ),
+        "{relayed}"
+    );
+    assert!(
+        !relayed.contains("d@dsn.test"),
+        "its next hop reports: {relayed}"
+    );
+    assert!(relayed.contains("Status: 2.0.0"), "{relayed}");
+
+    // The next hop with DSN got the parameters; the ones without, none.
+    let with = commands(&lab.sinks[reporting]);
+    assert!(
+        with.iter()
+            .any(|c| c.starts_with("MAIL FROM:<alice@corp.test>")
+                && c.contains(" ENVID=env-1")
+                && c.contains(" RET=FULL")),
+        "{with:?}"
+    );
+    assert!(
+        with.contains(
+            &"RCPT TO:<d@dsn.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;d+2Bx@orig.test".to_string()
+        ),
+        "{with:?}"
+    );
+    for sink in [plain, refuser] {
+        let without = commands(&lab.sinks[sink]);
+        assert!(
+            without
+                .iter()
+                .all(|c| !c.contains("NOTIFY") && !c.contains("RET=") && !c.contains("ORCPT")),
+            "{without:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requiretls_is_never_sent_in_clear_text() {
     // A policy without any rule: REQUIRETLS alone makes TLS required.

@@ -38,6 +38,8 @@ pub(crate) struct Lab {
     pub(crate) sinks: Vec<SmtpSink>,
     /// Sinks started from now on offer SMTPUTF8.
     pub(crate) smtputf8: bool,
+    /// Sinks started from now on offer DSN.
+    pub(crate) dsn: bool,
 }
 
 impl Lab {
@@ -53,6 +55,7 @@ impl Lab {
             port,
             sinks: Vec::new(),
             smtputf8: false,
+            dsn: false,
         }
     }
 
@@ -63,6 +66,7 @@ impl Lab {
         config.mode = mode;
         config.advertise_requiretls = true;
         config.advertise_smtputf8 = self.smtputf8;
+        config.advertise_dsn = self.dsn;
         config.starttls = match tls {
             Tls::None => None,
             Tls::Valid => Some(self.ca.issue(&[name], Validity::Valid).unwrap()),

@@ -428,3 +428,59 @@ async fn a_unicode_domain_must_be_a_valid_idn() {
         raw.cmd(line, expect).await;
     }
 }
+
+/// The DSN extension (RFC 3461): offered, and its parameters kept per recipient, with
+/// what the RFC forbids refused. The parameters were once accepted without DSN being
+/// offered and then dropped, so a `NOTIFY=NEVER` sender got a failure notice anyway.
+#[tokio::test]
+async fn dsn_parameters_are_kept_or_refused() {
+    use altroute_smtp::dsn::{Notify, Ret};
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    let ehlo = raw.cmd("EHLO client.test", "250").await;
+    assert!(ehlo.contains("250-DSN\r\n"), "{ehlo}");
+    for (line, expect) in [
+        ("MAIL FROM:<a@src.test> RET=FULL RET=HDRS", "501"),
+        ("MAIL FROM:<a@src.test> RET=FULL ENVID=e+2B1", "250"),
+        ("RCPT TO:<b@dst.test> NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
+        (
+            "RCPT TO:<b@dst.test> ORCPT=rfc822;x+0D+0AY@dst.test",
+            "501 5.5.4",
+        ),
+        (
+            "RCPT TO:<b@dst.test> RRVS=2030-01-01T00:00:00Z",
+            "555 5.5.4",
+        ),
+        ("RCPT TO:<b@dst.test> NOTIFY=NEVER", "250"),
+        ("RCPT TO:<c@dst.test>", "250"),
+        (
+            "RCPT TO:<d@dst.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;D+2Bx@orig.test",
+            "250",
+        ),
+        ("DATA", "354"),
+    ] {
+        raw.cmd(line, expect).await;
+    }
+    raw.cmd("Subject: x\r\n\r\nhi\r\n.", "250").await;
+    let stored = handler.messages();
+    let env = &stored[0].envelope;
+    assert_eq!(env.ret, Some(Ret::Full));
+    assert_eq!(env.env_id.as_deref(), Some("e+1"));
+    assert_eq!(env.rcpt_to, ["b@dst.test", "c@dst.test", "d@dst.test"]);
+    let never = Notify {
+        never: true,
+        ..Notify::default()
+    };
+    assert_eq!(env.rcpt_dsn[0].notify, never);
+    assert!(env.rcpt_dsn[1].is_empty());
+    assert_eq!(
+        env.rcpt_dsn[2].notify,
+        Notify {
+            success: true,
+            delay: true,
+            ..Notify::default()
+        }
+    );
+    assert_eq!(env.rcpt_dsn[2].orcpt.as_deref(), Some("D+x@orig.test"));
+}
