@@ -1023,19 +1023,32 @@ pub struct Sources {
     pub module: Option<PathBuf>,
 }
 
+/// The largest policy or module file read (the admin API's limit on a body too): a
+/// sparse file of gigabytes once took the relay's memory to 6 GB.
+pub const MAX_SOURCE_FILE: u64 = 64 << 20;
+
 impl Sources {
-    /// Reads the files (following symlinks, so a swapped ConfigMap link is seen).
+    /// Reads the files (following symlinks, so a swapped ConfigMap link is seen). Each
+    /// must be a regular file of at most [`MAX_SOURCE_FILE`] bytes: a FIFO put in its
+    /// place once blocked the watch thread for good, and is refused without waiting.
     pub fn read(&self) -> Result<Candidate, ReloadError> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| ReloadError::Read {
-                path: path.to_path_buf(),
-                source,
-            })
-        };
         Ok(Candidate {
-            policy: read(&self.policy)?,
-            module: self.module.as_deref().map(read).transpose()?,
+            policy: read_source(&self.policy)?,
+            module: self.module.as_deref().map(read_source).transpose()?,
         })
+    }
+
+    /// The names of the watched files (and of what they resolve to now), for telling
+    /// their events from those of other files in the same directories.
+    fn names(&self) -> Vec<std::ffi::OsString> {
+        let mut names = Vec::new();
+        for file in std::iter::once(&self.policy).chain(self.module.as_ref()) {
+            names.extend(file.file_name().map(ToOwned::to_owned));
+            if let Ok(real) = std::fs::canonicalize(file) {
+                names.extend(real.file_name().map(ToOwned::to_owned));
+            }
+        }
+        names
     }
 
     /// Directories to watch: each file's parent, plus the parent of what it resolves to
@@ -1068,6 +1081,87 @@ impl Sources {
     }
 }
 
+/// One policy or module file, as [`Sources::read`] takes it.
+fn read_source(path: &Path) -> Result<Vec<u8>, ReloadError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let error = |source: std::io::Error| ReloadError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let refuse = |why: String| error(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+    // Non-blocking, so that opening a FIFO returns at once; reads of a regular file
+    // ignore the flag.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(error)?;
+    let meta = file.metadata().map_err(error)?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".to_string()));
+    }
+    if meta.len() > MAX_SOURCE_FILE {
+        return Err(refuse(format!(
+            "{} bytes, more than the {} MiB a policy or module file may have",
+            meta.len(),
+            MAX_SOURCE_FILE >> 20
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_SOURCE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(error)?;
+    if bytes.len() as u64 > MAX_SOURCE_FILE {
+        return Err(refuse(format!(
+            "grew over {} MiB while read",
+            MAX_SOURCE_FILE >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// What a file event means to the watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Signal {
+    /// Something changed in a watched directory: look at the files again.
+    Look,
+    /// A watched file is being written in place (opened for writing, data changed):
+    /// not complete until it is closed.
+    Writing(PathBuf),
+    /// A watched file was closed after writing, renamed or removed: complete.
+    Written(PathBuf),
+    /// The kernel's event queue overflowed: events were lost.
+    Rescan,
+}
+
+/// The meaning of `event` for files named `names` (see [`Signal`]); `None` for events
+/// that change nothing (opens and reads, the watcher's own among them).
+fn signal_of(event: &notify::Event, names: &[std::ffi::OsString]) -> Option<Signal> {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+    if event.need_rescan() {
+        return Some(Signal::Rescan);
+    }
+    let ours = event
+        .paths
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)));
+    match (&event.kind, ours) {
+        (EventKind::Access(AccessKind::Close(AccessMode::Write)), Some(p)) => {
+            Some(Signal::Written(p.clone()))
+        }
+        (EventKind::Access(_), _) => None,
+        (EventKind::Modify(ModifyKind::Data(_)) | EventKind::Create(CreateKind::File), Some(p)) => {
+            Some(Signal::Writing(p.clone()))
+        }
+        (EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_), Some(p)) => {
+            Some(Signal::Written(p.clone()))
+        }
+        _ => Some(Signal::Look),
+    }
+}
+
 /// A running file watcher; dropping it stops watching.
 pub struct FileWatch {
     _watcher: notify::RecommendedWatcher,
@@ -1092,24 +1186,39 @@ impl FileWatch {
 /// Default quiet time after the last file event before re-reading: 100 ms.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// Watches the parent directories of `sources` (non-recursively). After any event and
-/// `debounce` of quiet, re-reads the resolved files and applies them (who: `file watch`)
-/// only when their content hash differs from the last content seen. The first look is
-/// made before returning (a no-op when the files hold the active version); call it
-/// before anything else (the admin API) can change the policy. Blocks while a changed
-/// file compiles. Then runs on its own thread; stops when the [`FileWatch`] drops.
+/// The longest a stream of events (a busy neighbour file) postpones a look: 1 s.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// Watches the parent directories of `sources` (non-recursively). After an event and
+/// `debounce` of quiet (at most [`MAX_DEBOUNCE`] after the first event), re-reads the
+/// resolved files and applies them (who: `file watch`) only when their content hash
+/// differs from the last content seen. A watched file that is being written in place
+/// (opened for writing and not yet closed) is not read until its writer closes it: an
+/// audit activated the first half of a policy written slowly in place, which had lost
+/// its TLS rule and its tests, and mail went out in clear text. The first look is made
+/// before returning (a no-op when the files hold the active version); call it before
+/// anything else (the admin API) can change the policy. Blocks while a changed file
+/// compiles. Then runs on its own thread; stops when the [`FileWatch`] drops.
 pub fn watch(
     reloader: Arc<Reloader>,
     sources: Sources,
     debounce: Duration,
 ) -> Result<FileWatch, ReloadError> {
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tx, rx) = std::sync::mpsc::channel::<Signal>();
+    let names = sources.names();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Any event (or error) only means "look again"; the content hash decides.
-        if let Err(e) = &event {
-            tracing::warn!(error = %e, "policy file watch error");
+        // The content hash decides whether anything changed; events only say when to
+        // look, and whether a watched file is complete.
+        let signal = match &event {
+            Ok(event) => signal_of(event, &names),
+            Err(e) => {
+                tracing::warn!(error = %e, "policy file watch error");
+                Some(Signal::Look)
+            }
+        };
+        if let Some(signal) = signal {
+            let _ = tx.send(signal);
         }
-        let _ = tx.send(());
     })
     .map_err(|source| ReloadError::Watch {
         path: sources.policy.clone(),
@@ -1137,15 +1246,43 @@ pub fn watch(
     std::thread::Builder::new()
         .name("altroute-policy-watch".into())
         .spawn(move || {
+            // Watched files opened for writing and not closed yet.
+            let mut writing: std::collections::BTreeSet<PathBuf> = Default::default();
+            fn note(signal: Signal, writing: &mut std::collections::BTreeSet<PathBuf>) {
+                match signal {
+                    Signal::Writing(p) => {
+                        writing.insert(p);
+                    }
+                    Signal::Written(p) => {
+                        writing.remove(&p);
+                    }
+                    // Events were lost: whatever was being written may have been
+                    // closed unseen. The content hash still decides.
+                    Signal::Rescan => writing.clear(),
+                    Signal::Look => {}
+                }
+            }
             // Ends when the watcher (the only sender) is dropped.
-            while rx.recv().is_ok() {
-                // Debounce: wait until the directory has been quiet for `debounce`.
+            while let Ok(first) = rx.recv() {
+                note(first, &mut writing);
+                // Debounce: until the directories have been quiet for `debounce`, or
+                // `MAX_DEBOUNCE` has passed.
+                let until = std::time::Instant::now() + MAX_DEBOUNCE.max(debounce);
                 loop {
-                    match rx.recv_timeout(debounce) {
-                        Ok(()) => continue,
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(debounce.min(left)) {
+                        Ok(signal) => note(signal, &mut writing),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
+                }
+                if !writing.is_empty() {
+                    // Its close (or a rename, or its writer's exit) is the next event.
+                    tracing::info!(files = ?writing, "a policy file is being written; reading it once it is closed");
+                    continue;
                 }
                 let candidate = match sources.read() {
                     Ok(c) => c,
@@ -1965,6 +2102,74 @@ expect = { route = "alternate" }
                 ("activate", "file watch")
             ]
         );
+    }
+
+    /// A policy written in place (scp, `rsync --inplace`, `cat > policy.toml`) is read
+    /// only once its writer closes it: an audit's writer paused after the first half,
+    /// which had lost the TLS rule and the tests, and the watcher activated it. A FIFO
+    /// or an oversized file put in its place is refused without blocking the watcher,
+    /// and the next good file still goes live.
+    #[test]
+    fn file_watch_reads_a_file_written_in_place_only_when_it_is_closed() {
+        use std::io::Write;
+        let a = policy("a", &["partner.example"], "");
+        let (dir, _slots, reloader) = setup(&a);
+        let reloader = Arc::new(reloader);
+        let watched = dir.path().join("watched");
+        std::fs::create_dir(&watched).unwrap();
+        let file = watched.join("policy.toml");
+        std::fs::write(&file, &a).unwrap();
+        let sources = Sources {
+            policy: file.clone(),
+            module: None,
+        };
+        let _watch = watch(reloader.clone(), sources, DEFAULT_DEBOUNCE).unwrap();
+        let v1 = reloader.version();
+
+        // b's first half is itself a valid policy (one rule fewer, no tests).
+        let b = policy("b", &["partner.example", "other.example"], "");
+        let (expected, _) = prepare(b.as_bytes()).unwrap();
+        let cut = b.find("[[tls_compliance]]").unwrap();
+        assert!(
+            prepare(&b.as_bytes()[..cut]).is_ok(),
+            "the half must compile"
+        );
+        let mut writer = std::fs::File::create(&file).unwrap();
+        writer.write_all(&b.as_bytes()[..cut]).unwrap();
+        writer.flush().unwrap();
+        // Several debounce periods and a busy neighbour file: nothing is read.
+        for i in 0..15 {
+            std::fs::write(watched.join("neighbour"), format!("{i}")).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(reloader.version(), v1, "half a file went live");
+        assert_eq!(reloader.status().rejections, 0);
+        writer.write_all(&b.as_bytes()[cut..]).unwrap();
+        drop(writer);
+        wait_until("the whole file", || reloader.version() == expected.version);
+
+        // A FIFO in its place: refused at once (the watcher goes on).
+        std::fs::remove_file(&file).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // A sparse file over the limit: refused without being read.
+        let big = watched.join("big.toml");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_SOURCE_FILE + 1)
+            .unwrap();
+        let err = read_source(&big).unwrap_err().to_string();
+        assert!(err.contains("64 MiB"), "{err}");
+        let err = read_source(&file).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        // Then a good file, renamed into place: applied.
+        let tmp = watched.join(".policy.toml.new");
+        std::fs::write(&tmp, &a).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        wait_until("the renamed file", || reloader.version() == v1);
     }
 
     #[test]
