@@ -457,10 +457,12 @@ impl Edge {
     }
 
     /// Follows the relay's hot reloads when the filter runs the relay's policy (no
-    /// `configuration` of its own): each newly active policy is loaded into a new plugin
-    /// off the reloader's thread and swapped in; new connections use it, open ones finish
-    /// on the plugin they started with (as Envoy's ECDS does). A policy the edge module
-    /// refuses leaves the current plugin serving, logged and counted.
+    /// `configuration` of its own), as part of each activation's gate: a candidate is
+    /// loaded into a new edge plugin (instances proven) before the relay swaps, and a
+    /// candidate the edge module refuses is refused as a whole, audited with the edge's
+    /// reason, so the edge never serves another version than the relay. After the swap
+    /// the new plugin is stored, in order; new connections use it, open ones finish on
+    /// the plugin they started with (as Envoy's ECDS does).
     pub fn follow(self: &Arc<Self>, reloader: &crate::reload::Reloader) {
         if self.config.configuration.is_some() {
             return;
@@ -468,29 +470,29 @@ impl Edge {
         let edge = Arc::downgrade(self);
         reloader.follow(Box::new(move |json: &str, version: &str| {
             let Some(edge) = edge.upgrade() else {
-                return;
+                // The edge is gone (shutting down): nothing to keep in step.
+                return Ok(Box::new(|| {}));
             };
-            let json = json.as_bytes().to_vec();
+            let plugin = edge.prepare(json.as_bytes().to_vec(), version)?;
             let version = version.to_string();
-            std::thread::spawn(move || edge.swap(json, &version));
+            Ok(Box::new(move || {
+                edge.plugin.store(plugin);
+                tracing::info!(%version, "edge filter: now on the new policy");
+            }))
         }));
     }
 
-    fn swap(&self, configuration: Vec<u8>, version: &str) {
-        let loaded = self
-            .host
+    /// A plugin for the candidate `configuration`, instances proven, or why the edge
+    /// module refuses it.
+    fn prepare(&self, configuration: Vec<u8>, version: &str) -> Result<Arc<Plugin>, String> {
+        self.host
             .load(self.spec(configuration).version(version))
-            .and_then(|p| p.prove_instances().map(|()| p));
-        match loaded {
-            Ok(plugin) => {
-                self.plugin.store(plugin);
-                tracing::info!(%version, "edge filter: now on the new policy");
-            }
-            Err(e) => {
+            .and_then(|p| p.prove_instances().map(|()| p))
+            .map_err(|e| {
                 self.fault("reload");
-                tracing::error!(%version, error = %e, "edge filter: the new policy was refused; the previous one keeps serving");
-            }
-        }
+                tracing::error!(%version, error = %e, "edge filter: refuses the candidate policy; it is not activated");
+                format!("the edge filter refuses it: {e}")
+            })
     }
 
     fn spec(&self, configuration: Vec<u8>) -> PluginSpec {

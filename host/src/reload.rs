@@ -291,14 +291,21 @@ pub struct Reloader {
     /// One change at a time; held across the whole pipeline so that the history, the
     /// slot and the audit log agree.
     state: Mutex<State>,
-    /// Told of every activation (the edge filter, which runs the same policy on the
-    /// inbound port).
+    /// Part of every activation's gate (the edge filter, which runs the same policy on
+    /// the inbound port).
     followers: Mutex<Vec<Follower>>,
 }
 
-/// Called with the canonical JSON and the version of each newly active policy. Must not
-/// block: it runs while the reloader holds its lock.
-pub type Follower = Box<dyn Fn(&str, &str) + Send + Sync>;
+/// Called with the canonical JSON and the version of each candidate policy, before it
+/// is activated, under the reloader's lock: loads it and returns what makes it current
+/// there, or why it cannot serve it. A refusal refuses the candidate (audited); the
+/// commits run in order right after the swap. The edge once refused a policy on its own
+/// after the relay had activated it, and kept an older, laxer one while the status and
+/// the audit log named the new one.
+pub type Follower = Box<dyn Fn(&str, &str) -> Result<Commit, String> + Send + Sync>;
+
+/// Makes a follower's prepared policy current.
+pub type Commit = Box<dyn FnOnce() + Send>;
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -348,12 +355,30 @@ impl Reloader {
         })
     }
 
-    /// Registers `follower`, told of every later activation (apply and rollback).
+    /// Registers `follower`, part of every later activation (apply and rollback).
     pub fn follow(&self, follower: Follower) {
         self.followers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(follower);
+    }
+
+    /// Each follower's prepared commit for `version`, or every follower's refusal.
+    fn prepare_followers(&self, json: &str, version: &str) -> Result<Vec<Commit>, Vec<String>> {
+        let followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut commits = Vec::new();
+        let mut refusals = Vec::new();
+        for follower in followers.iter() {
+            match follower(json, version) {
+                Ok(c) => commits.push(c),
+                Err(why) => refusals.push(why),
+            }
+        }
+        if refusals.is_empty() {
+            Ok(commits)
+        } else {
+            Err(refusals)
+        }
     }
 
     /// The active version.
@@ -386,6 +411,13 @@ impl Reloader {
                 summary: json!({}),
             });
         }
+        let commits = match self.prepare_followers(&json, &policy.version) {
+            Ok(c) => c,
+            Err(reasons) => {
+                let version = Some(policy.version.clone());
+                return Err(self.reject(&mut state, who, "reject", &active, version, reasons));
+            }
+        };
         let spec = spec(module.clone(), &policy, &json);
         let result = self
             .target
@@ -401,7 +433,7 @@ impl Reloader {
                     json,
                     module,
                 });
-                Ok(self.activated(&mut state, who, "activate", &active, next, true))
+                Ok(self.activated(&mut state, who, "activate", &active, next, true, commits))
             }
             Err(reasons) => {
                 let version = Some(policy.version.clone());
@@ -422,6 +454,13 @@ impl Reloader {
             state.history.get(state.history.len() - 2).cloned(),
         ) else {
             return Err(ReloadError::NoHistory);
+        };
+        let commits = match self.prepare_followers(&previous.json, &previous.info.version) {
+            Ok(c) => c,
+            Err(reasons) => {
+                let version = Some(previous.info.version.clone());
+                return Err(self.reject(&mut state, who, "reject", &active, version, reasons));
+            }
         };
         let spec = spec(previous.module.clone(), &previous.policy, &previous.json);
         let policy = previous.policy.clone();
@@ -444,7 +483,7 @@ impl Reloader {
                     module: previous.module.clone(),
                     info,
                 });
-                Ok(self.activated(&mut state, who, "rollback", &active, next, false))
+                Ok(self.activated(&mut state, who, "rollback", &active, next, false, commits))
             }
             Err(reasons) => {
                 let version = Some(previous.info.version.clone());
@@ -587,17 +626,13 @@ impl Reloader {
         old: &Version,
         next: Arc<Version>,
         push: bool,
+        commits: Vec<Commit>,
     ) -> Applied {
         let mut summary = audit::summarize(&old.policy, &next.policy);
         note_module(&mut summary, &old.module, &next.module);
         let new_version = next.info.version.clone();
-        for follower in self
-            .followers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            follower(&next.json, &new_version);
+        for commit in commits {
+            commit();
         }
         if push {
             state.history.push_back(next);

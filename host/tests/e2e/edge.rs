@@ -800,7 +800,9 @@ fn the_edge_follows_a_policy_hot_reload() {
     let mut relay = EdgeRelay::start(
         1,
         |_| String::new(),
-        |_, _| format!("token = \"{TOKEN}\"\n[edge]\n"),
+        // The edge's memory cap is lower than the relay's: a big policy fits the relay
+        // and not the edge.
+        |_, _| format!("token = \"{TOKEN}\"\n[edge]\nmemory_limit_mb = 16\n"),
     );
     let args = [
         "--ehlo",
@@ -817,44 +819,72 @@ fn the_edge_follows_a_policy_hot_reload() {
     let text = std::fs::read_to_string(policy_file())
         .unwrap()
         .replace("partner.example", "partner-moved.example");
-    let file = relay.dir.path().join("relaxed.toml");
-    std::fs::write(&file, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
-        .args(["policy", "apply"])
-        .arg(&file)
-        .args([
-            "--admin",
-            &format!("http://{}", relay.admin),
-            "--token",
-            TOKEN,
-        ])
-        .output()
-        .unwrap();
+    let apply = |name: &str, text: &str| {
+        let file = relay.dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
+            .args(["policy", "apply"])
+            .arg(&file)
+            .args([
+                "--admin",
+                &format!("http://{}", relay.admin),
+                "--token",
+                TOKEN,
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = apply("relaxed.toml", &text);
+    assert!(ok, "apply: {out}");
+    // The edge is part of the activation: it serves the new policy once the apply
+    // answers.
     assert!(
-        out.status.success(),
-        "apply: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        relay.log().contains("edge filter: now on the new policy"),
+        "{}",
+        relay.log()
     );
-    // The edge loads the new policy on its own thread right after the activation.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !relay.log().contains("edge filter: now on the new policy") {
-        assert!(
-            Instant::now() < deadline,
-            "edge never swapped:\n{}",
-            relay.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
     let (_, after) = swaks(relay.listen[0], &args);
     assert!(
         !after.contains("4.7.10"),
         "after the reload partner.example is opportunistic at the edge too:\n{after}"
     );
+
+    // A policy the edge cannot load (over its memory cap) is refused as a whole: the
+    // relay does not activate it either, and the audit log says why. An audit saw the
+    // relay activate it while the edge kept the laxer policy, and a clear-text session
+    // delivered to a recipient the active policy required TLS for.
+    let mut big = std::fs::read_to_string(policy_file()).unwrap();
+    for i in 0..50_000 {
+        big.push_str(&format!(
+            "\n[[tls_compliance]]\nname = \"r{i}\"\ndomains = [\"d{i}.example\", \"*.w{i}.example\"]\n"
+        ));
+    }
+    let (ok, out) = apply("big.toml", &big);
+    assert!(!ok, "the edge's refusal must refuse the candidate: {out}");
+    assert!(out.contains("the edge filter refuses it"), "{out}");
+    let (_, still) = swaks(relay.listen[0], &args);
+    assert!(!still.contains("4.7.10"), "{still}");
+    let audit = std::fs::read_to_string(relay.dir.path().join("spool/audit.jsonl")).unwrap();
+    let last = audit.lines().last().unwrap();
+    assert!(
+        last.contains("\"reject\"") && last.contains("edge filter refuses"),
+        "{last}"
+    );
     assert_eq!(
         relay.stop_and_spooled(),
         vec![
+            vec![
+                "bob@partner.example".to_string(),
+                "carol@random.example".to_string()
+            ],
             vec![
                 "bob@partner.example".to_string(),
                 "carol@random.example".to_string()
