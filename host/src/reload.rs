@@ -433,7 +433,8 @@ impl Reloader {
                     json,
                     module,
                 });
-                Ok(self.activated(&mut state, who, "activate", &active, next, true, commits))
+                commits.into_iter().for_each(|commit| commit());
+                Ok(self.activated(&mut state, who, "activate", &active, next, true))
             }
             Err(reasons) => {
                 let version = Some(policy.version.clone());
@@ -483,7 +484,8 @@ impl Reloader {
                     module: previous.module.clone(),
                     info,
                 });
-                Ok(self.activated(&mut state, who, "rollback", &active, next, false, commits))
+                commits.into_iter().for_each(|commit| commit());
+                Ok(self.activated(&mut state, who, "rollback", &active, next, false))
             }
             Err(reasons) => {
                 let version = Some(previous.info.version.clone());
@@ -626,14 +628,10 @@ impl Reloader {
         old: &Version,
         next: Arc<Version>,
         push: bool,
-        commits: Vec<Commit>,
     ) -> Applied {
         let mut summary = audit::summarize(&old.policy, &next.policy);
         note_module(&mut summary, &old.module, &next.module);
         let new_version = next.info.version.clone();
-        for commit in commits {
-            commit();
-        }
         if push {
             state.history.push_back(next);
             while state.history.len() > self.settings.history.max(1) {
