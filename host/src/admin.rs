@@ -28,6 +28,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -76,6 +77,18 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
+/// At most this many admin connections at once; more are closed as they come (an audit
+/// held 20,000 and starved the SMTP port of file descriptors).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A client has this long to send a request's headers, and, on a connection kept
+/// alive, to start the next request (an audit held header-less connections open for
+/// good).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request body (a candidate policy) must arrive within this time.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Serve the admin endpoint on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -83,24 +96,39 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     tokio::pin!(shutdown);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(10);
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    // Typically EMFILE: wait instead of spinning (an audit's flood
+                    // logged 686,000 warnings in 45 s).
+                    tracing::warn!(error = %e, retry_in = ?backoff, "admin accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
         };
+        backoff = Duration::from_millis(10);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req, peer).await) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -144,6 +172,19 @@ async fn route(
             .map(str::to_string)
     };
     let (authorization, who) = (header("authorization"), header("x-altroute-who"));
+    // A change is refused before its body is read: an audit's unauthenticated clients
+    // made the relay hold 1.3 GB of unfinished bodies.
+    if parts.method != Method::GET
+        && let Err((status, error)) =
+            crate::reload::authorize(state.token.as_deref(), authorization.as_deref())
+    {
+        let body = serde_json::json!({ "error": error }).to_string() + "\n";
+        return text(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED),
+            "application/json",
+            body,
+        );
+    }
     let too_large = || {
         let error = format!(
             "request body larger than {} MiB, the admin API's limit",
@@ -160,10 +201,19 @@ async fn route(
         return too_large();
     }
     let limited = http_body_util::Limited::new(body, MAX_BODY);
-    let body = match http_body_util::BodyExt::collect(limited).await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(e) => {
+    let collected =
+        tokio::time::timeout(BODY_TIMEOUT, http_body_util::BodyExt::collect(limited)).await;
+    let body = match collected {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(_) => {
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                "application/json",
+                serde_json::json!({ "error": format!("request body not received within {} s", BODY_TIMEOUT.as_secs()) }).to_string() + "\n",
+            );
+        }
+        Ok(Err(e)) => {
             return text(
                 StatusCode::BAD_REQUEST,
                 "application/json",
@@ -238,12 +288,6 @@ fn handle(state: &AdminState, req: Request<Incoming>, peer: SocketAddr) -> Respo
 
 // ---------------------------------------------------------------------------------------
 // The queue endpoints (`altroute queue list | show | retry | bounce`)
-
-/// Compares secrets without stopping at the first difference.
-fn same_secret(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     text(status, "application/json", value.to_string() + "\n")
@@ -349,7 +393,8 @@ async fn handle_queue(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path
-        .trim_start_matches("/queue")
+        .strip_prefix("/queue")
+        .unwrap_or_default()
         .split('/')
         .filter(|p| !p.is_empty())
         .collect();
@@ -378,7 +423,9 @@ async fn handle_queue(
                 "queue changes through the admin API are disabled: set [admin].token",
             );
         }
-        (Some(expected), _) if !authorization.is_some_and(|g| same_secret(g, expected)) => {
+        (Some(expected), _)
+            if !authorization.is_some_and(|g| crate::reload::same_secret(g, expected)) =>
+        {
             return json_error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
         }
         _ => {}

@@ -536,7 +536,19 @@ impl Reloader {
         note_module(&mut summary, &active.module, &module);
         let shadow = Arc::new(Shadow::new(plugin, self.settings.shadow_keep));
         if let Some(old) = self.target.shadow().set(Some(shadow)) {
-            tracing::info!(target: "altroute::shadow", version = %old.version(), "shadow replaced");
+            // The replaced shadow's figures are part of the record, as at a stop.
+            let status = old.status();
+            tracing::info!(target: "altroute::shadow", version = %status.version, "shadow replaced");
+            self.audit(
+                &mut state,
+                Entry::new(who.to_string(), "shadow-stop")
+                    .versions(Some(&active.info.version), Some(&status.version))
+                    .summary(json!({
+                        "decisions": status.decisions,
+                        "differences": status.differences,
+                        "replaced_by": policy.version,
+                    })),
+            );
         }
         tracing::info!(
             target: "altroute::shadow",
@@ -1430,11 +1442,27 @@ pub fn handle_api(reloader: &Reloader, token: Option<&str>, req: ApiRequest<'_>)
     let route = (req.method, req.path);
     if route == ("GET", "/policy") {
         let status = reloader.status();
-        let mut value = serde_json::to_value(&status).unwrap_or(Value::Null);
-        if let Value::Object(map) = &mut value {
-            // The short form that monitoring scripts read.
-            map.insert("version".into(), json!(status.active.version));
-        }
+        // With a token configured, only its holder sees the rest: the shadow's recent
+        // differences and the last rejection's reasons hold live addresses (an audit
+        // read them without one). The short form stays open for monitoring.
+        let full = token.is_none() || authorize(token, req.authorization).is_ok();
+        let value = if full {
+            let mut value = serde_json::to_value(&status).unwrap_or(Value::Null);
+            if let Value::Object(map) = &mut value {
+                // The short form that monitoring scripts read.
+                map.insert("version".into(), json!(status.active.version));
+            }
+            value
+        } else {
+            json!({
+                "version": status.active.version,
+                "active": status.active,
+                "activations": status.activations,
+                "rejections": status.rejections,
+                "audit": status.audit,
+                "detail": "the rest needs the bearer token",
+            })
+        };
         return ApiResponse::json(200, &value);
     }
     let known = matches!(
@@ -1451,15 +1479,8 @@ pub fn handle_api(reloader: &Reloader, token: Option<&str>, req: ApiRequest<'_>)
             ApiResponse::error(404, "not found")
         };
     }
-    let Some(expected) = token else {
-        return ApiResponse::error(
-            403,
-            "policy changes through the admin API are disabled: set [admin].token",
-        );
-    };
-    let given = req.authorization.and_then(bearer_token);
-    if !given.is_some_and(|g| same_secret(g, expected)) {
-        return ApiResponse::error(401, "a valid bearer token is required");
+    if let Err((status, error)) = authorize(token, req.authorization) {
+        return ApiResponse::error(status, error);
     }
     let who = who_of(req.who);
     let result = match route {
@@ -1485,6 +1506,27 @@ pub fn handle_api(reloader: &Reloader, token: Option<&str>, req: ApiRequest<'_>)
     })
 }
 
+/// Whether `authorization` (an `Authorization` header) carries the configured `token`:
+/// `Err((403, …))` when no token is configured (changes are disabled), `Err((401, …))`
+/// when it does not.
+pub(crate) fn authorize(
+    token: Option<&str>,
+    authorization: Option<&str>,
+) -> Result<(), (u16, &'static str)> {
+    let Some(expected) = token else {
+        return Err((
+            403,
+            "policy changes through the admin API are disabled: set [admin].token",
+        ));
+    };
+    let given = authorization.and_then(bearer_token);
+    if given.is_some_and(|g| same_secret(g, expected)) {
+        Ok(())
+    } else {
+        Err((401, "a valid bearer token is required"))
+    }
+}
+
 /// `x-altroute-who`: `cli` or `cli:<user>` from `altroute policy` / `altroute queue`,
 /// else an admin identity (printable, at most 64 characters; `anonymous` when missing).
 /// Self-asserted, like any name a caller gives: the token is what authenticates.
@@ -1493,7 +1535,7 @@ fn who_of(header: Option<&str>) -> Who {
         .unwrap_or("")
         .trim()
         .chars()
-        .filter(|c| !c.is_control())
+        .map(|c| if c.is_control() { ' ' } else { c })
         .take(64)
         .collect();
     match id.as_str() {
@@ -1516,7 +1558,7 @@ pub(crate) fn bearer_token(authorization: &str) -> Option<&str> {
 }
 
 /// Compares secrets without stopping at the first difference.
-fn same_secret(a: &str, b: &str) -> bool {
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -1988,8 +2030,14 @@ expect = { tls_required = true }
         assert_eq!(verdict.active.route, Route::Direct);
         assert_eq!(verdict.shadow.as_ref().unwrap().route, Route::Alternate);
 
+        // Replaced by another shadow: the first one's figures are audited as a stop
+        // (they once went only to the log).
+        let other = policy("c", &["partner.example", "other.example"], "");
+        let other_version = reloader
+            .start_shadow(&Who::Admin("dave".into()), Candidate::policy(other))
+            .unwrap();
         let stopped = reloader.stop_shadow(&Who::Cli).unwrap();
-        assert_eq!(stopped.differences, 2);
+        assert_eq!(stopped.version, other_version);
         assert!(reloader.status().shadow.is_none());
         assert!(matches!(
             reloader.stop_shadow(&Who::Cli),
@@ -2002,7 +2050,12 @@ expect = { tls_required = true }
             json!({"changed": ["partners"]})
         );
         assert_eq!(lines[2]["action"], "shadow-stop");
+        assert_eq!(lines[2]["who"], "admin:dave");
         assert_eq!(lines[2]["summary"]["differences"], 2);
+        assert_eq!(lines[2]["summary"]["replaced_by"], json!(other_version));
+        assert_eq!(lines[3]["action"], "shadow-start");
+        assert_eq!(lines[4]["action"], "shadow-stop");
+        assert_eq!(lines[4]["summary"]["differences"], 0);
     }
 
     #[test]
@@ -2229,11 +2282,15 @@ expect = { route = "alternate" }
         let r = handle_api(&reloader, Some("s3cret"), req("POST", "/policy", bad, b));
         assert_eq!(r.status, 401);
         assert_eq!(reloader.status().activations, 0);
-        // Reading needs no token.
+        // Reading without the token: the short form.
         let r = handle_api(&reloader, Some("s3cret"), req("GET", "/policy", None, b""));
         assert_eq!(r.status, 200);
         let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["version"], v["active"]["version"]);
+        assert!(v.get("history").is_none(), "{v}");
+        let r = handle_api(&reloader, Some("s3cret"), req("GET", "/policy", tok, b""));
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert!(v.get("history").is_some(), "{v}");
 
         // The scheme is case-insensitive.
         let lower = Some("bearer s3cret");

@@ -102,3 +102,74 @@ fn the_bearer_scheme_is_case_insensitive() {
     );
     assert_eq!(code, 401);
 }
+
+/// What an audit did to the admin endpoint without the token: unfinished bodies of
+/// 63 MiB (1.3 GB held), thousands of open connections (the SMTP port starved of file
+/// descriptors), and `GET /policy` showing the addresses of live mail.
+/// - A change without the token is answered from its headers, body unread.
+/// - At most `MAX_CONNECTIONS` (64) connections: the next is closed at once, and the
+///   relay keeps serving SMTP and admin requests once they go.
+/// - `GET /policy` without the token is the short form.
+#[test]
+fn the_admin_endpoint_refuses_before_reading_and_caps_connections() {
+    let mut relay = relay();
+    let mut s = TcpStream::connect(relay.config.admin).unwrap();
+    write!(
+        s,
+        "POST /policy HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\npartial",
+        63 << 20
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401", "answered before the body came");
+
+    let held: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(relay.config.admin).unwrap())
+        .collect();
+    // Each held connection has its task (and permit) once the relay accepted it: one
+    // more request after them proves they were all accepted.
+    let mut over = TcpStream::connect(relay.config.admin).unwrap();
+    let mut buf = Vec::new();
+    let _ = over.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let _ = over.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty(),
+        "the 65th connection is closed unanswered: {buf:?}"
+    );
+    drop(held);
+    drop(s);
+    // Freed: served again (the tasks end as the held connections close).
+    let health = || -> std::io::Result<String> {
+        let mut c = TcpStream::connect(relay.config.admin)?;
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let mut ok = false;
+    for _ in 0..200 {
+        if health().is_ok_and(|out| out.starts_with("HTTP/1.1 200")) {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(ok, "admin endpoint not serving again");
+
+    // Reading the policy status: the short form without the token.
+    let (code, body) = request(relay.config.admin, "GET /policy", &[], b"");
+    assert_eq!(code, 200);
+    let short: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(short["version"], short["active"]["version"]);
+    assert!(short.get("last_rejection").is_none() && short.get("shadow").is_none());
+    let (_, body) = request(
+        relay.config.admin,
+        "GET /policy",
+        &[format!("Authorization: Bearer {TOKEN}")],
+        b"",
+    );
+    let full: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(full.get("history").is_some(), "{full}");
+    assert!(relay.stop().success());
+}
