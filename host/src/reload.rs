@@ -333,11 +333,21 @@ impl Reloader {
             module,
         });
         let previous = last_new_version(&settings.audit_log);
-        audit.append(
+        // A start line that cannot be written (a full disk: the audit log lives in the
+        // spool by default) does not keep the relay from starting and draining its
+        // queue: an audit's relay could not restart at all on a full spool. It is
+        // logged, and shown in `GET /policy` until a later write succeeds.
+        let audit_error = match audit.append(
             Entry::new(Who::Startup.to_string(), "start")
                 .versions(previous.as_deref(), Some(&version.info.version))
                 .summary(json!({ "module": version.info.module })),
-        )?;
+        ) {
+            Ok(a) => a.reopened,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the audit log's start line; starting anyway");
+                Some(e.to_string())
+            }
+        };
         let mut history = VecDeque::new();
         history.push_back(version);
         Ok(Reloader {
@@ -349,7 +359,7 @@ impl Reloader {
                 activations: 0,
                 rejections: 0,
                 audit,
-                audit_error: None,
+                audit_error,
             }),
             followers: Mutex::new(Vec::new()),
         })

@@ -314,3 +314,38 @@ async fn an_operator_bounce_whose_dsn_cannot_be_stored_bounces_nothing() {
     let text = dsn_for(&lab.sinks[sender_mx], "alice@corp.test", "bob@busy.test").await;
     assert!(text.contains(reason), "{text}");
 }
+
+/// The audit log on a full filesystem (by default it lives in the spool, which fills
+/// first) does not keep the relay from starting: an audit's relay could not restart once
+/// its start line no longer fitted, and its acknowledged mail sat undelivered. It starts,
+/// serves, and `GET /policy` shows the audit error.
+#[test]
+fn a_full_disk_under_the_audit_log_does_not_keep_the_relay_from_starting() {
+    let fs = Tmpfs::mount("1m");
+    let _filler = fs.fill();
+    let mut config = RelayConfig::new();
+    config.policy_extra = format!(
+        "audit_log = {:?}\n",
+        fs.path().join("audit.jsonl").display().to_string()
+    );
+    let mut relay = Relay::start(config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = SmtpConn::connect(relay.config.smtp, None).await.unwrap();
+        let r = c
+            .send("a@x.test", &["b@y.test"], &message(1))
+            .await
+            .unwrap();
+        assert_eq!(r.0, 250, "{r:?}");
+    });
+    let (_, status) = relay.admin_get("/policy");
+    assert!(status.contains("No space left on device"), "{status}");
+    assert!(
+        relay
+            .log()
+            .contains("cannot write the audit log's start line"),
+        "{}",
+        relay.log()
+    );
+    assert!(relay.stop().success(), "{}", relay.log());
+}

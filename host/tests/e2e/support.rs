@@ -60,6 +60,8 @@ pub struct RelayConfig {
     pub relay_extra: String,
     /// Extra lines for `[admin]`.
     pub admin_extra: String,
+    /// Extra lines for `[policy]`.
+    pub policy_extra: String,
 }
 
 impl RelayConfig {
@@ -76,6 +78,7 @@ impl RelayConfig {
             server_extra: String::new(),
             relay_extra: String::new(),
             admin_extra: String::new(),
+            policy_extra: String::new(),
         }
     }
 
@@ -103,8 +106,9 @@ impl RelayConfig {
         writeln!(s, "[delivery]\nenabled = false").unwrap();
         writeln!(
             s,
-            "[policy]\nfile = {:?}",
-            policy_file().display().to_string()
+            "[policy]\nfile = {:?}\n{}",
+            policy_file().display().to_string(),
+            self.policy_extra
         )
         .unwrap();
         writeln!(
