@@ -155,15 +155,23 @@ impl Handler for Inbound {
                 format!("too many hops ({hops} Received: headers); mail loop?"),
             );
         }
-        // `postmaster` is accepted only with `relay.postmaster` set (see `rcpt_to`).
-        let rcpt_to = envelope
-            .rcpt_to
-            .iter()
-            .map(|r| match &self.postmaster {
+        // `postmaster` is accepted only with `relay.postmaster` set (see `rcpt_to`). A
+        // recipient given twice (its domain in any case) is kept once, with the DSN
+        // parameters of its first RCPT, as Postfix's cleanup does: a next hop that does
+        // not drop duplicates would deliver it twice (an audit's next hop got three).
+        let mut rcpt_to: Vec<String> = Vec::with_capacity(envelope.rcpt_to.len());
+        let mut dsn = Vec::with_capacity(envelope.rcpt_to.len());
+        for (i, r) in envelope.rcpt_to.iter().enumerate() {
+            let r = match &self.postmaster {
                 Some(p) if r.eq_ignore_ascii_case("postmaster") => p.clone(),
                 _ => r.clone(),
-            })
-            .collect();
+            };
+            if rcpt_to.iter().any(|seen| same_recipient(seen, &r)) {
+                continue;
+            }
+            rcpt_to.push(r);
+            dsn.push(envelope.rcpt_dsn.get(i).cloned().unwrap_or_default());
+        }
         let mut env = altroute_queue::Envelope::new(envelope.mail_from.clone(), rcpt_to);
         env.requiretls = envelope.requiretls;
         env.tls_required_no = has_tls_required_no(&message);
@@ -171,8 +179,8 @@ impl Handler for Inbound {
         env.env_id = envelope.env_id.clone();
         env.smtputf8 = envelope.smtputf8;
         env.ret = envelope.ret;
-        if envelope.rcpt_dsn.iter().any(|d| !d.is_empty()) {
-            env.dsn = envelope.rcpt_dsn.clone();
+        if dsn.iter().any(|d| !d.is_empty()) {
+            env.dsn = dsn;
         }
 
         let trace = received_field(&self.hostname, session, envelope);
@@ -200,6 +208,15 @@ impl Handler for Inbound {
                 }
             }
         }
+    }
+}
+
+/// Whether two envelope recipients are one: the same local part, and the same domain in
+/// any case (a local part's case may matter to its domain, RFC 5321 §2.4).
+fn same_recipient(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
+        _ => a == b,
     }
 }
 

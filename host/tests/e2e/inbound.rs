@@ -324,7 +324,8 @@ fn addresses_read_as_another_mailbox_are_refused() {
 /// `RCPT TO:<postmaster>` (RFC 5321 §4.5.1): the relay has no mailboxes, so it takes it
 /// only when `relay.postmaster` says where it goes, and stores it as that address. An
 /// audit's message to it was accepted, then deferred as a policy fault for the whole
-/// queue lifetime.
+/// queue lifetime. A recipient given twice is stored once (another audit's next hop got
+/// it three times).
 #[test]
 fn postmaster_goes_where_the_configuration_says_or_is_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -350,7 +351,17 @@ fn postmaster_goes_where_the_configuration_says_or_is_refused() {
         let mut c = SmtpConn::connect(relay.config.smtp, None).await.unwrap();
         let msg = b"Subject: abuse report\r\nMessage-ID: <pm@t>\r\n\r\nhi\r\n";
         let r = c
-            .send("a@x.test", &["postmaster", "b@y.test"], msg)
+            .send(
+                "a@x.test",
+                &[
+                    "postmaster",
+                    "b@y.test",
+                    "b@Y.TEST",
+                    "ops@corp.test",
+                    "B@y.test",
+                ],
+                msg,
+            )
             .await
             .unwrap();
         assert_eq!(r.0, 250, "{r:?}");
@@ -360,7 +371,12 @@ fn postmaster_goes_where_the_configuration_says_or_is_refused() {
     let stored = spool_messages(&spool);
     assert_eq!(stored.len(), 1);
     let e = spool.entry(&stored[0].0).unwrap();
-    assert_eq!(e.envelope.rcpt_to, vec!["ops@corp.test", "b@y.test"]);
+    // Duplicates (the domain in any case; postmaster's address given again) are kept
+    // once; a local part in another case is another mailbox.
+    assert_eq!(
+        e.envelope.rcpt_to,
+        vec!["ops@corp.test", "b@y.test", "B@y.test"]
+    );
 }
 
 #[test]
