@@ -413,7 +413,12 @@ impl Reloader {
                 return Err(self.reject(&mut state, who, "reject", &active, None, reasons));
             }
         };
-        if policy.version == active.info.version && *module == *active.module {
+        // The content, not only its 64-bit version, decides a no-op: a crafted
+        // collision must not pass for the active policy.
+        if policy.version == active.info.version
+            && json == active.json
+            && *module == *active.module
+        {
             return Ok(Applied {
                 old_version: active.info.version.clone(),
                 new_version: policy.version,
