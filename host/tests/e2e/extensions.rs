@@ -986,7 +986,8 @@ async fn an_extension_cannot_bounce_mail_by_choosing_a_host_that_refuses_it() {
         if may_bounce {
             assert!(states.is_none(), "bounced and removed: {states:?}");
             assert_eq!(record.outcome, "bounced", "{record:?}");
-            assert_eq!(relay.metrics.bounces.get(), 1);
+            // (Its DSN, to a sender domain this lab does not serve, may bounce too.)
+            assert!(relay.metrics.bounces.get() >= 1);
         } else {
             let reason = deferred_reason(&states);
             assert!(

@@ -292,7 +292,7 @@ token = "{TOKEN}"
 
     /// `GET /policy` as JSON.
     fn status(&self) -> Value {
-        let (code, body) = self.admin("GET", "/policy", None, None, b"");
+        let (code, body) = self.admin("GET", "/policy", Some(TOKEN), None, b"");
         assert_eq!(code, 200, "GET /policy: {body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /policy {e}: {body}"))
     }
