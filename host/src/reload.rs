@@ -294,6 +294,10 @@ pub struct Reloader {
     /// Part of every activation's gate (the edge filter, which runs the same policy on
     /// the inbound port).
     followers: Mutex<Vec<Follower>>,
+    /// The status as of the last change (without the live shadow figures), so that
+    /// `GET /policy` answers while a candidate compiles (an audit's status request
+    /// timed out behind a gigabyte policy file).
+    published: arc_swap::ArcSwap<Status>,
 }
 
 /// Called with the canonical JSON and the version of each candidate policy, before it
@@ -350,18 +354,21 @@ impl Reloader {
         };
         let mut history = VecDeque::new();
         history.push_back(version);
+        let state = State {
+            history,
+            last_rejection: None,
+            activations: 0,
+            rejections: 0,
+            audit,
+            audit_error,
+        };
+        let published = arc_swap::ArcSwap::from_pointee(snapshot(&state));
         Ok(Reloader {
             target,
             settings,
-            state: Mutex::new(State {
-                history,
-                last_rejection: None,
-                activations: 0,
-                rejections: 0,
-                audit,
-                audit_error,
-            }),
+            state: Mutex::new(state),
             followers: Mutex::new(Vec::new()),
+            published,
         })
     }
 
@@ -415,9 +422,7 @@ impl Reloader {
         };
         // The content, not only its 64-bit version, decides a no-op: a crafted
         // collision must not pass for the active policy.
-        if policy.version == active.info.version
-            && json == active.json
-            && *module == *active.module
+        if policy.version == active.info.version && json == active.json && *module == *active.module
         {
             return Ok(Applied {
                 old_version: active.info.version.clone(),
@@ -613,32 +618,12 @@ impl Reloader {
         Ok(status)
     }
 
-    /// The state for `GET /policy`.
+    /// The state for `GET /policy`: as of the last change, with the shadow's live
+    /// figures. It does not wait for a change in progress.
     pub fn status(&self) -> Status {
-        let state = self.lock();
-        let history: Vec<VersionInfo> =
-            state.history.iter().rev().map(|v| v.info.clone()).collect();
-        let (seq, head) = state.audit.head();
-        Status {
-            active: history.first().cloned().unwrap_or_else(|| VersionInfo {
-                version: self.version(),
-                name: String::new(),
-                module: String::new(),
-                activated: String::new(),
-                who: String::new(),
-            }),
-            history,
-            last_rejection: state.last_rejection.clone(),
-            activations: state.activations,
-            rejections: state.rejections,
-            shadow: self.target.shadow().current().map(|s| s.status()),
-            audit: AuditStatus {
-                path: state.audit.path().to_path_buf(),
-                seq,
-                head: head.to_string(),
-                error: state.audit_error.clone(),
-            },
-        }
+        let mut status = Status::clone(&self.published.load());
+        status.shadow = self.target.shadow().current().map(|s| s.status());
+        status
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -723,7 +708,14 @@ impl Reloader {
         ReloadError::Refused(rejection)
     }
 
+    /// Appends `entry` to the audit log (every change and refusal ends so) and publishes
+    /// the new status.
     fn audit(&self, state: &mut State, entry: Entry) {
+        self.append(state, entry);
+        self.published.store(Arc::new(snapshot(state)));
+    }
+
+    fn append(&self, state: &mut State, entry: Entry) {
         match state.audit.append(entry) {
             // A rotated or deleted file is not an error of this write, but an operator
             // should see it (it is logged as a warning too).
@@ -740,6 +732,32 @@ impl Reloader {
                 state.audit_error = Some(e.to_string());
             }
         }
+    }
+}
+
+/// The status of `state` (no shadow figures: they are live, see [`Reloader::status`]).
+fn snapshot(state: &State) -> Status {
+    let history: Vec<VersionInfo> = state.history.iter().rev().map(|v| v.info.clone()).collect();
+    let (seq, head) = state.audit.head();
+    Status {
+        active: history.first().cloned().unwrap_or_else(|| VersionInfo {
+            version: String::new(),
+            name: String::new(),
+            module: String::new(),
+            activated: String::new(),
+            who: String::new(),
+        }),
+        history,
+        last_rejection: state.last_rejection.clone(),
+        activations: state.activations,
+        rejections: state.rejections,
+        shadow: None,
+        audit: AuditStatus {
+            path: state.audit.path().to_path_buf(),
+            seq,
+            head: head.to_string(),
+            error: state.audit_error.clone(),
+        },
     }
 }
 
@@ -2271,6 +2289,29 @@ expect = { route = "alternate" }
         std::fs::write(&tmp, &a).unwrap();
         std::fs::rename(&tmp, &file).unwrap();
         wait_until("the renamed file", || reloader.version() == v1);
+    }
+
+    /// `GET /policy` does not wait for a change in progress (an audit's status request
+    /// timed out while a gigabyte candidate compiled), and shows each change once made.
+    #[test]
+    fn status_answers_while_a_change_holds_the_pipeline() {
+        let (_dir, _slots, reloader) = setup(&policy("a", &["partner.example"], ""));
+        let reloader = Arc::new(reloader);
+        let v1 = reloader.version();
+        let held = reloader.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = reloader.clone();
+        std::thread::spawn(move || tx.send(r.status().active.version).unwrap());
+        // Generous: only a deadlock fails this.
+        let seen = rx.recv_timeout(Duration::from_secs(30));
+        drop(held);
+        assert_eq!(seen.as_deref(), Ok(v1.as_str()));
+        let b = policy("b", &["partner.example", "b.example"], "");
+        let applied = reloader.apply(&Who::Cli, Candidate::policy(b)).unwrap();
+        let status = reloader.status();
+        assert_eq!(status.active.version, applied.new_version);
+        assert_eq!(status.activations, 1);
+        assert_eq!(status.history.len(), 2);
     }
 
     #[test]
