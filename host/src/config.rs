@@ -833,6 +833,22 @@ mod tests {
         assert!(c.server.tls.is_none());
     }
 
+    /// A wildcard listen address reaches delivery's loop check as configured: it was
+    /// filtered out, and an audit's extension looped mail through the relay 50 times.
+    #[test]
+    fn delivery_sees_wildcard_listen_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), "x").unwrap();
+        let c = parse(
+            "[server]\nlisten = [\"0.0.0.0:2525\", \"[::]:2526\"]\n[policy]\nfile = \"p.toml\"\n",
+            dir.path(),
+        )
+        .unwrap();
+        let d = crate::delivery::DeliverySettings::from_config(&c);
+        assert_eq!(d.listen, c.server.listen);
+        assert_eq!(d.listen.len(), 2);
+    }
+
     #[test]
     fn every_problem_at_once() {
         let dir = tempfile::tempdir().unwrap();

@@ -47,10 +47,16 @@ pub struct Answer {
     pub standard: Decision,
     /// The module that last changed the decision: [`STANDARD`] or an extension's name.
     pub by: String,
-    /// Whether that module may make mail bounce: the standard module may, an extension
-    /// only with `may_bounce = true`. The relay holds to it when the module chose the next
-    /// hop: a permanent refusal there is a deferral unless its chooser may bounce.
+    /// Whether the module that last changed the route (route, host, its addresses, port
+    /// or MX lookup) may make mail bounce: the standard module may, an extension only
+    /// with `may_bounce = true`. The relay holds to it when the route is not the standard
+    /// module's: a permanent refusal at that next hop is a deferral unless its chooser
+    /// may bounce.
     pub may_bounce: bool,
+    /// The module that last changed the route: [`STANDARD`] or an extension's name. Not
+    /// always [`Answer::by`]: a later extension may change only the reason, and once
+    /// took over an earlier one's route and its `may_bounce` so.
+    pub routed_by: String,
     /// The TLS requirement of the compiled policy for this question, decided natively on
     /// the policy the answering standard plugin was configured with (same version as
     /// [`Answer::standard`]). The safety floor holds the chain to it, so a module cannot
@@ -69,6 +75,22 @@ pub struct Answer {
 /// - a bounce this extension made stands only where the standard module bounced too or
 ///   the extension has `may_bounce = true`; otherwise it becomes a defer, logged and
 ///   counted as a floor violation.
+/// The decision headers that make the route: which next hop, and how it is reached.
+const ROUTING: [&str; 5] = [
+    contract::ROUTE,
+    contract::HOST,
+    contract::HOST_ADDRESSES,
+    contract::HOST_PORT,
+    contract::HOST_MX_LOOKUP,
+];
+
+/// The value of header `k` in sorted, lower-case decision headers (empty when absent).
+fn value<'h>(h: &'h extensions::DecisionHeaders, k: &str) -> &'h [u8] {
+    h.iter()
+        .find(|(n, _)| n == k)
+        .map_or(&[][..], |(_, v)| v.as_slice())
+}
+
 fn police(
     h: &mut extensions::DecisionHeaders,
     prev: &extensions::DecisionHeaders,
@@ -76,11 +98,6 @@ fn police(
     ext: &Extension,
 ) {
     let name = ext.name();
-    fn get<'h>(hs: &'h extensions::DecisionHeaders, k: &str) -> &'h [u8] {
-        hs.iter()
-            .find(|(n, _)| n == k)
-            .map_or(&[][..], |(_, v)| v.as_slice())
-    }
     fn set(h: &mut extensions::DecisionHeaders, k: &str, v: Vec<u8>) {
         match h.iter_mut().find(|(n, _)| n == k) {
             Some(e) => e.1 = v,
@@ -95,7 +112,8 @@ fn police(
         contract::POLICY_VERSION,
         contract::encode_text(&standard.policy_version).into_bytes(),
     );
-    let bounced = get(h, contract::ROUTE) == b"bounce" && get(prev, contract::ROUTE) != b"bounce";
+    let bounced =
+        value(h, contract::ROUTE) == b"bounce" && value(prev, contract::ROUTE) != b"bounce";
     if bounced && standard.route != Route::Bounce && !ext.config().may_bounce {
         tracing::warn!(
             target: "altroute::decision",
@@ -120,7 +138,7 @@ fn police(
             contract::encode_text(&reason).into_bytes(),
         );
     }
-    let rule = get(h, contract::RULE).to_vec();
+    let rule = value(h, contract::RULE).to_vec();
     let own = format!("extension:{name}");
     if !(rule == own.as_bytes() || rule.starts_with(format!("{own}:").as_bytes())) {
         // The prefix needs no escaping (a name is letters, digits, `-`, `_`, `.`), so it
@@ -409,6 +427,7 @@ impl PolicyEngine {
                 standard,
                 by: STANDARD.to_string(),
                 may_bounce: true,
+                routed_by: STANDARD.to_string(),
                 policy_tls,
             };
         }
@@ -418,6 +437,7 @@ impl PolicyEngine {
             .collect();
         headers.sort();
         let mut by: Option<&Extension> = None;
+        let mut routed_by: Option<&Extension> = None;
         // The facts as request headers: encoded once per question, when an extension
         // first needs them.
         let facts = std::cell::OnceCell::new();
@@ -426,6 +446,9 @@ impl PolicyEngine {
                 Step::Unchanged | Step::Skipped => {}
                 Step::Changed(mut h) => {
                     police(&mut h, &headers, &standard, ext);
+                    if ROUTING.iter().any(|k| value(&h, k) != value(&headers, k)) {
+                        routed_by = Some(ext);
+                    }
                     headers = h;
                     by = Some(ext);
                 }
@@ -445,6 +468,7 @@ impl PolicyEngine {
                         standard,
                         by: ext.name().to_string(),
                         may_bounce: ext.config().may_bounce,
+                        routed_by: ext.name().to_string(),
                         policy_tls,
                     };
                 }
@@ -456,6 +480,7 @@ impl PolicyEngine {
                 standard,
                 by: STANDARD.to_string(),
                 may_bounce: true,
+                routed_by: STANDARD.to_string(),
                 policy_tls,
             };
         };
@@ -475,7 +500,8 @@ impl PolicyEngine {
             decision,
             standard,
             by: ext.name().to_string(),
-            may_bounce: ext.config().may_bounce,
+            may_bounce: routed_by.is_none_or(|e| e.config().may_bounce),
+            routed_by: routed_by.map_or_else(|| STANDARD.to_string(), |e| e.name().to_string()),
             policy_tls,
         }
     }
@@ -563,6 +589,7 @@ impl PolicyEngine {
                     standard: d,
                     by: STANDARD.to_string(),
                     may_bounce: true,
+                    routed_by: STANDARD.to_string(),
                     policy_tls: TlsRequirement::STRICT,
                 }
             }

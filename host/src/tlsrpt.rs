@@ -391,7 +391,8 @@ pub fn parse_txt(records: &[String]) -> Option<Vec<String>> {
 /// audit's domain published CR LF in it, forging log lines and writing headers and a
 /// body into the report message), so:
 /// - `mailto:` (RFC 6068): the address, percent-decoded, without `?…`, must be one plain
-///   ASCII mailbox (`pattern::is_mailbox`); it comes back as `mailto:ADDRESS`;
+///   ASCII mailbox (`pattern::is_mailbox`) with a dot-atom local part and a domain name;
+///   it comes back as `mailto:ADDRESS`;
 /// - `https://`: printable ASCII without spaces, at most 2048 bytes.
 fn usable_rua(uri: &str) -> Option<String> {
     let scheme = uri.get(..8).map(str::to_ascii_lowercase);
@@ -406,8 +407,14 @@ fn usable_rua(uri: &str) -> Option<String> {
     let address = percent_encoding::percent_decode_str(encoded)
         .decode_utf8()
         .ok()?;
+    // A dot-atom local part and a domain name: no quoting, no source route
+    // (`@a,@b:rep@x` passed `is_mailbox` and was queued as a recipient no policy could
+    // decide on).
+    let (local, domain) = address.rsplit_once('@')?;
     (address.is_ascii()
         && address.bytes().all(|b| b.is_ascii_graphic())
+        && altroute_smtp::address::is_dot_atom(local)
+        && !domain.starts_with('[')
         && altroute_policy::pattern::is_mailbox(&address))
     .then(|| format!("mailto:{address}"))
 }
@@ -773,6 +780,9 @@ mod tests {
             "v=TLSRPTv1; rua=mailto:r\u{e9}p@ok.test",
             "v=TLSRPTv1; rua=https://r.ok.test/\n2026 INFO forged",
             "v=TLSRPTv1; rua=https://r.ok.test/ x",
+            "v=TLSRPTv1; rua=mailto:%40evil.test%2C%40x.test%3Arep@ok.test",
+            "v=TLSRPTv1; rua=mailto:%22a%20b%22@ok.test",
+            "v=TLSRPTv1; rua=mailto:rep@[127.0.0.1]",
         ] {
             assert_eq!(parse_txt(&s(bad)), None, "{bad:?}");
         }

@@ -102,13 +102,30 @@ impl Rcpt {
 }
 
 /// The extension that chose the next hop of `answer` (see [`Rcpt::hop_by`]), if one did
-/// and may not bounce mail.
+/// and may not bounce mail: the extension that last changed the route
+/// ([`Answer::routed_by`]), when the next hop (direct, a host or the alternate, with its
+/// addresses and port) is not the standard module's.
 fn hop_chooser(answer: &Answer) -> Option<String> {
     let d = &answer.decision;
-    let chose = answer.by != STANDARD
-        && matches!(d.route, Route::Host | Route::Alternate)
+    let chose = answer.routed_by != STANDARD
+        && matches!(d.route, Route::Direct | Route::Host | Route::Alternate)
         && (d.route, &d.host) != (answer.standard.route, &answer.standard.host);
-    (chose && !answer.may_bounce).then(|| answer.by.clone())
+    (chose && !answer.may_bounce).then(|| answer.routed_by.clone())
+}
+
+/// What recipients must share to go to one next hop together: the hop and the whole
+/// target. Grouped by the host's name alone, recipients the standard module routed
+/// once went to the addresses an extension had given the same name.
+type TargetKey = (Hop, String, Vec<String>, u16, bool);
+
+fn target_key(hop: Hop, t: &HostTarget) -> TargetKey {
+    (
+        hop,
+        t.name.clone(),
+        t.addresses.clone(),
+        t.port,
+        t.mx_lookup,
+    )
 }
 
 /// The host a session went to and what was observed there: the facts of its verdict.
@@ -155,7 +172,7 @@ pub(crate) async fn deliver_domain(
     let mut direct = Vec::new();
     // MTA-STS (RFC 8461): the domain's policy is a fact of every query.
     let sts = super::standards::lookup(ctx, domain).await;
-    let mut hosts: BTreeMap<(Hop, String), (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
+    let mut hosts: BTreeMap<TargetKey, (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
     for &index in indices {
         let Some(recipient) = env.rcpt_to.get(index) else {
             continue;
@@ -235,7 +252,7 @@ pub(crate) async fn deliver_domain(
             Err(failure) => out.extend(resolve_failed(ctx, &direct, failure)),
         }
     }
-    for ((hop, _), (target, rcpts)) in hosts {
+    for ((hop, ..), (target, rcpts)) in hosts {
         match ctx.resolver.host_target(&target).await {
             Ok(candidates) => {
                 out.extend(run_hop(ctx, entry, message, hop, candidates, target.port, rcpts).await)
@@ -247,13 +264,13 @@ pub(crate) async fn deliver_domain(
 }
 
 fn push_host(
-    hosts: &mut BTreeMap<(Hop, String), (HostTarget, Vec<Rcpt>)>,
+    hosts: &mut BTreeMap<TargetKey, (HostTarget, Vec<Rcpt>)>,
     hop: Hop,
     target: HostTarget,
     rcpt: Rcpt,
 ) {
     hosts
-        .entry((hop, target.name.clone()))
+        .entry(target_key(hop, &target))
         .or_insert_with(|| (target, Vec::new()))
         .1
         .push(rcpt);
@@ -277,6 +294,7 @@ fn resolve_failed(ctx: &Ctx, rcpts: &[Rcpt], failure: ResolveFailure) -> Vec<(us
                 recipient = %r.query.recipient,
                 policy_version = %r.plan.policy_version,
                 rule = %r.plan.rule,
+                planned_by = %r.plan_by,
                 route = %r.plan.route,
                 result = "dns-failure",
                 outcome = ?outcome,
@@ -406,7 +424,7 @@ fn run_hop<'a>(
 #[derive(Default)]
 struct Settled {
     out: Vec<(usize, Outcome)>,
-    reroute: BTreeMap<String, (HostTarget, Vec<Rcpt>)>,
+    reroute: BTreeMap<TargetKey, (HostTarget, Vec<Rcpt>)>,
 }
 
 impl Settled {
@@ -426,9 +444,11 @@ impl Settled {
         match (d.route, &d.host) {
             (Route::Alternate, Some(target)) if hop != Hop::Alternate => {
                 log_decision(ctx, &r, d, Some(hop), Some(peer), "rerouted");
-                r.hop_by = chooser;
+                // The standard module's reroute from a hop an extension chose is still
+                // the extension's doing (it sent the mail where TLS failed).
+                r.hop_by = chooser.or(r.hop_by.take());
                 self.reroute
-                    .entry(target.name.clone())
+                    .entry(target_key(Hop::Alternate, target))
                     .or_insert_with(|| (target.clone(), Vec::new()))
                     .1
                     .push(r);
@@ -509,6 +529,7 @@ impl Settled {
             recipient = %r.query.recipient,
             policy_version = %r.plan.policy_version,
             rule = %r.plan.rule,
+            planned_by = %r.plan_by,
             hop = %hop,
             result = "mail-loop",
             reason = %reason,
@@ -530,6 +551,7 @@ impl Settled {
             recipient = %r.query.recipient,
             policy_version = %r.plan.policy_version,
             rule = %r.plan.rule,
+            planned_by = %r.plan_by,
             hop = %hop,
             result = "connection-failed",
             reason = %why,

@@ -158,15 +158,10 @@ impl DeliverySettings {
                 .tlsrpt
                 .settings(&config.spool.dir, &config.server.hostname)
                 .map(|t| t.dir),
-            // An unspecified address (0.0.0.0) matches no next hop; the hop count catches
-            // a loop through it (`server.max_hops`).
-            listen: config
-                .server
-                .listen
-                .iter()
-                .copied()
-                .filter(|a| !a.ip().is_unspecified())
-                .collect(),
+            // As configured: a wildcard address (0.0.0.0, ::) stands for every local
+            // address on its port (`attempt::is_listening_at`). Filtering it out once let
+            // an audit's extension loop mail through the relay 50 times.
+            listen: config.server.listen.clone(),
             ..DeliverySettings::default()
         }
     }

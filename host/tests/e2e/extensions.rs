@@ -1003,3 +1003,124 @@ async fn an_extension_cannot_bounce_mail_by_choosing_a_host_that_refuses_it() {
     }
     assert_eq!(lab.sinks[refuser].sessions().len(), 2);
 }
+
+/// Three more ways a round-4 audit's extensions without `may_bounce` made mail bounce
+/// (each ended in a DSN), all deferrals now:
+/// - `hijack` keeps the policy's host name but gives its own addresses: recipients the
+///   standard module routed to that host went to the extension's addresses too (hosts
+///   were grouped by name), and bounced there with `planned_by=standard`. Now the
+///   standard's recipient goes to the policy's host and is delivered.
+/// - `godirect` turns a routed recipient to `direct`, whose MX refuses it.
+/// - `pick` routes to a refusing host and a later `tagger`, which may bounce, changes only
+///   the reason: `tagger`'s `may_bounce` once stood for `pick`'s route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_cannot_bounce_mail_by_any_route_it_chooses() {
+    let mut lab = Lab::new().await;
+    let (_, partner) = lab
+        .sink("partner.lab.test", Tls::None, SinkMode::Accept)
+        .await;
+    let (refuser_ip, refuser) = lab
+        .sink(
+            "refuser.lab.test",
+            Tls::None,
+            SinkMode::PermFail(altroute_lab::FailAt::Rcpt),
+        )
+        .await;
+    lab.dns
+        .add_mx("routed.test", 10, "refuser.lab.test")
+        .await
+        .unwrap();
+    let extra = format!(
+        "\n[[hosts]]\nname = \"partner\"\naddress = \"partner.lab.test\"\nport = {}\nrequire_tls = false\nrequire_ca_signed = false\nvalidate_hostname = false\n\n[[routes]]\nname = \"r1\"\ndomains = [\"routed.test\"]\nhost = \"partner\"\n",
+        lab.port
+    );
+    let engine = |exts: &[ExtensionConfig]| {
+        PolicyEngine::standard(&policy(lab.port, false, &extra))
+            .unwrap()
+            .with_extensions(exts)
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let scoped = |mut e: ExtensionConfig, scope: &str| {
+        e.recipients = vec![Pattern::parse(scope).unwrap()];
+        e
+    };
+    let hijack = scoped(
+        routing_extension(
+            dir.path(),
+            "hijack",
+            &[
+                ("x-altroute-host-addresses", refuser_ip.to_string()),
+                ("x-altroute-host-port", lab.port.to_string()),
+            ],
+        ),
+        "a@routed.test",
+    );
+    let godirect = scoped(
+        routing_extension(
+            dir.path(),
+            "godirect",
+            &[("x-altroute-route", "direct".to_string())],
+        ),
+        "c@routed.test",
+    );
+    let pick = scoped(
+        routing_extension(
+            dir.path(),
+            "pick",
+            &host_route(&refuser_ip.to_string(), lab.port),
+        ),
+        "d@plain.test",
+    );
+    let mut tagger = hostile("tagger", &[("HEADERS", TAG)], &[]);
+    tagger.deadline = Duration::from_secs(2);
+    tagger.may_bounce = true;
+    let relay = Relay::start(&lab, engine(&[hijack, godirect, pick, tagger])).await;
+    let rcpts = [
+        "a@routed.test",
+        "b@routed.test",
+        "c@routed.test",
+        "d@plain.test",
+    ];
+    let id = relay.send("alice@corp.test", &rcpts, false).await;
+    let states = relay
+        .settled(&id)
+        .await
+        .expect("deferred recipients stay queued");
+    let reason = |i: usize| match &states[i] {
+        RecipientState::Deferred { reason, .. } => reason.clone(),
+        other => panic!("{}: expected deferred, got {other:?}", rcpts[i]),
+    };
+    for (i, ext) in [(0, "hijack"), (2, "godirect"), (3, "pick")] {
+        let r = reason(i);
+        assert!(
+            r.ends_with(&format!(
+                "; the next hop was chosen by extension {ext}, which may not bounce mail"
+            )),
+            "{}: {r}",
+            rcpts[i]
+        );
+    }
+    assert!(
+        matches!(states[1], RecipientState::Delivered { .. }),
+        "the standard module's recipient goes to the policy's host: {:?}",
+        states[1]
+    );
+    let delivered: Vec<String> = lab.sinks[partner]
+        .messages()
+        .into_iter()
+        .flat_map(|m| m.rcpt_to)
+        .collect();
+    assert_eq!(delivered, ["b@routed.test"]);
+    let refused: Vec<String> = lab.sinks[refuser]
+        .sessions()
+        .into_iter()
+        .flat_map(|s| s.commands)
+        .filter(|c| c.starts_with("RCPT"))
+        .collect();
+    assert!(
+        !refused.iter().any(|c| c.contains("b@routed.test")),
+        "{refused:?}"
+    );
+    assert_eq!(relay.metrics.bounces.get(), 0);
+}
