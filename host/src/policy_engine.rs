@@ -64,17 +64,6 @@ pub struct Answer {
     pub policy_tls: TlsRequirement,
 }
 
-/// An extension's changed decision headers `h` (the decision before it: `prev`), as the
-/// relay passes them on, records and acts on them. Checked after each extension that
-/// changes something, with that extension's own settings, so that a later extension's
-/// change cannot carry an earlier one's decision through under its name:
-/// - the policy version is the one that was asked (an extension cannot claim another);
-/// - the rule names the extension (`extension:NAME`, or `extension:NAME:RULE` for
-///   whatever else it holds): an audit's extension logged its bounces as
-///   `tls_compliance:partners` of a forged version;
-/// - a bounce this extension made stands only where the standard module bounced too or
-///   the extension has `may_bounce = true`; otherwise it becomes a defer, logged and
-///   counted as a floor violation.
 /// The decision headers that make the route: which next hop, and how it is reached.
 const ROUTING: [&str; 5] = [
     contract::ROUTE,
@@ -91,6 +80,17 @@ fn value<'h>(h: &'h extensions::DecisionHeaders, k: &str) -> &'h [u8] {
         .map_or(&[][..], |(_, v)| v.as_slice())
 }
 
+/// An extension's changed decision headers `h` (the decision before it: `prev`), as the
+/// relay passes them on, records and acts on them. Checked after each extension that
+/// changes something, with that extension's own settings, so that a later extension's
+/// change cannot carry an earlier one's decision through under its name:
+/// - the policy version is the one that was asked (an extension cannot claim another);
+/// - the rule names the extension (`extension:NAME`, or `extension:NAME:RULE` for
+///   whatever else it holds): an audit's extension logged its bounces as
+///   `tls_compliance:partners` of a forged version;
+/// - a bounce this extension made stands only where the standard module bounced too or
+///   the extension has `may_bounce = true`; otherwise it becomes a defer, logged and
+///   counted as a floor violation.
 fn police(
     h: &mut extensions::DecisionHeaders,
     prev: &extensions::DecisionHeaders,
