@@ -177,11 +177,17 @@ impl ExtensionConfig {
         }
     }
 
-    /// Whether a question about this mail goes to the extension.
-    pub fn in_scope(&self, query: &Query) -> bool {
-        (self.senders.is_empty() || self.senders.iter().any(|p| p.matches(&query.sender)))
-            && (self.recipients.is_empty()
-                || self.recipients.iter().any(|p| p.matches(&query.recipient)))
+    /// Whether a question about this mail goes to the extension. Addresses match as the
+    /// policy matches them, its recipient `delimiter` included (`vip@x` covers
+    /// `vip+tag@x`).
+    pub fn in_scope(&self, query: &Query, delimiter: &str) -> bool {
+        let any = |patterns: &[Pattern], address: &str| {
+            patterns.is_empty()
+                || patterns
+                    .iter()
+                    .any(|p| p.matches_mailbox(address, delimiter))
+        };
+        any(&self.senders, &query.sender) && any(&self.recipients, &query.recipient)
     }
 }
 
@@ -590,10 +596,11 @@ impl Extension {
     pub fn step(
         &self,
         query: &Query,
+        delimiter: &str,
         facts: &std::cell::OnceCell<Vec<(String, Vec<u8>)>>,
         decision: &DecisionHeaders,
     ) -> Step {
-        if !self.config.in_scope(query) {
+        if !self.config.in_scope(query, delimiter) {
             return Step::Unchanged;
         }
         if self.cooling() {

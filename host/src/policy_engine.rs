@@ -419,7 +419,13 @@ impl PolicyEngine {
     /// Asks one question of the whole chain: the final decision, the standard module's and
     /// who decided. Never fails.
     pub fn answer(&self, query: &Query) -> Answer {
-        let (standard, policy_tls) = self.decide_standard(query);
+        let (standard, policy_tls, policy) = self.decide_standard(query);
+        // Extension scopes match mailboxes as the policy does (`+tag` included: an audit's
+        // `vip+x@` escaped a TLS-enforcing extension scoped to `vip@`). An unreadable
+        // policy: `+`, the default.
+        let delimiter = policy
+            .as_ref()
+            .map_or("+", |p| p.recipient_delimiter.as_str());
         // A fault of the standard module is final: no extension may override it.
         if self.extensions.is_empty() || standard.rule == "fault" {
             return Answer {
@@ -442,7 +448,7 @@ impl PolicyEngine {
         // first needs them.
         let facts = std::cell::OnceCell::new();
         for ext in &self.extensions {
-            match ext.step(query, &facts, &headers) {
+            match ext.step(query, delimiter, &facts, &headers) {
                 Step::Unchanged | Step::Skipped => {}
                 Step::Changed(mut h) => {
                     police(&mut h, &headers, &standard, ext);
@@ -508,12 +514,15 @@ impl PolicyEngine {
 
     /// The standard module alone (plus the shadow comparison), and the policy's own TLS
     /// requirement (see [`Answer::policy_tls`]), both from the same plugin snapshot.
-    fn decide_standard(&self, query: &Query) -> (Decision, TlsRequirement) {
+    /// The standard module's decision, the compiled policy's TLS requirement, and the
+    /// policy itself (`None` if it cannot be read; see [`Self::policy_of`]).
+    fn decide_standard(&self, query: &Query) -> (Decision, TlsRequirement, Option<Arc<Policy>>) {
         self.decisions.fetch_add(1, Ordering::Relaxed);
         // One snapshot for the whole question: a swap meanwhile does not mix versions.
         let plugin = self.slot.current();
-        let policy_tls = match self.policy_of(&plugin) {
-            Some(policy) => altroute_policy::decide(&policy, query).tls,
+        let policy = self.policy_of(&plugin);
+        let policy_tls = match &policy {
+            Some(policy) => altroute_policy::decide(policy, query).tls,
             None => TlsRequirement::STRICT,
         };
         let decision = match ask(&plugin, query) {
@@ -533,7 +542,7 @@ impl PolicyEngine {
         };
         // Shadow mode: the candidate sees the same question; its answer is only compared.
         self.shadow.observe(query, &decision);
-        (decision, policy_tls)
+        (decision, policy_tls, policy)
     }
 
     /// The policy `plugin` was configured with (its plugin configuration is the compiled

@@ -1076,11 +1076,14 @@ async fn an_extension_cannot_bounce_mail_by_any_route_it_chooses() {
     tagger.deadline = Duration::from_secs(2);
     tagger.may_bounce = true;
     let relay = Relay::start(&lab, engine(&[hijack, godirect, pick, tagger])).await;
+    // (The last: a `+tag` is in the scope of its mailbox, as in the policy's rules; it
+    // once escaped a TLS-enforcing extension scoped to the mailbox.)
     let rcpts = [
         "a@routed.test",
         "b@routed.test",
         "c@routed.test",
         "d@plain.test",
+        "a+tag@routed.test",
     ];
     let id = relay.send("alice@corp.test", &rcpts, false).await;
     let states = relay
@@ -1091,7 +1094,7 @@ async fn an_extension_cannot_bounce_mail_by_any_route_it_chooses() {
         RecipientState::Deferred { reason, .. } => reason.clone(),
         other => panic!("{}: expected deferred, got {other:?}", rcpts[i]),
     };
-    for (i, ext) in [(0, "hijack"), (2, "godirect"), (3, "pick")] {
+    for (i, ext) in [(0, "hijack"), (2, "godirect"), (3, "pick"), (4, "hijack")] {
         let r = reason(i);
         assert!(
             r.ends_with(&format!(

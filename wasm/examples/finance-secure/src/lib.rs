@@ -35,6 +35,10 @@ pub const RULE: &str = "extension:finance-secure";
 pub struct Config {
     /// The finance org unit's senders.
     pub senders: Vec<Pattern>,
+    /// The characters that end a mailbox's own local part, as the policy's
+    /// `recipient_delimiter` (`cfo+x@` is cfo's mailbox). Defaults to `+`.
+    #[serde(default = "default_delimiter")]
+    pub recipient_delimiter: String,
     /// The secure relay.
     pub host: HostConfig,
 }
@@ -129,6 +133,10 @@ pub fn decide(
     Some(d)
 }
 
+fn default_delimiter() -> String {
+    "+".to_string()
+}
+
 impl sdk::Extension for Config {
     const NAME: &'static str = "finance-secure";
 
@@ -137,7 +145,11 @@ impl sdk::Extension for Config {
     }
 
     fn decide(&self, q: &Query, d: Decision) -> Option<Decision> {
-        if !self.senders.iter().any(|p| p.matches(&q.sender)) {
+        if !self
+            .senders
+            .iter()
+            .any(|p| p.matches_mailbox(&q.sender, &self.recipient_delimiter))
+        {
             return None;
         }
         decide(self, q.phase, q.hop, q.tls, q.cert, d)
