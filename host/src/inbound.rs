@@ -212,8 +212,14 @@ impl Handler for Inbound {
 }
 
 /// Whether two envelope recipients are one: the same local part, and the same domain in
-/// any case (a local part's case may matter to its domain, RFC 5321 §2.4).
+/// any case or spelling as delivery writes it (its A-label: `bücher.test` is
+/// `xn--bcher-kva.test`, which an audit's next hop got twice). A local part's case may
+/// matter to its domain (RFC 5321 §2.4).
 fn same_recipient(a: &str, b: &str) -> bool {
+    let (a, b) = (
+        crate::delivery::delivery_address(a),
+        crate::delivery::delivery_address(b),
+    );
     match (a.rsplit_once('@'), b.rsplit_once('@')) {
         (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
         _ => a == b,

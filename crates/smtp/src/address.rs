@@ -105,6 +105,32 @@ pub fn xtext(value: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Decodes RFC 3461 `xtext` (`+HH` for any octet) to text: the octets must be UTF-8
+/// without control characters (C0, DEL, C1) or line and paragraph separators. `None`
+/// otherwise, or for a malformed `+`. smtp-proto's decoder makes each `+HH` the char
+/// U+00HH, so `+C3+B6` (ö in UTF-8) became `Ã¶`, and `+85` a C1 control.
+pub fn xtext_decode(value: &[u8]) -> Option<String> {
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while let Some(&b) = value.get(i) {
+        if b == b'+' {
+            let hex = std::str::from_utf8(value.get(i + 1..i + 3)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else if (b'!'..=b'~').contains(&b) && b != b'=' {
+            bytes.push(b);
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    let text = String::from_utf8(bytes).ok()?;
+    (!text
+        .chars()
+        .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}'))
+    .then_some(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +197,29 @@ mod tests {
         ] {
             assert!(!is_ip_literal(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn xtext_decodes_utf8_and_refuses_controls() {
+        assert_eq!(xtext_decode(b"j+C3+B6rg@x").as_deref(), Some("jörg@x"));
+        assert_eq!(xtext_decode(b"id+2B1").as_deref(), Some("id+1"));
+        assert_eq!(xtext_decode(b"a+e9").as_deref(), None, "not UTF-8");
+        for bad in [
+            &b"a+85b"[..],
+            b"a+E2+80+A8b",
+            b"a+0D+0Ab",
+            b"a+0",
+            b"a+ZZ",
+            b"a=b",
+        ] {
+            assert_eq!(
+                xtext_decode(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let s = "x\u{e9}+= y";
+        assert_eq!(xtext_decode(xtext(s).as_bytes()).as_deref(), Some(s));
     }
 }

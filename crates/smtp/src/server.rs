@@ -489,7 +489,7 @@ impl<H: Handler> Session<H> {
                     conn.push(&reply);
                 }
                 Request::Rcpt { to } => {
-                    let reply = self.rcpt(to).await;
+                    let reply = self.rcpt(to, &line).await;
                     conn.push(&reply);
                 }
                 Request::Data => {
@@ -628,6 +628,20 @@ impl<H: Handler> Session<H> {
         {
             return Reply::new(555, (5, 5, 4), "Unsupported MAIL parameter");
         }
+        // Decoded here from the line (UTF-8, one line), not as smtp-proto decodes it.
+        let env_id = match from.env_id {
+            None => None,
+            Some(_) => match dsn_param(line, "ENVID") {
+                Some(id) => Some(id),
+                None => {
+                    return Reply::new(
+                        501,
+                        (5, 5, 4),
+                        "ENVID must be xtext of UTF-8 without control characters",
+                    );
+                }
+            },
+        };
         let smtputf8 = f & smtp_proto::MAIL_SMTPUTF8 != 0;
         if smtputf8 && !self.config.smtputf8 {
             return Reply::new(555, (5, 5, 4), "SMTPUTF8 not supported");
@@ -654,7 +668,7 @@ impl<H: Handler> Session<H> {
             },
             smtputf8,
             size,
-            env_id: from.env_id,
+            env_id,
             ret: if f & smtp_proto::MAIL_RET_FULL != 0 {
                 Some(crate::dsn::Ret::Full)
             } else if f & smtp_proto::MAIL_RET_HDRS != 0 {
@@ -672,7 +686,7 @@ impl<H: Handler> Session<H> {
         reply
     }
 
-    async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Reply {
+    async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, line: &[u8]) -> Reply {
         let Some(envelope) = self.envelope.as_ref() else {
             return Reply::new(503, (5, 5, 1), "Need MAIL command first");
         };
@@ -684,22 +698,22 @@ impl<H: Handler> Session<H> {
         let Some(notify) = crate::dsn::Notify::from_flags(to.flags) else {
             return Reply::new(501, (5, 5, 4), "NOTIFY=NEVER cannot be combined");
         };
-        // The original recipient goes into DSNs and on to DSN next hops: one line.
-        if to
-            .orcpt
-            .as_ref()
-            .is_some_and(|o| o.bytes().any(crate::address::is_control))
-        {
-            return Reply::new(
-                501,
-                (5, 5, 4),
-                "Control characters are not allowed in ORCPT",
-            );
-        }
-        let dsn = crate::dsn::RcptDsn {
-            notify,
-            orcpt: to.orcpt,
+        // The original recipient goes into DSNs and on to DSN next hops: decoded here
+        // from the line (UTF-8, one line), not as smtp-proto decodes it.
+        let orcpt = match to.orcpt {
+            None => None,
+            Some(_) => match dsn_param(line, "ORCPT") {
+                Some(o) => Some(o),
+                None => {
+                    return Reply::new(
+                        501,
+                        (5, 5, 4),
+                        "ORCPT must be rfc822;xtext of UTF-8 without control characters",
+                    );
+                }
+            },
         };
+        let dsn = crate::dsn::RcptDsn { notify, orcpt };
         if envelope.rcpt_to.len() >= self.config.max_recipients {
             return Reply::new(452, (4, 5, 3), "Too many recipients");
         }
@@ -914,6 +928,26 @@ fn parse_error_reply(e: &smtp_proto::Error) -> Reply {
 
 /// The ESMTP parameters of a MAIL line: the words after the closing `>` of
 /// the reverse path (quoted local parts may contain `>`).
+/// The value of DSN parameter `name` (`ENVID`, or `ORCPT` without its `rfc822;`) in a
+/// MAIL or RCPT `line`, xtext-decoded ([`crate::address::xtext_decode`]); `None` if it is
+/// absent or not valid.
+fn dsn_param(line: &[u8], name: &str) -> Option<String> {
+    let param = mail_params(line).into_iter().find(|p| {
+        p.len() > name.len()
+            && p[..name.len()].eq_ignore_ascii_case(name.as_bytes())
+            && p[name.len()] == b'='
+    })?;
+    let mut value = &param[name.len() + 1..];
+    if name == "ORCPT" {
+        let semi = value.iter().position(|b| *b == b';')?;
+        if !value[..semi].eq_ignore_ascii_case(b"rfc822") {
+            return None;
+        }
+        value = &value[semi + 1..];
+    }
+    crate::address::xtext_decode(value)
+}
+
 fn mail_params(line: &[u8]) -> Vec<&[u8]> {
     let Some(open) = line.iter().position(|b| *b == b'<') else {
         return Vec::new();

@@ -158,13 +158,16 @@ struct Refusal {
     chooser: Option<String>,
 }
 
-/// Plans, connects, asks verdicts and sends for `indices` (all at `domain`).
+/// Plans, connects, asks verdicts and sends for `indices` (all at `domain`). Adds to
+/// `open` the recipients whose plan required no TLS (their message may go back whole in
+/// a notice, `RET=FULL`).
 pub(crate) async fn deliver_domain(
     ctx: &Ctx,
     entry: &QueueEntry,
     message: &[u8],
     domain: &str,
     indices: &[usize],
+    open: &mut std::collections::BTreeSet<usize>,
 ) -> Vec<(usize, Outcome)> {
     let env = &entry.envelope;
     let mut out = Vec::new();
@@ -192,6 +195,13 @@ pub(crate) async fn deliver_domain(
             .saturating_add(1);
         let answer = ctx.engine.answer_async(query.clone()).await;
         let hop_by = hop_chooser(&answer);
+        if !(env.requiretls
+            || answer.decision.tls.required
+            || answer.standard.tls.required
+            || answer.policy_tls.required)
+        {
+            open.insert(index);
+        }
         let plan = answer.decision;
         count_decision(ctx, "plan", &plan);
         let rcpt = Rcpt {
@@ -1156,7 +1166,7 @@ pub(crate) fn question_address(address: &str) -> std::borrow::Cow<'_, str> {
 
 /// `address` with its domain as an A-label and its local part as the envelope keeps it
 /// (unquoted: the SMTP client quotes it on the wire).
-fn delivery_address(address: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn delivery_address(address: &str) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
     match address.rsplit_once('@') {
         Some((local, domain)) if !domain.is_ascii() => match canonical_domain(domain) {

@@ -17,6 +17,11 @@ pub struct Failure {
     pub reason: String,
     /// True when the queue lifetime ran out (the failures were temporary).
     pub expired: bool,
+    /// Its mail required TLS, or whether it did is not known: a notice, which goes
+    /// wherever the sender's domain takes it, returns only the headers even with
+    /// `RET=FULL` (an audit's `RET=FULL` sent the body of TLS-required mail back in
+    /// clear text).
+    pub confidential: bool,
 }
 
 impl Failure {
@@ -66,9 +71,13 @@ pub fn build(
     now: Timestamp,
     unique: &str,
 ) -> Option<(Envelope, Vec<u8>)> {
-    let entries: Vec<Entry> = failures
+    let reported: Vec<&Failure> = failures
         .iter()
         .filter(|f| envelope.dsn_of(f.index).notify.on_failure())
+        .collect();
+    let full_allowed = reported.iter().all(|f| !f.confidential);
+    let entries: Vec<Entry> = reported
+        .into_iter()
         .map(|f| Entry {
             index: f.index,
             recipient: &f.recipient,
@@ -87,7 +96,7 @@ pub fn build(
         envelope,
         original,
         &entries,
-        Kind::Failure,
+        Kind::Failure { full_allowed },
         now,
         unique,
     )
@@ -141,7 +150,9 @@ struct Entry<'a> {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Failure,
+    /// `full_allowed`: no reported recipient's mail is confidential.
+    Failure { full_allowed: bool },
+    /// Headers only, whatever `RET` says (RFC 3461 §4.3: `RET` is for failures).
     Relayed,
 }
 
@@ -165,7 +176,8 @@ fn compose(
     let headers = header_section(original);
     // RET=FULL (RFC 3461 §4.3): the whole message, when it is small enough; otherwise,
     // and by default, its headers.
-    let full = envelope.ret == Some(altroute_smtp::dsn::Ret::Full)
+    let full = kind == Kind::Failure { full_allowed: true }
+        && envelope.ret == Some(altroute_smtp::dsn::Ret::Full)
         && original.len() <= MAX_RETURNED_MESSAGE;
     let returned = if full { original } else { headers };
     // RFC 6533: a report with UTF-8 in its addresses or returned text is a
@@ -189,12 +201,12 @@ fn compose(
     ));
     m.push_str(&format!("To: <{}>\r\n", for_header(&envelope.mail_from)));
     m.push_str(match kind {
-        Kind::Failure => "Subject: Undelivered Mail Returned to Sender\r\n",
+        Kind::Failure { .. } => "Subject: Undelivered Mail Returned to Sender\r\n",
         Kind::Relayed => "Subject: Successful Mail Delivery Report\r\n",
     });
     m.push_str(&format!("Date: {date}\r\n"));
     let tag = match kind {
-        Kind::Failure => "dsn",
+        Kind::Failure { .. } => "dsn",
         Kind::Relayed => "relayed",
     };
     m.push_str(&format!("Message-ID: <{unique}.{tag}@{reporting_mta}>\r\n"));
@@ -217,7 +229,7 @@ fn compose(
         "This is the mail system at {reporting_mta}.\r\n\r\n"
     ));
     m.push_str(match kind {
-        Kind::Failure => "Your message could not be delivered to the following recipients:\r\n\r\n",
+        Kind::Failure { .. } => "Your message could not be delivered to the following recipients:\r\n\r\n",
         Kind::Relayed => "Your message was handed on for the following recipients, as you asked to be told:\r\n\r\n",
     });
     for e in entries {
@@ -387,6 +399,7 @@ mod tests {
         env.received_at = 1_700_000_000;
         let failures = [Failure {
             index: 0,
+            confidential: true,
             recipient: "bob@partner.example".into(),
             reason: "550 5.7.10 TLS required for this recipient but unavailable".into(),
             expired: false,
@@ -429,6 +442,7 @@ mod tests {
         env.received_at = 1_700_000_000;
         let failures = [Failure {
             index: 0,
+            confidential: true,
             recipient: "bob@partner.example".into(),
             reason: "451 4.4.1 no answer from the MX hosts".into(),
             expired: true,
@@ -462,6 +476,7 @@ mod tests {
         let failures: Vec<Failure> = (0..100)
             .map(|i| Failure {
                 index: i,
+                confidential: true,
                 recipient: format!("r{i}@huge.example"),
                 reason: huge.clone(),
                 expired: false,
@@ -501,6 +516,7 @@ mod tests {
         let env = Envelope::new("jörg@corp.example", vec![]);
         let failures = [Failure {
             index: 0,
+            confidential: true,
             recipient: "bob@partner.example".into(),
             reason: "550 5.1.1 no".into(),
             expired: false,
@@ -518,5 +534,54 @@ mod tests {
                 .unwrap()
                 .contains("message/delivery-status")
         );
+    }
+
+    /// `RET=FULL` returns the message only for failures whose mail required no TLS
+    /// (the notice goes wherever the sender's domain takes it: an audit's came back in
+    /// clear text with the body of TLS-required mail), and never in a `relayed` notice.
+    #[test]
+    fn ret_full_returns_the_body_only_of_mail_that_needed_no_tls() {
+        let mut env = Envelope::new("alice@corp.example", vec![]);
+        env.ret = Some(altroute_smtp::dsn::Ret::Full);
+        let original = b"Subject: s\r\n\r\nTOPSECRET\r\n";
+        let failure = |confidential| Failure {
+            index: 0,
+            recipient: "bob@partner.example".into(),
+            reason: "550 5.1.1 no".into(),
+            expired: false,
+            confidential,
+        };
+        let text = |dsn: Option<(Envelope, Vec<u8>)>| String::from_utf8(dsn.unwrap().1).unwrap();
+        let open = text(build("r", &env, original, &[failure(false)], 0, "a"));
+        assert!(
+            open.contains("TOPSECRET") && open.contains("message/rfc822"),
+            "{open}"
+        );
+        let secret = text(build("r", &env, original, &[failure(true)], 0, "b"));
+        assert!(!secret.contains("TOPSECRET"), "{secret}");
+        assert!(secret.contains("text/rfc822-headers"), "{secret}");
+        let mixed = text(build(
+            "r",
+            &env,
+            original,
+            &[failure(false), failure(true)],
+            0,
+            "c",
+        ));
+        assert!(!mixed.contains("TOPSECRET"), "{mixed}");
+        env.dsn = vec![altroute_smtp::dsn::RcptDsn {
+            notify: altroute_smtp::dsn::Notify {
+                success: true,
+                ..Default::default()
+            },
+            orcpt: None,
+        }];
+        let relayed = [Relayed {
+            index: 0,
+            recipient: "bob@partner.example".into(),
+            via: "host x".into(),
+        }];
+        let notice = text(build_relayed("r", &env, original, &relayed, 0, "d"));
+        assert!(!notice.contains("TOPSECRET"), "{notice}");
     }
 }

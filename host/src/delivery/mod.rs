@@ -51,7 +51,7 @@ pub mod resolve;
 mod standards;
 
 pub use attempt::Outcome;
-pub(crate) use attempt::question_address;
+pub(crate) use attempt::{delivery_address, question_address};
 pub use metrics::DeliveryMetrics;
 pub use resolve::{Candidate, ResolveFailure, Resolver};
 
@@ -497,6 +497,9 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     // (the recipient bounces again at its next attempt), never none.
     let mut finals: Vec<Final> = Vec::new();
     let mut relayed: Vec<dsn::Relayed> = Vec::new();
+    // Recipients whose plan in this run required no TLS: a failure notice may return
+    // their message whole (`RET=FULL`); for the others it returns the headers only.
+    let mut open = std::collections::BTreeSet::new();
     for (domain, indices) in by_domain {
         // Every log line of the attempt carries the queue id and the domain (span fields).
         let span = tracing::info_span!("delivery", queue_id = %id, domain = %domain);
@@ -522,7 +525,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
                 .collect(),
             None => {
                 tracing::Instrument::instrument(
-                    attempt::deliver_domain(ctx, &entry, &message, &domain, &indices),
+                    attempt::deliver_domain(ctx, &entry, &message, &domain, &indices, &mut open),
                     span,
                 )
                 .await
@@ -599,6 +602,9 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
                 tracing::error!(queue_id = %id, recipient = %rcpt, error = %e, "cannot record delivery result");
             }
         }
+    }
+    for f in &mut finals {
+        f.failure.confidential = !open.contains(&f.index);
     }
     unrecorded += record_finals(ctx, &entry, &message, finals).await;
     report_relayed(ctx, &entry, &message, &relayed).await;
@@ -718,6 +724,7 @@ impl Final {
                 recipient: recipient.to_owned(),
                 reason,
                 expired,
+                confidential: true,
             },
             attempts,
             recorded: false,
@@ -861,6 +868,8 @@ pub async fn operator_bounce(
                 recipient: rcpt.clone(),
                 reason: reason.to_string(),
                 expired: false,
+                // Not asked of the policy here: only the headers go back.
+                confidential: true,
             })
             .collect();
         let mut dsn_id = None;

@@ -442,6 +442,8 @@ async fn dsn_parameters_are_kept_or_refused() {
     assert!(ehlo.contains("250-DSN\r\n"), "{ehlo}");
     for (line, expect) in [
         ("MAIL FROM:<a@src.test> RET=FULL RET=HDRS", "501"),
+        ("MAIL FROM:<a@src.test> ENVID=id+85x", "501 5.5.4"),
+        ("MAIL FROM:<a@src.test> ENVID=id+E9x", "501 5.5.4"),
         ("MAIL FROM:<a@src.test> RET=FULL ENVID=e+2B1", "250"),
         ("RCPT TO:<b@dst.test> NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
         (
@@ -452,10 +454,18 @@ async fn dsn_parameters_are_kept_or_refused() {
             "RCPT TO:<b@dst.test> RRVS=2030-01-01T00:00:00Z",
             "555 5.5.4",
         ),
+        (
+            "RCPT TO:<b@dst.test> ORCPT=rfc822;a+E2+80+A8b@dst.test",
+            "501 5.5.4",
+        ),
         ("RCPT TO:<b@dst.test> NOTIFY=NEVER", "250"),
         ("RCPT TO:<c@dst.test>", "250"),
         (
             "RCPT TO:<d@dst.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;D+2Bx@orig.test",
+            "250",
+        ),
+        (
+            "RCPT TO:<e@dst.test> ORCPT=rfc822;j+C3+B6rg@orig.test",
             "250",
         ),
         ("DATA", "354"),
@@ -467,7 +477,12 @@ async fn dsn_parameters_are_kept_or_refused() {
     let env = &stored[0].envelope;
     assert_eq!(env.ret, Some(Ret::Full));
     assert_eq!(env.env_id.as_deref(), Some("e+1"));
-    assert_eq!(env.rcpt_to, ["b@dst.test", "c@dst.test", "d@dst.test"]);
+    assert_eq!(
+        env.rcpt_to,
+        ["b@dst.test", "c@dst.test", "d@dst.test", "e@dst.test"]
+    );
+    // UTF-8 in xtext is UTF-8 (smtp-proto's decoder made `+C3+B6` into `Ã¶`).
+    assert_eq!(env.rcpt_dsn[3].orcpt.as_deref(), Some("jörg@orig.test"));
     let never = Notify {
         never: true,
         ..Notify::default()
