@@ -185,6 +185,25 @@ async fn route(
             body,
         );
     }
+    // Only POST takes a body, and only after authorization: an audit's unauthenticated
+    // GETs with 63 MiB bodies took the relay to 4 GB.
+    let body = if parts.method == Method::POST {
+        Some(body)
+    } else {
+        let declared = header("content-length").is_some_and(|v| v.trim() != "0")
+            || parts.headers.contains_key(hyper::header::TRANSFER_ENCODING);
+        if declared {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                serde_json::json!({ "error": format!("{} takes no request body", parts.method) })
+                    .to_string()
+                    + "\n",
+            );
+        }
+        drop(body);
+        None
+    };
     let too_large = || {
         let error = format!(
             "request body larger than {} MiB, the admin API's limit",
@@ -200,6 +219,18 @@ async fn route(
     {
         return too_large();
     }
+    let Some(body) = body else {
+        return answer_api(
+            state,
+            reloader,
+            parts,
+            authorization,
+            who,
+            Bytes::new(),
+            peer,
+        )
+        .await;
+    };
     let limited = http_body_util::Limited::new(body, MAX_BODY);
     let collected =
         tokio::time::timeout(BODY_TIMEOUT, http_body_util::BodyExt::collect(limited)).await;
@@ -221,6 +252,20 @@ async fn route(
             );
         }
     };
+    answer_api(state, reloader, parts, authorization, who, body, peer).await
+}
+
+/// Answers a policy API request (`handle_api`, on a blocking thread: a candidate
+/// compiles) with its body read.
+async fn answer_api(
+    state: &AdminState,
+    reloader: Arc<Reloader>,
+    parts: hyper::http::request::Parts,
+    authorization: Option<String>,
+    who: Option<String>,
+    body: Bytes,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     let (method, path) = (parts.method.to_string(), parts.uri.path().to_string());
     let token = state.token.clone();
     tracing::debug!(%peer, %method, %path, "admin policy request");
@@ -272,6 +317,7 @@ fn handle(state: &AdminState, req: Request<Incoming>, peer: SocketAddr) -> Respo
             state
                 .metrics
                 .observe_policy_version(&(state.policy_version)());
+            // The spool gauges refresh at most once a second (`metrics::SPOOL_REFRESH`).
             text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -404,16 +404,23 @@ enum Ended {
 
 impl Edge {
     /// Loads the module of `config.edge` (compiling is CPU work: off the async threads)
-    /// and registers the edge metrics. `None` when there is no `[edge]`.
-    pub async fn start(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Edge>>> {
+    /// and registers the edge metrics. `None` when there is no `[edge]`. `policy` is the
+    /// relay's active policy (its canonical JSON), the filter's configuration unless it
+    /// has one of its own: taken from the reloader, not read from the file again, and
+    /// before any source can change it, so that the edge starts on the relay's version
+    /// (an audit changed the policy while the edge compiled, and the edge kept the file's
+    /// older one).
+    pub async fn start(
+        config: &Config,
+        metrics: &Metrics,
+        policy: String,
+    ) -> Result<Option<Arc<Edge>>> {
         let Some(edge) = config.edge.clone() else {
             return Ok(None);
         };
-        let policy_file = config.policy.file.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || load(&edge, &policy_file).map(|p| (edge, p)))
-                .await
-                .context("loading the edge module")??;
+        let loaded = tokio::task::spawn_blocking(move || load(&edge, policy).map(|p| (edge, p)))
+            .await
+            .context("loading the edge module")??;
         let (
             edge,
             Loaded {
@@ -623,7 +630,7 @@ impl Edge {
 }
 
 /// Compile and configure the edge module.
-fn load(edge: &EdgeConfig, policy_file: &Path) -> Result<Loaded> {
+fn load(edge: &EdgeConfig, policy: String) -> Result<Loaded> {
     let module: Arc<[u8]> = match &edge.module {
         None => Arc::from(altroute_modules::POLICY),
         Some(p) => std::fs::read(p)
@@ -632,10 +639,7 @@ fn load(edge: &EdgeConfig, policy_file: &Path) -> Result<Loaded> {
     };
     let configuration = match &edge.configuration {
         Some(c) => c.clone(),
-        None => crate::policy_engine::LoadedPolicy::from_file(policy_file)
-            .context("the edge filter's default configuration (the policy)")?
-            .json
-            .into_bytes(),
+        None => policy.into_bytes(),
     };
     let host = Host::new(HostConfig {
         deadline: edge.deadline,

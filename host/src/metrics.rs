@@ -66,7 +66,14 @@ pub struct Metrics {
     /// Serialises the refresh at scrape time (counters catch up by deltas) and holds the
     /// policy version last exported.
     observed: Mutex<String>,
+    /// When the spool gauges were last refreshed: at most once a second, however often
+    /// `/metrics` is scraped (a refresh walks every queued message under the spool's
+    /// lock; an audit's scrape flood over 100,000 queued messages stalled SMTP).
+    spool_observed: Mutex<Option<std::time::Instant>>,
 }
+
+/// The spool gauges are refreshed at most this often.
+pub const SPOOL_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn labels(name: &str, value: &str) -> Labels {
     vec![(name.to_owned(), value.to_owned())]
@@ -104,6 +111,7 @@ impl Metrics {
             spool_batches: Counter::default(),
             policy_info: Family::default(),
             observed: Mutex::new(String::new()),
+            spool_observed: Mutex::new(None),
         };
         r.register(
             "smtp_sessions",
@@ -224,7 +232,14 @@ impl Metrics {
 
     /// Copy the spool's statistics into the spool gauges and counters.
     pub fn observe_spool(&self, spool: &Spool) {
-        let _serial = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self
+            .spool_observed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < SPOOL_REFRESH) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
         let s = spool.stats();
         let set = |f: &Family<Labels, Gauge>, k: &str, v: &str, n: u64| {
             f.get_or_create(&labels(k, v)).set(gauge_value(n));

@@ -398,6 +398,15 @@ impl Reloader {
         }
     }
 
+    /// The active policy's canonical JSON.
+    pub fn active_json(&self) -> String {
+        self.lock()
+            .history
+            .back()
+            .map(|v| v.json.clone())
+            .unwrap_or_default()
+    }
+
     /// The active version.
     pub fn version(&self) -> String {
         self.target.slot().version()

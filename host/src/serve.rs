@@ -204,6 +204,13 @@ pub async fn run_with_hup(
         )
         .context("policy reload (audit log)")?,
     );
+    // EDGE: the module's SMTP stream face on the inbound listeners (`[edge]`), on the
+    // reloader's active policy and following it, before any source (file watch, SIGHUP,
+    // admin API) can change the policy.
+    let edge = crate::edge::Edge::start(&config, &metrics, reloader.active_json()).await?;
+    if let Some(edge) = &edge {
+        edge.follow(&reloader);
+    }
     let sources = crate::reload::Sources {
         policy: config.policy.file.clone(),
         module: config.policy.module.clone(),
@@ -273,11 +280,6 @@ pub async fn run_with_hup(
 
     let smtp = Arc::new(smtp_config(&config));
     let handler = Arc::new(Inbound::new(&config, spool.clone(), metrics.clone()));
-    // EDGE: the module's SMTP stream face on the inbound listeners (`[edge]`).
-    let edge = crate::edge::Edge::start(&config, &metrics).await?;
-    if let Some(edge) = &edge {
-        edge.follow(&reloader);
-    }
     let max_sessions = config.server.max_sessions;
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let proxies: Arc<[IpNet]> = config.server.proxy_protocol_from.clone().into();
