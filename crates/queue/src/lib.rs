@@ -14,7 +14,8 @@
 //! <spool>/lock          flock held while a process has the spool open
 //! <spool>/tmp/<id>      a store in progress (deleted at open: never acknowledged)
 //! <spool>/msg/<id>      one file per queued message
-//! <spool>/corrupt/<id>  files that failed their checksums at open, kept for the operator
+//! <spool>/corrupt/<id>  files kept for the operator: unreadable or corrupt at open
+//!                       (`<id>.<n>` when the name is taken)
 //! ```
 //!
 //! A message file is `ALTRQ01\n` followed by frames `[len u32][crc32 u32][kind u8][data]`:
@@ -38,6 +39,11 @@
 //!   that takes every rename queued while the previous fsync ran, applies them and fsyncs
 //!   `msg/` once for all. Each `store` awaits a oneshot answer. Removals share the same
 //!   batches. [`SpoolStats::dir_fsyncs`] vs [`SpoolStats::stored`] shows the effect.
+//! * **Never delete what may be someone's mail.** A file recovery cannot load (torn
+//!   envelope, bad magic, or an I/O error: no permission, a directory in its place) is
+//!   moved to `corrupt/`. An entry that cannot even be moved is logged, counted
+//!   ([`RecoveryReport::unreadable_skipped`]) and left alone: one bad entry never keeps
+//!   the spool from opening and the other messages from being delivered.
 //! * **Memory mirrors disk, never the reverse.** The index is updated only after the
 //!   corresponding bytes are synced; at open it is rebuilt from the files alone.
 //! * **What is not covered:** a directory fsync that fails after the rename makes the

@@ -1,6 +1,6 @@
 //! The spool: message files, recovery, group commit, recipient state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -132,6 +132,9 @@ struct Inner {
     notify: Notify,
     commit_tx: mpsc::Sender<Op>,
     recovery: RecoveryReport,
+    /// Ids of the entries recovery left in `msg/` (unreadable, and not movable to
+    /// `corrupt/`): never given to a new message, whose rename would replace them.
+    skipped: BTreeSet<MessageId>,
     /// Held for the spool's life: a second process on the same directory would corrupt it.
     _lock: File,
 }
@@ -170,8 +173,11 @@ fn committer_gone() -> Error {
 
 impl Spool {
     /// Open (or create) the spool in `dir` and recover it: temp files of unacknowledged
-    /// stores are deleted, torn state records are cut off, unreadable files are moved to
-    /// `corrupt/`. Blocking: call it before serving, or from `spawn_blocking`.
+    /// stores are deleted, torn state records are cut off, corrupt or unreadable files
+    /// are moved to `corrupt/`. One entry that cannot be read nor moved is logged,
+    /// counted ([`RecoveryReport::unreadable_skipped`]) and left where it is: only an
+    /// error listing `msg/` or `tmp/` themselves fails the open. Blocking: call it before
+    /// serving, or from `spawn_blocking`.
     pub fn open(dir: &Path, config: SpoolConfig, clock: Arc<dyn Clock>) -> Result<Spool, Error> {
         let msg_dir = dir.join("msg");
         let tmp_dir = dir.join("tmp");
@@ -205,13 +211,18 @@ impl Spool {
             }
         }
 
-        let (index, recovery) = recover(&msg_dir, &tmp_dir, &corrupt_dir, &config.retry)?;
+        let Recovered {
+            index,
+            skipped,
+            report: recovery,
+        } = recover(&msg_dir, &tmp_dir, &corrupt_dir, &config.retry)?;
         tracing::info!(
             spool = %dir.display(),
             messages = recovery.messages,
             temp_files_removed = recovery.temp_files_removed,
             torn_tails_truncated = recovery.torn_tails_truncated,
             corrupt_moved = recovery.corrupt_moved,
+            unreadable_skipped = recovery.unreadable_skipped,
             "spool recovered"
         );
 
@@ -228,6 +239,7 @@ impl Spool {
             notify: Notify::new(),
             commit_tx: tx,
             recovery,
+            skipped,
             _lock: lock_file,
         });
         let weak = Arc::downgrade(&inner);
@@ -680,7 +692,7 @@ impl Inner {
         let id = {
             let index = lock(&self.index);
             let mut id = self.ids.next(now);
-            while index.contains_key(&id) {
+            while index.contains_key(&id) || self.skipped.contains(&id) {
                 id = self.ids.next(now);
             }
             id
@@ -955,30 +967,87 @@ fn committer(rx: mpsc::Receiver<Op>, inner: Weak<Inner>, msg_dir: PathBuf, max_b
     }
 }
 
+/// Move `path` (a file or anything else that sits in `msg/`) into `corrupt_dir`, under its
+/// own name or, when `corrupt/` has that name already (set aside before, and a copy put
+/// back into `msg/` since, or an id that came round again), the first free `<name>.<n>`. No fsync: the caller syncs both
+/// directories. Only recovery writes to `corrupt/`, one entry at a time, so the name
+/// found free stays free until the rename.
+fn move_aside(path: &Path, corrupt_dir: &Path) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let free =
+        |p: &Path| matches!(fs::symlink_metadata(p), Err(e) if e.kind() == io::ErrorKind::NotFound);
+    let mut dst = corrupt_dir.join(name);
+    let mut n = 0u32;
+    while !free(&dst) {
+        n += 1;
+        if n > 1000 {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} has 1000 files of that name", corrupt_dir.display()),
+            ));
+        }
+        let mut alt = name.to_owned();
+        alt.push(format!(".{n}"));
+        dst = corrupt_dir.join(alt);
+    }
+    fs::rename(path, &dst)?;
+    Ok(dst)
+}
+
+/// What [`recover`] rebuilt.
+struct Recovered {
+    index: BTreeMap<MessageId, Slot>,
+    /// The ids of the entries left in `msg/` (see [`RecoveryReport::unreadable_skipped`]).
+    skipped: BTreeSet<MessageId>,
+    report: RecoveryReport,
+}
+
 /// Rebuild the index from `msg/`, cleaning up after a crash.
+///
+/// One entry's I/O error (a directory where a message file should be, a file without
+/// read permission, a bad sector) is handled like corruption: the entry is moved to
+/// `corrupt/`, or, if even that fails, logged, counted and left alone, so that it cannot
+/// keep every other message from being delivered. Only listing `msg/` or `tmp/`, or
+/// syncing them, fails recovery.
 fn recover(
     msg_dir: &Path,
     tmp_dir: &Path,
     corrupt_dir: &Path,
     schedule: &RetrySchedule,
-) -> Result<(BTreeMap<MessageId, Slot>, RecoveryReport), Error> {
+) -> Result<Recovered, Error> {
     let mut report = RecoveryReport::default();
     let read_dir =
         |d: &Path| fs::read_dir(d).map_err(|e| Error::io(format!("listing {}", d.display()), e));
 
-    // Temp files belong to stores that were never acknowledged.
+    // Temp files belong to stores that were never acknowledged. Only regular files are
+    // ours: anything else was put there by someone else, and is not deleted.
     for ent in read_dir(tmp_dir)? {
         let ent = ent.map_err(|e| Error::io("listing tmp/", e))?;
-        fs::remove_file(ent.path())
-            .map_err(|e| Error::io(format!("removing {}", ent.path().display()), e))?;
-        report.temp_files_removed += 1;
+        let path = ent.path();
+        let removed = match ent.file_type() {
+            Ok(t) if t.is_file() => fs::remove_file(&path),
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => report.temp_files_removed += 1,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "leaving an entry of the spool's tmp/ that is not a temp file or cannot be removed");
+                report.unreadable_skipped += 1;
+            }
+        }
     }
     if report.temp_files_removed > 0 {
         fsync_dir(tmp_dir).map_err(|e| Error::io("syncing tmp/", e))?;
     }
 
     let mut index = BTreeMap::new();
-    let mut moved = false;
+    let mut skipped = BTreeSet::new();
     for ent in read_dir(msg_dir)? {
         let ent = ent.map_err(|e| Error::io("listing msg/", e))?;
         let path = ent.path();
@@ -990,29 +1059,39 @@ fn recover(
             tracing::warn!(path = %path.display(), "ignoring a foreign file in the spool");
             continue;
         };
-        match load(&path, &id, schedule)
-            .map_err(|e| Error::io(format!("recovering {}", path.display()), e))?
-        {
-            Ok((slot, torn)) => {
+        let reason = match load(&path, &id, schedule) {
+            Ok(Ok((slot, torn))) => {
                 report.torn_tails_truncated += u64::from(torn);
                 report.messages += 1;
                 index.insert(id, slot);
+                continue;
             }
-            Err(reason) => {
-                // Never delete what may be someone's mail: keep it aside for the operator.
-                tracing::error!(%id, %reason, "moving a corrupt spool file to corrupt/");
-                fs::rename(&path, corrupt_dir.join(id.as_str()))
-                    .map_err(|e| Error::io(format!("moving {} aside", path.display()), e))?;
+            Ok(Err(reason)) => reason,
+            Err(e) => format!("cannot be read: {e}"),
+        };
+        // Never delete what may be someone's mail: keep it aside for the operator.
+        match move_aside(&path, corrupt_dir) {
+            Ok(dst) => {
+                tracing::error!(%id, %reason, path = %dst.display(), "spool file moved to corrupt/ for the operator");
                 report.corrupt_moved += 1;
-                moved = true;
+            }
+            Err(e) => {
+                tracing::error!(%id, %reason, path = %path.display(), error = %e, "cannot move an unreadable spool file to corrupt/; skipping it");
+                report.unreadable_skipped += 1;
+                skipped.insert(id);
             }
         }
     }
-    if moved {
-        fsync_dir(msg_dir).map_err(|e| Error::io("syncing msg/", e))?;
+    if report.corrupt_moved > 0 {
+        // The new names first: once synced, a file moved aside cannot be lost.
         fsync_dir(corrupt_dir).map_err(|e| Error::io("syncing corrupt/", e))?;
+        fsync_dir(msg_dir).map_err(|e| Error::io("syncing msg/", e))?;
     }
-    Ok((index, report))
+    Ok(Recovered {
+        index,
+        skipped,
+        report,
+    })
 }
 
 /// Load one spool file. Outer error: I/O. Inner error: the file is corrupt (reason).

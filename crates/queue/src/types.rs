@@ -242,6 +242,11 @@ pub struct RecoveryReport {
     pub temp_files_removed: u64,
     /// Spool files whose torn tail (partial state record) was cut off.
     pub torn_tails_truncated: u64,
-    /// Unreadable spool files moved to `corrupt/`.
+    /// Spool files moved to `corrupt/`: corrupt, or unreadable (an I/O error, e.g. a
+    /// directory where a file should be).
     pub corrupt_moved: u64,
+    /// Entries left where they were: in `msg/`, files that could neither be loaded nor
+    /// moved to `corrupt/`; in `tmp/`, entries that are not regular files or could not be
+    /// deleted. Each is logged at error level; every other message is recovered.
+    pub unreadable_skipped: u64,
 }

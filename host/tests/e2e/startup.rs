@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Relay, RelayConfig, signal};
+use crate::support::{Relay, RelayConfig, open_spool, signal};
 
 /// Whether process `pid` has a handler for signal number `signo` (SigCgt in
 /// /proc/PID/status).
@@ -83,4 +83,46 @@ fn the_log_to_a_file_is_plain_key_value_text() {
     let log = relay.log();
     assert!(!log.contains('\x1b'), "ANSI escapes in a log file:\n{log}");
     assert!(log.contains("policy loaded version=sha256:"), "{log}");
+}
+
+/// The audit's reproduction: a directory named like a message id in the spool's `msg/`,
+/// or any directory in `tmp/`, made `altroute serve` exit at start (`Is a directory`),
+/// so no queued message was delivered. Now the first goes to `corrupt/`, the second is
+/// left alone, both are logged, and the relay serves with every other message queued.
+#[test]
+fn an_unreadable_spool_entry_does_not_stop_the_relay() {
+    let mut config = RelayConfig::new();
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    config.spool_dir = Some(spool_dir.clone());
+    let queued = {
+        let spool = open_spool(&spool_dir);
+        let env = altroute_queue::Envelope::new("a@x.test", vec!["b@y.test".into()]);
+        let msg = b"From: <a@x.test>\r\nSubject: queued\r\n\r\nbody\r\n".to_vec();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(spool.store(env, msg)).unwrap()
+    };
+    std::fs::create_dir(spool_dir.join("msg/000000000000000deadbeef")).unwrap();
+    std::fs::create_dir(spool_dir.join("tmp/x")).unwrap();
+
+    let mut relay = Relay::start(config);
+    let log = relay.log();
+    assert!(
+        log.contains("spool recovered")
+            && log.contains("messages=1")
+            && log.contains("corrupt_moved=1")
+            && log.contains("unreadable_skipped=1"),
+        "{log}"
+    );
+    assert!(log.contains("000000000000000deadbeef"), "{log}");
+    assert!(log.contains("tmp/x"), "{log}");
+    assert!(relay.stop().success(), "{}", relay.log());
+
+    assert!(spool_dir.join("corrupt/000000000000000deadbeef").is_dir());
+    assert!(spool_dir.join("tmp/x").is_dir());
+    let spool = relay.open_spool();
+    assert_eq!(
+        spool.list().into_iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![queued]
+    );
 }

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod concurrency;
+mod corrupt;
 mod crash;
 mod diskfull;
 mod operator;

@@ -1,0 +1,126 @@
+//! Never delete what may be someone's mail: one entry of `msg/` or `tmp/` that cannot be
+//! read (a directory, a move to `corrupt/` that fails) does not keep the spool from
+//! opening. Needs root and e2fsprogs (`chattr +i`) for the move that fails.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use altroute_queue::ManualClock;
+
+use crate::{T0, envelope, message, open};
+
+/// `chattr +i` on a directory while it lives: nothing can be created in it or renamed
+/// out of it (root included).
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let out = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .output()
+            .expect("running chattr(1) (package `e2fsprogs`)");
+        assert!(
+            out.status.success(),
+            "chattr +i failed (this test needs root and a file system with attributes): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// The audit's reproduction: a directory named like a message id in `msg/`, and one in
+/// `tmp/`, made the relay refuse to start (`Is a directory`).
+#[tokio::test]
+async fn a_directory_in_msg_or_tmp_does_not_stop_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (a, b) = {
+        let spool = open(dir.path(), &clock);
+        let a = spool.store(envelope(1), message("a", 500)).await.unwrap();
+        let b = spool.store(envelope(2), message("b", 500)).await.unwrap();
+        (a, b)
+    };
+    let msg_dir = dir.path().join("msg");
+    let odd = msg_dir.join("000000000000000deadbeef");
+    fs::create_dir(&odd).unwrap();
+    fs::write(odd.join("inside"), b"kept").unwrap();
+    // corrupt/ has that name already: the directory goes next to it.
+    let corrupt = dir.path().join("corrupt");
+    fs::write(corrupt.join("000000000000000deadbeef"), b"older").unwrap();
+    let tmp_dir = dir.path().join("tmp");
+    fs::create_dir(tmp_dir.join("x")).unwrap();
+    fs::write(tmp_dir.join("06553f1000000001deadbee"), b"half a store").unwrap();
+
+    let spool = open(dir.path(), &clock);
+    let r = spool.recovery().clone();
+    assert_eq!(r.messages, 2, "{r:?}");
+    assert_eq!(r.corrupt_moved, 1, "{r:?}");
+    assert_eq!(r.temp_files_removed, 1, "{r:?}");
+    assert_eq!(r.unreadable_skipped, 1, "the directory in tmp/: {r:?}");
+    assert!(!odd.exists());
+    assert_eq!(
+        fs::read(corrupt.join("000000000000000deadbeef.1/inside")).unwrap(),
+        b"kept"
+    );
+    assert_eq!(
+        fs::read(corrupt.join("000000000000000deadbeef")).unwrap(),
+        b"older"
+    );
+    assert!(tmp_dir.join("x").is_dir(), "not ours to remove");
+    assert!(!tmp_dir.join("06553f1000000001deadbee").exists());
+    assert_eq!(spool.read_message(&a).unwrap(), message("a", 500));
+    assert_eq!(spool.read_message(&b).unwrap(), message("b", 500));
+}
+
+/// When even the move to `corrupt/` fails (here `corrupt/` is immutable), the entry is
+/// logged, counted and left where it is; every other message is recovered and the spool
+/// works. Once the move can succeed, the next recovery makes it.
+#[tokio::test]
+async fn an_entry_that_cannot_be_moved_aside_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let a = {
+        let spool = open(dir.path(), &clock);
+        spool.store(envelope(1), message("a", 500)).await.unwrap()
+    };
+    let msg_dir = dir.path().join("msg");
+    let odd = msg_dir.join("000000000000000deadbeef");
+    fs::create_dir(&odd).unwrap();
+    let garbage = msg_dir.join("06553f1000000002deadbee");
+    fs::write(&garbage, b"not a spool file").unwrap();
+
+    let frozen = Immutable::set(&dir.path().join("corrupt"));
+    let spool = open(dir.path(), &clock);
+    let r = spool.recovery().clone();
+    assert_eq!(r.messages, 1, "{r:?}");
+    assert_eq!(r.corrupt_moved, 0, "{r:?}");
+    assert_eq!(r.unreadable_skipped, 2, "{r:?}");
+    assert!(odd.is_dir());
+    assert_eq!(fs::read(&garbage).unwrap(), b"not a spool file");
+    assert_eq!(spool.read_message(&a).unwrap(), message("a", 500));
+    // The spool works: a store and a state change.
+    let b = spool.store(envelope(1), message("b", 500)).await.unwrap();
+    spool.delivered(&a, 0, "mx").await.unwrap();
+    drop(spool);
+
+    drop(frozen);
+    let spool = open(dir.path(), &clock);
+    let r = spool.recovery();
+    assert_eq!(
+        (r.messages, r.corrupt_moved, r.unreadable_skipped),
+        (2, 2, 0),
+        "{r:?}"
+    );
+    assert!(!odd.exists() && !garbage.exists());
+    assert!(spool.entry(&a).unwrap().is_finished());
+    assert_eq!(spool.read_message(&b).unwrap(), message("b", 500));
+}
