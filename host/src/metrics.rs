@@ -17,7 +17,7 @@
 //! `recipients_rejected_total{reason}`, `messages_rejected_total{reason}`,
 //! `spool_store_errors_total`, `spool_messages{state}`, `spool_recipients{state}`,
 //! `spool_bytes`, `spool_oldest_message_age_seconds`, `spool_fsyncs_total{kind}`,
-//! `spool_commit_batches_total`, `policy_info{version}`,
+//! `spool_commit_batches_total`, `spool_corrupt_moved_total`, `policy_info{version}`,
 //! `smtp_proxy_protocol_errors_total{reason}`.
 //! Policy extensions register `extension_{decisions,faults,changes,floor_violations,
 //! cooldowns,skips}_total{extension[,kind]}` (`crate::extensions::ExtensionMetrics`).
@@ -62,6 +62,7 @@ pub struct Metrics {
     spool_oldest_age: Gauge,
     spool_fsyncs: Family<Labels, Counter>,
     spool_batches: Counter,
+    spool_corrupt: Counter,
     policy_info: Family<Labels, Gauge>,
     /// Serialises the refresh at scrape time (counters catch up by deltas) and holds the
     /// policy version last exported.
@@ -109,6 +110,7 @@ impl Metrics {
             spool_oldest_age: Gauge::default(),
             spool_fsyncs: Family::default(),
             spool_batches: Counter::default(),
+            spool_corrupt: Counter::default(),
             policy_info: Family::default(),
             observed: Mutex::new(String::new()),
             spool_observed: Mutex::new(None),
@@ -182,6 +184,11 @@ impl Metrics {
             "spool_commit_batches",
             "Group commits of the spool (directory fsyncs shared by several operations)",
             m.spool_batches.clone(),
+        );
+        r.register(
+            "spool_corrupt_moved",
+            "Spool files moved to corrupt/ for the operator (unreadable at start, or corrupt at delivery)",
+            m.spool_corrupt.clone(),
         );
         r.register(
             "policy_info",
@@ -282,6 +289,7 @@ impl Metrics {
             s.dir_fsyncs,
         );
         catch_up(&self.spool_batches, s.commit_batches);
+        catch_up(&self.spool_corrupt, s.corrupt_moved);
     }
 
     /// Export the active policy version as `altroute_policy_info{version} 1` (the

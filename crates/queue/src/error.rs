@@ -46,7 +46,8 @@ pub enum Error {
     /// `store` was called with an envelope without recipients.
     #[error("envelope has no recipients")]
     NoRecipients,
-    /// A spool file failed its checksum or could not be parsed.
+    /// A spool file failed its checksum, could not be parsed or ends too soon: waiting
+    /// will not repair it (see [`Spool::set_aside`](crate::Spool::set_aside)).
     #[error("spool file for {id} is corrupt: {reason}")]
     Corrupt {
         /// The message.

@@ -14,8 +14,9 @@
 //! <spool>/lock          flock held while a process has the spool open
 //! <spool>/tmp/<id>      a store in progress (deleted at open: never acknowledged)
 //! <spool>/msg/<id>      one file per queued message
-//! <spool>/corrupt/<id>  files kept for the operator: unreadable or corrupt at open
-//!                       (`<id>.<n>` when the name is taken)
+//! <spool>/corrupt/<id>  files kept for the operator: unreadable or corrupt at open, or
+//!                       a body that failed its checksum at delivery (`<id>.<n>` when
+//!                       the name is taken)
 //! ```
 //!
 //! A message file is `ALTRQ01\n` followed by frames `[len u32][crc32 u32][kind u8][data]`:
@@ -40,8 +41,9 @@
 //!   `msg/` once for all. Each `store` awaits a oneshot answer. Removals share the same
 //!   batches. [`SpoolStats::dir_fsyncs`] vs [`SpoolStats::stored`] shows the effect.
 //! * **Never delete what may be someone's mail.** A file recovery cannot load (torn
-//!   envelope, bad magic, or an I/O error: no permission, a directory in its place) is
-//!   moved to `corrupt/`. An entry that cannot even be moved is logged, counted
+//!   envelope, bad magic, or an I/O error: no permission, a directory in its place) and a
+//!   message whose body fails its checksum when read ([`Spool::set_aside`]) are moved to
+//!   `corrupt/`. An entry that cannot even be moved is logged, counted
 //!   ([`RecoveryReport::unreadable_skipped`]) and left alone: one bad entry never keeps
 //!   the spool from opening and the other messages from being delivered.
 //! * **Memory mirrors disk, never the reverse.** The index is updated only after the
@@ -54,7 +56,8 @@
 //!
 //! * Accept: [`Spool::open`] (recovers), [`Spool::store`] → [`MessageId`] (durable on `Ok`).
 //! * Deliver: a scheduler loop waits on [`Spool::changed`] or until [`Spool::next_wakeup`],
-//!   takes work with [`Spool::claim_due`], reads [`Spool::read_message`], records each
+//!   takes work with [`Spool::claim_due`], reads [`Spool::read_message`] (one that is
+//!   [`Error::Corrupt`] goes to [`Spool::set_aside`], never to removal), records each
 //!   recipient with [`Spool::delivered`] / [`Spool::defer`] / [`Spool::bounce`] (or the
 //!   raw [`Spool::set_recipient`]), then [`Spool::release`]s the message; finished messages
 //!   ([`Spool::finished`]) are deleted with [`Spool::remove`] once any DSN is queued

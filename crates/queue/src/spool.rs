@@ -102,6 +102,7 @@ struct Counters {
     dir_fsyncs: AtomicU64,
     commit_batches: AtomicU64,
     max_batch: AtomicU64,
+    set_aside: AtomicU64,
 }
 
 /// Work for the committer thread: directory changes that share one directory fsync.
@@ -118,12 +119,18 @@ enum Op {
         path: PathBuf,
         done: oneshot::Sender<io::Result<()>>,
     },
+    /// Move a message file to `corrupt/` (answered with its new path).
+    Aside {
+        path: PathBuf,
+        done: oneshot::Sender<io::Result<PathBuf>>,
+    },
 }
 
 struct Inner {
     root: PathBuf,
     msg_dir: PathBuf,
     tmp_dir: PathBuf,
+    corrupt_dir: PathBuf,
     config: SpoolConfig,
     clock: Arc<dyn Clock>,
     index: Mutex<BTreeMap<MessageId, Slot>>,
@@ -231,6 +238,7 @@ impl Spool {
             root: dir.to_owned(),
             msg_dir,
             tmp_dir,
+            corrupt_dir,
             config,
             clock,
             index: Mutex::new(index),
@@ -243,11 +251,11 @@ impl Spool {
             _lock: lock_file,
         });
         let weak = Arc::downgrade(&inner);
-        let msg_dir = inner.msg_dir.clone();
+        let dirs = (inner.msg_dir.clone(), inner.corrupt_dir.clone());
         let max_batch = inner.config.max_batch.max(1);
         std::thread::Builder::new()
             .name("altroute-spool-commit".into())
-            .spawn(move || committer(rx, weak, msg_dir, max_batch))
+            .spawn(move || committer(rx, weak, dirs, max_batch))
             .map_err(|e| Error::io("starting the spool committer thread", e))?;
         Ok(Spool { inner })
     }
@@ -302,7 +310,10 @@ impl Spool {
         result
     }
 
-    /// The message bytes, checked against their checksum.
+    /// The message bytes, checked against their checksum. [`Error::Corrupt`] when they do
+    /// not match or the file ends before the body does: that will not change by itself
+    /// (see [`set_aside`](Self::set_aside)). Any other failure (EIO, EMFILE) is an
+    /// [`Error::Io`] and may pass.
     pub fn read_message(&self, id: &MessageId) -> Result<Vec<u8>, Error> {
         let (path, off, len, crc) = {
             let index = lock(&self.inner.index);
@@ -316,8 +327,16 @@ impl Spool {
         };
         let file = File::open(&path).map_err(|e| Error::io(format!("opening {id}"), e))?;
         let mut body = vec![0u8; len as usize];
-        file.read_exact_at(&mut body, off)
-            .map_err(|e| Error::io(format!("reading {id}"), e))?;
+        file.read_exact_at(&mut body, off).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Error::Corrupt {
+                    id: id.clone(),
+                    reason: "message body truncated".into(),
+                }
+            } else {
+                Error::io(format!("reading {id}"), e)
+            }
+        })?;
         let mut h = crc32fast::Hasher::new();
         h.update(&[KIND_BODY]);
         h.update(&body);
@@ -445,6 +464,7 @@ impl Spool {
             dir_fsyncs: c.dir_fsyncs.load(Ordering::Relaxed),
             commit_batches: c.commit_batches.load(Ordering::Relaxed),
             max_batch: c.max_batch.load(Ordering::Relaxed),
+            corrupt_moved: self.inner.recovery.corrupt_moved + c.set_aside.load(Ordering::Relaxed),
             ..SpoolStats::default()
         };
         for slot in lock(&self.inner.index).values() {
@@ -629,6 +649,23 @@ impl Spool {
         let inner = self.inner.clone();
         let id = id.clone();
         tokio::task::spawn_blocking(move || inner.remove_blocking(&id))
+            .await
+            .map_err(join_error)?
+    }
+
+    /// Take message `id` out of the queue and keep its file, as it is, in `corrupt/` for
+    /// the operator (under another name if `corrupt/` has one of that name already):
+    /// what to do with a message [`read_message`](Self::read_message) found
+    /// [`Error::Corrupt`], which recovery would set aside too. Never delete what may be
+    /// someone's mail. Durable like [`remove`](Self::remove): the rename goes through the
+    /// group commit (so no store or removal races it), then `corrupt/` and `msg/` are
+    /// fsynced. Logged at error level with `reason`, counted in
+    /// [`SpoolStats::corrupt_moved`]. Returns the file's new path.
+    pub async fn set_aside(&self, id: &MessageId, reason: &str) -> Result<PathBuf, Error> {
+        let inner = self.inner.clone();
+        let id = id.clone();
+        let reason = reason.to_owned();
+        tokio::task::spawn_blocking(move || inner.set_aside_blocking(&id, &reason))
             .await
             .map_err(join_error)?
     }
@@ -863,6 +900,41 @@ impl Inner {
         }
         result.map_err(|e| Error::io(format!("removing {id}"), e))
     }
+
+    fn set_aside_blocking(&self, id: &MessageId, reason: &str) -> Result<PathBuf, Error> {
+        let file = lock(&self.index)
+            .get(id)
+            .ok_or_else(|| Error::NotFound(id.clone()))?
+            .file
+            .clone();
+        // Held until the file has moved: no state record can be appended meanwhile, and
+        // none after (`removed`).
+        let mut mf = lock(&file);
+        if mf.removed {
+            return Err(Error::NotFound(id.clone()));
+        }
+        let (done, rx) = oneshot::channel();
+        self.commit_tx
+            .send(Op::Aside {
+                path: mf.path.clone(),
+                done,
+            })
+            .map_err(|_| committer_gone())?;
+        let result = rx.blocking_recv().map_err(|_| committer_gone())?;
+        // As in `remove_blocking`: moved but not synced is out of `msg/` all the same.
+        if result.is_ok() || !mf.path.exists() {
+            mf.removed = true;
+            lock(&self.index).remove(id);
+            self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
+            Ok(dst) => {
+                tracing::error!(%id, %reason, path = %dst.display(), "corrupt message moved to corrupt/ for the operator");
+                Ok(dst)
+            }
+            Err(e) => Err(Error::io(format!("moving {id} to corrupt/"), e)),
+        }
+    }
 }
 
 fn apply(recipients: &mut [RecipientState], updates: &[StateUpdate]) {
@@ -878,8 +950,14 @@ fn apply(recipients: &mut [RecipientState], updates: &[StateUpdate]) {
 }
 
 /// The committer thread: takes every operation queued while the previous directory fsync
-/// ran, applies the renames/unlinks, fsyncs `msg/` once, and answers them all.
-fn committer(rx: mpsc::Receiver<Op>, inner: Weak<Inner>, msg_dir: PathBuf, max_batch: usize) {
+/// ran, applies the renames/unlinks, fsyncs `msg/` once (and `corrupt/` first, when a
+/// file moved there), and answers them all.
+fn committer(
+    rx: mpsc::Receiver<Op>,
+    inner: Weak<Inner>,
+    (msg_dir, corrupt_dir): (PathBuf, PathBuf),
+    max_batch: usize,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -891,6 +969,7 @@ fn committer(rx: mpsc::Receiver<Op>, inner: Weak<Inner>, msg_dir: PathBuf, max_b
         // Step 1: the directory changes.
         let mut linked = Vec::new();
         let mut unlinked = Vec::new();
+        let mut aside = Vec::new();
         for op in batch {
             match op {
                 Op::Link {
@@ -911,22 +990,37 @@ fn committer(rx: mpsc::Receiver<Op>, inner: Weak<Inner>, msg_dir: PathBuf, max_b
                         let _ = done.send(Err(e));
                     }
                 },
+                Op::Aside { path, done } => match move_aside(&path, &corrupt_dir) {
+                    Ok(dst) => aside.push((dst, done)),
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                },
             }
         }
-        if linked.is_empty() && unlinked.is_empty() {
+        if linked.is_empty() && unlinked.is_empty() && aside.is_empty() {
             continue;
         }
-        // Step 2: one directory fsync makes all of them durable.
+        // Step 2: one directory fsync makes all of them durable. A file set aside has its
+        // new name synced first, then its old one's removal.
+        let aside_synced = if aside.is_empty() {
+            None
+        } else {
+            Some(fsync_dir(&corrupt_dir))
+        };
         let synced = fsync_dir(&msg_dir);
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let c = &inner.counters;
-        c.dir_fsyncs.fetch_add(1, Ordering::Relaxed);
+        c.dir_fsyncs
+            .fetch_add(1 + u64::from(aside_synced.is_some()), Ordering::Relaxed);
         c.commit_batches.fetch_add(1, Ordering::Relaxed);
-        c.max_batch
-            .fetch_max((linked.len() + unlinked.len()) as u64, Ordering::Relaxed);
-        match synced {
+        c.max_batch.fetch_max(
+            (linked.len() + unlinked.len() + aside.len()) as u64,
+            Ordering::Relaxed,
+        );
+        match &synced {
             Ok(()) => {
                 let mut acks = Vec::with_capacity(linked.len());
                 {
@@ -964,14 +1058,28 @@ fn committer(rx: mpsc::Receiver<Op>, inner: Weak<Inner>, msg_dir: PathBuf, max_b
                 }
             }
         }
+        let aside_result = match (aside_synced, &synced) {
+            (Some(Err(e)), _) => {
+                tracing::error!(error = %e, "fsync of the spool's corrupt/ failed");
+                Err(e)
+            }
+            (_, Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+            _ => Ok(()),
+        };
+        for (dst, done) in aside {
+            let _ = done.send(match &aside_result {
+                Ok(()) => Ok(dst),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            });
+        }
     }
 }
 
 /// Move `path` (a file or anything else that sits in `msg/`) into `corrupt_dir`, under its
 /// own name or, when `corrupt/` has that name already (set aside before, and a copy put
 /// back into `msg/` since, or an id that came round again), the first free `<name>.<n>`. No fsync: the caller syncs both
-/// directories. Only recovery writes to `corrupt/`, one entry at a time, so the name
-/// found free stays free until the rename.
+/// directories. Only recovery and then the committer thread write to `corrupt/`, one
+/// at a time, so the name found free stays free until the rename.
 fn move_aside(path: &Path, corrupt_dir: &Path) -> io::Result<PathBuf> {
     let name = path
         .file_name()

@@ -222,12 +222,17 @@ pub struct SpoolStats {
     pub store_errors: u64,
     /// fsync/fdatasync calls on message files since open.
     pub file_fsyncs: u64,
-    /// fsync calls on the spool directory since open (one per group commit).
+    /// fsync calls on the spool's directories since open (one of `msg/` per group commit,
+    /// plus one of `corrupt/` when the commit moved a file there).
     pub dir_fsyncs: u64,
     /// Group commits since open.
     pub commit_batches: u64,
     /// Largest group commit seen (operations sharing one directory fsync).
     pub max_batch: u64,
+    /// Message files moved to `corrupt/` since open: by recovery
+    /// ([`RecoveryReport::corrupt_moved`]) and by [`Spool::set_aside`](crate::Spool::set_aside)
+    /// (a body that failed its checksum when delivery read it).
+    pub corrupt_moved: u64,
     /// Reception time of the oldest queued message (Unix seconds), `None` when empty.
     pub oldest_received_at: Option<Timestamp>,
 }

@@ -19,6 +19,10 @@
 //!   whatever the module answered.
 //! - Bounces and expired recipients get a DSN (`dsn.rs`) queued to the sender with the
 //!   null sender.
+//! - Never delete what may be someone's mail: a message found corrupt
+//!   ([`altroute_queue::Error::Corrupt`]) fails its open recipients with a DSN and is
+//!   moved to the spool's `corrupt/` ([`Spool::set_aside`]); a finished message is
+//!   removed only once its content has been read back.
 //!
 //! # Layout
 //!
@@ -460,11 +464,17 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     // Results that could not be written to the spool (a full disk, an I/O error). Their
     // recipients still look due on disk: the message is held back below.
     let (sent, mut unrecorded) = record_sent(ctx, &entry).await;
-    // A message that cannot be read (a failed checksum, an I/O error) is deferred like a
-    // failed attempt, so that it waits for the retry schedule (released at once, it was
-    // claimed again at once, for ever) and, if it stays unreadable, expires with a DSN.
+    // A message that cannot be read for a reason that may pass (an I/O error: EIO,
+    // EMFILE) is deferred like a failed attempt, so that it waits for the retry schedule
+    // (released at once, it was claimed again at once, for ever) and, if it stays
+    // unreadable, expires with a DSN. A corrupt one will not heal: it is kept aside now.
     let (message, unreadable) = match ctx.spool.read_message(&id) {
         Ok(m) => (m, None),
+        Err(altroute_queue::Error::Corrupt { reason, .. }) => {
+            keep_aside(ctx, &entry, &sent, unrecorded, &reason).await;
+            ctx.spool.release(&id);
+            return;
+        }
         Err(e) => {
             tracing::error!(queue_id = %id, error = %e, "cannot read queued message");
             let reason = format!("451 4.3.0 the queued message cannot be read: {e}");
@@ -606,29 +616,85 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     for f in &mut finals {
         f.failure.confidential = !open.contains(&f.index);
     }
-    unrecorded += record_finals(ctx, &entry, &message, finals).await;
+    unrecorded += record_finals(ctx, &entry, &message, finals).await.0;
     report_relayed(ctx, &entry, &message, &relayed).await;
-    if unrecorded > 0 {
-        // Released as it is, the message would be claimed again at once (its recipients
-        // are still due on disk) and attempted again in a tight loop, a delivered one
-        // sent again each time. It waits one retry interval instead; delivered
-        // recipients are kept in `Ctx::unrecorded` and not sent again meanwhile.
-        let wait = ctx.spool.schedule().delay(1);
-        let until = ctx.spool.clock().now().saturating_add(wait.as_secs());
-        ctx.spool.hold(&id, until);
-        ctx.metrics.unrecorded.inc_by(unrecorded);
-        tracing::warn!(
-            queue_id = %id,
-            results = unrecorded,
-            retry_in_secs = wait.as_secs(),
-            "delivery results not recorded; the message is held back until the next retry"
-        );
-    }
+    hold_back(ctx, &id, unrecorded);
     // Removed while still claimed, so that the sweep ([`sweep_finished`]) cannot race it.
+    // A message this attempt could not read is read again first (see `remove_finished`).
     if ctx.spool.entry(&id).is_some_and(|e| e.is_finished()) {
-        remove_finished(ctx, &id).await;
+        remove_finished(ctx, &id, unreadable.is_none()).await;
     }
     ctx.spool.release(&id);
+}
+
+/// When `unrecorded` results of message `id` could not be written: released as it is,
+/// the message would be claimed again at once (its recipients are still due on disk)
+/// and attempted again in a tight loop, a delivered one sent again each time. It waits
+/// one retry interval instead; delivered recipients are kept in `Ctx::unrecorded` and
+/// not sent again meanwhile.
+fn hold_back(ctx: &Ctx, id: &MessageId, unrecorded: u64) {
+    if unrecorded == 0 {
+        return;
+    }
+    let wait = ctx.spool.schedule().delay(1);
+    let until = ctx.spool.clock().now().saturating_add(wait.as_secs());
+    ctx.spool.hold(id, until);
+    ctx.metrics.unrecorded.inc_by(unrecorded);
+    tracing::warn!(
+        queue_id = %id,
+        results = unrecorded,
+        retry_in_secs = wait.as_secs(),
+        "delivery results not recorded; the message is held back until the next retry"
+    );
+}
+
+/// A claimed message whose content is corrupt (`why`: what [`Spool::read_message`]
+/// found). Waiting will not repair it, and it must not be deleted either: deferred until
+/// it expired, it was then removed, with a DSN that did not say why. Its open recipients
+/// (except those `sent` already) fail now, with a DSN that says the message was kept
+/// aside for the operator (without its content, which cannot be trusted), and the file
+/// goes to `corrupt/`. As with every failure the DSN is stored first: if it cannot be,
+/// the recipients are deferred and the next attempt tries again.
+async fn keep_aside(
+    ctx: &Ctx,
+    entry: &QueueEntry,
+    sent: &BTreeSet<usize>,
+    mut unrecorded: u64,
+    why: &str,
+) {
+    let id = &entry.id;
+    tracing::error!(queue_id = %id, reason = why, "queued message is corrupt; keeping it aside for the operator");
+    let reason = format!(
+        "554 5.3.0 the queued message was found corrupt ({why}) and kept aside for the operator"
+    );
+    let finals: Vec<Final> = entry
+        .recipients
+        .iter()
+        .enumerate()
+        .filter(|(i, state)| !state.is_final() && !sent.contains(i))
+        .filter_map(|(i, state)| {
+            let rcpt = entry.envelope.rcpt_to.get(i)?;
+            Some(Final::new(i, rcpt, reason.clone(), false, state.attempts()))
+        })
+        .collect();
+    ctx.metrics.bounces.inc_by(finals.len() as u64);
+    let (failed, notified) = record_finals(ctx, entry, &[], finals).await;
+    unrecorded += failed;
+    if notified {
+        match ctx.spool.set_aside(id, why).await {
+            Ok(_) => {
+                lock(&ctx.unrecorded).remove(id);
+                ctx.metrics.unrecorded.inc_by(unrecorded);
+                return;
+            }
+            // Its recipients are final (or held back below): the sweep of finished
+            // messages tries again (`remove_finished`).
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot move the corrupt message to corrupt/; it stays in the queue");
+            }
+        }
+    }
+    hold_back(ctx, id, unrecorded);
 }
 
 /// Records the recipients of `entry` that an earlier attempt of this process delivered
@@ -673,7 +739,7 @@ async fn sweep_finished(ctx: &Ctx) {
         if ctx.spool.claim(&id).is_err() {
             continue;
         }
-        removed += u32::from(remove_finished(ctx, &id).await);
+        removed += u32::from(remove_finished(ctx, &id, false).await);
         ctx.spool.release(&id);
     }
     if removed > 0 {
@@ -687,8 +753,45 @@ async fn sweep_finished(ctx: &Ctx) {
 }
 
 /// Removes a finished message (every recipient final, any DSN queued); false (logged)
-/// when it could not be.
-async fn remove_finished(ctx: &Ctx, id: &MessageId) -> bool {
+/// when it stays in the queue. Never a file whose content could not be read: unless
+/// `read` (this attempt has just read it), the message is read back first. A corrupt
+/// one goes to `corrupt/` instead ([`Spool::set_aside`], true: it left the queue); one
+/// that fails to read for another reason (EIO, EMFILE) stays until a later sweep reads
+/// it.
+async fn remove_finished(ctx: &Ctx, id: &MessageId, read: bool) -> bool {
+    if !read {
+        let spool = ctx.spool.clone();
+        let owned = id.clone();
+        let read_back = tokio::task::spawn_blocking(move || spool.read_message(&owned))
+            .await
+            .unwrap_or_else(|e| {
+                Err(altroute_queue::Error::Internal(format!(
+                    "reading the message back: {e}"
+                )))
+            });
+        match read_back {
+            Ok(_) => {}
+            // Its file is gone already: nothing on disk to keep, only the index to clean.
+            Err(altroute_queue::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(altroute_queue::Error::Corrupt { reason, .. }) => {
+                return match ctx.spool.set_aside(id, &reason).await {
+                    Ok(_) => {
+                        lock(&ctx.unrecorded).remove(id);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(queue_id = %id, error = %e, "cannot move a corrupt finished message to corrupt/");
+                        false
+                    }
+                };
+            }
+            Err(e) => {
+                tracing::warn!(queue_id = %id, error = %e, "finished message kept: its content cannot be read back");
+                return false;
+            }
+        }
+    }
     match ctx.spool.remove(id).await {
         Ok(()) => {
             lock(&ctx.unrecorded).remove(id);
@@ -761,11 +864,16 @@ async fn report_relayed(ctx: &Ctx, entry: &QueueEntry, message: &[u8], relayed: 
 /// Queues the DSN for `finals`, then records them as bounced or expired. If the DSN
 /// cannot be queued, they are deferred instead (the reason says why) and fail again,
 /// with a new DSN, at their next attempt. Returns how many results could not be
-/// recorded.
-async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Vec<Final>) -> u64 {
+/// recorded, and whether the sender was told (the DSN is queued, or none was due).
+async fn record_finals(
+    ctx: &Ctx,
+    entry: &QueueEntry,
+    message: &[u8],
+    finals: Vec<Final>,
+) -> (u64, bool) {
     let mut unrecorded = 0;
     if finals.is_empty() {
-        return unrecorded;
+        return (unrecorded, true);
     }
     let id = &entry.id;
     let failures: Vec<dsn::Failure> = finals.iter().map(|f| f.failure.clone()).collect();
@@ -782,6 +890,7 @@ async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Ve
         None => Ok(None),
         Some((env, body)) => ctx.spool.store(env, body).await.map(Some),
     };
+    let notified = stored.is_ok();
     match stored {
         Ok(dsn_id) => {
             if let Some(dsn_id) = dsn_id {
@@ -824,7 +933,7 @@ async fn record_finals(ctx: &Ctx, entry: &QueueEntry, message: &[u8], finals: Ve
             }
         }
     }
-    unrecorded
+    (unrecorded, notified)
 }
 
 /// What [`operator_bounce`] did.

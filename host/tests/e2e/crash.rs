@@ -178,3 +178,72 @@ async fn a_finished_message_left_by_a_crash_is_removed_at_start() {
     assert!(!relay.spool.message_path(&finished).exists());
     assert!(relay.spool.entry(&open).is_some());
 }
+
+/// The removal at start reads a finished message back first: never delete what may be
+/// someone's mail. One whose body fails its checksum (a crash between its DSN and the
+/// move to `corrupt/`, or a bad disk) is moved to `corrupt/`; one that cannot be read for
+/// another reason (its file replaced by a symbolic link to itself: ELOOP) stays where it
+/// is; a readable one is removed as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_message_left_by_a_crash_is_removed_only_once_read_back() {
+    use altroute::policy_engine::PolicyEngine;
+    use altroute_queue::{Envelope, ManualClock, MessageId, Spool};
+
+    use crate::inproc::{Lab, Relay, START, policy};
+
+    let lab = Lab::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The sweep goes through them in id order, one after the other: once the last one
+    // (`readable`) is removed, it has been through the other two.
+    let [unreadable, corrupt, readable]: [MessageId; 3] = {
+        let clock = Arc::new(ManualClock::new(START));
+        let spool = Spool::open(dir.path(), Relay::spool_config(), clock).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let msg = format!("From: <alice@corp.test>\r\nSubject: {n}\r\n\r\nbody\r\n");
+            let env = Envelope::new("alice@corp.test", vec!["bob@gone.test".into()]);
+            let id = spool.store(env, msg.into_bytes()).await.unwrap();
+            spool
+                .bounce(&id, 0, "550 5.1.1 no such user")
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        ids.sort();
+        ids.try_into().unwrap()
+    };
+    let msg_dir = dir.path().join("msg");
+    let corrupt_path = msg_dir.join(corrupt.as_str());
+    let mut found = std::fs::read(&corrupt_path).unwrap();
+    let at = found.windows(8).position(|w| w == b"Subject:").unwrap();
+    found[at] ^= 0x01;
+    std::fs::write(&corrupt_path, &found).unwrap();
+    let unreadable_path = msg_dir.join(unreadable.as_str());
+    let saved = dir.path().join("saved");
+
+    let engine = PolicyEngine::standard(&policy(lab.port, false, "")).unwrap();
+    // After recovery (which would set an unopenable file aside itself), before delivery.
+    let relay = Relay::start_in(&lab, engine, dir, async |_| {
+        std::fs::rename(&unreadable_path, &saved).unwrap();
+        std::os::unix::fs::symlink(&unreadable_path, &unreadable_path).unwrap();
+    })
+    .await;
+    assert!(relay.removed(&readable).await, "a readable one is removed");
+    assert!(
+        relay.spool.entry(&corrupt).is_none(),
+        "the corrupt one leaves the queue"
+    );
+    let kept = relay.spool.root().join("corrupt").join(corrupt.as_str());
+    assert_eq!(std::fs::read(&kept).unwrap(), found, "kept in corrupt/");
+    assert!(!corrupt_path.exists());
+    assert!(
+        relay
+            .spool
+            .entry(&unreadable)
+            .is_some_and(|e| e.is_finished()),
+        "the unreadable one stays queued"
+    );
+    assert!(std::fs::symlink_metadata(&unreadable_path).is_ok());
+    assert!(saved.exists());
+    assert_eq!(relay.spool.stats().corrupt_moved, 1);
+}

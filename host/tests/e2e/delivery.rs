@@ -1026,8 +1026,87 @@ async fn mx_answering_4xx_is_retried_not_rerouted() {
     assert!(lab.sinks[alt].messages().is_empty());
 }
 
+/// The audit's reproduction: one bit flipped in a queued message's body. It was deferred
+/// at every attempt until its queue lifetime ran out, then removed (nothing left in
+/// `msg/` or `corrupt/`) with an "expired" DSN. Now the first attempt that finds it
+/// corrupt fails its open recipients with a DSN that says so, and moves the file, as it
+/// was found, to the spool's `corrupt/`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_message_waits_for_its_retry_like_a_failed_attempt() {
+async fn a_corrupt_message_is_kept_aside_and_its_sender_told() {
+    let mut lab = Lab::new().await;
+    let mx = lab
+        .mx(
+            "busy.test",
+            "mx.busy.test",
+            Tls::Valid,
+            SinkMode::TempFail(FailAt::Rcpt),
+        )
+        .await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send(
+            "alice@corp.test",
+            &["bob@busy.test", "carol@busy.test"],
+            false,
+        )
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    let next = states[0].due_at().unwrap();
+    // One bit of the stored body flipped on disk: its checksum no longer matches.
+    let path = relay.spool.message_path(&id);
+    let mut found = std::fs::read(&path).unwrap();
+    let at = found
+        .windows(17)
+        .position(|w| w == b"confidential body")
+        .unwrap();
+    found[at] ^= 0x20;
+    std::os::unix::fs::FileExt::write_at(
+        &std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+        &found[at..=at],
+        at as u64,
+    )
+    .unwrap();
+    let sessions_before = lab.sinks[mx].sessions().len();
+
+    relay.clock.set(next);
+    relay.delivery.kick();
+    let text = dsn_for(&lab.sinks[sender_mx], "alice@corp.test", "bob@busy.test").await;
+    assert!(
+        text.contains("Final-Recipient: rfc822; carol@busy.test"),
+        "{text}"
+    );
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.3.0"), "{text}");
+    assert!(text.contains("found corrupt"), "{text}");
+    assert!(text.contains("kept aside for the operator"), "{text}");
+    assert!(
+        !text.contains("onfidential body"),
+        "no untrusted content: {text}"
+    );
+    assert!(relay.removed(&id).await, "the message leaves the queue");
+    let kept = relay.spool.root().join("corrupt").join(id.as_str());
+    let kept = std::fs::read(&kept).expect("the message file is kept in corrupt/");
+    assert!(
+        kept.starts_with(&found),
+        "kept as found (the final states appended at most)"
+    );
+    assert!(!path.exists());
+    assert_eq!(relay.spool.stats().corrupt_moved, 1);
+    assert_eq!(relay.metrics.bounces.get(), 2);
+    assert_eq!(relay.metrics.dsns.get(), 1);
+    // Nothing went out for it.
+    assert_eq!(lab.sinks[mx].sessions().len(), sessions_before);
+}
+
+/// A message that cannot be read for a reason other than corruption (here: its file
+/// replaced by a symbolic link to itself, so opening it fails with ELOOP, an I/O error
+/// like EIO or EMFILE) is deferred like a failed attempt: not set aside, not removed,
+/// and delivered as usual once it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_fails_to_read_for_another_reason_waits_for_its_retry() {
     let mut lab = Lab::new().await;
     let mx = lab
         .mx(
@@ -1043,38 +1122,43 @@ async fn an_unreadable_message_waits_for_its_retry_like_a_failed_attempt() {
         .await;
     let states = relay.settled(&id).await.unwrap();
     let next = states[0].due_at().unwrap();
-    // One byte of the stored body flipped on disk: its checksum no longer matches.
     let path = relay.spool.message_path(&id);
-    let stored = std::fs::read(&path).unwrap();
-    let at = stored
-        .windows(17)
-        .position(|w| w == b"confidential body")
-        .unwrap();
-    std::os::unix::fs::FileExt::write_at(
-        &std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
-        &[stored[at] ^ 0x20],
-        at as u64,
-    )
-    .unwrap();
+    let saved = relay.spool.root().join("saved");
+    std::fs::rename(&path, &saved).unwrap();
+    std::os::unix::fs::symlink(&path, &path).unwrap();
     let sessions_before = lab.sinks[mx].sessions().len();
 
-    relay.attempt_at(&id, next, 2).await;
+    // The attempt cannot read it, and cannot record its deferral either (same file):
+    // the message is held back for a retry interval.
+    relay.clock.set(next);
+    relay.delivery.kick();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay.metrics.unrecorded.get() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "attempt 2 not made");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(relay.spool.entry(&id).is_some(), "still queued");
+    assert!(std::fs::symlink_metadata(&path).is_ok(), "not removed");
+    let corrupt = relay.spool.root().join("corrupt");
+    assert_eq!(
+        std::fs::read_dir(&corrupt).unwrap().count(),
+        0,
+        "not set aside"
+    );
+    assert_eq!(relay.spool.stats().corrupt_moved, 0);
+    assert_eq!(lab.sinks[mx].sessions().len(), sessions_before);
+
+    // Readable again: the next attempt goes to the MX, and is deferred by it.
+    std::fs::rename(&saved, &path).unwrap();
+    let retry = next + 600;
+    relay.attempt_at(&id, retry, 2).await;
     match &relay.spool.entry(&id).unwrap().recipients[0] {
-        RecipientState::Deferred {
-            reason,
-            next_attempt,
-            ..
-        } => {
-            assert!(reason.starts_with("451 4.3.0"), "{reason}");
-            assert!(reason.contains("cannot be read"), "{reason}");
-            assert!(*next_attempt > next, "waits for the retry schedule");
+        RecipientState::Deferred { reason, .. } => {
+            assert!(!reason.contains("cannot be read"), "{reason}");
         }
         other => panic!("expected deferred, got {other:?}"),
     }
-    // Nothing went out for it, and the message is not claimed again before it is due.
-    assert_eq!(lab.sinks[mx].sessions().len(), sessions_before);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(relay.spool.entry(&id).unwrap().recipients[0].attempts(), 2);
+    assert!(lab.sinks[mx].sessions().len() > sessions_before);
 }
 
 const TRAP_WAT: &str = r#"(module

@@ -559,6 +559,7 @@ fn queue_metrics_follow_prometheus_conventions() {
         "altroute_spool_oldest_message_age_seconds",
         "altroute_spool_fsyncs",
         "altroute_spool_commit_batches",
+        "altroute_spool_corrupt_moved",
         "altroute_policy_info",
         "altroute_decisions",
         "altroute_tls_results",

@@ -1,13 +1,15 @@
-//! Never delete what may be someone's mail: one entry of `msg/` or `tmp/` that cannot be
-//! read (a directory, a move to `corrupt/` that fails) does not keep the spool from
-//! opening. Needs root and e2fsprogs (`chattr +i`) for the move that fails.
+//! Never delete what may be someone's mail: a message whose body fails its checksum is
+//! set aside in `corrupt/`, and one entry of `msg/` or `tmp/` that cannot be read (a
+//! directory, a move that fails) does not keep the spool from opening. Needs root and
+//! e2fsprogs (`chattr +i`) for the move that fails.
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use altroute_queue::ManualClock;
+use altroute_queue::{Error, ManualClock, MessageId};
 
 use crate::{T0, envelope, message, open};
 
@@ -34,6 +36,113 @@ impl Immutable {
 impl Drop for Immutable {
     fn drop(&mut self) {
         let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// Flips one bit of a stored message's `Subject:` (part of the body record): its
+/// checksum no longer matches. Returns the file's bytes after the flip.
+fn flip_body_bit(path: &Path) -> Vec<u8> {
+    let mut bytes = fs::read(path).unwrap();
+    let at = bytes.windows(8).position(|w| w == b"Subject:").unwrap();
+    bytes[at] ^= 0x01;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(&bytes[at..=at], at as u64)
+        .unwrap();
+    bytes
+}
+
+#[tokio::test]
+async fn a_corrupt_message_is_set_aside_durably_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt");
+    let clock = Arc::new(ManualClock::new(T0));
+    let spool = open(dir.path(), &clock);
+    let a = spool.store(envelope(2), message("a", 2000)).await.unwrap();
+    let b = spool.store(envelope(1), message("b", 2000)).await.unwrap();
+    let keep = spool
+        .store(envelope(1), message("keep", 2000))
+        .await
+        .unwrap();
+    spool.defer(&a, 1, "451 4.3.0 later").await.unwrap();
+
+    let found_a = flip_body_bit(&spool.message_path(&a));
+    let found_b = flip_body_bit(&spool.message_path(&b));
+    assert!(matches!(spool.read_message(&a), Err(Error::Corrupt { .. })));
+    // `corrupt/` has a file of b's name already (set aside by an earlier run).
+    fs::write(corrupt.join(b.as_str()), b"an older file").unwrap();
+
+    let dir_fsyncs = spool.stats().dir_fsyncs;
+    let path_a = spool
+        .set_aside(&a, "message body checksum mismatch")
+        .await
+        .unwrap();
+    assert_eq!(path_a, corrupt.join(a.as_str()));
+    assert_eq!(
+        spool.stats().dir_fsyncs,
+        dir_fsyncs + 2,
+        "corrupt/ and msg/ fsynced"
+    );
+    let path_b = spool
+        .set_aside(&b, "message body checksum mismatch")
+        .await
+        .unwrap();
+    assert_eq!(path_b, corrupt.join(format!("{b}.1")));
+
+    // Out of the queue, kept as found.
+    assert_eq!(fs::read(&path_a).unwrap(), found_a);
+    assert_eq!(fs::read(&path_b).unwrap(), found_b);
+    assert_eq!(
+        fs::read(corrupt.join(b.as_str())).unwrap(),
+        b"an older file"
+    );
+    assert!(!spool.message_path(&a).exists());
+    assert!(!spool.message_path(&b).exists());
+    assert!(spool.entry(&a).is_none());
+    let listed: Vec<MessageId> = spool.list().into_iter().map(|e| e.id).collect();
+    assert_eq!(listed, vec![keep.clone()]);
+    assert_eq!(spool.stats().corrupt_moved, 2);
+    assert!(matches!(
+        spool.defer(&a, 0, "451 again").await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(spool.remove(&a).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        spool.set_aside(&a, "twice").await,
+        Err(Error::NotFound(_))
+    ));
+
+    // A restart finds them where they were put.
+    drop(spool);
+    let spool = open(dir.path(), &clock);
+    let r = spool.recovery();
+    assert_eq!((r.messages, r.corrupt_moved), (1, 0), "{r:?}");
+    assert!(path_a.exists() && path_b.exists());
+    assert_eq!(spool.read_message(&keep).unwrap(), message("keep", 2000));
+}
+
+#[tokio::test]
+async fn a_message_file_cut_short_reads_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let spool = open(dir.path(), &clock);
+    let id = spool
+        .store(envelope(1), message("cut", 2000))
+        .await
+        .unwrap();
+    let path = spool.message_path(&id);
+    let len = fs::metadata(&path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    match spool.read_message(&id) {
+        Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("truncated"), "{reason}"),
+        other => panic!("expected corrupt, got {other:?}"),
     }
 }
 
@@ -79,6 +188,7 @@ async fn a_directory_in_msg_or_tmp_does_not_stop_recovery() {
     assert!(!tmp_dir.join("06553f1000000001deadbee").exists());
     assert_eq!(spool.read_message(&a).unwrap(), message("a", 500));
     assert_eq!(spool.read_message(&b).unwrap(), message("b", 500));
+    assert_eq!(spool.stats().corrupt_moved, 1);
 }
 
 /// When even the move to `corrupt/` fails (here `corrupt/` is immutable), the entry is
