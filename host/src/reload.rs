@@ -398,6 +398,18 @@ impl Reloader {
         }
     }
 
+    /// Records a candidate a source could not offer (a policy file changed in place, or
+    /// one that is not a regular file or too big): logged as a refusal, audited
+    /// (`reject`, no version) and kept as the last rejection. The active version keeps
+    /// serving.
+    pub fn refuse_source(&self, who: &Who, reasons: Vec<String>) {
+        let mut state = self.lock();
+        let Some(active) = state.history.back().cloned() else {
+            return;
+        };
+        let _ = self.reject(&mut state, who, "reject", &active, None, reasons);
+    }
+
     /// The active policy's canonical JSON.
     pub fn active_json(&self) -> String {
         self.lock()
@@ -1125,19 +1137,6 @@ impl Sources {
         })
     }
 
-    /// The names of the watched files (and of what they resolve to now), for telling
-    /// their events from those of other files in the same directories.
-    fn names(&self) -> Vec<std::ffi::OsString> {
-        let mut names = Vec::new();
-        for file in std::iter::once(&self.policy).chain(self.module.as_ref()) {
-            names.extend(file.file_name().map(ToOwned::to_owned));
-            if let Ok(real) = std::fs::canonicalize(file) {
-                names.extend(real.file_name().map(ToOwned::to_owned));
-            }
-        }
-        names
-    }
-
     /// Directories to watch: each file's parent, plus the parent of what it resolves to
     /// now (a file that is itself a symlink into another directory).
     fn directories(&self) -> Vec<PathBuf> {
@@ -1170,7 +1169,21 @@ impl Sources {
 
 /// One policy or module file, as [`Sources::read`] takes it.
 fn read_source(path: &Path) -> Result<Vec<u8>, ReloadError> {
+    read_file(path).map(|(bytes, _)| bytes)
+}
+
+/// Where a watched file's content came from: the file its path resolves to, and that
+/// file's (device, inode), read from the descriptor the content was read through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    resolved: PathBuf,
+    inode: (u64, u64),
+}
+
+/// [`read_source`], with the file's device and inode.
+fn read_file(path: &Path) -> Result<(Vec<u8>, (u64, u64)), ReloadError> {
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::OpenOptionsExt;
     let error = |source: std::io::Error| ReloadError::Read {
         path: path.to_path_buf(),
@@ -1188,6 +1201,7 @@ fn read_source(path: &Path) -> Result<Vec<u8>, ReloadError> {
     if !meta.is_file() {
         return Err(refuse("not a regular file".to_string()));
     }
+    let inode = (meta.dev(), meta.ino());
     if meta.len() > MAX_SOURCE_FILE {
         return Err(refuse(format!(
             "{} bytes, more than the {} MiB a policy or module file may have",
@@ -1205,7 +1219,7 @@ fn read_source(path: &Path) -> Result<Vec<u8>, ReloadError> {
             MAX_SOURCE_FILE >> 20
         )));
     }
-    Ok(bytes)
+    Ok((bytes, inode))
 }
 
 /// What a file event means to the watcher.
@@ -1213,45 +1227,36 @@ fn read_source(path: &Path) -> Result<Vec<u8>, ReloadError> {
 enum Signal {
     /// Something changed in a watched directory: look at the files again.
     Look,
-    /// A watched file is being written in place (opened for writing, data changed):
-    /// not complete until it is closed.
-    Writing(PathBuf),
-    /// A watched file was closed after writing, renamed or removed: complete.
-    Written(PathBuf),
-    /// The kernel's event queue overflowed: events were lost.
-    Rescan,
+    /// A file was renamed into place under this name: a file that arrives so is complete.
+    RenamedTo(std::ffi::OsString),
+    /// The kernel's event queue overflowed: events were lost (look again).
+    Overflow,
 }
 
-/// The meaning of `event` for files named `names` (see [`Signal`]); `None` for events
-/// that change nothing (opens and reads, the watcher's own among them).
-fn signal_of(event: &notify::Event, names: &[std::ffi::OsString]) -> Option<Signal> {
+/// The meaning of `event`; `None` for events that change nothing (opens and reads, the
+/// watcher's own among them).
+fn signal_of(event: &notify::Event) -> Option<Signal> {
     use notify::EventKind;
-    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+    use notify::event::{ModifyKind, RenameMode};
     if event.need_rescan() {
-        return Some(Signal::Rescan);
+        return Some(Signal::Overflow);
     }
-    let ours = event
-        .paths
-        .iter()
-        .find(|p| p.file_name().is_some_and(|n| names.iter().any(|w| w == n)));
-    match (&event.kind, ours) {
-        (EventKind::Access(AccessKind::Close(AccessMode::Write)), Some(p)) => {
-            Some(Signal::Written(p.clone()))
-        }
-        (EventKind::Access(_), _) => None,
-        (EventKind::Modify(ModifyKind::Data(_)) | EventKind::Create(CreateKind::File), Some(p)) => {
-            Some(Signal::Writing(p.clone()))
-        }
-        (EventKind::Modify(ModifyKind::Name(_)) | EventKind::Remove(_), Some(p)) => {
-            Some(Signal::Written(p.clone()))
-        }
-        _ => Some(Signal::Look),
-    }
+    let to = match &event.kind {
+        EventKind::Access(_) => return None,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => event.paths.first(),
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event.paths.get(1),
+        _ => None,
+    };
+    Some(match to.and_then(|p| p.file_name()) {
+        Some(name) => Signal::RenamedTo(name.to_owned()),
+        None => Signal::Look,
+    })
 }
 
 /// A running file watcher; dropping it stops watching.
 pub struct FileWatch {
-    _watcher: notify::RecommendedWatcher,
+    // The watch thread holds it weakly: dropping this stops it.
+    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
     dirs: Vec<PathBuf>,
 }
 
@@ -1276,28 +1281,39 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 /// The longest a stream of events (a busy neighbour file) postpones a look: 1 s.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
 
-/// Watches the parent directories of `sources` (non-recursively). After an event and
-/// `debounce` of quiet (at most [`MAX_DEBOUNCE`] after the first event), re-reads the
-/// resolved files and applies them (who: `file watch`) only when their content hash
-/// differs from the last content seen. A watched file that is being written in place
-/// (opened for writing and not yet closed) is not read until its writer closes it: an
-/// audit activated the first half of a policy written slowly in place, which had lost
-/// its TLS rule and its tests, and mail went out in clear text. The first look is made
-/// before returning (a no-op when the files hold the active version); call it before
-/// anything else (the admin API) can change the policy. Blocks while a changed file
-/// compiles. Then runs on its own thread; stops when the [`FileWatch`] drops.
+/// What the watcher last saw of one file.
+#[derive(Debug, Clone)]
+struct Seen {
+    identity: Identity,
+    hash: String,
+}
+
+/// Watches the parent directories of `sources` (non-recursively, and those of what they
+/// resolve to, again after each look). After an event and `debounce` of quiet (at most
+/// [`MAX_DEBOUNCE`] after the first event), re-reads the resolved files and applies them
+/// (who: `file watch`) when their content changed and every changed file arrived whole:
+/// - its path now resolves to another file (a symlink swap: a Kubernetes ConfigMap
+///   update, `ln -sf`), or
+/// - another file was renamed into place under its name (`mv new policy.toml`).
+///
+/// A file changed in place (the same file written again) or created and written at its
+/// path is not applied: it may be read half-written, and an audit's slow in-place
+/// writer got the first half of a policy activated, without its TLS rule and its tests,
+/// then mail went out in clear text. Such a change, and a file that cannot be read, is
+/// refused once per file, logged and audited; SIGHUP applies the files whatever they are.
+/// The first look is made before returning (a no-op when the files hold the active
+/// version); call it before anything else (the admin API) can change the policy. Blocks
+/// while a changed file compiles. Then runs on its own thread; stops when the
+/// [`FileWatch`] drops.
 pub fn watch(
     reloader: Arc<Reloader>,
     sources: Sources,
     debounce: Duration,
 ) -> Result<FileWatch, ReloadError> {
     let (tx, rx) = std::sync::mpsc::channel::<Signal>();
-    let names = sources.names();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // The content hash decides whether anything changed; events only say when to
-        // look, and whether a watched file is complete.
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let signal = match &event {
-            Ok(event) => signal_of(event, &names),
+            Ok(event) => signal_of(event),
             Err(e) => {
                 tracing::warn!(error = %e, "policy file watch error");
                 Some(Signal::Look)
@@ -1311,47 +1327,41 @@ pub fn watch(
         path: sources.policy.clone(),
         source,
     })?;
-    let dirs = sources.directories();
-    for dir in &dirs {
-        watcher
-            .watch(dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|source| ReloadError::Watch {
-                path: dir.clone(),
-                source,
-            })?;
-    }
+    let watcher = Arc::new(Mutex::new(watcher));
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    watch_directories(&watcher, &sources, &mut dirs, true)?;
     // A first look now, before anything else can change the policy: files replaced
     // between the engine's load and now are applied (the usual case, the files holding
     // the active version, is a no-op).
-    let mut seen: Option<String> = None;
-    if let Ok(candidate) = sources.read() {
-        seen = Some(candidate.content_hash());
-        let _ = reloader.apply(&Who::FileWatch, candidate);
+    let mut seen: Vec<Option<Seen>> = Vec::new();
+    if let Ok(read) = read_sources(&sources) {
+        seen = read.iter().map(|(_, s, _)| Some(s.clone())).collect();
+        let _ = reloader.apply(&Who::FileWatch, candidate_of(read));
     }
     tracing::info!(dirs = ?dirs, "watching the policy files");
     let policy_path = sources.policy.clone();
+    let watched = dirs.clone();
+    let thread_watcher = Arc::downgrade(&watcher);
     std::thread::Builder::new()
         .name("altroute-policy-watch".into())
         .spawn(move || {
-            // Watched files opened for writing and not closed yet.
-            let mut writing: std::collections::BTreeSet<PathBuf> = Default::default();
-            fn note(signal: Signal, writing: &mut std::collections::BTreeSet<PathBuf>) {
-                match signal {
-                    Signal::Writing(p) => {
-                        writing.insert(p);
-                    }
-                    Signal::Written(p) => {
-                        writing.remove(&p);
-                    }
-                    // Events were lost: whatever was being written may have been
-                    // closed unseen. The content hash still decides.
-                    Signal::Rescan => writing.clear(),
-                    Signal::Look => {}
+            let mut dirs = dirs;
+            // Renamed-into-place names since the last look.
+            let mut renamed: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
+            // The file a refusal was last audited for: one refusal per file (inode).
+            let mut refused: Option<Vec<Option<Identity>>> = None;
+            let note = |signal: Signal, renamed: &mut std::collections::BTreeSet<_>| match signal {
+                Signal::RenamedTo(name) => {
+                    renamed.insert(name);
                 }
-            }
+                Signal::Overflow => {
+                    tracing::warn!("policy file watch: events were lost (inotify queue overflow); looking again");
+                }
+                Signal::Look => {}
+            };
             // Ends when the watcher (the only sender) is dropped.
             while let Ok(first) = rx.recv() {
-                note(first, &mut writing);
+                note(first, &mut renamed);
                 // Debounce: until the directories have been quiet for `debounce`, or
                 // `MAX_DEBOUNCE` has passed.
                 let until = std::time::Instant::now() + MAX_DEBOUNCE.max(debounce);
@@ -1361,32 +1371,79 @@ pub fn watch(
                         break;
                     }
                     match rx.recv_timeout(debounce.min(left)) {
-                        Ok(signal) => note(signal, &mut writing),
+                        Ok(signal) => note(signal, &mut renamed),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 }
-                if !writing.is_empty() {
-                    // Its close (or a rename, or its writer's exit) is the next event.
-                    tracing::info!(files = ?writing, "a policy file is being written; reading it once it is closed");
-                    continue;
+                // A symlink may now lead into another directory: watch it too.
+                if let Some(w) = thread_watcher.upgrade() {
+                    let _ = watch_directories(&w, &sources, &mut dirs, false);
                 }
-                let candidate = match sources.read() {
-                    Ok(c) => c,
+                let renamed_now = std::mem::take(&mut renamed);
+                let read = match read_sources(&sources) {
+                    Ok(r) => r,
                     Err(e) => {
-                        // Mid-swap or removed: the next event will look again.
+                        // Mid-swap or removed (the next event will look again), or not a
+                        // file the relay takes.
                         tracing::warn!(error = %e, "policy file not readable; keeping the active version");
+                        if matches!(&e, ReloadError::Read { source, .. } if source.kind() == std::io::ErrorKind::InvalidData)
+                        {
+                            let ids = identities(&sources);
+                            if refused.as_ref() != Some(&ids) {
+                                refused = Some(ids);
+                                reloader.refuse_source(&Who::FileWatch, vec![e.to_string()]);
+                            }
+                        }
                         continue;
                     }
                 };
-                let hash = candidate.content_hash();
-                if seen.as_deref() == Some(hash.as_str()) {
+                let changed: Vec<bool> = read
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, now, _))| seen.get(i).cloned().flatten().is_none_or(|s| s.hash != now.hash))
+                    .collect();
+                if !changed.iter().any(|c| *c) {
+                    seen = read.iter().map(|(_, s, _)| Some(s.clone())).collect();
                     continue;
                 }
-                seen = Some(hash);
+                // Every changed file must have arrived whole: by a symlink swap or a
+                // rename into place.
+                let in_place: Vec<String> = read
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| changed[*i])
+                    .filter(|(i, (path, now, _))| {
+                        let before = seen.get(*i).cloned().flatten();
+                        let swapped = before.as_ref().is_none_or(|b| b.identity.resolved != now.identity.resolved);
+                        let moved = before.as_ref().is_none_or(|b| b.identity.inode != now.identity.inode)
+                            && [path.file_name(), now.identity.resolved.file_name()]
+                                .into_iter()
+                                .flatten()
+                                .any(|n| renamed_now.contains(n));
+                        !(swapped || moved)
+                    })
+                    .map(|(_, (path, _, _))| path.display().to_string())
+                    .collect();
+                let ids: Vec<Option<Identity>> = read.iter().map(|(_, s, _)| Some(s.identity.clone())).collect();
+                if !in_place.is_empty() {
+                    let why = format!(
+                        "{} changed in place (written at its path, not renamed into place): not applied, as it may have been read half-written; write the new file elsewhere and rename it into place, or send SIGHUP",
+                        in_place.join(", ")
+                    );
+                    tracing::warn!(reason = %why, "policy file watch: change not applied");
+                    if refused.as_ref() != Some(&ids) {
+                        refused = Some(ids);
+                        reloader.refuse_source(&Who::FileWatch, vec![why]);
+                    }
+                    // Not `seen`: a later rename into place of the same content applies.
+                    continue;
+                }
+                seen = read.iter().map(|(_, s, _)| Some(s.clone())).collect();
+                refused = None;
                 tracing::info!(file = %sources.policy.display(), "policy files changed");
                 // Refusals are logged, audited and in the status already.
-                let _ = reloader.apply(&Who::FileWatch, candidate);
+                let _ = reloader.apply(&Who::FileWatch, candidate_of(read));
             }
         })
         .map_err(|e| ReloadError::Read {
@@ -1395,8 +1452,85 @@ pub fn watch(
         })?;
     Ok(FileWatch {
         _watcher: watcher,
-        dirs,
+        dirs: watched,
     })
+}
+
+/// Watches the directories of `sources` not in `dirs` yet (added to it). `strict`: a
+/// directory that cannot be watched is an error (at start); later only a warning.
+fn watch_directories(
+    watcher: &Mutex<notify::RecommendedWatcher>,
+    sources: &Sources,
+    dirs: &mut Vec<PathBuf>,
+    strict: bool,
+) -> Result<(), ReloadError> {
+    let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
+    for dir in sources.directories() {
+        let key = std::fs::canonicalize(&dir).unwrap_or(dir.clone());
+        if dirs
+            .iter()
+            .any(|d| std::fs::canonicalize(d).unwrap_or(d.clone()) == key)
+        {
+            continue;
+        }
+        match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => dirs.push(dir),
+            Err(source) if strict => return Err(ReloadError::Watch { path: dir, source }),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a policy file's new directory")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each file of `sources` (the policy, then the module if any), read, with what the
+/// watcher keeps of it.
+fn read_sources(sources: &Sources) -> Result<Vec<(PathBuf, Seen, Vec<u8>)>, ReloadError> {
+    std::iter::once(&sources.policy)
+        .chain(sources.module.as_ref())
+        .map(|path| {
+            let resolved = std::fs::canonicalize(path).map_err(|source| ReloadError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let (bytes, inode) = read_file(path)?;
+            let hash = hex(&Sha256::digest(&bytes));
+            Ok((
+                path.clone(),
+                Seen {
+                    identity: Identity { resolved, inode },
+                    hash,
+                },
+                bytes,
+            ))
+        })
+        .collect()
+}
+
+/// The candidate of files [`read_sources`] read.
+fn candidate_of(read: Vec<(PathBuf, Seen, Vec<u8>)>) -> Candidate {
+    let mut files = read.into_iter().map(|(_, _, bytes)| bytes);
+    Candidate {
+        policy: files.next().unwrap_or_default(),
+        module: files.next(),
+    }
+}
+
+/// The identities of `sources`' files now, as far as they can be found.
+fn identities(sources: &Sources) -> Vec<Option<Identity>> {
+    use std::os::unix::fs::MetadataExt;
+    std::iter::once(&sources.policy)
+        .chain(sources.module.as_ref())
+        .map(|path| {
+            let resolved = std::fs::canonicalize(path).ok()?;
+            let meta = std::fs::metadata(&resolved).ok()?;
+            Some(Identity {
+                resolved,
+                inode: (meta.dev(), meta.ino()),
+            })
+        })
+        .collect()
 }
 
 /// Reloads from `sources` on every SIGHUP that `hup` receives (who: `sighup`) until
@@ -2232,13 +2366,16 @@ expect = { route = "alternate" }
         );
     }
 
-    /// A policy written in place (scp, `rsync --inplace`, `cat > policy.toml`) is read
-    /// only once its writer closes it: an audit's writer paused after the first half,
-    /// which had lost the TLS rule and the tests, and the watcher activated it. A FIFO
-    /// or an oversized file put in its place is refused without blocking the watcher,
-    /// and the next good file still goes live.
+    /// The watcher applies a policy file only when it arrived whole: renamed into place
+    /// or behind a swapped symlink. Written in place (scp, `rsync --inplace`,
+    /// `cat > policy.toml`, an editor that writes in place), it may be read half-written:
+    /// an audit's slow writer got the first half activated, a valid policy without its
+    /// TLS rule and its tests; another `touch`ed the file mid-write to defeat a check on
+    /// closes. Such a change is refused once (audited) and never applied; a FIFO or an
+    /// oversized file is refused without blocking the watcher; the next file renamed
+    /// into place goes live.
     #[test]
-    fn file_watch_reads_a_file_written_in_place_only_when_it_is_closed() {
+    fn file_watch_applies_only_files_renamed_into_place() {
         use std::io::Write;
         let a = policy("a", &["partner.example"], "");
         let (dir, _slots, reloader) = setup(&a);
@@ -2262,27 +2399,44 @@ expect = { route = "alternate" }
             prepare(&b.as_bytes()[..cut]).is_ok(),
             "the half must compile"
         );
-        let mut writer = std::fs::File::create(&file).unwrap();
+        let mut writer = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&file)
+            .unwrap();
         writer.write_all(&b.as_bytes()[..cut]).unwrap();
         writer.flush().unwrap();
-        // Several debounce periods and a busy neighbour file: nothing is read.
+        // Another process closes the file mid-write, a neighbour file is busy.
         for i in 0..15 {
+            drop(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&file)
+                    .unwrap(),
+            );
             std::fs::write(watched.join("neighbour"), format!("{i}")).unwrap();
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert_eq!(reloader.version(), v1, "half a file went live");
-        assert_eq!(reloader.status().rejections, 0);
         writer.write_all(&b.as_bytes()[cut..]).unwrap();
         drop(writer);
-        wait_until("the whole file", || reloader.version() == expected.version);
+        wait_until("the refusal", || reloader.status().rejections == 1);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(reloader.version(), v1, "a file written in place went live");
+        assert_eq!(reloader.status().rejections, 1, "refused once per file");
+        let reasons = reloader.status().last_rejection.unwrap().reasons;
+        assert!(reasons[0].contains("changed in place"), "{reasons:?}");
 
-        // A FIFO in its place: refused at once (the watcher goes on).
-        std::fs::remove_file(&file).unwrap();
+        // A FIFO renamed into its place: refused at once (the watcher goes on).
+        let fifo = watched.join("fifo");
         let made = std::process::Command::new("mkfifo")
-            .arg(&file)
+            .arg(&fifo)
             .status()
             .unwrap();
         assert!(made.success());
+        std::fs::rename(&fifo, &file).unwrap();
+        wait_until("the FIFO's refusal", || reloader.status().rejections == 2);
+        let err = read_source(&file).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
         // A sparse file over the limit: refused without being read.
         let big = watched.join("big.toml");
         std::fs::File::create(&big)
@@ -2291,13 +2445,19 @@ expect = { route = "alternate" }
             .unwrap();
         let err = read_source(&big).unwrap_err().to_string();
         assert!(err.contains("64 MiB"), "{err}");
-        let err = read_source(&file).unwrap_err().to_string();
-        assert!(err.contains("not a regular file"), "{err}");
-        // Then a good file, renamed into place: applied.
+        // The whole file, renamed into place: applied.
         let tmp = watched.join(".policy.toml.new");
-        std::fs::write(&tmp, &a).unwrap();
+        std::fs::write(&tmp, &b).unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        wait_until("the renamed file", || reloader.version() == v1);
+        wait_until("the renamed file", || {
+            reloader.version() == expected.version
+        });
+        let lines = audit_lines(&dir);
+        let actions: Vec<&str> = lines
+            .iter()
+            .map(|l| l["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, ["start", "reject", "reject", "activate"]);
     }
 
     /// `GET /policy` does not wait for a change in progress (an audit's status request
