@@ -191,6 +191,29 @@ impl ExtensionConfig {
     }
 }
 
+/// The shipped extensions that match senders themselves (`builtin:finance-secure`) do so
+/// with a `recipient_delimiter` of their own configuration (`+` by default); it must be
+/// the policy's, or a sender tagged with the other escapes them (an audit's `cfo-x@`
+/// went out in clear text under a `+-` policy). Each disagreement, for `policy_delimiter`.
+pub fn delimiter_conflicts(configs: &[ExtensionConfig], policy_delimiter: &str) -> Vec<String> {
+    configs
+        .iter()
+        .filter(|c| matches!(&c.module, ModuleSource::Builtin(b) if b == "finance-secure"))
+        .filter_map(|c| {
+            let own = serde_json::from_slice::<serde_json::Value>(&c.configuration)
+                .ok()?
+                .get("recipient_delimiter")
+                .map_or(Some("+".to_string()), |v| v.as_str().map(str::to_string))?;
+            (own != policy_delimiter).then(|| {
+                format!(
+                    "extension {}: its recipient_delimiter {own:?} is not the policy's {policy_delimiter:?} (a sender tagged with one and not the other would escape it)",
+                    c.name
+                )
+            })
+        })
+        .collect()
+}
+
 /// Validates every `[[extension]]` entry; problems are appended (each names
 /// `extension[i].key`). `base` resolves relative paths.
 pub fn check(

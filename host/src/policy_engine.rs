@@ -64,14 +64,17 @@ pub struct Answer {
     pub policy_tls: TlsRequirement,
 }
 
-/// The decision headers that make the route: which next hop, and how it is reached.
-const ROUTING: [&str; 5] = [
-    contract::ROUTE,
-    contract::HOST,
-    contract::HOST_ADDRESSES,
-    contract::HOST_PORT,
-    contract::HOST_MX_LOOKUP,
-];
+/// The route decision headers `h` name, decoded: the route and its host target (name,
+/// addresses, port, MX lookup). Compared as values, not as bytes: an SDK extension that
+/// changed only the reason re-encodes every header (adding a default an earlier
+/// extension left out), and was once taken for the one that chose the route. `None` when
+/// the headers do not decode (the decision is then a fault).
+fn route_of(
+    h: &extensions::DecisionHeaders,
+) -> Option<(Route, Option<altroute_policy::HostTarget>)> {
+    let d = contract::decode_decision(contract::lookup(h)).ok()?;
+    Some((d.route, d.host))
+}
 
 /// The value of header `k` in sorted, lower-case decision headers (empty when absent).
 fn value<'h>(h: &'h extensions::DecisionHeaders, k: &str) -> &'h [u8] {
@@ -356,7 +359,11 @@ impl PolicyEngine {
         mut self,
         configs: &[ExtensionConfig],
     ) -> Result<PolicyEngine, EngineError> {
-        let mut errors = Vec::new();
+        let delimiter = self
+            .policy_of(&self.slot.current())
+            .map(|p| p.recipient_delimiter.clone())
+            .unwrap_or_default();
+        let mut errors = extensions::delimiter_conflicts(configs, &delimiter);
         for c in configs {
             match Extension::load(c, self.extension_metrics.clone()) {
                 Ok(e) => self.extensions.push(e),
@@ -452,7 +459,7 @@ impl PolicyEngine {
                 Step::Unchanged | Step::Skipped => {}
                 Step::Changed(mut h) => {
                     police(&mut h, &headers, &standard, ext);
-                    if ROUTING.iter().any(|k| value(&h, k) != value(&headers, k)) {
+                    if route_of(&h) != route_of(&headers) {
                         routed_by = Some(ext);
                     }
                     headers = h;

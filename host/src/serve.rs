@@ -211,6 +211,23 @@ pub async fn run_with_hup(
     if let Some(edge) = &edge {
         edge.follow(&reloader);
     }
+    // A candidate policy whose recipient delimiter a shipped extension does not share
+    // is refused (`extensions::delimiter_conflicts`), as at start.
+    if !config.extensions.is_empty() {
+        let extensions = config.extensions.clone();
+        reloader.follow(Box::new(move |json: &str, _version: &str| {
+            let delimiter = serde_json::from_str::<serde_json::Value>(json)
+                .ok()
+                .and_then(|v| v.get("recipient_delimiter")?.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let conflicts = crate::extensions::delimiter_conflicts(&extensions, &delimiter);
+            if conflicts.is_empty() {
+                Ok(Box::new(|| {}) as crate::reload::Commit)
+            } else {
+                Err(conflicts.join("; "))
+            }
+        }));
+    }
     let sources = crate::reload::Sources {
         policy: config.policy.file.clone(),
         module: config.policy.module.clone(),

@@ -116,6 +116,27 @@ pub fn base_mailbox(address: &str, domain: &str, delimiter: &str) -> Option<Stri
         return None;
     }
     let local = &address[..address.len() - domain.len() - 1];
+    // As Postfix's `split_addr`: some mailboxes are never split, and with `-` among the
+    // delimiters neither are mailing-list owner and request addresses
+    // (`owner_request_special`): `owner-news@` and `news-request@` are their own
+    // mailboxes, not `owner@`'s or `news@`'s (an audit's `owner-announce@` picked up
+    // `owner@`'s TLS exemption).
+    let special = |name: &str| local.eq_ignore_ascii_case(name);
+    if special("postmaster") || special("mailer-daemon") || special("double-bounce") {
+        return None;
+    }
+    if delimiter.contains('-') {
+        let owner = local
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("owner-"));
+        let request = local.len() > 8
+            && local
+                .get(local.len() - 8..)
+                .is_some_and(|s| s.eq_ignore_ascii_case("-request"));
+        if owner || request {
+            return None;
+        }
+    }
     // The delimiters are ASCII, so the cut is at a char boundary.
     let cut = local
         .bytes()

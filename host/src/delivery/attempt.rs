@@ -69,6 +69,10 @@ struct Rcpt {
     /// decision about the recipient, so that a hop an extension chose is on record even
     /// when the verdict there is the standard module's).
     plan_by: String,
+    /// The module that chose the plan's route ([`Answer::routed_by`]): not always
+    /// `plan_by`, the last module that changed anything (a later one may change only the
+    /// reason, and once hid the one that chose the hop).
+    routed_by: String,
     /// The extension that chose the current next hop (a host or the alternate route the
     /// standard module did not choose) and may not bounce mail: a permanent refusal at
     /// that hop is a deferral ([`Rcpt::hold`]).
@@ -211,6 +215,7 @@ pub(crate) async fn deliver_domain(
             standard_plan: answer.standard,
             policy_plan: answer.policy_tls,
             plan_by: answer.by,
+            routed_by: answer.routed_by,
             hop_by,
         };
         match (plan.route, plan.host.clone()) {
@@ -305,6 +310,7 @@ fn resolve_failed(ctx: &Ctx, rcpts: &[Rcpt], failure: ResolveFailure) -> Vec<(us
                 policy_version = %r.plan.policy_version,
                 rule = %r.plan.rule,
                 planned_by = %r.plan_by,
+                routed_by = %r.routed_by,
                 route = %r.plan.route,
                 result = "dns-failure",
                 outcome = ?outcome,
@@ -540,16 +546,19 @@ impl Settled {
             policy_version = %r.plan.policy_version,
             rule = %r.plan.rule,
             planned_by = %r.plan_by,
+            routed_by = %r.routed_by,
             hop = %hop,
             result = "mail-loop",
             reason = %reason,
             "every next hop is this relay"
         );
-        let outcome = if reason.starts_with('5') {
+        // A direct hop an extension chose (the domain's MX is this relay, the policy
+        // routes it to a host): held like any failure at an extension's hop.
+        let outcome = r.hold(if reason.starts_with('5') {
             Outcome::Bounced { reason }
         } else {
             Outcome::Deferred { reason }
-        };
+        });
         journal_failure(ctx, r, "mail-loop", &outcome);
         self.out.push((r.index, outcome));
     }
@@ -562,6 +571,7 @@ impl Settled {
             policy_version = %r.plan.policy_version,
             rule = %r.plan.rule,
             planned_by = %r.plan_by,
+            routed_by = %r.routed_by,
             hop = %hop,
             result = "connection-failed",
             reason = %why,
@@ -632,7 +642,7 @@ async fn at_host(
                 // The standard module's verdict at a hop an extension planned: the
                 // extension's doing.
                 let culprit = if answer.by == STANDARD {
-                    &r.plan_by
+                    &r.routed_by
                 } else {
                     &answer.by
                 };
@@ -1095,6 +1105,7 @@ fn journal_failure(ctx: &Ctx, r: &Rcpt, result: &str, outcome: &Outcome) {
         policy_version: r.plan.policy_version.clone(),
         outcome: label.to_string(),
         planned_by: r.plan_by.clone(),
+        routed_by: r.routed_by.clone(),
     });
 }
 
@@ -1125,6 +1136,7 @@ fn log_decision(
         policy_version: d.policy_version.clone(),
         outcome: outcome.to_string(),
         planned_by: r.plan_by.clone(),
+        routed_by: r.routed_by.clone(),
     });
     tracing::info!(
         target: "altroute::decision",
@@ -1132,6 +1144,7 @@ fn log_decision(
         policy_version = %d.policy_version,
         rule = %d.rule,
         planned_by = %r.plan_by,
+        routed_by = %r.routed_by,
         plan_rule = %r.plan.rule,
         route = %d.route,
         hop = %hop.map(|h| h.to_string()).unwrap_or_else(|| "-".to_string()),

@@ -199,6 +199,8 @@ pub struct DecisionRecord {
     /// (an extension may choose the hop and leave the verdict there to the standard
     /// module, whose rule is then the one above).
     pub planned_by: String,
+    /// The module that chose the plan's route (next hop): `standard` or an extension.
+    pub routed_by: String,
 }
 
 /// The most recent decisions, in order (bounded: oldest dropped first).

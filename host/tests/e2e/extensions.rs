@@ -1132,3 +1132,33 @@ async fn an_extension_cannot_bounce_mail_by_any_route_it_chooses() {
     );
     assert_eq!(relay.metrics.bounces.get(), 0);
 }
+
+/// `finance-secure` matches its senders with a recipient delimiter of its own
+/// configuration: one that is not the policy's is refused at load (an audit's `cfo-x@`
+/// escaped it in clear text under a `+-` policy while the policy's rules held).
+#[test]
+fn finance_secure_must_share_the_policy_s_recipient_delimiter() {
+    let config = finance_config(25);
+    let dashes = PolicyEngine::standard(&policy(25, false, "recipient_delimiter = \"+-\""))
+        .unwrap()
+        .with_extensions(&[builtin("finance-secure", &config)]);
+    let err = dashes.err().expect("refused").to_string();
+    assert!(
+        err.contains("recipient_delimiter \"+\" is not the policy's \"+-\""),
+        "{err}"
+    );
+    let agreed = config.replacen('{', "{\"recipient_delimiter\": \"+-\", ", 1);
+    assert!(
+        PolicyEngine::standard(&policy(25, false, "recipient_delimiter = \"+-\""))
+            .unwrap()
+            .with_extensions(&[builtin("finance-secure", &agreed)])
+            .is_ok()
+    );
+    // The default policy's `+` and the extension's default agree.
+    assert!(
+        PolicyEngine::standard(&policy(25, false, ""))
+            .unwrap()
+            .with_extensions(&[builtin("finance-secure", &config)])
+            .is_ok()
+    );
+}

@@ -364,6 +364,42 @@ require_tls = false
         let d = decide(&dashes, &Query::plan("alice@corp.example", rcpt));
         assert_eq!(d.rule, "tls_compliance:ceo", "{rcpt}");
     }
+    // As Postfix's split_addr: list owner and request addresses are their own mailboxes
+    // when `-` is a delimiter, and some names are never split.
+    let lists = compile(
+        r#"
+[policy]
+recipient_delimiter = "+-"
+
+[[tls_compliance]]
+name = "owner"
+addresses = ["owner@pf.example", "news@pf.example", "mailer@pf.example"]
+"#,
+    )
+    .unwrap()
+    .policy;
+    for own in [
+        "owner-news@pf.example",
+        "OWNER-x@pf.example",
+        "news-request@pf.example",
+        "mailer-daemon@pf.example",
+    ] {
+        let d = decide(&lists, &Query::plan("alice@corp.example", own));
+        assert_eq!(d.rule, "default", "{own}");
+    }
+    for tagged in [
+        "owner+x@pf.example",
+        "news-x@pf.example",
+        "-request@pf.example",
+    ] {
+        let d = decide(&lists, &Query::plan("alice@corp.example", tagged));
+        let want = if tagged.starts_with('-') {
+            "default"
+        } else {
+            "tls_compliance:owner"
+        };
+        assert_eq!(d.rule, want, "{tagged}");
+    }
     // None: the tagged address is another mailbox.
     let none = compile(&format!("[policy]\nrecipient_delimiter = \"\"\n{RULES}"))
         .unwrap()
