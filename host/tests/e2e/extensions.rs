@@ -1142,7 +1142,10 @@ fn finance_secure_must_share_the_policy_s_recipient_delimiter() {
     let dashes = PolicyEngine::standard(&policy(25, false, "recipient_delimiter = \"+-\""))
         .unwrap()
         .with_extensions(&[builtin("finance-secure", &config)]);
-    let err = dashes.err().expect("refused").to_string();
+    let Err(err) = dashes else {
+        panic!("a finance-secure with another delimiter must be refused");
+    };
+    let err = err.to_string();
     assert!(
         err.contains("recipient_delimiter \"+\" is not the policy's \"+-\""),
         "{err}"
