@@ -89,6 +89,11 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request body (a candidate policy) must arrive within this time.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The longest an admin connection lives, whatever it does: a client that pipelines
+/// requests and never reads the answers once held its connection (and its slot) with
+/// no timeout at all.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+
 /// Serve the admin endpoint on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -98,6 +103,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Duration::from_millis(10);
+    let mut last_full_warning: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
@@ -115,7 +121,10 @@ pub async fn serve(
         };
         backoff = Duration::from_millis(10);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            if last_full_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                tracing::warn!(%peer, "admin endpoint full ({MAX_CONNECTIONS} connections): refusing connections (logged once a minute)");
+                last_full_warning = Some(std::time::Instant::now());
+            }
             drop(stream);
             continue;
         };
@@ -126,13 +135,16 @@ pub async fn serve(
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req, peer).await) }
             });
-            if let Err(e) = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, %peer, "admin connection ended with an error");
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, %peer, "admin connection ended with an error");
+                }
+                Err(_) => tracing::debug!(%peer, "admin connection closed at its lifetime"),
+                Ok(Ok(())) => {}
             }
         });
     }

@@ -1137,8 +1137,9 @@ impl Sources {
         })
     }
 
-    /// Directories to watch: each file's parent, plus the parent of what it resolves to
-    /// now (a file that is itself a symlink into another directory).
+    /// Directories to watch: each file's directory and the one above it (a directory
+    /// swapped under the path), the directory holding each symlink on the way to the
+    /// file (a swapped link), and the directory the file resolves to now.
     fn directories(&self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
         for file in std::iter::once(&self.policy).chain(self.module.as_ref()) {
@@ -1146,42 +1147,66 @@ impl Sources {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             };
+            dirs.extend(
+                parent
+                    .parent()
+                    .filter(|g| !g.as_os_str().is_empty())
+                    .map(Path::to_path_buf),
+            );
             dirs.push(parent);
+            // Each prefix of the path that is a symlink: its directory.
+            let mut prefix = PathBuf::new();
+            for part in file.components() {
+                prefix.push(part);
+                if std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.file_type().is_symlink())
+                    && let Some(p) = prefix.parent()
+                {
+                    dirs.push(if p.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        p.to_path_buf()
+                    });
+                    // And the symlinks the link itself leads through (ConfigMaps).
+                    if let Ok(real) = std::fs::canonicalize(&prefix)
+                        && let Some(rp) = real.parent()
+                    {
+                        dirs.push(rp.to_path_buf());
+                    }
+                }
+            }
             if let Ok(real) = std::fs::canonicalize(file)
                 && let Some(p) = real.parent()
             {
                 dirs.push(p.to_path_buf());
             }
         }
-        let mut unique: Vec<PathBuf> = Vec::new();
-        for d in dirs {
-            let key = std::fs::canonicalize(&d).unwrap_or(d.clone());
-            if !unique
-                .iter()
-                .any(|u| std::fs::canonicalize(u).unwrap_or(u.clone()) == key)
-            {
-                unique.push(d);
-            }
-        }
-        unique
+        dirs
     }
 }
 
 /// One policy or module file, as [`Sources::read`] takes it.
 fn read_source(path: &Path) -> Result<Vec<u8>, ReloadError> {
-    read_file(path).map(|(bytes, _)| bytes)
+    read_file(path).map(|(bytes, ..)| bytes)
 }
 
-/// Where a watched file's content came from: the file its path resolves to, and that
-/// file's (device, inode), read from the descriptor the content was read through.
+/// Where a watched file's content came from: the file its path resolves to, that file's
+/// (device, inode) and birth time (an inode number is reused at once on ext4: a new file
+/// must not pass for the old one), read from the descriptor the content was read
+/// through, and the (device, inode) of the directory holding it (a directory swapped
+/// under the same path is a new file too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Identity {
     resolved: PathBuf,
     inode: (u64, u64),
+    born: Option<std::time::SystemTime>,
+    directory: Option<(u64, u64)>,
 }
 
-/// [`read_source`], with the file's device and inode.
-fn read_file(path: &Path) -> Result<(Vec<u8>, (u64, u64)), ReloadError> {
+/// A file's content, (device, inode) and birth time, as [`read_file`] gives them.
+type FileRead = (Vec<u8>, (u64, u64), Option<std::time::SystemTime>);
+
+/// [`read_source`], with the file's device, inode and birth time.
+fn read_file(path: &Path) -> Result<FileRead, ReloadError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::OpenOptionsExt;
@@ -1202,6 +1227,7 @@ fn read_file(path: &Path) -> Result<(Vec<u8>, (u64, u64)), ReloadError> {
         return Err(refuse("not a regular file".to_string()));
     }
     let inode = (meta.dev(), meta.ino());
+    let born = meta.created().ok();
     if meta.len() > MAX_SOURCE_FILE {
         return Err(refuse(format!(
             "{} bytes, more than the {} MiB a policy or module file may have",
@@ -1219,7 +1245,7 @@ fn read_file(path: &Path) -> Result<(Vec<u8>, (u64, u64)), ReloadError> {
             MAX_SOURCE_FILE >> 20
         )));
     }
-    Ok((bytes, inode))
+    Ok((bytes, inode, born))
 }
 
 /// What a file event means to the watcher.
@@ -1227,21 +1253,24 @@ fn read_file(path: &Path) -> Result<(Vec<u8>, (u64, u64)), ReloadError> {
 enum Signal {
     /// Something changed in a watched directory: look at the files again.
     Look,
-    /// A file was renamed into place under this name: a file that arrives so is complete.
+    /// A file was renamed into place under this name: a file that arrives so is complete
+    /// once nobody writes it any more.
     RenamedTo(std::ffi::OsString),
     /// The kernel's event queue overflowed: events were lost (look again).
     Overflow,
 }
 
-/// The meaning of `event`; `None` for events that change nothing (opens and reads, the
-/// watcher's own among them).
+/// The meaning of `event`; `None` for events that change nothing (opens, reads and
+/// closes after reading, the watcher's own among them). A close after writing is a
+/// look: a writer the last look waited for may be done.
 fn signal_of(event: &notify::Event) -> Option<Signal> {
     use notify::EventKind;
-    use notify::event::{ModifyKind, RenameMode};
+    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
     if event.need_rescan() {
         return Some(Signal::Overflow);
     }
     let to = match &event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => None,
         EventKind::Access(_) => return None,
         EventKind::Modify(ModifyKind::Name(RenameMode::To)) => event.paths.first(),
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event.paths.get(1),
@@ -1251,6 +1280,58 @@ fn signal_of(event: &notify::Event) -> Option<Signal> {
         Some(name) => Signal::RenamedTo(name.to_owned()),
         None => Signal::Look,
     })
+}
+
+/// Whether a process has the file `inode` (device, inode) open for writing, or mapped
+/// shared and writable, as far as `/proc` shows this process (all processes as root,
+/// its own user's otherwise). The file watch does not read a file someone still
+/// writes: an audit renamed a file into place, or swapped a symlink to it, while its
+/// writer still had half of it to write.
+fn being_written(inode: (u64, u64)) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let base = p.path();
+        if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+            for fd in fds.flatten() {
+                // Follows the link to the open file.
+                let Ok(meta) = std::fs::metadata(fd.path()) else {
+                    continue;
+                };
+                if (meta.dev(), meta.ino()) != inode {
+                    continue;
+                }
+                let info = std::fs::read_to_string(base.join("fdinfo").join(fd.file_name()))
+                    .unwrap_or_default();
+                let flags = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                    .unwrap_or(0);
+                // O_WRONLY or O_RDWR.
+                if flags & 3 != 0 {
+                    return Some(pid);
+                }
+            }
+        }
+        // A shared writable mapping outlives its descriptor.
+        if let Ok(maps) = std::fs::read_to_string(base.join("maps")) {
+            for line in maps.lines() {
+                let mut f = line.split_ascii_whitespace();
+                let (perms, ino) = (f.nth(1), f.nth(2));
+                if perms.is_some_and(|p| {
+                    p.as_bytes().get(1) == Some(&b'w') && p.as_bytes().get(3) == Some(&b's')
+                }) && ino.and_then(|i| i.parse::<u64>().ok()) == Some(inode.1)
+                {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// A running file watcher; dropping it stops watching.
@@ -1281,30 +1362,42 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 /// The longest a stream of events (a busy neighbour file) postpones a look: 1 s.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
 
-/// What the watcher last saw of one file.
-#[derive(Debug, Clone)]
-struct Seen {
-    identity: Identity,
-    hash: String,
+/// At most one refusal by the file watch is audited per minute; the next audited one
+/// says how many were not (a process re-creating the file in a loop once wrote 133
+/// audit lines in 20 s).
+pub const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the watcher keeps of one file: as last applied, and the files seen arriving
+/// whole (renamed into place, behind a swapped symlink or in a swapped directory) since.
+#[derive(Debug, Clone, Default)]
+struct Tracked {
+    applied: Option<(Identity, String)>,
+    arrived: Vec<Identity>,
 }
 
-/// Watches the parent directories of `sources` (non-recursively, and those of what they
-/// resolve to, again after each look). After an event and `debounce` of quiet (at most
-/// [`MAX_DEBOUNCE`] after the first event), re-reads the resolved files and applies them
-/// (who: `file watch`) when their content changed and every changed file arrived whole:
-/// - its path now resolves to another file (a symlink swap: a Kubernetes ConfigMap
-///   update, `ln -sf`), or
-/// - another file was renamed into place under its name (`mv new policy.toml`).
+/// Watches the directories of `sources` (non-recursively): each file's directory and
+/// the one above it, the directory of each symlink on the way to the file, and the
+/// directory the file resolves to, again after each look. After an event and `debounce`
+/// of quiet (at most [`MAX_DEBOUNCE`] after the first event), re-reads the resolved
+/// files and applies them (who: `file watch`) when their content changed and every
+/// changed file arrived whole:
+/// - it was seen arriving: renamed into place under its name (`mv new policy.toml` in
+///   the same directory), or its path now leads to another file (a symlink swap: a
+///   Kubernetes ConfigMap update, `ln -sf`; a directory swapped under the path);
+/// - no process has it open for writing or mapped writable (`/proc`), and its size and
+///   modification time held for one more debounce: a file renamed into place while its
+///   writer still had half of it to write waits for the writer.
 ///
-/// A file changed in place (the same file written again) or created and written at its
-/// path is not applied: it may be read half-written, and an audit's slow in-place
-/// writer got the first half of a policy activated, without its TLS rule and its tests,
-/// then mail went out in clear text. Such a change, and a file that cannot be read, is
-/// refused once per file, logged and audited; SIGHUP applies the files whatever they are.
-/// The first look is made before returning (a no-op when the files hold the active
-/// version); call it before anything else (the admin API) can change the policy. Blocks
-/// while a changed file compiles. Then runs on its own thread; stops when the
-/// [`FileWatch`] drops.
+/// A file changed in place (the same file written again), created and written at its
+/// path (`install`, `cp`, `mv` from another filesystem) is not applied: it may be read
+/// half-written. An audit's slow in-place writer once got the first half of a policy
+/// activated, without its TLS rule and its tests, then mail went out in clear text. Such
+/// a change, or a file that cannot be read, is refused: logged, and audited at most once
+/// a minute ([`REFUSAL_AUDIT_INTERVAL`]). SIGHUP applies the files whatever they are. The
+/// first look is made before returning (a no-op when the files hold the active version);
+/// call it before anything else (the admin API) can change the policy. Blocks while a
+/// changed file compiles. Then runs on its own thread; stops when the [`FileWatch`]
+/// drops.
 pub fn watch(
     reloader: Arc<Reloader>,
     sources: Sources,
@@ -1328,28 +1421,31 @@ pub fn watch(
         source,
     })?;
     let watcher = Arc::new(Mutex::new(watcher));
-    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut dirs: Vec<(PathBuf, (u64, u64))> = Vec::new();
     watch_directories(&watcher, &sources, &mut dirs, true)?;
     // A first look now, before anything else can change the policy: files replaced
     // between the engine's load and now are applied (the usual case, the files holding
     // the active version, is a no-op).
-    let mut seen: Vec<Option<Seen>> = Vec::new();
+    let files: Vec<PathBuf> = std::iter::once(&sources.policy)
+        .chain(sources.module.as_ref())
+        .cloned()
+        .collect();
+    let mut tracked: Vec<Tracked> = vec![Tracked::default(); files.len()];
     if let Ok(read) = read_sources(&sources) {
-        seen = read.iter().map(|(_, s, _)| Some(s.clone())).collect();
+        for (t, (_, seen, _)) in tracked.iter_mut().zip(&read) {
+            t.applied = Some((seen.identity.clone(), seen.hash.clone()));
+        }
         let _ = reloader.apply(&Who::FileWatch, candidate_of(read));
     }
-    tracing::info!(dirs = ?dirs, "watching the policy files");
+    tracing::info!(dirs = ?dirs.iter().map(|(d, _)| d).collect::<Vec<_>>(), "watching the policy files");
     let policy_path = sources.policy.clone();
-    let watched = dirs.clone();
+    let watched = dirs.iter().map(|(d, _)| d.clone()).collect();
     let thread_watcher = Arc::downgrade(&watcher);
     std::thread::Builder::new()
         .name("altroute-policy-watch".into())
         .spawn(move || {
-            let mut dirs = dirs;
-            // Renamed-into-place names since the last look.
+            let mut refusals = Refusals::default();
             let mut renamed: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
-            // The file a refusal was last audited for: one refusal per file (inode).
-            let mut refused: Option<Vec<Option<Identity>>> = None;
             let note = |signal: Signal, renamed: &mut std::collections::BTreeSet<_>| match signal {
                 Signal::RenamedTo(name) => {
                     renamed.insert(name);
@@ -1384,63 +1480,75 @@ pub fn watch(
                 let read = match read_sources(&sources) {
                     Ok(r) => r,
                     Err(e) => {
-                        // Mid-swap or removed (the next event will look again), or not a
-                        // file the relay takes.
                         tracing::warn!(error = %e, "policy file not readable; keeping the active version");
-                        if matches!(&e, ReloadError::Read { source, .. } if source.kind() == std::io::ErrorKind::InvalidData)
-                        {
-                            let ids = identities(&sources);
-                            if refused.as_ref() != Some(&ids) {
-                                refused = Some(ids);
-                                reloader.refuse_source(&Who::FileWatch, vec![e.to_string()]);
-                            }
+                        // Mid-swap or removed: the next event looks again. Anything else
+                        // is a refusal the operator should see.
+                        let missing = matches!(&e, ReloadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+                        if !missing {
+                            refusals.refuse(&reloader, e.to_string());
                         }
                         continue;
                     }
                 };
-                let changed: Vec<bool> = read
+                // The evidence that a file arrived whole, kept until it is applied.
+                for ((t, (path, now, _)), _) in tracked.iter_mut().zip(&read).zip(&files) {
+                    let renamed_here = [path.file_name(), now.identity.resolved.file_name()]
+                        .into_iter()
+                        .flatten()
+                        .any(|n| renamed_now.contains(n));
+                    let swapped = t.applied.as_ref().is_some_and(|(before, _)| {
+                        before.resolved != now.identity.resolved
+                            || before.directory != now.identity.directory
+                    });
+                    let new = t.applied.as_ref().is_none_or(|(before, _)| *before != now.identity);
+                    if new && (renamed_here || swapped) && !t.arrived.contains(&now.identity) {
+                        t.arrived.push(now.identity.clone());
+                    }
+                }
+                let changed: Vec<bool> = tracked
                     .iter()
-                    .enumerate()
-                    .map(|(i, (_, now, _))| seen.get(i).cloned().flatten().is_none_or(|s| s.hash != now.hash))
+                    .zip(&read)
+                    .map(|(t, (_, now, _))| t.applied.as_ref().is_none_or(|(_, h)| *h != now.hash))
                     .collect();
                 if !changed.iter().any(|c| *c) {
-                    seen = read.iter().map(|(_, s, _)| Some(s.clone())).collect();
                     continue;
                 }
-                // Every changed file must have arrived whole: by a symlink swap or a
-                // rename into place.
-                let in_place: Vec<String> = read
+                let in_place: Vec<String> = tracked
                     .iter()
-                    .enumerate()
-                    .filter(|(i, _)| changed[*i])
-                    .filter(|(i, (path, now, _))| {
-                        let before = seen.get(*i).cloned().flatten();
-                        let swapped = before.as_ref().is_none_or(|b| b.identity.resolved != now.identity.resolved);
-                        let moved = before.as_ref().is_none_or(|b| b.identity.inode != now.identity.inode)
-                            && [path.file_name(), now.identity.resolved.file_name()]
-                                .into_iter()
-                                .flatten()
-                                .any(|n| renamed_now.contains(n));
-                        !(swapped || moved)
-                    })
-                    .map(|(_, (path, _, _))| path.display().to_string())
+                    .zip(&read)
+                    .zip(&changed)
+                    .filter(|((t, (_, now, _)), changed)| **changed && !t.arrived.contains(&now.identity))
+                    .map(|((_, (path, _, _)), _)| path.display().to_string())
                     .collect();
-                let ids: Vec<Option<Identity>> = read.iter().map(|(_, s, _)| Some(s.identity.clone())).collect();
                 if !in_place.is_empty() {
                     let why = format!(
-                        "{} changed in place (written at its path, not renamed into place): not applied, as it may have been read half-written; write the new file elsewhere and rename it into place, or send SIGHUP",
+                        "{} changed in place (written at its path, not renamed into place from the same directory): not applied, as it may have been read half-written; write the new file in the same directory and rename it into place, or send SIGHUP",
                         in_place.join(", ")
                     );
                     tracing::warn!(reason = %why, "policy file watch: change not applied");
-                    if refused.as_ref() != Some(&ids) {
-                        refused = Some(ids);
-                        reloader.refuse_source(&Who::FileWatch, vec![why]);
-                    }
-                    // Not `seen`: a later rename into place of the same content applies.
+                    refusals.refuse(&reloader, why);
                     continue;
                 }
-                seen = read.iter().map(|(_, s, _)| Some(s.clone())).collect();
-                refused = None;
+                // Whole by name: now nobody may still be writing it.
+                let writer = read.iter().find_map(|(path, now, _)| {
+                    being_written(now.identity.inode).map(|pid| (path.clone(), pid))
+                });
+                if let Some((path, pid)) = writer {
+                    tracing::info!(file = %path.display(), pid, "a policy file is still open for writing; waiting for its writer");
+                    continue;
+                }
+                std::thread::sleep(debounce);
+                match read_sources(&sources) {
+                    Ok(again) if again.iter().zip(&read).all(|((_, a, _), (_, b, _))| a.identity == b.identity && a.hash == b.hash) => {}
+                    _ => {
+                        // It changed again meanwhile: the next event looks again.
+                        continue;
+                    }
+                }
+                for (t, (_, now, _)) in tracked.iter_mut().zip(&read) {
+                    t.applied = Some((now.identity.clone(), now.hash.clone()));
+                    t.arrived.clear();
+                }
                 tracing::info!(file = %sources.policy.display(), "policy files changed");
                 // Refusals are logged, audited and in the status already.
                 let _ = reloader.apply(&Who::FileWatch, candidate_of(read));
@@ -1456,25 +1564,67 @@ pub fn watch(
     })
 }
 
-/// Watches the directories of `sources` not in `dirs` yet (added to it). `strict`: a
-/// directory that cannot be watched is an error (at start); later only a warning.
+/// The file watch's refusals, audited at most once per [`REFUSAL_AUDIT_INTERVAL`] (each
+/// one logged).
+#[derive(Default)]
+struct Refusals {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+    reason: Option<String>,
+}
+
+impl Refusals {
+    fn refuse(&mut self, reloader: &Reloader, why: String) {
+        if self.reason.as_deref() == Some(why.as_str())
+            && self
+                .last
+                .is_some_and(|t| t.elapsed() < REFUSAL_AUDIT_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < REFUSAL_AUDIT_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        let mut reasons = vec![why.clone()];
+        if self.suppressed > 0 {
+            reasons.push(format!(
+                "{} more refusal(s) in the last minute were logged, not audited",
+                self.suppressed
+            ));
+        }
+        reloader.refuse_source(&Who::FileWatch, reasons);
+        self.last = Some(std::time::Instant::now());
+        self.suppressed = 0;
+        self.reason = Some(why);
+    }
+}
+
+/// Watches the directories of `sources` not watched yet (by device and inode: a path
+/// may now name another directory). `strict`: a directory that cannot be watched is an
+/// error (at start); later only a warning.
 fn watch_directories(
     watcher: &Mutex<notify::RecommendedWatcher>,
     sources: &Sources,
-    dirs: &mut Vec<PathBuf>,
+    dirs: &mut Vec<(PathBuf, (u64, u64))>,
     strict: bool,
 ) -> Result<(), ReloadError> {
+    use std::os::unix::fs::MetadataExt;
     let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
     for dir in sources.directories() {
-        let key = std::fs::canonicalize(&dir).unwrap_or(dir.clone());
-        if dirs
-            .iter()
-            .any(|d| std::fs::canonicalize(d).unwrap_or(d.clone()) == key)
-        {
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        let key = (meta.dev(), meta.ino());
+        if dirs.iter().any(|(_, k)| *k == key) {
             continue;
         }
         match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-            Ok(()) => dirs.push(dir),
+            Ok(()) => dirs.push((dir, key)),
             Err(source) if strict => return Err(ReloadError::Watch { path: dir, source }),
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a policy file's new directory")
@@ -1484,9 +1634,17 @@ fn watch_directories(
     Ok(())
 }
 
+/// What a read keeps of a file: where it came from and a hash of its content.
+#[derive(Debug, Clone)]
+struct Seen {
+    identity: Identity,
+    hash: String,
+}
+
 /// Each file of `sources` (the policy, then the module if any), read, with what the
 /// watcher keeps of it.
 fn read_sources(sources: &Sources) -> Result<Vec<(PathBuf, Seen, Vec<u8>)>, ReloadError> {
+    use std::os::unix::fs::MetadataExt;
     std::iter::once(&sources.policy)
         .chain(sources.module.as_ref())
         .map(|path| {
@@ -1494,12 +1652,21 @@ fn read_sources(sources: &Sources) -> Result<Vec<(PathBuf, Seen, Vec<u8>)>, Relo
                 path: path.clone(),
                 source,
             })?;
-            let (bytes, inode) = read_file(path)?;
+            let directory = resolved
+                .parent()
+                .and_then(|d| std::fs::metadata(d).ok())
+                .map(|m| (m.dev(), m.ino()));
+            let (bytes, inode, born) = read_file(path)?;
             let hash = hex(&Sha256::digest(&bytes));
             Ok((
                 path.clone(),
                 Seen {
-                    identity: Identity { resolved, inode },
+                    identity: Identity {
+                        resolved,
+                        inode,
+                        born,
+                        directory,
+                    },
                     hash,
                 },
                 bytes,
@@ -1515,22 +1682,6 @@ fn candidate_of(read: Vec<(PathBuf, Seen, Vec<u8>)>) -> Candidate {
         policy: files.next().unwrap_or_default(),
         module: files.next(),
     }
-}
-
-/// The identities of `sources`' files now, as far as they can be found.
-fn identities(sources: &Sources) -> Vec<Option<Identity>> {
-    use std::os::unix::fs::MetadataExt;
-    std::iter::once(&sources.policy)
-        .chain(sources.module.as_ref())
-        .map(|path| {
-            let resolved = std::fs::canonicalize(path).ok()?;
-            let meta = std::fs::metadata(&resolved).ok()?;
-            Some(Identity {
-                resolved,
-                inode: (meta.dev(), meta.ino()),
-            })
-        })
-        .collect()
 }
 
 /// Reloads from `sources` on every SIGHUP that `hup` receives (who: `sighup`) until
@@ -2329,7 +2480,8 @@ expect = { route = "alternate" }
             module: None,
         };
         let watch = watch(reloader.clone(), sources, DEFAULT_DEBOUNCE).unwrap();
-        assert_eq!(watch.directories().len(), 2, "{:?}", watch.directories());
+        // The file's directory and the one above, and the generation it resolves to.
+        assert_eq!(watch.directories().len(), 3, "{:?}", watch.directories());
         let v1 = reloader.version();
 
         let b = policy("b", &["partner.example", "other.example"], "");
@@ -2426,7 +2578,8 @@ expect = { route = "alternate" }
         let reasons = reloader.status().last_rejection.unwrap().reasons;
         assert!(reasons[0].contains("changed in place"), "{reasons:?}");
 
-        // A FIFO renamed into its place: refused at once (the watcher goes on).
+        // A FIFO renamed into its place: refused at once (the watcher goes on; within the
+        // minute the refusal is logged, not audited again).
         let fifo = watched.join("fifo");
         let made = std::process::Command::new("mkfifo")
             .arg(&fifo)
@@ -2434,7 +2587,6 @@ expect = { route = "alternate" }
             .unwrap();
         assert!(made.success());
         std::fs::rename(&fifo, &file).unwrap();
-        wait_until("the FIFO's refusal", || reloader.status().rejections == 2);
         let err = read_source(&file).unwrap_err().to_string();
         assert!(err.contains("not a regular file"), "{err}");
         // A sparse file over the limit: refused without being read.
@@ -2445,19 +2597,67 @@ expect = { route = "alternate" }
             .unwrap();
         let err = read_source(&big).unwrap_err().to_string();
         assert!(err.contains("64 MiB"), "{err}");
-        // The whole file, renamed into place: applied.
+        // Renamed into place while its writer still has half of it to write: not read
+        // until the writer is done (an audit got the half activated so).
         let tmp = watched.join(".policy.toml.new");
-        std::fs::write(&tmp, &b).unwrap();
+        let mut slow = std::fs::File::create(&tmp).unwrap();
+        slow.write_all(&b.as_bytes()[..cut]).unwrap();
+        slow.flush().unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        wait_until("the renamed file", || {
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(reloader.version(), v1, "half a renamed file went live");
+        slow.write_all(&b.as_bytes()[cut..]).unwrap();
+        drop(slow);
+        wait_until("the whole renamed file", || {
             reloader.version() == expected.version
         });
+        // The audit line is written after the swap, under the reloader's lock.
+        wait_until("the audit entry", || reloader.status().activations == 1);
         let lines = audit_lines(&dir);
         let actions: Vec<&str> = lines
             .iter()
             .map(|l| l["action"].as_str().unwrap())
             .collect();
-        assert_eq!(actions, ["start", "reject", "reject", "activate"]);
+        assert_eq!(actions, ["start", "reject", "activate"]);
+    }
+
+    /// A release directory swapped behind a symlink (`current -> releases/N`, as
+    /// Capistrano deploys) is a change that arrived whole, and the new release's
+    /// directory is watched from then on: an audit's swap went unseen, and so did every
+    /// later change in the new release.
+    #[test]
+    fn file_watch_follows_a_swapped_release_directory() {
+        let a = policy("a", &["partner.example"], "");
+        let (dir, _slots, reloader) = setup(&a);
+        let reloader = Arc::new(reloader);
+        let app = dir.path().join("app");
+        for r in ["releases/1", "releases/2"] {
+            std::fs::create_dir_all(app.join(r)).unwrap();
+        }
+        std::fs::write(app.join("releases/1/policy.toml"), &a).unwrap();
+        std::os::unix::fs::symlink("releases/1", app.join("current")).unwrap();
+        let sources = Sources {
+            policy: app.join("current/policy.toml"),
+            module: None,
+        };
+        let _watch = watch(reloader.clone(), sources, DEFAULT_DEBOUNCE).unwrap();
+        let b = policy("b", &["partner.example", "b.example"], "");
+        let (vb, _) = prepare(b.as_bytes()).unwrap();
+        std::fs::write(app.join("releases/2/policy.toml"), &b).unwrap();
+        std::os::unix::fs::symlink("releases/2", app.join("current.new")).unwrap();
+        std::fs::rename(app.join("current.new"), app.join("current")).unwrap();
+        wait_until("the new release", || reloader.version() == vb.version);
+        let c = policy("c", &["partner.example", "c.example"], "");
+        let (vc, _) = prepare(c.as_bytes()).unwrap();
+        std::fs::write(app.join("releases/2/.policy.toml.tmp"), &c).unwrap();
+        std::fs::rename(
+            app.join("releases/2/.policy.toml.tmp"),
+            app.join("releases/2/policy.toml"),
+        )
+        .unwrap();
+        wait_until("a change in the new release", || {
+            reloader.version() == vc.version
+        });
     }
 
     /// `GET /policy` does not wait for a change in progress (an audit's status request
