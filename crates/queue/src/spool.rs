@@ -325,7 +325,26 @@ impl Spool {
                 slot.body_crc,
             )
         };
-        let file = File::open(&path).map_err(|e| Error::io(format!("opening {id}"), e))?;
+        // Non-blocking and only a regular file: a FIFO put in its place once blocked the
+        // delivery worker, and the whole relay with it, until someone wrote to it.
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(|e| Error::io(format!("opening {id}"), e))?
+        };
+        let regular = file
+            .metadata()
+            .map_err(|e| Error::io(format!("opening {id}"), e))?
+            .is_file();
+        if !regular {
+            return Err(Error::io(
+                format!("opening {id}"),
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
+        }
         let mut body = vec![0u8; len as usize];
         file.read_exact_at(&mut body, off).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -1175,7 +1194,15 @@ fn recover(
                 continue;
             }
             Ok(Err(reason)) => reason,
-            Err(e) => format!("cannot be read: {e}"),
+            Err(e) => {
+                // Not known to be corrupt (permissions, an I/O error, not a file): left
+                // where it is for the operator, who may fix it and restart. Moved aside,
+                // such mail once left the queue with no DSN.
+                tracing::error!(%id, path = %path.display(), error = %e, "a spool file cannot be read; left in msg/ (not delivered until the relay can read it at a start)");
+                report.unreadable_skipped += 1;
+                skipped.insert(id);
+                continue;
+            }
         };
         // Never delete what may be someone's mail: keep it aside for the operator.
         match move_aside(&path, corrupt_dir) {
@@ -1209,7 +1236,9 @@ fn load(
     id: &MessageId,
     schedule: &RetrySchedule,
 ) -> io::Result<Result<(Slot, bool), String>> {
-    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    // Read-only until a torn tail must be cut: a file the relay may read but not write
+    // (restored by root, say) is still mail to deliver.
+    let file = OpenOptions::new().read(true).open(path)?;
     let len = file.metadata()?.len();
     let mut magic = [0u8; 8];
     if len < magic.len() as u64 {
@@ -1264,7 +1293,24 @@ fn load(
     }
     let torn = off < len;
     if torn {
+        // What follows the body is cut only once the body itself is known good: its
+        // length is read from the file, and a damaged one once made recovery cut off the
+        // end of the body and every state record after it. Otherwise the file goes aside
+        // as it was found.
+        let mut body = vec![0u8; usize::try_from(body_len).unwrap_or(usize::MAX)];
+        let intact = file.read_exact_at(&mut body, body_off).is_ok() && {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&[KIND_BODY]);
+            h.update(&body);
+            h.finalize() == bh.crc
+        };
+        if !intact {
+            return Ok(Err(
+                "garbled after the envelope, and the message body fails its checksum".into(),
+            ));
+        }
         tracing::warn!(%id, cut = len - off, "cutting a torn state record off");
+        let file = OpenOptions::new().write(true).open(path)?;
         file.set_len(off)?;
         file.sync_data()?;
     }

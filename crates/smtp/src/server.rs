@@ -631,14 +631,14 @@ impl<H: Handler> Session<H> {
         // Decoded here from the line (UTF-8, one line), not as smtp-proto decodes it.
         let env_id = match from.env_id {
             None => None,
-            Some(_) => match dsn_param(line, "ENVID") {
+            // RFC 3461 §4.4: printable US-ASCII (Postfix refuses anything else, and the
+            // mail then bounced at it).
+            Some(_) => match dsn_param(line, "ENVID")
+                .filter(|id| id.bytes().all(|b| (0x20..=0x7e).contains(&b)))
+            {
                 Some(id) => Some(id),
                 None => {
-                    return Reply::new(
-                        501,
-                        (5, 5, 4),
-                        "ENVID must be xtext of UTF-8 without control characters",
-                    );
+                    return Reply::new(501, (5, 5, 4), "ENVID must be xtext of printable US-ASCII");
                 }
             },
         };
@@ -691,6 +691,13 @@ impl<H: Handler> Session<H> {
             return Reply::new(503, (5, 5, 1), "Need MAIL command first");
         };
         let address = to.address;
+        if let Some(dup) = duplicate(&mail_params(line)) {
+            return Reply::new(
+                501,
+                (5, 5, 4),
+                format!("Duplicate parameter {}", String::from_utf8_lossy(dup)),
+            );
+        }
         // RFC 3461 §4: NOTIFY and ORCPT; anything else this server does not offer.
         if to.rrvs != 0 || to.flags & smtp_proto::RCPT_CONNEG != 0 {
             return Reply::new(555, (5, 5, 4), "Unsupported RCPT parameter");

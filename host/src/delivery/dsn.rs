@@ -249,6 +249,7 @@ fn compose(
     });
     m.push_str(&format!("Reporting-MTA: dns; {reporting_mta}\r\n"));
     if let Some(id) = &envelope.env_id {
+        // As the sender wrote it: the server took only printable ASCII.
         m.push_str(&format!("Original-Envelope-Id: {}\r\n", brief(id)));
     }
     if envelope.received_at > 0 {
@@ -262,7 +263,9 @@ fn compose(
         if let Some(orcpt) = envelope.dsn_of(e.index).orcpt {
             m.push_str(&format!(
                 "Original-Recipient: rfc822; {}\r\n",
-                for_header(&orcpt)
+                // As the sender wrote it (not re-quoted as a mailbox): the server took
+                // no control characters or line separators.
+                orcpt
             ));
         }
         m.push_str(&format!(

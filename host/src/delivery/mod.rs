@@ -470,7 +470,19 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     // EMFILE) is deferred like a failed attempt, so that it waits for the retry schedule
     // (released at once, it was claimed again at once, for ever) and, if it stays
     // unreadable, expires with a DSN. A corrupt one will not heal: it is kept aside now.
-    let (message, unreadable) = match ctx.spool.read_message(&id) {
+    // Off the async threads: up to the size limit to read and checksum.
+    let read = {
+        let (spool, id) = (ctx.spool.clone(), id.clone());
+        tokio::task::spawn_blocking(move || spool.read_message(&id))
+            .await
+            .unwrap_or_else(|e| {
+                Err(altroute_queue::Error::io(
+                    "reading the message",
+                    std::io::Error::other(e.to_string()),
+                ))
+            })
+    };
+    let (message, unreadable) = match read {
         Ok(m) => (m, None),
         Err(altroute_queue::Error::Corrupt { reason, .. }) => {
             keep_aside(ctx, &entry, &sent, unrecorded, &reason).await;
@@ -509,8 +521,8 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
     // (the recipient bounces again at its next attempt), never none.
     let mut finals: Vec<Final> = Vec::new();
     let mut relayed: Vec<dsn::Relayed> = Vec::new();
-    // Recipients whose plan in this run required no TLS: a failure notice may return
-    // their message whole (`RET=FULL`); for the others it returns the headers only.
+    // Recipients whose plan in this run required no TLS: a failure notice may return the
+    // message whole (`RET=FULL`) only if every recipient is one.
     let mut open = std::collections::BTreeSet::new();
     for (domain, indices) in by_domain {
         // Every log line of the attempt carries the queue id and the domain (span fields).
@@ -615,8 +627,12 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
             }
         }
     }
+    // The body goes back only if no recipient of the message needed TLS: it is the
+    // whole message's (an audit's bounce of an opportunistic recipient returned the body
+    // meant for a TLS-only one). A recipient not planned in this run counts as needing it.
+    let all_open = (0..entry.envelope.rcpt_to.len()).all(|i| open.contains(&i));
     for f in &mut finals {
-        f.failure.confidential = !open.contains(&f.index);
+        f.failure.confidential = !all_open;
     }
     unrecorded += record_finals(ctx, &entry, &message, finals).await.0;
     report_relayed(ctx, &entry, &message, &relayed).await;

@@ -147,7 +147,10 @@ async fn a_message_file_cut_short_reads_as_corrupt() {
 }
 
 /// The audit's reproduction: a directory named like a message id in `msg/`, and one in
-/// `tmp/`, made the relay refuse to start (`Is a directory`).
+/// `tmp/`, made the relay refuse to start (`Is a directory`). An entry that cannot be
+/// read is not known to be corrupt: it is left where it is (moved aside, mail once left
+/// the queue without a DSN), counted; a corrupt file goes to `corrupt/`, next to an
+/// older one of the same name.
 #[tokio::test]
 async fn a_directory_in_msg_or_tmp_does_not_stop_recovery() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,9 +165,11 @@ async fn a_directory_in_msg_or_tmp_does_not_stop_recovery() {
     let odd = msg_dir.join("000000000000000deadbeef");
     fs::create_dir(&odd).unwrap();
     fs::write(odd.join("inside"), b"kept").unwrap();
-    // corrupt/ has that name already: the directory goes next to it.
+    let garbage = msg_dir.join("06553f1000000002deadbee");
+    fs::write(&garbage, b"not a spool file").unwrap();
+    // corrupt/ has that name already: the garbage goes next to it.
     let corrupt = dir.path().join("corrupt");
-    fs::write(corrupt.join("000000000000000deadbeef"), b"older").unwrap();
+    fs::write(corrupt.join("06553f1000000002deadbee"), b"older").unwrap();
     let tmp_dir = dir.path().join("tmp");
     fs::create_dir(tmp_dir.join("x")).unwrap();
     fs::write(tmp_dir.join("06553f1000000001deadbee"), b"half a store").unwrap();
@@ -174,14 +179,17 @@ async fn a_directory_in_msg_or_tmp_does_not_stop_recovery() {
     assert_eq!(r.messages, 2, "{r:?}");
     assert_eq!(r.corrupt_moved, 1, "{r:?}");
     assert_eq!(r.temp_files_removed, 1, "{r:?}");
-    assert_eq!(r.unreadable_skipped, 1, "the directory in tmp/: {r:?}");
-    assert!(!odd.exists());
     assert_eq!(
-        fs::read(corrupt.join("000000000000000deadbeef.1/inside")).unwrap(),
-        b"kept"
+        r.unreadable_skipped, 2,
+        "the directories in msg/ and tmp/: {r:?}"
+    );
+    assert_eq!(fs::read(odd.join("inside")).unwrap(), b"kept");
+    assert_eq!(
+        fs::read(corrupt.join("06553f1000000002deadbee.1")).unwrap(),
+        b"not a spool file"
     );
     assert_eq!(
-        fs::read(corrupt.join("000000000000000deadbeef")).unwrap(),
+        fs::read(corrupt.join("06553f1000000002deadbee")).unwrap(),
         b"older"
     );
     assert!(tmp_dir.join("x").is_dir(), "not ours to remove");
@@ -227,10 +235,52 @@ async fn an_entry_that_cannot_be_moved_aside_is_skipped() {
     let r = spool.recovery();
     assert_eq!(
         (r.messages, r.corrupt_moved, r.unreadable_skipped),
-        (2, 2, 0),
+        (2, 1, 1),
         "{r:?}"
     );
-    assert!(!odd.exists() && !garbage.exists());
+    assert!(
+        odd.is_dir() && !garbage.exists(),
+        "the directory stays in msg/"
+    );
     assert!(spool.entry(&a).unwrap().is_finished());
     assert_eq!(spool.read_message(&b).unwrap(), message("b", 500));
+}
+
+/// A damaged body length (here 64 bytes short) made recovery take everything after that
+/// offset for a torn tail and cut it off: the end of the body and every state record.
+/// Now the body is checked first, and the file goes to `corrupt/` exactly as found.
+#[tokio::test]
+async fn a_damaged_body_length_is_set_aside_as_found_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let id = {
+        let spool = open(dir.path(), &clock);
+        let id = spool
+            .store(envelope(2), message("len", 2000))
+            .await
+            .unwrap();
+        spool.delivered(&id, 0, "mx").await.unwrap();
+        id
+    };
+    let path = dir.path().join("msg").join(id.as_str());
+    let mut bytes = fs::read(&path).unwrap();
+    // The body frame follows the magic and the envelope frame.
+    let env_len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let body_at = 8 + 8 + env_len;
+    let len = u32::from_le_bytes(bytes[body_at..body_at + 4].try_into().unwrap());
+    bytes[body_at..body_at + 4].copy_from_slice(&(len - 64).to_le_bytes());
+    fs::write(&path, &bytes).unwrap();
+
+    let spool = open(dir.path(), &clock);
+    let r = spool.recovery().clone();
+    assert_eq!(
+        (r.messages, r.corrupt_moved, r.torn_tails_truncated),
+        (0, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(
+        fs::read(dir.path().join("corrupt").join(id.as_str())).unwrap(),
+        bytes,
+        "moved as found"
+    );
 }

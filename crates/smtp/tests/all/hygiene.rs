@@ -444,6 +444,7 @@ async fn dsn_parameters_are_kept_or_refused() {
         ("MAIL FROM:<a@src.test> RET=FULL RET=HDRS", "501"),
         ("MAIL FROM:<a@src.test> ENVID=id+85x", "501 5.5.4"),
         ("MAIL FROM:<a@src.test> ENVID=id+E9x", "501 5.5.4"),
+        ("MAIL FROM:<a@src.test> ENVID=ref+C3+A9-42", "501 5.5.4"),
         ("MAIL FROM:<a@src.test> RET=FULL ENVID=e+2B1", "250"),
         ("RCPT TO:<b@dst.test> NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
         (
@@ -463,6 +464,14 @@ async fn dsn_parameters_are_kept_or_refused() {
         (
             "RCPT TO:<d@dst.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;D+2Bx@orig.test",
             "250",
+        ),
+        (
+            "RCPT TO:<f@dst.test> ORCPT=rfc822;a@x ORCPT=rfc822;b@x",
+            "501 5.5.4",
+        ),
+        (
+            "RCPT TO:<f@dst.test> NOTIFY=SUCCESS NOTIFY=FAILURE",
+            "501 5.5.4",
         ),
         (
             "RCPT TO:<e@dst.test> ORCPT=rfc822;j+C3+B6rg@orig.test",
