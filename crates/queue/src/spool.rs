@@ -894,65 +894,50 @@ impl Inner {
     }
 
     fn remove_blocking(&self, id: &MessageId) -> Result<(), Error> {
-        let file = lock(&self.index)
-            .get(id)
-            .ok_or_else(|| Error::NotFound(id.clone()))?
-            .file
-            .clone();
-        let mut mf = lock(&file);
-        if mf.removed {
-            return Err(Error::NotFound(id.clone()));
-        }
-        let (done, rx) = oneshot::channel();
-        self.commit_tx
-            .send(Op::Unlink {
-                path: mf.path.clone(),
-                done,
-            })
-            .map_err(|_| committer_gone())?;
-        let result = rx.blocking_recv().map_err(|_| committer_gone())?;
-        // If the unlink went through but the directory fsync failed, the file is gone
-        // from the namespace anyway: drop it from the index and report the error.
-        if result.is_ok() || !mf.path.exists() {
-            mf.removed = true;
-            lock(&self.index).remove(id);
-        }
-        result.map_err(|e| Error::io(format!("removing {id}"), e))
+        self.retire(id, |path, done| Op::Unlink { path, done })?
+            .map_err(|e| Error::io(format!("removing {id}"), e))
     }
 
     fn set_aside_blocking(&self, id: &MessageId, reason: &str) -> Result<PathBuf, Error> {
-        let file = lock(&self.index)
-            .get(id)
-            .ok_or_else(|| Error::NotFound(id.clone()))?
-            .file
-            .clone();
-        // Held until the file has moved: no state record can be appended meanwhile, and
-        // none after (`removed`).
-        let mut mf = lock(&file);
-        if mf.removed {
-            return Err(Error::NotFound(id.clone()));
-        }
-        let (done, rx) = oneshot::channel();
-        self.commit_tx
-            .send(Op::Aside {
-                path: mf.path.clone(),
-                done,
-            })
-            .map_err(|_| committer_gone())?;
-        let result = rx.blocking_recv().map_err(|_| committer_gone())?;
-        // As in `remove_blocking`: moved but not synced is out of `msg/` all the same.
-        if result.is_ok() || !mf.path.exists() {
-            mf.removed = true;
-            lock(&self.index).remove(id);
-            self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
-        }
-        match result {
+        match self.retire(id, |path, done| Op::Aside { path, done })? {
             Ok(dst) => {
+                self.counters.set_aside.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%id, %reason, path = %dst.display(), "corrupt message moved to corrupt/ for the operator");
                 Ok(dst)
             }
             Err(e) => Err(Error::io(format!("moving {id} to corrupt/"), e)),
         }
+    }
+
+    /// Takes message `id`'s file out of `msg/` through the committer (`op`: unlink it or
+    /// move it aside), holding its lock until done, so that no state record can be
+    /// appended meanwhile, and none after (`removed`). If the file left `msg/` but the
+    /// directory fsync failed, it is out of `msg/` all the same: it leaves the index,
+    /// and the error is returned.
+    fn retire<T>(
+        &self,
+        id: &MessageId,
+        op: impl FnOnce(PathBuf, oneshot::Sender<io::Result<T>>) -> Op,
+    ) -> Result<io::Result<T>, Error> {
+        let file = lock(&self.index)
+            .get(id)
+            .ok_or_else(|| Error::NotFound(id.clone()))?
+            .file
+            .clone();
+        let mut mf = lock(&file);
+        if mf.removed {
+            return Err(Error::NotFound(id.clone()));
+        }
+        let (done, rx) = oneshot::channel();
+        self.commit_tx
+            .send(op(mf.path.clone(), done))
+            .map_err(|_| committer_gone())?;
+        let result = rx.blocking_recv().map_err(|_| committer_gone())?;
+        if result.is_ok() || !mf.path.exists() {
+            mf.removed = true;
+            lock(&self.index).remove(id);
+        }
+        Ok(result)
     }
 }
 

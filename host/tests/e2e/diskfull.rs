@@ -4,10 +4,7 @@
 //! the acknowledged ones, intact. And a DSN that cannot be queued leaves its recipient
 //! deferred rather than final. Needs root (mount, chattr).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use altroute_lab::Tmpfs;
+use altroute_lab::{Immutable, Tmpfs};
 
 use crate::support::{Relay, RelayConfig, SmtpConn, message_id, spool_messages, strip_received};
 
@@ -95,32 +92,6 @@ fn disk_full_answers_4xx_then_recovers_without_restart() {
     assert_eq!(spool.recovery().corrupt_moved, 0);
     drop(spool);
     drop(relay);
-}
-
-/// `chattr +i` on a directory while it lives: nothing can be created in it (root
-/// included), while files already in it can still be written.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn set(dir: &Path) -> Immutable {
-        let out = Command::new("chattr")
-            .arg("+i")
-            .arg(dir)
-            .output()
-            .expect("run chattr");
-        assert!(
-            out.status.success(),
-            "chattr +i failed (this test needs root and e2fsprogs): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Immutable(dir.to_path_buf())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
 }
 
 /// A relay in the in-process harness with one message from alice@corp.test to

@@ -5,39 +5,13 @@
 
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
+use altroute_lab::Immutable;
 use altroute_queue::{Error, ManualClock, MessageId};
 
 use crate::{T0, envelope, message, open};
-
-/// `chattr +i` on a directory while it lives: nothing can be created in it or renamed
-/// out of it (root included).
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn set(dir: &Path) -> Immutable {
-        let out = Command::new("chattr")
-            .arg("+i")
-            .arg(dir)
-            .output()
-            .expect("running chattr(1) (package `e2fsprogs`)");
-        assert!(
-            out.status.success(),
-            "chattr +i failed (this test needs root and a file system with attributes): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Immutable(dir.to_owned())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
-}
 
 /// Flips one bit of a stored message's `Subject:` (part of the body record): its
 /// checksum no longer matches. Returns the file's bytes after the flip.
