@@ -1202,8 +1202,58 @@ struct Identity {
     directory: Option<(u64, u64)>,
 }
 
-/// A file's content, (device, inode) and birth time, as [`read_file`] gives them.
-type FileRead = (Vec<u8>, (u64, u64), Option<std::time::SystemTime>);
+/// A file's content, (device, inode), birth time and whether it is being written
+/// ([`leased_writer`]), as [`read_file`] gives them.
+type FileRead = (
+    Vec<u8>,
+    (u64, u64),
+    Option<std::time::SystemTime>,
+    Option<bool>,
+);
+
+/// Whether any process, in any PID namespace, has `file` open for writing, as the kernel
+/// tells it: a read lease cannot be taken then (`EAGAIN`). The lease is dropped at once.
+/// `None` when this process may not take one (it neither owns the file nor has
+/// `CAP_LEASE`) or the file system has no leases. An audit's writer in another PID
+/// namespace, invisible in this `/proc`, renamed half a policy into place and the watch
+/// applied it.
+fn leased_writer(file: &std::fs::File) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    sigio_harmless();
+    let fd = file.as_raw_fd();
+    // SAFETY: `fcntl(F_SETLEASE, F_RDLCK)` on a descriptor `file` owns and keeps open for
+    // the call; the third argument is an int, no memory is passed. A writer opening the
+    // file while the lease is held breaks it with SIGIO, which `sigio_harmless` keeps
+    // from terminating the process.
+    #[allow(unsafe_code)]
+    let taken = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
+    if taken == 0 {
+        // SAFETY: as above; dropping the lease just taken.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
+/// Makes SIGIO (sent to a lease holder when a writer opens the file) harmless for the
+/// process: a handler through tokio's registry, which stays for the process's life.
+fn sigio_harmless() {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+        {
+            rt.block_on(async {
+                let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io());
+            });
+        }
+    });
+}
 
 /// [`read_source`], with the file's device, inode and birth time.
 fn read_file(path: &Path) -> Result<FileRead, ReloadError> {
@@ -1228,6 +1278,7 @@ fn read_file(path: &Path) -> Result<FileRead, ReloadError> {
     }
     let inode = (meta.dev(), meta.ino());
     let born = meta.created().ok();
+    let writer = leased_writer(&file);
     if meta.len() > MAX_SOURCE_FILE {
         return Err(refuse(format!(
             "{} bytes, more than the {} MiB a policy or module file may have",
@@ -1245,7 +1296,7 @@ fn read_file(path: &Path) -> Result<FileRead, ReloadError> {
             MAX_SOURCE_FILE >> 20
         )));
     }
-    Ok((bytes, inode, born))
+    Ok((bytes, inode, born, writer))
 }
 
 /// What a file event means to the watcher.
@@ -1256,6 +1307,8 @@ enum Signal {
     /// A file was renamed into place under this name: a file that arrives so is complete
     /// once nobody writes it any more.
     RenamedTo(std::ffi::OsString),
+    /// A file under this name was written (data changed, or closed after writing).
+    Modified(std::ffi::OsString),
     /// The kernel's event queue overflowed: events were lost (look again).
     Overflow,
 }
@@ -1269,16 +1322,20 @@ fn signal_of(event: &notify::Event) -> Option<Signal> {
     if event.need_rescan() {
         return Some(Signal::Overflow);
     }
-    let to = match &event.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => None,
+    let name = |p: Option<&PathBuf>| p.and_then(|p| p.file_name()).map(ToOwned::to_owned);
+    Some(match &event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Data(_)) => {
+            name(event.paths.first()).map_or(Signal::Look, Signal::Modified)
+        }
         EventKind::Access(_) => return None,
-        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => event.paths.first(),
-        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event.paths.get(1),
-        _ => None,
-    };
-    Some(match to.and_then(|p| p.file_name()) {
-        Some(name) => Signal::RenamedTo(name.to_owned()),
-        None => Signal::Look,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            name(event.paths.first()).map_or(Signal::Look, Signal::RenamedTo)
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+            name(event.paths.get(1)).map_or(Signal::Look, Signal::RenamedTo)
+        }
+        _ => Signal::Look,
     })
 }
 
@@ -1445,10 +1502,15 @@ pub fn watch(
         .name("altroute-policy-watch".into())
         .spawn(move || {
             let mut refusals = Refusals::default();
+            // Names renamed into place, and names written, since the last judgement.
             let mut renamed: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
-            let note = |signal: Signal, renamed: &mut std::collections::BTreeSet<_>| match signal {
+            let mut modified: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
+            let note = |signal: Signal, renamed: &mut std::collections::BTreeSet<_>, modified: &mut std::collections::BTreeSet<_>| match signal {
                 Signal::RenamedTo(name) => {
                     renamed.insert(name);
+                }
+                Signal::Modified(name) => {
+                    modified.insert(name);
                 }
                 Signal::Overflow => {
                     tracing::warn!("policy file watch: events were lost (inotify queue overflow); looking again");
@@ -1457,7 +1519,7 @@ pub fn watch(
             };
             // Ends when the watcher (the only sender) is dropped.
             while let Ok(first) = rx.recv() {
-                note(first, &mut renamed);
+                note(first, &mut renamed, &mut modified);
                 // Debounce: until the directories have been quiet for `debounce`, or
                 // `MAX_DEBOUNCE` has passed.
                 let until = std::time::Instant::now() + MAX_DEBOUNCE.max(debounce);
@@ -1467,7 +1529,7 @@ pub fn watch(
                         break;
                     }
                     match rx.recv_timeout(debounce.min(left)) {
-                        Ok(signal) => note(signal, &mut renamed),
+                        Ok(signal) => note(signal, &mut renamed, &mut modified),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
@@ -1476,32 +1538,56 @@ pub fn watch(
                 if let Some(w) = thread_watcher.upgrade() {
                     let _ = watch_directories(&w, &sources, &mut dirs, false);
                 }
-                let renamed_now = std::mem::take(&mut renamed);
                 let read = match read_sources(&sources) {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(error = %e, "policy file not readable; keeping the active version");
-                        // Mid-swap or removed: the next event looks again. Anything else
-                        // is a refusal the operator should see.
+                        // Mid-swap or removed: the next event looks again (the names seen
+                        // renamed are kept for it). Anything else is a refusal the
+                        // operator should see.
                         let missing = matches!(&e, ReloadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
-                        if !missing {
-                            refusals.refuse(&reloader, e.to_string());
+                        if !missing && refusals.refuse(&reloader, e.to_string()) {
+                            tracing::warn!(error = %e, "policy file not readable; keeping the active version");
                         }
                         continue;
                     }
                 };
-                // The evidence that a file arrived whole, kept until it is applied.
-                for ((t, (path, now, _)), _) in tracked.iter_mut().zip(&read).zip(&files) {
-                    let renamed_here = [path.file_name(), now.identity.resolved.file_name()]
-                        .into_iter()
-                        .flatten()
-                        .any(|n| renamed_now.contains(n));
+                // Nobody may still be writing a file before it is judged: the kernel says so
+                // through a read lease (any PID namespace); where the relay may not take
+                // one, `/proc` as far as it shows. Judged at the writer's close.
+                let writer = read.iter().find_map(|(path, now, _)| match now.writer {
+                    Some(true) => Some((path.clone(), None)),
+                    Some(false) => None,
+                    None => being_written(now.identity.inode).map(|pid| (path.clone(), Some(pid))),
+                });
+                if let Some((path, pid)) = writer {
+                    tracing::info!(file = %path.display(), ?pid, "a policy file is still open for writing; waiting for its writer");
+                    continue;
+                }
+                let (renamed_now, modified_now) =
+                    (std::mem::take(&mut renamed), std::mem::take(&mut modified));
+                // The evidence that a file arrived whole, kept until it is applied and
+                // consumed at each judgement that finds it unchanged. A name written since
+                // (or in the same window as its rename) is evidence of nothing.
+                for (t, (path, now, _)) in tracked.iter_mut().zip(&read) {
+                    let names: Vec<&std::ffi::OsStr> =
+                        [path.file_name(), now.identity.resolved.file_name()]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                    let written = names.iter().any(|n| modified_now.contains(*n));
+                    if written {
+                        t.arrived.clear();
+                    }
+                    let renamed_here = names.iter().any(|n| renamed_now.contains(*n));
                     let swapped = t.applied.as_ref().is_some_and(|(before, _)| {
                         before.resolved != now.identity.resolved
                             || before.directory != now.identity.directory
                     });
                     let new = t.applied.as_ref().is_none_or(|(before, _)| *before != now.identity);
-                    if new && (renamed_here || swapped) && !t.arrived.contains(&now.identity) {
+                    if new
+                        && (swapped || renamed_here && !written)
+                        && !t.arrived.contains(&now.identity)
+                    {
                         t.arrived.push(now.identity.clone());
                     }
                 }
@@ -1511,6 +1597,12 @@ pub fn watch(
                     .map(|(t, (_, now, _))| t.applied.as_ref().is_none_or(|(_, h)| *h != now.hash))
                     .collect();
                 if !changed.iter().any(|c| *c) {
+                    // The same content (a rename that changed nothing): this file is the
+                    // applied one now, and leaves no evidence for a later write in place.
+                    for (t, (_, now, _)) in tracked.iter_mut().zip(&read) {
+                        t.applied = Some((now.identity.clone(), now.hash.clone()));
+                        t.arrived.clear();
+                    }
                     continue;
                 }
                 let in_place: Vec<String> = tracked
@@ -1525,21 +1617,17 @@ pub fn watch(
                         "{} changed in place (written at its path, not renamed into place from the same directory): not applied, as it may have been read half-written; write the new file in the same directory and rename it into place, or send SIGHUP",
                         in_place.join(", ")
                     );
-                    tracing::warn!(reason = %why, "policy file watch: change not applied");
-                    refusals.refuse(&reloader, why);
-                    continue;
-                }
-                // Whole by name: now nobody may still be writing it.
-                let writer = read.iter().find_map(|(path, now, _)| {
-                    being_written(now.identity.inode).map(|pid| (path.clone(), pid))
-                });
-                if let Some((path, pid)) = writer {
-                    tracing::info!(file = %path.display(), pid, "a policy file is still open for writing; waiting for its writer");
+                    if refusals.refuse(&reloader, why.clone()) {
+                        tracing::warn!(reason = %why, "policy file watch: change not applied");
+                    }
                     continue;
                 }
                 std::thread::sleep(debounce);
                 match read_sources(&sources) {
-                    Ok(again) if again.iter().zip(&read).all(|((_, a, _), (_, b, _))| a.identity == b.identity && a.hash == b.hash) => {}
+                    Ok(again)
+                        if again.iter().zip(&read).all(|((_, a, _), (_, b, _))| {
+                            a.identity == b.identity && a.hash == b.hash && a.writer != Some(true)
+                        }) => {}
                     _ => {
                         // It changed again meanwhile: the next event looks again.
                         continue;
@@ -1549,6 +1637,7 @@ pub fn watch(
                     t.applied = Some((now.identity.clone(), now.hash.clone()));
                     t.arrived.clear();
                 }
+                refusals.last_reason = None;
                 tracing::info!(file = %sources.policy.display(), "policy files changed");
                 // Refusals are logged, audited and in the status already.
                 let _ = reloader.apply(&Who::FileWatch, candidate_of(read));
@@ -1564,43 +1653,43 @@ pub fn watch(
     })
 }
 
-/// The file watch's refusals, audited at most once per [`REFUSAL_AUDIT_INTERVAL`] (each
-/// one logged).
+/// The file watch's refusals: a refusal for the same reason as the last one is neither
+/// logged nor audited again (a refused file is not judged again until it changes: a log
+/// file beside the policy once made each warning an event, and a warning again), and
+/// refusals for other reasons are audited at most once per [`REFUSAL_AUDIT_INTERVAL`],
+/// the next audited one counting the others (logged all the same).
 #[derive(Default)]
 struct Refusals {
-    last: Option<std::time::Instant>,
+    last_audit: Option<std::time::Instant>,
     suppressed: u64,
-    reason: Option<String>,
+    last_reason: Option<String>,
 }
 
 impl Refusals {
-    fn refuse(&mut self, reloader: &Reloader, why: String) {
-        if self.reason.as_deref() == Some(why.as_str())
-            && self
-                .last
-                .is_some_and(|t| t.elapsed() < REFUSAL_AUDIT_INTERVAL)
-        {
-            self.suppressed += 1;
-            return;
+    /// Records a refusal for `why`; whether it is new (to be logged).
+    fn refuse(&mut self, reloader: &Reloader, why: String) -> bool {
+        if self.last_reason.as_deref() == Some(why.as_str()) {
+            return false;
         }
+        self.last_reason = Some(why.clone());
         if self
-            .last
+            .last_audit
             .is_some_and(|t| t.elapsed() < REFUSAL_AUDIT_INTERVAL)
         {
             self.suppressed += 1;
-            return;
+            return true;
         }
-        let mut reasons = vec![why.clone()];
+        let mut reasons = vec![why];
         if self.suppressed > 0 {
             reasons.push(format!(
-                "{} more refusal(s) in the last minute were logged, not audited",
+                "{} other refusal(s) in the last minute were logged, not audited",
                 self.suppressed
             ));
         }
         reloader.refuse_source(&Who::FileWatch, reasons);
-        self.last = Some(std::time::Instant::now());
+        self.last_audit = Some(std::time::Instant::now());
         self.suppressed = 0;
-        self.reason = Some(why);
+        true
     }
 }
 
@@ -1634,11 +1723,13 @@ fn watch_directories(
     Ok(())
 }
 
-/// What a read keeps of a file: where it came from and a hash of its content.
+/// What a read keeps of a file: where it came from, a hash of its content, and whether
+/// it was being written ([`leased_writer`]; `None`: not known).
 #[derive(Debug, Clone)]
 struct Seen {
     identity: Identity,
     hash: String,
+    writer: Option<bool>,
 }
 
 /// Each file of `sources` (the policy, then the module if any), read, with what the
@@ -1656,7 +1747,7 @@ fn read_sources(sources: &Sources) -> Result<Vec<(PathBuf, Seen, Vec<u8>)>, Relo
                 .parent()
                 .and_then(|d| std::fs::metadata(d).ok())
                 .map(|m| (m.dev(), m.ino()));
-            let (bytes, inode, born) = read_file(path)?;
+            let (bytes, inode, born, writer) = read_file(path)?;
             let hash = hex(&Sha256::digest(&bytes));
             Ok((
                 path.clone(),
@@ -1668,6 +1759,7 @@ fn read_sources(sources: &Sources) -> Result<Vec<(PathBuf, Seen, Vec<u8>)>, Relo
                         directory,
                     },
                     hash,
+                    writer,
                 },
                 bytes,
             ))
@@ -2598,7 +2690,8 @@ expect = { route = "alternate" }
         let err = read_source(&big).unwrap_err().to_string();
         assert!(err.contains("64 MiB"), "{err}");
         // Renamed into place while its writer still has half of it to write: not read
-        // until the writer is done (an audit got the half activated so).
+        // while the writer is at it (an audit got the half activated so), and written
+        // after its rename, it is a change in place: refused, not applied.
         let tmp = watched.join(".policy.toml.new");
         let mut slow = std::fs::File::create(&tmp).unwrap();
         slow.write_all(&b.as_bytes()[..cut]).unwrap();
@@ -2608,6 +2701,16 @@ expect = { route = "alternate" }
         assert_eq!(reloader.version(), v1, "half a renamed file went live");
         slow.write_all(&b.as_bytes()[cut..]).unwrap();
         drop(slow);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            reloader.version(),
+            v1,
+            "a file written after its rename went live"
+        );
+        // The whole file, renamed into place: applied.
+        let tmp = watched.join(".policy.toml.new2");
+        std::fs::write(&tmp, &b).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
         wait_until("the whole renamed file", || {
             reloader.version() == expected.version
         });

@@ -327,24 +327,7 @@ impl Spool {
         };
         // Non-blocking and only a regular file: a FIFO put in its place once blocked the
         // delivery worker, and the whole relay with it, until someone wrote to it.
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&path)
-                .map_err(|e| Error::io(format!("opening {id}"), e))?
-        };
-        let regular = file
-            .metadata()
-            .map_err(|e| Error::io(format!("opening {id}"), e))?
-            .is_file();
-        if !regular {
-            return Err(Error::io(
-                format!("opening {id}"),
-                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-            ));
-        }
+        let file = open_regular(&path, true).map_err(|e| Error::io(format!("opening {id}"), e))?;
         let mut body = vec![0u8; len as usize];
         file.read_exact_at(&mut body, off).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -858,10 +841,8 @@ impl Inner {
             .map_err(|e| Error::Internal(format!("encoding a state record: {e}")))?;
         let record = frame::encode(KIND_STATE, &payload).map_err(|e| Error::io("framing", e))?;
 
-        let fh = OpenOptions::new()
-            .write(true)
-            .open(&mf.path)
-            .map_err(|e| Error::io(format!("opening {id}"), e))?;
+        let fh =
+            open_regular(&mf.path, false).map_err(|e| Error::io(format!("opening {id}"), e))?;
         if mf.dirty {
             fh.set_len(mf.good_len)
                 .and_then(|()| fh.sync_data())
@@ -1214,6 +1195,26 @@ fn recover(
     })
 }
 
+/// Opens a spool file for reading (`read`) or writing without blocking (a FIFO in its
+/// place once blocked recovery, so the relay never started, and a state write, so a
+/// message never finished), and only if it is a regular file.
+fn open_regular(path: &Path, read: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(read)
+        .write(!read)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if file.metadata()?.is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
+    }
+}
+
 /// Load one spool file. Outer error: I/O. Inner error: the file is corrupt (reason).
 /// A torn tail (partial or garbled state records) is cut off; the bool says so.
 fn load(
@@ -1223,7 +1224,7 @@ fn load(
 ) -> io::Result<Result<(Slot, bool), String>> {
     // Read-only until a torn tail must be cut: a file the relay may read but not write
     // (restored by root, say) is still mail to deliver.
-    let file = OpenOptions::new().read(true).open(path)?;
+    let file = open_regular(path, true)?;
     let len = file.metadata()?.len();
     let mut magic = [0u8; 8];
     if len < magic.len() as u64 {
@@ -1295,7 +1296,7 @@ fn load(
             ));
         }
         tracing::warn!(%id, cut = len - off, "cutting a torn state record off");
-        let file = OpenOptions::new().write(true).open(path)?;
+        let file = open_regular(path, false)?;
         file.set_len(off)?;
         file.sync_data()?;
     }

@@ -258,3 +258,36 @@ async fn a_damaged_body_length_is_set_aside_as_found_not_cut() {
         "moved as found"
     );
 }
+
+/// A FIFO named like a message, in `msg/` at start or in a queued message's place:
+/// recovery once blocked opening it (the relay never started), and a state write too (the
+/// message never finished, nor did shutdown). Now neither blocks: recovery leaves it in
+/// `msg/`, counted, and the state write fails at once.
+#[tokio::test]
+async fn a_fifo_in_msg_blocks_neither_recovery_nor_a_state_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let id = {
+        let spool = open(dir.path(), &clock);
+        spool.store(envelope(1), message("f", 500)).await.unwrap()
+    };
+    let mkfifo = |p: &Path| {
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(p)
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    mkfifo(&dir.path().join("msg").join("06553f1000000003deadbee"));
+    let spool = open(dir.path(), &clock);
+    let r = spool.recovery().clone();
+    assert_eq!((r.messages, r.unreadable_skipped), (1, 1), "{r:?}");
+    // The queued message's file becomes a FIFO while it is queued.
+    let path = spool.message_path(&id);
+    fs::remove_file(&path).unwrap();
+    mkfifo(&path);
+    assert!(spool.read_message(&id).is_err());
+    assert!(spool.defer(&id, 0, "451 4.4.1 later").await.is_err());
+}
