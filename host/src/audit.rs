@@ -175,7 +175,7 @@ impl AuditLog {
         {
             std::fs::create_dir_all(parent).map_err(|e| AuditError::file(parent, &e))?;
         }
-        let mut bytes = match std::fs::read(path) {
+        let mut bytes = match crate::files::read_regular(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(AuditError::file(path, &e)),
@@ -184,7 +184,8 @@ impl AuditLog {
         let torn = bytes.len() - complete;
         if torn > 0 {
             let cut = |e: std::io::Error| AuditError::file(path, &e);
-            let f = OpenOptions::new().write(true).open(path).map_err(cut)?;
+            let f =
+                crate::files::open_regular(path, OpenOptions::new().write(true)).map_err(cut)?;
             f.set_len(complete as u64)
                 .and_then(|()| f.sync_all())
                 .map_err(cut)?;
@@ -212,10 +213,7 @@ impl AuditLog {
                 .ok_or_else(|| bad("no hash".into()))?
                 .to_string();
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let file = crate::files::open_regular(path, OpenOptions::new().create(true).append(true))
             .map_err(|e| AuditError::file(path, &e))?;
         // A new file's directory entry must be durable too.
         if seq == 0
@@ -307,11 +305,9 @@ impl AuditLog {
             }
             Err(e) => return Err(AuditError::file(&self.path, &e)),
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| AuditError::file(&self.path, &e))?;
+        let file =
+            crate::files::open_regular(&self.path, OpenOptions::new().create(true).append(true))
+                .map_err(|e| AuditError::file(&self.path, &e))?;
         if let Some(parent) = self.path.parent()
             && let Ok(dir) = File::open(if parent.as_os_str().is_empty() {
                 Path::new(".")

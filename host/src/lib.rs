@@ -27,6 +27,7 @@ pub mod delivery;
 pub mod demo;
 pub mod edge;
 pub mod extensions;
+pub mod files;
 pub mod host_test;
 pub mod inbound;
 pub mod metrics;

@@ -440,7 +440,7 @@ impl MtaSts {
                 if path.extension().is_none_or(|x| x != "json") {
                     continue;
                 }
-                match std::fs::read(&path)
+                match crate::files::read_regular(&path)
                     .map_err(|e| e.to_string())
                     .and_then(|b| {
                         serde_json::from_slice::<CachedPolicy>(&b).map_err(|e| e.to_string())

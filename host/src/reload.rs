@@ -1244,12 +1244,17 @@ fn leased_writer(file: &std::fs::File) -> Option<bool> {
 fn sigio_harmless() {
     static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        let io = tokio::signal::unix::SignalKind::io();
+        // In a runtime (the relay's first look, under `serve`), register there: a runtime
+        // cannot be started from within one (the relay once panicked at every start).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = tokio::signal::unix::signal(io);
+        } else if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
         {
             rt.block_on(async {
-                let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io());
+                let _ = tokio::signal::unix::signal(io);
             });
         }
     });
@@ -1307,7 +1312,7 @@ enum Signal {
     /// A file was renamed into place under this name: a file that arrives so is complete
     /// once nobody writes it any more.
     RenamedTo(std::ffi::OsString),
-    /// A file under this name was written (data changed, or closed after writing).
+    /// A file under this name was written (its data changed).
     Modified(std::ffi::OsString),
     /// The kernel's event queue overflowed: events were lost (look again).
     Overflow,
@@ -1324,8 +1329,10 @@ fn signal_of(event: &notify::Event) -> Option<Signal> {
     }
     let name = |p: Option<&PathBuf>| p.and_then(|p| p.file_name()).map(ToOwned::to_owned);
     Some(match &event.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write))
-        | EventKind::Modify(ModifyKind::Data(_)) => {
+        // A close only says the file had been opened for writing: an atomic writer may
+        // rename its file into place and close it after (`NamedTempFile::persist`).
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Signal::Look,
+        EventKind::Modify(ModifyKind::Data(_)) => {
             name(event.paths.first()).map_or(Signal::Look, Signal::Modified)
         }
         EventKind::Access(_) => return None,
@@ -1502,6 +1509,7 @@ pub fn watch(
         .name("altroute-policy-watch".into())
         .spawn(move || {
             let mut refusals = Refusals::default();
+            let mut waiting: Option<PathBuf> = None;
             // Names renamed into place, and names written, since the last judgement.
             let mut renamed: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
             let mut modified: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
@@ -1560,9 +1568,15 @@ pub fn watch(
                     None => being_written(now.identity.inode).map(|pid| (path.clone(), Some(pid))),
                 });
                 if let Some((path, pid)) = writer {
-                    tracing::info!(file = %path.display(), ?pid, "a policy file is still open for writing; waiting for its writer");
+                    // Once per wait: the line must not feed the watch (a log file in a
+                    // watched directory).
+                    if waiting.as_ref() != Some(&path) {
+                        tracing::info!(file = %path.display(), ?pid, "a policy file is still open for writing; waiting for its writer");
+                        waiting = Some(path);
+                    }
                     continue;
                 }
+                waiting = None;
                 let (renamed_now, modified_now) =
                     (std::mem::take(&mut renamed), std::mem::take(&mut modified));
                 // The evidence that a file arrived whole, kept until it is applied and
@@ -1585,7 +1599,8 @@ pub fn watch(
                     });
                     let new = t.applied.as_ref().is_none_or(|(before, _)| *before != now.identity);
                     if new
-                        && (swapped || renamed_here && !written)
+                        && (swapped || renamed_here)
+                        && !written
                         && !t.arrived.contains(&now.identity)
                     {
                         t.arrived.push(now.identity.clone());
@@ -2722,6 +2737,23 @@ expect = { route = "alternate" }
             .map(|l| l["action"].as_str().unwrap())
             .collect();
         assert_eq!(actions, ["start", "reject", "activate"]);
+    }
+
+    /// The watch starts inside a runtime, as `serve` starts it: its first look takes a
+    /// read lease, and making SIGIO harmless once built a runtime there, which panicked
+    /// (the relay could not start with the default `watch = true`).
+    #[tokio::test]
+    async fn file_watch_starts_inside_a_runtime() {
+        let a = policy("a", &["partner.example"], "");
+        let (dir, _slots, reloader) = setup(&a);
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, &a).unwrap();
+        let sources = Sources {
+            policy: file,
+            module: None,
+        };
+        let watch = watch(Arc::new(reloader), sources, DEFAULT_DEBOUNCE).unwrap();
+        assert!(!watch.directories().is_empty());
     }
 
     /// A release directory swapped behind a symlink (`current -> releases/N`, as

@@ -204,10 +204,10 @@ impl Recorder {
         let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let path = self.dir.join(format!("results-{}.jsonl", day_of(r.time)));
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let mut f = crate::files::open_regular(
+            &path,
+            std::fs::OpenOptions::new().create(true).append(true),
+        )?;
         f.write_all(&line)
     }
 }
@@ -238,7 +238,9 @@ pub fn parse_day(s: &str) -> Option<u64> {
 /// skipped with a warning). A day without a file has no results.
 pub fn read_day(dir: &Path, day: &str) -> std::io::Result<Vec<SessionResult>> {
     let path = dir.join(format!("results-{day}.jsonl"));
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::files::read_regular(&path)
+        .and_then(|b| String::from_utf8(b).map_err(std::io::Error::other))
+    {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
