@@ -1502,6 +1502,13 @@ pub fn watch(
         let _ = reloader.apply(&Who::FileWatch, candidate_of(read));
     }
     tracing::info!(dirs = ?dirs.iter().map(|(d, _)| d).collect::<Vec<_>>(), "watching the policy files");
+    if let Ok(read) = read_sources(&sources)
+        && read.iter().any(|(_, seen, _)| seen.writer.is_none())
+    {
+        tracing::warn!(
+            "the relay may not take a read lease on its policy files (give it CAP_LEASE, or make it their owner): changed files will be refused by the watch; SIGHUP applies them"
+        );
+    }
     let policy_path = sources.policy.clone();
     let watched = dirs.iter().map(|(d, _)| d.clone()).collect();
     let thread_watcher = Arc::downgrade(&watcher);
@@ -1631,6 +1638,26 @@ pub fn watch(
                     let why = format!(
                         "{} changed in place (written at its path, not renamed into place from the same directory): not applied, as it may have been read half-written; write the new file in the same directory and rename it into place, or send SIGHUP",
                         in_place.join(", ")
+                    );
+                    if refusals.refuse(&reloader, why.clone()) {
+                        tracing::warn!(reason = %why, "policy file watch: change not applied");
+                    }
+                    continue;
+                }
+                // Without a lease the kernel cannot say that nobody still writes a file, and
+                // `/proc` shows only part of the machine: such a change is not applied
+                // (fail closed). An audit's relay without CAP_LEASE applied half a policy
+                // written by a process it could not see.
+                let blind: Vec<String> = read
+                    .iter()
+                    .zip(&changed)
+                    .filter(|((_, now, _), changed)| **changed && now.writer.is_none())
+                    .map(|((path, _, _), _)| path.display().to_string())
+                    .collect();
+                if !blind.is_empty() {
+                    let why = format!(
+                        "{}: cannot tell whether it is still being written, as the relay may not take a read lease on it (give the relay CAP_LEASE, or own the file): not applied; send SIGHUP to apply it",
+                        blind.join(", ")
                     );
                     if refusals.refuse(&reloader, why.clone()) {
                         tracing::warn!(reason = %why, "policy file watch: change not applied");

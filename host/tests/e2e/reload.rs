@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use altroute_lab::{DnsServer, SinkConfig, SmtpSink, TestCa, Validity, free_port, loopback_ip};
 
-use crate::support::{SmtpConn, require_tool};
+use crate::support::{SmtpConn, require_tool, signal};
 
 const TOKEN: &str = "reload-e2e-token";
 const WAIT: Duration = Duration::from_secs(120);
@@ -134,6 +134,12 @@ struct Relay {
 
 impl Relay {
     fn start(world: &World, policy: &str, module: Option<&[u8]>) -> Relay {
+        Relay::start_as(world, policy, module, None)
+    }
+
+    /// [`Relay::start`], the process run as user `uid` without any capability (through
+    /// `setpriv`) when given.
+    fn start_as(world: &World, policy: &str, module: Option<&[u8]>, uid: Option<u32>) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let ip = loopback_ip();
         let smtp = SocketAddr::new(IpAddr::V4(ip), free_port(ip).unwrap());
@@ -195,7 +201,32 @@ token = "{TOKEN}"
         let config_path = dir.path().join("altroute.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("relay.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_altroute"))
+        let mut command = match uid {
+            None => Command::new(env!("CARGO_BIN_EXE_altroute")),
+            Some(uid) => {
+                use std::os::unix::fs::PermissionsExt;
+                // The relay's own directories writable by it; the policy stays root's.
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                    .unwrap();
+                std::fs::create_dir(dir.path().join("spool")).unwrap();
+                std::fs::set_permissions(
+                    dir.path().join("spool"),
+                    std::fs::Permissions::from_mode(0o777),
+                )
+                .unwrap();
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--bounding-set=-all",
+                    env!("CARGO_BIN_EXE_altroute"),
+                ]);
+                c
+            }
+        };
+        let child = command
             .arg("serve")
             .arg("-c")
             .arg(&config_path)
@@ -295,6 +326,10 @@ token = "{TOKEN}"
         let (code, body) = self.admin("GET", "/policy", Some(TOKEN), None, b"");
         assert_eq!(code, 200, "GET /policy: {body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /policy {e}: {body}"))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     fn active(&self) -> String {
@@ -778,6 +813,43 @@ fn shadow_reports_exactly_the_differing_decisions() {
 
 /// (d) Rollback returns to the previous version; `altroute audit verify` detects a
 /// changed and a removed line.
+/// A relay that may not take a read lease on its policy file (neither its owner nor with
+/// CAP_LEASE) cannot tell whether anyone still writes it: a changed file is refused, not
+/// applied, and SIGHUP applies it. An audit's relay so placed applied half a policy
+/// written by a process its `/proc` could not show, and mail went out in clear text.
+#[test]
+fn without_a_lease_the_watch_refuses_changes_and_sighup_applies_them() {
+    let rt = runtime();
+    let world = rt.block_on(World::new());
+    let (a, b) = (world.opportunistic(), world.tls_required());
+    let (va, vb) = (version_of(&a), version_of(&b));
+    let relay = Relay::start_as(&world, &a, None, Some(65534));
+    assert_eq!(relay.active(), va);
+    assert!(
+        relay.log().contains("may not take a read lease"),
+        "{}",
+        relay.log()
+    );
+    replace_file(&relay.policy, b.as_bytes());
+    wait_rejections(&relay, 1);
+    assert_eq!(relay.active(), va, "applied without knowing it was whole");
+    let reasons = relay.status()["last_rejection"]["reasons"].to_string();
+    assert!(
+        reasons.contains("cannot tell whether it is still being written"),
+        "{reasons}"
+    );
+    signal(relay.pid(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.active() != vb {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply it:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn rollback_and_audit_verify() {
     let rt = runtime();
