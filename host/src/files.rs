@@ -2,7 +2,7 @@
 //! blocking: a FIFO put in the place of one once kept the relay from starting (the audit
 //! log, the MTA-STS cache) or froze it while running (a TLS-RPT results file opened on
 //! an async worker). Each is opened non-blocking and used only if it is a regular file.
-//! The spool has its own (`altroute_queue`), the watched policy files theirs (`reload`).
+//! The spool has its own (`altroute_queue`, which cannot depend on the host).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -16,9 +16,10 @@ pub fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result<File> 
     if file.metadata()?.is_file() {
         Ok(file)
     } else {
+        // Without the path: every caller names it, as for the other errors of `open`.
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{}: not a regular file", path.display()),
+            "not a regular file",
         ))
     }
 }

@@ -1186,7 +1186,7 @@ impl Sources {
 
 /// One policy or module file, as [`Sources::read`] takes it.
 fn read_source(path: &Path) -> Result<Vec<u8>, ReloadError> {
-    read_file(path).map(|(bytes, ..)| bytes)
+    read_file(path, false).map(|(bytes, ..)| bytes)
 }
 
 /// Where a watched file's content came from: the file its path resolves to, that file's
@@ -1260,30 +1260,24 @@ fn sigio_harmless() {
     });
 }
 
-/// [`read_source`], with the file's device, inode and birth time.
-fn read_file(path: &Path) -> Result<FileRead, ReloadError> {
+/// [`read_source`], with the file's device, inode and birth time, and, when `probe`
+/// (the watch), whether it is being written ([`leased_writer`]; SIGHUP applies what is
+/// there and takes no lease).
+fn read_file(path: &Path, probe: bool) -> Result<FileRead, ReloadError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    use std::os::unix::fs::OpenOptionsExt;
     let error = |source: std::io::Error| ReloadError::Read {
         path: path.to_path_buf(),
         source,
     };
     let refuse = |why: String| error(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
-    // Non-blocking, so that opening a FIFO returns at once; reads of a regular file
-    // ignore the flag.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(error)?;
+    // Non-blocking, so that opening a FIFO returns at once, and only a regular file.
+    let file =
+        crate::files::open_regular(path, std::fs::OpenOptions::new().read(true)).map_err(error)?;
     let meta = file.metadata().map_err(error)?;
-    if !meta.is_file() {
-        return Err(refuse("not a regular file".to_string()));
-    }
     let inode = (meta.dev(), meta.ino());
     let born = meta.created().ok();
-    let writer = leased_writer(&file);
+    let writer = if probe { leased_writer(&file) } else { None };
     if meta.len() > MAX_SOURCE_FILE {
         return Err(refuse(format!(
             "{} bytes, more than the {} MiB a policy or module file may have",
@@ -1789,7 +1783,7 @@ fn read_sources(sources: &Sources) -> Result<Vec<(PathBuf, Seen, Vec<u8>)>, Relo
                 .parent()
                 .and_then(|d| std::fs::metadata(d).ok())
                 .map(|m| (m.dev(), m.ino()));
-            let (bytes, inode, born, writer) = read_file(path)?;
+            let (bytes, inode, born, writer) = read_file(path, true)?;
             let hash = hex(&Sha256::digest(&bytes));
             Ok((
                 path.clone(),
