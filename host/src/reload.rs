@@ -2292,6 +2292,39 @@ expect = {{ route = "alternate", host = "secure-relay" }}
         assert_eq!(status.audit.seq, 2);
     }
 
+    /// A no-op is decided by the content, not by the 64-bit version alone: an active
+    /// version whose JSON differs from a candidate's under the same version (a collision,
+    /// made here by hand) does not make the candidate a no-op.
+    #[test]
+    fn a_version_collision_is_not_a_no_op() {
+        let a = policy("a", &["partner.example"], "");
+        let (_dir, slots, reloader) = setup(&a);
+        let again = reloader
+            .apply(&Who::Cli, Candidate::policy(a.clone()))
+            .unwrap();
+        assert!(!again.changed, "the same content is a no-op");
+        {
+            let mut state = reloader.lock();
+            let active = state.history.pop_back().unwrap();
+            let (other, other_json) =
+                prepare(policy("b", &["partner.example", "other.example"], "").as_bytes()).unwrap();
+            assert_ne!(other.version, active.info.version);
+            state.history.push_back(Arc::new(Version {
+                policy: other,
+                json: other_json,
+                module: active.module.clone(),
+                info: active.info.clone(),
+            }));
+        }
+        let applied = reloader.apply(&Who::Cli, Candidate::policy(a)).unwrap();
+        assert!(applied.changed, "same version, other content: applied");
+        assert_eq!(applied.old_version, applied.new_version);
+        assert_eq!(
+            slots.decide(&no_starttls("x@partner.example")).route,
+            Route::Alternate
+        );
+    }
+
     /// A large organisation's list: compiled, loaded into the module (its `on_configure`
     /// parses 2.5 MB of JSON, under the host's load deadline), self-tested and swapped
     /// like any other, and its decisions made from the pattern index.
