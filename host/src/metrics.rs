@@ -347,4 +347,44 @@ mod tests {
         assert!(text.contains("altroute_test_extra_total 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
+
+    /// The spool gauges are taken from the spool at most once per [`SPOOL_REFRESH`]: a
+    /// scrape inside the interval shows the last figures, one after it the spool's. The
+    /// time of the last look is set by hand, so the test does not depend on timing.
+    #[test]
+    fn spool_gauges_are_refreshed_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(
+            dir.path(),
+            altroute_queue::SpoolConfig::default(),
+            std::sync::Arc::new(altroute_queue::SystemClock),
+        )
+        .unwrap();
+        let m = Metrics::new();
+        let queued = "altroute_spool_messages{state=\"queued\"}";
+        assert!(m.encode(Some(&spool)).contains(&format!("{queued} 0")));
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(spool.store(
+                altroute_queue::Envelope::new("a@x.example", vec!["b@y.example".into()]),
+                b"Subject: t\r\n\r\nbody\r\n".to_vec(),
+            ))
+            .unwrap();
+        // Looked at "now" (an instant in the future stands for "just now", whatever the
+        // load): the stored message is not seen yet.
+        *m.spool_observed.lock().unwrap() =
+            Some(std::time::Instant::now() + std::time::Duration::from_secs(3600));
+        assert!(m.encode(Some(&spool)).contains(&format!("{queued} 0")));
+        // The last look one interval ago: the spool is read again.
+        *m.spool_observed.lock().unwrap() = std::time::Instant::now().checked_sub(SPOOL_REFRESH);
+        let text = m.encode(Some(&spool));
+        assert!(text.contains(&format!("{queued} 1")), "{text}");
+        assert!(
+            text.contains("altroute_spool_recipients{state=\"pending\"} 1"),
+            "{text}"
+        );
+    }
 }
