@@ -553,3 +553,74 @@ async fn handle_queue(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that pipelines requests and never reads the answers blocks the endpoint's
+    /// writes, where no read timeout applies: the connection is closed at its lifetime,
+    /// not held for good. Time is paused (tokio's test clock), so the two minutes pass
+    /// as soon as nothing else is left to run.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_is_closed_at_the_connection_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(
+            dir.path(),
+            altroute_queue::SpoolConfig::default(),
+            Arc::new(altroute_queue::SystemClock),
+        )
+        .unwrap();
+        let state = AdminState {
+            metrics: Arc::new(Metrics::new()),
+            spool,
+            policy_version: Arc::new(|| "v1".to_string()),
+            reloader: None,
+            token: None,
+            hostname: "relay.test".into(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let client = socket.connect(addr).await.unwrap();
+        let (mut reader, mut writer) = client.into_split();
+        let start = tokio::time::Instant::now();
+        // Requests until the endpoint stops reading them (its answers fill the buffers).
+        let flood = tokio::spawn(async move {
+            let request = b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n".repeat(64);
+            while writer.write_all(&request).await.is_ok() {}
+        });
+        // Nothing read for longer than any read timeout of the endpoint.
+        tokio::time::sleep(HEADER_TIMEOUT + BODY_TIMEOUT).await;
+        // Then the answers are read to the end: the endpoint has closed the connection
+        // by then, at its lifetime.
+        let mut sink = vec![0u8; 1 << 16];
+        let closed = tokio::time::timeout(CONNECTION_LIFETIME * 2, async {
+            loop {
+                match reader.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the connection outlived twice its lifetime");
+        assert!(
+            start.elapsed() >= CONNECTION_LIFETIME,
+            "closed after {:?}, before its lifetime: by something else",
+            start.elapsed()
+        );
+        flood.abort();
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
+}
