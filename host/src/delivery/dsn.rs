@@ -18,9 +18,10 @@ pub struct Failure {
     /// True when the queue lifetime ran out (the failures were temporary).
     pub expired: bool,
     /// Its mail required TLS, or whether it did is not known: a notice, which goes
-    /// wherever the sender's domain takes it, returns only the headers even with
+    /// wherever the sender's domain takes it, returns neither the body, even with
     /// `RET=FULL` (an audit's `RET=FULL` sent the body of TLS-required mail back in
-    /// clear text).
+    /// clear text), nor the header fields but `Message-ID` and `Date` (another audit
+    /// got the `Subject` of such mail sent back in clear text).
     pub confidential: bool,
 }
 
@@ -75,7 +76,7 @@ pub fn build(
         .iter()
         .filter(|f| envelope.dsn_of(f.index).notify.on_failure())
         .collect();
-    let full_allowed = reported.iter().all(|f| !f.confidential);
+    let confidential = reported.iter().any(|f| f.confidential);
     let entries: Vec<Entry> = reported
         .into_iter()
         .map(|f| Entry {
@@ -96,19 +97,22 @@ pub fn build(
         envelope,
         original,
         &entries,
-        Kind::Failure { full_allowed },
+        Kind::Failure,
+        confidential,
         now,
         unique,
     )
 }
 
 /// Builds the success notice (`Action: relayed`) for `relayed` recipients that asked
-/// for one, or `None` (null sender, nobody asked).
+/// for one, or `None` (null sender, nobody asked). `confidential` as in
+/// [`Failure::confidential`], for the message.
 pub fn build_relayed(
     reporting_mta: &str,
     envelope: &Envelope,
     original: &[u8],
     relayed: &[Relayed],
+    confidential: bool,
     now: Timestamp,
     unique: &str,
 ) -> Option<(Envelope, Vec<u8>)> {
@@ -133,6 +137,7 @@ pub fn build_relayed(
         original,
         &entries,
         Kind::Relayed,
+        confidential,
         now,
         unique,
     )
@@ -150,8 +155,8 @@ struct Entry<'a> {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// `full_allowed`: no reported recipient's mail is confidential.
-    Failure { full_allowed: bool },
+    /// The message, or its headers, as `RET` says.
+    Failure,
     /// Headers only, whatever `RET` says (RFC 3461 §4.3: `RET` is for failures).
     Relayed,
 }
@@ -166,6 +171,7 @@ fn compose(
     original: &[u8],
     entries: &[Entry],
     kind: Kind,
+    confidential: bool,
     now: Timestamp,
     unique: &str,
 ) -> Option<(Envelope, Vec<u8>)> {
@@ -173,10 +179,18 @@ fn compose(
         return None;
     }
     let boundary = format!("altroute-dsn-{unique}");
-    let headers = header_section(original);
-    // RET=FULL (RFC 3461 §4.3): the whole message, when it is small enough; otherwise,
-    // and by default, its headers.
-    let full = kind == Kind::Failure { full_allowed: true }
+    let section = header_section(original);
+    let identifying;
+    let headers = if confidential {
+        identifying = identifying_fields(section);
+        &identifying[..]
+    } else {
+        section
+    };
+    // RET=FULL (RFC 3461 §4.3): the whole message, when it is small enough and not
+    // confidential; otherwise, and by default, its headers.
+    let full = kind == Kind::Failure
+        && !confidential
         && envelope.ret == Some(altroute_smtp::dsn::Ret::Full)
         && original.len() <= MAX_RETURNED_MESSAGE;
     let returned = if full { original } else { headers };
@@ -201,12 +215,12 @@ fn compose(
     ));
     m.push_str(&format!("To: <{}>\r\n", for_header(&envelope.mail_from)));
     m.push_str(match kind {
-        Kind::Failure { .. } => "Subject: Undelivered Mail Returned to Sender\r\n",
+        Kind::Failure => "Subject: Undelivered Mail Returned to Sender\r\n",
         Kind::Relayed => "Subject: Successful Mail Delivery Report\r\n",
     });
     m.push_str(&format!("Date: {date}\r\n"));
     let tag = match kind {
-        Kind::Failure { .. } => "dsn",
+        Kind::Failure => "dsn",
         Kind::Relayed => "relayed",
     };
     m.push_str(&format!("Message-ID: <{unique}.{tag}@{reporting_mta}>\r\n"));
@@ -229,7 +243,7 @@ fn compose(
         "This is the mail system at {reporting_mta}.\r\n\r\n"
     ));
     m.push_str(match kind {
-        Kind::Failure { .. } => "Your message could not be delivered to the following recipients:\r\n\r\n",
+        Kind::Failure => "Your message could not be delivered to the following recipients:\r\n\r\n",
         Kind::Relayed => "Your message was handed on for the following recipients, as you asked to be told:\r\n\r\n",
     });
     for e in entries {
@@ -238,6 +252,12 @@ fn compose(
             for_header(e.recipient),
             brief(&e.human)
         ));
+    }
+    if confidential {
+        m.push_str(
+            "\r\nThe message required TLS, and this notice may travel without it: of its \
+             header fields only Message-ID and Date are returned.\r\n",
+        );
     }
 
     // Machine-readable part.
@@ -338,6 +358,24 @@ fn header_section(original: &[u8]) -> &[u8] {
     &original[..end]
 }
 
+/// The `Message-ID` and `Date` fields (with their continuation lines) of a header
+/// `section` ([`header_section`]): what identifies a confidential message to its sender
+/// without telling what it was about.
+fn identifying_fields(section: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut keep = false;
+    for line in section.split_inclusive(|&b| b == b'\n') {
+        if !matches!(line.first(), Some(b' ' | b'\t')) {
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            keep = name.eq_ignore_ascii_case(b"message-id") || name.eq_ignore_ascii_case(b"date");
+        }
+        if keep {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
 /// A reason as one printable ASCII line (header fields must not break) of at most
 /// [`MAX_REASON`] bytes: a next hop's reply may have 128 lines of 4 KiB, and a DSN once
 /// carried it twice per recipient (100 MB for 100 recipients), with lines no next hop
@@ -407,7 +445,7 @@ mod tests {
             reason: "550 5.7.10 TLS required for this recipient but unavailable".into(),
             expired: false,
         }];
-        let original = b"Subject: hi\r\nFrom: alice@corp.example\r\n\r\nsecret body\r\n";
+        let original = b"Subject: hi\r\nFrom: alice@corp.example\r\nMessage-ID: <m1@corp>\r\n\r\nsecret body\r\n";
         let (dsn_env, dsn) = build(
             "relay.example",
             &env,
@@ -423,10 +461,10 @@ mod tests {
         assert!(text.contains("report-type=delivery-status"));
         assert!(text.contains("Final-Recipient: rfc822; bob@partner.example\r\n"));
         assert!(text.contains("Status: 5.7.10\r\n"));
-        assert!(text.contains("Subject: hi\r\n"));
+        assert!(text.contains("Message-ID: <m1@corp>\r\n"), "{text}");
         assert!(
-            !text.contains("secret body"),
-            "only the headers are returned"
+            !text.contains("Subject: hi") && !text.contains("secret body"),
+            "mail that required TLS: only Message-ID and Date go back"
         );
         let null = Envelope::new("", vec!["x@y".into()]);
         assert!(build("r", &null, original, &failures, 0, "x2").is_none());
@@ -479,7 +517,7 @@ mod tests {
         let failures: Vec<Failure> = (0..100)
             .map(|i| Failure {
                 index: i,
-                confidential: true,
+                confidential: false,
                 recipient: format!("r{i}@huge.example"),
                 reason: huge.clone(),
                 expired: false,
@@ -584,7 +622,43 @@ mod tests {
             recipient: "bob@partner.example".into(),
             via: "host x".into(),
         }];
-        let notice = text(build_relayed("r", &env, original, &relayed, 0, "d"));
+        let notice = text(build_relayed("r", &env, original, &relayed, false, 0, "d"));
         assert!(!notice.contains("TOPSECRET"), "{notice}");
+        assert!(notice.contains("Subject: s\r\n"), "{notice}");
+        let notice = text(build_relayed("r", &env, original, &relayed, true, 0, "e"));
+        assert!(!notice.contains("Subject: s"), "{notice}");
+    }
+
+    /// The header section of mail that required TLS goes back as its `Message-ID` and
+    /// `Date` only (an audit's notice, sent in clear text, carried the `Subject` of mail
+    /// a rule required TLS for); an open message's goes back whole.
+    #[test]
+    fn a_confidential_message_returns_only_its_message_id_and_date() {
+        let env = Envelope::new("alice@corp.example", vec![]);
+        let original = b"Date: Mon, 7 Dec 2026 10:00:00 +0000\r\nSubject: SECRET-SUBJECT\r\n\
+                         To: ceo@partner.example\r\nMESSAGE-ID:\r\n <m2@corp>\r\n\
+                         X-Trace: a\r\n\tb\r\n\r\nbody\r\n";
+        let failure = |confidential| Failure {
+            index: 0,
+            recipient: "ceo@partner.example".into(),
+            reason: "550 5.7.10 TLS required".into(),
+            expired: false,
+            confidential,
+        };
+        let (_, dsn) = build("r", &env, original, &[failure(true)], 0, "f").unwrap();
+        let text = String::from_utf8(dsn).unwrap();
+        let returned = text.rsplit("text/rfc822-headers\r\n\r\n").next().unwrap();
+        assert!(
+            returned.starts_with(
+                "Date: Mon, 7 Dec 2026 10:00:00 +0000\r\nMESSAGE-ID:\r\n <m2@corp>\r\n\r\n--"
+            ),
+            "{returned}"
+        );
+        assert!(!text.contains("SECRET-SUBJECT") && !text.contains("X-Trace"));
+        assert!(text.contains("only Message-ID and Date are returned"));
+        let (_, dsn) = build("r", &env, original, &[failure(false)], 0, "g").unwrap();
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(text.contains("Subject: SECRET-SUBJECT\r\n") && text.contains("X-Trace: a\r\n\tb"));
+        assert!(!text.contains("only Message-ID and Date"));
     }
 }

@@ -627,7 +627,8 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
             }
         }
     }
-    // The body goes back only if no recipient of the message needed TLS: it is the
+    // The body (and the header fields but Message-ID and Date) go back only if no
+    // recipient of the message needed TLS: it is the
     // whole message's (an audit's bounce of an opportunistic recipient returned the body
     // meant for a TLS-only one). A recipient not planned in this run counts as needing it.
     let all_open = (0..entry.envelope.rcpt_to.len()).all(|i| open.contains(&i));
@@ -635,7 +636,7 @@ async fn process(ctx: &Ctx, entry: QueueEntry) {
         f.failure.confidential = !all_open;
     }
     unrecorded += record_finals(ctx, &entry, &message, finals).await.0;
-    report_relayed(ctx, &entry, &message, &relayed).await;
+    report_relayed(ctx, &entry, &message, &relayed, !all_open).await;
     hold_back(ctx, &id, unrecorded);
     // Removed while still claimed, so that the sweep ([`sweep_finished`]) cannot race it.
     // A message this attempt could not read is read again first (see `remove_finished`).
@@ -857,12 +858,19 @@ impl Final {
 /// without DSN whose sender asked for one (`NOTIFY=SUCCESS`). Best effort: the
 /// deliveries are recorded whatever happens here, and a notice that cannot be queued is
 /// logged.
-async fn report_relayed(ctx: &Ctx, entry: &QueueEntry, message: &[u8], relayed: &[dsn::Relayed]) {
+async fn report_relayed(
+    ctx: &Ctx,
+    entry: &QueueEntry,
+    message: &[u8],
+    relayed: &[dsn::Relayed],
+    confidential: bool,
+) {
     let Some((env, body)) = dsn::build_relayed(
         &ctx.settings.hostname,
         &entry.envelope,
         message,
         relayed,
+        confidential,
         ctx.spool.clock().now(),
         entry.id.as_str(),
     ) else {
