@@ -97,8 +97,7 @@ pub fn build(
         envelope,
         original,
         &entries,
-        Kind::Failure,
-        confidential,
+        Kind::Failure { confidential },
         now,
         unique,
     )
@@ -136,8 +135,7 @@ pub fn build_relayed(
         envelope,
         original,
         &entries,
-        Kind::Relayed,
-        confidential,
+        Kind::Relayed { confidential },
         now,
         unique,
     )
@@ -155,10 +153,11 @@ struct Entry<'a> {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// The message, or its headers, as `RET` says.
-    Failure,
+    /// The message, or its headers, as `RET` says. `confidential` as in
+    /// [`Failure::confidential`], here and below.
+    Failure { confidential: bool },
     /// Headers only, whatever `RET` says (RFC 3461 §4.3: `RET` is for failures).
-    Relayed,
+    Relayed { confidential: bool },
 }
 
 /// At most this big a message goes back whole with `RET=FULL` (Postfix's
@@ -171,7 +170,6 @@ fn compose(
     original: &[u8],
     entries: &[Entry],
     kind: Kind,
-    confidential: bool,
     now: Timestamp,
     unique: &str,
 ) -> Option<(Envelope, Vec<u8>)> {
@@ -179,6 +177,7 @@ fn compose(
         return None;
     }
     let boundary = format!("altroute-dsn-{unique}");
+    let (Kind::Failure { confidential } | Kind::Relayed { confidential }) = kind;
     let section = header_section(original);
     let identifying;
     let headers = if confidential {
@@ -189,10 +188,11 @@ fn compose(
     };
     // RET=FULL (RFC 3461 §4.3): the whole message, when it is small enough and not
     // confidential; otherwise, and by default, its headers.
-    let full = kind == Kind::Failure
-        && !confidential
-        && envelope.ret == Some(altroute_smtp::dsn::Ret::Full)
-        && original.len() <= MAX_RETURNED_MESSAGE;
+    let full =
+        kind == (Kind::Failure {
+            confidential: false,
+        }) && envelope.ret == Some(altroute_smtp::dsn::Ret::Full)
+            && original.len() <= MAX_RETURNED_MESSAGE;
     let returned = if full { original } else { headers };
     // RFC 6533: a report with UTF-8 in its addresses or returned text is a
     // `message/global-delivery-status` with `message/global-headers` (or
@@ -215,13 +215,13 @@ fn compose(
     ));
     m.push_str(&format!("To: <{}>\r\n", for_header(&envelope.mail_from)));
     m.push_str(match kind {
-        Kind::Failure => "Subject: Undelivered Mail Returned to Sender\r\n",
-        Kind::Relayed => "Subject: Successful Mail Delivery Report\r\n",
+        Kind::Failure { .. } => "Subject: Undelivered Mail Returned to Sender\r\n",
+        Kind::Relayed { .. } => "Subject: Successful Mail Delivery Report\r\n",
     });
     m.push_str(&format!("Date: {date}\r\n"));
     let tag = match kind {
-        Kind::Failure => "dsn",
-        Kind::Relayed => "relayed",
+        Kind::Failure { .. } => "dsn",
+        Kind::Relayed { .. } => "relayed",
     };
     m.push_str(&format!("Message-ID: <{unique}.{tag}@{reporting_mta}>\r\n"));
     m.push_str("Auto-Submitted: auto-replied\r\n");
@@ -243,8 +243,8 @@ fn compose(
         "This is the mail system at {reporting_mta}.\r\n\r\n"
     ));
     m.push_str(match kind {
-        Kind::Failure => "Your message could not be delivered to the following recipients:\r\n\r\n",
-        Kind::Relayed => "Your message was handed on for the following recipients, as you asked to be told:\r\n\r\n",
+        Kind::Failure { .. } => "Your message could not be delivered to the following recipients:\r\n\r\n",
+        Kind::Relayed { .. } => "Your message was handed on for the following recipients, as you asked to be told:\r\n\r\n",
     });
     for e in entries {
         m.push_str(&format!(
