@@ -288,6 +288,7 @@ async fn candidates(
                     name: t.domain.clone(),
                     preference: 0,
                     addrs: vec![ip],
+                    unresolved: None,
                 }]);
             }
             let addrs = resolver.addresses(&t.domain).await?;
@@ -295,6 +296,7 @@ async fn candidates(
                 name: t.domain.clone(),
                 preference: 0,
                 addrs,
+                unresolved: None,
             }])
         }
         Kind::Domain => resolver.mail_hosts(&t.domain).await,
@@ -337,6 +339,9 @@ async fn test(
             Vec::new()
         }
     };
+    for why in found.iter().filter_map(|c| c.unresolved.as_ref()) {
+        report.problems.push(format!("DNS: {why}"));
+    }
     report.candidates = found
         .iter()
         .map(|c| CandidateReport {

@@ -822,6 +822,7 @@ mod tests {
             name: name.to_string(),
             preference: 10,
             addrs: vec![],
+            unresolved: None,
         }
     }
 

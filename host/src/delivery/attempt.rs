@@ -347,7 +347,7 @@ fn run_hop<'a>(
         // Recipients without a final outcome, each with the last host's refusal, if any.
         let mut waiting: Vec<(Rcpt, Option<Refusal>)> =
             rcpts.into_iter().map(|r| (r, None)).collect();
-        let (targets, looped) = addresses(ctx, entry, &candidates, port, &mut errors);
+        let (targets, looped, unresolved) = addresses(ctx, entry, &candidates, port, &mut errors);
         // A hostile domain with dozens of black-hole MX hosts must not hold a worker for
         // hours: at most `mx_address_limit` addresses and `mx_session_limit` sessions per
         // hop (as Postfix's smtp_mx_address_limit and smtp_mx_session_limit); the rest
@@ -403,9 +403,9 @@ fn run_hop<'a>(
         } else {
             errors.join("; ")
         };
-        // A host of the hop was not reached (or not tried) in this attempt: it may take
-        // the mail at the next one, so a refusal here bounces nothing.
-        let incomplete = left > 0 || unreachable > 0;
+        // A host of the hop was not reached (or not tried, or not even resolved) in this
+        // attempt: it may take the mail at the next one, so a refusal here bounces nothing.
+        let incomplete = left > 0 || unreachable > 0 || unresolved > 0;
         for (r, refusal) in waiting {
             match refusal {
                 Some(f) => settled.refused(ctx, hop, r, f, incomplete),
@@ -892,21 +892,26 @@ fn received_ip(received_from: Option<&str>) -> Option<IpAddr> {
     s.get(start + 1..end)?.parse().ok()
 }
 
-/// Every address of `candidates` in order, with its host's name, and whether every
-/// address there was is this relay's own. An address the message came from, or one this
-/// relay listens on (`DeliverySettings::listen`), is left out (and noted in `errors`):
-/// sending there would be a mail loop.
+/// Every address of `candidates` in order, with its host's name; whether every address
+/// there was is this relay's own, with no host left unresolved (a loop); and how many
+/// hosts are left unresolved ([`Candidate::unresolved`], noted in `errors`). An address
+/// the message came from, or one this relay listens on (`DeliverySettings::listen`), is
+/// left out (and noted in `errors`): sending there would be a mail loop.
 fn addresses<'c>(
     ctx: &Ctx,
     entry: &QueueEntry,
     candidates: &'c [Candidate],
     port: u16,
     errors: &mut Vec<String>,
-) -> (Vec<(&'c str, SocketAddr)>, bool) {
+) -> (Vec<(&'c str, SocketAddr)>, bool, usize) {
     let from = received_ip(entry.envelope.received_from.as_deref()).map(destination_ip);
     let mut out = Vec::new();
-    let mut ours = 0;
+    let (mut ours, mut unresolved) = (0, 0);
     for cand in candidates {
+        if let Some(why) = &cand.unresolved {
+            unresolved += 1;
+            errors.push(why.clone());
+        }
         for &ip in &cand.addrs {
             let addr = SocketAddr::new(ip, port);
             let ip = destination_ip(ip);
@@ -923,8 +928,10 @@ fn addresses<'c>(
             }
         }
     }
-    let looped = out.is_empty() && ours > 0;
-    (out, looped)
+    // A more preferred host whose lookup failed for the moment may be the real next hop
+    // (an audit's mail bounced as a loop while the primary MX only had a DNS error).
+    let looped = out.is_empty() && ours > 0 && unresolved == 0;
+    (out, looped, unresolved)
 }
 
 /// The address a connection to `ip` reaches: an IPv4-mapped IPv6 address is the IPv4

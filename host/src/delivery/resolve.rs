@@ -21,6 +21,11 @@ pub struct Candidate {
     pub preference: u16,
     /// Addresses of the host.
     pub addrs: Vec<IpAddr>,
+    /// Why its addresses could not be looked up, when they could not (`addrs` is then
+    /// empty). Such a host was not reached: it may take the mail at the next attempt, so
+    /// what the others say bounces nothing (an audit's mail bounced at a backup MX while
+    /// the primary's address lookup had only failed for the moment).
+    pub unresolved: Option<String>,
 }
 
 /// Why a destination could not be resolved.
@@ -111,6 +116,7 @@ impl Resolver {
                 name: domain.to_string(),
                 preference: 0,
                 addrs,
+                unresolved: None,
             }]);
         }
         // RFC 7505: a single MX with an empty exchange means "no mail accepted".
@@ -121,25 +127,29 @@ impl Resolver {
         }
         mx.sort();
         let mut out = Vec::new();
-        let mut last_error = None;
         for (preference, name) in mx {
             // An MX names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric exchange is a
             // name to look up, never an address literal.
-            match self.host_addresses(&name).await {
-                Ok(addrs) => out.push(Candidate {
-                    name,
-                    preference,
-                    addrs,
-                }),
+            let (addrs, unresolved) = match self.host_addresses(&name).await {
+                Ok(addrs) => (addrs, None),
                 Err(ResolveFailure::Temporary(e) | ResolveFailure::Permanent(e)) => {
-                    last_error = Some(e)
+                    (Vec::new(), Some(e))
                 }
-            }
+            };
+            out.push(Candidate {
+                name,
+                preference,
+                addrs,
+                unresolved,
+            });
         }
-        if out.is_empty() {
-            return Err(ResolveFailure::Temporary(last_error.unwrap_or_else(|| {
-                format!("no MX host of {domain} has an address")
-            })));
+        if out.iter().all(|c| c.addrs.is_empty()) {
+            return Err(ResolveFailure::Temporary(
+                out.into_iter()
+                    .rev()
+                    .find_map(|c| c.unresolved)
+                    .unwrap_or_else(|| format!("no MX host of {domain} has an address")),
+            ));
         }
         Ok(out)
     }
@@ -207,10 +217,10 @@ impl Resolver {
 
     /// The hosts of a policy host (static route or alternate secure route): its addresses
     /// in order (primary, then secondary), each resolved, or their MX hosts when
-    /// `mx_lookup` is set.
+    /// `mx_lookup` is set. An address that does not resolve is kept as an unresolved
+    /// candidate ([`Candidate::unresolved`]) when another one does.
     pub async fn host_target(&self, target: &HostTarget) -> Result<Vec<Candidate>, ResolveFailure> {
         let mut out = Vec::new();
-        let mut last_error = None;
         for address in &target.addresses {
             let found = if target.mx_lookup {
                 self.mail_hosts(address).await
@@ -220,19 +230,28 @@ impl Resolver {
                         name: address.clone(),
                         preference: 0,
                         addrs,
+                        unresolved: None,
                     }]
                 })
             };
             match found {
                 Ok(c) => out.extend(c),
                 Err(ResolveFailure::Temporary(e) | ResolveFailure::Permanent(e)) => {
-                    last_error = Some(e)
+                    out.push(Candidate {
+                        name: address.clone(),
+                        preference: 0,
+                        addrs: Vec::new(),
+                        unresolved: Some(e),
+                    })
                 }
             }
         }
-        if out.is_empty() {
+        if out.iter().all(|c| c.addrs.is_empty()) {
             return Err(ResolveFailure::Temporary(
-                last_error.unwrap_or_else(|| format!("host {} has no address", target.name)),
+                out.into_iter()
+                    .rev()
+                    .find_map(|c| c.unresolved)
+                    .unwrap_or_else(|| format!("host {} has no address", target.name)),
             ));
         }
         Ok(out)

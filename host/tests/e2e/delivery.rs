@@ -984,6 +984,71 @@ async fn a_refusal_while_another_mx_was_unreachable_defers_not_bounces() {
     assert_no_transaction(&lab.sinks[without], "MX without REQUIRETLS");
 }
 
+/// A more preferred MX whose address lookup fails (here NXDOMAIN; a SERVFAIL takes the
+/// same path) was not reached either: the refusal of the next MX defers, and a loop
+/// through the next MX defers too. An audit's mail bounced in both cases while the
+/// primary MX had only a DNS error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_more_preferred_mx_that_did_not_resolve_keeps_a_refusal_or_a_loop_from_bouncing() {
+    let mut lab = Lab::new().await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let (own_ip, own) = lab
+        .sink("self.loop.test", Tls::None, SinkMode::Accept)
+        .await;
+    for (domain, second) in [
+        ("unres.strict.test", "mx2.unres.strict.test"),
+        ("unres.open.test", "self.loop.test"),
+    ] {
+        // Preference 10: a name without any record.
+        lab.dns
+            .add_mx(domain, 10, &format!("gone.{domain}"))
+            .await
+            .unwrap();
+        lab.dns.add_mx(domain, 20, second).await.unwrap();
+    }
+    let clear = lab
+        .sink("mx2.unres.strict.test", Tls::None, SinkMode::Accept)
+        .await
+        .1;
+    let port = lab.port;
+    let relay = Relay::start_with(
+        &lab,
+        standard(&policy(lab.port, false, "on_tls_unavailable = \"bounce\"")),
+        |s| s.listen = vec![SocketAddr::new(own_ip.into(), port)],
+    )
+    .await;
+    let refused = relay
+        .send("alice@corp.test", &["bob@unres.strict.test"], false)
+        .await;
+    let looped = relay
+        .send("alice@corp.test", &["bob@unres.open.test"], false)
+        .await;
+    for (id, expected) in [
+        (refused, ["4.7.10", "another host was not reached"]),
+        (looped, ["4.4.1", "gone.unres.open.test"]),
+    ] {
+        let states = relay.settled(&id).await.unwrap();
+        match &states[0] {
+            RecipientState::Deferred { reason, .. } => {
+                assert!(reason.starts_with('4'), "{reason}");
+                for part in expected {
+                    assert!(reason.contains(part), "{part}: {reason}");
+                }
+            }
+            other => panic!("expected deferred, got {other:?}"),
+        }
+    }
+    assert_eq!(relay.metrics.bounces.get(), 0);
+    assert!(lab.sinks[sender_mx].messages().is_empty(), "no DSN");
+    assert_no_transaction(&lab.sinks[clear], "MX without STARTTLS");
+    assert!(
+        lab.sinks[own].sessions().is_empty(),
+        "the relay never connects to itself"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mx_answering_4xx_is_retried_not_rerouted() {
     let mut lab = Lab::new().await;
