@@ -212,6 +212,11 @@ pub(crate) struct State {
     /// Header maps 0..=3: request headers, request trailers, response headers, response trailers.
     pub maps: [HeaderMap; 4],
     pub request_body: Vec<u8>,
+    /// The data buffer of the callback running (`0` request body in
+    /// `proxy_on_request_body`, `2`/`3` in `proxy_on_downstream_data`/`_upstream_data`):
+    /// as in Envoy, only that one is read (others read empty) and written (others are
+    /// BAD_ARGUMENT). A module once read the request body in `on_request_headers`.
+    pub data_buffer: Option<u32>,
     pub downstream: Vec<u8>,
     pub upstream: Vec<u8>,
     pub local_response: Option<LocalResponse>,
@@ -263,6 +268,7 @@ impl State {
             },
             maps: Default::default(),
             request_body: Vec::new(),
+            data_buffer: None,
             downstream: Vec::new(),
             upstream: Vec::new(),
             local_response: None,
@@ -355,6 +361,7 @@ impl State {
             buf.shrink_to(KEEP_BUFFER);
         }
         self.local_response = None;
+        self.data_buffer = None;
         self.log_bytes = 0;
         self.filter_state.clear();
         self.filter_state_bytes = 0;
@@ -466,7 +473,14 @@ fn alloc(caller: &mut Caller<'_, State>, len: usize) -> Res<u32> {
 }
 
 /// Hands `bytes` to the guest: allocate, copy, store pointer and size at the return slots.
+/// Nothing (an empty value) is handed over as Envoy does: a null pointer and size 0, no
+/// allocation (the Rust SDK reads a null property or shared value as absent, and a
+/// zero-size block from `malloc` would leak in its `Vec`).
 fn give(caller: &mut Caller<'_, State>, bytes: &[u8], ret_ptr: u32, ret_size: u32) -> Res<()> {
+    if bytes.is_empty() {
+        let mem = memory(caller)?;
+        return put_ptr_size(mem.data_mut(&mut *caller), ret_ptr, 0, ret_size, 0);
+    }
     let ptr = alloc(caller, bytes.len())?;
     let mem = memory(caller)?;
     let data = mem.data_mut(&mut *caller);
@@ -486,7 +500,6 @@ fn map_bytes(map: &HeaderMap) -> usize {
 
 /// Serialises a header map in the ABI wire format: u32 count, (u32 key len, u32 value
 /// len) per pair, then each key and value followed by NUL.
-#[cfg(test)]
 pub(crate) fn serialize_map(map: &HeaderMap, out: &mut Vec<u8>) {
     out.clear();
     out.resize(serialized_map_len(map), 0);
@@ -571,6 +584,17 @@ pub(crate) fn parse_map(bytes: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result
     Ok(())
 }
 
+/// Adds entry `e` where Envoy's header map puts it: a pseudo-header (`:name`) after the
+/// pseudo-headers at the front, any other header at the end.
+fn insert_as_envoy(map: &mut HeaderMap, e: (String, Vec<u8>)) {
+    if e.0.starts_with(':') {
+        let at = map.iter().take_while(|(k, _)| k.starts_with(':')).count();
+        map.insert(at, e);
+    } else {
+        map.push(e);
+    }
+}
+
 fn map_index(map_type: u32) -> Option<usize> {
     (map_type <= MAP_RESPONSE_TRAILERS).then_some(map_type as usize)
 }
@@ -620,20 +644,27 @@ fn check_size(st: &State, idx: usize, size: usize) -> Res<()> {
     Ok(())
 }
 
-fn buffer(st: &State, t: u32) -> Option<&[u8]> {
+/// The buffer `t` reads, `Err(status)` when there is none: as Envoy, a data buffer
+/// outside its callback and the foreign-function call data (8) read empty, and a type
+/// past the ABI's is a bad argument.
+fn buffer(st: &State, t: u32) -> Result<&[u8], u32> {
     match t {
-        0 => Some(&st.request_body),
-        1 => Some(&[]),
-        2 => Some(&st.downstream),
-        3 => Some(&st.upstream),
-        6 => Some(&st.plugin.vm_config),
-        7 => Some(&st.plugin.plugin_config),
-        _ => None,
+        0 | 2 | 3 if st.data_buffer != Some(t) => Ok(&[]),
+        0 => Ok(&st.request_body),
+        1 | 8 => Ok(&[]),
+        2 => Ok(&st.downstream),
+        3 => Ok(&st.upstream),
+        6 => Ok(&st.plugin.vm_config),
+        7 => Ok(&st.plugin.plugin_config),
+        4 | 5 => Err(NOT_FOUND),
+        _ => Err(BAD_ARGUMENT),
     }
 }
 
+/// The buffer `t` writes: only the data buffer of the running callback.
 fn buffer_mut(st: &mut State, t: u32) -> Option<&mut Vec<u8>> {
     match t {
+        _ if st.data_buffer != Some(t) => None,
         0 => Some(&mut st.request_body),
         2 => Some(&mut st.downstream),
         3 => Some(&mut st.upstream),
@@ -682,7 +713,8 @@ pub(crate) fn parse_filter_state_args(b: &[u8]) -> Option<(String, Vec<u8>)> {
     if at > b.len() {
         return None;
     }
-    Some((path?, value))
+    // No path is an empty one, which names nothing (NOT_FOUND, as in Envoy).
+    Some((path.unwrap_or_default(), value))
 }
 
 fn lookup_property(st: &State, raw: &[u8]) -> Option<Vec<u8>> {
@@ -690,6 +722,8 @@ fn lookup_property(st: &State, raw: &[u8]) -> Option<Vec<u8>> {
         return Some(v.clone());
     }
     let text = std::str::from_utf8(raw).ok()?;
+    // One trailing NUL is taken as Envoy takes it (the SDKs send none).
+    let text = text.strip_suffix('\0').unwrap_or(text);
     let path: Vec<&str> = text.split('\0').collect();
     let headers = st.in_http.then_some(st.maps[0].as_slice());
     let p = &st.plugin;
@@ -832,8 +866,9 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          ret_ptr: u32,
          ret_size: u32|
          -> Res<u32> {
-            let Some(buf) = buffer(c.data(), t) else {
-                return Ok(NOT_FOUND);
+            let buf = match buffer(c.data(), t) {
+                Ok(b) => b,
+                Err(status) => return Ok(status),
             };
             let start = start as usize;
             let end = start.saturating_add(max as usize).min(buf.len());
@@ -852,7 +887,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let r = range(data.len(), ptr, len as u32, "allocated block")?;
             // The guest's allocator may have replaced the buffer (proxy_set_buffer_bytes
             // needs no allocation): take it again, and refuse if the range is gone.
-            let Some(src) = buffer(st, t).and_then(|b| b.get(start..end)) else {
+            let Some(src) = buffer(st, t).ok().and_then(|b| b.get(start..end)) else {
                 return Err(guest("buffer changed during allocation"));
             };
             data[r].copy_from_slice(src);
@@ -966,6 +1001,11 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Ok(NOT_FOUND);
             };
             let len = st.maps[i][pos].1.len();
+            if len == 0 {
+                // As Envoy: an empty value is a null pointer and size 0.
+                put_ptr_size(data, ret_ptr, 0, ret_size, 0)?;
+                return Ok(OK);
+            }
             let ptr = alloc(&mut c, len)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
             let r = range(data.len(), ptr, len as u32, "allocated block")?;
@@ -1020,36 +1060,19 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             if (vlen as usize) > c.data().plugin.max_map_bytes {
                 return Err(limit(format!("header value of {vlen} bytes")));
             }
-            // Fast path without allocation: the key exists, overwrite its value in place.
+            // As Envoy's `setCopy`: every entry of the name goes, and the new one is added
+            // where an add puts it (the end, or the end of the pseudo-headers).
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
             let key = &data[range(data.len(), kptr, klen, "header name")?];
             let value = &data[range(data.len(), vptr, vlen, "header value")?];
-            match st.maps[i]
-                .iter()
-                .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
-            {
-                Some(pos) => {
-                    let mut map = std::mem::take(&mut st.maps[i]);
-                    let v = &mut map[pos].1;
-                    v.clear();
-                    v.extend_from_slice(value);
-                    // A small value in place of a large one gives the room back.
-                    if v.capacity() > MAX_SPARE_ENTRY.max(2 * v.len()) {
-                        v.shrink_to_fit();
-                    }
-                    for gone in
-                        map.extract_if(pos + 1.., |(k, _)| k.as_bytes().eq_ignore_ascii_case(key))
-                    {
-                        st.keep_spare(gone);
-                    }
-                    st.maps[i] = map;
-                }
-                None => {
-                    let e = st.entry(key, value);
-                    st.maps[i].push(e);
-                }
+            let mut map = std::mem::take(&mut st.maps[i]);
+            for gone in map.extract_if(.., |(k, _)| k.as_bytes().eq_ignore_ascii_case(key)) {
+                st.keep_spare(gone);
             }
+            let e = st.entry(key, value);
+            insert_as_envoy(&mut map, e);
+            st.maps[i] = map;
             check_map_size(c.data_mut(), i)?;
             Ok(OK)
         },
@@ -1079,7 +1102,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let value = &data[range(data.len(), vptr, vlen, "header value")?];
             let e = st.entry(key, value);
             let added = entry_bytes(&e.0, &e.1);
-            st.maps[i].push(e);
+            insert_as_envoy(&mut st.maps[i], e);
             check_map_size_after_add(c.data_mut(), i, added)?;
             Ok(OK)
         },
@@ -1366,6 +1389,11 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let body = read(&mut c, bptr, blen, "local response body")?;
             let headers = deserialize_map(&read(&mut c, hptr, hlen, "local response headers")?)
                 .map_err(guest)?;
+            // As Envoy: the first local response of a context is the one sent; a later
+            // one is answered OK and dropped.
+            if c.data().local_response.is_some() {
+                return Ok(OK);
+            }
             c.data_mut().local_response = Some(LocalResponse {
                 status,
                 body,
@@ -1492,6 +1520,9 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     let Some((path, value)) = parse_filter_state_args(&args) else {
                         return Ok(BAD_ARGUMENT);
                     };
+                    if path.is_empty() {
+                        return Ok(NOT_FOUND);
+                    }
                     // All of one context's filter state counts against the limit, so that
                     // many distinct paths cannot grow it without bound.
                     let st = c.data_mut();

@@ -22,7 +22,9 @@ pub struct Metric {
     pub name: String,
     /// Kind as the guest defined it.
     pub kind: MetricKind,
-    /// Counter or gauge value; for a histogram, the sum of recorded values.
+    /// Counter or gauge value (a counter past `i64::MAX` shows as `i64::MAX`; the guest's
+    /// `proxy_get_metric` wraps at 2^64, as Envoy's); for a histogram, the sum of
+    /// recorded values.
     pub value: i64,
     /// For a histogram, how many values were recorded; otherwise 0.
     pub count: u64,
@@ -77,7 +79,8 @@ impl Registry {
 
     fn with<R>(&self, id: u32, f: impl FnOnce(&Slot) -> R) -> Result<R, u32> {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        let slot = slots.get(id as usize).ok_or(NOT_FOUND)?;
+        // As Envoy: an id never defined is a bad argument.
+        let slot = slots.get(id as usize).ok_or(BAD_ARGUMENT)?;
         Ok(f(slot))
     }
 
@@ -96,16 +99,19 @@ impl Registry {
     }
 
     pub(crate) fn record(&self, id: u32, value: u64) -> u32 {
-        let value = i64::try_from(value).unwrap_or(i64::MAX);
         self.with(id, |s| {
             match s.kind {
-                // Envoy adds to a counter and sets a gauge.
+                // Envoy adds to a counter (a u64, wrapping: the same bits as a wrapping
+                // add of the i64 kept here) and sets a gauge.
                 MetricKind::Counter => {
-                    s.value.fetch_add(value, Ordering::Relaxed);
+                    s.value.fetch_add(value as i64, Ordering::Relaxed);
                 }
-                MetricKind::Gauge => s.value.store(value, Ordering::Relaxed),
+                MetricKind::Gauge => s
+                    .value
+                    .store(i64::try_from(value).unwrap_or(i64::MAX), Ordering::Relaxed),
                 MetricKind::Histogram => {
-                    s.value.fetch_add(value, Ordering::Relaxed);
+                    s.value
+                        .fetch_add(i64::try_from(value).unwrap_or(i64::MAX), Ordering::Relaxed);
                     s.count.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -128,7 +134,12 @@ impl Registry {
             .map(|s| Metric {
                 name: s.name.clone(),
                 kind: s.kind,
-                value: s.value.load(Ordering::Relaxed),
+                value: match (s.kind, s.value.load(Ordering::Relaxed)) {
+                    // A counter past i64::MAX (its u64 bits read as negative) shows as
+                    // i64::MAX: a counter exported negative once went out as metrics.
+                    (MetricKind::Counter, v) if v < 0 => i64::MAX,
+                    (_, v) => v,
+                },
                 count: s.count.load(Ordering::Relaxed),
             })
             .collect()

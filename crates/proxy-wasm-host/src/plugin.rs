@@ -438,9 +438,6 @@ impl Instance {
             st.maps[0].push(e);
         }
         st.map_bytes_known[0] = Some(bytes);
-        if let Some(body) = req.body {
-            st.request_body.extend_from_slice(body);
-        }
         let id = self.context_id();
         let cb = Arc::clone(&self.cb);
         self.call(
@@ -454,11 +451,19 @@ impl Instance {
             let eos = u32::from(req.body.is_none());
             paused |= self.call("proxy_on_request_headers", f, (id, n, eos))? == 1;
         }
+        // The body arrives after the headers, as in Envoy: not readable in
+        // `on_request_headers`, readable and writable in `on_request_body` only.
+        if let Some(body) = req.body {
+            self.store.data_mut().request_body.extend_from_slice(body);
+        }
         if let (Some(body), Some(f)) = (req.body, &cb.request_body)
             && self.store.data().local_response.is_none()
         {
             let len = body.len().min(u32::MAX as usize) as u32;
-            paused |= self.call("proxy_on_request_body", f, (id, len, 1))? == 1;
+            self.store.data_mut().data_buffer = Some(0);
+            let called = self.call("proxy_on_request_body", f, (id, len, 1));
+            self.store.data_mut().data_buffer = None;
+            paused |= called? == 1;
         }
         self.finish(id)?;
         Ok(paused)
@@ -948,8 +953,13 @@ impl Stream {
             (&cb.downstream_data, "proxy_on_downstream_data")
         };
         let len = data.len().min(u32::MAX as usize) as u32;
-        let action = match f {
-            Some(f) => match inst.call(name, f, (self.id, len, u32::from(end))) {
+        inst.store.data_mut().data_buffer = Some(if upstream { 3 } else { 2 });
+        let called = f
+            .as_ref()
+            .map(|f| inst.call(name, f, (self.id, len, u32::from(end))));
+        inst.store.data_mut().data_buffer = None;
+        let action = match called {
+            Some(called) => match called {
                 Ok(a) => Action::from_raw(a),
                 Err(e) => {
                     self.plugin.fault(self.inst.take());

@@ -44,11 +44,18 @@ pub(crate) fn builtin(
     conn: Option<&ConnectionInfo>,
     headers: Option<&[(String, Vec<u8>)]>,
 ) -> Option<Vec<u8>> {
+    // As Envoy's: a header given more than once reads as its values joined by commas.
     let header = |name: &str| -> Option<Vec<u8>> {
-        headers?
+        let mut values = headers?
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice());
+        let mut out = values.next()?.to_vec();
+        for v in values {
+            out.push(b',');
+            out.extend_from_slice(v);
+        }
+        Some(out)
     };
     match path {
         ["plugin_name"] => Some(plugin_name.as_bytes().to_vec()),
@@ -75,6 +82,20 @@ pub(crate) fn builtin(
         ["request", "id"] => header("x-request-id"),
         ["request", "protocol"] => headers.map(|_| b"HTTP/1.1".to_vec()),
         ["request", "headers", name] => header(name),
+        // The whole map, in the header-map wire format, each name once with its values
+        // joined (as Envoy answers it).
+        ["request", "headers"] => {
+            let mut joined: Vec<(String, Vec<u8>)> = Vec::new();
+            for (k, _) in headers? {
+                if !joined.iter().any(|(seen, _)| seen.eq_ignore_ascii_case(k)) {
+                    joined.push((k.clone(), header(k).unwrap_or_default()));
+                }
+            }
+            let mut out = Vec::new();
+            crate::abi::serialize_map(&joined, &mut out);
+            Some(out)
+        }
+        ["request", "useragent"] => header("user-agent"),
         _ => None,
     }
 }

@@ -1081,3 +1081,227 @@ fn a_candidate_that_configures_only_once_is_refused() {
     assert_eq!(slot.version(), "v1");
     assert_serves(&slot.current());
 }
+
+/// Differences from Envoy 1.40 that an audit found by running the same WAT probes in both
+/// (each check here traps on a difference, or its result is compared below).
+mod as_envoy {
+    use super::*;
+
+    const IMPORTS: &str = r#"
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $value (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_record_metric" (func $record (param i32 i64) (result i32)))
+  (import "env" "proxy_get_metric" (func $getm (param i32 i32) (result i32)))
+  (data (i32.const 200) "request\00headers\00x-dup")
+  (data (i32.const 240) "request\00headers\00x-empty")
+  (data (i32.const 280) "x-empty")
+  (data (i32.const 300) "x-got")
+  (data (i32.const 320) "FIRSTSECONDc")
+  (data (i32.const 340) "x-dup")
+  (data (i32.const 360) ":zz")
+  (data (i32.const 380) "hits")
+"#;
+
+    /// `(call …)` must answer `status`.
+    fn expect(status: u32, call: &str) -> String {
+        format!("(if (i32.ne {call} (i32.const {status})) (then unreachable))")
+    }
+
+    #[test]
+    fn a_repeated_header_reads_joined_and_an_empty_value_is_a_null_pointer() {
+        let host = host();
+        let headers = [
+            // x-got: what `request.headers.x-dup` read (a,b joined, as Envoy's).
+            expect(
+                0,
+                "(call $prop (i32.const 200) (i32.const 21) (i32.const 100) (i32.const 104))",
+            ),
+            expect(
+                0,
+                "(call $add (i32.const 0) (i32.const 300) (i32.const 5) (i32.load (i32.const 100)) (i32.load (i32.const 104)))",
+            ),
+            // An empty value: OK, null pointer, size 0, as a property and as a header
+            // value (the allocator would trap).
+            "(i32.store (i32.const 100) (i32.const -1)) (i32.store (i32.const 104) (i32.const -1))"
+                .into(),
+            "(global.set $heap (i32.const 0))".into(),
+            expect(
+                0,
+                "(call $prop (i32.const 240) (i32.const 23) (i32.const 100) (i32.const 104))",
+            ),
+            "(if (i32.or (i32.load (i32.const 100)) (i32.load (i32.const 104))) (then unreachable))"
+                .into(),
+            "(i32.store (i32.const 100) (i32.const -1)) (i32.store (i32.const 104) (i32.const -1))"
+                .into(),
+            expect(
+                0,
+                "(call $value (i32.const 0) (i32.const 280) (i32.const 7) (i32.const 100) (i32.const 104))",
+            ),
+            "(if (i32.or (i32.load (i32.const 100)) (i32.load (i32.const 104))) (then unreachable))"
+                .into(),
+            "(global.set $heap (i32.const 8192))".into(),
+        ]
+        .concat();
+        let malloc = "(if (i32.eqz (global.get $heap)) (then unreachable)) \
+                      (local.set $p (global.get $heap)) \
+                      (global.set $heap (i32.add (global.get $heap) (local.get $n))) (local.get $p)";
+        let plugin = load(
+            &host,
+            &[
+                ("EXTRA_IMPORT", IMPORTS),
+                ("HEADERS", &headers),
+                ("MALLOC", malloc),
+            ],
+        )
+        .unwrap();
+        let out = plugin
+            .http_request(&request(&[
+                (":path", "/"),
+                ("x-dup", "a"),
+                ("x-empty", ""),
+                ("x-dup", "b"),
+            ]))
+            .unwrap();
+        assert_eq!(out.header("x-got"), Some(&b"a,b"[..]));
+    }
+
+    #[test]
+    fn the_first_local_response_is_the_one_sent() {
+        let host = host();
+        let headers = [
+            expect(
+                0,
+                "(call $local (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 320) (i32.const 5) (i32.const 0) (i32.const 0) (i32.const 0))",
+            ),
+            expect(
+                0,
+                "(call $local (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 325) (i32.const 6) (i32.const 0) (i32.const 0) (i32.const 0))",
+            ),
+        ]
+        .concat();
+        let plugin = load(&host, &[("EXTRA_IMPORT", IMPORTS), ("HEADERS", &headers)]).unwrap();
+        let local = plugin
+            .http_request(&request(&[(":path", "/")]))
+            .unwrap()
+            .local_response
+            .unwrap();
+        assert_eq!((local.status, &local.body[..]), (403, &b"FIRST"[..]));
+    }
+
+    #[test]
+    fn the_body_is_read_and_written_in_on_request_body_only() {
+        let host = host();
+        // In on_request_headers: the body reads empty (null pointer) and cannot be set.
+        let headers = [
+            "(i32.store (i32.const 100) (i32.const -1))".into(),
+            expect(
+                0,
+                "(call $get (i32.const 0) (i32.const 0) (i32.const 100) (i32.const 100) (i32.const 104))",
+            ),
+            "(if (i32.load (i32.const 100)) (then unreachable))".into(),
+            expect(
+                2,
+                "(call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 320) (i32.const 5))",
+            ),
+        ]
+        .concat();
+        // In on_request_body: prepended.
+        let body = expect(
+            0,
+            "(call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 320) (i32.const 5))",
+        );
+        // In on_downstream_data: the upstream buffer cannot be set.
+        let down = expect(
+            2,
+            "(call $set (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 320) (i32.const 5))",
+        );
+        let plugin = load(
+            &host,
+            &[
+                ("EXTRA_IMPORT", IMPORTS),
+                ("HEADERS", &headers),
+                ("BODY", &body),
+                ("DOWN", &down),
+            ],
+        )
+        .unwrap();
+        let mut req = request(&[(":path", "/")]);
+        req.body = Some(b"-body".to_vec());
+        let out = plugin.http_request(&req).unwrap();
+        assert_eq!(out.body.as_deref(), Some(&b"FIRST-body"[..]));
+        let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
+        assert_eq!(stream.downstream(b"abc", false).unwrap().data, b"abc");
+        stream.close().unwrap();
+    }
+
+    #[test]
+    fn replaced_and_pseudo_headers_go_where_envoy_puts_them() {
+        let host = host();
+        let headers = [
+            expect(
+                0,
+                "(call $replace (i32.const 0) (i32.const 340) (i32.const 5) (i32.const 331) (i32.const 1))",
+            ),
+            expect(
+                0,
+                "(call $add (i32.const 0) (i32.const 360) (i32.const 3) (i32.const 331) (i32.const 1))",
+            ),
+        ]
+        .concat();
+        let plugin = load(&host, &[("EXTRA_IMPORT", IMPORTS), ("HEADERS", &headers)]).unwrap();
+        let out = plugin
+            .http_request(&request(&[
+                (":path", "/"),
+                ("x-dup", "a"),
+                ("x-other", "o"),
+                ("x-dup", "b"),
+            ]))
+            .unwrap();
+        let names: Vec<(&str, &[u8])> = out
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (":path", &b"/"[..]),
+                (":zz", b"c"),
+                ("x-other", b"o"),
+                ("x-dup", b"c")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_counter_wraps_as_envoy_s_and_is_never_exported_negative() {
+        let host = host();
+        let headers = [
+            expect(
+                0,
+                "(call $define (i32.const 0) (i32.const 380) (i32.const 4) (i32.const 100))",
+            ),
+            expect(
+                0,
+                "(call $record (i32.load (i32.const 100)) (i64.const -1))",
+            ),
+            // An id never defined is a bad argument.
+            expect(2, "(call $record (i32.const 77) (i64.const 1))"),
+            expect(2, "(call $getm (i32.const 77) (i32.const 104))"),
+        ]
+        .concat();
+        let plugin = load(&host, &[("EXTRA_IMPORT", IMPORTS), ("HEADERS", &headers)]).unwrap();
+        plugin.http_request(&request(&[(":path", "/")])).unwrap();
+        let hits = plugin
+            .metrics()
+            .into_iter()
+            .find(|m| m.name == "hits")
+            .unwrap();
+        assert_eq!(hits.value, i64::MAX);
+    }
+}
