@@ -8,18 +8,24 @@
 //! Records are added through the same `Arc` that the server's catalog holds, so
 //! changes take effect for the next query without restarting anything.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, SOA, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType, RrKey};
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::ResponseCode;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
+use hickory_server::zone_handler::{
+    AxfrPolicy, Catalog, MessageResponseBuilder, ZoneHandler, ZoneType,
+};
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::LabError;
@@ -37,9 +43,58 @@ const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct DnsServer {
     addr: SocketAddr,
     zone: Arc<InMemoryZoneHandler>,
+    failing: Failing,
     serial: AtomicU32,
     // Dropping the server aborts its UDP and TCP tasks.
-    _server: Server<Catalog>,
+    _server: Server<Lab>,
+}
+
+/// (name, type) pairs answered SERVFAIL, as a broken authoritative server would.
+type Failing = Arc<Mutex<HashSet<(LowerName, RecordType)>>>;
+
+/// The catalog, with the SERVFAIL knob in front of it.
+struct Lab {
+    catalog: Catalog,
+    failing: Failing,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Lab {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let fails = request.request_info().is_ok_and(|info| {
+            let key = (info.query.name().clone(), info.query.query_type());
+            self.failing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&key)
+        });
+        if !fails {
+            return self
+                .catalog
+                .handle_request::<R, T>(request, response_handle)
+                .await;
+        }
+        let response = MessageResponseBuilder::new(&request.queries, None)
+            .error_msg(&request.metadata, ResponseCode::ServFail);
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(error = %e, "lab DNS: sending SERVFAIL failed");
+                let mut metadata =
+                    hickory_server::proto::op::Metadata::response_from_request(&request.metadata);
+                metadata.response_code = ResponseCode::ServFail;
+                hickory_server::proto::op::Header {
+                    metadata,
+                    counts: Default::default(),
+                }
+                .into()
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for DnsServer {
@@ -77,7 +132,11 @@ impl DnsServer {
         let handler: Arc<dyn ZoneHandler> = zone.clone();
         catalog.upsert(LowerName::from(root), vec![handler]);
 
-        let mut server = Server::new(catalog);
+        let failing = Failing::default();
+        let mut server = Server::new(Lab {
+            catalog,
+            failing: failing.clone(),
+        });
         server.register_socket(udp);
         // 4096: enough for any answer the lab builds; responses are small.
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, 4096);
@@ -85,6 +144,7 @@ impl DnsServer {
         Ok(DnsServer {
             addr,
             zone,
+            failing,
             serial: AtomicU32::new(1),
             _server: server,
         })
@@ -143,6 +203,17 @@ impl DnsServer {
     /// Sets the CNAME of `alias` to `target` (a name has at most one CNAME).
     pub async fn add_cname(&self, alias: &str, target: &str) -> Result<(), LabError> {
         self.add(alias, RData::CNAME(CNAME(name(target)?))).await
+    }
+
+    /// Answers queries for `record_type` at `name_` with SERVFAIL (a temporary failure,
+    /// as a broken authoritative server gives) from now on.
+    pub fn fail(&self, name_: &str, record_type: RecordType) -> Result<(), LabError> {
+        let key = (LowerName::from(name(name_)?), record_type);
+        self.failing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key);
+        Ok(())
     }
 
     /// Removes every record of `record_type` at `name_`. Returns whether any existed.

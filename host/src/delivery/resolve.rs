@@ -49,6 +49,11 @@ impl std::fmt::Debug for Resolver {
     }
 }
 
+/// `host` as an IP address, when it is one (bare or in brackets).
+fn literal(host: &str) -> Option<IpAddr> {
+    host.trim_matches(|c| c == '[' || c == ']').parse().ok()
+}
+
 fn fqdn(name: &str) -> String {
     if name.ends_with('.') {
         name.to_string()
@@ -111,13 +116,7 @@ impl Resolver {
             }
         };
         if mx.is_empty() {
-            let addrs = self.addresses(domain).await?;
-            return Ok(vec![Candidate {
-                name: domain.to_string(),
-                preference: 0,
-                addrs,
-                unresolved: None,
-            }]);
+            return Ok(vec![self.candidate(domain).await?]);
         }
         // RFC 7505: a single MX with an empty exchange means "no mail accepted".
         if mx.len() == 1 && mx.iter().all(|(_, h)| h.is_empty()) {
@@ -130,11 +129,11 @@ impl Resolver {
         for (preference, name) in mx {
             // An MX names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric exchange is a
             // name to look up, never an address literal.
-            let (addrs, unresolved) = match self.host_addresses(&name).await {
-                Ok(addrs) => (addrs, None),
-                Err(ResolveFailure::Temporary(e) | ResolveFailure::Permanent(e)) => {
-                    (Vec::new(), Some(e))
+            let (addrs, unresolved) = match self.host_lookup(&name).await {
+                (addrs, None) if addrs.is_empty() => {
+                    (addrs, Some(format!("MX host {name} has no address")))
                 }
+                found => found,
             };
             out.push(Candidate {
                 name,
@@ -185,34 +184,69 @@ impl Resolver {
     /// A/AAAA addresses of `host` (an IP literal resolves to itself: for hosts the
     /// policy names, not for MX exchanges, see [`Resolver::host_addresses`]).
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveFailure> {
-        if let Ok(ip) = host
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<IpAddr>()
-        {
+        if let Some(ip) = literal(host) {
             return Ok(vec![ip]);
         }
         self.host_addresses(host).await
     }
 
+    /// `host` (a name, or an IP literal the policy names) as a candidate of preference 0:
+    /// [`Resolver::host_lookup`]'s addresses and failure, or an error when it has no
+    /// address at all.
+    async fn candidate(&self, host: &str) -> Result<Candidate, ResolveFailure> {
+        let (addrs, unresolved) = match literal(host) {
+            Some(ip) => (vec![ip], None),
+            None => self.host_lookup(host).await,
+        };
+        if addrs.is_empty() {
+            return Err(ResolveFailure::Temporary(
+                unresolved.unwrap_or_else(|| format!("{host} has no address")),
+            ));
+        }
+        Ok(Candidate {
+            name: host.to_string(),
+            preference: 0,
+            addrs,
+            unresolved,
+        })
+    }
+
     /// A/AAAA addresses of the host name `host`, from DNS only (a name that looks like
     /// an address too).
     pub async fn host_addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveFailure> {
-        match self.inner.lookup_ip(fqdn(host)).await {
-            Ok(lookup) => {
-                let addrs: Vec<IpAddr> = lookup.iter().collect();
-                if addrs.is_empty() {
-                    Err(ResolveFailure::Temporary(format!("{host} has no address")))
-                } else {
-                    Ok(addrs)
-                }
-            }
-            Err(e) if e.is_nx_domain() => {
-                Err(ResolveFailure::Temporary(format!("{host} does not exist")))
-            }
-            Err(e) => Err(ResolveFailure::Temporary(format!(
-                "address lookup for {host} failed: {e}"
-            ))),
+        match self.host_lookup(host).await {
+            (addrs, _) if !addrs.is_empty() => Ok(addrs),
+            (_, Some(why)) => Err(ResolveFailure::Temporary(why)),
+            (_, None) => Err(ResolveFailure::Temporary(format!("{host} has no address"))),
         }
+    }
+
+    /// The A and AAAA addresses of the host name `host` (IPv4 first), each family looked
+    /// up on its own, with why one of them failed for the moment (a SERVFAIL, a timeout:
+    /// not "no such name" or "no such record"). Looked up together, a failed family was
+    /// dropped without a word, and an audit's mail bounced at the other family's
+    /// addresses while the failed ones were the host's real ones.
+    pub async fn host_lookup(&self, host: &str) -> (Vec<IpAddr>, Option<String>) {
+        let name = fqdn(host);
+        let (v4, v6) = tokio::join!(
+            self.inner.ipv4_lookup(name.clone()),
+            self.inner.ipv6_lookup(name)
+        );
+        let mut addrs = Vec::new();
+        let mut failed = Vec::new();
+        for (family, found) in [("A", v4), ("AAAA", v6)] {
+            match found {
+                Ok(lookup) => addrs.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                })),
+                Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
+                Err(e) => failed.push(format!("{family} lookup for {host} failed: {e}")),
+            }
+        }
+        let why = (!failed.is_empty()).then(|| failed.join("; "));
+        (addrs, why)
     }
 
     /// The hosts of a policy host (static route or alternate secure route): its addresses
@@ -225,14 +259,7 @@ impl Resolver {
             let found = if target.mx_lookup {
                 self.mail_hosts(address).await
             } else {
-                self.addresses(address).await.map(|addrs| {
-                    vec![Candidate {
-                        name: address.clone(),
-                        preference: 0,
-                        addrs,
-                        unresolved: None,
-                    }]
-                })
+                self.candidate(address).await.map(|c| vec![c])
             };
             match found {
                 Ok(c) => out.extend(c),

@@ -1049,6 +1049,72 @@ async fn a_more_preferred_mx_that_did_not_resolve_keeps_a_refusal_or_a_loop_from
     );
 }
 
+/// The same when only one address family of the MX host fails: its A lookup answers
+/// SERVFAIL, its AAAA (an IPv4-mapped address) leads to a host without STARTTLS, or back
+/// to the relay. Looked up together, the failed family was dropped without a word and
+/// an audit's mail bounced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mx_host_whose_a_lookup_fails_keeps_a_refusal_or_a_loop_from_bouncing() {
+    use hickory_resolver::proto::rr::RecordType;
+    let mut lab = Lab::new().await;
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let (own_ip, own) = lab
+        .sink("self.loop.test", Tls::None, SinkMode::Accept)
+        .await;
+    let (secure_ip, secure) = lab
+        .sink("mx.fam.strict.test", Tls::Valid, SinkMode::Accept)
+        .await;
+    let (clear_ip, clear) = lab
+        .sink("clear.fam.test", Tls::None, SinkMode::Accept)
+        .await;
+    for (domain, v4, v6) in [
+        ("fam.strict.test", secure_ip, clear_ip),
+        ("fam.open.test", secure_ip, own_ip),
+    ] {
+        let host = format!("mx.{domain}");
+        lab.dns.add_mx(domain, 10, &host).await.unwrap();
+        lab.dns.add_a(&host, v4).await.unwrap();
+        lab.dns.add_aaaa(&host, v6.to_ipv6_mapped()).await.unwrap();
+        lab.dns.fail(&host, RecordType::A).unwrap();
+    }
+    let port = lab.port;
+    let relay = Relay::start_with(
+        &lab,
+        standard(&policy(lab.port, false, "on_tls_unavailable = \"bounce\"")),
+        |s| s.listen = vec![SocketAddr::new(own_ip.into(), port)],
+    )
+    .await;
+    let refused = relay
+        .send("alice@corp.test", &["bob@fam.strict.test"], false)
+        .await;
+    let looped = relay
+        .send("alice@corp.test", &["bob@fam.open.test"], false)
+        .await;
+    for (id, expected) in [
+        (refused, "another host was not reached"),
+        (looped, "A lookup for mx.fam.open.test failed"),
+    ] {
+        let states = relay.settled(&id).await.unwrap();
+        match &states[0] {
+            RecipientState::Deferred { reason, .. } => {
+                assert!(reason.starts_with('4'), "{reason}");
+                assert!(reason.contains(expected), "{expected}: {reason}");
+            }
+            other => panic!("expected deferred, got {other:?}"),
+        }
+    }
+    assert_eq!(relay.metrics.bounces.get(), 0);
+    assert!(lab.sinks[sender_mx].messages().is_empty(), "no DSN");
+    assert_no_transaction(&lab.sinks[clear], "the AAAA host without STARTTLS");
+    assert!(lab.sinks[secure].sessions().is_empty(), "its A failed");
+    assert!(
+        lab.sinks[own].sessions().is_empty(),
+        "the relay never connects to itself"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mx_answering_4xx_is_retried_not_rerouted() {
     let mut lab = Lab::new().await;
