@@ -291,13 +291,8 @@ async fn candidates(
                     unresolved: None,
                 }]);
             }
-            let addrs = resolver.addresses(&t.domain).await?;
-            Ok(vec![Candidate {
-                name: t.domain.clone(),
-                preference: 0,
-                addrs,
-                unresolved: None,
-            }])
+            // With the failure of an address family, if any (reported below).
+            Ok(vec![resolver.candidate(&t.domain).await?])
         }
         Kind::Domain => resolver.mail_hosts(&t.domain).await,
     }

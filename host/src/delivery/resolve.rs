@@ -37,6 +37,10 @@ pub enum ResolveFailure {
     Temporary(String),
 }
 
+/// At most this many MX hosts of a domain are looked up in one attempt (in preference
+/// order); the others count as not reached.
+pub const MAX_MX_HOSTS: usize = 32;
+
 /// The relay's DNS resolver.
 #[derive(Clone)]
 pub struct Resolver {
@@ -125,15 +129,36 @@ impl Resolver {
             )));
         }
         mx.sort();
+        // Every MX host looked up at once (an audit's domain of eight MX hosts whose AAAA
+        // queries went unanswered held a worker for two minutes, one host after the
+        // other), and at most MAX_MX_HOSTS of them: the others wait for the next attempt.
+        let mut lookups = tokio::task::JoinSet::new();
+        for (i, (_, name)) in mx.iter().enumerate().take(MAX_MX_HOSTS) {
+            let (resolver, name) = (self.clone(), name.clone());
+            lookups.spawn(async move { (i, resolver.host_lookup(&name).await) });
+        }
+        let mut found: Vec<Option<(Vec<IpAddr>, Option<String>)>> = vec![None; mx.len()];
+        while let Some(done) = lookups.join_next().await {
+            if let Ok((i, lookup)) = done {
+                found[i] = Some(lookup);
+            }
+        }
         let mut out = Vec::new();
-        for (preference, name) in mx {
+        for ((preference, name), lookup) in mx.into_iter().zip(found) {
             // An MX names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric exchange is a
             // name to look up, never an address literal.
-            let (addrs, unresolved) = match self.host_lookup(&name).await {
-                (addrs, None) if addrs.is_empty() => {
+            let (addrs, unresolved) = match lookup {
+                Some((addrs, None)) if addrs.is_empty() => {
                     (addrs, Some(format!("MX host {name} has no address")))
                 }
-                found => found,
+                Some(found) => found,
+                None => (
+                    Vec::new(),
+                    Some(format!(
+                        "MX host {name} not looked up in this attempt (at most {MAX_MX_HOSTS} \
+                         per domain)"
+                    )),
+                ),
             };
             out.push(Candidate {
                 name,
@@ -193,7 +218,7 @@ impl Resolver {
     /// `host` (a name, or an IP literal the policy names) as a candidate of preference 0:
     /// [`Resolver::host_lookup`]'s addresses and failure, or an error when it has no
     /// address at all.
-    async fn candidate(&self, host: &str) -> Result<Candidate, ResolveFailure> {
+    pub async fn candidate(&self, host: &str) -> Result<Candidate, ResolveFailure> {
         let (addrs, unresolved) = match literal(host) {
             Some(ip) => (vec![ip], None),
             None => self.host_lookup(host).await,

@@ -1115,6 +1115,41 @@ async fn an_mx_host_whose_a_lookup_fails_keeps_a_refusal_or_a_loop_from_bouncing
     );
 }
 
+/// At most `MAX_MX_HOSTS` MX hosts are looked up per attempt (all at once): a host past
+/// them waits for the next attempt, and counts as not reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_hosts_past_the_lookup_limit_wait_for_the_next_attempt() {
+    let mut lab = Lab::new().await;
+    let domain = "many.open.test";
+    let limit = altroute::delivery::resolve::MAX_MX_HOSTS;
+    for i in 0..limit {
+        // Names without any record.
+        lab.dns
+            .add_mx(domain, 10 + i as u16, &format!("gone{i}.{domain}"))
+            .await
+            .unwrap();
+    }
+    let (_, last) = lab
+        .sink("last.many.open.test", Tls::None, SinkMode::Accept)
+        .await;
+    lab.dns
+        .add_mx(domain, 1000, "last.many.open.test")
+        .await
+        .unwrap();
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@many.open.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    match &states[0] {
+        RecipientState::Deferred { reason, .. } => {
+            assert!(reason.contains("not looked up in this attempt"), "{reason}");
+        }
+        other => panic!("expected deferred, got {other:?}"),
+    }
+    assert!(lab.sinks[last].sessions().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mx_answering_4xx_is_retried_not_rerouted() {
     let mut lab = Lab::new().await;
