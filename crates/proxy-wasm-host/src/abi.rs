@@ -217,6 +217,14 @@ pub(crate) struct State {
     /// as in Envoy, only that one is read (others read empty) and written (others are
     /// BAD_ARGUMENT). A module once read the request body in `on_request_headers`.
     pub data_buffer: Option<u32>,
+    /// `on_request_headers` let the headers go on (Continue): as in Envoy, the request
+    /// headers (map 0 and the `request.*` properties) are gone for later callbacks.
+    pub headers_gone: bool,
+    /// The context is ending (`on_log`, `on_done`, `on_delete`): as in Envoy, nothing can
+    /// change the request any more (header writes BAD_ARGUMENT, a local response dropped,
+    /// filter state NOT_FOUND). An audit's `on_done` turned a request that had gone on
+    /// into a local response.
+    pub finished: bool,
     pub downstream: Vec<u8>,
     pub upstream: Vec<u8>,
     pub local_response: Option<LocalResponse>,
@@ -269,6 +277,8 @@ impl State {
             maps: Default::default(),
             request_body: Vec::new(),
             data_buffer: None,
+            headers_gone: false,
+            finished: false,
             downstream: Vec::new(),
             upstream: Vec::new(),
             local_response: None,
@@ -362,6 +372,8 @@ impl State {
         }
         self.local_response = None;
         self.data_buffer = None;
+        self.headers_gone = false;
+        self.finished = false;
         self.log_bytes = 0;
         self.filter_state.clear();
         self.filter_state_bytes = 0;
@@ -605,9 +617,17 @@ fn map_index(map_type: u32) -> Option<usize> {
 /// answered BAD_ARGUMENT, as Envoy does.
 fn map_writable(st: &State, map_type: u32) -> Option<usize> {
     match map_type {
+        _ if st.finished => None,
+        0 if st.headers_gone => None,
         0..=MAP_RESPONSE_TRAILERS if st.in_http => Some(map_type as usize),
         _ => None,
     }
+}
+
+/// The map a read goes to: [`map_index`], without the request headers once they are gone
+/// ([`State::headers_gone`]).
+fn map_readable(st: &State, map_type: u32) -> Option<usize> {
+    map_index(map_type).filter(|&i| !(i == 0 && st.headers_gone))
 }
 
 /// Checks map `idx` against the size limit after a change other than an add (which uses
@@ -718,14 +738,14 @@ pub(crate) fn parse_filter_state_args(b: &[u8]) -> Option<(String, Vec<u8>)> {
 }
 
 fn lookup_property(st: &State, raw: &[u8]) -> Option<Vec<u8>> {
+    // One trailing NUL is taken as Envoy takes it (the SDKs send none).
+    let raw = raw.strip_suffix(b"\0").unwrap_or(raw);
     if let Some((_, v)) = st.set_properties.iter().find(|(k, _)| k == raw) {
         return Some(v.clone());
     }
     let text = std::str::from_utf8(raw).ok()?;
-    // One trailing NUL is taken as Envoy takes it (the SDKs send none).
-    let text = text.strip_suffix('\0').unwrap_or(text);
     let path: Vec<&str> = text.split('\0').collect();
-    let headers = st.in_http.then_some(st.maps[0].as_slice());
+    let headers = (st.in_http && !st.headers_gone).then_some(st.maps[0].as_slice());
     let p = &st.plugin;
     builtin(
         &path,
@@ -919,7 +939,13 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_, State>, t: u32, ret_ptr: u32, ret_size: u32| -> Res<u32> {
             // Serialised straight into the guest's block: no host-side buffer.
-            let i = map_index(t);
+            let i = map_readable(c.data(), t);
+            if i.is_none_or(|i| c.data().maps[i].is_empty()) {
+                // As Envoy: no map, or an empty one, is a null pointer and size 0.
+                let mem = memory(&mut c)?;
+                put_ptr_size(mem.data_mut(&mut c), ret_ptr, 0, ret_size, 0)?;
+                return Ok(OK);
+            }
             let size = i.map_or(4, |i| serialized_map_len(&c.data().maps[i]));
             let ptr = alloc(&mut c, size)?;
             let mem = memory(&mut c)?;
@@ -967,6 +993,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     map.push(e);
                 }
             });
+            // Pseudo-headers first, each group in its order, as Envoy's map keeps them.
+            map.sort_by_key(|(k, _)| !k.starts_with(':'));
             st.maps[i] = map;
             parsed.map_err(guest)?;
             if size > max {
@@ -991,6 +1019,9 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let Some(i) = map_index(t) else {
                 return Ok(NOT_FOUND);
             };
+            if map_readable(c.data(), t).is_none() {
+                return Ok(BAD_ARGUMENT);
+            }
             let mem = memory(&mut c)?;
             let (data, st) = mem.data_and_store_mut(&mut c);
             let key = &data[range(data.len(), kptr, klen, "header name")?];
@@ -1125,7 +1156,11 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_property",
         |mut c: Caller<'_, State>, pptr: u32, plen: u32, vptr: u32, vlen: u32| -> Res<u32> {
-            let path = read(&mut c, pptr, plen, "property path")?;
+            let mut path = read(&mut c, pptr, plen, "property path")?;
+            // One trailing NUL is no part of the path, as for a read.
+            if path.last() == Some(&0) {
+                path.pop();
+            }
             let value = read(&mut c, vptr, vlen, "property value")?;
             let max = c.data().plugin.max_map_bytes;
             let st = c.data_mut();
@@ -1391,7 +1426,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 .map_err(guest)?;
             // As Envoy: the first local response of a context is the one sent; a later
             // one is answered OK and dropped.
-            if c.data().local_response.is_some() {
+            if c.data().local_response.is_some() || c.data().finished {
                 return Ok(OK);
             }
             c.data_mut().local_response = Some(LocalResponse {
@@ -1520,7 +1555,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     let Some((path, value)) = parse_filter_state_args(&args) else {
                         return Ok(BAD_ARGUMENT);
                     };
-                    if path.is_empty() {
+                    if path.is_empty() || c.data().finished {
                         return Ok(NOT_FOUND);
                     }
                     // All of one context's filter state counts against the limit, so that

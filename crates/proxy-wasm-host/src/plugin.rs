@@ -408,14 +408,15 @@ impl Instance {
         self.store.data_mut().arm(self.deadline_ticks);
     }
 
-    /// on_done, on_log, on_delete: the end of a context, in Envoy's order.
+    /// on_log, on_done, on_delete: the end of a context, in Envoy's order (seen by an
+    /// audit with the same module in Envoy 1.40: log first; this said done first).
     fn finish(&mut self, id: u32) -> Result<(), Error> {
         let cb = Arc::clone(&self.cb);
-        if let Some(f) = &cb.done {
-            self.call("proxy_on_done", f, id)?;
-        }
         if let Some(f) = &cb.log {
             self.call("proxy_on_log", f, id)?;
+        }
+        if let Some(f) = &cb.done {
+            self.call("proxy_on_done", f, id)?;
         }
         if let Some(f) = &cb.delete {
             self.call("proxy_on_delete", f, id)?;
@@ -451,6 +452,8 @@ impl Instance {
             let eos = u32::from(req.body.is_none());
             paused |= self.call("proxy_on_request_headers", f, (id, n, eos))? == 1;
         }
+        // Gone on (as Envoy, for a later callback), unless held.
+        self.store.data_mut().headers_gone = !paused;
         // The body arrives after the headers, as in Envoy: not readable in
         // `on_request_headers`, readable and writable in `on_request_body` only.
         if let Some(body) = req.body {
@@ -465,6 +468,7 @@ impl Instance {
             self.store.data_mut().data_buffer = None;
             paused |= called? == 1;
         }
+        self.store.data_mut().finished = true;
         self.finish(id)?;
         Ok(paused)
     }
@@ -791,7 +795,7 @@ impl Plugin {
     }
 
     /// Runs one HTTP request through a fresh HTTP context: context create, request
-    /// headers, request body (if any, unless a local response was sent), done, log,
+    /// headers, request body (if any, unless a local response was sent), log, done,
     /// delete. Never compiles or instantiates unless the pool ran dry.
     pub fn http_request(&self, req: &HttpRequest) -> Result<HttpOutcome, Error> {
         let headers: Vec<(&str, &[u8])> = req
@@ -992,7 +996,7 @@ impl Stream {
         self.data(true, data, end_of_stream)
     }
 
-    /// Ends the stream: downstream close, upstream close, done, log, delete; the instance
+    /// Ends the stream: downstream close, upstream close, log, done, delete; the instance
     /// goes back to the pool.
     pub fn close(mut self) -> Result<(), Error> {
         self.close_inner()

@@ -65,9 +65,14 @@ pub(crate) fn builtin(
         ["source", "port"] => Some(int(i64::from(conn?.source?.port()))),
         ["destination", "address"] => Some(conn?.destination?.to_string().into_bytes()),
         ["destination", "port"] => Some(int(i64::from(conn?.destination?.port()))),
-        ["connection", "requested_server_name"] => {
-            Some(conn?.requested_server_name.clone()?.into_bytes())
-        }
+        // Without SNI: empty, as Envoy answers it.
+        ["connection", "requested_server_name"] => Some(
+            conn?
+                .requested_server_name
+                .clone()
+                .unwrap_or_default()
+                .into_bytes(),
+        ),
         ["connection", "id"] => Some(int(i64::try_from(conn?.id).unwrap_or(i64::MAX))),
         ["connection", "tls_version"] => Some(conn?.tls_version.clone()?.into_bytes()),
         ["request", "path"] => header(":path"),

@@ -1097,6 +1097,9 @@ mod as_envoy {
   (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_record_metric" (func $record (param i32 i64) (result i32)))
   (import "env" "proxy_get_metric" (func $getm (param i32 i32) (result i32)))
+  (import "env" "proxy_call_foreign_function" (func $ffi (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_property" (func $setp (param i32 i32 i32 i32) (result i32)))
+  (global $order (mut i32) (i32.const 0))
   (data (i32.const 200) "request\00headers\00x-dup")
   (data (i32.const 240) "request\00headers\00x-empty")
   (data (i32.const 280) "x-empty")
@@ -1105,6 +1108,12 @@ mod as_envoy {
   (data (i32.const 340) "x-dup")
   (data (i32.const 360) ":zz")
   (data (i32.const 380) "hits")
+  (data (i32.const 400) "request\00path")
+  (data (i32.const 420) "set_envoy_filter_state")
+  (data (i32.const 450) "\0a\03abc\12\01v")
+  (data (i32.const 470) "t2\00")
+  (data (i32.const 480) "connection\00requested_server_name")
+  (data (i32.const 520) "\02\00\00\00\03\00\00\00\01\00\00\00\05\00\00\00\01\00\00\00x-a\001\00:path\00/\00")
 "#;
 
     /// `(call …)` must answer `status`.
@@ -1276,6 +1285,129 @@ mod as_envoy {
                 ("x-dup", b"c")
             ]
         );
+    }
+
+    /// Once `on_request_headers` let them go on, the request headers are gone (Envoy:
+    /// BAD_ARGUMENT to reads and writes, an empty map, `request.*` NOT_FOUND); once the
+    /// context ends (`on_log` first, then `on_done`), nothing changes the request: header
+    /// writes are BAD_ARGUMENT, filter state NOT_FOUND, a local response is dropped.
+    #[test]
+    fn headers_go_with_continue_and_nothing_changes_once_the_context_ends() {
+        let host = host();
+        let body = [
+            expect(
+                2,
+                "(call $value (i32.const 0) (i32.const 300) (i32.const 5) (i32.const 100) (i32.const 104))",
+            ),
+            expect(
+                2,
+                "(call $add (i32.const 0) (i32.const 300) (i32.const 5) (i32.const 331) (i32.const 1))",
+            ),
+            expect(
+                1,
+                "(call $prop (i32.const 400) (i32.const 12) (i32.const 100) (i32.const 104))",
+            ),
+            "(i32.store (i32.const 100) (i32.const -1))".into(),
+            expect(0, "(call $pairs (i32.const 0) (i32.const 100) (i32.const 104))"),
+            "(if (i32.load (i32.const 100)) (then unreachable))".into(),
+        ]
+        .concat();
+        let log = [
+            "(global.set $order (i32.const 1))".into(),
+            expect(
+                2,
+                "(call $add (i32.const 2) (i32.const 300) (i32.const 5) (i32.const 331) (i32.const 1))",
+            ),
+            expect(
+                1,
+                "(call $ffi (i32.const 420) (i32.const 22) (i32.const 450) (i32.const 8) (i32.const 100) (i32.const 104))",
+            ),
+        ]
+        .concat();
+        let done = [
+            "(if (i32.ne (global.get $order) (i32.const 1)) (then unreachable))".into(),
+            expect(
+                0,
+                "(call $local (i32.const 502) (i32.const 0) (i32.const 0) (i32.const 320) (i32.const 5) (i32.const 0) (i32.const 0) (i32.const 0))",
+            ),
+        ]
+        .concat();
+        let plugin = load(
+            &host,
+            &[
+                ("EXTRA_IMPORT", IMPORTS),
+                ("BODY", &body),
+                ("LOG", &log),
+                ("DONE", &done),
+            ],
+        )
+        .unwrap();
+        let mut req = request(&[(":path", "/"), ("x-got", "1")]);
+        req.body = Some(b"b".to_vec());
+        let out = plugin.http_request(&req).unwrap();
+        assert!(out.local_response.is_none(), "{:?}", out.local_response);
+        assert!(out.filter_state.is_empty());
+        assert_eq!(out.header("x-got"), Some(&b"1"[..]));
+    }
+
+    /// An empty map reads as a null pointer; pairs set put the pseudo-headers first; a
+    /// trailing NUL is no part of a property path, set or read; no SNI reads empty.
+    #[test]
+    fn empty_maps_set_pairs_property_paths_and_sni_read_as_in_envoy() {
+        let host = host();
+        let headers = [
+            "(i32.store (i32.const 100) (i32.const -1))".into(),
+            expect(0, "(call $pairs (i32.const 2) (i32.const 100) (i32.const 104))"),
+            "(if (i32.or (i32.load (i32.const 100)) (i32.load (i32.const 104))) (then unreachable))"
+                .into(),
+            expect(0, "(call $set_pairs (i32.const 0) (i32.const 520) (i32.const 34))"),
+            // Set as `t2\0`, read as `t2`: the value is put in a header to compare.
+            expect(
+                0,
+                "(call $setp (i32.const 470) (i32.const 3) (i32.const 331) (i32.const 1))",
+            ),
+            expect(
+                0,
+                "(call $prop (i32.const 470) (i32.const 2) (i32.const 100) (i32.const 104))",
+            ),
+            expect(
+                0,
+                "(call $add (i32.const 0) (i32.const 300) (i32.const 5) (i32.load (i32.const 100)) (i32.load (i32.const 104)))",
+            ),
+        ]
+        .concat();
+        let newconn = [
+            "(i32.store (i32.const 100) (i32.const -1))".into(),
+            expect(
+                0,
+                "(call $prop (i32.const 480) (i32.const 32) (i32.const 100) (i32.const 104))",
+            ),
+            "(if (i32.or (i32.load (i32.const 100)) (i32.load (i32.const 104))) (then unreachable))"
+                .into(),
+        ]
+        .concat();
+        let plugin = load(
+            &host,
+            &[
+                ("EXTRA_IMPORT", IMPORTS),
+                ("HEADERS", &headers),
+                ("NEWCONN", &newconn),
+            ],
+        )
+        .unwrap();
+        let out = plugin.http_request(&request(&[(":path", "/x")])).unwrap();
+        let names: Vec<(&str, &[u8])> = out
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        assert_eq!(
+            names,
+            [(":path", &b"/"[..]), ("x-a", b"1"), ("x-got", b"c")]
+        );
+        let mut stream = plugin.stream(ConnectionInfo::default()).unwrap();
+        assert_eq!(stream.downstream(b"abc", false).unwrap().data, b"abc");
+        stream.close().unwrap();
     }
 
     #[test]
