@@ -207,6 +207,17 @@ fn explain_cmd(args: ExplainArgs) -> Result<i32> {
     if !q.recipient.contains('@') {
         bail!("a query needs a recipient address (--recipient user@domain)");
     }
+    // What the module refuses (the header contract's `is_mailbox`) is not explained as a
+    // decision it would make: it answers a fault (defer) there.
+    for (what, address) in [("recipient", &q.recipient), ("sender", &q.sender)] {
+        let null_sender = what == "sender" && address.is_empty();
+        if !null_sender && !altroute_policy::pattern::is_mailbox(address) {
+            bail!(
+                "the {what} {address:?} is not a mailbox the relay or the module takes \
+                 (the module answers such a question with a fault: defer)"
+            );
+        }
+    }
     let (d, trace) = explain(&policy, &q);
     crate::outln!("policy   {} ({})", policy.name, policy.version)?;
     crate::outln!(

@@ -85,22 +85,40 @@ fn unit_of<'p>(policy: &'p Policy, sender: &Canonical<'_>) -> &'p str {
     best.map_or("/", |(_, (u, _))| policy.org_units[u].path.as_str())
 }
 
-/// The TLS compliance rule that applies to `query` when the sender is in org unit `unit`:
-/// a rule of that unit or of its nearest ancestor with a match; within a unit, the one
-/// with the most specific matching pattern (of equally specific ones, the last listed),
-/// except that when a recipient rule and a sender rule both match and one requires
-/// strictly more TLS, that one applies. Returns the rule, its pattern that matched and
-/// the unit it belongs to.
+/// The TLS compliance rule that applies to `query` when the sender is in org unit `unit`,
+/// and the TLS it requires. Each side is looked up on its own: the recipient side
+/// (outbound rules and those for both ways) and the sender side (inbound ones), each in
+/// that unit or its nearest ancestor with a match of that side (a child overrides its
+/// parent for that side only), within a unit the most specific matching pattern (of
+/// equally specific ones, the last listed). When both sides have a rule, the one that
+/// requires at least as much TLS in every respect applies; when neither does, the
+/// requirement is the stricter of the two in every respect, named by the rule of the more
+/// specific pattern. A rule for one side never lowers what the other side's rule
+/// requires: an audit's child-unit sender exemption once sent mail in clear text that a
+/// parent's recipient rule required TLS for, and a sender rule asking for TLS 1.3 once
+/// dropped a recipient rule's certificate check. Returns the rule, its pattern that
+/// matched, the unit it belongs to, and the requirement.
 pub fn compliance_rule<'p>(
     policy: &'p Policy,
     unit: &'p str,
     query: &Query,
-) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
+) -> Option<(&'p Rule, &'p Pattern, &'p str, TlsRequirement)> {
     let (rcpt, from) = (
         Canonical::new(&query.recipient),
         Canonical::new(&query.sender),
     );
-    rule_for(policy, unit, &rcpt, &from)
+    rule_for(policy, unit, &rcpt, &from).map(|a| (a.rule, a.pattern, a.unit, a.tls))
+}
+
+/// A compliance rule as [`compliance_rule`] finds it, with the other side's rule when
+/// the requirement combines both.
+struct Applied<'p> {
+    rule: &'p Rule,
+    pattern: &'p Pattern,
+    unit: &'p str,
+    tls: TlsRequirement,
+    /// The other side's rule, when neither side's requirement covers the other's.
+    also: Option<(&'p Rule, &'p str)>,
 }
 
 /// [`compliance_rule`] for a recipient and a sender already in canonical form.
@@ -109,38 +127,51 @@ fn rule_for<'p>(
     unit: &'p str,
     rcpt: &Canonical<'_>,
     from: &Canonical<'_>,
-) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
+) -> Option<Applied<'p>> {
     let tables = policy.patterns.get(policy);
-    let (at, r, p) = nearest_unit_match(unit, |at, best| {
-        // Outbound rules (and those for both ways) match the recipient, inbound ones the
-        // sender: the most specific of each side first.
-        let (mut to, mut from_side) = (None, None);
-        tables.to.matching(at, rcpt, |e| {
-            keep_last_most_specific(&mut to, &policy.compliance[e.owner].patterns, e);
-        });
-        tables.from.matching(at, from, |e| {
-            keep_last_most_specific(&mut from_side, &policy.compliance[e.owner].patterns, e);
-        });
-        *best = match (to, from_side) {
-            // How specific a sender pattern is says nothing against a recipient pattern.
-            // When the two sides ask for different TLS, the stricter rule applies: a
-            // rule for one side never lowers what the other side's rule requires (a
-            // sender exemption does not undo a recipient's requirement, nor the other way).
-            (Some(t), Some(f)) => {
-                let (rt, rf) = (policy.compliance[t.1].tls, policy.compliance[f.1].tls);
-                match (rt.covers(rf), rf.covers(rt)) {
-                    (true, false) => Some(t),
-                    (false, true) => Some(f),
-                    // The same requirement, or neither stricter in every respect: the
-                    // more specific pattern (of equals, the last listed).
-                    _ => Some(t.max(f)),
+    let side = |outbound: bool| {
+        nearest_unit_match(unit, |at, best| {
+            let keep = |e: &Entry| {
+                keep_last_most_specific(best, &policy.compliance[e.owner].patterns, e);
+            };
+            if outbound {
+                tables.to.matching(at, rcpt, keep);
+            } else {
+                tables.from.matching(at, from, keep);
+            }
+        })
+    };
+    let found = |(at, r, p): (&'p str, usize, usize)| {
+        let rule = &policy.compliance[r];
+        let pattern = &rule.patterns[p];
+        (rule, pattern, at, (pattern.specificity(), r, p))
+    };
+    let (to, from_side) = (side(true).map(found), side(false).map(found));
+    let applied = |(rule, pattern, unit, _): (&'p Rule, &'p Pattern, &'p str, _)| Applied {
+        rule,
+        pattern,
+        unit,
+        tls: rule.tls,
+        also: None,
+    };
+    Some(match (to, from_side) {
+        (Some(t), Some(f)) => match (t.0.tls.covers(f.0.tls), f.0.tls.covers(t.0.tls)) {
+            (true, false) => applied(t),
+            (false, true) => applied(f),
+            // The same requirement: the more specific pattern (of equals, the last listed).
+            (true, true) => applied(if t.3 >= f.3 { t } else { f }),
+            // Neither stricter in every respect: both, field by field.
+            (false, false) => {
+                let (named, other) = if t.3 >= f.3 { (t, f) } else { (f, t) };
+                Applied {
+                    tls: t.0.tls.max(f.0.tls),
+                    also: Some((other.0, other.2)),
+                    ..applied(named)
                 }
             }
-            (t, f) => t.or(f),
-        };
-    })?;
-    let rule = &policy.compliance[r];
-    Some((rule, &rule.patterns[p], at))
+        },
+        (t, f) => applied(t.or(f)?),
+    })
 }
 
 /// The static route for mail to `recipient` when the sender is in org unit `unit`: a
@@ -241,7 +272,13 @@ impl<'a> Decider<'a> {
         let q = self.query;
         let policy = self.policy;
         let (mut req, mut rule) = match rule_for(policy, unit, rcpt, from) {
-            Some((r, p, at)) => {
+            Some(Applied {
+                rule: r,
+                pattern: p,
+                unit: at,
+                tls,
+                also,
+            }) => {
                 self.note(|| {
                     format!(
                         "tls_compliance rule {:?} (org unit {at}, {} {p}) applies: {}",
@@ -250,7 +287,18 @@ impl<'a> Decider<'a> {
                         describe(r.tls).concat()
                     )
                 });
-                (r.tls, ("tls_compliance:", r.name.as_str()))
+                if let Some((o, o_at)) = also {
+                    self.note(|| {
+                        format!(
+                            "and tls_compliance rule {:?} (org unit {o_at}, {}) for the other \
+                             side: neither requires more in every respect, so both apply: {}",
+                            o.name,
+                            o.direction,
+                            describe(tls).concat()
+                        )
+                    });
+                }
+                (tls, ("tls_compliance:", r.name.as_str()))
             }
             None => {
                 self.note(|| "no tls_compliance rule applies: TLS is opportunistic".to_string());

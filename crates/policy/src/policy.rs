@@ -187,6 +187,7 @@ impl Policy {
             problems.push(e);
         }
         policy.check_references(&mut problems);
+        policy.check_structure(&mut problems);
         // Only the failures are kept: in the wasm module every plugin load runs the tests.
         if run_tests {
             policy.each_test(|test, _, mismatches| {
@@ -262,6 +263,124 @@ impl Policy {
         for test in &self.tests {
             crate::decide_into(self, &test.query, &mut decision);
             f(test, &decision, compare(&test.expect, &decision));
+        }
+    }
+
+    /// What the TOML compiler refuses, checked again on a policy read as JSON (anyone can
+    /// edit a compiled policy and hash it again): an audit's JSON policy with the unit
+    /// path `finance` (no `/`) passed `policy check` and the relay, and its unit's senders
+    /// escaped every rule of `/`. Unit paths and their uniqueness, a sender pattern in one
+    /// unit only, rules and routes at units that exist, names, overlapping rules and
+    /// routes, hosts, TLS settings that say one thing, and test questions.
+    fn check_structure(&self, problems: &mut Vec<String>) {
+        let mut units: BTreeSet<&str> = BTreeSet::from(["/"]);
+        let mut paths: BTreeSet<&str> = BTreeSet::new();
+        let mut senders: BTreeMap<&Pattern, &str> = BTreeMap::new();
+        for u in &self.org_units {
+            if let Err(e) = check_unit_path(&u.path) {
+                problems.push(e);
+                continue;
+            }
+            if !paths.insert(&u.path) {
+                problems.push(format!("org unit {:?} is defined twice", u.path));
+            }
+            units.extend(ancestors(&u.path));
+            for p in &u.senders {
+                if let Some(other) = senders.insert(p, &u.path) {
+                    problems.push(format!(
+                        "sender {p} is mapped to org units {other:?} and {:?}",
+                        u.path
+                    ));
+                }
+            }
+        }
+        let consistent = |t: &TlsRequirement| t.required || *t == TlsRequirement::OPPORTUNISTIC;
+        for (name, h) in &self.hosts {
+            if name.trim().is_empty() {
+                problems.push("a host needs a name".to_string());
+            }
+            if h.port == 0 {
+                problems.push(format!("host {name:?}: port 0 is not a port"));
+            }
+            if h.addresses.is_empty() {
+                problems.push(format!("host {name:?} has no address"));
+            }
+            for a in &h.addresses {
+                if let Err(e) = check_address(a) {
+                    problems.push(format!("host {name:?}: bad address: {e}"));
+                }
+            }
+            if !consistent(&h.tls) {
+                problems.push(format!(
+                    "host {name:?}: a certificate check or TLS version without TLS required"
+                ));
+            }
+        }
+        let mut names: BTreeSet<&str> = BTreeSet::new();
+        let mut seen: BTreeMap<(&str, &Pattern), Vec<(&str, Direction)>> = BTreeMap::new();
+        for r in &self.compliance {
+            if r.name.trim().is_empty() || !names.insert(&r.name) {
+                problems.push(format!("rule name {:?} is empty or used twice", r.name));
+            }
+            if !units.contains(r.org_unit.as_str()) {
+                problems.push(format!(
+                    "rule {:?}: unknown org unit {:?}",
+                    r.name, r.org_unit
+                ));
+            }
+            if r.patterns.is_empty() {
+                problems.push(format!("rule {:?} has no domain or address", r.name));
+            }
+            if !consistent(&r.tls) {
+                problems.push(format!(
+                    "rule {:?}: a certificate check or TLS version without TLS required",
+                    r.name
+                ));
+            }
+            for p in &r.patterns {
+                let entry = seen.entry((r.org_unit.as_str(), p)).or_default();
+                for (other, dir) in entry.iter() {
+                    if directions_overlap(*dir, r.direction) {
+                        problems.push(format!(
+                            "overlapping rules: {p} at org unit {:?} is in rules {other:?} and {:?}",
+                            r.org_unit, r.name
+                        ));
+                    }
+                }
+                entry.push((r.name.as_str(), r.direction));
+            }
+        }
+        let mut names: BTreeSet<&str> = BTreeSet::new();
+        let mut seen: BTreeMap<(&str, &Pattern), &str> = BTreeMap::new();
+        for r in &self.routes {
+            if r.name.trim().is_empty() || !names.insert(&r.name) {
+                problems.push(format!("route name {:?} is empty or used twice", r.name));
+            }
+            if !units.contains(r.org_unit.as_str()) {
+                problems.push(format!(
+                    "route {:?}: unknown org unit {:?}",
+                    r.name, r.org_unit
+                ));
+            }
+            if r.patterns.is_empty() {
+                problems.push(format!("route {:?} has no domain", r.name));
+            }
+            for p in &r.patterns {
+                if matches!(p, Pattern::Address(_)) {
+                    problems.push(format!("route {:?}: {p}: routes match domains", r.name));
+                }
+                if let Some(other) = seen.insert((r.org_unit.as_str(), p), &r.name) {
+                    problems.push(format!(
+                        "overlapping routes: {p} at org unit {:?} is in routes {other:?} and {:?}",
+                        r.org_unit, r.name
+                    ));
+                }
+            }
+        }
+        for t in &self.tests {
+            if let Some(e) = unaskable(&t.query) {
+                problems.push(format!("test {:?}: {e}", t.name));
+            }
         }
     }
 
@@ -676,14 +795,8 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
             ));
         }
         // What the header contract refuses (`contract::decode_query`) is never asked.
-        if !t.query.recipient.contains('@') {
-            diags.push(diag(
-                &at,
-                &format!(
-                    "the query's recipient {:?} is not an address (user@domain)",
-                    t.query.recipient
-                ),
-            ));
+        if let Some(e) = unaskable(&t.query) {
+            diags.push(diag(&at, &e));
         }
         tests.push(PolicyTest {
             name: t.name.clone(),
@@ -793,6 +906,25 @@ fn check_delimiter(d: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Why a test's question is one the relay never asks and the module refuses (the header
+/// contract takes only mailboxes: `contract::decode_query`), if it is: a test of it would
+/// pass on a decision the module never makes.
+fn unaskable(q: &Query) -> Option<String> {
+    if !q.recipient.contains('@') || !crate::pattern::is_mailbox(&q.recipient) {
+        return Some(format!(
+            "the query's recipient {:?} is not an address (user@domain) the module takes",
+            q.recipient
+        ));
+    }
+    if !q.sender.is_empty() && !crate::pattern::is_mailbox(&q.sender) {
+        return Some(format!(
+            "the query's sender {:?} is not an address (user@domain) the module takes",
+            q.sender
+        ));
+    }
+    None
 }
 
 fn check_unit_path(path: &str) -> Result<(), String> {

@@ -564,3 +564,195 @@ require_ca_signed = true
         "{errs:#?}"
     );
 }
+
+/// What an audit got through `policy check` and into the relay: a rule for one side
+/// lowered what the other side's rule required. A sender rule asking for TLS 1.3 dropped
+/// the bank's certificate check (the two now combine), and a child unit's sender
+/// exemption overrode the parent's rule for the bank's recipients (clear text; each side
+/// is now looked up on its own, a child overriding its parent for that side only).
+#[test]
+fn a_rule_for_one_side_never_lowers_the_other_side_s_rule_at_any_unit() {
+    use altroute_policy::{CertStatus, Phase, Query, Route, Starttls, TlsVersion, decide};
+    let src = r#"
+[policy]
+name = "sides"
+
+[[org_units]]
+path = "/newsletters"
+senders = ["news.corp.example"]
+
+[[tls_compliance]]
+name = "bank"
+domains = ["bank.example"]
+require_ca_signed = true
+validate_hostname = true
+
+[[tls_compliance]]
+name = "alice-tls13"
+direction = "inbound"
+addresses = ["alice@corp.example"]
+min_tls = "1.3"
+
+[[tls_compliance]]
+name = "news-exempt"
+org_unit = "/newsletters"
+direction = "inbound"
+domains = ["news.corp.example"]
+require_tls = false
+
+[[tls_compliance]]
+name = "news-bank-exempt"
+org_unit = "/newsletters"
+domains = ["partner.example"]
+require_tls = false
+
+[[tls_compliance]]
+name = "partner"
+domains = ["partner.example"]
+require_ca_signed = true
+"#;
+    let policy = compile(src).unwrap_or_else(|e| panic!("{e:?}")).policy;
+    let verdict = |sender: &str, rcpt: &str, starttls, tls, cert| {
+        decide(
+            &policy,
+            &Query {
+                phase: Phase::Verdict,
+                starttls,
+                tls,
+                cert,
+                mx: "mx.x".into(),
+                ..Query::plan(sender, rcpt)
+            },
+        )
+    };
+    // TLS 1.3 with an untrusted certificate: alice's wish for 1.3 keeps the bank's check.
+    let d = verdict(
+        "alice@corp.example",
+        "bob@bank.example",
+        Starttls::Offered,
+        TlsVersion::V1_3,
+        CertStatus::Untrusted,
+    );
+    assert_ne!(d.route, Route::Direct, "{d:?}");
+    assert!(
+        d.tls.required && d.tls.min == altroute_policy::MinTls::V1_3,
+        "{d:?}"
+    );
+    // ...and the bank's trusted certificate over TLS 1.2 misses alice's 1.3.
+    let d = verdict(
+        "alice@corp.example",
+        "bob@bank.example",
+        Starttls::Offered,
+        TlsVersion::V1_2,
+        CertStatus::Valid,
+    );
+    assert_ne!(d.route, Route::Direct, "{d:?}");
+    // A child unit's sender exemption does not undo the root's rule for the bank.
+    let d = verdict(
+        "n@news.corp.example",
+        "bob@bank.example",
+        Starttls::Absent,
+        TlsVersion::None,
+        CertStatus::None,
+    );
+    assert_ne!(d.route, Route::Direct, "{d:?}");
+    assert_eq!(d.rule, "tls_compliance:bank", "{d:?}");
+    // A child unit's rule for the same side still overrides its parent's.
+    let d = verdict(
+        "n@news.corp.example",
+        "bob@partner.example",
+        Starttls::Absent,
+        TlsVersion::None,
+        CertStatus::None,
+    );
+    // (Both sides exempt there; the more specific pattern names it.)
+    assert_eq!(d.route, Route::Direct, "{d:?}");
+    assert_ne!(d.rule, "tls_compliance:partner", "{d:?}");
+}
+
+/// A compiled policy edited and hashed again (anyone can) is checked as its TOML would
+/// be: an audit's JSON with the unit path `finance` (no `/`) loaded, and the unit's
+/// senders escaped every rule of `/` (clear text to the bank).
+#[test]
+fn a_json_policy_is_checked_as_its_toml_would_be() {
+    use altroute_policy::Policy;
+    let src = r#"
+[policy]
+name = "json"
+
+[[org_units]]
+path = "/finance"
+senders = ["corp.example"]
+
+[[tls_compliance]]
+name = "bank"
+domains = ["bank.example"]
+require_ca_signed = true
+
+[[tls_compliance]]
+name = "partner"
+org_unit = "/finance"
+domains = ["partner.example"]
+"#;
+    let compiled = compile(src).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(Policy::from_json(compiled.json.as_bytes()).is_ok());
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&compiled.json).unwrap();
+        f(&mut v);
+        let mut p: Policy = serde_json::from_value(v).unwrap();
+        p.version = p.content_version();
+        Policy::from_json(p.to_json().as_bytes())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let err = edit(&|v| v["org_units"][0]["path"] = "finance".into());
+    assert!(err.contains("must start with `/`"), "{err}");
+    let err = edit(&|v| v["compliance"][1]["org_unit"] = "/nowhere".into());
+    assert!(err.contains("unknown org unit \"/nowhere\""), "{err}");
+    let err = edit(&|v| {
+        v["compliance"][1]["org_unit"] = "/".into();
+        v["compliance"][1]["patterns"][0] = "bank.example".into();
+    });
+    assert!(err.contains("overlapping rules"), "{err}");
+    let err = edit(&|v| v["compliance"][1]["name"] = "bank".into());
+    assert!(err.contains("used twice"), "{err}");
+    let err = edit(&|v| {
+        v["org_units"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"path": "/sales", "senders": ["corp.example"]}))
+    });
+    assert!(err.contains("mapped to org units"), "{err}");
+}
+
+/// A test's question must be one the module takes: an audit's test with the recipient
+/// `bob@bank.example, x@random.example` passed on a decision the module never makes (it
+/// answers a fault there).
+#[test]
+fn a_test_asks_only_what_the_module_takes() {
+    let src = r#"
+[policy]
+name = "asks"
+
+[[tests]]
+name = "two recipients"
+query = { phase = "plan", sender = "a@corp.example", recipient = "bob@bank.example, x@random.example" }
+expect = { route = "direct" }
+
+[[tests]]
+name = "a sender with a comment"
+query = { phase = "plan", sender = "bob@(c)corp.example", recipient = "bob@bank.example" }
+expect = { route = "direct" }
+"#;
+    let errs = errors(src);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].contains("recipient") && errs[0].contains("the module takes"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].contains("sender") && errs[1].contains("the module takes"),
+        "{errs:#?}"
+    );
+}

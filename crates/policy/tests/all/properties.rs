@@ -147,17 +147,18 @@ fn org_unit_by_scan<'p>(policy: &'p Policy, sender: &str) -> &'p str {
     best.map_or("/", |(_, u)| u)
 }
 
-/// The compliance rule by matching every pattern of every rule in order, unit by unit up
-/// the tree: the most specific match, the last of equals, per side (recipient, sender);
-/// when both sides match, the stricter of the two if one is.
+/// The compliance rule by matching every pattern of every rule in order, each side
+/// (recipient, sender) on its own, unit by unit up the tree: the most specific match, the
+/// last of equals. When both sides match: the one covering the other, else the more
+/// specific with the requirement of both, field by field.
 fn rule_by_scan<'p>(
     policy: &'p Policy,
     unit: &'p str,
     q: &Query,
-) -> Option<(&'p Rule, &'p Pattern, &'p str)> {
-    for at in altroute_policy::ancestors(unit) {
-        // The most specific match of one side, the last of equals, with its place.
-        let side = |outbound: bool| {
+) -> Option<(&'p Rule, &'p Pattern, &'p str, TlsRequirement)> {
+    // The nearest unit's most specific match of one side, the last of equals.
+    let side = |outbound: bool| {
+        altroute_policy::ancestors(unit).find_map(|at| {
             policy
                 .compliance
                 .iter()
@@ -179,27 +180,24 @@ fn rule_by_scan<'p>(
                     _ => false,
                 })
                 .max_by_key(|(i, j, _, p)| (p.specificity(), *i, *j))
-        };
-        // Both sides matched: the stricter rule if one is, else the more specific.
-        let best = match (side(true), side(false)) {
-            (Some(t), Some(f)) => match (t.2.tls.covers(f.2.tls), f.2.tls.covers(t.2.tls)) {
-                (true, false) => Some(t),
-                (false, true) => Some(f),
-                _ => Some(
-                    if (t.3.specificity(), t.0, t.1) >= (f.3.specificity(), f.0, f.1) {
-                        t
-                    } else {
-                        f
-                    },
-                ),
-            },
-            (t, f) => t.or(f),
-        };
-        if let Some((_, _, r, p)) = best {
-            return Some((r, p, at));
-        }
+                .map(|(i, j, r, p)| (i, j, r, p, at))
+        })
+    };
+    let key = |m: &(usize, usize, &Rule, &Pattern, &str)| (m.3.specificity(), m.0, m.1);
+    let one = |m: (usize, usize, &'p Rule, &'p Pattern, &'p str)| (m.2, m.3, m.4, m.2.tls);
+    match (side(true), side(false)) {
+        (Some(t), Some(f)) => match (t.2.tls.covers(f.2.tls), f.2.tls.covers(t.2.tls)) {
+            (true, false) => Some(one(t)),
+            (false, true) => Some(one(f)),
+            (true, true) => Some(one(if key(&t) >= key(&f) { t } else { f })),
+            (false, false) => {
+                let tls = t.2.tls.max(f.2.tls);
+                let named = if key(&t) >= key(&f) { t } else { f };
+                Some((named.2, named.3, named.4, tls))
+            }
+        },
+        (t, f) => t.or(f).map(one),
     }
-    None
 }
 
 /// The static route by matching every pattern of every route against the recipient's
