@@ -46,6 +46,7 @@ pub fn decide_into(policy: &Policy, query: &Query, out: &mut Decision) {
         query,
         trace: None,
         out,
+        both: None,
     }
     .run();
 }
@@ -59,6 +60,7 @@ pub fn explain(policy: &Policy, query: &Query) -> (Decision, Vec<String>) {
         query,
         trace: Some(&mut trace),
         out: &mut decision,
+        both: None,
     }
     .run();
     (decision, trace)
@@ -236,6 +238,9 @@ struct Decider<'a> {
     trace: Option<&'a mut Vec<String>>,
     /// Where the decision is written, once, at the end ([`Decider::finish`]).
     out: &'a mut Decision,
+    /// When both sides' rules apply ([`Applied::also`]): the rule the decision names and
+    /// the other one, so that a failure names the rule whose own requirement it fails.
+    both: Option<(&'a Rule, &'a Rule)>,
 }
 
 impl<'a> Decider<'a> {
@@ -287,6 +292,7 @@ impl<'a> Decider<'a> {
                         describe(r.tls).concat()
                     )
                 });
+                self.both = also.map(|(o, _)| (r, o));
                 if let Some((o, o_at)) = also {
                     self.note(|| {
                         format!(
@@ -442,6 +448,24 @@ impl<'a> Decider<'a> {
             reply,
         };
 
+        // Both sides' rules apply and the hop fails: named for the one whose own
+        // requirement the hop fails (an audit's verdict named a sender's rule asking TLS
+        // 1.3 for a failed certificate check that the recipient's rule asked for).
+        let blamed = match self.both {
+            Some((named, other))
+                if named.tls.met_by(q.tls, q.cert) && !other.tls.met_by(q.tls, q.cert) =>
+            {
+                Some((named.name.as_str(), other.name.as_str()))
+            }
+            _ => None,
+        };
+        let blame = |rule: RuleId<'a>| match blamed {
+            Some((named, other)) if rule == ("tls_compliance:", named) => {
+                ("tls_compliance:", other)
+            }
+            _ => rule,
+        };
+        let (hop_rule, req_rule) = (blame(hop_rule), blame(req_rule));
         if hop_req.met_by(q.tls, q.cert) {
             self.note(|| format!("verdict: deliver over this {} hop", q.hop));
             let outcome = decision(Route::from(q.hop), target, hop_req, hop_rule, None);

@@ -34,6 +34,9 @@ pub struct Policy {
     /// this field keep their version): none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub recipient_delimiter: String,
+    /// By name; a name given twice in JSON is refused (a map keeps the last silently: an
+    /// audit's second `gw` without TLS replaced the first one a reader saw).
+    #[serde(deserialize_with = "unique_hosts")]
     pub hosts: BTreeMap<String, Host>,
     /// The alternate secure route's host, when enabled.
     pub alternate: Option<String>,
@@ -377,7 +380,17 @@ impl Policy {
                 }
             }
         }
+        let mut names: BTreeSet<&str> = BTreeSet::new();
         for t in &self.tests {
+            if t.name.trim().is_empty() || !names.insert(&t.name) {
+                problems.push(format!("test name {:?} is empty or used twice", t.name));
+            }
+            if t.expect == Expect::default() {
+                problems.push(format!(
+                    "test {:?} needs at least one expectation: without one it cannot fail",
+                    t.name
+                ));
+            }
             if let Some(e) = unaskable(&t.query) {
                 problems.push(format!("test {:?}: {e}", t.name));
             }
@@ -403,6 +416,35 @@ impl Policy {
             }
         }
     }
+}
+
+/// The `hosts` map, each name once.
+fn unique_hosts<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Host>, D::Error> {
+    struct Hosts;
+    impl<'de> serde::de::Visitor<'de> for Hosts {
+        type Value = BTreeMap<String, Host>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of host names to hosts")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut hosts = BTreeMap::new();
+            while let Some((name, host)) = map.next_entry::<String, Host>()? {
+                if hosts.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "host {name:?} is defined twice"
+                    )));
+                }
+                hosts.insert(name, host);
+            }
+            Ok(hosts)
+        }
+    }
+    d.deserialize_map(Hosts)
 }
 
 /// `sha256:` and the first 16 hex digits of a digest.

@@ -638,6 +638,8 @@ require_ca_signed = true
         d.tls.required && d.tls.min == altroute_policy::MinTls::V1_3,
         "{d:?}"
     );
+    // Named for the rule whose own requirement failed: the bank's certificate check.
+    assert_eq!(d.rule, "tls_compliance:bank", "{d:?}");
     // ...and the bank's trusted certificate over TLS 1.2 misses alice's 1.3.
     let d = verdict(
         "alice@corp.example",
@@ -647,6 +649,7 @@ require_ca_signed = true
         CertStatus::Valid,
     );
     assert_ne!(d.route, Route::Direct, "{d:?}");
+    assert_eq!(d.rule, "tls_compliance:alice-tls13", "{d:?}");
     // A child unit's sender exemption does not undo the root's rule for the bank.
     let d = verdict(
         "n@news.corp.example",
@@ -724,6 +727,26 @@ domains = ["partner.example"]
             .push(serde_json::json!({"path": "/sales", "senders": ["corp.example"]}))
     });
     assert!(err.contains("mapped to org units"), "{err}");
+    let err = edit(&|v| {
+        v["tests"] = serde_json::json!([
+            {"name": "t", "query": {"phase": "plan", "recipient": "b@bank.example"}, "expect": {}}
+        ])
+    });
+    assert!(err.contains("cannot fail"), "{err}");
+    // A host given twice: a map would keep the second silently.
+    let with_host = compile(&format!(
+        "{src}\n[[hosts]]\nname = \"gw\"\naddress = \"gw.example\"\nrequire_ca_signed = true\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let at = with_host.json.find("\"gw\":{").unwrap();
+    // `"gw":{…,"tls":{…}}`
+    let end = at + with_host.json[at..].find("}}").unwrap() + 2;
+    let entry = &with_host.json[at..end];
+    let twice = with_host
+        .json
+        .replacen(entry, &format!("{entry},{entry}"), 1);
+    let err = Policy::from_json(twice.as_bytes()).unwrap_err().to_string();
+    assert!(err.contains("host \"gw\" is defined twice"), "{err}");
 }
 
 /// A test's question must be one the module takes: an audit's test with the recipient
