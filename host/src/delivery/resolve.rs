@@ -21,10 +21,11 @@ pub struct Candidate {
     pub preference: u16,
     /// Addresses of the host.
     pub addrs: Vec<IpAddr>,
-    /// Why its addresses could not be looked up, when they could not (`addrs` is then
-    /// empty). Such a host was not reached: it may take the mail at the next attempt, so
-    /// what the others say bounces nothing (an audit's mail bounced at a backup MX while
-    /// the primary's address lookup had only failed for the moment).
+    /// Why its addresses, or one family of them (A or AAAA), could not be looked up, when
+    /// they could not (`addrs` holds what was found, if anything). Such a host was not
+    /// wholly reached: it may take the mail at the next attempt, so what the others say
+    /// bounces nothing (an audit's mail bounced at a backup MX while the primary's address
+    /// lookup had only failed for the moment).
     pub unresolved: Option<String>,
 }
 
