@@ -83,7 +83,14 @@ fn nothing_acknowledged_is_lost_across_20_kill_9() {
         for h in handles {
             tokio::time::timeout(Duration::from_secs(30), h)
                 .await
-                .expect("a submitter did not stop within 30 s")
+                .unwrap_or_else(|_| {
+                    let log = relay.log();
+                    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                    panic!(
+                        "a submitter did not stop within 30 s; the relay's log ends:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    )
+                })
                 .expect("a submitter panicked");
         }
     });
