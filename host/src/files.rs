@@ -2,27 +2,15 @@
 //! blocking: a FIFO put in the place of one once kept the relay from starting (the audit
 //! log, the MTA-STS cache) or froze it while running (a TLS-RPT results file opened on
 //! an async worker). Each is opened non-blocking and used only if it is a regular file.
-//! The spool has its own (`altroute_queue`, which cannot depend on the host).
+//! The spool opens its files the same way; this is its function.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// `options` (read, write, append, create...) opened non-blocking: the file if it is a
-/// regular file, else an `InvalidInput` error (`not a regular file`).
-pub fn open_regular(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
-    let file = options.custom_flags(libc::O_NONBLOCK).open(path)?;
-    if file.metadata()?.is_file() {
-        Ok(file)
-    } else {
-        // Without the path: every caller names it, as for the other errors of `open`.
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ))
-    }
-}
+/// `options` opened non-blocking, only if a regular file: the spool's own
+/// ([`altroute_queue::open_regular_with`]).
+pub use altroute_queue::open_regular_with as open_regular;
 
 /// `std::fs::read`, through [`open_regular`].
 pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {

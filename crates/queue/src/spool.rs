@@ -1199,12 +1199,15 @@ fn recover(
 /// place once blocked recovery, so the relay never started, and a state write, so a
 /// message never finished), and only if it is a regular file.
 fn open_regular(path: &Path, read: bool) -> io::Result<File> {
+    open_regular_with(path, OpenOptions::new().read(read).write(!read))
+}
+
+/// `options` (read, write, append, create...) opened non-blocking: the file if it is a
+/// regular file, else an `InvalidInput` error (`not a regular file`). The relay opens its
+/// own other files (audit log, MTA-STS cache, TLS-RPT results, watched policies) so too.
+pub fn open_regular_with(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = OpenOptions::new()
-        .read(read)
-        .write(!read)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
+    let file = options.custom_flags(libc::O_NONBLOCK).open(path)?;
     if file.metadata()?.is_file() {
         Ok(file)
     } else {
