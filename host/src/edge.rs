@@ -555,6 +555,10 @@ impl Edge {
             .find(|(path, _)| path == TCP_PROXY_CLUSTER)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_else(|| self.config.default_cluster.clone());
+        // A write to either side may take the SMTP command timeout, no longer: a client
+        // that stops reading its replies must not hold the connection once the session
+        // behind it has ended.
+        let write_wait = smtp.command_timeout;
         let result = if cluster == INBOUND_CLUSTER {
             self.count_connection(&cluster);
             let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
@@ -564,7 +568,7 @@ impl Edge {
                     Err(e) => tracing::debug!(%peer, error = %e, "session failed"),
                 }
             });
-            let r = pump(&mut stream, client, ours).await;
+            let r = pump(&mut stream, client, ours, write_wait).await;
             // The pipe is closed: the session ends at its next read (or already did).
             let _ = session.await;
             r
@@ -578,7 +582,7 @@ impl Edge {
             match connect {
                 Ok(Ok(up)) => {
                     let _ = up.set_nodelay(true);
-                    pump(&mut stream, client, up).await
+                    pump(&mut stream, client, up, write_wait).await
                 }
                 Ok(Err(e)) => {
                     self.metrics
@@ -674,8 +678,14 @@ fn spec(edge: &EdgeConfig, module: Arc<[u8]>, configuration: Vec<u8>) -> PluginS
 }
 
 /// Moves bytes both ways through the filter until the upstream ends (then the client's
-/// connection is closed too, as `tcp_proxy` does) or the module fails.
-async fn pump<U>(stream: &mut Stream, client: TcpStream, upstream: U) -> Result<(), Ended>
+/// connection is closed too, as `tcp_proxy` does) or the module fails. Each write may take
+/// `write_wait`: a peer that does not read ends the connection then.
+async fn pump<U>(
+    stream: &mut Stream,
+    client: TcpStream,
+    upstream: U,
+    write_wait: Duration,
+) -> Result<(), Ended>
 where
     U: AsyncRead + AsyncWrite + Send + Unpin,
 {
@@ -684,8 +694,8 @@ where
     let shared = Mutex::new(stream);
     let (client_rd, client_wr) = client.into_split();
     let (up_rd, up_wr) = tokio::io::split(upstream);
-    let down = direction(&shared, client_rd, up_wr, false);
-    let up = direction(&shared, up_rd, client_wr, true);
+    let down = direction(&shared, client_rd, up_wr, false, write_wait);
+    let up = direction(&shared, up_rd, client_wr, true, write_wait);
     tokio::pin!(down, up);
     let mut down_done = false;
     loop {
@@ -706,6 +716,7 @@ async fn direction<R, W>(
     mut from: R,
     mut to: W,
     upstream: bool,
+    write_wait: Duration,
 ) -> Result<(), Ended>
 where
     R: AsyncRead + Unpin,
@@ -748,7 +759,10 @@ where
         }
         held.clear();
         if !out.data.is_empty() {
-            to.write_all(&out.data).await.map_err(|_| Ended::Io)?;
+            tokio::time::timeout(write_wait, to.write_all(&out.data))
+                .await
+                .map_err(|_| Ended::Io)?
+                .map_err(|_| Ended::Io)?;
         }
         if end {
             let _ = to.shutdown().await;

@@ -110,6 +110,24 @@ pub fn parse_command(line: &[u8]) -> Result<Request<String>, smtp_proto::Error> 
     framed.extend_from_slice(b"\r\n");
     let req: Request<Cow<'_, str>> = Request::parse(&mut framed.iter())?;
     let mut req = req.into_owned();
+    // smtp-proto ignores what follows DATA, RSET and STARTTLS, which take no argument
+    // (RFC 5321 4.1.1.4, 4.1.1.5; RFC 3207 4): `DATA junk` was answered 354. As Postfix,
+    // refuse them with 501. (QUIT's argument is ignored, as Postfix does: the client is
+    // leaving either way.)
+    let bare = |verb: &'static str| {
+        let rest = line.get(verb.len()..).unwrap_or(&[]);
+        if rest.iter().all(|b| *b == b' ') {
+            Ok(())
+        } else {
+            Err(smtp_proto::Error::SyntaxError { syntax: verb })
+        }
+    };
+    match req {
+        Request::Data => bare("DATA")?,
+        Request::Rset => bare("RSET")?,
+        Request::StartTls => bare("STARTTLS")?,
+        _ => {}
+    }
     // smtp-proto 0.2.5 saturates SIZE at 20 digits but then restarts from the
     // next digit, so `SIZE=` followed by 21 nines parses as 9. Re-check the raw
     // parameter: anything longer than 19 digits is "too big".
@@ -166,6 +184,22 @@ mod tests {
             out.extend(line);
         }
         out
+    }
+
+    #[test]
+    fn commands_without_arguments_refuse_one() {
+        for line in ["DATA junk", "RSET x", "STARTTLS now", "data\tx"] {
+            assert!(
+                matches!(
+                    parse_command(line.as_bytes()),
+                    Err(smtp_proto::Error::SyntaxError { .. } | smtp_proto::Error::UnknownCommand)
+                ),
+                "{line}"
+            );
+        }
+        for line in ["DATA", "data  ", "RSET", "STARTTLS", "QUIT now"] {
+            assert!(parse_command(line.as_bytes()).is_ok(), "{line}");
+        }
     }
 
     #[test]

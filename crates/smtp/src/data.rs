@@ -139,7 +139,11 @@ impl DataReader {
             State::Done => {}
             State::LineStart => {
                 if b == b'.' {
-                    self.line_len = 1;
+                    // The line's length is counted without this dot: it is either
+                    // stuffing (RFC 5321 4.5.3.1.6: the 1000-octet limit does not count
+                    // the dot duplicated for transparency) or the end of the data. A
+                    // legal 998-octet line starting with "." was refused as too long.
+                    self.line_len = 0;
                     self.state = State::Dot;
                 } else {
                     self.text(b);
@@ -306,6 +310,19 @@ mod tests {
         let mut long = vec![b'a'; 999];
         long.extend_from_slice(b"\r\n.\r\n");
         assert_eq!(read(&long, 10_000).1, Err(DataError::LineTooLong));
+        // A line that starts with "." is one octet longer on the wire: the stuffing dot
+        // does not count. 998 octets of dots are legal, 999 are not.
+        for (dots, ok) in [(998, true), (999, false)] {
+            let mut wire = vec![b'.'; dots + 1];
+            wire.extend_from_slice(b"\r\n.\r\n");
+            let (n, msg) = read(&wire, 10_000);
+            assert_eq!(n, Some(wire.len()), "{dots}");
+            if ok {
+                assert_eq!(msg.unwrap(), [vec![b'.'; dots], b"\r\n".to_vec()].concat());
+            } else {
+                assert_eq!(msg, Err(DataError::LineTooLong), "{dots}");
+            }
+        }
     }
 
     #[test]

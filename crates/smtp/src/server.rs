@@ -107,7 +107,8 @@ pub enum SessionEnd {
     Quit,
     /// The client closed the connection.
     Disconnected,
-    /// A command, data or session timeout fired; `421 4.4.2` was sent.
+    /// A command, data or session timeout fired and `421 4.4.2` was sent, or the
+    /// client did not take its replies within the command timeout.
     Timeout,
     /// The client made more than [`MAX_ERRORS`] errors; `421 4.7.0` was sent.
     TooManyErrors,
@@ -240,13 +241,13 @@ where
         errors: 0,
         esmtp: false,
     };
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::new(stream, config.command_timeout);
     conn.push(&Reply::new(
         220,
         (2, 0, 0),
         format!("{} ESMTP altroute", config.hostname),
     ));
-    let stream = match session.run(&mut conn).await? {
+    let stream = match ended_by_timeout(session.run(&mut conn).await)? {
         Step::End(end) => return Ok(end),
         Step::StartTls => conn.stream,
     };
@@ -276,8 +277,8 @@ where
     session.info.helo = None;
     session.info.auth = None;
     session.envelope = None;
-    let mut conn = Conn::new(tls);
-    match session.run(&mut conn).await? {
+    let mut conn = Conn::new(tls, config.command_timeout);
+    match ended_by_timeout(session.run(&mut conn).await)? {
         Step::End(end) => Ok(end),
         // STARTTLS inside TLS is refused with 503, so this cannot happen;
         // treat it as a protocol end rather than trusting that.
@@ -288,6 +289,15 @@ where
 enum Step {
     End(SessionEnd),
     StartTls,
+}
+
+/// A client that did not take its replies within the command timeout: the session ends
+/// as timed out (no 421: its buffers are full).
+fn ended_by_timeout(step: Result<Step, Error>) -> Result<Step, Error> {
+    match step {
+        Err(Error::Timeout) => Ok(Step::End(SessionEnd::Timeout)),
+        other => other,
+    }
 }
 
 enum Read {
@@ -305,16 +315,27 @@ struct Conn<T> {
     pos: usize,
     out: Vec<u8>,
     reader: CommandReader,
+    /// How long writing the pending replies may take (the command timeout).
+    write_wait: Duration,
 }
 
+/// Replies held back for a pipelined batch before they are written anyway: a client
+/// that pipelines thousands of short commands (HELP, NOOP) must not make the server
+/// hold many times their size in replies.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+
+/// How long the last reply of a session that is being closed (421) may take to write.
+const FAREWELL_WAIT: Duration = Duration::from_secs(10);
+
 impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
-    fn new(stream: T) -> Self {
+    fn new(stream: T, write_wait: Duration) -> Self {
         Self {
             stream,
             inbuf: Vec::with_capacity(16 * 1024),
             pos: 0,
             out: Vec::new(),
             reader: CommandReader::new(),
+            write_wait,
         }
     }
 
@@ -322,13 +343,38 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.out.extend_from_slice(&reply.to_bytes());
     }
 
+    /// Write the pending replies within the command timeout. A client that does not
+    /// read its replies gets [`Error::Timeout`]: an audit's clients that pipelined
+    /// commands and never read held their sessions (and every `max_sessions` slot)
+    /// past every timeout, since only reads had one.
     async fn flush(&mut self) -> Result<(), Error> {
+        let until = Instant::now() + self.write_wait;
+        self.flush_until(until).await
+    }
+
+    async fn flush_until(&mut self, until: Instant) -> Result<(), Error> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await?;
+            let write = async {
+                self.stream.write_all(&self.out).await?;
+                self.stream.flush().await
+            };
+            tokio::time::timeout_at(until, write)
+                .await
+                .map_err(|_| Error::Timeout)??;
             self.out.clear();
         }
         Ok(())
+    }
+
+    /// The session's last reply (421), written if the client takes it within
+    /// [`FAREWELL_WAIT`]; then the stream is shut down.
+    async fn farewell(&mut self, reply: &Reply) {
+        self.push(reply);
+        let until = Instant::now() + FAREWELL_WAIT.min(self.write_wait);
+        // Best effort: the peer may be gone or may not read.
+        if self.flush_until(until).await.is_ok() {
+            let _ = tokio::time::timeout_at(until, self.stream.shutdown()).await;
+        }
     }
 
     fn pending(&self) -> &[u8] {
@@ -355,14 +401,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 
     async fn timeout_reply(&mut self, hostname: &str) -> Result<(), Error> {
-        self.push(&Reply::new(
+        self.farewell(&Reply::new(
             421,
             (4, 4, 2),
             format!("{hostname} Timeout, closing connection"),
-        ));
-        // Best effort: the peer may be gone.
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        ))
+        .await;
         Ok(())
     }
 }
@@ -424,18 +468,19 @@ impl<H: Handler> Session<H> {
     ) -> Result<Step, Error> {
         loop {
             if self.errors > MAX_ERRORS {
-                conn.push(&Reply::new(
+                conn.farewell(&Reply::new(
                     421,
                     (4, 7, 0),
                     format!(
                         "{} Too many errors, closing connection",
                         self.config.hostname
                     ),
-                ));
-                // Best effort: the peer may be gone.
-                let _ = conn.flush().await;
-                let _ = conn.stream.shutdown().await;
+                ))
+                .await;
                 return Ok(Step::End(SessionEnd::TooManyErrors));
+            }
+            if conn.out.len() >= OUT_HIGH_WATER {
+                conn.flush().await?;
             }
             let line = match self.next_line(conn).await? {
                 Next::Line(CommandLine::Line(line)) => line,
@@ -532,9 +577,7 @@ impl<H: Handler> Session<H> {
                     "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
                 )),
                 Request::Quit => {
-                    conn.push(&Reply::new(221, (2, 0, 0), "Bye"));
-                    conn.flush().await?;
-                    let _ = conn.stream.shutdown().await;
+                    conn.farewell(&Reply::new(221, (2, 0, 0), "Bye")).await;
                     return Ok(Step::End(SessionEnd::Quit));
                 }
                 // CHUNKING is not offered, so BDAT is a command we do not know,

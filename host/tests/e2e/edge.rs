@@ -451,6 +451,37 @@ fn a_client_sending_past_data_before_its_reply_is_closed() {
     assert_eq!(relay.stop_and_spooled(), Vec::<Vec<String>>::new());
 }
 
+/// A client that pipelines commands through the edge, never reads a reply and then goes
+/// silent with its connection open: once the replies fill its socket, the session behind
+/// the edge ends at its command timeout, and the edge gives the connection up too (each
+/// write it makes is bounded). Before, the session (and its `max_sessions` slot) stayed
+/// for as long as the client liked.
+#[test]
+fn a_client_that_never_reads_is_let_go_at_the_command_timeout() {
+    let relay = EdgeRelay::start(
+        1,
+        |_| "command_timeout_secs = 1\nsession_timeout_secs = 3600\n".to_owned(),
+        default_edge,
+    );
+    let mut s = TcpStream::connect(relay.listen[0]).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let batch = b"HELP\r\n".repeat(1000);
+    // Until the relay stops reading (its replies fill the socket) or lets go.
+    while s.write_all(&batch).is_ok() {}
+    // A bound on the test, not a timing assertion: without the write timeouts the
+    // session never ends.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while relay.metric("altroute_smtp_sessions_active") != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the session outlived its timeouts:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(s);
+}
+
 #[test]
 fn connection_routing_picks_the_configured_upstream() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -305,6 +305,75 @@ async fn timeouts() {
     }
 }
 
+/// A client that pipelines commands and never reads a reply: once the server's replies
+/// fill the socket, writing them is bounded by the command timeout, and the session ends
+/// as timed out. Only reads had a timeout, and an audit's three such clients held every
+/// session slot of a relay for as long as they liked.
+#[tokio::test]
+async fn a_client_that_never_reads_its_replies_is_timed_out() {
+    let mut c = config();
+    c.command_timeout = Duration::from_millis(300);
+    c.session_timeout = Duration::from_secs(3600);
+    let mut srv = spawn_server(c, Memory::new(true)).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(srv.addr).await.unwrap();
+    let (_unread, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        let batch = b"HELP\r\n".repeat(1000);
+        // Until the server stops reading (its replies fill the socket), then until it
+        // closes the connection.
+        while w.write_all(&batch).await.is_ok() {}
+    });
+    // A bound on the test, not a timing assertion: without the write timeout the session
+    // never ends.
+    let end = tokio::time::timeout(Duration::from_secs(120), srv.ends.recv())
+        .await
+        .expect("the session outlived its timeouts");
+    assert!(matches!(end, Some(Ok(SessionEnd::Timeout))), "{end:?}");
+    writer.abort();
+}
+
+/// DATA, RSET and STARTTLS take no argument: 501, as Postfix answers, not 354 or 250.
+#[tokio::test]
+async fn commands_that_take_no_argument_refuse_one() {
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    raw.cmd("EHLO client.test", "250").await;
+    raw.cmd("MAIL FROM:<a@src.test>", "250 2.1.0").await;
+    raw.cmd("RCPT TO:<b@dst.test>", "250 2.1.5").await;
+    raw.cmd("DATA junk", "501 5.5.4 Syntax: DATA").await;
+    raw.cmd("RSET x", "501 5.5.4 Syntax: RSET").await;
+    raw.cmd("STARTTLS now", "501 5.5.4 Syntax: STARTTLS").await;
+    // The transaction is still open: the refused RSET did not reset it.
+    raw.cmd("DATA", "354").await;
+    raw.send(b"Subject: t\r\n\r\nbody\r\n.\r\n").await;
+    assert!(raw.reply().await.starts_with("250 2.0.0"));
+    assert_eq!(handler.messages().len(), 1);
+}
+
+/// A line of 998 octets that starts with "." is legal: on the wire it has one more
+/// octet, the stuffing dot, which RFC 5321 4.5.3.1.6 does not count. It was refused with
+/// 500 5.5.6.
+#[tokio::test]
+async fn a_longest_line_starting_with_a_dot_is_stored() {
+    let handler = Memory::new(true);
+    let srv = spawn_server(config(), handler.clone()).await;
+    let mut raw = Raw::connect(srv.addr).await;
+    in_data(&mut raw).await;
+    let line = ".".repeat(998);
+    raw.send(format!("Subject: t\r\n\r\n.{line}\r\n.\r\n").as_bytes())
+        .await;
+    let r = raw.reply().await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    assert_eq!(
+        handler.messages()[0].message,
+        format!("Subject: t\r\n\r\n{line}\r\n").as_bytes()
+    );
+}
+
 /// CHUNKING is not offered; a client sending BDAT anyway gets 502 after its
 /// chunk, and the chunk's bytes are never run as commands.
 /// Without CHUNKING offered, BDAT is an unknown command (counted as an error) and the
