@@ -96,6 +96,10 @@ pub struct Server {
     /// Concurrent SMTP sessions; further clients wait in the kernel's accept queue.
     /// Defaults to 1000.
     pub max_sessions: usize,
+    /// Concurrent sessions from one client address outside `relay.allow_networks`;
+    /// more get `421 4.7.0`. Defaults to 50 (Postfix's
+    /// `smtpd_client_connection_count_limit`, which also exempts its own networks).
+    pub max_sessions_per_client: usize,
     /// How long shutdown waits for sessions in progress. Defaults to 30 s.
     pub shutdown_grace: Duration,
     /// Certificate chain (PEM). Defaults to none: no STARTTLS offered.
@@ -231,6 +235,7 @@ struct RawServer {
     data_timeout_secs: Option<u64>,
     session_timeout_secs: Option<u64>,
     max_sessions: Option<u64>,
+    max_sessions_per_client: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
@@ -449,6 +454,11 @@ impl Config {
         if max_sessions > 1_000_000 {
             c.problem("server.max_sessions: at most 1000000".to_owned());
         }
+        let max_sessions_per_client = c.positive(
+            "server.max_sessions_per_client",
+            s.max_sessions_per_client,
+            50,
+        );
         let shutdown_grace = s.shutdown_grace_secs.unwrap_or(30);
         let tls_cert = c.file("server.tls_cert", s.tls_cert.as_ref());
         let tls_key = c.file("server.tls_key", s.tls_key.as_ref());
@@ -609,6 +619,7 @@ impl Config {
                 data_timeout: Duration::from_secs(data_timeout),
                 session_timeout: Duration::from_secs(session_timeout),
                 max_sessions: as_usize(max_sessions),
+                max_sessions_per_client: as_usize(max_sessions_per_client),
                 shutdown_grace: Duration::from_secs(shutdown_grace),
                 tls_cert,
                 tls_key,
@@ -820,6 +831,7 @@ mod tests {
         assert_eq!(c.server.listen, vec!["127.0.0.1:25".parse().unwrap()]);
         assert_eq!(c.server.max_message_size, 35 * 1024 * 1024);
         assert_eq!(c.server.max_sessions, 1000);
+        assert_eq!(c.server.max_sessions_per_client, 50);
         assert_eq!(
             c.relay.allow_networks,
             vec![

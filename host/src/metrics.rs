@@ -13,6 +13,7 @@
 //! a live scrape against these rules.
 //!
 //! Names here (all prefixed `altroute_`): `smtp_sessions_total`, `smtp_sessions_active`,
+//! `smtp_sessions_refused_per_client_total`,
 //! `messages_accepted_total`, `messages_accepted_bytes_total`,
 //! `recipients_rejected_total{reason}`, `messages_rejected_total{reason}`,
 //! `spool_store_errors_total`, `spool_messages{state}`, `spool_recipients{state}`,
@@ -43,11 +44,14 @@ pub struct Metrics {
     pub sessions: Counter,
     /// SMTP sessions in progress.
     pub sessions_active: Gauge,
+    /// Connections refused with 421 because their client address had
+    /// `server.max_sessions_per_client` sessions already.
+    pub sessions_refused_per_client: Counter,
     /// Messages stored in the spool and answered with 250.
     pub accepted: Counter,
     /// Octets of accepted messages.
     pub accepted_bytes: Counter,
-    /// Recipients refused, by reason (`relay_denied`).
+    /// Recipients refused, by reason (`relay_denied`, `bad_address`, `no_postmaster`).
     pub rcpt_rejected: Family<Labels, Counter>,
     /// Messages refused after DATA, by reason (`disk_full`, `store_error`).
     pub msg_rejected: Family<Labels, Counter>,
@@ -98,6 +102,7 @@ impl Metrics {
             registry: Mutex::new(Registry::default()),
             sessions: Counter::default(),
             sessions_active: Gauge::default(),
+            sessions_refused_per_client: Counter::default(),
             accepted: Counter::default(),
             accepted_bytes: Counter::default(),
             rcpt_rejected: Family::default(),
@@ -124,6 +129,11 @@ impl Metrics {
             "smtp_sessions_active",
             "SMTP sessions in progress",
             m.sessions_active.clone(),
+        );
+        r.register(
+            "smtp_sessions_refused_per_client",
+            "Connections refused (421) at server.max_sessions_per_client",
+            m.sessions_refused_per_client.clone(),
         );
         r.register(
             "messages_accepted",

@@ -14,13 +14,15 @@
 //! header (`crate::proxy_protocol`), before the edge filter or the SMTP session sees a
 //! byte; its source address is the session's peer from then on.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -68,7 +70,16 @@ pub fn command(args: ServeArgs) -> Result<i32> {
         }
         Err(e) => return Err(e.into()),
     };
-    runtime.block_on(run_with_hup(config, shutdown, hup))?;
+    // A policy that does not compile is a configuration problem like the others: status
+    // 1, and nothing created yet (the spool was opened, or made, first).
+    let policy = match crate::policy_cmd::load_policy(&config.policy.file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("altroute: {e:#}");
+            return Ok(1);
+        }
+    };
+    runtime.block_on(run_loaded(config, policy, shutdown, hup))?;
     Ok(0)
 }
 
@@ -131,6 +142,18 @@ pub async fn run_with_hup(
     shutdown: impl Future<Output = ()>,
     hup: tokio::signal::unix::Signal,
 ) -> Result<()> {
+    // A policy that does not compile is an error at start, not at the first delivery.
+    let policy = crate::policy_cmd::load_policy(&config.policy.file)?;
+    run_loaded(config, policy, shutdown, hup).await
+}
+
+/// [`run_with_hup`] with the policy file already compiled.
+async fn run_loaded(
+    config: Config,
+    policy: altroute_policy::Policy,
+    shutdown: impl Future<Output = ()>,
+    hup: tokio::signal::unix::Signal,
+) -> Result<()> {
     let retry = RetrySchedule::new(
         config.delivery.retry_initial,
         2,
@@ -149,8 +172,6 @@ pub async fn run_with_hup(
     .context("opening the spool")?
     .with_context(|| format!("opening the spool {}", config.spool.dir.display()))?;
 
-    // A policy that does not compile is an error at start, not at the first delivery.
-    let policy = crate::policy_cmd::load_policy(&config.policy.file)?;
     let version = policy.version.clone();
     tracing::info!(version = %version, file = %config.policy.file.display(), "policy loaded");
     // (The admin endpoint reports the engine's live version: see DELIVERY below.)
@@ -300,6 +321,11 @@ pub async fn run_with_hup(
     let max_sessions = config.server.max_sessions;
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let proxies: Arc<[IpNet]> = config.server.proxy_protocol_from.clone().into();
+    let clients = Arc::new(Clients {
+        limit: config.server.max_sessions_per_client,
+        exempt: config.relay.allow_networks.clone().into(),
+        counts: Mutex::new(HashMap::new()),
+    });
     if !proxies.is_empty() {
         tracing::info!(from = ?proxies, "a PROXY protocol header is required from these proxies");
     }
@@ -312,6 +338,7 @@ pub async fn run_with_hup(
             metrics: metrics.clone(),
             edge: edge.clone().filter(|e| e.guards(local)),
             proxies: proxies.clone(),
+            clients: clients.clone(),
         };
         tasks.spawn(accept_loop(
             listener,
@@ -376,6 +403,62 @@ struct Front {
     edge: Option<Arc<crate::edge::Edge>>,
     /// `server.proxy_protocol_from`.
     proxies: Arc<[IpNet]>,
+    /// Sessions per client address (`server.max_sessions_per_client`).
+    clients: Arc<Clients>,
+}
+
+/// Sessions per client address, for `server.max_sessions_per_client`: without a cap, one
+/// host could take every `max_sessions` slot (an audit's three clients that never read
+/// their replies locked a relay's allowed clients out). The relay's own clients
+/// (`relay.allow_networks`) are exempt, as Postfix exempts `$mynetworks`.
+struct Clients {
+    limit: usize,
+    exempt: Arc<[IpNet]>,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One session counted against its client address, until dropped.
+struct ClientSlot {
+    clients: Arc<Clients>,
+    ip: IpAddr,
+}
+
+impl Clients {
+    /// `None` when `ip` has `limit` sessions already; otherwise its slot, which is
+    /// `None` for an exempt address (not counted). IPv4-mapped IPv6 addresses count as
+    /// their IPv4 address.
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Option<ClientSlot>> {
+        let ip = ip.to_canonical();
+        if crate::config::in_networks(&self.exempt, ip) {
+            return Some(None);
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .clients
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn accept_loop(
@@ -444,6 +527,21 @@ impl Front {
             }
         } else {
             peer
+        };
+        let Some(_slot) = self.clients.enter(peer.ip()) else {
+            self.metrics.sessions_refused_per_client.inc();
+            tracing::info!(client = %peer, limit = self.clients.limit, "too many sessions from one client address; refused with 421");
+            let reply = format!(
+                "421 4.7.0 {} Too many connections from your address\r\n",
+                self.smtp.hostname
+            );
+            // Best effort, bounded: the client may not read.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                stream.write_all(reply.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+            return;
         };
         let Front {
             smtp,

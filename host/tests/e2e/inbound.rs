@@ -399,6 +399,62 @@ fn postmaster_goes_where_the_configuration_says_or_is_refused() {
     );
 }
 
+/// `server.max_sessions_per_client`: a client address outside `allow_networks` gets
+/// `421 4.7.0` past the cap, and its slot comes back when a session ends; the relay's own
+/// clients are not counted. Without a cap, a few clients that never read their replies
+/// held every `max_sessions` slot (an audit's finding).
+#[test]
+fn sessions_per_client_address_are_capped_except_for_the_relay_s_clients() {
+    let mut config = RelayConfig::new();
+    config.allow_networks = vec!["127.0.0.1/32".into()];
+    config.server_extra = "max_sessions_per_client = 2\n".into();
+    let relay = Relay::start(config);
+    let addr = relay.config.smtp;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let outsider = Some(other_loopback().into());
+        let first = SmtpConn::connect(addr, outsider).await.unwrap();
+        let second = SmtpConn::connect(addr, outsider).await.unwrap();
+        let third = SmtpConn::connect(addr, outsider).await;
+        let refused = third.err().expect("a third session from one address");
+        assert!(
+            refused.to_string().contains("421 4.7.0")
+                && refused.to_string().contains("Too many connections"),
+            "{refused}"
+        );
+        // A session that ends gives its slot back (the relay sees the close a moment
+        // later: try until it has).
+        drop(first);
+        let mut again = None;
+        for _ in 0..100 {
+            if let Ok(c) = SmtpConn::connect(addr, outsider).await {
+                again = Some(c);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(again.is_some(), "the slot never came back");
+        // The relay's own clients are not counted.
+        let mut mine = Vec::new();
+        for _ in 0..5 {
+            mine.push(
+                SmtpConn::connect(addr, Some("127.0.0.1".parse().unwrap()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        drop((second, again, mine));
+    });
+    let (_, metrics) = relay.admin_get("/metrics");
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("altroute_smtp_sessions_refused_per_client_total ")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn clients_outside_allow_networks_cannot_relay() {
     let mut config = RelayConfig::new();
@@ -656,6 +712,35 @@ fn bad_configuration_lists_every_problem_and_exits_1() {
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
+}
+
+/// A policy that does not compile is a configuration problem too: status 1, its problem
+/// with file, line and column, and nothing created (an audit found status 2, after the
+/// spool had been made).
+#[test]
+fn a_policy_that_does_not_compile_exits_1_before_the_spool_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "[[tls_compliance]]\nname = \"p\"\ndomains = [\"partner.example\"]\nmin_tls = \"1.1\"\n",
+    )
+    .unwrap();
+    let path = dir.path().join("altroute.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[spool]\ndir = \"spool\"\n[policy]\nfile = \"policy.toml\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("policy.toml: line 4, column"), "{err}");
+    assert!(err.contains("does not compile"), "{err}");
+    assert!(!dir.path().join("spool").exists(), "the spool was made");
 }
 
 #[test]
