@@ -38,7 +38,7 @@
 //! one reply. A command line over 1000 bytes ([`MAX_COMMAND_LINE`]) is not forwarded at
 //! all (a server that runs only its start could take an unchecked `RCPT`): a `NOOP` goes
 //! in its place and the client gets `500 5.5.6 Line too long`, which keeps the pairing.
-//! Nor is a command line with a NUL byte.
+//! Nor is a command line with a NUL byte or a bare CR.
 //!
 //! Commands are split into words at any white space, as servers split them, so
 //! `RCPT\tTO:<a>` is checked like `RCPT TO:<a>`. A `MAIL` or `RCPT` whose argument is not
@@ -80,6 +80,8 @@ const MAX_SENDERS: usize = 4;
 const LINE_TOO_LONG: &str = "500 5.5.6 Line too long\r\n";
 /// The reply to a command line with a NUL byte in it.
 const NUL_IN_COMMAND: &str = "500 5.5.2 Command contains a NUL byte\r\n";
+/// The reply to a command line with a CR that does not end it.
+const CR_IN_COMMAND: &str = "500 5.5.2 Command contains a bare CR\r\n";
 /// The replies to a `MAIL` or `RCPT` whose argument is not `FROM:` / `TO:` (Postfix's).
 const MAIL_SYNTAX: &str = "501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 const RCPT_SYNTAX: &str = "501 5.5.4 Syntax: RCPT TO:<address>\r\n";
@@ -191,10 +193,18 @@ pub(crate) struct Session {
     in_transaction: bool,
     sender: String,
     requiretls: bool,
-    /// The upstream offered STARTTLS in its EHLO reply.
+    /// The upstream offered STARTTLS in its reply to the last EHLO or HELO.
     starttls_offered: bool,
-    /// The upstream offered CHUNKING in its reply to the last EHLO.
+    /// The upstream offered CHUNKING in its reply to the last EHLO or HELO.
     chunking_offered: bool,
+    /// What the EHLO reply being read lists so far: (STARTTLS, CHUNKING). It counts once
+    /// the reply is whole and positive: an audit pipelined `EHLO` then `HELO`, the
+    /// EHLO's reply turned CHUNKING on after the HELO had turned it off, and a BDAT with
+    /// a RCPT for its chunk went upstream to a server that had not offered CHUNKING
+    /// (one that refuses such a BDAT without reading the chunk runs the RCPT unchecked).
+    ehlo_offers: (bool, bool),
+    /// Lines of the server's current reply read so far (a keyword is never on the first).
+    reply_lines: usize,
     /// The client broke the protocol in a way that leaves the follower unsure how the
     /// server reads its bytes: the session must be closed.
     violation: Option<&'static str>,
@@ -218,6 +228,8 @@ impl Session {
             requiretls: false,
             starttls_offered: false,
             chunking_offered: false,
+            ehlo_offers: (false, false),
+            reply_lines: 0,
             violation: None,
             events: Events::default(),
         }
@@ -386,6 +398,15 @@ impl Session {
                 .push_back(Pending::Refused(NUL_IN_COMMAND.to_owned()));
             return;
         }
+        if memchr::memchr(b'\r', line).is_some() {
+            // Postfix and this relay read `RCPT TO:<a>\rRCPT TO:<b>` as one line, but a
+            // server that ended lines at a bare CR would run the second RCPT unchecked
+            // (an audit's finding, not reproduced with Postfix). Not forwarded.
+            out.push(b"NOOP\r\n");
+            self.pending
+                .push_back(Pending::Refused(CR_IN_COMMAND.to_owned()));
+            return;
+        }
         // Servers split a command into words at any white space (Postfix: spaces, tabs,
         // CR, VT, FF), so `RCPT\tTO:<a>` and `RCPT  TO:<a>` are a RCPT too.
         let verb_end = line.iter().position(|b| is_space(*b)).unwrap_or(line.len());
@@ -462,7 +483,9 @@ impl Session {
             // that the follower would read whole: a `BDAT` goes upstream only when
             // CHUNKING was offered and its size is plain digits. Otherwise a NOOP goes in
             // its place, and both sides read what follows as commands.
-            match (self.chunking_offered, chunk_size(&line[verb_end..])) {
+            // While an EHLO or HELO is unanswered, the offer is not known yet.
+            let offered = self.chunking_offered && !self.pending.contains(&Pending::Ehlo);
+            match (offered, chunk_size(&line[verb_end..])) {
                 (true, Some(size)) => {
                     if size > 0 {
                         self.client = Client::Chunk { remaining: size };
@@ -654,15 +677,17 @@ impl Session {
         match self.pending.front() {
             Some(Pending::Refused(_)) => out.drop_bytes(),
             front => {
-                if front == Some(&Pending::Ehlo) && line.len() > 4 {
+                // The first line is the server's name, not a keyword (a server named
+                // CHUNKING answers a HELO with `250 CHUNKING`).
+                if front == Some(&Pending::Ehlo) && self.reply_lines > 0 && line.len() > 4 {
                     let keyword = line[4..]
                         .split(|b| *b == b' ' || *b == b'\r' || *b == b'\n')
                         .next()
                         .unwrap_or_default();
                     if keyword.eq_ignore_ascii_case(b"STARTTLS") {
-                        self.starttls_offered = true;
+                        self.ehlo_offers.0 = true;
                     } else if keyword.eq_ignore_ascii_case(b"CHUNKING") {
-                        self.chunking_offered = true;
+                        self.ehlo_offers.1 = true;
                     }
                 }
                 match at {
@@ -671,6 +696,7 @@ impl Session {
                 }
             }
         }
+        self.reply_lines += 1;
         if last {
             self.reply_done(line, out);
         }
@@ -678,6 +704,8 @@ impl Session {
 
     /// The last line of a reply arrived: the front command is answered.
     fn reply_done(&mut self, line: &[u8], out: &mut Out<'_>) {
+        self.reply_lines = 0;
+        let offers = std::mem::take(&mut self.ehlo_offers);
         let Some(front) = self.pending.pop_front() else {
             // A reply nobody asked for (a 421 on shutdown): it passed as it was.
             return;
@@ -713,7 +741,17 @@ impl Session {
                     self.in_transaction = true;
                 }
             }
-            Pending::Ehlo | Pending::Reset => {
+            Pending::Ehlo => {
+                // The reply to the last EHLO or HELO says what is offered; a refused one
+                // offers nothing.
+                let positive = line.first() == Some(&b'2');
+                (self.starttls_offered, self.chunking_offered) =
+                    if positive { offers } else { (false, false) };
+                if positive {
+                    self.reset_transaction();
+                }
+            }
+            Pending::Reset => {
                 if line.first() == Some(&b'2') {
                     self.reset_transaction();
                 }
@@ -1446,6 +1484,14 @@ mod tests {
             replaced(&mut s, b"RCPT\0TO:<n1@partner.example>"),
             NUL_IN_COMMAND
         );
+        for line in [
+            &b"NOOP\rRCPT TO:<n2@partner.example>"[..],
+            b"RCPT TO:<c@other.example>\rRCPT TO:<n3@partner.example>",
+            b"RCPT TO:<c@other.example>\r\r",
+        ] {
+            let mut s = greeted(b"250 ok\r\n");
+            assert_eq!(replaced(&mut s, line), CR_IN_COMMAND, "{line:?}");
+        }
     }
 
     /// Servers split commands at any white space, and read a quoted local part whole: each
@@ -1793,5 +1839,60 @@ mod tests {
             s.client_bytes(chunk, false),
             Some(b"NOOP\r\nNOOP\r\n".to_vec())
         );
+    }
+
+    /// The reply to the last EHLO or HELO decides whether CHUNKING is offered, whatever
+    /// order the replies come in relative to the commands. An audit pipelined `EHLO`
+    /// then `HELO`: the EHLO's reply turned the offer on after the HELO had turned it off,
+    /// and the BDAT (its chunk a RCPT) went upstream.
+    #[test]
+    fn only_the_last_greeting_s_reply_offers_chunking() {
+        let chunk = b"BDAT 29\r\nRCPT TO:<v@partner.example>\r\n";
+        let refused: &[u8] = b"503 5.5.1 CHUNKING was not offered: use DATA\r\n450 4.7.10 TLS required for <v@partner.example>\r\n";
+        let ehlo_reply: &[u8] = b"250-s\r\n250-CHUNKING\r\n250 PIPELINING\r\n";
+        for step in [1, 5, 1000] {
+            // EHLO and HELO pipelined, both answered, then BDAT.
+            let mut s = session();
+            let (up, _) = run(
+                &mut s,
+                b"EHLO c\r\nHELO c\r\n",
+                &[b"220 hi\r\n", ehlo_reply, b"250 s\r\n"].concat(),
+                step,
+            );
+            assert_eq!(up, b"EHLO c\r\nHELO c\r\n");
+            assert_eq!(
+                s.client_bytes(chunk, false),
+                Some(b"NOOP\r\nNOOP\r\n".to_vec()),
+                "step {step}"
+            );
+            assert_eq!(
+                s.server_bytes(b"250 noop\r\n250 noop\r\n", false)
+                    .as_deref(),
+                Some(refused)
+            );
+            // BDAT pipelined behind an EHLO whose reply has not come: not known yet.
+            let mut s = greeted(ehlo_reply);
+            assert_eq!(s.client_bytes(b"EHLO again\r\n", false), None);
+            assert_eq!(
+                s.client_bytes(chunk, false),
+                Some(b"NOOP\r\nNOOP\r\n".to_vec())
+            );
+            // A HELO answered by a server named CHUNKING offers nothing.
+            let mut s = greeted(b"250 s\r\n");
+            assert_eq!(s.client_bytes(b"HELO c\r\n", false), None);
+            assert_eq!(s.server_bytes(b"250 CHUNKING\r\n", false), None);
+            assert_eq!(
+                s.client_bytes(chunk, false),
+                Some(b"NOOP\r\nNOOP\r\n".to_vec())
+            );
+            // A refused EHLO offers nothing either, whatever its lines say.
+            let mut s = greeted(ehlo_reply);
+            assert_eq!(s.client_bytes(b"EHLO again\r\n", false), None);
+            assert_eq!(s.server_bytes(b"550-x\r\n550 CHUNKING\r\n", false), None);
+            assert_eq!(
+                s.client_bytes(chunk, false),
+                Some(b"NOOP\r\nNOOP\r\n".to_vec())
+            );
+        }
     }
 }
