@@ -173,7 +173,8 @@ impl AuditLog {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(parent).map_err(|e| AuditError::file(parent, &e))?;
+            crate::files::create_private_dir_all(parent)
+                .map_err(|e| AuditError::file(parent, &e))?;
         }
         let mut bytes = match crate::files::read_regular(path) {
             Ok(b) => b,

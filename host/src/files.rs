@@ -12,6 +12,10 @@ use std::path::Path;
 /// ([`altroute_queue::open_regular_with`]).
 pub use altroute_queue::open_regular_with as open_regular;
 
+/// `create_dir_all` with mode 0700 for what it creates: the spool's own
+/// ([`altroute_queue::create_private_dir_all`]).
+pub use altroute_queue::create_private_dir_all;
+
 /// `std::fs::read`, through [`open_regular`].
 pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();

@@ -703,10 +703,16 @@ impl MtaSts {
 /// Writes `p` to `dir/<domain>.json` (temp file, fsync, rename).
 fn store(dir: &Path, p: &CachedPolicy) -> std::io::Result<()> {
     use std::io::Write;
-    std::fs::create_dir_all(dir)?;
+    crate::files::create_private_dir_all(dir)?;
     let json = serde_json::to_vec_pretty(p).map_err(std::io::Error::other)?;
     let tmp = dir.join(format!(".{}.json.tmp", p.domain));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = crate::files::open_regular(
+        &tmp,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+    )?;
     f.write_all(&json)?;
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(format!("{}.json", p.domain)))

@@ -200,7 +200,7 @@ impl Recorder {
     }
 
     fn append(&self, r: &SessionResult) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        crate::files::create_private_dir_all(&self.dir)?;
         let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let path = self.dir.join(format!("results-{}.jsonl", day_of(r.time)));
@@ -477,11 +477,19 @@ pub async fn generate(
             tracing::info!(%domain, "no TLSRPT record: no report");
             continue;
         };
-        std::fs::create_dir_all(&out_dir)
+        crate::files::create_private_dir_all(&out_dir)
             .with_context(|| format!("creating {}", out_dir.display()))?;
         let path = out_dir.join(file_name(&settings.organization, &domain, start));
         let body = serde_json::to_vec_pretty(&report)?;
-        std::fs::write(&path, &body).with_context(|| format!("writing {}", path.display()))?;
+        crate::files::open_regular(
+            &path,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+        )
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &body))
+        .with_context(|| format!("writing {}", path.display()))?;
         let mut mailed = Vec::new();
         for uri in &rua {
             let Some(addr) = uri
@@ -613,7 +621,7 @@ pub async fn daily(
             match generate(&settings, &resolver, &yesterday, Some(&spool)).await {
                 Ok(made) => {
                     tracing::info!(day = %yesterday, reports = made.len(), "daily TLS reports made");
-                    let done = std::fs::create_dir_all(settings.dir.join("reported"))
+                    let done = crate::files::create_private_dir_all(&settings.dir.join("reported"))
                         .and_then(|_| std::fs::write(&marker, b""));
                     if let Err(e) = done {
                         tracing::warn!(error = %e, "cannot mark the TLS reports as made");

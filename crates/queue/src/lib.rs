@@ -117,5 +117,5 @@ pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::Error;
 pub use id::MessageId;
 pub use schedule::RetrySchedule;
-pub use spool::{Spool, SpoolConfig, open_regular_with};
+pub use spool::{Spool, SpoolConfig, create_private_dir_all, open_regular_with};
 pub use types::{Envelope, QueueEntry, RecipientState, RecoveryReport, Selector, SpoolStats};

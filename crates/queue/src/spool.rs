@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
@@ -190,7 +190,7 @@ impl Spool {
         let tmp_dir = dir.join("tmp");
         let corrupt_dir = dir.join("corrupt");
         if !dir.exists() {
-            fs::create_dir_all(dir)
+            create_private_dir_all(dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             // A new spool directory must not vanish in a crash either.
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -198,7 +198,20 @@ impl Spool {
             }
         }
         for d in [&msg_dir, &tmp_dir, &corrupt_dir] {
-            fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+            create_private_dir_all(d)
+                .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+            // Whole messages live here: no other local user may list or read them, in a
+            // spool made before files were created private too (an audit read every
+            // queued message as `nobody`: the umask's 0644 and 0755). Changed only when
+            // needed (a directory made immutable by its operator stays as it is).
+            let mode = fs::metadata(d)
+                .map_err(|e| Error::io(format!("reading {}", d.display()), e))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                fs::set_permissions(d, fs::Permissions::from_mode(PRIVATE_DIR))
+                    .map_err(|e| Error::io(format!("making {} private", d.display()), e))?;
+            }
         }
         // The subdirectory entries themselves must survive a crash.
         fsync_dir(dir).map_err(|e| Error::io("syncing the spool directory", e))?;
@@ -208,6 +221,7 @@ impl Spool {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(PRIVATE_FILE)
             .open(&lock_path)
             .map_err(|e| Error::io("opening the spool lock file", e))?;
         match lock_file.try_lock() {
@@ -751,7 +765,11 @@ impl Inner {
 
         let tmp = self.tmp_dir.join(id.as_str());
         let write = || -> io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(PRIVATE_FILE)
+                .open(&tmp)?;
             let mut head = Vec::with_capacity(MAGIC.len() + env_frame.len() + body_prefix.len());
             head.extend_from_slice(MAGIC);
             head.extend_from_slice(&env_frame);
@@ -1202,12 +1220,30 @@ fn open_regular(path: &Path, read: bool) -> io::Result<File> {
     open_regular_with(path, OpenOptions::new().read(read).write(!read))
 }
 
+/// Mode of the spool's directories (and of the relay's other directories).
+const PRIVATE_DIR: u32 = 0o700;
+/// Mode of a file the spool or the relay creates: messages, state, audit log, TLS results.
+const PRIVATE_FILE: u32 = 0o600;
+
+/// `fs::create_dir_all`, with mode 0700 for each directory it creates: the spool holds
+/// whole messages and the relay's other directories what they say of mail, for no other
+/// local user to read.
+pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR)
+        .create(path)
+}
+
 /// `options` (read, write, append, create...) opened non-blocking: the file if it is a
-/// regular file, else an `InvalidInput` error (`not a regular file`). The relay opens its
-/// own other files (audit log, MTA-STS cache, TLS-RPT results, watched policies) so too.
+/// regular file, else an `InvalidInput` error (`not a regular file`). A file it creates
+/// has mode 0600. The relay opens its own other files (audit log, MTA-STS cache, TLS-RPT
+/// results, watched policies) so too.
 pub fn open_regular_with(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = options.custom_flags(libc::O_NONBLOCK).open(path)?;
+    let file = options
+        .custom_flags(libc::O_NONBLOCK)
+        .mode(PRIVATE_FILE)
+        .open(path)?;
     if file.metadata()?.is_file() {
         Ok(file)
     } else {

@@ -128,3 +128,40 @@ async fn rejects_empty_envelope_and_second_opener() {
     let second = altroute_queue::Spool::open(dir.path(), Default::default(), clock.clone());
     assert!(matches!(second, Err(Error::Locked(_))));
 }
+
+/// Messages are for the relay's eyes only, whatever the umask: an audit read every
+/// queued message as `nobody` (files 0644, directories 0755). A new spool's directories
+/// are 0700 and its files 0600; a spool made before has its message directories made
+/// private when it opens.
+#[tokio::test]
+async fn messages_are_private_to_the_relay() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let clock = Arc::new(ManualClock::new(T0));
+    let id = {
+        let spool = open(&root, &clock);
+        spool
+            .store(envelope(1), message("private", 100))
+            .await
+            .unwrap()
+    };
+    assert_eq!(mode(&root), 0o700);
+    for sub in ["msg", "tmp", "corrupt"] {
+        assert_eq!(mode(&root.join(sub)), 0o700, "{sub}");
+    }
+    assert_eq!(mode(&root.join("msg").join(id.as_str())), 0o600);
+    assert_eq!(mode(&root.join("lock")), 0o600);
+
+    // A spool of an older version: world-readable directories.
+    for sub in ["msg", "tmp", "corrupt"] {
+        let d = root.join(sub);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let spool = open(&root, &clock);
+    for sub in ["msg", "tmp", "corrupt"] {
+        assert_eq!(mode(&root.join(sub)), 0o700, "{sub} after reopening");
+    }
+    assert!(spool.entry(&id).is_some());
+}
