@@ -375,13 +375,18 @@ fn hostile_module(overrides: &[(&str, &str)]) -> std::path::PathBuf {
         text = text.replace(key, body);
     }
     let bytes = wat::parse_str(&text).unwrap();
-    let dir = std::env::temp_dir().join(format!("altroute-hostile-{}", std::process::id()));
+    // In Cargo's scratch directory for integration tests (under target/, so `cargo clean`
+    // removes it and /tmp does not collect one directory per run), named by content.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-modules");
     std::fs::create_dir_all(&dir).unwrap();
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     let path = dir.join(format!("{:x}.wasm", h.finish()));
-    std::fs::write(&path, bytes).unwrap();
+    // Tests run in parallel and may write the same module: write aside, then rename.
+    let aside = tempfile::NamedTempFile::new_in(&dir).unwrap();
+    std::fs::write(aside.path(), bytes).unwrap();
+    aside.persist(&path).unwrap();
     path
 }
 

@@ -368,6 +368,11 @@ impl SmtpConn {
         Ok(c)
     }
 
+    /// The client's end of the connection.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.writer.local_addr()
+    }
+
     /// Read one (possibly multi-line) reply.
     pub async fn reply(&mut self) -> std::io::Result<(u16, String)> {
         use tokio::io::AsyncBufReadExt as _;
