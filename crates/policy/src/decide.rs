@@ -402,9 +402,26 @@ impl<'a> Decider<'a> {
             .and_then(|name| policy.hosts.get(name).map(|h| (name.as_str(), h)));
 
         // What this hop must provide, and the host it is.
+        let routed = route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h)));
         let (hop_req, target, hop_rule) = match q.hop {
-            Hop::Direct => (req, None, req_rule),
-            Hop::Host => match route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h))) {
+            // A domain the policy routes to a host, asked about at a direct hop (a caller
+            // that did not follow the plan, or a route added since): the hop is held to
+            // that host's TLS too. An audit's verdict for `direct` to a domain routed to a
+            // TLS-only host came back opportunistic, and Envoy's HTTP face sent it to the
+            // direct pool.
+            Hop::Direct => match routed {
+                Some((r, h)) => (
+                    req.max(h.tls),
+                    None,
+                    if req.required {
+                        req_rule
+                    } else {
+                        ("route:", r.name.as_str())
+                    },
+                ),
+                None => (req, None, req_rule),
+            },
+            Hop::Host => match routed {
                 Some((r, h)) => (
                     req.max(h.tls),
                     Some((r.host.as_str(), h)),

@@ -169,8 +169,9 @@ pub fn trim_root(domain: &str) -> &str {
 /// (`xn--bcher-kva.example`, UTS 46 as the `idna` crate maps it, which also folds case).
 /// Patterns are stored in that form, and the A-label is the domain mail to it is
 /// resolved and delivered to, so a rule cannot be escaped by writing its domain in
-/// Unicode. A Unicode name that is not a valid IDN stays as it is: it matches no
-/// pattern, and it cannot be resolved either. Borrows unless there was Unicode.
+/// Unicode. A Unicode name that is not a valid IDN stays as it is and matches no pattern;
+/// no question can carry one ([`is_plain_domain`] refuses it: a resolver that maps names
+/// by IDNA 2003 may still find a domain for it). Borrows unless there was Unicode.
 pub fn canonical_domain(domain: &str) -> Cow<'_, str> {
     let domain = trim_root(domain);
     if domain.is_ascii() {
@@ -352,6 +353,11 @@ fn quoted_len(s: &[u8]) -> Option<usize> {
 
 /// Whether `domain` is labels (letters, digits, `-`, `_`, UTF-8) joined by single dots,
 /// with an optional final dot, or an address literal of printable ASCII (`[192.0.2.1]`).
+/// A domain in Unicode must be a valid IDN (UTS 46, as [`canonical_domain`] maps it):
+/// `partner\u{200D}.example` (a zero-width joiner) is none, so it matched no rule and was
+/// decided opportunistic, while a resolver that maps names by IDNA 2003 (Python's `idna`
+/// codec) drops the joiner and delivers to partner.example. The relay's SMTP server
+/// refuses such a name too.
 pub fn is_plain_domain(domain: &str) -> bool {
     if let Some(literal) = domain.strip_prefix('[') {
         return literal.strip_suffix(']').is_some_and(|inner| {
@@ -369,6 +375,7 @@ pub fn is_plain_domain(domain: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
         })
+        && (domain.is_ascii() || idna::domain_to_ascii(domain).is_ok())
 }
 
 /// An envelope address (or a bare domain) in the form patterns are matched against

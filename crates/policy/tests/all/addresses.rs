@@ -439,3 +439,27 @@ fn a_recipient_delimiter_is_punctuation_of_a_local_part() {
     let err = Policy::from_json(policy.to_json().as_bytes()).unwrap_err();
     assert!(err.to_string().contains("recipient_delimiter"), "{err}");
 }
+
+/// A domain in Unicode that is not a valid IDN is no mailbox: a question about one fails
+/// closed. `partner\u{200D}.example` (a zero-width joiner) matched no rule and was decided
+/// opportunistic, in Envoy's HTTP face too, while a resolver that maps names by IDNA 2003
+/// drops the joiner and finds partner.example.
+#[test]
+fn a_domain_that_is_not_a_valid_idn_is_no_mailbox() {
+    use altroute_policy::pattern::is_mailbox;
+    for bad in [
+        "bob@partner\u{200D}.example",
+        "bob@partner\u{200C}.example",
+        "bob@mail.b\u{200D}ank.example",
+        "@a\u{200D}.example:bob@partner.example",
+    ] {
+        assert!(!is_mailbox(bad), "{bad:?}");
+    }
+    for good in [
+        "bob@b\u{fc}cher.example",
+        "bob@partner.example",
+        "bob@xn--bcher-kva.example",
+    ] {
+        assert!(is_mailbox(good), "{good:?}");
+    }
+}
