@@ -409,6 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
                 batch.extend_from_slice(r.as_bytes());
             }
             batch.extend_from_slice(b"DATA\r\n");
+            self.nothing_unasked()?;
             self.write(&batch).await?;
             let mail_reply = self.read_reply(t).await?;
             let mut replies = Vec::with_capacity(rcpts.len());
@@ -416,6 +417,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
                 replies.push(self.read_reply(t).await?);
             }
             let data_reply = self.read_reply(t).await?;
+            // More replies than commands: which reply answers which command is lost.
+            self.nothing_unasked()?;
             (mail_reply, replies, Some(data_reply))
         } else {
             let mail_reply = self.command(mail.as_bytes()).await?;
@@ -451,6 +454,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
                 // message and drop its reply.
                 self.end_refused(true).await;
                 None
+            }
+            // Only a 4xx or 5xx refuses DATA. Any other reply is no answer to it: a
+            // server that said 250 (or whose replies were out of step: an extra `250`
+            // line in a RCPT reply made the next one read as DATA's) would have had the
+            // message marked delivered with no byte of it sent. An audit lost mail so.
+            Some(d) if !(400..600).contains(&d.code) => {
+                return Err(Error::Protocol(format!(
+                    "unexpected reply to DATA: {}",
+                    d.code
+                )));
             }
             Some(d) => {
                 self.end_refused(false).await;
@@ -538,8 +551,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
     }
 
     async fn command(&mut self, line: &[u8]) -> Result<Reply, Error> {
+        self.nothing_unasked()?;
         self.write(line).await?;
         self.read_reply(self.config.command_timeout).await
+    }
+
+    /// Before a command: no reply may be waiting, or it would be read as the command's
+    /// (a server that sent an extra reply puts every later one out of step).
+    fn nothing_unasked(&self) -> Result<(), Error> {
+        if self.inbuf.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Protocol(
+                "a reply came before its command was sent".into(),
+            ))
+        }
     }
 
     async fn read_reply(&mut self, timeout: Duration) -> Result<Reply, Error> {

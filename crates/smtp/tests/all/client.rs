@@ -386,3 +386,104 @@ async fn eight_bit_data_needs_8bitmime() {
     );
     assert!(seen.contains(&"plain\r\n".to_string()), "{seen:?}");
 }
+
+/// A next hop whose replies are out of step with the commands: each answer below is
+/// given to the command it names, the rest get `250 ok` (221 to QUIT). Returns what the
+/// server received.
+async fn out_of_step_server(
+    ehlo: &'static str,
+    rcpt: &'static str,
+    data: &'static str,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut got = Vec::new();
+        w.write_all(b"220 mx.test ESMTP\r\n").await.unwrap();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return got;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            got.push(line);
+            let reply = match verb.as_str() {
+                "EHLO" => ehlo,
+                "RCPT" => rcpt,
+                "DATA" => data,
+                "QUIT" => "221 bye\r\n",
+                _ => "250 ok\r\n",
+            };
+            if w.write_all(reply.as_bytes()).await.is_err() {
+                return got;
+            }
+        }
+    });
+    (addr, server)
+}
+
+/// A reply to DATA other than 354, 4xx or 5xx is no answer to it, and a reply that comes
+/// before its command puts every later one out of step: either is a protocol error (the
+/// attempt defers), never a delivery. An audit's next hops answered DATA with 250, put a
+/// `250` line inside a RCPT's `250-` block, or sent a reply nobody asked for after EHLO;
+/// each time the relay marked the mail delivered and no byte of it had been sent.
+#[tokio::test]
+async fn replies_out_of_step_with_the_commands_are_never_a_delivery() {
+    let cases: [(&str, &str, &str, &str); 5] = [
+        (
+            "DATA answered 250",
+            "250 mx.test\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+        ),
+        (
+            "DATA answered 250, pipelined",
+            "250-mx.test\r\n250 PIPELINING\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+        ),
+        (
+            "a 250 line inside a RCPT's 250- block",
+            "250 mx.test\r\n",
+            "250-2.1.5 a\r\n250 2.1.5 b\r\n250 2.0.0 c\r\n",
+            "354 go\r\n",
+        ),
+        (
+            "a reply nobody asked for after EHLO",
+            "250 mx.test\r\n250 2.0.0 unsolicited\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+        ),
+        (
+            "a reply nobody asked for after EHLO, pipelined",
+            "250-mx.test\r\n250 PIPELINING\r\n250 2.0.0 unsolicited\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+        ),
+    ];
+    for (what, ehlo, rcpt, data) in cases {
+        let (addr, server) = out_of_step_server(ehlo, rcpt, data).await;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+            .await
+            .unwrap();
+        let sent = client
+            .send(&envelope(&["b@dst.test"]), b"Subject: t\r\n\r\nbody\r\n")
+            .await;
+        assert!(
+            matches!(sent, Err(Error::Protocol(_))),
+            "{what}: {:?}",
+            sent.map(|d| d.data)
+        );
+        drop(client);
+        let got = server.await.unwrap();
+        assert!(
+            !got.iter().any(|l| l.starts_with("Subject")),
+            "{what}: the message went out: {got:?}"
+        );
+    }
+}
