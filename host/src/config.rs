@@ -164,8 +164,12 @@ pub struct Delivery {
     pub mx_address_limit: usize,
     /// SMTP sessions per hop of a delivery attempt. Defaults to 2.
     pub mx_session_limit: usize,
-    /// Connect timeout. Defaults to 30 s.
+    /// Connect timeout, and the longest wait for one of a host's `per_destination`
+    /// connection slots. Defaults to 30 s.
     pub connect_timeout: Duration,
+    /// Wait for the reply to the end of the message. Defaults to 600 s (RFC 5321
+    /// §4.5.3.2.6; Postfix's `smtp_data_done_timeout`).
+    pub data_done_timeout: Duration,
     /// First retry delay. Defaults to 300 s.
     pub retry_initial: Duration,
     /// Longest retry delay. Defaults to 3600 s.
@@ -270,6 +274,7 @@ struct RawDelivery {
     mx_address_limit: Option<u64>,
     mx_session_limit: Option<u64>,
     connect_timeout_secs: Option<u64>,
+    data_done_timeout_secs: Option<u64>,
     retry_initial_secs: Option<u64>,
     retry_max_secs: Option<u64>,
     queue_lifetime_secs: Option<u64>,
@@ -551,6 +556,11 @@ impl Config {
             as_usize(c.positive("delivery.mx_session_limit", d.mx_session_limit, 2));
         let connect_timeout =
             c.positive("delivery.connect_timeout_secs", d.connect_timeout_secs, 30);
+        let data_done_timeout = c.positive(
+            "delivery.data_done_timeout_secs",
+            d.data_done_timeout_secs,
+            600,
+        );
         let retry_initial = c.positive("delivery.retry_initial_secs", d.retry_initial_secs, 300);
         let retry_max = c.positive("delivery.retry_max_secs", d.retry_max_secs, 3600);
         let queue_lifetime = c.positive(
@@ -645,6 +655,7 @@ impl Config {
                 mx_address_limit,
                 mx_session_limit,
                 connect_timeout: Duration::from_secs(connect_timeout),
+                data_done_timeout: Duration::from_secs(data_done_timeout),
                 retry_initial: Duration::from_secs(retry_initial),
                 retry_max: Duration::from_secs(retry_max),
                 queue_lifetime: Duration::from_secs(queue_lifetime),
@@ -842,6 +853,7 @@ mod tests {
         assert_eq!(c.policy.file, dir.path().join("p.toml"));
         assert_eq!(c.admin.listen, "127.0.0.1:8025".parse().unwrap());
         assert!(c.delivery.enabled);
+        assert_eq!(c.delivery.data_done_timeout, Duration::from_secs(600));
         assert!(c.server.tls.is_none());
     }
 

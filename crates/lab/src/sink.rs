@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -46,6 +46,10 @@ pub enum SinkMode {
     TempFail(FailAt),
     /// Answer `550 5.7.1` at the given stage.
     PermFail(FailAt),
+    /// Never answer the end of the message data: read what the client sends until it
+    /// hangs up (a next hop that holds a connection, and a worker, as long as the client
+    /// waits).
+    SilentAfterData,
 }
 
 impl SinkMode {
@@ -459,6 +463,11 @@ where
                 };
                 let rcpt_to = std::mem::take(&mut envelope.rcpt_to);
                 envelope = Envelope::default();
+                if config.mode == SinkMode::SilentAfterData {
+                    let mut rest = [0u8; 1024];
+                    while conn.read(&mut rest).await? > 0 {}
+                    return Ok(Ended::Closed);
+                }
                 if let Some(reply) = config.mode.failure(FailAt::Data) {
                     write_reply(conn, reply).await?;
                     if config.hang_up_after_refusal {

@@ -967,11 +967,22 @@ fn is_local_ip(ip: IpAddr) -> bool {
 /// A permit for the host, then TCP, greeting, EHLO and STARTTLS at `addr`.
 async fn connect(ctx: &Ctx, name: &str, addr: SocketAddr, hop: Hop) -> Result<Session, String> {
     let connected = async {
-        let permit = ctx
-            .destination(name)
-            .acquire_owned()
-            .await
-            .map_err(|_| "no connection slot".to_string())?;
+        // Bounded: a worker waiting here is a worker no other domain's mail can have. An
+        // audit's MX that never answered the end of data held all 4 slots for 10
+        // minutes, the other 4 workers waited for them, and a well-behaved domain's
+        // mail waited 10 minutes for a worker.
+        let permit = tokio::time::timeout(
+            ctx.settings.connect_timeout,
+            ctx.destination(name).acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "all {} connection slots to this host are busy",
+                ctx.settings.per_destination
+            )
+        })?
+        .map_err(|_| "no connection slot".to_string())?;
         let client = open(ctx, name, addr).await?;
         establish(ctx, client, name, addr, hop, permit).await
     };
@@ -986,6 +997,7 @@ async fn open(ctx: &Ctx, name: &str, addr: SocketAddr) -> Result<Client<TcpStrea
         .map_err(|e| e.to_string())?;
     let mut config = ClientConfig::new(ctx.settings.helo.clone());
     config.command_timeout = ctx.settings.command_timeout;
+    config.data_timeout = ctx.settings.data_done_timeout;
     Client::connect(stream, config)
         .await
         .map_err(|e| format!("{name}: {e}"))

@@ -93,11 +93,16 @@ pub struct DeliverySettings {
     pub workers: usize,
     /// Concurrent connections per destination host. Defaults to 4.
     pub per_destination: usize,
-    /// TCP connect timeout. Defaults to 30 s.
+    /// TCP connect timeout, and the longest wait for a connection slot to a host (one of
+    /// its `per_destination`). Defaults to 30 s.
     pub connect_timeout: Duration,
+    /// Wait for the reply to the end of the message. Defaults to 10 min (RFC 5321
+    /// §4.5.3.2.6).
+    pub data_done_timeout: Duration,
     /// Timeout of one SMTP command. Defaults to 5 min (RFC 5321 §4.5.3.2 allows more for
-    /// some commands; the client applies it to every reply, and to each 64 KiB write of
-    /// the message data, RFC 5321 §4.5.3.2.5).
+    /// some commands; the client applies it to every reply but the one to the end of the
+    /// data ([`Settings::data_done_timeout`]), and to each 64 KiB write of the message
+    /// data, RFC 5321 §4.5.3.2.5).
     pub command_timeout: Duration,
     /// Longest time the scheduler sleeps without looking at the queue. Defaults to 1 s,
     /// so that an injected clock that jumps forward is noticed.
@@ -130,6 +135,7 @@ impl Default for DeliverySettings {
             workers: 8,
             per_destination: 4,
             connect_timeout: Duration::from_secs(30),
+            data_done_timeout: Duration::from_secs(600),
             command_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
             mta_sts: None,
@@ -156,6 +162,7 @@ impl DeliverySettings {
             mx_address_limit: d.mx_address_limit,
             mx_session_limit: d.mx_session_limit,
             connect_timeout: d.connect_timeout,
+            data_done_timeout: d.data_done_timeout,
             command_timeout: config.server.command_timeout,
             mta_sts: config.mta_sts.settings(&config.spool.dir),
             tlsrpt_dir: config

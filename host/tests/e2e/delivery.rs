@@ -932,6 +932,71 @@ async fn an_attempt_opens_at_most_mx_session_limit_sessions() {
     );
 }
 
+/// A next hop that never answers the end of the data holds its connection slots, but
+/// not every worker: a delivery waits at most the connect timeout for one of a host's
+/// slots, then that host counts as failed for the attempt. An audit's such MX held 4
+/// workers for 10 minutes, 4 more waited for its slots, and a well-behaved domain's mail
+/// waited for a worker all that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_hop_that_never_answers_cannot_hold_every_worker() {
+    let mut lab = Lab::new().await;
+    for d in ["one.open.test", "two.open.test"] {
+        lab.dns.add_mx(d, 10, "mx.tarpit.open.test").await.unwrap();
+    }
+    let (_, tarpit) = lab
+        .sink("mx.tarpit.open.test", Tls::None, SinkMode::SilentAfterData)
+        .await;
+    let good = lab
+        .mx(
+            "good.open.test",
+            "mx.good.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start_with(&lab, standard(&policy(lab.port, false, "")), |s| {
+        s.workers = 2;
+        s.per_destination = 1;
+        s.connect_timeout = Duration::from_secs(1);
+        s.data_done_timeout = Duration::from_secs(3600);
+    })
+    .await;
+    let first = relay
+        .send("alice@corp.test", &["a@one.open.test"], false)
+        .await;
+    // The first holds the tarpit's only slot (its data sent, no answer coming).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while lab.sinks[tarpit].sessions().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no session at the tarpit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = relay
+        .send("alice@corp.test", &["b@two.open.test"], false)
+        .await;
+    let third = relay
+        .send("alice@corp.test", &["c@good.open.test"], false)
+        .await;
+    // The second gives up waiting for the slot: deferred, its worker free again.
+    let states = relay.settled(&second).await.unwrap();
+    assert!(
+        deferred_reason(&states[0]).contains("connection slots to this host are busy"),
+        "{states:?}"
+    );
+    assert_eq!(
+        relay.settled(&third).await,
+        None,
+        "the good mail was not delivered"
+    );
+    assert_eq!(lab.sinks[good].messages().len(), 1);
+    assert!(
+        relay.spool.entry(&first).is_some(),
+        "the first is still waiting"
+    );
+}
+
 /// The reason of a recipient deferred with a 4xx reply (panics on any other state).
 fn deferred_reason(state: &RecipientState) -> &str {
     match state {
