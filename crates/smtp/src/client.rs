@@ -409,7 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
                 batch.extend_from_slice(r.as_bytes());
             }
             batch.extend_from_slice(b"DATA\r\n");
-            self.nothing_unasked()?;
+            self.nothing_unasked().await?;
             self.write(&batch).await?;
             let mail_reply = self.read_reply(t).await?;
             let mut replies = Vec::with_capacity(rcpts.len());
@@ -418,7 +418,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
             }
             let data_reply = self.read_reply(t).await?;
             // More replies than commands: which reply answers which command is lost.
-            self.nothing_unasked()?;
+            self.nothing_unasked().await?;
             (mail_reply, replies, Some(data_reply))
         } else {
             let mail_reply = self.command(mail.as_bytes()).await?;
@@ -446,8 +446,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
         let any_rcpt = rcpt.iter().any(|(_, r)| r.is_positive());
         let data = match data_reply {
             Some(d) if d.code == 354 && any_rcpt => {
+                // Nothing may come between the 354 and the data: an audit's next hop sent
+                // a 250 there, in its own segment, and closed without reading the data.
+                self.nothing_unasked().await?;
                 self.write_data(&dot_stuff(message)).await?;
-                Some(self.read_reply(self.config.data_timeout).await?)
+                let done = self.read_reply(self.config.data_timeout).await?;
+                // One reply to the end of the data: more (one per recipient, as LMTP
+                // gives) and which recipient each is for is unknown; a 550 after a 250
+                // had its recipient marked delivered.
+                self.nothing_unasked().await?;
+                Some(done)
             }
             Some(d) if d.code == 354 => {
                 // A server that said 354 with no recipient: end the empty
@@ -551,19 +559,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Client<S> {
     }
 
     async fn command(&mut self, line: &[u8]) -> Result<Reply, Error> {
-        self.nothing_unasked()?;
+        self.nothing_unasked().await?;
         self.write(line).await?;
         self.read_reply(self.config.command_timeout).await
     }
 
-    /// Before a command: no reply may be waiting, or it would be read as the command's
-    /// (a server that sent an extra reply puts every later one out of step).
-    fn nothing_unasked(&self) -> Result<(), Error> {
+    /// Before a command (and before the message data, and after the reply to its end):
+    /// no reply may be waiting, or it would be read as the next command's (a server that
+    /// sent an extra reply puts every later one out of step). Looks at what the socket
+    /// holds already too, without waiting: an extra reply in a segment of its own was
+    /// missed when only the bytes read so far were checked.
+    async fn nothing_unasked(&mut self) -> Result<(), Error> {
+        if self.inbuf.is_empty() {
+            let mut chunk = [0u8; 512];
+            // `timeout` polls the read once before it looks at the (zero) deadline: ready
+            // only if bytes, or the end of the stream, are there already.
+            // The end of the stream or a read error is left for the next read or write
+            // to report: a refusal followed by a hang-up is still a refusal.
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::ZERO, self.stream.read(&mut chunk)).await
+            {
+                self.inbuf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+            }
+        }
         if self.inbuf.is_empty() {
             Ok(())
         } else {
             Err(Error::Protocol(
-                "a reply came before its command was sent".into(),
+                "a reply came that no command asked for".into(),
             ))
         }
     }

@@ -387,22 +387,42 @@ async fn eight_bit_data_needs_8bitmime() {
     assert!(seen.contains(&"plain\r\n".to_string()), "{seen:?}");
 }
 
-/// A next hop whose replies are out of step with the commands: each answer below is
-/// given to the command it names, the rest get `250 ok` (221 to QUIT). Returns what the
-/// server received.
-async fn out_of_step_server(
+/// How [`out_of_step_server`] answers.
+#[derive(Clone, Copy)]
+struct Answers {
     ehlo: &'static str,
     rcpt: &'static str,
     data: &'static str,
+    /// Sent in a segment of its own right after a 354; then the server hangs up
+    /// without reading the data.
+    after_354: Option<&'static str>,
+    /// The reply to the end of the data.
+    data_end: &'static str,
+}
+
+const HONEST: Answers = Answers {
+    ehlo: "250 mx.test\r\n",
+    rcpt: "250 ok\r\n",
+    data: "354 go\r\n",
+    after_354: None,
+    data_end: "250 2.0.0 queued\r\n",
+};
+
+/// A next hop whose replies may be out of step with the commands: each answer goes to
+/// the command it names, the rest get `250 ok` (221 to QUIT). Returns what it received.
+async fn out_of_step_server(
+    answers: Answers,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
+        s.set_nodelay(true).unwrap();
         let (r, mut w) = s.into_split();
         let mut r = BufReader::new(r);
         let mut got = Vec::new();
+        let mut in_data = false;
         w.write_all(b"220 mx.test ESMTP\r\n").await.unwrap();
         loop {
             let mut line = String::new();
@@ -410,16 +430,33 @@ async fn out_of_step_server(
                 return got;
             }
             let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let end_of_data = in_data && line == ".\r\n";
             got.push(line);
+            if in_data && !end_of_data {
+                continue;
+            }
+            in_data = false;
             let reply = match verb.as_str() {
-                "EHLO" => ehlo,
-                "RCPT" => rcpt,
-                "DATA" => data,
+                _ if end_of_data => answers.data_end,
+                "EHLO" => answers.ehlo,
+                "RCPT" => answers.rcpt,
+                "DATA" => answers.data,
                 "QUIT" => "221 bye\r\n",
                 _ => "250 ok\r\n",
             };
             if w.write_all(reply.as_bytes()).await.is_err() {
                 return got;
+            }
+            if reply.starts_with("354") {
+                in_data = true;
+                if let Some(late) = answers.after_354 {
+                    // A write of its own (Nagle off): its own segment, there before the
+                    // client has read the 354, or just after. (One that comes after the
+                    // data is sent looks like the answer to it: no client can tell.)
+                    let _ = w.write_all(late.as_bytes()).await;
+                    // And it hangs up without reading the data.
+                    return got;
+                }
             }
         }
     });
@@ -427,63 +464,99 @@ async fn out_of_step_server(
 }
 
 /// A reply to DATA other than 354, 4xx or 5xx is no answer to it, and a reply that comes
-/// before its command puts every later one out of step: either is a protocol error (the
-/// attempt defers), never a delivery. An audit's next hops answered DATA with 250, put a
-/// `250` line inside a RCPT's `250-` block, or sent a reply nobody asked for after EHLO;
-/// each time the relay marked the mail delivered and no byte of it had been sent.
+/// before its command (or after the one reply to the end of the data) puts every later
+/// one out of step: either is a protocol error (the attempt defers), never a delivery.
+/// An audit's next hops answered DATA with 250, put a `250` line inside a RCPT's `250-`
+/// block, sent a reply nobody asked for after EHLO or after the 354 (in a segment of its
+/// own), or one reply per recipient after the data; each time the relay marked mail
+/// delivered that the next hop had not taken.
 #[tokio::test]
 async fn replies_out_of_step_with_the_commands_are_never_a_delivery() {
-    let cases: [(&str, &str, &str, &str); 5] = [
+    let pipelining = "250-mx.test\r\n250 PIPELINING\r\n";
+    let cases: [(&str, Answers); 7] = [
         (
             "DATA answered 250",
-            "250 mx.test\r\n",
-            "250 ok\r\n",
-            "250 ok\r\n",
+            Answers {
+                data: "250 ok\r\n",
+                ..HONEST
+            },
         ),
         (
             "DATA answered 250, pipelined",
-            "250-mx.test\r\n250 PIPELINING\r\n",
-            "250 ok\r\n",
-            "250 ok\r\n",
+            Answers {
+                ehlo: pipelining,
+                data: "250 ok\r\n",
+                ..HONEST
+            },
         ),
         (
             "a 250 line inside a RCPT's 250- block",
-            "250 mx.test\r\n",
-            "250-2.1.5 a\r\n250 2.1.5 b\r\n250 2.0.0 c\r\n",
-            "354 go\r\n",
+            Answers {
+                rcpt: "250-2.1.5 a\r\n250 2.1.5 b\r\n250 2.0.0 c\r\n",
+                ..HONEST
+            },
         ),
         (
             "a reply nobody asked for after EHLO",
-            "250 mx.test\r\n250 2.0.0 unsolicited\r\n",
-            "250 ok\r\n",
-            "354 go\r\n",
+            Answers {
+                ehlo: "250 mx.test\r\n250 2.0.0 unsolicited\r\n",
+                ..HONEST
+            },
         ),
         (
             "a reply nobody asked for after EHLO, pipelined",
-            "250-mx.test\r\n250 PIPELINING\r\n250 2.0.0 unsolicited\r\n",
-            "250 ok\r\n",
-            "354 go\r\n",
+            Answers {
+                ehlo: "250-mx.test\r\n250 PIPELINING\r\n250 2.0.0 unsolicited\r\n",
+                ..HONEST
+            },
+        ),
+        (
+            "a 250 in its own segment after the 354",
+            Answers {
+                after_354: Some("250 2.0.0 queued before any data\r\n"),
+                ..HONEST
+            },
+        ),
+        (
+            "one reply per recipient after the data",
+            Answers {
+                data_end: "250 2.0.0 b delivered\r\n550 5.1.1 c unknown\r\n",
+                ..HONEST
+            },
         ),
     ];
-    for (what, ehlo, rcpt, data) in cases {
-        let (addr, server) = out_of_step_server(ehlo, rcpt, data).await;
+    for (what, answers) in cases {
+        let (addr, server) = out_of_step_server(answers).await;
         let stream = TcpStream::connect(addr).await.unwrap();
         let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
             .await
             .unwrap();
         let sent = client
-            .send(&envelope(&["b@dst.test"]), b"Subject: t\r\n\r\nbody\r\n")
+            .send(
+                &envelope(&["b@dst.test", "c@dst.test"]),
+                b"Subject: t\r\n\r\nbody\r\n",
+            )
             .await;
         assert!(
-            matches!(sent, Err(Error::Protocol(_))),
+            matches!(sent, Err(Error::Protocol(_) | Error::Io(_))),
             "{what}: {:?}",
             sent.map(|d| d.data)
         );
         drop(client);
-        let got = server.await.unwrap();
-        assert!(
-            !got.iter().any(|l| l.starts_with("Subject")),
-            "{what}: the message went out: {got:?}"
-        );
+        server.await.unwrap();
     }
+    // The same server, answering in step: delivered.
+    let (addr, server) = out_of_step_server(HONEST).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut client = Client::connect(stream, ClientConfig::new("relay.test"))
+        .await
+        .unwrap();
+    let sent = client
+        .send(&envelope(&["b@dst.test"]), b"Subject: t\r\n\r\nbody\r\n")
+        .await
+        .unwrap();
+    assert_eq!(sent.data.map(|d| d.code), Some(250));
+    client.quit().await.unwrap();
+    let got = server.await.unwrap();
+    assert!(got.iter().any(|l| l.starts_with("Subject")), "{got:?}");
 }
