@@ -353,7 +353,8 @@ fn quoted_len(s: &[u8]) -> Option<usize> {
 
 /// Whether `domain` is labels (letters, digits, `-`, `_`, UTF-8) joined by single dots,
 /// with an optional final dot, or an address literal of printable ASCII (`[192.0.2.1]`).
-/// A domain in Unicode must be a valid IDN (UTS 46, as [`canonical_domain`] maps it):
+/// A domain in Unicode must be a valid IDN (UTS 46, as [`canonical_domain`] maps it)
+/// without a deviation character ([`is_unambiguous_idn`]):
 /// `partner\u{200D}.example` (a zero-width joiner) is none, so it matched no rule and was
 /// decided opportunistic, while a resolver that maps names by IDNA 2003 (Python's `idna`
 /// codec) drops the joiner and delivers to partner.example. The relay's SMTP server
@@ -375,7 +376,22 @@ pub fn is_plain_domain(domain: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
         })
-        && (domain.is_ascii() || idna::domain_to_ascii(domain).is_ok())
+        && (domain.is_ascii() || is_unambiguous_idn(domain))
+}
+
+/// The characters IDNA 2008 (UTS 46 non-transitional, as this crate maps) keeps but
+/// IDNA 2003 and transitional processing map elsewhere: ß to `ss`, ς to σ, the two
+/// joiners to nothing.
+const DEVIATIONS: [char; 4] = ['\u{00DF}', '\u{03C2}', '\u{200C}', '\u{200D}'];
+
+/// A Unicode domain that names one domain to every resolver: a valid IDN without a
+/// deviation character once mapped. `straße.example` is `xn--strae-oqa.example` here
+/// and `strasse.example` to an IDNA 2003 resolver (Python's `idna` codec, libidn 1): an
+/// audit's rule for strasse.example was escaped that way. Such mail can be sent to the
+/// A-label, which is unambiguous.
+fn is_unambiguous_idn(domain: &str) -> bool {
+    let (mapped, mapped_ok) = idna::domain_to_unicode(domain);
+    mapped_ok.is_ok() && idna::domain_to_ascii(domain).is_ok() && !mapped.contains(DEVIATIONS)
 }
 
 /// An envelope address (or a bare domain) in the form patterns are matched against

@@ -452,6 +452,11 @@ fn a_domain_that_is_not_a_valid_idn_is_no_mailbox() {
         "bob@partner\u{200C}.example",
         "bob@mail.b\u{200D}ank.example",
         "@a\u{200D}.example:bob@partner.example",
+        // Valid IDNs, but IDNA 2003 maps them elsewhere (strasse.example, σ.example).
+        "bob@stra\u{df}e.example",
+        "bob@STRA\u{df}E.example",
+        "bob@\u{3c2}.example",
+        "bob@stra\u{1e9e}e.example",
     ] {
         assert!(!is_mailbox(bad), "{bad:?}");
     }
@@ -459,6 +464,8 @@ fn a_domain_that_is_not_a_valid_idn_is_no_mailbox() {
         "bob@b\u{fc}cher.example",
         "bob@partner.example",
         "bob@xn--bcher-kva.example",
+        "bob@xn--strae-oqa.example",
+        "bob@\u{3c3}.example",
     ] {
         assert!(is_mailbox(good), "{good:?}");
     }
