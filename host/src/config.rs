@@ -164,8 +164,7 @@ pub struct Delivery {
     pub mx_address_limit: usize,
     /// SMTP sessions per hop of a delivery attempt. Defaults to 2.
     pub mx_session_limit: usize,
-    /// Connect timeout, and the longest wait for one of a host's `per_destination`
-    /// connection slots. Defaults to 30 s.
+    /// Connect timeout. Defaults to 30 s.
     pub connect_timeout: Duration,
     /// Wait for the reply to the end of the message. Defaults to 600 s (RFC 5321
     /// §4.5.3.2.6; Postfix's `smtp_data_done_timeout`).

@@ -970,9 +970,12 @@ async fn connect(ctx: &Ctx, name: &str, addr: SocketAddr, hop: Hop) -> Result<Se
         // Bounded: a worker waiting here is a worker no other domain's mail can have. An
         // audit's MX that never answered the end of data held all 4 slots for 10
         // minutes, the other 4 workers waited for them, and a well-behaved domain's
-        // mail waited 10 minutes for a worker.
+        // mail waited 10 minutes for a worker. The bound is the command timeout, not
+        // the connect timeout: a busy but honest host frees a slot within one
+        // transaction, and mail waiting for it should not be deferred for a retry
+        // interval (an audit saw that with a 3 s bound).
         let permit = tokio::time::timeout(
-            ctx.settings.connect_timeout,
+            ctx.settings.command_timeout,
             ctx.destination(name).acquire_owned(),
         )
         .await

@@ -93,8 +93,7 @@ pub struct DeliverySettings {
     pub workers: usize,
     /// Concurrent connections per destination host. Defaults to 4.
     pub per_destination: usize,
-    /// TCP connect timeout, and the longest wait for a connection slot to a host (one of
-    /// its `per_destination`). Defaults to 30 s.
+    /// TCP connect timeout. Defaults to 30 s.
     pub connect_timeout: Duration,
     /// Wait for the reply to the end of the message. Defaults to 10 min (RFC 5321
     /// §4.5.3.2.6).
@@ -102,7 +101,8 @@ pub struct DeliverySettings {
     /// Timeout of one SMTP command. Defaults to 5 min (RFC 5321 §4.5.3.2 allows more for
     /// some commands; the client applies it to every reply but the one to the end of the
     /// data ([`Settings::data_done_timeout`]), and to each 64 KiB write of the message
-    /// data, RFC 5321 §4.5.3.2.5).
+    /// data, RFC 5321 §4.5.3.2.5). Also the longest wait for one of a host's
+    /// `per_destination` connection slots.
     pub command_timeout: Duration,
     /// Longest time the scheduler sleeps without looking at the queue. Defaults to 1 s,
     /// so that an injected clock that jumps forward is noticed.

@@ -933,7 +933,7 @@ async fn an_attempt_opens_at_most_mx_session_limit_sessions() {
 }
 
 /// A next hop that never answers the end of the data holds its connection slots, but
-/// not every worker: a delivery waits at most the connect timeout for one of a host's
+/// not every worker: a delivery waits at most the command timeout for one of a host's
 /// slots, then that host counts as failed for the attempt. An audit's such MX held 4
 /// workers for 10 minutes, 4 more waited for its slots, and a well-behaved domain's mail
 /// waited for a worker all that time.
@@ -957,7 +957,7 @@ async fn a_next_hop_that_never_answers_cannot_hold_every_worker() {
     let relay = Relay::start_with(&lab, standard(&policy(lab.port, false, "")), |s| {
         s.workers = 2;
         s.per_destination = 1;
-        s.connect_timeout = Duration::from_secs(1);
+        s.command_timeout = Duration::from_secs(1);
         s.data_done_timeout = Duration::from_secs(3600);
     })
     .await;
