@@ -426,7 +426,21 @@ impl PolicyEngine {
     /// Asks one question of the whole chain: the final decision, the standard module's and
     /// who decided. Never fails.
     pub fn answer(&self, query: &Query) -> Answer {
-        let (standard, policy_tls, policy) = self.decide_standard(query);
+        self.answer_on(self.slot.current(), query)
+    }
+
+    /// The active policy, to answer every question of one delivery attempt with
+    /// ([`answer_async_on`](Self::answer_async_on)): a policy applied while the attempt
+    /// runs applies from the next attempt on. An audit's reload between plan and verdict
+    /// bounced mail that a looser policy had planned to deliver, and raised a false
+    /// safety-floor alarm the other way round.
+    pub fn pin(&self) -> Arc<Plugin> {
+        self.slot.current()
+    }
+
+    /// [`answer`](Self::answer) by the policy `plugin` (from [`pin`](Self::pin)).
+    pub fn answer_on(&self, plugin: Arc<Plugin>, query: &Query) -> Answer {
+        let (standard, policy_tls, policy) = self.decide_standard(plugin, query);
         // Extension scopes match mailboxes as the policy does (`+tag` included: an audit's
         // `vip+x@` escaped a TLS-enforcing extension scoped to `vip@`). An unreadable
         // policy: `+`, the default.
@@ -523,10 +537,13 @@ impl PolicyEngine {
     /// requirement (see [`Answer::policy_tls`]), both from the same plugin snapshot.
     /// The standard module's decision, the compiled policy's TLS requirement, and the
     /// policy itself (`None` if it cannot be read; see [`Self::policy_of`]).
-    fn decide_standard(&self, query: &Query) -> (Decision, TlsRequirement, Option<Arc<Policy>>) {
+    fn decide_standard(
+        &self,
+        plugin: Arc<Plugin>,
+        query: &Query,
+    ) -> (Decision, TlsRequirement, Option<Arc<Policy>>) {
         self.decisions.fetch_add(1, Ordering::Relaxed);
         // One snapshot for the whole question: a swap meanwhile does not mix versions.
-        let plugin = self.slot.current();
         let policy = self.policy_of(&plugin);
         let policy_tls = match &policy {
             Some(policy) => altroute_policy::decide(policy, query).tls,
@@ -593,9 +610,14 @@ impl PolicyEngine {
 
     /// [`answer`](Self::answer) on the blocking pool.
     pub async fn answer_async(self: &Arc<Self>, query: Query) -> Answer {
+        self.answer_async_on(self.pin(), query).await
+    }
+
+    /// [`answer_on`](Self::answer_on) on the blocking pool.
+    pub async fn answer_async_on(self: &Arc<Self>, plugin: Arc<Plugin>, query: Query) -> Answer {
         let engine = self.clone();
-        let fallback = self.version();
-        match tokio::task::spawn_blocking(move || engine.answer(&query)).await {
+        let fallback = plugin.version().to_string();
+        match tokio::task::spawn_blocking(move || engine.answer_on(plugin, &query)).await {
             Ok(a) => a,
             Err(e) => {
                 self.faults.fetch_add(1, Ordering::Relaxed);

@@ -77,6 +77,9 @@ struct Rcpt {
     /// standard module did not choose) and may not bounce mail: a permanent refusal at
     /// that hop is a deferral ([`Rcpt::hold`]).
     hop_by: Option<String>,
+    /// The policy that made the plan, which answers the verdicts too
+    /// ([`PolicyEngine::pin`](crate::policy_engine::PolicyEngine::pin)).
+    policy: Arc<proxy_wasm_host::Plugin>,
 }
 
 impl Rcpt {
@@ -180,6 +183,10 @@ pub(crate) async fn deliver_domain(
     // MTA-STS (RFC 8461): the domain's policy is a fact of every query.
     let sts = super::standards::lookup(ctx, domain).await;
     let mut hosts: BTreeMap<TargetKey, (HostTarget, Vec<Rcpt>)> = BTreeMap::new();
+    // One policy for the whole attempt: a policy applied meanwhile applies from the
+    // next attempt on (an audit's reload between plan and verdict bounced mail planned
+    // for delivery, and raised a false safety-floor alarm the other way round).
+    let policy = ctx.engine.pin();
     for &index in indices {
         let Some(recipient) = env.rcpt_to.get(index) else {
             continue;
@@ -197,7 +204,10 @@ pub(crate) async fn deliver_domain(
             .map(|s| s.attempts())
             .unwrap_or(0)
             .saturating_add(1);
-        let answer = ctx.engine.answer_async(query.clone()).await;
+        let answer = ctx
+            .engine
+            .answer_async_on(policy.clone(), query.clone())
+            .await;
         let hop_by = hop_chooser(&answer);
         if !(env.requiretls
             || answer.decision.tls.required
@@ -217,6 +227,7 @@ pub(crate) async fn deliver_domain(
             plan_by: answer.by,
             routed_by: answer.routed_by,
             hop_by,
+            policy: policy.clone(),
         };
         match (plan.route, plan.host.clone()) {
             (Route::Direct, _) => direct.push(rcpt),
@@ -620,7 +631,7 @@ async fn at_host(
             .query
             .clone()
             .verdict(hop, &peer.host, peer.starttls, peer.tls, peer.cert);
-        let answer = ctx.engine.answer_async(q).await;
+        let answer = ctx.engine.answer_async_on(r.policy.clone(), q).await;
         let d = answer.decision.clone();
         let chooser = hop_chooser(&answer);
         count_decision(ctx, "verdict", &d);

@@ -997,6 +997,84 @@ async fn a_next_hop_that_never_answers_cannot_hold_every_worker() {
     );
 }
 
+/// One policy answers every question of a delivery attempt: a policy applied between
+/// the plan and the verdict applies from the next attempt on. An audit's reload of a
+/// stricter policy (TLS required, bounce when unavailable) between the two bounced mail
+/// that the policy of its plan delivered, and the other way round raised a false alarm
+/// of the safety floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_applied_between_plan_and_verdict_waits_for_the_next_attempt() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let lab = Lab::new().await;
+    // A next hop that greets only when told: the plan is made, no verdict yet.
+    let ip = loopback_ip();
+    let listener = tokio::net::TcpListener::bind((ip, lab.port)).await.unwrap();
+    lab.dns
+        .add_mx("held.open.test", 10, "mx.held.open.test")
+        .await
+        .unwrap();
+    lab.dns.add_a("mx.held.open.test", ip).await.unwrap();
+    let (connected, planned) = tokio::sync::oneshot::channel::<()>();
+    let (greet, greet_now) = tokio::sync::oneshot::channel::<()>();
+    let mx = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        connected.send(()).unwrap();
+        greet_now.await.unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 mx.held.open.test\r\n").await.unwrap();
+        let (mut got, mut in_data) = (Vec::new(), false);
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return got;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            got.push(line.clone());
+            let reply: &[u8] = if in_data {
+                if line != ".\r\n" {
+                    continue;
+                }
+                in_data = false;
+                b"250 2.0.0 queued\r\n"
+            } else {
+                match verb.as_str() {
+                    "EHLO" => b"250 mx.held.open.test\r\n",
+                    "DATA" => {
+                        in_data = true;
+                        b"354 go\r\n"
+                    }
+                    "QUIT" => b"221 bye\r\n",
+                    _ => b"250 ok\r\n",
+                }
+            };
+            w.write_all(reply).await.unwrap();
+        }
+    });
+    let relay = Relay::start(&lab, standard(&policy(lab.port, false, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@held.open.test"], false)
+        .await;
+    planned.await.unwrap();
+    let strict = LoadedPolicy::from_source(
+        "strict",
+        &format!(
+            "{}\n[[tls_compliance]]\nname = \"held\"\ndomains = [\"held.open.test\"]\n",
+            policy(lab.port, false, "on_tls_unavailable = \"bounce\"")
+        ),
+    )
+    .unwrap();
+    relay.engine.reload(&strict, None).unwrap();
+    greet.send(()).unwrap();
+    assert_eq!(relay.settled(&id).await, None);
+    let got = mx.await.unwrap();
+    assert!(
+        got.iter().any(|l| l.starts_with("Subject: e2e")),
+        "not delivered under its plan's policy: {got:?}"
+    );
+    assert_eq!(relay.metrics.bounces.get(), 0);
+}
+
 /// The reason of a recipient deferred with a 4xx reply (panics on any other state).
 fn deferred_reason(state: &RecipientState) -> &str {
     match state {
