@@ -90,18 +90,20 @@ impl From<rustls::Error> for LabError {
     }
 }
 
-/// Hands out a loopback address, 127.a.b.c, that no other process running this code
-/// is likely to get: `a.b` comes from the process id, `c` from a per-process counter
-/// (1..=254, wrapping after 254 calls). Linux routes all of 127.0.0.0/8 to `lo`, so
-/// these can be bound without any set-up; each test MX can then use the same port.
+/// Hands out a loopback address, 127.a.b.c, never the same twice in one process (for
+/// its first 65,024 calls): `a` comes from the process id, `b.c` from a per-process
+/// counter. Linux routes all of 127.0.0.0/8 to `lo`, so these can be bound without any
+/// set-up; each test MX can then use the same port. (The counter once had only `c` and
+/// wrapped after 254 calls: the e2e tests make more, two tests got the same address, and
+/// a relay's port was taken by another test's between `free_port` and its bind.)
 pub fn loopback_ip() -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let pid = std::process::id();
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     // a in 1..=254 keeps clear of 127.0.0.x (where real services such as a local
     // resolver live) and of 127.255.255.255.
-    let a = 1 + ((pid / 256) % 254) as u8;
-    let b = (pid % 256) as u8;
+    let a = 1 + (pid % 254) as u8;
+    let b = ((n / 254) % 256) as u8;
     let c = 1 + (n % 254) as u8;
     Ipv4Addr::new(127, a, b, c)
 }
