@@ -384,14 +384,30 @@ pub fn is_plain_domain(domain: &str) -> bool {
 /// joiners to nothing.
 const DEVIATIONS: [char; 4] = ['\u{00DF}', '\u{03C2}', '\u{200C}', '\u{200D}'];
 
-/// A Unicode domain that names one domain to every resolver: a valid IDN without a
-/// deviation character once mapped. `straße.example` is `xn--strae-oqa.example` here
+/// Characters UTS 46 ignores (maps to nothing) that IDNA 2003 keeps: Hangul fillers,
+/// Khmer inherent vowels, a Mongolian variation selector. `partner\u{115F}.example` is
+/// partner.example here and another domain to an IDNA 2003 resolver.
+const IGNORED_HERE_KEPT_THERE: [char; 5] =
+    ['\u{115F}', '\u{1160}', '\u{17B4}', '\u{17B5}', '\u{180F}'];
+
+/// A Unicode domain that names one domain to every resolver: a valid IDN, and no label
+/// written in Unicode holds a deviation character once mapped (nor a character that
+/// UTS 46 ignores and IDNA 2003 keeps). `straße.example` is `xn--strae-oqa.example` here
 /// and `strasse.example` to an IDNA 2003 resolver (Python's `idna` codec, libidn 1): an
-/// audit's rule for strasse.example was escaped that way. Such mail can be sent to the
-/// A-label, which is unambiguous.
+/// audit's rule for strasse.example was escaped that way. Labels written as A-labels (or
+/// in ASCII) are unambiguous, so `xn--strae-oqa.bücher.example` is taken.
 fn is_unambiguous_idn(domain: &str) -> bool {
-    let (mapped, mapped_ok) = idna::domain_to_unicode(domain);
-    mapped_ok.is_ok() && idna::domain_to_ascii(domain).is_ok() && !mapped.contains(DEVIATIONS)
+    if idna::domain_to_ascii(domain).is_err() || domain.contains(IGNORED_HERE_KEPT_THERE) {
+        return false;
+    }
+    // UTS 46 reads these as label separators too.
+    domain
+        .split(['.', '\u{3002}', '\u{FF0E}', '\u{FF61}'])
+        .filter(|label| !label.is_ascii())
+        .all(|label| {
+            let (mapped, ok) = idna::domain_to_unicode(label);
+            ok.is_ok() && !mapped.contains(DEVIATIONS)
+        })
 }
 
 /// An envelope address (or a bare domain) in the form patterns are matched against

@@ -457,6 +457,8 @@ fn a_domain_that_is_not_a_valid_idn_is_no_mailbox() {
         "bob@STRA\u{df}E.example",
         "bob@\u{3c2}.example",
         "bob@stra\u{1e9e}e.example",
+        "bob@partner\u{115F}.example",
+        "bob@xn--strae-oqa.stra\u{df}e.example",
     ] {
         assert!(!is_mailbox(bad), "{bad:?}");
     }
@@ -466,6 +468,8 @@ fn a_domain_that_is_not_a_valid_idn_is_no_mailbox() {
         "bob@xn--bcher-kva.example",
         "bob@xn--strae-oqa.example",
         "bob@\u{3c3}.example",
+        "bob@xn--strae-oqa.b\u{fc}cher.example",
+        "bob@b\u{fc}cher\u{3002}example",
     ] {
         assert!(is_mailbox(good), "{good:?}");
     }
