@@ -53,6 +53,12 @@ use crate::delivery::{Candidate, ResolveFailure, Resolver};
 /// Largest `max_age` honoured, in seconds (RFC 8461 §3.2: about one year).
 pub const MAX_AGE_LIMIT: u64 = 31_557_600;
 
+/// MX patterns kept from a policy; more are ignored, so an `enforce` policy that lists
+/// more refuses the MX hosts only the later ones would match (it never lets one more
+/// through). An audit's 1,600-pattern policy was copied into every TLS result line
+/// (130 KB each, megabytes per message).
+pub const MAX_MX_PATTERNS: usize = 64;
+
 /// Largest policy body fetched (RFC 8461 §3.3 suggests 64 KiB).
 pub const MAX_POLICY_SIZE: usize = 64 * 1024;
 
@@ -212,7 +218,7 @@ pub fn parse_policy(text: &str) -> Result<StsPolicy, String> {
             "max_age" => {
                 max_age.get_or_insert(value);
             }
-            "mx" => mx.push(value.to_ascii_lowercase()),
+            "mx" if mx.len() < MAX_MX_PATTERNS => mx.push(value.to_ascii_lowercase()),
             _ => {}
         }
     }
@@ -330,12 +336,27 @@ impl CachedPolicy {
         self.fetched.saturating_add(self.policy.max_age)
     }
 
-    /// The lines of the policy, as TLS reports want them (`policy-string`).
+    /// The lines of the policy, as TLS reports want them (`policy-string`): the lines of
+    /// the keys RFC 8461 defines, and only the `mx` lines that are used
+    /// ([`MAX_MX_PATTERNS`]). Lines of other keys (which the RFC says to ignore) are
+    /// left out: a policy padded with them was copied into every TLS result.
     pub fn lines(&self) -> Vec<String> {
+        let mut mx = 0;
         self.text
             .lines()
-            .map(|l| l.trim_end_matches('\r').to_string())
-            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| {
+                let key = l.split_once(':').map(|(k, _)| k.trim());
+                match key {
+                    Some("version" | "mode" | "max_age") => true,
+                    Some("mx") => {
+                        mx += 1;
+                        mx <= MAX_MX_PATTERNS
+                    }
+                    _ => false,
+                }
+            })
+            .map(str::to_string)
             .collect()
     }
 }
@@ -723,6 +744,37 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// A policy's size in what the relay keeps of it is bounded: at most
+    /// [`MAX_MX_PATTERNS`] patterns, and only the RFC's keys in `policy-string`. An
+    /// audit's policy of 1,600 `mx` lines was copied whole into every TLS result line.
+    #[test]
+    fn a_long_policy_is_kept_short() {
+        let mut text = "version: STSv1\nmode: enforce\nmax_age: 86400\n".to_string();
+        for i in 0..1600 {
+            text.push_str(&format!(
+                "mx: h{i}.example.test\npadding{i}: {}\n",
+                "x".repeat(30)
+            ));
+        }
+        let policy = parse_policy(&text).unwrap();
+        assert_eq!(policy.mx.len(), MAX_MX_PATTERNS);
+        assert!(policy.matches("h63.example.test"));
+        assert!(
+            !policy.matches("h64.example.test"),
+            "a pattern past the cap"
+        );
+        let cached = CachedPolicy {
+            domain: "big.test".into(),
+            id: "1".into(),
+            text,
+            fetched: 0,
+            policy,
+        };
+        let lines = cached.lines();
+        assert_eq!(lines.len(), 3 + MAX_MX_PATTERNS);
+        assert!(lines.iter().all(|l| !l.starts_with("padding")));
+    }
 
     #[test]
     fn policy_parses() {

@@ -382,12 +382,23 @@ pub fn parse_txt(records: &[String]) -> Option<Vec<String>> {
         let (k, v) = f.trim().split_once('=')?;
         (k.trim() == "rua").then(|| v.trim().to_string())
     })?;
-    let uris: Vec<String> = rua
-        .split(',')
-        .filter_map(|u| usable_rua(u.trim()))
-        .collect();
+    // Each address once, and at most MAX_RUA of them: an audit's record listed 3,000
+    // addresses (or one address 1,000 times), and the relay queued a report to each.
+    let mut uris: Vec<String> = Vec::new();
+    for uri in rua.split(',').filter_map(|u| usable_rua(u.trim())) {
+        if !uris.contains(&uri) {
+            uris.push(uri);
+        }
+        if uris.len() == MAX_RUA {
+            break;
+        }
+    }
     (!uris.is_empty()).then_some(uris)
 }
+
+/// Reporting URIs used per domain (RFC 8460 sets no limit; published records list one
+/// or two). The rest are ignored.
+pub const MAX_RUA: usize = 5;
 
 /// A reporting URI as the relay uses it, or `None`. The TXT record is anyone's text (an
 /// audit's domain published CR LF in it, forging log lines and writing headers and a
@@ -731,6 +742,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// Each reporting address once, and at most [`MAX_RUA`]: an audit's record listed
+    /// 3,000 addresses (or one 1,000 times) and got a report queued to each.
+    #[test]
+    fn reporting_addresses_are_few_and_unique() {
+        let many: Vec<String> = (0..3000).map(|i| format!("mailto:r{i}@q.test")).collect();
+        let record = format!("v=TLSRPTv1; rua={}", many.join(","));
+        let uris = parse_txt(&[record]).unwrap();
+        assert_eq!(uris, many[..MAX_RUA].to_vec());
+        let record = format!(
+            "v=TLSRPTv1; rua={}",
+            vec!["mailto:v@q.test"; 1000].join(",")
+        );
+        assert_eq!(parse_txt(&[record]).unwrap(), ["mailto:v@q.test"]);
+    }
 
     #[test]
     fn days() {
