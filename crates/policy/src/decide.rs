@@ -403,6 +403,16 @@ impl<'a> Decider<'a> {
 
         // What this hop must provide, and the host it is.
         let routed = route.and_then(|r| policy.hosts.get(&r.host).map(|h| (r, h)));
+        // What a hop to a routed domain must provide: the mail's requirement and the
+        // route host's own, named by the mail's rule when it requires TLS.
+        let via_route = |r: &'a StaticRoute, h: &'a Host| -> (TlsRequirement, RuleId<'a>) {
+            let rule = if req.required {
+                req_rule
+            } else {
+                ("route:", r.name.as_str())
+            };
+            (req.max(h.tls), rule)
+        };
         let (hop_req, target, hop_rule) = match q.hop {
             // A domain the policy routes to a host, asked about at a direct hop (a caller
             // that did not follow the plan, or a route added since): the hop is held to
@@ -410,27 +420,17 @@ impl<'a> Decider<'a> {
             // TLS-only host came back opportunistic, and Envoy's HTTP face sent it to the
             // direct pool.
             Hop::Direct => match routed {
-                Some((r, h)) => (
-                    req.max(h.tls),
-                    None,
-                    if req.required {
-                        req_rule
-                    } else {
-                        ("route:", r.name.as_str())
-                    },
-                ),
+                Some((r, h)) => {
+                    let (tls, rule) = via_route(r, h);
+                    (tls, None, rule)
+                }
                 None => (req, None, req_rule),
             },
             Hop::Host => match routed {
-                Some((r, h)) => (
-                    req.max(h.tls),
-                    Some((r.host.as_str(), h)),
-                    if req.required {
-                        req_rule
-                    } else {
-                        ("route:", r.name.as_str())
-                    },
-                ),
+                Some((r, h)) => {
+                    let (tls, rule) = via_route(r, h);
+                    (tls, Some((r.host.as_str(), h)), rule)
+                }
                 // The policy no longer routes this domain to a host: hold the hop to what
                 // the mail requires.
                 None => (req, None, req_rule),

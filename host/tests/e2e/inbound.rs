@@ -695,11 +695,7 @@ fn bad_configuration_lists_every_problem_and_exits_1() {
         "[server]\nlisten = [\"nonsense\"]\ncolour = \"blue\"\n[relay]\nallow_networks = [\"10.0.0.0/99\"]\nclient_ca = \"nope.pem\"\n[policy]\nfile = \"missing.toml\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
-        .args(["serve", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = serve_and_exit(&path);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
@@ -712,6 +708,15 @@ fn bad_configuration_lists_every_problem_and_exits_1() {
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }
+}
+
+/// `altroute serve -c config` run to its end (for configurations it refuses).
+fn serve_and_exit(config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_altroute"))
+        .args(["serve", "-c"])
+        .arg(config)
+        .output()
+        .unwrap()
 }
 
 /// A policy that does not compile is a configuration problem too: status 1, its problem
@@ -731,11 +736,7 @@ fn a_policy_that_does_not_compile_exits_1_before_the_spool_is_made() {
         "[server]\nlisten = [\"127.0.0.1:0\"]\n[spool]\ndir = \"spool\"\n[policy]\nfile = \"policy.toml\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_altroute"))
-        .args(["serve", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = serve_and_exit(&path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("policy.toml: line 4, column"), "{err}");
