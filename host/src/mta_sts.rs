@@ -59,6 +59,9 @@ pub const MAX_AGE_LIMIT: u64 = 31_557_600;
 /// (130 KB each, megabytes per message).
 pub const MAX_MX_PATTERNS: usize = 64;
 
+/// The shortest time between two refreshes of one domain's cached policy (seconds).
+pub const REFRESH_INTERVAL: u64 = 300;
+
 /// Largest policy body fetched (RFC 8461 §3.3 suggests 64 KiB).
 pub const MAX_POLICY_SIZE: usize = 64 * 1024;
 
@@ -421,6 +424,9 @@ pub struct MtaSts {
     tls: Arc<rustls::ClientConfig>,
     cache: Mutex<HashMap<String, Arc<CachedPolicy>>>,
     refreshing: Mutex<HashSet<String>>,
+    /// When a refresh of each domain was last started (memory only): at most one per
+    /// [`REFRESH_INTERVAL`].
+    refreshed: Mutex<HashMap<String, u64>>,
     /// One first fetch per domain at a time: a burst of mail to a new domain fetches once.
     fetching: Mutex<HashMap<String, Arc<FetchGate>>>,
 }
@@ -481,6 +487,7 @@ impl MtaSts {
             tls: Arc::new(tls),
             cache: Mutex::new(cache),
             refreshing: Mutex::new(HashSet::new()),
+            refreshed: Mutex::new(HashMap::new()),
             fetching: Mutex::new(HashMap::new()),
         })
     }
@@ -575,8 +582,21 @@ impl MtaSts {
     }
 
     fn refresh_in_background(self: &Arc<Self>, domain: &str, id: String, now: u64) {
-        if !lock(&self.refreshing).insert(domain.to_string()) {
-            return;
+        {
+            // A domain whose `id` changes on every query (or whose policy host keeps
+            // failing) is fetched once per interval, not once per message (an audit's
+            // rotating id cost a fetch and a cache file fsync per message).
+            let mut refreshed = lock(&self.refreshed);
+            if refreshed
+                .get(domain)
+                .is_some_and(|t| now < t.saturating_add(REFRESH_INTERVAL))
+            {
+                return;
+            }
+            if !lock(&self.refreshing).insert(domain.to_string()) {
+                return;
+            }
+            refreshed.insert(domain.to_string(), now);
         }
         let this = self.clone();
         let domain = domain.to_string();

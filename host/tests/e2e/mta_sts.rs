@@ -615,6 +615,19 @@ async fn fetch_failure_with_a_cached_policy_keeps_enforcing_across_a_restart() {
     let cached: serde_json::Value =
         serde_json::from_slice(&std::fs::read(cache.join("cached.test.json")).unwrap()).unwrap();
     assert_eq!(cached["id"], "1");
+    // More mail within the refresh interval tries no other refresh: a domain whose id
+    // changes on every query (or whose policy host keeps failing) once cost a fetch per
+    // message.
+    let id = relay.send("erin@cached.test").await;
+    assert_eq!(relay.settled(&id).await, None);
+    assert_eq!(w.sinks[alt].messages().len(), 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.https[host].requests().len(),
+        2,
+        "refreshed again within {} s",
+        altroute::mta_sts::REFRESH_INTERVAL
+    );
     drop(relay);
 
     // Without the cache, the same failure means no policy: delivered directly.
