@@ -464,28 +464,64 @@ pub async fn generate(
     day: &str,
     spool: Option<&Spool>,
 ) -> anyhow::Result<Vec<Generated>> {
+    Ok(generate_marked(settings, resolver, day, spool, None)
+        .await?
+        .0)
+}
+
+/// [`generate`], remembering in `done` (a directory, when given) each domain that was
+/// handled (its report made, or no TLSRPT record published), and skipping those: a
+/// domain whose record could not be looked up (a temporary DNS failure) is left for the
+/// next run, and a run that stopped half way (the spool full) does not queue a report
+/// twice. Returns the reports made and how many domains are left for the next run.
+pub async fn generate_marked(
+    settings: &TlsRptSettings,
+    resolver: &Resolver,
+    day: &str,
+    spool: Option<&Spool>,
+    done: Option<&Path>,
+) -> anyhow::Result<(Vec<Generated>, usize)> {
     let start = parse_day(day).with_context(|| format!("{day:?} is not a YYYY-MM-DD day"))?;
     let results = read_day(&settings.dir, day)
         .with_context(|| format!("reading the TLS results in {}", settings.dir.display()))?;
     let reports = aggregate(day, &results, &settings.organization, &settings.contact);
     let out_dir = settings.dir.join("reports");
     let mut out = Vec::new();
+    let mut left = 0;
+    let mark = |domain: &str| -> anyhow::Result<()> {
+        if let Some(done) = done {
+            crate::files::create_private_dir_all(done)
+                .and_then(|()| {
+                    crate::files::open_regular(
+                        &done.join(domain),
+                        std::fs::OpenOptions::new().write(true).create(true),
+                    )
+                })
+                .with_context(|| format!("marking {domain}'s report as made"))?;
+        }
+        Ok(())
+    };
     for (domain, report) in reports {
         if !crate::mta_sts::is_host_name(&domain) {
             // Also keeps the report's file name inside the reports directory.
             tracing::warn!(%domain, "not a host name: no report");
             continue;
         }
+        if done.is_some_and(|d| d.join(&domain).exists()) {
+            continue;
+        }
         let rua = match resolver.txt(&format!("_smtp._tls.{domain}")).await {
             Ok(records) => parse_txt(&records),
             Err(ResolveFailure::Permanent(_)) => None,
             Err(ResolveFailure::Temporary(e)) => {
-                tracing::warn!(%domain, error = %e, "TLSRPT lookup failed; no report this time");
-                None
+                tracing::warn!(%domain, error = %e, "TLSRPT lookup failed; tried again at the next run");
+                left += 1;
+                continue;
             }
         };
         let Some(rua) = rua else {
             tracing::info!(%domain, "no TLSRPT record: no report");
+            mark(&domain)?;
             continue;
         };
         crate::files::create_private_dir_all(&out_dir)
@@ -524,6 +560,7 @@ pub async fn generate(
             }
         }
         tracing::info!(%domain, file = %path.display(), "TLS report written");
+        mark(&domain)?;
         out.push(Generated {
             domain,
             path,
@@ -532,7 +569,7 @@ pub async fn generate(
             report,
         });
     }
-    Ok(out)
+    Ok((out, left))
 }
 
 /// The report as a message (RFC 8460 §5.3): `multipart/report; report-type="tlsrpt"`
@@ -615,6 +652,44 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// One run of [`daily`] for `day`: makes the reports not made yet, unless the marker
+/// `<dir>/reported/<day>` says all were. Each domain handled is marked in
+/// `<dir>/reported/<day>.domains/`; the day is marked once none is left. Returns whether
+/// the day is done. (A temporary DNS failure once lost a domain's report for good: the
+/// day was marked done all the same.)
+pub async fn daily_run(
+    settings: &TlsRptSettings,
+    resolver: &Resolver,
+    spool: &Spool,
+    day: &str,
+) -> bool {
+    let reported = settings.dir.join("reported");
+    let marker = reported.join(day);
+    if marker.exists() {
+        return true;
+    }
+    let domains = reported.join(format!("{day}.domains"));
+    match generate_marked(settings, resolver, day, Some(spool), Some(&domains)).await {
+        Ok((made, 0)) => {
+            tracing::info!(%day, reports = made.len(), "daily TLS reports made");
+            let done = crate::files::create_private_dir_all(&reported)
+                .and_then(|()| std::fs::write(&marker, b""));
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "cannot mark the TLS reports as made");
+            }
+            true
+        }
+        Ok((made, left)) => {
+            tracing::info!(%day, reports = made.len(), left, "daily TLS reports made; the rest at the next run");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(%day, error = %e, "daily TLS reports failed");
+            false
+        }
+    }
+}
+
 /// Once a day (looked at hourly), makes the previous UTC day's reports unless a marker
 /// in `<dir>/reported/` says they were made. Runs until `shutdown` resolves.
 pub async fn daily(
@@ -627,20 +702,7 @@ pub async fn daily(
     loop {
         let now = spool.clock().now();
         let yesterday = day_of(now.saturating_sub(86_400));
-        let marker = settings.dir.join("reported").join(&yesterday);
-        if !marker.exists() {
-            match generate(&settings, &resolver, &yesterday, Some(&spool)).await {
-                Ok(made) => {
-                    tracing::info!(day = %yesterday, reports = made.len(), "daily TLS reports made");
-                    let done = crate::files::create_private_dir_all(&settings.dir.join("reported"))
-                        .and_then(|_| std::fs::write(&marker, b""));
-                    if let Err(e) = done {
-                        tracing::warn!(error = %e, "cannot mark the TLS reports as made");
-                    }
-                }
-                Err(e) => tracing::warn!(day = %yesterday, error = %e, "daily TLS reports failed"),
-            }
-        }
+        daily_run(&settings, &resolver, &spool, &yesterday).await;
         // Hourly: a day boundary is noticed within the hour, and a clock change too.
         tokio::select! {
             _ = &mut shutdown => return,

@@ -216,6 +216,16 @@ impl DnsServer {
         Ok(())
     }
 
+    /// Answers queries for `record_type` at `name_` normally again (see [`fail`](Self::fail)).
+    pub fn heal(&self, name_: &str, record_type: RecordType) -> Result<(), LabError> {
+        let key = (LowerName::from(name(name_)?), record_type);
+        self.failing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+        Ok(())
+    }
+
     /// Removes every record of `record_type` at `name_`. Returns whether any existed.
     pub async fn remove(&self, name_: &str, record_type: RecordType) -> Result<bool, LabError> {
         let key = RrKey::new(LowerName::from(name(name_)?), record_type);

@@ -344,3 +344,69 @@ async fn daily_report_follows_the_rfc_schema_and_counts() {
             .any(|m| m.rcpt_to == vec!["tls@reports.test".to_string()])
     );
 }
+
+/// A domain whose TLSRPT record cannot be looked up (SERVFAIL) is tried again at the next
+/// run, and the day is marked done only once every domain was handled; a domain already
+/// reported is not reported twice. A temporary DNS failure once lost that day's report
+/// for good (the day was marked done all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_whose_record_could_not_be_looked_up_is_made_at_the_next_run() {
+    use altroute::tlsrpt::{Recorder, SessionResult, daily_run};
+    use altroute_queue::{ManualClock, Spool, SpoolConfig};
+    use hickory_resolver::proto::rr::RecordType;
+
+    let w = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let day = day_of(START);
+    let recorder = Recorder::new(dir.path().join("tlsrpt"));
+    for domain in ["a.test", "b.test"] {
+        recorder.record(&SessionResult {
+            time: START,
+            ..SessionResult::new(domain, "success")
+        });
+    }
+    w.dns
+        .add_txt("_smtp._tls.a.test", "v=TLSRPTv1; rua=mailto:tls@a.test")
+        .await
+        .unwrap();
+    w.dns.fail("_smtp._tls.b.test", RecordType::TXT).unwrap();
+    let settings = TlsRptSettings {
+        dir: dir.path().join("tlsrpt"),
+        organization: "relay.lab.test".into(),
+        contact: "tls-admin@lab.test".into(),
+        from: "tls-admin@lab.test".into(),
+        submit: true,
+        hostname: "relay.lab.test".into(),
+    };
+    let clock = std::sync::Arc::new(ManualClock::new(START + 86_400));
+    let spool = Spool::open(&dir.path().join("spool"), SpoolConfig::default(), clock).unwrap();
+    let resolver = Resolver::new(Some(w.dns.addr())).unwrap();
+    let rcpts = |spool: &Spool| -> Vec<String> {
+        let mut r: Vec<String> = spool
+            .list()
+            .into_iter()
+            .flat_map(|e| e.envelope.rcpt_to)
+            .collect();
+        r.sort();
+        r
+    };
+
+    assert!(!daily_run(&settings, &resolver, &spool, &day).await);
+    assert_eq!(rcpts(&spool), ["tls@a.test"]);
+    assert!(!settings.dir.join("reported").join(&day).exists());
+
+    w.dns.heal("_smtp._tls.b.test", RecordType::TXT).unwrap();
+    w.dns
+        .add_txt("_smtp._tls.b.test", "v=TLSRPTv1; rua=mailto:tls@b.test")
+        .await
+        .unwrap();
+    assert!(daily_run(&settings, &resolver, &spool, &day).await);
+    assert_eq!(
+        rcpts(&spool),
+        ["tls@a.test", "tls@b.test"],
+        "a.test reported twice?"
+    );
+    assert!(settings.dir.join("reported").join(&day).exists());
+    assert!(daily_run(&settings, &resolver, &spool, &day).await);
+    assert_eq!(rcpts(&spool).len(), 2);
+}
