@@ -237,27 +237,45 @@ pub fn parse_day(s: &str) -> Option<u64> {
 /// Reads the results of `day` from `dir` (malformed lines, e.g. one cut by a crash, are
 /// skipped with a warning). A day without a file has no results.
 pub fn read_day(dir: &Path, day: &str) -> std::io::Result<Vec<SessionResult>> {
+    Ok(day_results(dir, day)?.collect())
+}
+
+/// The results of `day` one by one, as [`read_day`] reads them, without holding the day
+/// in memory: the daily report aggregates as it reads (an audit's day of large results
+/// took three times the file's size in memory).
+pub fn day_results(
+    dir: &Path,
+    day: &str,
+) -> std::io::Result<Box<dyn Iterator<Item = SessionResult>>> {
+    use std::io::BufRead as _;
     let path = dir.join(format!("results-{day}.jsonl"));
-    let text = match crate::files::read_regular(&path)
-        .and_then(|b| String::from_utf8(b).map_err(std::io::Error::other))
-    {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+    let file = match crate::files::open_regular(&path, std::fs::OpenOptions::new().read(true)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Box::new(std::iter::empty()));
+        }
         Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(line) {
-            Ok(r) => out.push(r),
+    let lines = std::io::BufReader::new(file).split(b'\n');
+    Ok(Box::new(lines.enumerate().filter_map(move |(i, line)| {
+        let line = match line {
+            Ok(l) => l,
             Err(e) => {
-                tracing::warn!(file = %path.display(), line = i + 1, error = %e, "skipping a malformed TLS result")
+                tracing::warn!(file = %path.display(), line = i + 1, error = %e, "stopped reading the TLS results");
+                return None;
+            }
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        }
+        match serde_json::from_slice(&line) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), line = i + 1, error = %e, "skipping a malformed TLS result");
+                None
             }
         }
-    }
-    Ok(out)
+    })))
 }
 
 /// The report id of `domain`'s report for `day`.
@@ -266,9 +284,10 @@ pub fn report_id(day: &str, domain: &str, organization: &str) -> String {
 }
 
 /// The RFC 8460 §4.4 report of every domain in `results` for `day`, keyed by domain.
-pub fn aggregate(
+/// `results` may be a slice or [`day_results`]: aggregated as they come.
+pub fn aggregate<R: std::borrow::Borrow<SessionResult>>(
     day: &str,
-    results: &[SessionResult],
+    results: impl IntoIterator<Item = R>,
     organization: &str,
     contact: &str,
 ) -> BTreeMap<String, Value> {
@@ -282,6 +301,7 @@ pub fn aggregate(
     }
     let mut by_domain: BTreeMap<String, BTreeMap<PolicyKey, Counts>> = BTreeMap::new();
     for r in results {
+        let r = r.borrow();
         let key = (
             r.policy_type.clone(),
             r.policy_string.clone(),
@@ -482,9 +502,9 @@ pub async fn generate_marked(
     done: Option<&Path>,
 ) -> anyhow::Result<(Vec<Generated>, usize)> {
     let start = parse_day(day).with_context(|| format!("{day:?} is not a YYYY-MM-DD day"))?;
-    let results = read_day(&settings.dir, day)
+    let results = day_results(&settings.dir, day)
         .with_context(|| format!("reading the TLS results in {}", settings.dir.display()))?;
-    let reports = aggregate(day, &results, &settings.organization, &settings.contact);
+    let reports = aggregate(day, results, &settings.organization, &settings.contact);
     let out_dir = settings.dir.join("reports");
     let mut out = Vec::new();
     let mut left = 0;
