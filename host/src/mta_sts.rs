@@ -492,12 +492,24 @@ impl MtaSts {
         })
     }
 
-    /// The cached policy of `domain` if it has not expired at `now`.
+    /// The cached policy of `domain` if it has not expired at `now`. An expired one is
+    /// no policy any more (RFC 8461 §5.1): it leaves the cache and its file is removed
+    /// (an audit's 150 one-off domains stayed in memory and on disk for good).
     pub fn cached(&self, domain: &str, now: u64) -> Option<Arc<CachedPolicy>> {
-        lock(&self.cache)
-            .get(&domain.to_ascii_lowercase())
-            .filter(|p| now < p.expires())
-            .cloned()
+        let key = domain.to_ascii_lowercase();
+        let mut cache = lock(&self.cache);
+        let p = cache.get(&key)?;
+        if now < p.expires() {
+            return Some(p.clone());
+        }
+        cache.remove(&key);
+        drop(cache);
+        if let Some(dir) = &self.settings.cache_dir
+            && is_host_name(&key)
+        {
+            let _ = std::fs::remove_file(dir.join(format!("{key}.json")));
+        }
+        None
     }
 
     /// The policy that applies to `domain` at `now` (RFC 8461 §3.3, §5.1). Fetches when
@@ -930,6 +942,36 @@ mod tests {
         assert!(dropped.is_empty());
         assert_eq!(mk(Mode::Enforce).fact(), altroute_policy::MtaSts::Enforce);
         assert_eq!(StsLookup::default().fact(), altroute_policy::MtaSts::None);
+    }
+
+    /// An expired policy leaves the cache and the disk when it is next looked at.
+    #[tokio::test]
+    async fn an_expired_policy_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = CachedPolicy {
+            domain: "d.test".into(),
+            id: "1".into(),
+            text: "version: STSv1\nmode: testing\nmx: mx.d.test\nmax_age: 50\n".into(),
+            fetched: 100,
+            policy: parse_policy("version: STSv1\nmode: testing\nmx: mx.d.test\nmax_age: 50\n")
+                .unwrap(),
+        };
+        store(dir.path(), &p).unwrap();
+        let file = dir.path().join("d.test.json");
+        assert!(file.exists());
+        let sts = MtaSts::new(
+            MtaStsSettings {
+                cache_dir: Some(dir.path().to_path_buf()),
+                ..MtaStsSettings::default()
+            },
+            Resolver::new(Some("127.0.0.1:9".parse().unwrap())).unwrap(),
+            Arc::new(RootCertStore::empty()),
+        )
+        .unwrap();
+        assert!(sts.cached("D.test", 149).is_some());
+        assert!(sts.cached("d.test", 150).is_none());
+        assert!(!file.exists(), "the expired policy's file stays");
+        assert!(sts.cached("d.test", 120).is_none(), "still in memory");
     }
 
     #[test]
