@@ -345,13 +345,20 @@ impl CachedPolicy {
     /// left out: a policy padded with them was copied into every TLS result.
     pub fn lines(&self) -> Vec<String> {
         let mut mx = 0;
+        // The first of each of the others, as `parse_policy` reads them (an audit padded
+        // a policy with 4,680 `mode` lines).
+        let mut seen: Vec<&str> = Vec::new();
         self.text
             .lines()
             .map(|l| l.trim_end_matches('\r'))
             .filter(|l| {
                 let key = l.split_once(':').map(|(k, _)| k.trim());
                 match key {
-                    Some("version" | "mode" | "max_age") => true,
+                    Some(k @ ("version" | "mode" | "max_age")) => {
+                        let first = !seen.contains(&k);
+                        seen.push(k);
+                        first
+                    }
                     Some("mx") => {
                         mx += 1;
                         mx <= MAX_MX_PATTERNS
@@ -788,6 +795,7 @@ mod tests {
                 "mx: h{i}.example.test\npadding{i}: {}\n",
                 "x".repeat(30)
             ));
+            text.push_str("mode: enforce\nmax_age: 1\n");
         }
         let policy = parse_policy(&text).unwrap();
         assert_eq!(policy.mx.len(), MAX_MX_PATTERNS);

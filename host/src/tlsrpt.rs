@@ -404,9 +404,10 @@ pub fn parse_txt(records: &[String]) -> Option<Vec<String>> {
     })?;
     // Each address once, and at most MAX_RUA of them: an audit's record listed 3,000
     // addresses (or one address 1,000 times), and the relay queued a report to each.
+    // Compared without regard to case (`r@Q.test` is `r@q.test` to its mail server).
     let mut uris: Vec<String> = Vec::new();
     for uri in rua.split(',').filter_map(|u| usable_rua(u.trim())) {
-        if !uris.contains(&uri) {
+        if !uris.iter().any(|u| u.eq_ignore_ascii_case(&uri)) {
             uris.push(uri);
         }
         if uris.len() == MAX_RUA {
@@ -414,6 +415,16 @@ pub fn parse_txt(records: &[String]) -> Option<Vec<String>> {
         }
     }
     (!uris.is_empty()).then_some(uris)
+}
+
+/// A file-name-safe tag of a report address (the first 8 bytes of its SHA-256, in hex).
+fn address_tag(addr: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(addr.to_ascii_lowercase().as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Reporting URIs used per domain (RFC 8460 sets no limit; published records list one
@@ -569,6 +580,13 @@ pub async fn generate_marked(
             // `parse_txt` kept only `mailto:` and one plain mailbox.
             let addr = addr.to_string();
             if let (true, Some(spool)) = (settings.submit, spool) {
+                // Marked per address too: a crash (or a full spool) between two of a
+                // domain's addresses queued the first ones again at the next run.
+                let queued = format!("{domain}.to-{}", address_tag(&addr));
+                if done.is_some_and(|d| d.join(&queued).exists()) {
+                    mailed.push(addr);
+                    continue;
+                }
                 let now = spool.clock().now();
                 let (env, msg) = report_message(settings, &domain, &addr, start, &report, now)?;
                 let id = spool
@@ -576,6 +594,7 @@ pub async fn generate_marked(
                     .await
                     .with_context(|| format!("queueing the report for {domain} to {addr}"))?;
                 tracing::info!(%domain, to = %addr, %id, "TLS report queued");
+                mark(&queued)?;
                 mailed.push(addr);
             }
         }
@@ -838,6 +857,9 @@ mod tests {
             vec!["mailto:v@q.test"; 1000].join(",")
         );
         assert_eq!(parse_txt(&[record]).unwrap(), ["mailto:v@q.test"]);
+        // Case does not make another address.
+        let record = "v=TLSRPTv1; rua=mailto:v@q.test,MAILTO:v@q.test,mailto:v@Q.test,mailto:V@q.TEST,mailto:%76@q.test";
+        assert_eq!(parse_txt(&[record.into()]).unwrap(), ["mailto:v@q.test"]);
     }
 
     #[test]

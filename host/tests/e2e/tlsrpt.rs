@@ -394,6 +394,12 @@ async fn a_report_whose_record_could_not_be_looked_up_is_made_at_the_next_run() 
     assert!(!daily_run(&settings, &resolver, &spool, &day).await);
     assert_eq!(rcpts(&spool), ["tls@a.test"]);
     assert!(!settings.dir.join("reported").join(&day).exists());
+    // A crash after a.test's report was queued, before a.test was marked done: its
+    // address is marked, so the report is not queued again.
+    let domains = settings.dir.join("reported").join(format!("{day}.domains"));
+    std::fs::remove_file(domains.join("a.test")).unwrap();
+    assert!(!daily_run(&settings, &resolver, &spool, &day).await);
+    assert_eq!(rcpts(&spool), ["tls@a.test"], "queued again after a crash");
 
     w.dns.heal("_smtp._tls.b.test", RecordType::TXT).unwrap();
     w.dns
