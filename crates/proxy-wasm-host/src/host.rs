@@ -193,10 +193,20 @@ impl Host {
             std::thread::Builder::new()
                 .name("proxy-wasm-epoch".into())
                 .spawn(move || {
+                    // The epoch follows the clock, not the number of wake-ups: on a busy
+                    // machine a sleep of one tick can take several, and a deadline counted
+                    // in wake-ups let a guest run twice its time (a 1.2 s loop passed a
+                    // 600 ms load deadline under the full test suite's load).
+                    let start = std::time::Instant::now();
+                    let mut ticked: u128 = 0;
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(tick);
-                        engine.increment_epoch();
-                        epoch.fetch_add(1, Ordering::Relaxed);
+                        let due = start.elapsed().as_nanos() / tick.as_nanos();
+                        while ticked < due {
+                            engine.increment_epoch();
+                            epoch.fetch_add(1, Ordering::Relaxed);
+                            ticked += 1;
+                        }
                     }
                 })
                 .map_err(|e| Error::Engine(format!("epoch thread: {e}")))?;
