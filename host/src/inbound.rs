@@ -291,15 +291,24 @@ fn received_field(hostname: &str, session: &SessionInfo, envelope: &Envelope) ->
         (false, true) => "ESMTPA",
         (true, true) => "ESMTPSA",
     };
+    // A host name or an address literal: nothing that opens a comment or a date in the
+    // field (an audit's `EHLO evil(x;Mon,_01_Jan_2001` left a `(` open and a `;`).
     let helo: String = session
         .helo
         .as_deref()
-        .unwrap_or("unknown")
+        .unwrap_or("")
         .chars()
-        .filter(|c| c.is_ascii_graphic())
+        .filter(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(*c))
         .collect();
+    let helo = if helo.is_empty() { "unknown" } else { &helo };
+    // The recipient as it is delivered: its domain as an A-label. In Unicode it made an
+    // all-ASCII message need SMTPUTF8 (and 8BITMIME), and an audit's was bounced `550
+    // 5.6.7` by a next hop without SMTPUTF8 for the relay's own field.
     let rcpt = match envelope.rcpt_to.as_slice() {
-        [one] => format!("\r\n\tfor <{}>", altroute_smtp::address::for_header(one)),
+        [one] => format!(
+            "\r\n\tfor <{}>",
+            altroute_smtp::address::for_header(&crate::delivery::delivery_address(one))
+        ),
         _ => String::new(),
     };
     format!(
@@ -320,6 +329,7 @@ fn rfc5322_now() -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -365,6 +375,35 @@ mod tests {
                 String::from_utf8_lossy(msg)
             );
         }
+    }
+
+    /// The field the relay writes is ASCII for an ASCII message (the recipient's domain as
+    /// its A-label), and the client's HELO cannot open a comment in it.
+    #[test]
+    fn the_received_field_is_ascii_and_well_formed() {
+        let mut session = SessionInfo::new(
+            "192.0.2.7:2525".parse().unwrap(),
+            "192.0.2.1:25".parse().unwrap(),
+        );
+        session.helo = Some("evil(x;Mon,_01_Jan_2001".into());
+        let envelope = Envelope {
+            mail_from: "a@x.example".into(),
+            rcpt_to: vec!["bob@b\u{fc}cher.example".into()],
+            ..Envelope::default()
+        };
+        let field = received_field("relay.example", &session, &envelope);
+        assert!(field.is_ascii(), "{field}");
+        assert!(field.contains("for <bob@xn--bcher-kva.example>"), "{field}");
+        assert!(
+            field.starts_with("Received: from evilxMon_01_Jan_2001 ([192.0.2.7])"),
+            "{field}"
+        );
+        session.helo = Some("(((".into());
+        let field = received_field("relay.example", &session, &envelope);
+        assert!(
+            field.starts_with("Received: from unknown ([192.0.2.7])"),
+            "{field}"
+        );
     }
 
     #[test]
