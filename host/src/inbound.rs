@@ -304,11 +304,20 @@ fn received_field(hostname: &str, session: &SessionInfo, envelope: &Envelope) ->
     // The recipient as it is delivered: its domain as an A-label. In Unicode it made an
     // all-ASCII message need SMTPUTF8 (and 8BITMIME), and an audit's was bounced `550
     // 5.6.7` by a next hop without SMTPUTF8 for the relay's own field.
+    // A local part in UTF-8 is left out altogether: the field would make the message
+    // 8-bit for a next hop that takes SMTPUTF8 but not 8BITMIME.
     let rcpt = match envelope.rcpt_to.as_slice() {
-        [one] => format!(
-            "\r\n\tfor <{}>",
-            altroute_smtp::address::for_header(&crate::delivery::delivery_address(one))
-        ),
+        [one] => {
+            let delivered = crate::delivery::delivery_address(one);
+            if delivered.is_ascii() {
+                format!(
+                    "\r\n\tfor <{}>",
+                    altroute_smtp::address::for_header(&delivered)
+                )
+            } else {
+                String::new()
+            }
+        }
         _ => String::new(),
     };
     format!(
@@ -404,6 +413,12 @@ mod tests {
             field.starts_with("Received: from unknown ([192.0.2.7])"),
             "{field}"
         );
+        let envelope = Envelope {
+            rcpt_to: vec!["j\u{f6}rg@b\u{fc}cher.example".into()],
+            ..envelope
+        };
+        let field = received_field("relay.example", &session, &envelope);
+        assert!(field.is_ascii() && !field.contains("for <"), "{field}");
     }
 
     #[test]

@@ -582,7 +582,8 @@ pub async fn generate_marked(
             if let (true, Some(spool)) = (settings.submit, spool) {
                 // Marked per address too: a crash (or a full spool) between two of a
                 // domain's addresses queued the first ones again at the next run.
-                let queued = format!("{domain}.to-{}", address_tag(&addr));
+                // `#` is in no host name: no domain's own marker can have this name.
+                let queued = format!("{domain}#to-{}", address_tag(&addr));
                 if done.is_some_and(|d| d.join(&queued).exists()) {
                     mailed.push(addr);
                     continue;

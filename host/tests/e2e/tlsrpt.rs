@@ -397,6 +397,16 @@ async fn a_report_whose_record_could_not_be_looked_up_is_made_at_the_next_run() 
     // A crash after a.test's report was queued, before a.test was marked done: its
     // address is marked, so the report is not queued again.
     let domains = settings.dir.join("reported").join(format!("{day}.domains"));
+    // The address's marker has a name no domain can have (an audit's domain named like
+    // another domain's address marker had its report skipped).
+    let mut names: Vec<String> = std::fs::read_dir(&domains)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names[0], "a.test");
+    assert!(names[1].starts_with("a.test#to-"), "{names:?}");
     std::fs::remove_file(domains.join("a.test")).unwrap();
     assert!(!daily_run(&settings, &resolver, &spool, &day).await);
     assert_eq!(rcpts(&spool), ["tls@a.test"], "queued again after a crash");
