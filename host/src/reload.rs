@@ -410,6 +410,20 @@ impl Reloader {
         let _ = self.reject(&mut state, who, "reject", &active, None, reasons);
     }
 
+    /// A refusal of the policy sources that is logged but not audited (the file watch's
+    /// rate limit): counted, and the status's last rejection, as for an audited one.
+    fn note_refusal(&self, who: &Who, reasons: Vec<String>) {
+        let mut state = self.lock();
+        state.rejections += 1;
+        state.last_rejection = Some(Rejection {
+            time: audit::rfc3339(SystemTime::now()),
+            who: who.to_string(),
+            version: None,
+            reasons,
+        });
+        self.published.store(Arc::new(snapshot(&state)));
+    }
+
     /// The active policy's canonical JSON.
     pub fn active_json(&self) -> String {
         self.lock()
@@ -1308,6 +1322,9 @@ enum Signal {
     RenamedTo(std::ffi::OsString),
     /// A file under this name was written (its data changed).
     Modified(std::ffi::OsString),
+    /// A file (or symlink) was created under this name: not evidence of a whole file
+    /// (`cp` creates and then writes), but the moment a symlink made by `ln -sf` appears.
+    Created(std::ffi::OsString),
     /// The kernel's event queue overflowed: events were lost (look again).
     Overflow,
 }
@@ -1336,6 +1353,7 @@ fn signal_of(event: &notify::Event) -> Option<Signal> {
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
             name(event.paths.get(1)).map_or(Signal::Look, Signal::RenamedTo)
         }
+        EventKind::Create(_) => name(event.paths.first()).map_or(Signal::Look, Signal::Created),
         _ => Signal::Look,
     })
 }
@@ -1431,6 +1449,51 @@ pub const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
 struct Tracked {
     applied: Option<(Identity, String)>,
     arrived: Vec<Identity>,
+    /// The file last refused as written in place: its symlink swap is no evidence any more.
+    refused_in_place: Option<Identity>,
+}
+
+/// The file events of one judgement: for each name, the order number of its last event
+/// of each kind.
+#[derive(Default)]
+struct Events {
+    next: u64,
+    /// Per kind ([`Events::RENAMED`], [`Events::MODIFIED`], [`Events::CREATED`]).
+    last: [std::collections::BTreeMap<std::ffi::OsString, u64>; 3],
+}
+
+impl Events {
+    const RENAMED: usize = 0;
+    const MODIFIED: usize = 1;
+    const CREATED: usize = 2;
+
+    fn note(&mut self, kind: usize, name: std::ffi::OsString) {
+        self.next += 1;
+        self.last[kind].insert(name, self.next);
+    }
+
+    fn latest(&self, kind: usize, names: &[&std::ffi::OsStr]) -> Option<u64> {
+        names
+            .iter()
+            .filter_map(|n| self.last[kind].get(*n))
+            .max()
+            .copied()
+    }
+
+    /// Whether one of `names` was renamed into place.
+    fn renamed(&self, names: &[&std::ffi::OsStr]) -> bool {
+        self.latest(Self::RENAMED, names).is_some()
+    }
+
+    /// Whether one of `names` was written after the last time one of them was renamed
+    /// into place or created (or at all, when neither happened).
+    fn written_after_arrival(&self, names: &[&std::ffi::OsStr]) -> bool {
+        let arrival = self
+            .latest(Self::RENAMED, names)
+            .max(self.latest(Self::CREATED, names));
+        self.latest(Self::MODIFIED, names)
+            .is_some_and(|w| arrival.is_none_or(|a| w > a))
+    }
 }
 
 /// Watches the directories of `sources` (non-recursively): each file's directory and
@@ -1511,16 +1574,12 @@ pub fn watch(
         .spawn(move || {
             let mut refusals = Refusals::default();
             let mut waiting: Option<PathBuf> = None;
-            // Names renamed into place, and names written, since the last judgement.
-            let mut renamed: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
-            let mut modified: std::collections::BTreeSet<std::ffi::OsString> = Default::default();
-            let note = |signal: Signal, renamed: &mut std::collections::BTreeSet<_>, modified: &mut std::collections::BTreeSet<_>| match signal {
-                Signal::RenamedTo(name) => {
-                    renamed.insert(name);
-                }
-                Signal::Modified(name) => {
-                    modified.insert(name);
-                }
+            // What happened to which names since the last judgement, in order.
+            let mut events = Events::default();
+            let note = |signal: Signal, events: &mut Events| match signal {
+                Signal::RenamedTo(name) => events.note(Events::RENAMED, name),
+                Signal::Modified(name) => events.note(Events::MODIFIED, name),
+                Signal::Created(name) => events.note(Events::CREATED, name),
                 Signal::Overflow => {
                     tracing::warn!("policy file watch: events were lost (inotify queue overflow); looking again");
                 }
@@ -1528,7 +1587,7 @@ pub fn watch(
             };
             // Ends when the watcher (the only sender) is dropped.
             while let Ok(first) = rx.recv() {
-                note(first, &mut renamed, &mut modified);
+                note(first, &mut events);
                 // Debounce: until the directories have been quiet for `debounce`, or
                 // `MAX_DEBOUNCE` has passed.
                 let until = std::time::Instant::now() + MAX_DEBOUNCE.max(debounce);
@@ -1538,7 +1597,7 @@ pub fn watch(
                         break;
                     }
                     match rx.recv_timeout(debounce.min(left)) {
-                        Ok(signal) => note(signal, &mut renamed, &mut modified),
+                        Ok(signal) => note(signal, &mut events),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
@@ -1554,7 +1613,7 @@ pub fn watch(
                         // renamed are kept for it). Anything else is a refusal the
                         // operator should see.
                         let missing = matches!(&e, ReloadError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
-                        if !missing && refusals.refuse(&reloader, e.to_string()) {
+                        if !missing && refusals.refuse(&reloader, e.to_string(), false) {
                             tracing::warn!(error = %e, "policy file not readable; keeping the active version");
                         }
                         continue;
@@ -1578,26 +1637,30 @@ pub fn watch(
                     continue;
                 }
                 waiting = None;
-                let (renamed_now, modified_now) =
-                    (std::mem::take(&mut renamed), std::mem::take(&mut modified));
+                let now_seen = std::mem::take(&mut events);
                 // The evidence that a file arrived whole, kept until it is applied and
-                // consumed at each judgement that finds it unchanged. A name written since
-                // (or in the same window as its rename) is evidence of nothing.
+                // consumed at each judgement that finds it unchanged. A name written after
+                // its rename (or its link's swap) is evidence of nothing; a symlink's target
+                // written before the link was swapped to it is the usual way to swap (an
+                // audit's `cp v2 q2.toml && ln -sfn q2.toml .l && mv -T .l policy.toml` was
+                // refused as written in place, and applied later on an unrelated event).
                 for (t, (path, now, _)) in tracked.iter_mut().zip(&read) {
                     let names: Vec<&std::ffi::OsStr> =
                         [path.file_name(), now.identity.resolved.file_name()]
                             .into_iter()
                             .flatten()
                             .collect();
-                    let written = names.iter().any(|n| modified_now.contains(*n));
+                    let written = now_seen.written_after_arrival(&names);
                     if written {
                         t.arrived.clear();
                     }
-                    let renamed_here = names.iter().any(|n| renamed_now.contains(*n));
+                    let renamed_here = now_seen.renamed(&names);
+                    // A swap already refused as written in place is not evidence again: only
+                    // a new arrival is (it was once applied at a later, unrelated event).
                     let swapped = t.applied.as_ref().is_some_and(|(before, _)| {
                         before.resolved != now.identity.resolved
                             || before.directory != now.identity.directory
-                    });
+                    }) && t.refused_in_place.as_ref() != Some(&now.identity);
                     let new = t.applied.as_ref().is_none_or(|(before, _)| *before != now.identity);
                     if new
                         && (swapped || renamed_here)
@@ -1629,11 +1692,16 @@ pub fn watch(
                     .map(|((_, (path, _, _)), _)| path.display().to_string())
                     .collect();
                 if !in_place.is_empty() {
+                    for ((t, (_, now, _)), changed) in tracked.iter_mut().zip(&read).zip(&changed) {
+                        if *changed && !t.arrived.contains(&now.identity) {
+                            t.refused_in_place = Some(now.identity.clone());
+                        }
+                    }
                     let why = format!(
                         "{} changed in place (written at its path, not renamed into place from the same directory): not applied, as it may have been read half-written; write the new file in the same directory and rename it into place, or send SIGHUP",
                         in_place.join(", ")
                     );
-                    if refusals.refuse(&reloader, why.clone()) {
+                    if refusals.refuse(&reloader, why.clone(), true) {
                         tracing::warn!(reason = %why, "policy file watch: change not applied");
                     }
                     continue;
@@ -1653,7 +1721,7 @@ pub fn watch(
                         "{}: cannot tell whether it is still being written, as the relay may not take a read lease on it (give the relay CAP_LEASE, or own the file): not applied; send SIGHUP to apply it",
                         blind.join(", ")
                     );
-                    if refusals.refuse(&reloader, why.clone()) {
+                    if refusals.refuse(&reloader, why.clone(), false) {
                         tracing::warn!(reason = %why, "policy file watch: change not applied");
                     }
                     continue;
@@ -1674,6 +1742,7 @@ pub fn watch(
                     t.arrived.clear();
                 }
                 refusals.last_reason = None;
+                refusals.in_place_audited.clear();
                 tracing::info!(file = %sources.policy.display(), "policy files changed");
                 // Refusals are logged, audited and in the status already.
                 let _ = reloader.apply(&Who::FileWatch, candidate_of(read));
@@ -1691,28 +1760,39 @@ pub fn watch(
 
 /// The file watch's refusals: a refusal for the same reason as the last one is neither
 /// logged nor audited again (a refused file is not judged again until it changes: a log
-/// file beside the policy once made each warning an event, and a warning again), and
-/// refusals for other reasons are audited at most once per [`REFUSAL_AUDIT_INTERVAL`],
-/// the next audited one counting the others (logged all the same).
+/// file beside the policy once made each warning an event, and a warning again). A change
+/// in place is audited once per reason until a change is applied; refusals for other
+/// reasons are audited at most once per [`REFUSAL_AUDIT_INTERVAL`], the next audited one
+/// counting the others (logged, and in the status, all the same). An audit found a
+/// change in place only logged, and the status showing an older rejection.
 #[derive(Default)]
 struct Refusals {
     last_audit: Option<std::time::Instant>,
     suppressed: u64,
     last_reason: Option<String>,
+    /// Changes in place audited since the last applied change.
+    in_place_audited: Vec<String>,
 }
 
 impl Refusals {
-    /// Records a refusal for `why`; whether it is new (to be logged).
-    fn refuse(&mut self, reloader: &Reloader, why: String) -> bool {
+    /// Records a refusal for `why` (`in_place`: a change written in place); whether it is
+    /// new (to be logged).
+    fn refuse(&mut self, reloader: &Reloader, why: String, in_place: bool) -> bool {
         if self.last_reason.as_deref() == Some(why.as_str()) {
             return false;
         }
         self.last_reason = Some(why.clone());
-        if self
-            .last_audit
-            .is_some_and(|t| t.elapsed() < REFUSAL_AUDIT_INTERVAL)
+        let first_in_place = in_place && !self.in_place_audited.contains(&why);
+        if first_in_place {
+            self.in_place_audited.push(why.clone());
+        }
+        if !first_in_place
+            && self
+                .last_audit
+                .is_some_and(|t| t.elapsed() < REFUSAL_AUDIT_INTERVAL)
         {
             self.suppressed += 1;
+            reloader.note_refusal(&Who::FileWatch, vec![why]);
             return true;
         }
         let mut reasons = vec![why];
@@ -2791,6 +2871,89 @@ expect = { route = "alternate" }
             .map(|l| l["action"].as_str().unwrap())
             .collect();
         assert_eq!(actions, ["start", "reject", "activate"]);
+    }
+
+    /// A symlink swapped to a file written just before, in the same moment (`cp v2
+    /// q2.toml && ln -sfn q2.toml .l && mv -T .l policy.toml`), arrived whole: applied at
+    /// once. An audit's such swap was refused as written in place (the target's write fell
+    /// in the same debounce window), and then applied, unlogged and unaudited, at a later
+    /// unrelated event. A target written after its swap is refused, audited even within a
+    /// minute of another refusal, shown in the status, and not applied at a later event.
+    #[test]
+    fn file_watch_applies_a_symlink_swapped_to_a_file_just_written() {
+        let a = policy("a", &["partner.example"], "");
+        let (dir, _slots, reloader) = setup(&a);
+        let reloader = Arc::new(reloader);
+        let watched = dir.path().join("watched");
+        std::fs::create_dir(&watched).unwrap();
+        std::fs::write(watched.join("v1.toml"), &a).unwrap();
+        let file = watched.join("policy.toml");
+        std::os::unix::fs::symlink("v1.toml", &file).unwrap();
+        let swap = |target: &str| {
+            let tmp = watched.join(".policy.toml.lnk");
+            std::os::unix::fs::symlink(target, &tmp).unwrap();
+            std::fs::rename(&tmp, &file).unwrap();
+        };
+        let sources = Sources {
+            policy: file.clone(),
+            module: None,
+        };
+        let _watch = watch(reloader.clone(), sources, DEFAULT_DEBOUNCE).unwrap();
+
+        let b = policy("b", &["partner.example", "other.example"], "");
+        let (expected, _) = prepare(b.as_bytes()).unwrap();
+        std::fs::write(watched.join("v2.toml"), &b).unwrap();
+        swap("v2.toml");
+        wait_until("the swapped policy", || {
+            reloader.version() == expected.version
+        });
+        wait_until("its audit entry", || reloader.status().activations == 1);
+
+        // A refusal for another reason (a FIFO behind the link), audited...
+        let made = std::process::Command::new("mkfifo")
+            .arg(watched.join("fifo"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        swap("fifo");
+        wait_until("the FIFO's refusal", || reloader.status().rejections == 1);
+        // ...then, within the minute, a target written after the link was swapped to it.
+        let c = policy("c", &["partner.example", "third.example"], "");
+        std::fs::write(watched.join("v3.toml"), "").unwrap();
+        swap("v3.toml");
+        std::fs::write(watched.join("v3.toml"), &c).unwrap();
+        wait_until("the refusal in place", || reloader.status().rejections == 2);
+        let reasons = reloader.status().last_rejection.unwrap().reasons;
+        assert!(reasons[0].contains("changed in place"), "{reasons:?}");
+        // An unrelated event later does not apply it.
+        std::fs::write(watched.join("unrelated"), "x").unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            reloader.version(),
+            expected.version,
+            "a file refused as written in place went live at an unrelated event"
+        );
+        let lines = audit_lines(&dir);
+        let actions: Vec<&str> = lines
+            .iter()
+            .map(|l| l["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, ["start", "activate", "reject", "reject"]);
+        assert!(
+            lines[3]["reasons"][0]
+                .as_str()
+                .unwrap()
+                .contains("changed in place"),
+            "{:?}",
+            lines[3]
+        );
+        // The same file swapped in anew (a fresh arrival): applied.
+        std::fs::write(watched.join("v4.toml"), &c).unwrap();
+        swap("v4.toml");
+        let (expected_c, _) = prepare(c.as_bytes()).unwrap();
+        wait_until("the fresh swap", || {
+            reloader.version() == expected_c.version
+        });
     }
 
     /// The watch starts inside a runtime, as `serve` starts it: its first look takes a

@@ -426,3 +426,45 @@ async fn a_report_whose_record_could_not_be_looked_up_is_made_at_the_next_run() 
     assert!(daily_run(&settings, &resolver, &spool, &day).await);
     assert_eq!(rcpts(&spool).len(), 2);
 }
+
+/// A session for mail to a Unicode domain is recorded under the domain's A-label, with the
+/// MTA-STS policy that was applied to it: the report is made for that domain. The results
+/// were once filed under the Unicode name, without the policy (the cache is keyed by
+/// A-label), and the daily report skipped that name as "not a host name": those sessions
+/// were never reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_for_a_unicode_domain_are_filed_under_its_a_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = World::new().await;
+    let _alt = w.sink("alt.lab.test", Tls::Valid).await;
+    let mx = w
+        .mx("xn--bcher-kva.test", 10, "mx.xn--bcher-kva.test", Tls::None)
+        .await;
+    w.sts(
+        "xn--bcher-kva.test",
+        "1",
+        HttpResponse::text(&sts_policy("testing", &["mx.xn--bcher-kva.test"])),
+        None,
+    )
+    .await;
+    let relay = Relay::start(&w, dir.path(), &dir.path().join("cache")).await;
+    let env = altroute_queue::Envelope::new("alice@corp.test", vec!["a@bücher.test".into()]);
+    let id = relay
+        .spool
+        .store(env, b"Subject: idn\r\n\r\nbody\r\n".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(relay.settled(&id).await, None, "delivered");
+    assert_eq!(w.sinks[mx].messages().len(), 1);
+    let sessions: Vec<_> = relay
+        .results()
+        .into_iter()
+        .filter(|r| r.receiving_mx.as_deref() == Some("mx.xn--bcher-kva.test"))
+        .collect();
+    assert_eq!(sessions.len(), 1, "{:#?}", relay.results());
+    let r = &sessions[0];
+    assert_eq!(r.domain, "xn--bcher-kva.test");
+    assert_eq!(r.policy_type, "sts", "the policy that applied: {r:#?}");
+    assert_eq!(r.result, "starttls-not-supported");
+    assert_eq!(r.mx_host, vec!["mx.xn--bcher-kva.test".to_string()]);
+}
