@@ -36,6 +36,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -61,6 +62,12 @@ pub const MAX_MX_PATTERNS: usize = 64;
 
 /// The shortest time between two refreshes of one domain's cached policy (seconds).
 pub const REFRESH_INTERVAL: u64 = 300;
+
+/// How often (seconds) a lookup also sweeps the cache: the expired policies of every
+/// domain leave memory and disk, and refresh times older than [`REFRESH_INTERVAL`] are
+/// forgotten. Without it, the policies of domains no mail went to again stayed on disk
+/// and were loaded at every start, for good.
+pub const SWEEP_INTERVAL: u64 = 3600;
 
 /// Largest policy body fetched (RFC 8461 §3.3 suggests 64 KiB).
 pub const MAX_POLICY_SIZE: usize = 64 * 1024;
@@ -436,6 +443,8 @@ pub struct MtaSts {
     refreshed: Mutex<HashMap<String, u64>>,
     /// One first fetch per domain at a time: a burst of mail to a new domain fetches once.
     fetching: Mutex<HashMap<String, Arc<FetchGate>>>,
+    /// When the cache was last swept (plus one; 0: never).
+    swept: AtomicU64,
 }
 
 impl std::fmt::Debug for MtaSts {
@@ -496,7 +505,55 @@ impl MtaSts {
             refreshing: Mutex::new(HashSet::new()),
             refreshed: Mutex::new(HashMap::new()),
             fetching: Mutex::new(HashMap::new()),
+            swept: AtomicU64::new(0),
         })
+    }
+
+    /// Removes the expired policies (memory and files) and the refresh times that no
+    /// longer hold back a refresh, at most once per [`SWEEP_INTERVAL`]. Returns the
+    /// domains whose policy was removed.
+    pub fn sweep(&self, now: u64) -> Vec<String> {
+        let last = self.swept.load(Ordering::Relaxed);
+        if last != 0 && now < (last - 1).saturating_add(SWEEP_INTERVAL) {
+            return Vec::new();
+        }
+        if self
+            .swept
+            .compare_exchange(
+                last,
+                now.saturating_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let expired: Vec<String> = {
+            let mut cache = lock(&self.cache);
+            let expired: Vec<String> = cache
+                .iter()
+                .filter(|(_, p)| now >= p.expires())
+                .map(|(d, _)| d.clone())
+                .collect();
+            for d in &expired {
+                cache.remove(d);
+            }
+            expired
+        };
+        if let Some(dir) = &self.settings.cache_dir {
+            for d in expired.iter().filter(|d| is_host_name(d)) {
+                let _ = std::fs::remove_file(dir.join(format!("{d}.json")));
+            }
+        }
+        lock(&self.refreshed).retain(|_, t| now < t.saturating_add(REFRESH_INTERVAL));
+        if !expired.is_empty() {
+            tracing::info!(
+                count = expired.len(),
+                "MTA-STS: expired policies removed from the cache"
+            );
+        }
+        expired
     }
 
     /// The cached policy of `domain` if it has not expired at `now`. An expired one is
@@ -525,6 +582,7 @@ impl MtaSts {
     pub async fn lookup(self: &Arc<Self>, domain: &str, now: u64) -> StsLookup {
         // The caller gives the A-label; a Unicode name is converted here too, so that no
         // spelling of a domain can skip its policy.
+        self.sweep(now);
         let domain = altroute_policy::pattern::canonical_domain(domain).to_ascii_lowercase();
         if !is_host_name(&domain) {
             // Not a DNS host name (an address literal, or bytes that could escape the
@@ -950,6 +1008,66 @@ mod tests {
         assert!(dropped.is_empty());
         assert_eq!(mk(Mode::Enforce).fact(), altroute_policy::MtaSts::Enforce);
         assert_eq!(StsLookup::default().fact(), altroute_policy::MtaSts::None);
+    }
+
+    /// The expired policies of domains no mail goes to again leave memory and disk at the
+    /// next lookup of any domain (once per sweep interval); unexpired ones stay. They once
+    /// stayed on disk, and were loaded at every start, for good.
+    #[tokio::test]
+    async fn lookups_sweep_the_expired_policies_of_other_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |domain: &str, max_age: u64| {
+            let text =
+                format!("version: STSv1\nmode: enforce\nmx: mx.{domain}\nmax_age: {max_age}\n");
+            CachedPolicy {
+                domain: domain.into(),
+                id: "1".into(),
+                policy: parse_policy(&text).unwrap(),
+                text,
+                fetched: 100,
+            }
+        };
+        for p in [
+            policy("gone.test", 50),
+            policy("kept.test", 5000),
+            policy("later.test", 500),
+        ] {
+            store(dir.path(), &p).unwrap();
+        }
+        let sts = Arc::new(
+            MtaSts::new(
+                MtaStsSettings {
+                    cache_dir: Some(dir.path().to_path_buf()),
+                    ..MtaStsSettings::default()
+                },
+                Resolver::new(Some("127.0.0.1:9".parse().unwrap())).unwrap(),
+                Arc::new(RootCertStore::empty()),
+            )
+            .unwrap(),
+        );
+        let files = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // An address literal: no DNS query, but a lookup all the same.
+        let none = sts.lookup("[192.0.2.1]", 200).await;
+        assert!(none.policy.is_none());
+        assert_eq!(files(), ["kept.test.json", "later.test.json"]);
+        assert!(sts.cached("kept.test", 200).is_some());
+        // later.test expires at 600; the next sweep is due an interval after the first.
+        let _ = sts.lookup("[192.0.2.1]", 700).await;
+        assert_eq!(
+            files(),
+            ["kept.test.json", "later.test.json"],
+            "swept again too soon"
+        );
+        let _ = sts.lookup("[192.0.2.1]", 200 + SWEEP_INTERVAL).await;
+        assert_eq!(files(), ["kept.test.json"]);
+        assert_eq!(lock(&sts.cache).len(), 1);
     }
 
     /// An expired policy leaves the cache and the disk when it is next looked at.
