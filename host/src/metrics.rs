@@ -13,7 +13,7 @@
 //! a live scrape against these rules.
 //!
 //! Names here (all prefixed `altroute_`): `smtp_sessions_total`, `smtp_sessions_active`,
-//! `smtp_sessions_refused_per_client_total`,
+//! `smtp_sessions_refused_per_client_total`, `smtp_sessions_refused_outside_total`,
 //! `messages_accepted_total`, `messages_accepted_bytes_total`,
 //! `recipients_rejected_total{reason}`, `messages_rejected_total{reason}`,
 //! `spool_store_errors_total`, `spool_messages{state}`, `spool_recipients{state}`,
@@ -47,6 +47,9 @@ pub struct Metrics {
     /// Connections refused with 421 because their client address had
     /// `server.max_sessions_per_client` sessions already.
     pub sessions_refused_per_client: Counter,
+    /// Connections refused with 421 because clients outside `relay.allow_networks` held
+    /// their share of the sessions (four fifths; the rest is kept for the relay's own).
+    pub sessions_refused_outside: Counter,
     /// Messages stored in the spool and answered with 250.
     pub accepted: Counter,
     /// Octets of accepted messages.
@@ -103,6 +106,7 @@ impl Metrics {
             sessions: Counter::default(),
             sessions_active: Gauge::default(),
             sessions_refused_per_client: Counter::default(),
+            sessions_refused_outside: Counter::default(),
             accepted: Counter::default(),
             accepted_bytes: Counter::default(),
             rcpt_rejected: Family::default(),
@@ -134,6 +138,11 @@ impl Metrics {
             "smtp_sessions_refused_per_client",
             "Connections refused (421) at server.max_sessions_per_client",
             m.sessions_refused_per_client.clone(),
+        );
+        r.register(
+            "smtp_sessions_refused_outside",
+            "Connections refused (421) because clients outside relay.allow_networks held their share of the sessions",
+            m.sessions_refused_outside.clone(),
         );
         r.register(
             "messages_accepted",

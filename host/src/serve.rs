@@ -321,10 +321,17 @@ async fn run_loaded(
     let max_sessions = config.server.max_sessions;
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let proxies: Arc<[IpNet]> = config.server.proxy_protocol_from.clone().into();
+    // What sessions can run at once: with the edge filter, each also holds one of its
+    // module instances.
+    let capacity = match &config.edge {
+        Some(e) => max_sessions.min(e.max_instances),
+        None => max_sessions,
+    };
     let clients = Arc::new(Clients {
         limit: config.server.max_sessions_per_client,
+        outside_limit: outside_limit(capacity),
         exempt: config.relay.allow_networks.clone().into(),
-        counts: Mutex::new(HashMap::new()),
+        counts: Mutex::new(Counts::default()),
     });
     if !proxies.is_empty() {
         tracing::info!(from = ?proxies, "a PROXY protocol header is required from these proxies");
@@ -410,11 +417,39 @@ struct Front {
 /// Sessions per client address, for `server.max_sessions_per_client`: without a cap, one
 /// host could take every `max_sessions` slot (an audit's three clients that never read
 /// their replies locked a relay's allowed clients out). The relay's own clients
-/// (`relay.allow_networks`) are exempt, as Postfix exempts `$mynetworks`.
+/// (`relay.allow_networks`) are exempt, as Postfix exempts `$mynetworks`, and a fifth of
+/// what the relay can serve at once is kept for them ([`outside_limit`]).
 struct Clients {
     limit: usize,
+    /// Sessions of clients outside `relay.allow_networks`, all together.
+    outside_limit: usize,
     exempt: Arc<[IpNet]>,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    per_address: HashMap<IpAddr, usize>,
+    outside: usize,
+}
+
+/// How many of `capacity` sessions (`server.max_sessions`, or the edge filter's
+/// `max_instances` when lower) clients outside `relay.allow_networks` may hold together:
+/// all but a fifth (at least one kept, and at least one for them). An audit's six outside addresses, 50 idle sessions each
+/// (under the per-address limit), took all 256 edge instances, and every allowed client
+/// was closed without a greeting until they left; without the edge, seven addresses
+/// took a 20-session relay.
+fn outside_limit(capacity: usize) -> usize {
+    capacity.saturating_sub((capacity / 5).max(1)).max(1)
+}
+
+/// Why [`Clients::enter`] refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Full {
+    /// The client address has `max_sessions_per_client` sessions.
+    Address,
+    /// Outside clients hold their share of the sessions ([`outside_limit`]).
+    Outside,
 }
 
 /// One session counted against its client address, until dropped.
@@ -424,21 +459,25 @@ struct ClientSlot {
 }
 
 impl Clients {
-    /// `None` when `ip` has `limit` sessions already; otherwise its slot, which is
-    /// `None` for an exempt address (not counted). IPv4-mapped IPv6 addresses count as
-    /// their IPv4 address.
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Option<ClientSlot>> {
+    /// Refused when `ip` has `limit` sessions already, or when outside clients hold
+    /// their share; otherwise its slot, which is `None` for an exempt address (not
+    /// counted). IPv4-mapped IPv6 addresses count as their IPv4 address.
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<Option<ClientSlot>, Full> {
         let ip = ip.to_canonical();
         if crate::config::in_networks(&self.exempt, ip) {
-            return Some(None);
+            return Ok(None);
         }
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(ip).or_insert(0);
+        if counts.outside >= self.outside_limit {
+            return Err(Full::Outside);
+        }
+        let n = counts.per_address.entry(ip).or_insert(0);
         if *n >= self.limit {
-            return None;
+            return Err(Full::Address);
         }
         *n += 1;
-        Some(Some(ClientSlot {
+        counts.outside += 1;
+        Ok(Some(ClientSlot {
             clients: self.clone(),
             ip,
         }))
@@ -452,10 +491,12 @@ impl Drop for ClientSlot {
             .counts
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
+        let counts = &mut *counts;
+        if let Some(n) = counts.per_address.get_mut(&self.ip) {
             *n -= 1;
+            counts.outside -= 1;
             if *n == 0 {
-                counts.remove(&self.ip);
+                counts.per_address.remove(&self.ip);
             }
         }
     }
@@ -528,20 +569,35 @@ impl Front {
         } else {
             peer
         };
-        let Some(_slot) = self.clients.enter(peer.ip()) else {
-            self.metrics.sessions_refused_per_client.inc();
-            tracing::info!(client = %peer, limit = self.clients.limit, "too many sessions from one client address; refused with 421");
-            let reply = format!(
-                "421 4.7.0 {} Too many connections from your address\r\n",
-                self.smtp.hostname
-            );
-            // Best effort, bounded: the client may not read.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-                stream.write_all(reply.as_bytes()).await?;
-                stream.shutdown().await
-            })
-            .await;
-            return;
+        let _slot = match self.clients.enter(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                let reply = match full {
+                    Full::Address => {
+                        self.metrics.sessions_refused_per_client.inc();
+                        tracing::info!(client = %peer, limit = self.clients.limit, "too many sessions from one client address; refused with 421");
+                        format!(
+                            "421 4.7.0 {} Too many connections from your address\r\n",
+                            self.smtp.hostname
+                        )
+                    }
+                    Full::Outside => {
+                        self.metrics.sessions_refused_outside.inc();
+                        tracing::info!(client = %peer, limit = self.clients.outside_limit, "clients outside relay.allow_networks hold their share of the sessions; refused with 421");
+                        format!(
+                            "421 4.7.0 {} Too many connections, try again later\r\n",
+                            self.smtp.hostname
+                        )
+                    }
+                };
+                // Best effort, bounded: the client may not read.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    stream.write_all(reply.as_bytes()).await?;
+                    stream.shutdown().await
+                })
+                .await;
+                return;
+            }
         };
         let Front {
             smtp,
@@ -562,5 +618,22 @@ impl Front {
             }
         }
         metrics.sessions_active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outside_limit;
+
+    /// Outside clients get all but a fifth of what the relay can serve at once, and at
+    /// least one session is kept for the relay's own clients whenever there are two.
+    #[test]
+    fn outside_clients_leave_a_fifth() {
+        assert_eq!(outside_limit(1000), 800);
+        assert_eq!(outside_limit(256), 205);
+        assert_eq!(outside_limit(5), 4);
+        assert_eq!(outside_limit(4), 3);
+        assert_eq!(outside_limit(2), 1);
+        assert_eq!(outside_limit(1), 1);
     }
 }

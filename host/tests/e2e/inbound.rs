@@ -455,6 +455,53 @@ fn sessions_per_client_address_are_capped_except_for_the_relay_s_clients() {
     );
 }
 
+/// A fifth of the sessions is kept for the relay's own clients: clients outside
+/// `allow_networks`, each under its per-address limit, get `421 4.7.0` once together they
+/// hold the rest, and an allowed client is still greeted. An audit's six outside
+/// addresses took every session (with `[edge]`, every module instance) and locked the
+/// relay's own clients out until they left.
+#[test]
+fn a_share_of_the_sessions_is_kept_for_the_relay_s_clients() {
+    let mut config = RelayConfig::new();
+    config.allow_networks = vec!["127.0.0.1/32".into()];
+    config.server_extra = "max_sessions = 5\n".into();
+    let relay = Relay::start(config);
+    let addr = relay.config.smtp;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut outsiders = Vec::new();
+        for i in 0..4 {
+            let from = Some(std::net::Ipv4Addr::new(127, 0, 0, 2 + i).into());
+            outsiders.push(SmtpConn::connect(addr, from).await.unwrap());
+        }
+        let fifth = SmtpConn::connect(addr, Some(std::net::Ipv4Addr::new(127, 0, 0, 9).into()))
+            .await
+            .err()
+            .expect("a fifth outside session");
+        assert!(
+            fifth.to_string().contains("421 4.7.0")
+                && fifth.to_string().contains("try again later"),
+            "{fifth}"
+        );
+        let mine = tokio::time::timeout(
+            std::time::Duration::from_secs(15),
+            SmtpConn::connect(addr, Some("127.0.0.1".parse().unwrap())),
+        )
+        .await
+        .expect("the relay's own client is greeted")
+        .unwrap();
+        drop((outsiders, mine));
+    });
+    let (_, metrics) = relay.admin_get("/metrics");
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("altroute_smtp_sessions_refused_outside_total ")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn clients_outside_allow_networks_cannot_relay() {
     let mut config = RelayConfig::new();
