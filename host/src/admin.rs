@@ -77,6 +77,9 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
+/// One queue listing at a time (`GET /queue`): each walks and writes out the whole queue.
+static QUEUE_LISTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 /// At most this many admin connections at once; more are closed as they come (an audit
 /// held 20,000 and starved the SMTP port of file descriptors).
 pub const MAX_CONNECTIONS: usize = 64;
@@ -506,16 +509,30 @@ async fn handle_queue(
     }
     match (id, action) {
         (None, None) => {
-            let now = spool.clock().now();
-            let list: Vec<serde_json::Value> = spool
-                .list()
-                .iter()
-                .map(|e| entry_json(spool, e, false))
-                .collect();
-            json(
-                StatusCode::OK,
-                &serde_json::json!({ "now": now, "count": list.len(), "messages": list }),
-            )
+            // The whole queue, listed and written out one request at a time, off the
+            // runtime's worker threads: an audit's 64 concurrent listings of 40,000
+            // messages held the SMTP port's sessions for 39 s (and took 1 GB).
+            let Ok(_turn) = QUEUE_LISTING.acquire().await else {
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+            };
+            let spool = spool.clone();
+            let listed = tokio::task::spawn_blocking(move || {
+                let now = spool.clock().now();
+                let list: Vec<serde_json::Value> = spool
+                    .list()
+                    .iter()
+                    .map(|e| entry_json(&spool, e, false))
+                    .collect();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "now": now, "count": list.len(), "messages": list }),
+                )
+            })
+            .await;
+            match listed {
+                Ok(response) => response,
+                Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
         }
         (Some(id), None) => match spool.entry(&id) {
             Some(e) => json(StatusCode::OK, &entry_json(spool, &e, true)),
