@@ -354,10 +354,26 @@ impl Check<'_> {
             let parsed = n
                 .parse::<IpNet>()
                 .or_else(|_| n.parse::<IpAddr>().map(IpNet::from));
+            // Like a catch-all, and refused too: a network with host bits (`10.9.9.9/1`,
+            // a typo for one host, let an audit's client anywhere in 0.0.0.0/1 relay),
+            // and one wider than a /8 (IPv6: a /16), such as `0.0.0.0/1` and
+            // `128.0.0.0/1` together.
+            let wide = |net: &IpNet| match net {
+                IpNet::V4(n) => n.prefix_len() < 8,
+                IpNet::V6(n) => n.prefix_len() < 16,
+            };
             match parsed {
                 Ok(net) if net.prefix_len() == 0 => {
                     self.problem(format!("{key}: {net} {catch_all}"));
                 }
+                Ok(net) if net.trunc() != net => self.problem(format!(
+                    "{key}[{i}]: {n:?} has host bits set: write the network ({:?}) or the one host ({:?})",
+                    net.trunc().to_string(),
+                    net.addr().to_string()
+                )),
+                Ok(net) if wide(&net) => self.problem(format!(
+                    "{key}[{i}]: {net} is wider than a /8 (IPv6: a /16), refused like a catch-all, which {catch_all}"
+                )),
                 Ok(net) => out.push(net),
                 Err(_) => self.problem(format!(
                     "{key}[{i}]: {n:?} is not a network in CIDR notation (e.g. \"192.0.2.0/24\")"
@@ -919,7 +935,7 @@ listen = "0.0.0.0:8025"
 
         let src = r#"
 [server]
-proxy_protocol_from = ["127.0.0.1/32", "10.1.2.3", "10.0.0.0/33", "::/0", "envoy"]
+proxy_protocol_from = ["127.0.0.1/32", "10.1.2.3", "10.0.0.0/33", "::/0", "envoy", "10.9.9.9/1", "0.0.0.0/1", "2000::/3", "10.0.0.0/8", "2001:db8::/32"]
 [policy]
 file = "p.toml"
 "#;
@@ -928,11 +944,16 @@ file = "p.toml"
             "server.proxy_protocol_from[2]: \"10.0.0.0/33\" is not a network",
             "server.proxy_protocol_from[4]: \"envoy\" is not a network",
             "server.proxy_protocol_from: ::/0 trusts every address",
+            "server.proxy_protocol_from[5]: \"10.9.9.9/1\" has host bits set: write the network (\"0.0.0.0/1\") or the one host (\"10.9.9.9\")",
+            "server.proxy_protocol_from[6]: 0.0.0.0/1 is wider than a /8",
+            "server.proxy_protocol_from[7]: 2000::/3 is wider than a /8 (IPv6: a /16), refused like a catch-all, which trusts every address",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(!all.contains("proxy_protocol_from[0]"), "{all}");
         assert!(!all.contains("proxy_protocol_from[1]"), "{all}");
+        assert!(!all.contains("proxy_protocol_from[8]"), "{all}");
+        assert!(!all.contains("proxy_protocol_from[9]"), "{all}");
 
         // The default allow_networks (loopback) covers a co-located proxy: warned, not refused.
         let src = "[server]\nproxy_protocol_from = [\"127.0.0.1\", \"10.1.2.3\"]\n[policy]\nfile = \"p.toml\"\n";
