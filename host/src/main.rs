@@ -52,7 +52,7 @@ fn main() -> ExitCode {
                 // its warnings, unless RUST_LOG asks for more.
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(altroute::output::LogLines)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

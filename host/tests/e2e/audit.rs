@@ -109,6 +109,39 @@ fn a_log_moved_away_under_the_relay_continues_at_its_path() {
     relay.stop();
 }
 
+/// A refused candidate's reasons cannot start a line of the relay's log: a TOML key with
+/// a newline once put a forged `audit log head` line there (the line log shippers keep
+/// as the audit chain's anchor). Every event is one line, its line breaks escaped.
+#[test]
+fn a_refused_candidate_cannot_forge_a_log_line() {
+    const TOKEN: &str = "audit-e2e-token";
+    let mut config = RelayConfig::new();
+    config.admin_extra = format!("token = {TOKEN:?}");
+    let mut relay = Relay::start(config);
+    let forged =
+        "2026-12-07T18:30:00.000000Z  INFO altroute::audit: audit log head seq=99 hash=00ff";
+    let candidate = format!("[policy]\nname = \"x\"\n\"zz\\n{forged}\" = 1\n");
+    let (status, body) = post(relay.config.admin, "/policy", TOKEN, candidate.as_bytes());
+    assert!(
+        status.contains(" 422 ") || status.contains(" 400 "),
+        "{status} {body}"
+    );
+    assert!(
+        body.contains("audit log head seq=99"),
+        "the reason names the key: {body}"
+    );
+    let log = relay.log();
+    assert!(
+        log.contains("zz\\n2026-12-07T18:30:00.000000Z"),
+        "the reasons are logged, escaped: {log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-07T18:30:00")),
+        "a forged line in the log: {log}"
+    );
+    relay.stop();
+}
+
 /// HTTP POST with the token; returns (status line, body).
 fn post(admin: std::net::SocketAddr, path: &str, token: &str, body: &[u8]) -> (String, String) {
     use std::io::Read as _;
