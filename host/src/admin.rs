@@ -186,7 +186,13 @@ async fn route(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let (authorization, who) = (header("authorization"), header("x-altroute-who"));
+    // The admin's name may be any UTF-8 (`jörg`): `to_str` takes visible ASCII only, and
+    // an audit's non-ASCII name was recorded as `admin:anonymous`.
+    let who = parts
+        .headers
+        .get("x-altroute-who")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let authorization = header("authorization");
     // A change is refused before its body is read: an audit's unauthenticated clients
     // made the relay hold 1.3 GB of unfinished bodies.
     if parts.method != Method::GET
@@ -491,12 +497,10 @@ async fn handle_queue(
         }
         _ => {}
     }
-    let who = req
-        .headers()
-        .get("x-altroute-who")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
+    let who = req.headers().get("x-altroute-who").map_or_else(
+        || "-".to_string(),
+        |v| String::from_utf8_lossy(v.as_bytes()).into_owned(),
+    );
     let spool = &state.spool;
     let id = match id.map(MessageId::parse).transpose() {
         Ok(id) => id,

@@ -893,8 +893,9 @@ fn rollback_and_audit_verify() {
                 &format!("http://{}", relay.admin),
                 "--token",
                 TOKEN,
+                // Any UTF-8 name (an audit's `jörg` was recorded as `admin:anonymous`).
                 "--who",
-                "carol",
+                "jörg",
             ])
             .output()
             .unwrap();
@@ -924,8 +925,8 @@ fn rollback_and_audit_verify() {
             ("start", "startup"),
             ("activate", "admin:alice"),
             ("rollback", "admin:bob"),
-            ("activate", "cli:carol"),
-            ("rollback", "cli:carol")
+            ("activate", "cli:jörg"),
+            ("rollback", "cli:jörg")
         ]
     );
     assert_eq!(audit[1]["summary"]["rules"]["changed"][0], "strict");
