@@ -6,6 +6,22 @@
 use altroute_queue::{Envelope, Timestamp};
 use altroute_smtp::address::for_header;
 
+/// `address` with its domain as an A-label when only the domain is in Unicode: an ASCII
+/// mailbox then, that a next hop without SMTPUTF8 takes. A notice to `z@bücher.example`
+/// once needed SMTPUTF8 for its own `To:` field only, was refused by such a hop (550
+/// 5.6.7) and, sent with the null sender, lost.
+fn ascii_domain(address: &str) -> std::borrow::Cow<'_, str> {
+    match address.rsplit_once('@') {
+        Some((local, domain)) if local.is_ascii() && !domain.is_ascii() => {
+            match altroute_policy::pattern::canonical_domain(domain) {
+                d if d.is_ascii() => std::borrow::Cow::Owned(format!("{local}@{d}")),
+                _ => std::borrow::Cow::Borrowed(address),
+            }
+        }
+        _ => std::borrow::Cow::Borrowed(address),
+    }
+}
+
 /// One recipient that failed for good.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -198,8 +214,11 @@ fn compose(
     // `message/global-delivery-status` with `message/global-headers` (or
     // `message/global`), and goes with SMTPUTF8 (a next hop without it cannot take it,
     // RFC 6531 §3.4).
-    let utf8 = !envelope.mail_from.is_ascii()
-        || entries.iter().any(|e| !e.recipient.is_ascii())
+    let sender = ascii_domain(&envelope.mail_from);
+    let utf8 = !sender.is_ascii()
+        || entries
+            .iter()
+            .any(|e| !ascii_domain(e.recipient).is_ascii())
         || entries.iter().any(|e| {
             envelope
                 .dsn_of(e.index)
@@ -213,7 +232,7 @@ fn compose(
     m.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n"
     ));
-    m.push_str(&format!("To: <{}>\r\n", for_header(&envelope.mail_from)));
+    m.push_str(&format!("To: <{}>\r\n", for_header(&sender)));
     m.push_str(match kind {
         Kind::Failure { .. } => "Subject: Undelivered Mail Returned to Sender\r\n",
         Kind::Relayed { .. } => "Subject: Successful Mail Delivery Report\r\n",
@@ -249,7 +268,7 @@ fn compose(
     for e in entries {
         m.push_str(&format!(
             "<{}>: {}\r\n",
-            for_header(e.recipient),
+            for_header(&ascii_domain(e.recipient)),
             brief(&e.human)
         ));
     }
@@ -290,7 +309,7 @@ fn compose(
         }
         m.push_str(&format!(
             "Final-Recipient: rfc822; {}\r\n",
-            for_header(e.recipient)
+            for_header(&ascii_domain(e.recipient))
         ));
         m.push_str(&format!("Action: {}\r\n", e.action));
         m.push_str(&format!("Status: {}\r\n", e.status));
@@ -575,6 +594,33 @@ mod tests {
                 .unwrap()
                 .contains("message/delivery-status")
         );
+    }
+
+    /// A sender or recipient whose domain only is in Unicode is written with the domain's
+    /// A-label: the notice is all ASCII and needs no SMTPUTF8. An audit's notice to
+    /// `z@bücher.test` needed it for its own `To:` field only, was refused by a next hop
+    /// without it, and was lost (a notice's bounce goes nowhere).
+    #[test]
+    fn a_unicode_domain_alone_does_not_make_a_dsn_need_smtputf8() {
+        let env = Envelope::new("z@bücher.example", vec![]);
+        let failures = [Failure {
+            index: 0,
+            confidential: false,
+            recipient: "u@straße-partner.example".into(),
+            reason: "550 5.1.1 no".into(),
+            expired: false,
+        }];
+        let (dsn_env, dsn) = build("r", &env, b"Subject: x\r\n\r\n", &failures, 0, "x8").unwrap();
+        assert!(!dsn_env.smtputf8);
+        let text = String::from_utf8(dsn).unwrap();
+        assert!(text.is_ascii(), "{text}");
+        assert!(text.contains("To: <z@xn--bcher-kva.example>\r\n"), "{text}");
+        assert!(
+            text.contains("Final-Recipient: rfc822; u@xn--strae-partner-edb.example\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Content-Type: message/delivery-status\r\n"));
+        assert_eq!(dsn_env.rcpt_to, ["z@bücher.example"]);
     }
 
     /// `RET=FULL` returns the message only for failures whose mail required no TLS
