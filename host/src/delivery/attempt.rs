@@ -916,9 +916,36 @@ fn addresses<'c>(
     errors: &mut Vec<String>,
 ) -> (Vec<(&'c str, SocketAddr)>, bool, usize) {
     let from = received_ip(entry.envelope.received_from.as_deref()).map(destination_ip);
+    let is_ours = |ip: IpAddr| is_listening_at(&ctx.settings.listen, destination_ip(ip), port);
+    // RFC 5321 §5.1: a client that finds itself among the MX hosts MUST discard the hosts
+    // as preferred as itself or less (an audit's backup MX hosts passed the mail back to
+    // the relay, its best MX, and it went round until the hop limit).
+    let own_preference = candidates
+        .iter()
+        .filter(|c| c.addrs.iter().any(|&ip| is_ours(ip)))
+        .map(|c| c.preference)
+        .min();
     let mut out = Vec::new();
     let (mut ours, mut unresolved) = (0, 0);
     for cand in candidates {
+        if let Some(own) = own_preference
+            && cand.preference >= own
+        {
+            if let Some(&ip) = cand.addrs.iter().find(|&&ip| is_ours(ip)) {
+                ours += 1;
+                errors.push(format!(
+                    "{} [{}] is this relay (loop)",
+                    cand.name,
+                    SocketAddr::new(ip, port)
+                ));
+            } else {
+                errors.push(format!(
+                    "{} (MX preference {}) is not preferred over this relay (MX preference {own}): not used",
+                    cand.name, cand.preference
+                ));
+            }
+            continue;
+        }
         if let Some(why) = &cand.unresolved {
             unresolved += 1;
             errors.push(why.clone());

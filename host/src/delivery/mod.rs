@@ -919,8 +919,16 @@ async fn record_finals(
         id.as_str(),
     );
     let stored = match built {
-        // The null sender gets no DSN (RFC 5321 §4.5.5): nothing to wait for.
-        None => Ok(None),
+        // The null sender gets no DSN (RFC 5321 §4.5.5): nothing to wait for. Such a
+        // message (a notice) is gone now: said at warn level, with why.
+        None => {
+            if entry.envelope.mail_from.is_empty() {
+                for f in &failures {
+                    tracing::warn!(queue_id = %id, recipient = %f.recipient, reason = %f.reason, "a message with the null sender (a delivery notice) failed for good and is discarded: no notice goes back for a notice");
+                }
+            }
+            Ok(None)
+        }
         Some((env, body)) => ctx.spool.store(env, body).await.map(Some),
     };
     let notified = stored.is_ok();

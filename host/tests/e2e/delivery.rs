@@ -805,9 +805,13 @@ async fn mx_pointing_at_the_relay_itself_bounces_as_a_loop() {
     );
 }
 
-/// An MX host that is the relay is skipped; the next MX takes the mail.
+/// The relay among a domain's MX hosts: RFC 5321 §5.1, those as preferred as it or less
+/// are not used. As the best MX the mail bounces as a loop at once, without a connection
+/// to a backup MX (an audit's two backup MX hosts passed the mail back, and it went
+/// round 50 times, each copy taken with 250, until the hop limit); as a backup MX, only
+/// the more preferred hosts are used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mx_pointing_at_the_relay_itself_is_skipped_for_the_next_mx() {
+async fn mx_hosts_less_preferred_than_the_relay_itself_are_not_used() {
     let mut lab = Lab::new().await;
     let (own_ip, own) = lab
         .sink("self.loop.test", Tls::None, SinkMode::Accept)
@@ -823,17 +827,53 @@ async fn mx_pointing_at_the_relay_itself_is_skipped_for_the_next_mx() {
     let (_, other) = lab
         .sink("mx2.backup.open.test", Tls::None, SinkMode::Accept)
         .await;
+    // The relay as a backup MX: the primary takes the mail, the one after the relay is
+    // never used.
+    let (_, primary) = lab
+        .sink("mx1.second.open.test", Tls::None, SinkMode::Accept)
+        .await;
+    for (pref, host) in [
+        (10, "mx1.second.open.test"),
+        (20, "self.loop.test"),
+        (30, "mx2.backup.open.test"),
+    ] {
+        lab.dns
+            .add_mx("second.open.test", pref, host)
+            .await
+            .unwrap();
+    }
+    let sender_mx = lab
+        .mx("corp.test", "mx.corp.test", Tls::Valid, SinkMode::Accept)
+        .await;
     let port = lab.port;
     let relay = Relay::start_with(&lab, standard(&policy(lab.port, true, "")), |s| {
         s.listen = vec![SocketAddr::new(own_ip.into(), port)];
     })
     .await;
-    let id = relay
+    relay
         .send("alice@corp.test", &["bob@backup.open.test"], false)
         .await;
-    lab.sinks[other].wait_for_messages(1, WAIT).await.unwrap();
+    let text = dsn_for(
+        &lab.sinks[sender_mx],
+        "alice@corp.test",
+        "bob@backup.open.test",
+    )
+    .await;
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(
+        text.contains("mail for backup.open.test loops back to myself"),
+        "{text}"
+    );
+    let id = relay
+        .send("alice@corp.test", &["carol@second.open.test"], false)
+        .await;
+    lab.sinks[primary].wait_for_messages(1, WAIT).await.unwrap();
     assert!(relay.removed(&id).await, "delivered and removed");
-    assert!(lab.sinks[own].sessions().is_empty());
+    assert!(lab.sinks[own].sessions().is_empty(), "never to itself");
+    assert!(
+        lab.sinks[other].sessions().is_empty(),
+        "an MX less preferred than the relay was used"
+    );
 }
 
 /// An MX exchange names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric name without
