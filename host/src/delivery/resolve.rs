@@ -129,7 +129,7 @@ impl Resolver {
                 "domain {domain} accepts no mail (null MX)"
             )));
         }
-        mx.sort();
+        order_mx(&mut mx);
         // Every MX host looked up at once (an audit's domain of eight MX hosts whose AAAA
         // queries went unanswered held a worker for two minutes, one host after the
         // other), and at most MAX_MX_HOSTS of them: the others wait for the next attempt.
@@ -308,5 +308,40 @@ impl Resolver {
             ));
         }
         Ok(out)
+    }
+}
+
+/// MX records in the order to try them: by preference, and hosts of equal preference in
+/// random order (RFC 5321 §5.1: the client MUST randomize them, to spread the load). They
+/// were sorted by name, and the first of a domain's equally preferred hosts took all of
+/// the relay's mail (an audit's).
+fn order_mx(mx: &mut [(u16, String)]) {
+    mx.sort();
+    for group in mx.chunk_by_mut(|a, b| a.0 == b.0) {
+        fastrand::shuffle(group);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::order_mx;
+
+    /// Hosts of equal preference come in random order, after the more preferred ones.
+    #[test]
+    fn equal_preferences_are_shuffled() {
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut mx = vec![
+                (20, "c.test".to_string()),
+                (10, "b.test".to_string()),
+                (10, "a.test".to_string()),
+                (5, "z.test".to_string()),
+            ];
+            order_mx(&mut mx);
+            assert_eq!(mx[0], (5, "z.test".to_string()));
+            assert_eq!(mx[3], (20, "c.test".to_string()));
+            firsts.insert(mx[1].1.clone());
+        }
+        assert_eq!(firsts.len(), 2, "always {firsts:?} first");
     }
 }
