@@ -670,9 +670,11 @@ impl Extension {
             return Step::Fault(why);
         }
         let mut out = decision_headers(&outcome.headers);
-        // A refusal may carry its SMTP reply only as the local response body.
+        // A refusal may carry its SMTP reply only as the local response body (one that
+        // cannot be a reply line is left out here; the decision's decoding checks the rest).
         if let Some(r) = &outcome.local_response
             && !r.body.is_empty()
+            && r.body.len() <= contract::MAX_REPLY + 2
             && !out.iter().any(|(k, _)| k == contract::REPLY)
         {
             let body = String::from_utf8_lossy(&r.body);

@@ -745,8 +745,14 @@ pub fn ask(plugin: &Plugin, query: &Query) -> Result<Decision, String> {
             if decision.reply.is_none()
                 && let Some(r) = outcome.local_response
                 && !r.body.is_empty()
+                && r.body.len() <= contract::MAX_REPLY + 2
             {
-                decision.reply = Some(String::from_utf8_lossy(&r.body).trim().to_string());
+                let body = String::from_utf8_lossy(&r.body);
+                let reply = body.trim();
+                // Only a reply line of the decision's class (see `contract::is_reply_for`).
+                if contract::is_reply_for(decision.route, reply) {
+                    decision.reply = Some(reply.to_string());
+                }
             }
             Ok(decision)
         })

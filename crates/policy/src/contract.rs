@@ -535,16 +535,67 @@ pub fn decode_decision<'a>(get: impl Source<'a>) -> Result<Decision, ContractErr
         policy_version: text(&get, at::POLICY_VERSION)?
             .ok_or(ContractError::Missing(POLICY_VERSION))?,
         result: token::<ResultType>(&get, at::RESULT)?.unwrap_or(ResultType::Success),
-        reason: text(&get, at::REASON)?.unwrap_or_default(),
-        reply: text(&get, at::REPLY)?,
+        reason: text(&get, at::REASON)?.map(cut_reason).unwrap_or_default(),
+        reply: text(&get, at::REPLY)?.filter(|r| is_reply_for(route, r)),
     })
 }
 
-fn invalid(name: &'static str, raw: &[u8]) -> ContractError {
-    ContractError::Invalid {
-        name,
-        value: String::from_utf8_lossy(raw).into_owned(),
+/// The longest SMTP reply a decision may carry: one line of 512 octets with its CRLF
+/// (RFC 5321 §4.5.3.1.5).
+pub const MAX_REPLY: usize = 510;
+
+/// The longest reason kept from a decision (longer ones are cut, marked with `…`).
+pub const MAX_REASON: usize = 1000;
+
+/// Whether `reply` can answer a recipient for `route`: one line of at most [`MAX_REPLY`]
+/// octets that starts with a reply code of the route's class (4xx for `defer`, 5xx for
+/// `bounce`) and a space or its end. Another reply is dropped from the decision, and the
+/// relay writes its own: a module's 15 MiB local response once became a recipient's
+/// reply, stored again at every attempt (a gigabyte of spool), and a `defer` with a
+/// `550` reply showed a permanent error on mail that was retried.
+pub fn is_reply_for(route: Route, reply: &str) -> bool {
+    let b = reply.as_bytes();
+    let class = match route {
+        Route::Defer => b'4',
+        Route::Bounce => b'5',
+        _ => return false,
+    };
+    b.len() <= MAX_REPLY
+        && b.len() >= 3
+        && b[0] == class
+        && b[1..3].iter().all(u8::is_ascii_digit)
+        && b.get(3).is_none_or(|&c| c == b' ')
+        && !b.iter().any(|&c| c == b'\r' || c == b'\n')
+}
+
+/// `reason`, cut to [`MAX_REASON`] bytes (at a character boundary) and marked.
+fn cut_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
     }
+    reason
+}
+
+/// An invalid value, named in the error by its first 64 bytes and its length: an
+/// audit's 1 MB value was copied whole into every warning about it (4 MB of log per
+/// question).
+fn invalid(name: &'static str, raw: &[u8]) -> ContractError {
+    const SHOWN: usize = 64;
+    let value = if raw.len() > SHOWN {
+        format!(
+            "{}… ({} bytes)",
+            String::from_utf8_lossy(&raw[..SHOWN]),
+            raw.len()
+        )
+    } else {
+        String::from_utf8_lossy(raw).into_owned()
+    };
+    ContractError::Invalid { name, value }
 }
 
 fn text<'a>(get: &impl Source<'a>, (slot, name): Slot) -> Result<Option<String>, ContractError> {
@@ -903,6 +954,66 @@ mod tests {
             let index = lookup(&pairs);
             assert_eq!(index.value(i, name), Some(&b"v"[..]), "{name}");
         }
+    }
+
+    /// A decision's reply is kept only when it is one reply line of the route's class,
+    /// its reason is cut, and an invalid value is named by its start and length: an
+    /// audit's module answered 15 MiB replies (stored again at every attempt) and a
+    /// `defer` with a `550` reply, and a 1 MB invalid value filled the log.
+    #[test]
+    fn replies_and_reasons_are_bounded() {
+        let decode = |route: &str, reply: Option<&str>, reason: &str| {
+            let mut pairs = vec![
+                (ROUTE, route.to_string()),
+                (TLS_REQUIRED, "yes".to_string()),
+                (TLS_VERIFY, "ca".to_string()),
+                (TLS_MIN, "1.2".to_string()),
+                (RULE, "r".to_string()),
+                (POLICY_VERSION, "v".to_string()),
+                (REASON, encode_text(reason)),
+            ];
+            if let Some(r) = reply {
+                pairs.push((REPLY, encode_text(r)));
+            }
+            let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            decode_decision(lookup(&pairs)).unwrap()
+        };
+        let ok = "451 4.7.10 TLS required, will retry";
+        assert_eq!(decode("defer", Some(ok), "x").reply.as_deref(), Some(ok));
+        assert_eq!(
+            decode("defer", Some("451"), "x").reply.as_deref(),
+            Some("451")
+        );
+        let bounce = "550 5.7.10 TLS required";
+        assert_eq!(
+            decode("bounce", Some(bounce), "x").reply.as_deref(),
+            Some(bounce)
+        );
+        let long = format!("451 {}", "A".repeat(MAX_REPLY));
+        for (route, reply) in [
+            ("defer", long.as_str()),
+            ("defer", "550 5.7.1 extension says no"),
+            ("bounce", "451 4.7.0 later"),
+            ("bounce", "250 2.0.0 ok"),
+            ("defer", "451 4.7.0 a\r\n250 ok"),
+            ("defer", "4510 x"),
+            ("defer", "45"),
+            ("direct", "451 4.7.0 x"),
+        ] {
+            assert_eq!(
+                decode(route, Some(reply), "x").reply,
+                None,
+                "{route} {reply:?}"
+            );
+        }
+        let d = decode("defer", None, &"é".repeat(MAX_REASON));
+        assert!(d.reason.len() <= MAX_REASON + '…'.len_utf8());
+        assert!(d.reason.ends_with("é…"), "{}", d.reason);
+        assert_eq!(decode("defer", None, "short").reason, "short");
+        let big = "z".repeat(1_000_000);
+        let pairs = [(ROUTE, big.as_str())];
+        let err = decode_decision(lookup(&pairs)).unwrap_err().to_string();
+        assert!(err.len() < 200 && err.contains("(1000000 bytes)"), "{err}");
     }
 
     #[test]

@@ -812,12 +812,26 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let len = len.min(MAX_LOG_BYTES as u32);
             // A budget per context: past it lines are dropped (one warning says so). An
             // audit's extension wrote 3.7 MB of log per question, each call within its
-            // deadline.
-            let st = c.data_mut();
-            if st.log_bytes >= MAX_LOG_PER_CONTEXT {
+            // deadline. Counted in what is written, after escaping (a NUL is written as
+            // five characters: an audit's NUL lines made 1.3 MB of each 256 KiB budget),
+            // and each line cut to MAX_LOG_BYTES so.
+            if c.data().log_bytes >= MAX_LOG_PER_CONTEXT {
                 return Ok(OK);
             }
-            st.log_bytes += len as usize;
+            let msg = read(&mut c, ptr, len, "log message")?;
+            let msg = String::from_utf8_lossy(&msg);
+            let msg = printable(&msg);
+            let msg: std::borrow::Cow<'_, str> = if msg.len() > MAX_LOG_BYTES {
+                let mut end = MAX_LOG_BYTES;
+                while !msg.is_char_boundary(end) {
+                    end -= 1;
+                }
+                std::borrow::Cow::Owned(format!("{}…", &msg[..end]))
+            } else {
+                msg
+            };
+            let st = c.data_mut();
+            st.log_bytes += msg.len();
             if st.log_bytes >= MAX_LOG_PER_CONTEXT {
                 tracing::warn!(
                     target: "proxy_wasm_guest",
@@ -825,9 +839,6 @@ pub(crate) fn define(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     "over {MAX_LOG_PER_CONTEXT} bytes of log in one context: further lines dropped"
                 );
             }
-            let msg = read(&mut c, ptr, len, "log message")?;
-            let msg = String::from_utf8_lossy(&msg);
-            let msg = printable(&msg);
             let plugin = c.data().plugin.name.as_str();
             match level {
                 0 => tracing::trace!(target: "proxy_wasm_guest", plugin, "{msg}"),

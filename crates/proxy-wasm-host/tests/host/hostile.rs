@@ -82,6 +82,50 @@ fn the_template_itself_is_well_behaved() {
     s.close().unwrap();
 }
 
+/// A context's log budget (256 KiB) counts what is written, after escaping: a guest's
+/// lines of NULs (five characters each once escaped) once wrote 1.3 MB per question.
+#[test]
+fn the_log_budget_counts_escaped_lines() {
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let host = host();
+    // Twenty lines of 64 KiB of zero bytes (the second page of memory is zeros).
+    let plugin = load(
+        &host,
+        &[
+            ("PAGES", "4"),
+            (
+                "HEADERS",
+                "(local.set 0 (i32.const 20)) (loop $l (drop (call $log (i32.const 2) (i32.const 65536) (i32.const 65536))) (local.set 0 (i32.sub (local.get 0) (i32.const 1))) (br_if $l (local.get 0)))",
+            ),
+        ],
+    )
+    .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        plugin.http_request(&request(&[(":path", "/")])).unwrap();
+    });
+    let written = captured.0.lock().unwrap().len();
+    assert!(
+        written > 64 * 1024 && written < 256 * 1024 + 2048,
+        "{written} bytes of log for one context"
+    );
+}
+
 #[test]
 fn header_names_are_stored_lower_cased_as_envoy_stores_them() {
     let host = host();
