@@ -96,6 +96,10 @@ pub enum HeaderError {
     /// The bytes are not a PROXY v2 header.
     #[error("invalid PROXY v2 header: {0}")]
     V2(#[source] v2::ParseError),
+    /// A v2 header of a proxied connection that is not a stream (a UDP datagram's): no
+    /// SMTP client is behind it.
+    #[error("PROXY v2 header for a {0} connection, not a stream (TCP) one")]
+    NotStream(&'static str),
     /// 107 bytes (the longest v1 header) without the LF that ends a v1 header.
     #[error("PROXY v1 header longer than {V1_MAX} bytes")]
     TooLong,
@@ -108,7 +112,10 @@ impl HeaderError {
         match self {
             HeaderError::Timeout(_) => "timeout",
             HeaderError::Closed(_) => "closed",
-            HeaderError::V1(_) | HeaderError::V2(_) | HeaderError::TooLong => "invalid",
+            HeaderError::V1(_)
+            | HeaderError::V2(_)
+            | HeaderError::NotStream(_)
+            | HeaderError::TooLong => "invalid",
         }
     }
 }
@@ -201,6 +208,17 @@ fn origin(result: HeaderResult<'_>) -> Result<Origin, HeaderError> {
             },
             v1::Addresses::Unknown => Origin::Proxy,
         }),
+        HeaderResult::V2(Ok(h))
+            if h.command == v2::Command::Proxy
+                && matches!(h.addresses, v2::Addresses::IPv4(_) | v2::Addresses::IPv6(_))
+                && h.protocol != v2::Protocol::Stream =>
+        {
+            // An audit's header for a UDP connection was taken as a TCP client's.
+            Err(HeaderError::NotStream(match h.protocol {
+                v2::Protocol::Datagram => "datagram (UDP)",
+                _ => "unspecified transport",
+            }))
+        }
         HeaderResult::V2(Ok(h)) => Ok(match (h.command, h.addresses) {
             (v2::Command::Local, _) => Origin::Proxy,
             (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Origin::Client {
@@ -280,6 +298,22 @@ mod tests {
         Origin::Client {
             source: source.parse().unwrap(),
             destination: destination.parse().unwrap(),
+        }
+    }
+
+    /// A v2 header of a UDP connection (family 0x12, 0x22) is no SMTP client's: refused.
+    /// An audit's was taken as a TCP client at the address it gave.
+    #[tokio::test]
+    async fn a_v2_header_for_a_datagram_connection_is_refused() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&[192, 0, 2, 7, 192, 0, 2, 1]);
+        body.extend_from_slice(&40_000u16.to_be_bytes());
+        body.extend_from_slice(&25u16.to_be_bytes());
+        for family in [0x12u8, 0x10] {
+            let (origin, _) = over_socket(&v2(0x21, family, &body), b"").await;
+            let err = origin.unwrap_err();
+            assert_eq!(err.reason(), "invalid", "{family:#x}");
+            assert!(err.to_string().contains("not a stream"), "{err}");
         }
     }
 
