@@ -932,6 +932,12 @@ fn addresses<'c>(
             && cand.preference >= own
         {
             if let Some(&ip) = cand.addrs.iter().find(|&&ip| is_ours(ip)) {
+                // Its other address family, not looked up for the moment, may be the
+                // real host: then this is no loop yet.
+                if let Some(why) = &cand.unresolved {
+                    unresolved += 1;
+                    errors.push(why.clone());
+                }
                 ours += 1;
                 errors.push(format!(
                     "{} [{}] is this relay (loop)",
