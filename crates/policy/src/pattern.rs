@@ -32,6 +32,16 @@ impl Pattern {
             if !domain.is_ascii() && idna::domain_to_ascii(domain).is_err() {
                 return Err(format!("`{s}`: not a valid internationalised domain name"));
             }
+            // A name that resolvers map two ways (`straße`: IDNA 2003 `strasse`, IDNA 2008
+            // `xn--strae-oqa`) is refused in a question; in a rule it would silently pick
+            // one meaning (an audit's rule for `straße.example` did not cover mail to
+            // `strasse.example`, where such a resolver sends it).
+            if !domain.is_ascii() && !is_unambiguous_idn(domain) {
+                return Err(format!(
+                    "`{s}`: an ambiguous internationalised domain name (resolvers map it two ways): write its A-label ({}) or the name it also means",
+                    canonical_domain(domain)
+                ));
+            }
             format!("{wild}{}", canonical(rest))
         } else {
             s
@@ -52,6 +62,21 @@ impl Pattern {
             {
                 return Err(format!(
                     "`{s}`: the local part has a character not allowed here"
+                ));
+            }
+            // `*@partner.example` reads as "everyone there", but a pattern has no local-part
+            // wildcard: it was taken as the one mailbox `*`, and an audit's rule so written
+            // protected nobody.
+            if local.contains(['*', '?']) {
+                return Err(format!(
+                    "`{s}`: patterns have no wildcard in the local part: to match every address at {domain}, list `{domain}` (or `*.{domain}` for its subdomains) under domains"
+                ));
+            }
+            // The relay refuses such mailboxes (a next hop may read them as another
+            // address): no question carries one, and the rule would match nothing.
+            if local.contains(['%', '!']) {
+                return Err(format!(
+                    "`{s}`: a local part with `%` or `!` is never asked about (the relay refuses such addresses): this pattern would match nothing"
                 ));
             }
             check_domain(domain)?;
@@ -498,6 +523,38 @@ pub fn check_domain(d: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Patterns an admin would read otherwise are refused with the way to write them: a
+    /// local-part wildcard (an audit's `*@partner.example` was the one mailbox `*` and
+    /// protected nobody), a local part no question carries, an ambiguous IDN.
+    #[test]
+    fn misleading_patterns_are_refused() {
+        for (p, says) in [
+            ("*@partner.example", "list `partner.example`"),
+            ("a*@partner.example", "no wildcard in the local part"),
+            ("?@partner.example", "no wildcard in the local part"),
+            ("\"*\"@partner.example", "no wildcard in the local part"),
+            ("bob%x@partner.example", "never asked about"),
+            ("a!b@partner.example", "never asked about"),
+            (
+                "straße.example",
+                "write its A-label (xn--strae-oqa.example)",
+            ),
+            ("*.ςigma.example", "ambiguous"),
+            ("bob@straße.example", "ambiguous"),
+        ] {
+            let err = Pattern::parse(p).unwrap_err();
+            assert!(err.contains(says), "{p}: {err}");
+        }
+        for ok in [
+            "bücher.example",
+            "bob@bücher.example",
+            "xn--strae-oqa.example",
+            "b+tag@x.example",
+        ] {
+            assert!(Pattern::parse(ok).is_ok(), "{ok}");
+        }
+    }
 
     #[test]
     fn parse_and_match() {

@@ -582,6 +582,13 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
                 "validate_hostname needs require_ca_signed = true",
             ));
         }
+        // As the compiled form's check says (it was silently dropped here).
+        if !h.require_tls && h.min_tls == MinTls::V1_3 {
+            diags.push(diag(
+                &at,
+                "min_tls = \"1.3\" needs require_tls = true (a host without TLS has no TLS version)",
+            ));
+        }
         let tls = requirement(
             h.require_tls,
             h.require_ca_signed,
@@ -704,6 +711,12 @@ fn compile_inner(toml_src: &str, run_tests: bool) -> Result<Compiled, Vec<Diagno
                 &at,
                 "require_ca_signed and validate_hostname need require_tls = true \
                  (require_tls = false exempts the rule's mail from TLS altogether)",
+            ));
+        }
+        if !r.require_tls && r.min_tls == MinTls::V1_3 {
+            diags.push(diag(
+                &at,
+                "min_tls = \"1.3\" needs require_tls = true (require_tls = false exempts the rule's mail from TLS altogether)",
             ));
         }
         if r.require_tls && r.validate_hostname && !r.require_ca_signed {
@@ -988,6 +1001,12 @@ fn check_unit_path(path: &str) -> Result<(), String> {
                 "org unit path {path:?}: segments use letters, digits, `-`, `_` and `.`"
             ));
         }
+        // `/a/../b` read as `/b` is not what the model does (it is a unit under `/a/..`).
+        if seg == "." || seg == ".." {
+            return Err(format!(
+                "org unit path {path:?}: a segment may not be `.` or `..`"
+            ));
+        }
     }
     Ok(())
 }
@@ -995,6 +1014,22 @@ fn check_unit_path(path: &str) -> Result<(), String> {
 fn check_address(a: &str) -> Result<(), String> {
     if a.parse::<std::net::IpAddr>().is_ok() {
         return Ok(());
+    }
+    if a.starts_with('[') {
+        return Err(format!(
+            "`{a}`: write an IP address without brackets (`10.0.0.1`, `2001:db8::1`)"
+        ));
+    }
+    // `999.1.1.1` is no IP address, and no host name either (no top-level domain is all
+    // digits): taken as a name, it never resolved and the route's mail waited until it
+    // bounced.
+    if a.rsplit('.')
+        .next()
+        .is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "`{a}`: not an IP address, and not a host name (its last label is all digits)"
+        ));
     }
     check_domain(&a.to_ascii_lowercase())
 }

@@ -565,6 +565,56 @@ require_ca_signed = true
     );
 }
 
+/// What an audit's policy audit found the compiler took and then read otherwise: a TLS
+/// version on an exemption or a host without TLS (silently dropped, while the compiled
+/// form's check refuses it), org unit segments `.` and `..`, a host address that is
+/// neither an IP address nor a host name, and an IP address in brackets (refused with a
+/// domain's syntax message).
+#[test]
+fn settings_that_would_be_read_otherwise_are_refused() {
+    let errs = errors(
+        r#"
+[[hosts]]
+name = "clear"
+address = "clear.example.net"
+require_tls = false
+require_ca_signed = false
+validate_hostname = false
+min_tls = "1.3"
+
+[[hosts]]
+name = "nine"
+address = "999.1.1.1"
+
+[[hosts]]
+name = "bracket"
+address = "[10.0.0.1]"
+
+[[org_units]]
+path = "/a/../b"
+senders = ["b.example"]
+
+[[tls_compliance]]
+name = "legacy"
+domains = ["legacy.example"]
+require_tls = false
+min_tls = "1.3"
+"#,
+    );
+    for needle in [
+        "hosts[0] \"clear\": min_tls = \"1.3\" needs require_tls = true",
+        "`999.1.1.1`: not an IP address, and not a host name",
+        "`[10.0.0.1]`: write an IP address without brackets",
+        "a segment may not be `.` or `..`",
+        "tls_compliance[0] \"legacy\": min_tls = \"1.3\" needs require_tls = true",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.contains(needle)),
+            "{needle}: {errs:#?}"
+        );
+    }
+}
+
 /// What an audit got through `policy check` and into the relay: a rule for one side
 /// lowered what the other side's rule required. A sender rule asking for TLS 1.3 dropped
 /// the bank's certificate check (the two now combine), and a child unit's sender
