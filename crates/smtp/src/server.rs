@@ -656,7 +656,11 @@ impl<H: Handler> Session<H> {
         if f & smtp_proto::MAIL_RET_FULL != 0 && f & smtp_proto::MAIL_RET_HDRS != 0 {
             return Reply::new(501, (5, 5, 4), "Duplicate parameter RET");
         }
+        // AUTH= only where AUTH is offered (this server offers it inside TLS only): an
+        // extension not offered is a parameter not supported (RFC 5321 §4.1.1.11).
+        let auth_offered = self.config.auth && self.info.tls.is_some();
         if f & smtp_proto::MAIL_BODY_BINARYMIME != 0
+            || from.auth.is_some() && !auth_offered
             || from.trans_id.is_some()
             || from.mtrk.is_some()
             || from.by != 0

@@ -510,6 +510,14 @@ impl Settled {
     /// of the hop was not reached in this attempt (`incomplete`), a bounce becomes a defer:
     /// that host may take the mail at the next attempt.
     fn refused(&mut self, ctx: &Ctx, hop: Hop, r: Rcpt, f: Refusal, incomplete: bool) {
+        // The alternate secure route only ever defers what it cannot take (as for its
+        // TLS): an audit's alternate host without REQUIRETLS bounced the mail for good.
+        if f.no_requiretls && hop == Hop::Alternate {
+            log_decision(ctx, &r, &f.verdict, Some(hop), Some(&f.peer), "deferred");
+            let reason = temporary(&no_requiretls(&f.peer.host));
+            self.out.push((r.index, Outcome::Deferred { reason }));
+            return;
+        }
         let bounce = if f.no_requiretls {
             no_requiretls(&f.peer.host)
         } else if f.verdict.route == Route::Bounce {

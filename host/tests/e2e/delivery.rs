@@ -1737,6 +1737,46 @@ async fn mx_without_requiretls(lab: &mut Lab, domain: &str, pref: u16, name: &st
     lab.sinks.len() - 1
 }
 
+/// REQUIRETLS mail rerouted to an alternate secure route that does not offer REQUIRETLS
+/// is deferred, as for any failure of the alternate host (docs/delivery.md): an audit's
+/// bounced for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requiretls_mail_at_an_alternate_host_without_requiretls_is_deferred() {
+    let mut lab = Lab::new().await;
+    let ip = loopback_ip();
+    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "alt.lab.test");
+    config.starttls = Some(
+        lab.ca
+            .issue(&["alt.lab.test"], Validity::Valid)
+            .unwrap()
+            .rustls_server_config()
+            .unwrap(),
+    );
+    config.advertise_requiretls = false;
+    lab.sinks.push(SmtpSink::start(config).await.unwrap());
+    let alt = lab.sinks.len() - 1;
+    lab.dns.add_a("alt.lab.test", ip).await.unwrap();
+    let plain = lab
+        .mx(
+            "plain.open.test",
+            "mx.plain.open.test",
+            Tls::None,
+            SinkMode::Accept,
+        )
+        .await;
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@plain.open.test"], true)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    let reason = deferred_reason(&states[0]);
+    assert!(reason.starts_with("450 4.7.30"), "{reason}");
+    assert!(reason.contains("alt.lab.test"), "{reason}");
+    assert_eq!(relay.metrics.bounces.get(), 0);
+    assert_no_transaction(&lab.sinks[alt], "the alternate host without REQUIRETLS");
+    assert_no_transaction(&lab.sinks[plain], "the MX without STARTTLS");
+}
+
 /// The journal's outcome of the verdict for `rcpt` at `host`, with its result type.
 fn outcome_at(relay: &Relay, rcpt: &str, host: &str) -> Option<(String, String)> {
     relay

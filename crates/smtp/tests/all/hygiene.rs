@@ -431,6 +431,9 @@ async fn envelope_address_and_parameter_checks() {
         ("MAIL FROM:<a@src.test> SIZE=10", "555 5.5.4"),
         ("EHLO client.test", "250"),
         ("MAIL FROM:<a@src.test> SIZE=10 size=20", "501 5.5.4"),
+        // AUTH is offered inside TLS only: outside, its parameter is not supported
+        // (an audit's `AUTH=<>` got 250).
+        ("MAIL FROM:<a@src.test> AUTH=<>", "555 5.5.4"),
         (
             "MAIL FROM:<a@src.test> BODY=8BITMIME BODY=7BIT",
             "501 5.5.4",
