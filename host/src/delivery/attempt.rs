@@ -1086,6 +1086,11 @@ async fn establish(
         Ok(n) => n,
         Err(e) => return Err(format!("not a valid TLS server name: {e}")),
     };
+    // An MX exchange is a host name (RFC 2181 §10.3), also when it reads like an IP
+    // address (`10 127.0.0.30`): a certificate for that IP address does not name it
+    // (RFC 7672 and Postfix match DNS names only). An audit's certificate for another
+    // address than the one connected to was recorded as valid for such an MX.
+    let ip_named_mx = hop == Hop::Direct && matches!(server_name, ServerName::IpAddress(_));
     let attempt = async {
         let verifier = RecordingVerifier::new(ctx.roots.clone()).map_err(|e| e.to_string())?;
         let config = verifier.client_config().map_err(|e| e.to_string())?;
@@ -1108,6 +1113,11 @@ async fn establish(
                 Some(CertResult::HostnameMismatch) => CertStatus::HostnameMismatch,
                 // Untrusted, or anything the verifier could not classify: not trusted.
                 Some(_) | None => CertStatus::Untrusted,
+            };
+            let cert = if ip_named_mx && cert == CertStatus::Valid {
+                CertStatus::HostnameMismatch
+            } else {
+                cert
             };
             Ok(Session {
                 client,

@@ -876,6 +876,46 @@ async fn mx_hosts_less_preferred_than_the_relay_itself_are_not_used() {
     );
 }
 
+/// An MX exchange that reads like an IP address is a host name all the same: a
+/// certificate for that IP address does not name it, so mail that requires a verified
+/// host name goes to the alternate route. An audit's was delivered over a certificate
+/// for another address than the one connected to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_like_mx_name_is_not_verified_by_an_ip_address_certificate() {
+    let mut lab = Lab::new().await;
+    let alt = alt_sink(&mut lab).await;
+    let (named, ip) = (loopback_ip(), loopback_ip());
+    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "ip-cert");
+    config.starttls = Some(
+        lab.ca
+            .issue(&[&named.to_string()], Validity::Valid)
+            .unwrap()
+            .rustls_server_config()
+            .unwrap(),
+    );
+    lab.sinks.push(SmtpSink::start(config).await.unwrap());
+    let mx = lab.sinks.len() - 1;
+    lab.dns
+        .add_mx("ipname.strict.test", 10, &named.to_string())
+        .await
+        .unwrap();
+    lab.dns.add_a(&named.to_string(), ip).await.unwrap();
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@ipname.strict.test"], false)
+        .await;
+    lab.sinks[alt].wait_for_messages(1, WAIT).await.unwrap();
+    assert!(relay.removed(&id).await);
+    assert_no_transaction(&lab.sinks[mx], "the MX whose certificate names an address");
+    assert_eq!(
+        outcome_at(&relay, "bob@ipname.strict.test", &named.to_string()),
+        Some((
+            "rerouted".to_string(),
+            "certificate-host-mismatch".to_string()
+        ))
+    );
+}
+
 /// An MX exchange names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric name without
 /// an A record is a host without an address (deferred), not the IP it spells.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
