@@ -543,7 +543,7 @@ mod tests {
             ("*.ςigma.example", "ambiguous"),
             ("bob@straße.example", "ambiguous"),
         ] {
-            let err = Pattern::parse(p).unwrap_err();
+            let err = Pattern::parse(p).expect_err(p);
             assert!(err.contains(says), "{p}: {err}");
         }
         for ok in [
