@@ -516,11 +516,14 @@ async fn handle_queue(
             // The whole queue, listed and written out one request at a time, off the
             // runtime's worker threads: an audit's 64 concurrent listings of 40,000
             // messages held the SMTP port's sessions for 39 s (and took 1 GB).
-            let Ok(_turn) = QUEUE_LISTING.acquire().await else {
+            let Ok(turn) = QUEUE_LISTING.acquire().await else {
                 return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
             };
             let spool = spool.clone();
+            // The turn goes with the listing: a client that hangs up does not end it, and
+            // its turn must not pass to the next request before it ends.
             let listed = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
                 let now = spool.clock().now();
                 let list: Vec<serde_json::Value> = spool
                     .list()

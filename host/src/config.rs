@@ -360,19 +360,27 @@ impl Check<'_> {
             // `128.0.0.0/1` together.
             let wide = |net: &IpNet| match net {
                 IpNet::V4(n) => n.prefix_len() < 8,
-                IpNet::V6(n) => n.prefix_len() < 16,
+                // The unique local range fc00::/7 is one network.
+                IpNet::V6(n) => n.prefix_len() < 7,
             };
             match parsed {
                 Ok(net) if net.prefix_len() == 0 => {
                     self.problem(format!("{key}: {net} {catch_all}"));
                 }
-                Ok(net) if net.trunc() != net => self.problem(format!(
-                    "{key}[{i}]: {n:?} has host bits set: write the network ({:?}) or the one host ({:?})",
-                    net.trunc().to_string(),
-                    net.addr().to_string()
-                )),
+                Ok(net) if net.trunc() != net => self.problem(if wide(&net) {
+                    format!(
+                        "{key}[{i}]: {n:?} has host bits set: write the one host ({:?})",
+                        net.addr().to_string()
+                    )
+                } else {
+                    format!(
+                        "{key}[{i}]: {n:?} has host bits set: write the network ({:?}) or the one host ({:?})",
+                        net.trunc().to_string(),
+                        net.addr().to_string()
+                    )
+                }),
                 Ok(net) if wide(&net) => self.problem(format!(
-                    "{key}[{i}]: {net} is wider than a /8 (IPv6: a /16), refused like a catch-all, which {catch_all}"
+                    "{key}[{i}]: {net} is wider than a /8 (IPv6: a /7), refused like a catch-all, which {catch_all}"
                 )),
                 Ok(net) => out.push(net),
                 Err(_) => self.problem(format!(
@@ -935,7 +943,7 @@ listen = "0.0.0.0:8025"
 
         let src = r#"
 [server]
-proxy_protocol_from = ["127.0.0.1/32", "10.1.2.3", "10.0.0.0/33", "::/0", "envoy", "10.9.9.9/1", "0.0.0.0/1", "2000::/3", "10.0.0.0/8", "2001:db8::/32"]
+proxy_protocol_from = ["127.0.0.1/32", "10.1.2.3", "10.0.0.0/33", "::/0", "envoy", "10.9.9.9/1", "0.0.0.0/1", "2000::/3", "10.0.0.0/8", "fc00::/7", "10.1.2.3/24"]
 [policy]
 file = "p.toml"
 "#;
@@ -944,9 +952,10 @@ file = "p.toml"
             "server.proxy_protocol_from[2]: \"10.0.0.0/33\" is not a network",
             "server.proxy_protocol_from[4]: \"envoy\" is not a network",
             "server.proxy_protocol_from: ::/0 trusts every address",
-            "server.proxy_protocol_from[5]: \"10.9.9.9/1\" has host bits set: write the network (\"0.0.0.0/1\") or the one host (\"10.9.9.9\")",
+            "server.proxy_protocol_from[5]: \"10.9.9.9/1\" has host bits set: write the one host (\"10.9.9.9\")",
             "server.proxy_protocol_from[6]: 0.0.0.0/1 is wider than a /8",
-            "server.proxy_protocol_from[7]: 2000::/3 is wider than a /8 (IPv6: a /16), refused like a catch-all, which trusts every address",
+            "server.proxy_protocol_from[7]: 2000::/3 is wider than a /8 (IPv6: a /7), refused like a catch-all, which trusts every address",
+            "server.proxy_protocol_from[10]: \"10.1.2.3/24\" has host bits set: write the network (\"10.1.2.0/24\") or the one host (\"10.1.2.3\")",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

@@ -529,6 +529,8 @@ impl MtaSts {
         {
             return Vec::new();
         }
+        // The files go under the lock too: a refresh that stored a new policy for one of
+        // these domains meanwhile must not lose its file.
         let expired: Vec<String> = {
             let mut cache = lock(&self.cache);
             let expired: Vec<String> = cache
@@ -538,14 +540,14 @@ impl MtaSts {
                 .collect();
             for d in &expired {
                 cache.remove(d);
+                if let Some(dir) = &self.settings.cache_dir
+                    && is_host_name(d)
+                {
+                    let _ = std::fs::remove_file(dir.join(format!("{d}.json")));
+                }
             }
             expired
         };
-        if let Some(dir) = &self.settings.cache_dir {
-            for d in expired.iter().filter(|d| is_host_name(d)) {
-                let _ = std::fs::remove_file(dir.join(format!("{d}.json")));
-            }
-        }
         lock(&self.refreshed).retain(|_, t| now < t.saturating_add(REFRESH_INTERVAL));
         if !expired.is_empty() {
             tracing::info!(
@@ -567,7 +569,6 @@ impl MtaSts {
             return Some(p.clone());
         }
         cache.remove(&key);
-        drop(cache);
         if let Some(dir) = &self.settings.cache_dir
             && is_host_name(&key)
         {
@@ -703,12 +704,16 @@ impl MtaSts {
             fetched: now,
             policy,
         });
+        // File and memory change together, under the lock: a sweep or an expiry that
+        // removes the domain's old policy cannot take the new one's file with it.
+        let mut cache = lock(&self.cache);
         if let Some(dir) = &self.settings.cache_dir
             && let Err(e) = store(dir, &cached)
         {
             tracing::warn!(%domain, dir = %dir.display(), error = %e, "cannot write the MTA-STS cache");
         }
-        lock(&self.cache).insert(domain.to_string(), cached.clone());
+        cache.insert(domain.to_string(), cached.clone());
+        drop(cache);
         tracing::info!(%domain, id, mode = ?cached.policy.mode, max_age = cached.policy.max_age, "MTA-STS policy fetched");
         Ok(cached)
     }

@@ -1485,6 +1485,11 @@ impl Events {
         self.latest(Self::RENAMED, names).is_some()
     }
 
+    /// Whether one of `names` was created.
+    fn created(&self, names: &[&std::ffi::OsStr]) -> bool {
+        self.latest(Self::CREATED, names).is_some()
+    }
+
     /// Whether one of `names` was written after the last time one of them was renamed
     /// into place or created (or at all, when neither happened).
     fn written_after_arrival(&self, names: &[&std::ffi::OsStr]) -> bool {
@@ -1654,7 +1659,11 @@ pub fn watch(
                     if written {
                         t.arrived.clear();
                     }
-                    let renamed_here = now_seen.renamed(&names);
+                    // A symlink made anew under the path (`ln -sf v3.toml policy.toml`) is
+                    // an arrival too, also of a target refused before and fixed since.
+                    let relinked = path.file_name().is_some_and(|n| now_seen.created(&[n]))
+                        && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+                    let renamed_here = now_seen.renamed(&names) || relinked;
                     // A swap already refused as written in place is not evidence again: only
                     // a new arrival is (it was once applied at a later, unrelated event).
                     let swapped = t.applied.as_ref().is_some_and(|(before, _)| {
@@ -2947,11 +2956,11 @@ expect = { route = "alternate" }
             "{:?}",
             lines[3]
         );
-        // The same file swapped in anew (a fresh arrival): applied.
-        std::fs::write(watched.join("v4.toml"), &c).unwrap();
-        swap("v4.toml");
+        // The same file linked anew (`ln -sf v3.toml policy.toml`: a fresh arrival): applied.
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink("v3.toml", &file).unwrap();
         let (expected_c, _) = prepare(c.as_bytes()).unwrap();
-        wait_until("the fresh swap", || {
+        wait_until("the fresh link", || {
             reloader.version() == expected_c.version
         });
     }

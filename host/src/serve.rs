@@ -321,15 +321,16 @@ async fn run_loaded(
     let max_sessions = config.server.max_sessions;
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let proxies: Arc<[IpNet]> = config.server.proxy_protocol_from.clone().into();
-    // What sessions can run at once: with the edge filter, each also holds one of its
-    // module instances.
-    let capacity = match &config.edge {
-        Some(e) => max_sessions.min(e.max_instances),
-        None => max_sessions,
-    };
+    // What sessions can run at once: `max_sessions` in all; on the listeners the edge
+    // filter guards, each also holds one of its module instances.
+    let edge_capacity = config
+        .edge
+        .as_ref()
+        .map_or(max_sessions, |e| max_sessions.min(e.max_instances));
     let clients = Arc::new(Clients {
         limit: config.server.max_sessions_per_client,
-        outside_limit: outside_limit(capacity),
+        outside_limit: outside_limit(max_sessions),
+        outside_edge_limit: outside_limit(edge_capacity),
         exempt: config.relay.allow_networks.clone().into(),
         counts: Mutex::new(Counts::default()),
     });
@@ -421,8 +422,10 @@ struct Front {
 /// what the relay can serve at once is kept for them ([`outside_limit`]).
 struct Clients {
     limit: usize,
-    /// Sessions of clients outside `relay.allow_networks`, all together.
+    /// Sessions of clients outside `relay.allow_networks`, all together...
     outside_limit: usize,
+    /// ...and those of them on listeners the edge filter guards.
+    outside_edge_limit: usize,
     exempt: Arc<[IpNet]>,
     counts: Mutex<Counts>,
 }
@@ -431,6 +434,7 @@ struct Clients {
 struct Counts {
     per_address: HashMap<IpAddr, usize>,
     outside: usize,
+    outside_edge: usize,
 }
 
 /// How many of `capacity` sessions (`server.max_sessions`, or the edge filter's
@@ -456,19 +460,23 @@ enum Full {
 struct ClientSlot {
     clients: Arc<Clients>,
     ip: IpAddr,
+    guarded: bool,
 }
 
 impl Clients {
     /// Refused when `ip` has `limit` sessions already, or when outside clients hold
     /// their share; otherwise its slot, which is `None` for an exempt address (not
     /// counted). IPv4-mapped IPv6 addresses count as their IPv4 address.
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<Option<ClientSlot>, Full> {
+    /// `guarded`: the session is on a listener the edge filter guards.
+    fn enter(self: &Arc<Self>, ip: IpAddr, guarded: bool) -> Result<Option<ClientSlot>, Full> {
         let ip = ip.to_canonical();
         if crate::config::in_networks(&self.exempt, ip) {
             return Ok(None);
         }
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.outside >= self.outside_limit {
+        if counts.outside >= self.outside_limit
+            || guarded && counts.outside_edge >= self.outside_edge_limit
+        {
             return Err(Full::Outside);
         }
         let n = counts.per_address.entry(ip).or_insert(0);
@@ -477,9 +485,13 @@ impl Clients {
         }
         *n += 1;
         counts.outside += 1;
+        if guarded {
+            counts.outside_edge += 1;
+        }
         Ok(Some(ClientSlot {
             clients: self.clone(),
             ip,
+            guarded,
         }))
     }
 }
@@ -495,6 +507,9 @@ impl Drop for ClientSlot {
         if let Some(n) = counts.per_address.get_mut(&self.ip) {
             *n -= 1;
             counts.outside -= 1;
+            if self.guarded {
+                counts.outside_edge -= 1;
+            }
             if *n == 0 {
                 counts.per_address.remove(&self.ip);
             }
@@ -569,7 +584,7 @@ impl Front {
         } else {
             peer
         };
-        let _slot = match self.clients.enter(peer.ip()) {
+        let _slot = match self.clients.enter(peer.ip(), self.edge.is_some()) {
             Ok(slot) => slot,
             Err(full) => {
                 let reply = match full {

@@ -358,7 +358,8 @@ fn run_hop<'a>(
         // Recipients without a final outcome, each with the last host's refusal, if any.
         let mut waiting: Vec<(Rcpt, Option<Refusal>)> =
             rcpts.into_iter().map(|r| (r, None)).collect();
-        let (targets, looped, unresolved) = addresses(ctx, entry, &candidates, port, &mut errors);
+        let (targets, looped, unresolved) =
+            addresses(ctx, entry, hop, &candidates, port, &mut errors);
         // A hostile domain with dozens of black-hole MX hosts must not hold a worker for
         // hours: at most `mx_address_limit` addresses and `mx_session_limit` sessions per
         // hop (as Postfix's smtp_mx_address_limit and smtp_mx_session_limit); the rest
@@ -919,6 +920,7 @@ fn received_ip(received_from: Option<&str>) -> Option<IpAddr> {
 fn addresses<'c>(
     ctx: &Ctx,
     entry: &QueueEntry,
+    hop: Hop,
     candidates: &'c [Candidate],
     port: u16,
     errors: &mut Vec<String>,
@@ -927,10 +929,11 @@ fn addresses<'c>(
     let is_ours = |ip: IpAddr| is_listening_at(&ctx.settings.listen, destination_ip(ip), port);
     // RFC 5321 §5.1: a client that finds itself among the MX hosts MUST discard the hosts
     // as preferred as itself or less (an audit's backup MX hosts passed the mail back to
-    // the relay, its best MX, and it went round until the hop limit).
+    // the relay, its best MX, and it went round until the hop limit). A domain's MX set
+    // only: a static route's or the alternate route's addresses are skipped one by one.
     let own_preference = candidates
         .iter()
-        .filter(|c| c.addrs.iter().any(|&ip| is_ours(ip)))
+        .filter(|c| hop == Hop::Direct && c.addrs.iter().any(|&ip| is_ours(ip)))
         .map(|c| c.preference)
         .min();
     let mut out = Vec::new();
