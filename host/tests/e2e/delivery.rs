@@ -1761,6 +1761,13 @@ async fn two_mx(lab: &mut Lab, domain: &str, first: Tls, second: Tls) -> (usize,
 
 /// `domain MX pref name` with a sink that has valid TLS but does not offer REQUIRETLS.
 async fn mx_without_requiretls(lab: &mut Lab, domain: &str, pref: u16, name: &str) -> usize {
+    let sink = host_without_requiretls(lab, name).await;
+    lab.dns.add_mx(domain, pref, name).await.unwrap();
+    sink
+}
+
+/// A sink at `name` (its A record) with valid TLS that does not offer REQUIRETLS.
+async fn host_without_requiretls(lab: &mut Lab, name: &str) -> usize {
     let ip = loopback_ip();
     let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), name);
     config.starttls = Some(
@@ -1773,7 +1780,6 @@ async fn mx_without_requiretls(lab: &mut Lab, domain: &str, pref: u16, name: &st
     config.advertise_requiretls = false;
     lab.sinks.push(SmtpSink::start(config).await.unwrap());
     lab.dns.add_a(name, ip).await.unwrap();
-    lab.dns.add_mx(domain, pref, name).await.unwrap();
     lab.sinks.len() - 1
 }
 
@@ -1783,19 +1789,7 @@ async fn mx_without_requiretls(lab: &mut Lab, domain: &str, pref: u16, name: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requiretls_mail_at_an_alternate_host_without_requiretls_is_deferred() {
     let mut lab = Lab::new().await;
-    let ip = loopback_ip();
-    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "alt.lab.test");
-    config.starttls = Some(
-        lab.ca
-            .issue(&["alt.lab.test"], Validity::Valid)
-            .unwrap()
-            .rustls_server_config()
-            .unwrap(),
-    );
-    config.advertise_requiretls = false;
-    lab.sinks.push(SmtpSink::start(config).await.unwrap());
-    let alt = lab.sinks.len() - 1;
-    lab.dns.add_a("alt.lab.test", ip).await.unwrap();
+    let alt = host_without_requiretls(&mut lab, "alt.lab.test").await;
     let plain = lab
         .mx(
             "plain.open.test",
