@@ -33,7 +33,8 @@
 //!   existing file needs only an `fdatasync` of that file, no directory fsync and no new
 //!   inode, so each state change costs one sync. Each record carries length + CRC32 framing:
 //!   a record torn by a crash fails the check and recovery cuts it off; everything before
-//!   it was acknowledged and stays. A failed append (disk full) is cut off at once, so a
+//!   it was acknowledged and stays. A damaged record with whole records after it is not a
+//!   torn tail: it is skipped and the records after it are applied and kept. A failed append (disk full) is cut off at once, so a
 //!   later record is never hidden behind garbage.
 //! * **Group commit.** Writing and fsyncing the message file happens in parallel on the
 //!   blocking pool; the rename and the directory fsync are done by one committer thread

@@ -1303,19 +1303,36 @@ fn load(
     off = bh.end(off);
 
     let mut recipients = vec![RecipientState::Pending; header.envelope.rcpt_to.len()];
+    // A torn write can only be the last record. A bad record that whole, readable
+    // records follow is damage in the middle: it is skipped, and what follows is applied
+    // and kept. Recovery once took the first bad record for a torn tail and cut off every
+    // record after it, a "delivered" one among them, and an audit's mail went out twice.
+    let mut bad_from: Option<u64> = None;
+    let mut skipped = 0usize;
     while off < len {
-        let Some((h, kind, data)) = frame::read_frame(&file, off, len)? else {
+        let Some(h) = frame::read_header(&file, off, len)? else {
             break;
         };
-        if kind != KIND_STATE {
-            break;
+        let updates = frame::read_frame(&file, off, len)?
+            .filter(|(_, kind, _)| *kind == KIND_STATE)
+            .and_then(|(_, _, data)| serde_json::from_slice::<Vec<StateUpdate>>(&data).ok());
+        match updates {
+            Some(updates) => {
+                if bad_from.take().is_some() {
+                    skipped += 1;
+                }
+                apply(&mut recipients, &updates);
+            }
+            None => {
+                bad_from.get_or_insert(off);
+            }
         }
-        let Ok(updates) = serde_json::from_slice::<Vec<StateUpdate>>(&data) else {
-            break;
-        };
-        apply(&mut recipients, &updates);
         off = h.end(off);
     }
+    if skipped > 0 {
+        tracing::warn!(%id, skipped, "damaged state records in the middle of a message file skipped; the records after them are applied");
+    }
+    let off = bad_from.unwrap_or(off);
     let torn = off < len;
     if torn {
         // What follows the body is cut only once the body itself is known good: its

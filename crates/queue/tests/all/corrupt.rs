@@ -259,6 +259,53 @@ async fn a_damaged_body_length_is_set_aside_as_found_not_cut() {
     );
 }
 
+/// One damaged byte in a state record with whole records after it is damage, not a torn
+/// tail: the record is skipped and the ones after it (a delivery among them) still count.
+/// Recovery once cut the file at the damaged record, and an audit's delivered recipient
+/// was delivered again.
+#[tokio::test]
+async fn a_damaged_state_record_in_the_middle_does_not_cut_the_ones_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let (id, size) = {
+        let spool = open(dir.path(), &clock);
+        let id = spool.store(envelope(2), message("mid", 500)).await.unwrap();
+        spool.defer(&id, 1, "451 4.3.0 first").await.unwrap();
+        spool.delivered(&id, 0, "mx").await.unwrap();
+        spool.defer(&id, 1, "451 4.3.0 later").await.unwrap();
+        let size = fs::metadata(spool.message_path(&id)).unwrap().len();
+        (id, size)
+    };
+    let path = dir.path().join("msg").join(id.as_str());
+    let mut bytes = fs::read(&path).unwrap();
+    let at = bytes.windows(5).position(|w| w == b"first").unwrap();
+    bytes[at] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+
+    let spool = open(dir.path(), &clock);
+    let r = spool.recovery().clone();
+    assert_eq!(
+        (r.messages, r.corrupt_moved, r.torn_tails_truncated),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    let entry = spool.entry(&id).unwrap();
+    assert!(
+        matches!(
+            entry.recipients[0],
+            altroute_queue::RecipientState::Delivered { .. }
+        ),
+        "{:?}",
+        entry.recipients
+    );
+    assert!(
+        matches!(&entry.recipients[1], altroute_queue::RecipientState::Deferred { reason, .. } if reason.contains("later")),
+        "{:?}",
+        entry.recipients
+    );
+    assert_eq!(fs::metadata(&path).unwrap().len(), size, "nothing cut");
+}
+
 /// A FIFO named like a message, in `msg/` at start or in a queued message's place:
 /// recovery once blocked opening it (the relay never started), and a state write too (the
 /// message never finished, nor did shutdown). Now neither blocks: recovery leaves it in
