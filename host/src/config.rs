@@ -760,11 +760,21 @@ fn read_users(path: &Path, c: &mut Check<'_>) -> Vec<(String, [u8; 32])> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        // A user name has no white space (`eve :…` once made the user `"eve "`, whom
+        // `eve` could not log in as).
         let parsed = line.split_once(':').and_then(|(user, hex)| {
             let hash = decode_hex32(hex.trim())?;
-            (!user.is_empty()).then(|| (user.to_owned(), hash))
+            (!user.is_empty() && !user.contains(char::is_whitespace))
+                .then(|| (user.to_owned(), hash))
         });
         match parsed {
+            // One line per user: a second one for the same user (a password "rotated" by
+            // adding a line) once left both passwords working.
+            Some((user, _)) if users.iter().any(|(u, _)| *u == user) => c.problem(format!(
+                "relay.users_file: {}:{}: user {user:?} is already defined on an earlier line",
+                path.display(),
+                n + 1
+            )),
             Some(u) => users.push(u),
             None => c.problem(format!(
                 "relay.users_file: {}:{}: expected \"user:<sha256 of the password, 64 hex digits>\"",
@@ -781,6 +791,10 @@ fn decode_hex32(s: &str) -> Option<[u8; 32]> {
         return None;
     }
     let mut out = [0u8; 32];
+    // Hex digits only (`from_str_radix` also takes a leading `+`: a typo became a hash).
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
     for (i, byte) in out.iter_mut().enumerate() {
         let pair = s.get(2 * i..2 * i + 2)?;
         *byte = u8::from_str_radix(pair, 16).ok()?;
@@ -1011,5 +1025,31 @@ file = "p.toml"
         assert!(decode_hex32(&"ab".repeat(32)).is_some());
         assert!(decode_hex32(&"zz".repeat(32)).is_none());
         assert!(decode_hex32("abc").is_none());
+        assert!(decode_hex32(&format!("+d{}", "ab".repeat(31))).is_none());
+    }
+
+    /// A user defined twice (a password "rotated" by adding a line: both worked) and a
+    /// user name with white space (`eve :…` was the user `"eve "`) are problems.
+    #[test]
+    fn users_file_lines_are_one_user_each() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), "x").unwrap();
+        let hash = "ab".repeat(32);
+        std::fs::write(
+            dir.path().join("users"),
+            format!(
+                "carol:{hash}\ncarol:{}\neve :{hash}\nok:{hash}\n",
+                "cd".repeat(32)
+            ),
+        )
+        .unwrap();
+        let src = "[relay]\nusers_file = \"users\"\n[policy]\nfile = \"p.toml\"\n";
+        let all = parse(src, dir.path()).unwrap_err().join("\n");
+        assert!(
+            all.contains(":2: user \"carol\" is already defined"),
+            "{all}"
+        );
+        assert!(all.contains(":3: expected"), "{all}");
+        assert!(!all.contains(":4:"), "{all}");
     }
 }

@@ -14,6 +14,7 @@
 //!
 //! Names here (all prefixed `altroute_`): `smtp_sessions_total`, `smtp_sessions_active`,
 //! `smtp_sessions_refused_per_client_total`, `smtp_sessions_refused_outside_total`,
+//! `smtp_auth_failures_total`,
 //! `messages_accepted_total`, `messages_accepted_bytes_total`,
 //! `recipients_rejected_total{reason}`, `messages_rejected_total{reason}`,
 //! `spool_store_errors_total`, `spool_messages{state}`, `spool_recipients{state}`,
@@ -50,6 +51,8 @@ pub struct Metrics {
     /// Connections refused with 421 because clients outside `relay.allow_networks` held
     /// their share of the sessions (four fifths; the rest is kept for the relay's own).
     pub sessions_refused_outside: Counter,
+    /// SMTP AUTH attempts whose credentials were wrong (each also logged at warn).
+    pub auth_failures: Counter,
     /// Messages stored in the spool and answered with 250.
     pub accepted: Counter,
     /// Octets of accepted messages.
@@ -107,6 +110,7 @@ impl Metrics {
             sessions_active: Gauge::default(),
             sessions_refused_per_client: Counter::default(),
             sessions_refused_outside: Counter::default(),
+            auth_failures: Counter::default(),
             accepted: Counter::default(),
             accepted_bytes: Counter::default(),
             rcpt_rejected: Family::default(),
@@ -143,6 +147,11 @@ impl Metrics {
             "smtp_sessions_refused_outside",
             "Connections refused (421) because clients outside relay.allow_networks held their share of the sessions",
             m.sessions_refused_outside.clone(),
+        );
+        r.register(
+            "smtp_auth_failures",
+            "SMTP AUTH attempts with wrong credentials",
+            m.auth_failures.clone(),
         );
         r.register(
             "messages_accepted",

@@ -560,6 +560,12 @@ impl<H: Handler> Session<H> {
                     if let Some(end) = self.auth(conn, mechanism, initial_response).await? {
                         return Ok(Step::End(end));
                     }
+                    // Every AUTH that did not authenticate is an error of the session, a
+                    // cancelled or malformed one too: an audit's 60 of those kept a
+                    // session (and its slot) open, uncounted.
+                    if self.info.auth.is_none() {
+                        self.errors += 1;
+                    }
                 }
                 Request::Rset => {
                     self.envelope = None;
@@ -928,8 +934,19 @@ impl<H: Handler> Session<H> {
                 .map(|a| a.split(|b| *b == 0))
                 .into_iter()
                 .flatten();
-            let _authzid = parts.next();
+            let authzid = parts.next().unwrap_or_default();
             match (parts.next(), parts.next(), parts.next()) {
+                // Acting as another identity is not offered (RFC 4616 §2: the server must
+                // check that the client may; it may not): an authzid is this user's or
+                // none. It was ignored.
+                (Some(user), Some(_), None) if !authzid.is_empty() && authzid != user => {
+                    conn.push(&Reply::new(
+                        535,
+                        (5, 7, 8),
+                        "Authentication credentials invalid: no authorization as another identity",
+                    ));
+                    return Ok(None);
+                }
                 (Some(user), Some(pass), None) => Some((user.to_vec(), pass.to_vec())),
                 _ => None,
             }
@@ -953,7 +970,6 @@ impl<H: Handler> Session<H> {
                 conn.push(&Reply::new(235, (2, 7, 0), "Authentication successful"));
             }
             None => {
-                self.errors += 1;
                 conn.push(&Reply::new(
                     535,
                     (5, 7, 8),

@@ -1031,9 +1031,32 @@ pub async fn operator_bounce(
             spool.clock().now(),
             id.as_str(),
         ) {
-            dsn_id = Some(spool.store(env, body).await?.to_string());
+            let stored = spool.store(env, body).await?;
+            // Held back until the bounce is recorded: an audit's bounce whose record did
+            // not fit on a full disk failed, yet its notice went out, for mail that was
+            // then delivered (or bounced again, with a second notice).
+            if spool.claim(&stored).is_err() {
+                tracing::warn!(queue_id = %id, dsn = %stored, "the operator bounce's notice was taken for delivery at once");
+            }
+            dsn_id = Some(stored);
         }
-        let bounced = spool.bounce_open(id, reason).await?;
+        let bounced = match spool.bounce_open(id, reason).await {
+            Ok(bounced) => bounced,
+            Err(e) => {
+                if let Some(dsn) = &dsn_id {
+                    match spool.remove(dsn).await {
+                        Ok(()) => tracing::error!(queue_id = %id, %dsn, error = %e, "the operator bounce could not be recorded; its notice is withdrawn"),
+                        Err(r) => tracing::error!(queue_id = %id, %dsn, error = %e, remove_error = %r, "the operator bounce could not be recorded, nor its notice withdrawn"),
+                    }
+                    spool.release(dsn);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(dsn) = &dsn_id {
+            spool.release(dsn);
+        }
+        let dsn_id = dsn_id.map(|d| d.to_string());
         if bounced != open {
             // Cannot happen while the message is claimed; worth a trace if it does.
             tracing::warn!(queue_id = %id, ?open, ?bounced, "the recipients bounced are not those the DSN reports");

@@ -641,6 +641,22 @@ fn client_certificate_and_auth_let_other_addresses_relay() {
     );
     assert!(!ok, "{out}");
     assert!(out.contains("535"), "{out}");
+    // Both are on record: who relayed, and the failure (an audit's 18,000 wrong guesses
+    // left no trace).
+    let (_, metrics) = relay.admin_get("/metrics");
+    assert!(
+        metrics.contains("altroute_smtp_auth_failures_total 1"),
+        "{metrics}"
+    );
+    let log = relay.log();
+    assert!(
+        log.contains("SMTP AUTH succeeded") && log.contains("user=alice"),
+        "{log}"
+    );
+    assert!(
+        log.contains("SMTP AUTH failed") && log.contains("user=\"alice\""),
+        "{log}"
+    );
 
     assert!(relay.stop().success());
     let spool = relay.open_spool();

@@ -166,4 +166,42 @@ async fn auth_only_over_tls() {
     tls.cmd("AUTH PLAIN", "334").await;
     tls.cmd(&plain, "235 2.7.0").await;
     tls.cmd("AUTH PLAIN", "503 5.5.1").await;
+
+    // An authzid other than the user's own is refused (it was ignored), and every AUTH
+    // that fails counts as an error of the session, cancelled or unknown ones too (an
+    // audit's 60 of those kept a session open).
+    let mut raw = Raw::connect(srv.addr).await;
+    raw.cmd("EHLO client.test", "250").await;
+    raw.cmd("STARTTLS", "220").await;
+    let mut tls = upgrade(raw, pki.client_tls(None)).await;
+    tls.cmd("EHLO client.test", "250").await;
+    tls.cmd(
+        &format!("AUTH PLAIN {}", b64(b"bob\0alice\0secret")),
+        "535 5.7.8",
+    )
+    .await;
+    tls.cmd(
+        &format!("AUTH PLAIN {}", b64(b"alice\0alice\0secret")),
+        "235 2.7.0",
+    )
+    .await;
+    let mut raw = Raw::connect(srv.addr).await;
+    raw.cmd("EHLO client.test", "250").await;
+    raw.cmd("STARTTLS", "220").await;
+    let mut tls = upgrade(raw, pki.client_tls(None)).await;
+    tls.cmd("EHLO client.test", "250").await;
+    let mut closed = false;
+    for _ in 0..40 {
+        tls.send(b"AUTH CRAM-MD5\r\n").await;
+        let reply = tls.reply().await;
+        if reply.starts_with("421") {
+            closed = true;
+            break;
+        }
+        assert!(reply.starts_with("504"), "{reply}");
+    }
+    assert!(
+        closed,
+        "40 failed AUTH commands and the session is still open"
+    );
 }
