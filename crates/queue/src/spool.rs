@@ -887,7 +887,7 @@ impl Inner {
 
         let mut index = lock(&self.index);
         if let Some(slot) = index.get_mut(id) {
-            apply(&mut slot.entry.recipients, &updates);
+            apply(id, &mut slot.entry.recipients, &updates);
         }
         Ok(updates)
     }
@@ -940,13 +940,14 @@ impl Inner {
     }
 }
 
-fn apply(recipients: &mut [RecipientState], updates: &[StateUpdate]) {
+fn apply(id: &MessageId, recipients: &mut [RecipientState], updates: &[StateUpdate]) {
     for u in updates {
         match recipients.get_mut(u.r) {
             Some(r) => *r = u.s.clone(),
             None => tracing::warn!(
+                %id,
                 index = u.r,
-                "state record for a recipient that does not exist"
+                "state record for a recipient that does not exist (ignored)"
             ),
         }
     }
@@ -1321,7 +1322,7 @@ fn load(
                 if bad_from.take().is_some() {
                     skipped += 1;
                 }
-                apply(&mut recipients, &updates);
+                apply(id, &mut recipients, &updates);
             }
             None => {
                 bad_from.get_or_insert(off);
