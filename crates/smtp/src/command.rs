@@ -15,6 +15,10 @@ use smtp_proto::Request;
 /// Longest command line, in octets including CRLF (RFC 5321 4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
 
+/// Longest line of an AUTH exchange after the command (RFC 4954 §4: 12,288 octets):
+/// with the command line's 512, a password of some 380 bytes could not log in at all.
+pub const MAX_AUTH_LINE: usize = 12_288;
+
 /// One framed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandLine {
@@ -52,6 +56,12 @@ impl CommandReader {
             discarding: false,
             limit: limit.max(3),
         }
+    }
+
+    /// Changes the line limit from the next line on (an AUTH exchange's lines may be
+    /// longer than commands).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.max(3);
     }
 
     /// Bytes of an unfinished line currently held (never more than the limit).

@@ -557,7 +557,10 @@ impl<H: Handler> Session<H> {
                     mechanism,
                     initial_response,
                 } => {
-                    if let Some(end) = self.auth(conn, mechanism, initial_response).await? {
+                    conn.reader.set_limit(crate::command::MAX_AUTH_LINE);
+                    let end = self.auth(conn, mechanism, initial_response).await;
+                    conn.reader.set_limit(crate::command::MAX_COMMAND_LINE);
+                    if let Some(end) = end? {
                         return Ok(Step::End(end));
                     }
                     // Every AUTH that did not authenticate is an error of the session, a

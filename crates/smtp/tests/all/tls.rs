@@ -148,6 +148,12 @@ async fn auth_only_over_tls() {
         "535 5.7.8",
     )
     .await;
+    // A long password (RFC 4954: exchange lines of up to 12,288 octets) is read and
+    // checked, not refused as a line too long (an audit's 400-byte password could not
+    // log in at all).
+    tls.cmd("AUTH LOGIN", "334 VXNlcm5hbWU6").await;
+    tls.cmd(&b64(b"alice"), "334 UGFzc3dvcmQ6").await;
+    tls.cmd(&b64(&[b'p'; 2000]), "535 5.7.8").await;
     tls.cmd("AUTH LOGIN", "334 VXNlcm5hbWU6").await;
     tls.cmd(&b64(b"alice"), "334 UGFzc3dvcmQ6").await;
     tls.cmd(&b64(b"secret"), "235 2.7.0").await;
