@@ -287,6 +287,7 @@ async fn candidates(
                 return Ok(vec![Candidate {
                     name: t.domain.clone(),
                     preference: 0,
+                    from_mx: false,
                     addrs: vec![ip],
                     unresolved: None,
                 }]);

@@ -982,6 +982,7 @@ mod tests {
         Candidate {
             name: name.to_string(),
             preference: 10,
+            from_mx: true,
             addrs: vec![],
             unresolved: None,
         }

@@ -360,6 +360,11 @@ fn run_hop<'a>(
             rcpts.into_iter().map(|r| (r, None)).collect();
         let (targets, looped, unresolved) =
             addresses(ctx, entry, hop, &candidates, port, &mut errors);
+        let mx_names: std::collections::BTreeSet<&str> = candidates
+            .iter()
+            .filter(|c| c.from_mx)
+            .map(|c| c.name.as_str())
+            .collect();
         // A hostile domain with dozens of black-hole MX hosts must not hold a worker for
         // hours: at most `mx_address_limit` addresses and `mx_session_limit` sessions per
         // hop (as Postfix's smtp_mx_address_limit and smtp_mx_session_limit); the rest
@@ -377,7 +382,7 @@ fn run_hop<'a>(
                 left += 1 + targets.len();
                 break;
             }
-            let session = match connect(ctx, name, addr, hop).await {
+            let session = match connect(ctx, name, addr, hop, mx_names.contains(name)).await {
                 Ok(s) => s,
                 Err(e) => {
                     unreachable += 1;
@@ -1020,7 +1025,14 @@ fn is_local_ip(ip: IpAddr) -> bool {
 }
 
 /// A permit for the host, then TCP, greeting, EHLO and STARTTLS at `addr`.
-async fn connect(ctx: &Ctx, name: &str, addr: SocketAddr, hop: Hop) -> Result<Session, String> {
+/// `mx_name`: `name` is an MX record's exchange (see [`Candidate::from_mx`]).
+async fn connect(
+    ctx: &Ctx,
+    name: &str,
+    addr: SocketAddr,
+    hop: Hop,
+    mx_name: bool,
+) -> Result<Session, String> {
     let connected = async {
         // Bounded: a worker waiting here is a worker no other domain's mail can have. An
         // audit's MX that never answered the end of data held all 4 slots for 10
@@ -1042,7 +1054,7 @@ async fn connect(ctx: &Ctx, name: &str, addr: SocketAddr, hop: Hop) -> Result<Se
         })?
         .map_err(|_| "no connection slot".to_string())?;
         let client = open(ctx, name, addr).await?;
-        establish(ctx, client, name, addr, hop, permit).await
+        establish(ctx, client, name, addr, hop, mx_name, permit).await
     };
     connected.await.map_err(|e| format!("{name} [{addr}]: {e}"))
 }
@@ -1069,6 +1081,7 @@ async fn establish(
     name: &str,
     addr: SocketAddr,
     hop: Hop,
+    mx_name: bool,
     permit: OwnedSemaphorePermit,
 ) -> Result<Session, String> {
     let plain = |client, starttls, permit| Session {
@@ -1092,8 +1105,9 @@ async fn establish(
     // An MX exchange is a host name (RFC 2181 §10.3), also when it reads like an IP
     // address (`10 127.0.0.30`): a certificate for that IP address does not name it
     // (RFC 7672 and Postfix match DNS names only). An audit's certificate for another
-    // address than the one connected to was recorded as valid for such an MX.
-    let ip_named_mx = hop == Hop::Direct && matches!(server_name, ServerName::IpAddress(_));
+    // address than the one connected to was recorded as valid for such an MX. So also
+    // for the MX hosts of a static route or the alternate route (`mx_lookup`).
+    let ip_named_mx = mx_name && matches!(server_name, ServerName::IpAddress(_));
     let attempt = async {
         let verifier = RecordingVerifier::new(ctx.roots.clone()).map_err(|e| e.to_string())?;
         let config = verifier.client_config().map_err(|e| e.to_string())?;

@@ -19,6 +19,9 @@ pub struct Candidate {
     pub name: String,
     /// MX preference (0 for hosts that did not come from MX records).
     pub preference: u16,
+    /// Whether the name is an MX record's exchange: a host name, also when it reads like
+    /// an IP address, so no certificate for an IP address names it.
+    pub from_mx: bool,
     /// Addresses of the host.
     pub addrs: Vec<IpAddr>,
     /// Why its addresses, or one family of them (A or AAAA), could not be looked up, when
@@ -164,6 +167,7 @@ impl Resolver {
             out.push(Candidate {
                 name,
                 preference,
+                from_mx: true,
                 addrs,
                 unresolved,
             });
@@ -232,6 +236,7 @@ impl Resolver {
         Ok(Candidate {
             name: host.to_string(),
             preference: 0,
+            from_mx: false,
             addrs,
             unresolved,
         })
@@ -293,6 +298,7 @@ impl Resolver {
                     out.push(Candidate {
                         name: address.clone(),
                         preference: 0,
+                        from_mx: false,
                         addrs: Vec::new(),
                         unresolved: Some(e),
                     })

@@ -916,6 +916,45 @@ async fn an_ip_like_mx_name_is_not_verified_by_an_ip_address_certificate() {
     );
 }
 
+/// The same for the MX hosts of a static route's host (`mx_lookup = true`): the route
+/// requires a verified host name, and a certificate for the address its IP-like MX name
+/// spells does not give one, so the mail waits (the routing host failed its own TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_like_mx_name_of_a_route_host_is_not_verified_by_an_ip_address_certificate() {
+    let mut lab = Lab::new().await;
+    let (named, ip) = (loopback_ip(), loopback_ip());
+    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "ip-cert");
+    config.starttls = Some(
+        lab.ca
+            .issue(&[&named.to_string()], Validity::Valid)
+            .unwrap()
+            .rustls_server_config()
+            .unwrap(),
+    );
+    lab.sinks.push(SmtpSink::start(config).await.unwrap());
+    let mx = lab.sinks.len() - 1;
+    lab.dns
+        .add_mx("gw.route.test", 10, &named.to_string())
+        .await
+        .unwrap();
+    lab.dns.add_a(&named.to_string(), ip).await.unwrap();
+    let extra = format!(
+        "\n[[hosts]]\nname = \"gw\"\naddress = \"gw.route.test\"\nport = {}\nmx_lookup = true\nrequire_tls = true\nrequire_ca_signed = true\nvalidate_hostname = true\n\n[[routes]]\nname = \"via-gw\"\ndomains = [\"routed.open.test\"]\nhost = \"gw\"\n",
+        lab.port
+    );
+    let relay = Relay::start(&lab, standard(&policy(lab.port, true, &extra))).await;
+    let id = relay
+        .send("alice@corp.test", &["bob@routed.open.test"], false)
+        .await;
+    let states = relay.settled(&id).await.unwrap();
+    let reason = deferred_reason(&states[0]);
+    assert!(reason.contains("certificate-host-mismatch"), "{reason}");
+    assert_no_transaction(
+        &lab.sinks[mx],
+        "the route's MX whose certificate names an address",
+    );
+}
+
 /// An MX exchange names a host (RFC 5321 §5.1, RFC 2181 §10.3): a numeric name without
 /// an A record is a host without an address (deferred), not the IP it spells.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
