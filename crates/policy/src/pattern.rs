@@ -422,7 +422,18 @@ const IGNORED_HERE_KEPT_THERE: [char; 5] =
 /// audit's rule for strasse.example was escaped that way. Labels written as A-labels (or
 /// in ASCII) are unambiguous, so `xn--strae-oqa.bücher.example` is taken.
 fn is_unambiguous_idn(domain: &str) -> bool {
-    if idna::domain_to_ascii(domain).is_err() || domain.contains(IGNORED_HERE_KEPT_THERE) {
+    // Mapped, it must be a host name (letters, digits, `-`, `_`, dots): UTS 46 without
+    // STD3 rules maps a no-break space to a space and a fullwidth `>` to `>`, and an
+    // audit's `bob@partner.example` + U+00A0 was decided opportunistic (a consumer that
+    // trims Unicode white space delivers it to partner.example).
+    match idna::domain_to_ascii(domain) {
+        Ok(ascii)
+            if ascii
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) => {}
+        _ => return false,
+    }
+    if domain.contains(IGNORED_HERE_KEPT_THERE) {
         return false;
     }
     // UTS 46 reads these as label separators too.
@@ -523,6 +534,36 @@ pub fn check_domain(d: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Unicode name whose mapping is no host name (a no-break or ideographic space, a
+    /// fullwidth `>`, `:`, `/` or `%`) is no plain domain: an audit's
+    /// `bob@partner.example` + U+00A0 was decided opportunistic. Mapped dots and letters
+    /// stay fine.
+    #[test]
+    fn a_unicode_name_must_map_to_a_host_name() {
+        for bad in [
+            "partner.example\u{a0}",
+            "partner.example\u{3000}",
+            "partner.example\u{2003}",
+            "partner.example\u{ff1e}",
+            "partner.example\u{ff1a}25",
+            "partner.example\u{ff0f}x",
+            "random.example\u{ff05}partner.example",
+        ] {
+            assert!(!is_plain_domain(bad), "{bad:?}");
+            // A pattern is trimmed of white space first (then it names partner.example).
+            if !bad.ends_with(char::is_whitespace) {
+                assert!(Pattern::parse(bad).is_err(), "{bad:?}");
+            }
+        }
+        for good in [
+            "partner.example\u{3002}",
+            "p\u{ff41}rtner.example",
+            "bücher.example",
+        ] {
+            assert!(is_plain_domain(good), "{good:?}");
+        }
+    }
 
     /// Patterns an admin would read otherwise are refused with the way to write them: a
     /// local-part wildcard (an audit's `*@partner.example` was the one mailbox `*` and

@@ -114,6 +114,12 @@ impl CommandReader {
 
 /// Parse one command line (without its terminator) with smtp-proto.
 pub fn parse_command(line: &[u8]) -> Result<Request<String>, smtp_proto::Error> {
+    // A command starts with its verb (RFC 5321 §4.1.1). smtp-proto skips white space
+    // before it, and a follower that does not (the SMTP edge) would see no command where
+    // this server runs one: refused, as the edge refuses it.
+    if line.first().is_some_and(|b| b.is_ascii_whitespace()) {
+        return Err(smtp_proto::Error::UnknownCommand);
+    }
     // smtp-proto's grammar expects the LF terminator.
     let mut framed = Vec::with_capacity(line.len() + 2);
     framed.extend_from_slice(line);

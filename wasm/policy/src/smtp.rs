@@ -82,6 +82,9 @@ const LINE_TOO_LONG: &str = "500 5.5.6 Line too long\r\n";
 const NUL_IN_COMMAND: &str = "500 5.5.2 Command contains a NUL byte\r\n";
 /// The reply to a command line with a CR that does not end it.
 const CR_IN_COMMAND: &str = "500 5.5.2 Command contains a bare CR\r\n";
+/// The reply to a command line that starts with white space (as the relay's own server
+/// says it).
+const SPACE_BEFORE_COMMAND: &str = "500 5.5.2 Command starts with white space\r\n";
 /// The replies to a `MAIL` or `RCPT` whose argument is not `FROM:` / `TO:` (Postfix's).
 const MAIL_SYNTAX: &str = "501 5.5.4 Syntax: MAIL FROM:<address>\r\n";
 const RCPT_SYNTAX: &str = "501 5.5.4 Syntax: RCPT TO:<address>\r\n";
@@ -405,6 +408,15 @@ impl Session {
             out.push(b"NOOP\r\n");
             self.pending
                 .push_back(Pending::Refused(CR_IN_COMMAND.to_owned()));
+            return;
+        }
+        if line.first().is_some_and(|b| is_space(*b)) {
+            // Servers skip white space before the verb (` RCPT TO:<a>` is a RCPT to
+            // smtp-proto and to Postfix's smtp-sink), and here the verb would be empty:
+            // an audit's RCPT and MAIL went through unchecked so. Not forwarded.
+            out.push(b"NOOP\r\n");
+            self.pending
+                .push_back(Pending::Refused(SPACE_BEFORE_COMMAND.to_owned()));
             return;
         }
         // Servers split a command into words at any white space (Postfix: spaces, tabs,
@@ -1491,6 +1503,17 @@ mod tests {
         ] {
             let mut s = greeted(b"250 ok\r\n");
             assert_eq!(replaced(&mut s, line), CR_IN_COMMAND, "{line:?}");
+        }
+        // White space before the verb: servers skip it, so it is no RCPT this follower
+        // saw (an audit's ` RCPT TO:<bob@partner.example>` got 250 through the edge).
+        for line in [
+            &b" RCPT TO:<s1@partner.example>"[..],
+            b"\tRCPT TO:<s2@partner.example>",
+            b" MAIL FROM:<cfo@corp.example>",
+            b"  BDAT 31",
+        ] {
+            let mut s = greeted(b"250 ok\r\n");
+            assert_eq!(replaced(&mut s, line), SPACE_BEFORE_COMMAND, "{line:?}");
         }
     }
 

@@ -431,6 +431,10 @@ async fn envelope_address_and_parameter_checks() {
         ("MAIL FROM:<a@src.test> SIZE=10", "555 5.5.4"),
         ("EHLO client.test", "250"),
         ("MAIL FROM:<a@src.test> SIZE=10 size=20", "501 5.5.4"),
+        // White space before the verb: no command (the SMTP edge refuses it too; an
+        // audit's ` RCPT TO:<…>` passed the edge unchecked and this server ran it).
+        (" MAIL FROM:<a@src.test>", "500 5.5.2"),
+        ("\tRSET", "500 5.5.2"),
         // AUTH is offered inside TLS only: outside, its parameter is not supported
         // (an audit's `AUTH=<>` got 250).
         ("MAIL FROM:<a@src.test> AUTH=<>", "555 5.5.4"),
