@@ -876,6 +876,24 @@ async fn mx_hosts_less_preferred_than_the_relay_itself_are_not_used() {
     );
 }
 
+/// `domain MX 10 <an IP-like name>`, the name's A record leading to a sink whose
+/// certificate names that IP address (not the one connected to): the name and the sink.
+async fn ip_like_mx(lab: &mut Lab, domain: &str) -> (String, usize) {
+    let (named, ip) = (loopback_ip().to_string(), loopback_ip());
+    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "ip-cert");
+    config.starttls = Some(
+        lab.ca
+            .issue(&[&named], Validity::Valid)
+            .unwrap()
+            .rustls_server_config()
+            .unwrap(),
+    );
+    lab.sinks.push(SmtpSink::start(config).await.unwrap());
+    lab.dns.add_mx(domain, 10, &named).await.unwrap();
+    lab.dns.add_a(&named, ip).await.unwrap();
+    (named, lab.sinks.len() - 1)
+}
+
 /// An MX exchange that reads like an IP address is a host name all the same: a
 /// certificate for that IP address does not name it, so mail that requires a verified
 /// host name goes to the alternate route. An audit's was delivered over a certificate
@@ -884,22 +902,7 @@ async fn mx_hosts_less_preferred_than_the_relay_itself_are_not_used() {
 async fn an_ip_like_mx_name_is_not_verified_by_an_ip_address_certificate() {
     let mut lab = Lab::new().await;
     let alt = alt_sink(&mut lab).await;
-    let (named, ip) = (loopback_ip(), loopback_ip());
-    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "ip-cert");
-    config.starttls = Some(
-        lab.ca
-            .issue(&[&named.to_string()], Validity::Valid)
-            .unwrap()
-            .rustls_server_config()
-            .unwrap(),
-    );
-    lab.sinks.push(SmtpSink::start(config).await.unwrap());
-    let mx = lab.sinks.len() - 1;
-    lab.dns
-        .add_mx("ipname.strict.test", 10, &named.to_string())
-        .await
-        .unwrap();
-    lab.dns.add_a(&named.to_string(), ip).await.unwrap();
+    let (named, mx) = ip_like_mx(&mut lab, "ipname.strict.test").await;
     let relay = Relay::start(&lab, standard(&policy(lab.port, true, ""))).await;
     let id = relay
         .send("alice@corp.test", &["bob@ipname.strict.test"], false)
@@ -908,7 +911,7 @@ async fn an_ip_like_mx_name_is_not_verified_by_an_ip_address_certificate() {
     assert!(relay.removed(&id).await);
     assert_no_transaction(&lab.sinks[mx], "the MX whose certificate names an address");
     assert_eq!(
-        outcome_at(&relay, "bob@ipname.strict.test", &named.to_string()),
+        outcome_at(&relay, "bob@ipname.strict.test", &named),
         Some((
             "rerouted".to_string(),
             "certificate-host-mismatch".to_string()
@@ -922,22 +925,7 @@ async fn an_ip_like_mx_name_is_not_verified_by_an_ip_address_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ip_like_mx_name_of_a_route_host_is_not_verified_by_an_ip_address_certificate() {
     let mut lab = Lab::new().await;
-    let (named, ip) = (loopback_ip(), loopback_ip());
-    let mut config = SinkConfig::new(SocketAddr::new(ip.into(), lab.port), "ip-cert");
-    config.starttls = Some(
-        lab.ca
-            .issue(&[&named.to_string()], Validity::Valid)
-            .unwrap()
-            .rustls_server_config()
-            .unwrap(),
-    );
-    lab.sinks.push(SmtpSink::start(config).await.unwrap());
-    let mx = lab.sinks.len() - 1;
-    lab.dns
-        .add_mx("gw.route.test", 10, &named.to_string())
-        .await
-        .unwrap();
-    lab.dns.add_a(&named.to_string(), ip).await.unwrap();
+    let (_, mx) = ip_like_mx(&mut lab, "gw.route.test").await;
     let extra = format!(
         "\n[[hosts]]\nname = \"gw\"\naddress = \"gw.route.test\"\nport = {}\nmx_lookup = true\nrequire_tls = true\nrequire_ca_signed = true\nvalidate_hostname = true\n\n[[routes]]\nname = \"via-gw\"\ndomains = [\"routed.open.test\"]\nhost = \"gw\"\n",
         lab.port
